@@ -1,0 +1,25 @@
+"""The `tiny` preset: llama32's classes at toy size, built offline. Run: python -m pytest -q tests/test_presets.py"""
+import pytest
+import torch
+from PIL import Image
+
+import train
+
+
+def test_tiny_vlm_runs_forward_with_its_processor():
+    model, processor = train.tiny_vlm()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the circle?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    text = processor.apply_chat_template(messages)
+    batch = processor(images=[Image.new("RGB", (120, 40))], text=[text], return_tensors="pt")
+    assert batch["aspect_ratio_ids"].tolist() == [[3]]  # 120x40 at 56 px tiles: three tiles in a row
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (1, batch["input_ids"].shape[1], len(processor.tokenizer))
+    assert torch.isfinite(logits).all()
+
+
+def test_llama32_without_weights_fails_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="--model-path"):
+        train.load_vlm("llama32")
