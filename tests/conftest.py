@@ -1,0 +1,65 @@
+"""Shared test fixtures: a tiny dataset on disk in the DESIGN.md formats, written from the spec.
+
+The attention files are written here with safetensors directly (not through extract.save_maps),
+so that the readers are checked against the documented format rather than against the writer.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+# (question, answer) pairs drawn from the tiny preset's corpus, so most words are single tokens
+# and a few ("red", "green") split into pieces.
+QA = [("what colour is the circle?", "red circle"), ("what shape is red?", "a circle"),
+      ("how many objects are there?", "two"), ("is there a green triangle?", "yes"),
+      ("describe the image in one sentence.", "a red circle left of a blue square"),
+      ("what colour is the circle?", "blue")]
+# image sizes (width, height) that give the 1x1, 1x2, 2x1 and 2x2 tile layouts at 56 px tiles
+SIZES = [(56, 56), (112, 50), (50, 112), (100, 100), (70, 40), (40, 70)]
+
+
+def write_dataset(root, n=6, seed=0, with_attn=True):
+    """Write n items (images, data.jsonl and, optionally, attn/<id>.safetensors) under root.
+
+    Returns the JSONL path. Attention maps are random, min-max normalised, one per distinct word.
+    """
+    rng = np.random.default_rng(seed)
+    root = os.fspath(root)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    os.makedirs(os.path.join(root, "attn"), exist_ok=True)
+    lines = []
+    for i in range(n):
+        q, a = QA[i % len(QA)]
+        w, h = SIZES[i % len(SIZES)]
+        item_id = f"item{i:03d}"
+        pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(root, "images", f"{item_id}.png"))
+        lines.append({"id": item_id, "image": f"images/{item_id}.png", "question": q, "answer": a})
+        if with_attn:
+            words = list(dict.fromkeys(a.replace("?", "").split()))  # distinct, in order
+            maps = torch.from_numpy(rng.random((len(words), 32, 32), dtype=np.float32))
+            lo = maps.amin(dim=(1, 2), keepdim=True)
+            hi = maps.amax(dim=(1, 2), keepdim=True)
+            maps = (maps - lo) / (hi - lo)
+            meta = {"words": json.dumps(words), "text": a, "dm": "test", "inversion_steps": "5",
+                    "denoise_steps": "10", "res": "512"}
+            save_file({"maps": maps.half()}, os.path.join(root, "attn", f"{item_id}.safetensors"), metadata=meta)
+    path = os.path.join(root, "data.jsonl")
+    with open(path, "w") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    """Path of a 6-item data.jsonl with images and attn/ beside it (see write_dataset)."""
+    return write_dataset(tmp_path)
