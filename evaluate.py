@@ -1,0 +1,570 @@
+"""Evaluate fine-tuned runs side by side: VQA accuracy, attention entropy, alignment, pictures
+(paper §7, §8, App. B eq. 23, Fig. 7, 8, 17, 25).
+
+For every run (and/or the base model) this script
+  1. generates answers greedily, in batches, and scores them: exact match after normalisation (the
+     paper's ablation metric, §8) or, for multiple-choice questions, the extracted letter
+     (A/B/C/D, as in WorldMedQA-V, §7.4); accuracy with a 95% Wilson interval, per run and per
+     `category`; predictions are written per item for later scorers (e.g. VLMEvalKit);
+  2. with --attn (the store written by extract.py), reads the VLM's attention on the reference
+     answer under teacher forcing (aggregate.AttentionCapture + vlm_word_maps, the run's own
+     capture settings) and reports, per answer word:
+       - attention entropy H(p) = -sum_a p(a) log p(a) of the DM maps and of the VLM's aggregated
+         maps (App. B eq. 23, histograms as in Fig. 7/25),
+       - the alignment MSE between the VLM map (through the run's Aligner, as the loss sees it,
+         eq. 9/17) and the DM map,
+       - pointing accuracy when the JSONL gives a "masks" or "boxes" entry for the word,
+       - overlay pictures for a few items (Fig. 8/17): image, DM map, each run's VLM map;
+  3. writes report.json (every figure), report.md (one row per run), <run>/predictions.jsonl,
+     entropy.png, overlays/<id>.png, and prints a one-line summary.
+
+Usage:
+    python evaluate.py --model tiny --run runs/ar --run runs/lavender --data test.jsonl --attn attn/ --out eval/
+    python evaluate.py --model llama32 --model-path ~/llama32 --data test.jsonl --out eval/base   # base model only
+A run trained under FSDP is loaded whole on one process (train.load_run); evaluation is single-process.
+"""
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+# ---------------------------------------------------------------------------------------------
+# scoring: exact match after normalisation, multiple-choice letters, Wilson interval
+# ---------------------------------------------------------------------------------------------
+
+NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+LETTERS = "ABCD"
+
+
+def normalize_answer(text):
+    """VQA-style normalisation before exact match: lower case, punctuation dropped (a period between
+    digits is kept), number words to digits, articles dropped, whitespace collapsed.
+
+    "The answer: Two red circles." -> "answer 2 red circles";  "3.5 cm" -> "3.5 cm"
+    """
+    text = str(text).lower().strip()
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)   # periods, except decimal points
+    text = re.sub(r"[^\w\s.]", " ", text)              # every other punctuation mark
+    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
+    return " ".join(words)
+
+
+def parse_choices(question):
+    """The options a multiple-choice question lists, as {letter: text}; {} when fewer than two.
+
+    Recognised: "A. x", "A) x", "(A) x", "A: x", one per line or inline.
+    "Which organ? A. liver B. heart (C) lung" -> {"A": "liver", "B": "heart", "C": "lung"}
+    """
+    marker = r"(?:(?<=\s)|^)\(?([A-D])[.):]\)?\s+"
+    parts = re.split(marker, str(question))
+    # re.split with one group gives [before, letter, text, letter, text, ...]
+    choices = {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2) if parts[i + 1].strip()}
+    return choices if len(choices) >= 2 else {}
+
+
+def extract_choice(text, choices=None):
+    """The letter A-D a (generated or reference) answer picks, or None.
+
+    In order: a leading letter ("B", "(B)", "B.", "B) liver"), an "answer is (B)" / "Answer: B"
+    phrase, a "(B)" anywhere, then the text of exactly one option. A bare capital "A" inside a
+    sentence is not read as a letter: it is usually the article ("A red circle").
+    """
+    text = str(text).strip()
+    m = re.match(r"^\(?([A-D])\)?(?:[.):,]|$)", text)
+    if m:
+        return m.group(1)
+    m = re.search(r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*\(?([A-D])\b", text)   # the letter stays upper case
+    if m:
+        return m.group(1)
+    m = re.search(r"\(([A-D])\)", text)
+    if m:
+        return m.group(1)
+    if choices:
+        norm = f" {normalize_answer(text)} "
+        hits = [k for k, v in choices.items() if normalize_answer(v) and f" {normalize_answer(v)} " in norm]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def score_prediction(prediction, answer, question):
+    """dict(correct, kind): "choice" when the question lists options and the reference answer picks
+    one of them (the predicted letter must equal it), otherwise "exact" (normalised exact match)."""
+    choices = parse_choices(question)
+    reference = extract_choice(answer, choices) if choices else None
+    if reference is not None:
+        picked = extract_choice(prediction, choices)
+        return {"correct": picked == reference, "kind": "choice", "letter": picked, "reference_letter": reference}
+    return {"correct": normalize_answer(prediction) == normalize_answer(answer), "kind": "exact"}
+
+
+def wilson_interval(k, n, z=1.959964):
+    """95% Wilson score interval for k successes in n trials (better than the normal interval for
+    small n and for accuracies near 0 or 1). 8/10 -> (0.4902, 0.9433). n = 0 -> (0.0, 1.0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_summary(correct):
+    """dict(accuracy, ci95=[lo, hi] (Wilson), correct, n) for a list of booleans; accuracy None if empty."""
+    n, k = len(correct), int(sum(bool(c) for c in correct))
+    lo, hi = wilson_interval(k, n)
+    return {"accuracy": k / n if n else None, "ci95": [lo, hi], "correct": k, "n": n}
+
+
+def accuracy_table(records):
+    """Overall and per-`category` accuracy of scored records (dicts with "correct", optional "category")."""
+    table = {"all": accuracy_summary([r["correct"] for r in records])}
+    for category in sorted({r["category"] for r in records if r.get("category") is not None}):
+        table[category] = accuracy_summary([r["correct"] for r in records if r.get("category") == category])
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# attention measures: entropy (App. B eq. 23), alignment MSE (eq. 9), pointing
+# ---------------------------------------------------------------------------------------------
+
+def attention_entropy(maps, eps=1e-12):
+    """App. B eq. 23: H(p) = -sum_a p(a) log p(a), in nats, with p = map / map.sum() over the 32x32
+    cells (maps are stored min-max normalised, so they are made distributions first; 0 log 0 = 0).
+    Uniform 32x32 -> log 1024 = 6.93; one-hot -> 0. An all-zero map (a constant map after min-max
+    normalisation) carries no location: it is read as uniform. maps (..., h, w) -> (...)."""
+    flat = maps.float().flatten(-2).clamp_min(0)                     # (..., h*w)
+    total = flat.sum(-1, keepdim=True)                               # (..., 1)
+    p = torch.where(total > eps, flat / total.clamp_min(eps), torch.full_like(flat, 1.0 / flat.shape[-1]))
+    return -(p * torch.log(p.clamp_min(eps))).sum(-1) + 0.0          # (...), + 0.0 turns -0.0 into 0.0
+
+
+def alignment_mse(vlm_maps, dm_maps):
+    """Per-word mean squared error over the 32x32 cells (eq. 9/17 without the sum over words).
+    (..., h, w), (..., h, w) -> (...)."""
+    return ((vlm_maps.float() - dm_maps.float()) ** 2).flatten(-2).mean(-1)
+
+
+def argmax_pixel(attn_map, height, width):
+    """The image pixel (y, x) at the centre of the map's highest cell (first one on ties): the argmax
+    is mapped back to image pixels rather than the mask resized to the map grid, so a mask is never
+    blurred and a thin object still counts."""
+    h, w = attn_map.shape
+    cell = int(torch.argmax(attn_map.reshape(-1)))
+    i, j = divmod(cell, w)
+    return min(int((i + 0.5) * height / h), height - 1), min(int((j + 0.5) * width / w), width - 1)
+
+
+def pointing_hit(attn_map, region):
+    """True when the argmax of a word's map falls inside its object; region (H, W) bool array in image pixels."""
+    y, x = argmax_pixel(attn_map, *region.shape)
+    return bool(region[y, x])
+
+
+def item_regions(item, root, normalize):
+    """{normalised word: (H, W) bool array} from an item's "masks" (binary PNG, same size as the image)
+    and "boxes" ([x0, y0, x1, y1] in pixels, x1/y1 exclusive) entries; {} when it has neither."""
+    regions = {}
+    width, height = Image.open(item["image_path"]).size
+    for word, rel in (item.get("masks") or {}).items():
+        mask = Image.open(Path(root) / rel).convert("L")
+        if mask.size != (width, height):
+            raise ValueError(f"item {item['id']!r}: mask for {word!r} is {mask.size}, image is {(width, height)}; "
+                             "masks must have the image's size")
+        regions[normalize(word)] = np.asarray(mask) > 127
+    for word, (x0, y0, x1, y1) in (item.get("boxes") or {}).items():
+        box = np.zeros((height, width), dtype=bool)
+        box[int(y0):int(math.ceil(y1)), int(x0):int(math.ceil(x1))] = True
+        regions[normalize(word)] = box
+    return regions
+
+
+def summarize(values):
+    """dict(mean, std, median, n) of a list of floats (None-valued when empty)."""
+    if not values:
+        return {"mean": None, "std": None, "median": None, "n": 0}
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std()), "median": float(np.median(a)), "n": len(values)}
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures (PIL only, no plotting dependency): entropy histograms (Fig. 7/25), overlays (Fig. 8/17)
+# ---------------------------------------------------------------------------------------------
+
+def heat_colors(values):
+    """A jet-like colour map: values (h, w) in [0, 1] -> uint8 RGB (h, w, 3), blue (low) to red (high)."""
+    v = np.clip(values, 0, 1)[..., None]
+    rgb = np.clip(1.5 - np.abs(4 * v - np.array([3.0, 2.0, 1.0])), 0, 1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def heat_overlay(image, attn_map, alpha=0.5):
+    """The image with a 32x32 map stretched over it (bilinear) in heat colours; both cover the whole image."""
+    values = Image.fromarray(attn_map.float().numpy()).resize(image.size, Image.BILINEAR)
+    heat = Image.fromarray(heat_colors(np.asarray(values)))
+    return Image.blend(image.convert("RGB"), heat, alpha)
+
+
+def draw_overlay_grid(path, image, words, dm_maps, run_maps, cell=128):
+    """One PNG per item (Fig. 8/17): a row per word; columns image, DM map, then each run's VLM map,
+    overlaid on the image. run_maps {run name: list (one per word) of (32, 32) maps or None (not matched)}."""
+    scale = cell / max(image.size)
+    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    thumb = image.convert("RGB").resize(size, Image.BILINEAR)
+    columns = ["image", "DM"] + list(run_maps)
+    label_w, head_h = 90, 18
+    sheet = Image.new("RGB", (label_w + len(columns) * (size[0] + 4), head_h + len(words) * (size[1] + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(columns):
+        draw.text((label_w + c * (size[0] + 4) + 2, 3), name[:18], fill="black")
+    for r, word in enumerate(words):
+        y = head_h + r * (size[1] + 4)
+        draw.text((4, y + size[1] // 2 - 6), word[:14], fill="black")
+        tiles = [thumb, heat_overlay(thumb, dm_maps[r])]
+        for name in run_maps:
+            m = run_maps[name][r]
+            tiles.append(heat_overlay(thumb, m) if m is not None else Image.new("RGB", size, (200, 200, 200)))
+        for c, tile in enumerate(tiles):
+            sheet.paste(tile, (label_w + c * (size[0] + 4), y))
+    sheet.save(path)
+
+
+def draw_entropy_histograms(path, dm_entropy, run_entropy, bins=28, width=420, height=150):
+    """Fig. 7/25 as a PNG: one panel per run, the DM's entropies (blue) against that run's VLM entropies
+    (orange), as fractions per bin over [0, log 1024] nats (the range for 32x32 maps)."""
+    top = math.log(32 * 32)
+    edges = np.linspace(0, top, bins + 1)
+    margin = 24
+    sheet = Image.new("RGB", (width, max(1, len(run_entropy)) * (height + margin) + margin), "white")
+    draw = ImageDraw.Draw(sheet, "RGBA")
+    for p, (name, values) in enumerate(run_entropy.items()):
+        y0 = margin + p * (height + margin)
+        draw.text((4, y0 - 16), f"{name}: DM (blue) vs VLM (orange), entropy in nats 0 .. {top:.2f}", fill="black")
+        draw.rectangle([0, y0, width - 1, y0 + height], outline="black")
+        for series, colour in ((dm_entropy, (40, 90, 220, 130)), (values, (240, 130, 20, 130))):
+            if not len(series):
+                continue
+            frac = np.histogram(np.clip(series, 0, top), bins=edges)[0] / len(series)
+            for b, f in enumerate(frac):
+                x0 = b * width / bins
+                draw.rectangle([x0 + 1, y0 + height - f * (height - 4), x0 + width / bins - 1, y0 + height], fill=colour)
+    sheet.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the models: generation and teacher-forced attention maps
+# ---------------------------------------------------------------------------------------------
+
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
+              "cross_attention_mask")   # what Mllama's forward and generate take from a batch
+
+
+def to_model_inputs(batch, device):
+    return {k: batch[k].to(device) for k in MODEL_KEYS if k in batch}
+
+
+def generation_batch(processor, items):
+    """Prompts (user turn [image, question] and the assistant header, as in training), LEFT padded so
+    that every row's next token comes right after its prompt during batched greedy generation."""
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it["question"]}]}],
+        add_generation_prompt=True) for it in items]
+    images = [[Image.open(it["image_path"]).convert("RGB")] for it in items]
+    side = processor.tokenizer.padding_side
+    processor.tokenizer.padding_side = "left"
+    try:
+        return processor(images=images, text=texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    finally:
+        processor.tokenizer.padding_side = side
+
+
+@torch.no_grad()
+def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, device="cpu", show=True):
+    """Greedy answers, batched with left padding (Mllama's generate takes pixel_values,
+    aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask beside the text)."""
+    tok = processor.tokenizer
+    answers = []
+    for start in tqdm(range(0, len(items), batch_size), desc="generate", disable=not show, leave=False):
+        batch = to_model_inputs(generation_batch(processor, items[start:start + batch_size]), device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]                       # (B, new tokens)
+        answers += [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]
+    return answers
+
+
+def capture_settings(lavender, config, model, args):
+    """How a run's VLM maps are made: the run's own settings (lavender dict from train.load_run, then
+    its config.json), falling back to this script's flags for the base model."""
+    from aggregate import aligned_layers
+    lavender, config = lavender or {}, config or {}
+
+    def pick(*keys, default):
+        for source in (lavender, config):
+            for k in keys:
+                if source.get(k) is not None:
+                    return source[k]
+        return default
+
+    aggregation = pick("aggregation", "aggregate", default=args.aggregate)
+    layers = pick("layer_ids", "aligned_layers", default=None)
+    if layers is None or isinstance(layers, str):
+        layers = aligned_layers(model, pick("layers", default=args.layers) if layers is None else layers)
+    return {"aggregation": aggregation, "layers": list(layers), "match": pick("match", default=args.match),
+            "aligner": lavender.get("aligner"), "aligner_mode": pick("aligner_mode", default="per-layer"),
+            "learned": aggregation == "learn"}
+
+
+@torch.no_grad()
+def answer_maps(model, processor, items, dm_store, settings, batch_size=4, device="cpu", show=True):
+    """Per item dict(words, dm_index, raw, aligned): the VLM's per-word maps on the reference answer
+    under teacher forcing (aggregate.plan_words picks each word's rows; see there which position).
+    raw (W, 32, 32): aggregated attention (entropy, eq. 23); aligned: through the run's Aligner when it
+    has one (what the loss of eq. 17 compares with the DM map), else equal to raw."""
+    from aggregate import AttentionCapture, plan_words, vlm_word_maps
+    from train import collate
+    if settings["aggregation"] == "learn" and not settings["learned"]:
+        raise ValueError("aggregation 'learn' needs a run with parallel projections (--run)")
+    out = []
+    with AttentionCapture(model, settings["layers"], learned=settings["learned"]) as capture:
+        for start in tqdm(range(0, len(items), batch_size), desc="attention", disable=not show, leave=False):
+            chunk = items[start:start + batch_size]
+            batch = collate(processor, chunk, with_answer=True)
+            dm_words = [dm_store[it["id"]][1] if it["id"] in dm_store else None for it in chunk]
+            plan = plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], dm_words, match=settings["match"])
+            capture.set_rows(plan["rows"].to(device))
+            model(**to_model_inputs(batch, device))
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            raw = vlm_word_maps(capture, plan, batch, aggregation=settings["aggregation"]).float().cpu()   # (B, W, 32, 32)
+            aligned = raw
+            if settings["aligner"] is not None:
+                aligned = vlm_word_maps(capture, plan, batch, aggregation=settings["aggregation"],
+                                        aligner=settings["aligner"], aligner_mode=settings["aligner_mode"]).float().cpu()
+            for b in range(len(chunk)):
+                n = len(plan["words"][b])
+                out.append({"words": plan["words"][b], "dm_index": plan["dm_index"][b, :n].tolist(),
+                            "raw": raw[b, :n], "aligned": aligned[b, :n]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# one model, all measures
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir):
+    """Accuracy (and, with a DM store, attention measures) of one model; writes <out>/<name>/predictions.jsonl.
+    Returns (run report dict, {item id: {dm word index: VLM map}} for the pictures)."""
+    device, show = args.device, not args.quiet
+    model.to(device).eval()
+    predictions = generate_answers(model, processor, items, args.batch_size, args.max_new_tokens, device, show)
+    records = []
+    for item, prediction in zip(items, predictions):
+        score = score_prediction(prediction, item["answer"], item["question"])
+        records.append({"id": item["id"], "question": item["question"], "answer": item["answer"],
+                        "prediction": prediction, "category": item.get("category"), **score})
+    (out_dir / name).mkdir(parents=True, exist_ok=True)
+    with open(out_dir / name / "predictions.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    report = {"name": name, "accuracy": accuracy_table(records),
+              "multiple_choice": sum(r["kind"] == "choice" for r in records),
+              "unparsed_choice": sum(r["kind"] == "choice" and r["letter"] is None for r in records)}
+    pictures = {}
+    if dm_store:
+        from aggregate import normalize_word
+        maps = answer_maps(model, processor, items, dm_store, settings, args.batch_size, device, show)
+        entropies, errors, hits = [], [], []
+        for item, m in zip(items, maps):
+            entropies += attention_entropy(m["raw"]).tolist()
+            dm_maps = dm_store[item["id"]][0] if item["id"] in dm_store else None
+            matched = {}
+            for w, (word, j) in enumerate(zip(m["words"], m["dm_index"])):
+                if dm_maps is not None and j is not None and j >= 0:
+                    errors.append(float(alignment_mse(m["aligned"][w], dm_maps[j])))
+                    matched.setdefault(j, m["aligned"][w])
+                region = regions.get(item["id"], {}).get(normalize_word(word))
+                if region is not None:
+                    hits.append(pointing_hit(m["aligned"][w], region))
+            pictures[item["id"]] = matched
+        report.update(settings={k: v for k, v in settings.items() if k != "aligner"} | {"aligner": settings["aligner"] is not None},
+                      vlm_entropy=summarize(entropies), alignment_mse=summarize(errors),
+                      words=sum(len(m["words"]) for m in maps), matched_words=len(errors),
+                      pointing=accuracy_summary(hits) if hits else None)
+        report["_entropies"] = entropies
+    return report, pictures
+
+
+# ---------------------------------------------------------------------------------------------
+# report files
+# ---------------------------------------------------------------------------------------------
+
+def _pct(summary):
+    if not summary or summary["accuracy"] is None:
+        return "-"
+    lo, hi = summary["ci95"]
+    return f"{100 * summary['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={summary['n']})"
+
+
+def _num(summary, digits=3):
+    return "-" if not summary or summary.get("mean") is None else f"{summary['mean']:.{digits}f}"
+
+
+def report_markdown(report):
+    """report.md: one row per run, one column per measure; per-category accuracy below when present."""
+    runs = report["runs"]
+    lines = [f"# Evaluation on {report['data']} ({report['items']} items)", "",
+             "Accuracy: exact match after normalisation, or the extracted letter for multiple-choice items; "
+             "95% Wilson interval in brackets. Entropy: App. B eq. 23, nats (uniform 32x32 = 6.931). "
+             "MSE: VLM map (through the run's Aligner) vs DM map, per answer word matched to a DM word.", "",
+             "| run | accuracy % [95% CI] | VLM entropy | DM entropy | alignment MSE | matched words | pointing % [95% CI] |",
+             "|---|---|---|---|---|---|---|"]
+    dm = report.get("dm") or {}
+    for r in runs:
+        lines.append(f"| {r['name']} | {_pct(r['accuracy']['all'])} | {_num(r.get('vlm_entropy'))} | "
+                     f"{_num(dm.get('entropy'))} | {_num(r.get('alignment_mse'), 4)} | "
+                     f"{r.get('matched_words', '-')} | {_pct(r.get('pointing'))} |")
+    if dm.get("pointing"):
+        lines += ["", f"DM pointing (the target's own): {_pct(dm['pointing'])}"]
+    categories = sorted({c for r in runs for c in r["accuracy"] if c != "all"})
+    if categories:
+        lines += ["", "## Accuracy per category", "", "| run | " + " | ".join(categories) + " |",
+                  "|---|" + "---|" * len(categories)]
+        for r in runs:
+            lines.append(f"| {r['name']} | " + " | ".join(_pct(r["accuracy"].get(c)) for c in categories) + " |")
+    if report.get("figures"):
+        lines += ["", "## Figures", ""] + [f"- {f}" for f in report["figures"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report, out_dir):
+    """report.json (every figure) and report.md (the table) under out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "report.md").write_text(report_markdown(report))
+
+
+def summary_line(report):
+    parts = [f"{r['name']} {_pct(r['accuracy']['all']).split(' (')[0]}"
+             + (f", mse {_num(r.get('alignment_mse'), 4)}" if r.get("alignment_mse") else "") for r in report["runs"]]
+    return f"evaluated {len(report['runs'])} model(s) on {report['items']} items: " + "; ".join(parts) + \
+           f" -> {report['out']}/report.md"
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+def evaluate(args):
+    """Library entry (toy.py calls it with build_parser().parse_args([...])): returns the report dict."""
+    from extract import load_maps, maps_path, read_items
+    from train import load_run, load_vlm
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = read_items(args.data)
+    if args.limit:
+        items = items[:args.limit]
+    root = Path(args.data).resolve().parent
+    dm_store = {}
+    if args.attn:
+        for item in items:
+            path = maps_path(args.attn, item["id"])
+            if path.exists():
+                maps, words, _ = load_maps(path)
+                dm_store[item["id"]] = (maps, words)
+    regions = {}
+    if dm_store:
+        from aggregate import normalize_word
+        regions = {it["id"]: item_regions(it, root, normalize_word) for it in items if it.get("masks") or it.get("boxes")}
+
+    # which models: the base preset first (when asked for, or when no run is given), then each run
+    models = []
+    if args.base or not args.run:
+        if not args.model:
+            raise SystemExit("give --model <preset> to evaluate the base model, or one or more --run DIR")
+        models.append(("base", None))
+    models += [(Path(r).name or f"run{i}", r) for i, r in enumerate(args.run or [])]
+    names = [n for n, _ in models]
+    models = [(n if names.count(n) == 1 else f"{n}-{i}", r) for i, (n, r) in enumerate(models)]
+
+    runs, pictures = [], {}
+    for name, run_dir in models:
+        if run_dir is None:
+            model, processor = load_vlm(args.model, args.model_path, dtype=getattr(torch, args.dtype))
+            lavender, config = None, {"model": args.model}
+        else:
+            model, processor, lavender, config = load_run(run_dir, device=args.device)
+            if args.model and config.get("model") not in (None, args.model):
+                raise SystemExit(f"--run {run_dir} was trained from --model {config.get('model')}, not {args.model}")
+        settings = capture_settings(lavender, config, model, args) if dm_store else None
+        report, pictures[name] = evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir)
+        report["run_dir"] = run_dir
+        runs.append(report)
+        del model
+
+    report = {"data": str(args.data), "items": len(items), "out": str(out_dir), "runs": runs, "figures": [],
+              "metric": "exact match after normalize_answer; multiple choice by extract_choice; Wilson 95% CI"}
+    if dm_store:
+        dm_entropy = [float(h) for maps, _ in dm_store.values() for h in attention_entropy(maps)]
+        dm_hits = [pointing_hit(maps[j], regions[i][normalize_word(w)]) for i, (maps, words) in dm_store.items()
+                   for j, w in enumerate(words) if normalize_word(w) in regions.get(i, {})]
+        report["dm"] = {"entropy": summarize(dm_entropy), "pointing": accuracy_summary(dm_hits) if dm_hits else None}
+        draw_entropy_histograms(out_dir / "entropy.png", dm_entropy, {r["name"]: r["_entropies"] for r in runs})
+        report["figures"].append("entropy.png")
+        (out_dir / "overlays").mkdir(exist_ok=True)
+        for item in [it for it in items if it["id"] in dm_store][:args.figures]:
+            maps, words = dm_store[item["id"]]
+            run_maps = {name: [pictures[name][item["id"]].get(j) for j in range(len(words))] for name in pictures}
+            draw_overlay_grid(out_dir / "overlays" / f"{item['id']}.png", Image.open(item["image_path"]), words,
+                              maps, run_maps)
+            report["figures"].append(f"overlays/{item['id']}.png")
+    for r in runs:
+        r.pop("_entropies", None)
+    write_report(report, out_dir)
+    print(summary_line(report))
+    return report
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to evaluate
+    p.add_argument("--model", default=None, help="VLM preset of train.py (llama32, tiny, toy): the base model, "
+                   "evaluated when no --run is given or with --base")
+    p.add_argument("--model-path", default=None, help="local copy of the --model preset (a save_pretrained folder)")
+    p.add_argument("--run", action="append", default=[], help="a run directory written by train.py; repeat to compare runs")
+    p.add_argument("--base", action=argparse.BooleanOptionalAction, default=False,
+                   help="also evaluate the base --model beside the runs")
+    # data
+    p.add_argument("--data", required=True, help="test JSONL (DESIGN.md format; optional category, masks, boxes)")
+    p.add_argument("--attn", default=None, help="attention store of extract.py for the test items: enables entropy, "
+                   "alignment MSE, pointing and pictures")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N items (0: all)")
+    # generation and maps
+    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy generation length limit")
+    p.add_argument("--batch-size", type=int, default=8, help="items per generation / teacher-forcing batch")
+    p.add_argument("--aggregate", default="mean-mean", help="base model only (runs use their own): head/layer aggregation")
+    p.add_argument("--layers", default="all", help="base model only: cross-attention layer subset (all, first, mid, last)")
+    p.add_argument("--match", default="exact", help="base model only: VLM-to-DM word matching (exact, root)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base model dtype")
+    # output
+    p.add_argument("--out", required=True, help="output directory (report.json, report.md, PNGs, predictions)")
+    p.add_argument("--figures", type=int, default=4, help="items drawn as overlay grids (Fig. 8/17)")
+    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress bars")
+    return p
+
+
+def main():
+    evaluate(build_parser().parse_args())
+
+
+if __name__ == "__main__":
+    main()

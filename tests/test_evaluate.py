@@ -1,0 +1,171 @@
+"""Tests of evaluate.py: scoring, attention measures, report files, and end to end on the tiny preset.
+
+Needs nothing downloaded; CPU. Run: python -m pytest -q tests/test_evaluate.py
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate as E
+
+# ---- scoring ----
+
+
+def test_normalize_answer():
+    assert E.normalize_answer("The answer: Two red circles.") == "answer 2 red circles"
+    assert E.normalize_answer("  A   RED circle!! ") == "red circle"
+    assert E.normalize_answer("3.5 cm.") == "3.5 cm"          # decimal point kept, final period dropped
+    assert E.normalize_answer("Yes.") == E.normalize_answer("yes")
+    assert E.normalize_answer("blue") != E.normalize_answer("red")
+
+
+def test_parse_choices_and_extract_choice():
+    q = "Which organ is shown? A. liver B. heart (C) lung D) brain"
+    choices = E.parse_choices(q)
+    assert choices == {"A": "liver", "B": "heart", "C": "lung", "D": "brain"}
+    assert E.parse_choices("Which organ?\nA) liver\nB: heart") == {"A": "liver", "B": "heart"}
+    assert E.parse_choices("what colour is the circle?") == {}
+    cases = {"B": "B", "(B)": "B", "B.": "B", "B) heart": "B", "The answer is C": "C", "Answer: (D)": "D",
+             "I think (A) is right": "A", "It is the heart.": "B", "lung": "C",
+             "A red circle": None,            # the article, not a letter
+             "the answer is a liver": "A",    # no letter: falls through to the option's text
+             "heart or lung": None,           # two options named: undecided
+             "no idea": None}
+    for text, letter in cases.items():
+        assert E.extract_choice(text, choices) == letter, text
+
+
+def test_score_prediction():
+    q = "Which organ? A. liver B. heart C. lung D. brain"
+    assert E.score_prediction("B", "B", q) == {"correct": True, "kind": "choice", "letter": "B", "reference_letter": "B"}
+    assert E.score_prediction("The answer is (C).", "(B) heart", q)["correct"] is False
+    assert E.score_prediction("heart", "B. heart", q)["correct"] is True
+    # no options listed: exact match after normalisation
+    assert E.score_prediction("Two.", "2", "how many objects are there?") == {"correct": True, "kind": "exact"}
+    assert E.score_prediction("a red circle", "red", "what colour?")["correct"] is False
+
+
+def test_wilson_interval_worked_example():
+    # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38416 = 0.71674, half 1.96 * sqrt(0.016 + 0.009604) / 1.38416 = 0.22658
+    lo, hi = E.wilson_interval(8, 10)
+    assert lo == pytest.approx(0.49016, abs=1e-4) and hi == pytest.approx(0.94332, abs=1e-4)
+    assert E.wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = E.wilson_interval(10, 10)
+    assert hi == pytest.approx(1.0) and 0.6 < lo < 0.75     # never the degenerate [1, 1] of the normal interval
+    assert E.wilson_interval(50, 100)[0] == pytest.approx(1 - E.wilson_interval(50, 100)[1])   # symmetric at 1/2
+
+
+def test_accuracy_table_per_category():
+    records = [{"correct": True, "category": "colour"}, {"correct": False, "category": "colour"},
+               {"correct": True, "category": "count"}, {"correct": True}]
+    table = E.accuracy_table(records)
+    assert table["all"]["accuracy"] == 0.75 and table["all"]["n"] == 4 and table["all"]["correct"] == 3
+    assert table["colour"]["accuracy"] == 0.5 and table["count"]["n"] == 1
+    assert set(table) == {"all", "colour", "count"}
+    assert E.accuracy_table([])["all"]["accuracy"] is None
+
+
+# ---- attention measures ----
+
+
+def test_entropy_uniform_one_hot_and_two_hot():
+    uniform = torch.full((32, 32), 0.3)
+    one_hot = torch.zeros(32, 32)
+    one_hot[4, 7] = 1.0
+    two_hot = one_hot.clone()
+    two_hot[20, 1] = 1.0
+    h = E.attention_entropy(torch.stack([uniform, one_hot, two_hot]))
+    assert h[0].item() == pytest.approx(math.log(1024), rel=1e-5)
+    assert h[1].item() == 0.0
+    assert h[2].item() == pytest.approx(math.log(2), rel=1e-5)
+    # scale invariant (maps are normalised to sum 1 first); an all-zero map reads as uniform
+    m = torch.rand(3, 32, 32)
+    assert torch.allclose(E.attention_entropy(m), E.attention_entropy(5 * m), atol=1e-5)
+    assert E.attention_entropy(torch.zeros(32, 32)).item() == pytest.approx(math.log(1024), rel=1e-5)
+
+
+def test_alignment_mse():
+    a = torch.rand(4, 32, 32)
+    assert torch.equal(E.alignment_mse(a, a.clone()), torch.zeros(4))
+    assert E.alignment_mse(torch.zeros(32, 32), torch.full((32, 32), 0.5)).item() == pytest.approx(0.25)
+
+
+def test_pointing_on_a_hand_made_mask(tmp_path):
+    # a 64 x 48 (w x h) image; the object occupies x 40..63, y 0..11 (top-right corner)
+    w, h = 64, 48
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[0:12, 40:64] = 255
+    Image.new("RGB", (w, h)).save(tmp_path / "img.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    item = {"id": "x", "image_path": str(tmp_path / "img.png"), "masks": {"Circle": "mask.png"},
+            "boxes": {"square": [0, 24, 16, 48]}}
+    regions = E.item_regions(item, tmp_path, lambda w: w.lower())
+    assert set(regions) == {"circle", "square"} and regions["circle"].shape == (h, w)
+    inside = torch.zeros(32, 32)
+    inside[3, 25] = 1.0      # cell centre (3.5 * 48/32, 25.5 * 64/32) = (5.25, 51) -> pixel (5, 51): inside
+    edge = torch.zeros(32, 32)
+    edge[8, 20] = 1.0        # (8.5 * 1.5, 20.5 * 2) = (12.75, 41) -> pixel (12, 41): one row below the mask
+    assert E.argmax_pixel(inside, h, w) == (5, 51) and E.argmax_pixel(edge, h, w) == (12, 41)
+    assert E.pointing_hit(inside, regions["circle"]) and not E.pointing_hit(edge, regions["circle"])
+    corner = torch.zeros(32, 32)
+    corner[31, 0] = 1.0      # bottom-left: inside the box, outside the mask
+    assert E.pointing_hit(corner, regions["square"]) and not E.pointing_hit(corner, regions["circle"])
+
+
+# ---- report files and pictures ----
+
+
+def fake_run(name, acc_flags, mse):
+    return {"name": name, "accuracy": E.accuracy_table([{"correct": c, "category": "k"} for c in acc_flags]),
+            "vlm_entropy": E.summarize([6.0, 6.5]), "alignment_mse": E.summarize([mse]), "matched_words": 1,
+            "pointing": E.accuracy_summary([True, False])}
+
+
+def test_report_files_one_row_per_run(tmp_path):
+    report = {"data": "test.jsonl", "items": 3, "out": str(tmp_path), "figures": ["entropy.png"],
+              "dm": {"entropy": E.summarize([3.0]), "pointing": None},
+              "runs": [fake_run("ar", [True, False, False], 0.2), fake_run("lavender", [True, True, False], 0.1)]}
+    E.write_report(report, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["runs"][1]["name"] == "lavender"
+    md = (tmp_path / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    first = [line for line in table if line.count("|") == 8]          # the main table: 7 columns
+    assert [line.split("|")[1].strip() for line in first] == ["ar", "lavender"]
+    assert "33.3 [" in first[0] and "66.7 [" in first[1] and "0.1000" in first[1]
+    assert "## Accuracy per category" in md
+
+
+def test_pictures_are_written(tmp_path):
+    E.draw_entropy_histograms(tmp_path / "h.png", [1.0, 2.0, 2.5], {"ar": [6.0, 6.5], "lavender": [3.0]})
+    assert Image.open(tmp_path / "h.png").size[1] > 2 * 150
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 100, 3), dtype=np.uint8))
+    E.draw_overlay_grid(tmp_path / "o.png", image, ["red", "circle"], torch.rand(2, 32, 32),
+                        {"ar": [torch.rand(32, 32), None], "lavender": [torch.rand(32, 32)] * 2})
+    w, h = Image.open(tmp_path / "o.png").size
+    assert w > 4 * 128 and h > 2 * 64          # 4 columns of 128 px, 2 rows of 64 px (aspect kept)
+
+
+# ---- the model side ----
+
+
+def read_jsonl(path):
+    """Items as extract.read_items gives them (plus "image_path"), read here so these tests check the format."""
+    from pathlib import Path
+    root = Path(path).resolve().parent
+    items = [json.loads(line) for line in open(path) if line.strip()]
+    return [dict(it, image_path=str(root / it["image"])) for it in items]
+
+
+def test_batched_greedy_generation_equals_one_by_one(tiny_dataset):
+    """Left padding must not change any item's greedy answer."""
+    import train
+    model, processor = train.tiny_vlm()
+    items = read_jsonl(tiny_dataset)[:4]     # tile layouts 1x1, 1x2, 2x1, 2x2: prompts of different lengths
+    batched = E.generate_answers(model.eval(), processor, items, batch_size=4, max_new_tokens=5, show=False)
+    single = [E.generate_answers(model, processor, [it], batch_size=1, max_new_tokens=5, show=False)[0] for it in items]
+    assert batched == single and any(batched)
+    assert processor.tokenizer.padding_side == "right"       # restored afterwards
