@@ -1,0 +1,548 @@
+"""VLM text-to-image attention as per-word 32x32 maps (paper §4.2, §4.4, App. D, App. E; eq. 15-16, 40-44).
+
+What this file does, in the order the data flows:
+
+1. Capture (AttentionCapture): forward hooks on Mllama's cross-attention modules read the
+   normalised queries (q_norm output), keys (k_norm output) and the cross-attention mask, and
+   compute softmax(Q_rows Kᵀ · scaling + mask) for the chosen text rows only, KV heads repeated
+   (grouped-query attention). The model itself keeps running SDPA / flash attention; nothing
+   is patched and nothing is switched to eager. Only (B, layers, heads, rows, image tokens) is
+   materialised. With learned aggregation (eq. 15-16) the hooks instead compute the parallel
+   attention A_d = softmax(Q_d K_dᵀ/√d_k) with the trainable `lavender_q_proj` / `lavender_k_proj`
+   (add_parallel_projections) applied to the same inputs as q_proj / k_proj, reusing q_norm /
+   k_norm and the cross-attention mask.
+2. Tiles (§4.4, App. E): each image token row is split into tiles of 1 CLS + P² patches, CLS
+   dropped, tiles placed on the canvas by aspect_ratio_ids, the processor's right/bottom padding
+   cropped using the original image size, then area-resampled to 32x32 so that the map covers
+   the same pixels as the DM map of the whole image.
+3. Aggregation over heads and layers (§4.2): max-max, max-mean, mean-max, mean-mean (first
+   word: over heads, second: over layers), flow-multi / flow-sum (App. D), learn (eq. 15-16).
+4. Words: answer tokens grouped into words, words matched to DM words (exact or root), rows of a
+   word merged, the Aligner (aligner.py) applied per layer or after aggregation.
+
+    python aggregate.py --bench     # capture overhead at a scaled-down llama32 geometry (CPU)
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import snowballstemmer
+import torch
+import torch.nn as nn
+from transformers.models.mllama.image_processing_pil_mllama import get_image_size_fit_to_canvas
+
+from aligner import min_max
+
+AGGREGATIONS = ("max-max", "max-mean", "mean-max", "mean-mean", "flow-multi", "flow-sum", "learn")
+LAYER_SUBSETS = ("all", "first", "mid", "last")
+MAP_SIZE = 32  # the DM maps' resolution (extract.py)
+
+# ---------------------------------------------------------------------------------------------
+# the model: where the cross-attention layers are
+# ---------------------------------------------------------------------------------------------
+
+
+def language_model(model):
+    """The Mllama text decoder inside `model` (plain, PEFT-wrapped or FSDP-sharded)."""
+    for module in model.modules():
+        if hasattr(module, "cross_attention_layers") and hasattr(module, "layers"):
+            return module
+    raise ValueError(f"{type(model).__name__} has no Mllama text model (a module with .layers and "
+                     f".cross_attention_layers); aggregate.py supports the Mllama presets only")
+
+
+def vision_geometry(model):
+    """(tile_size px, patch_size px, max_num_tiles, supported_aspect_ratios) from the model config."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "vision_config"):
+            v = config.vision_config
+            return v.image_size, v.patch_size, v.max_num_tiles, [tuple(r) for r in v.supported_aspect_ratios]
+    raise ValueError(f"{type(model).__name__} has no config.vision_config")
+
+
+def aligned_layers(model, subset="all"):
+    """Indices (in language_model.layers) of the cross-attention layers to align (§8.1.1, Fig. 22).
+
+    "first", "mid", "last": a quarter of the cross-attention layers (at least one) at the start,
+    middle or end. llama32 (cross-attention at 3, 8, ..., 38): all -> 8 layers, first -> [3, 8],
+    mid -> [18, 23], last -> [33, 38]. The paper names the subsets but not their size.
+    """
+    cross = sorted(language_model(model).cross_attention_layers)
+    if subset not in LAYER_SUBSETS:
+        raise ValueError(f"unknown layer subset {subset!r}; choose one of {LAYER_SUBSETS}")
+    k = max(1, len(cross) // 4)
+    start = {"all": 0, "first": 0, "mid": (len(cross) - k) // 2, "last": len(cross) - k}[subset]
+    return cross if subset == "all" else cross[start:start + k]
+
+
+def cross_attention(model, layer):
+    """The MllamaTextCrossAttention module of decoder layer `layer`."""
+    block = language_model(model).layers[layer]
+    if not hasattr(block, "cross_attn"):
+        raise ValueError(f"language_model.layers[{layer}] is not a cross-attention layer; "
+                         f"use aligned_layers(model) to list them")
+    return block.cross_attn
+
+
+def add_parallel_projections(model, layers, init="copy"):
+    """eq. 15-16: register trainable W_Qd, W_Kd (`lavender_q_proj`, `lavender_k_proj`) beside W_Q, W_K.
+
+    Call AFTER PEFT wrapping (PEFT would freeze them) and BEFORE fully_shard (so FSDP2 shards them
+    with their decoder layer). init="copy" (default) copies the pretrained projections, so that
+    A_d equals the pretrained attention A at step 0 and the alignment starts from what the model
+    already attends to (the paper's aim is to preserve pretrained attention, §4.2.3); "random" is
+    the authors' release (nn.Linear's default init), where A_d starts near uniform.
+    Returns the new modules, [q_0, k_0, q_1, k_1, ...].
+    """
+    if init not in ("copy", "random"):
+        raise ValueError(f"unknown init {init!r} for parallel projections; choose 'copy' or 'random'")
+    added = []
+    for layer in layers:
+        attn = cross_attention(model, layer)
+        for name in ("q_proj", "k_proj"):
+            base = getattr(attn, name)
+            weight = getattr(base, "base_layer", base).weight  # the pretrained W (under LoRA too)
+            proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+            if init == "copy":
+                with torch.no_grad():
+                    proj.weight.copy_(weight)
+            proj.weight.requires_grad_(True)
+            setattr(attn, "lavender_" + name, proj)
+            added.append(proj)
+    return added
+
+
+# ---------------------------------------------------------------------------------------------
+# capture: softmax(Q_rows Kᵀ · scaling + mask) for the chosen rows, through forward hooks
+# ---------------------------------------------------------------------------------------------
+
+
+def _gather_rows(x, rows):
+    """x (B, heads, T, D), rows (B, R) with -1 padding -> (B, heads, R, D)."""
+    idx = rows.clamp(min=0).to(x.device)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
+    return x.gather(2, idx)
+
+
+def _row_probs(attn, q, k, mask):
+    """Attention probabilities of the chosen rows, as eager attention computes them.
+
+    q (B, H, R, D) normalised queries; k (B, KVH, N, D) normalised keys; mask (B, 1, R, N) additive.
+    Head h reads KV head h // (H / KVH), as transformers' repeat_kv does; the KV heads are not
+    repeated in memory. Scores in the model's dtype, softmax in float32 (as eager attention does).
+    """
+    B, H, R, D = q.shape
+    kvh = k.shape[1]
+    q = q.reshape(B, kvh, (H // kvh) * R, D)  # (B, KVH, G*R, D): groups of H/KVH heads share a key
+    scores = (q @ k.transpose(-1, -2)).view(B, H, R, -1) * attn.scaling  # (B, H, R, N)
+    if mask is not None:
+        scores = scores + mask
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)  # (B, H, R, N)
+
+
+class AttentionCapture:
+    """Capture text-to-image attention rows of chosen cross-attention layers.
+
+        capture = AttentionCapture(model, aligned_layers(model))
+        capture.set_rows(plan["rows"])   # (B, R) text positions, -1 = padding
+        out = model(**batch)
+        capture.probs                    # (B, L, H, R, n_image_tokens), differentiable
+
+    learned=True captures the parallel attention A_d (eq. 15-16; add_parallel_projections first)
+    instead of the pretrained A.
+
+    Robust to activation checkpointing: a pre-hook on the text model starts a new store at every
+    forward; during the recomputation in backward the hooks run the very same operations again
+    (non-reentrant checkpointing needs them to), but the first value written in a pass wins, so
+    the recomputation cannot overwrite what the step reads. Do not change the rows between a
+    forward and its backward. Under FSDP2 the hooks sit on submodules of a sharded decoder layer
+    and fire inside its forward, when its parameters are gathered.
+    """
+
+    def __init__(self, model, layers, learned=False):
+        self.model, self.layers, self.learned = model, list(layers), learned
+        self.rows = None  # (B, R) set by set_rows
+        self._store, self._scratch, self._handles = {}, {}, []
+        self._probs = None
+        text = language_model(model)
+        self._handles.append(text.register_forward_pre_hook(self._new_pass))
+        for i, layer in enumerate(self.layers):
+            attn = cross_attention(model, layer)
+            if learned and not hasattr(attn, "lavender_q_proj"):
+                raise ValueError(f"learned=True but layer {layer} has no lavender_q_proj; "
+                                 f"call add_parallel_projections(model, layers) first")
+            self._handles.append(attn.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+            if not learned:
+                self._handles.append(attn.q_norm.register_forward_hook(self._keep(i, "q")))
+                self._handles.append(attn.k_norm.register_forward_hook(self._keep(i, "k")))
+                self._handles.append(attn.register_forward_hook(self._post_hook(i)))
+
+    # --- public API ---
+    def set_rows(self, rows):
+        """rows: LongTensor (B, R) of text positions whose attention is captured; -1 = padding."""
+        self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
+
+    @property
+    def probs(self):
+        """(B, L, H, R, n_image_tokens) float32 probabilities of the last forward (pad rows zero)."""
+        if self._probs is None:
+            missing = [self.layers[i] for i in range(len(self.layers)) if i not in self._store]
+            if missing:
+                raise RuntimeError(f"no attention captured for layers {missing}: call set_rows(rows) before "
+                                   f"the forward, and pass pixel_values (cross-attention layers are skipped "
+                                   f"without an image)")
+            self._probs = torch.stack([self._store[i] for i in range(len(self.layers))], dim=1)
+        return self._probs
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._store, self._scratch = [], {}, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    # --- hooks ---
+    def _new_pass(self, module, args):
+        self._store, self._scratch, self._probs = {}, {}, None
+
+    def _save(self, i, probs):
+        valid = (self.rows >= 0).to(probs.device)[:, None, :, None]  # (B, 1, R, 1)
+        self._store.setdefault(i, probs * valid)  # first write of a pass wins (checkpoint recompute)
+
+    def _pre_hook(self, i):
+        def hook(attn, args, kwargs):
+            if self.rows is None:
+                return None
+            mask = kwargs.get("attention_mask")
+            if mask is not None:
+                idx = self.rows.clamp(min=0).to(mask.device)[:, None, :, None].expand(-1, 1, -1, mask.shape[-1])
+                mask = mask.gather(2, idx)  # (B, 1, R, N) additive mask rows
+            if not self.learned:
+                self._scratch[i] = {"mask": mask}
+                return None
+            # eq. 15-16: A_d from the parallel projections on q_proj's / k_proj's inputs
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, T, d)
+            states = kwargs.get("cross_attention_states")  # (B, N, d)
+            if states is None:
+                raise RuntimeError("learned capture needs cross_attention_states (a forward with pixel_values, "
+                                   "not a cached generation step)")
+            B, N = hidden.shape[0], states.shape[1]
+            h = hidden.gather(1, self.rows.clamp(min=0).to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1]))
+            q = attn.lavender_q_proj(h).view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, R, D)
+            k = attn.lavender_k_proj(states).view(B, N, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+            self._save(i, _row_probs(attn, attn.q_norm(q), attn.k_norm(k), mask))  # (B, H, R, N)
+            return None
+        return hook
+
+    def _keep(self, i, name):
+        def hook(norm, args, output):
+            if self.rows is not None and i in self._scratch:
+                self._scratch[i][name] = _gather_rows(output, self.rows) if name == "q" else output
+        return hook
+
+    def _post_hook(self, i):
+        def hook(attn, args, output):
+            scratch = self._scratch.pop(i, None)
+            if scratch is None:
+                return None
+            if "k" not in scratch:
+                raise RuntimeError(f"layer {self.layers[i]}: k_norm did not run (cached cross-attention keys); "
+                                   f"capture a full forward with pixel_values")
+            self._save(i, _row_probs(attn, scratch["q"], scratch["k"], scratch["mask"]))  # (B, H, R, N)
+        return hook
+
+
+# ---------------------------------------------------------------------------------------------
+# tiles: image tokens -> the 32x32 grid of the original image (§4.4, App. E)
+# ---------------------------------------------------------------------------------------------
+
+
+def _area_matrix(n_out, extent, n_patches, patch):
+    """(n_out, n_patches) weights: output cell i covers [i, i+1)·extent/n_out px of the canvas,
+    patch p covers [p, p+1)·patch px; weight = overlap / cell length (rows sum to 1). Cropping the
+    padding and resizing happen in this one linear map (area resampling)."""
+    cell = torch.arange(n_out + 1, dtype=torch.float64) * (extent / n_out)  # cell edges
+    edge = torch.arange(n_patches + 1, dtype=torch.float64) * patch  # patch edges
+    lo = torch.maximum(cell[:-1, None], edge[None, :-1])
+    hi = torch.minimum(cell[1:, None], edge[None, 1:])
+    return ((hi - lo).clamp(min=0) / (extent / n_out)).float()  # (n_out, n_patches)
+
+
+def tiles_to_grid(attn, aspect_ratio_id, image_size, tile_size, patch_size, max_tiles, supported, out=MAP_SIZE):
+    """Image-token attention of one image -> its (out, out) map over the original image.
+
+    attn: (..., max_tiles * (1 + P²)) with P = tile_size // patch_size; each tile is its CLS token
+    then P² patches in row-major order; tiles in row-major order on a rows x cols canvas, where
+    (rows, cols) = supported[aspect_ratio_id - 1] (Mllama's ids count from 1; (a, b) is (tiles
+    high, tiles wide) in the processor's code although its docstring says (width, height)).
+    The processor resized the (height, width) = image_size image to fit the canvas keeping its
+    aspect ratio, then padded right and bottom; that padding is cropped here.
+    Returns (..., out, out).
+    """
+    P = tile_size // patch_size
+    rows, cols = supported[int(aspect_ratio_id) - 1]
+    lead = attn.shape[:-1]
+    x = attn.reshape(*lead, max_tiles, 1 + P * P)[..., :rows * cols, 1:]  # drop CLS and padding tiles
+    x = x.reshape(*lead, rows, cols, P, P).movedim(-2, -3)  # (..., rows, P, cols, P)
+    x = x.reshape(*lead, rows * P, cols * P)  # (..., canvas_h, canvas_w) in patches
+    h, w = (int(s) for s in image_size)
+    new_h, new_w = get_image_size_fit_to_canvas(h, w, rows * tile_size, cols * tile_size, tile_size)
+    m_h = _area_matrix(out, new_h, rows * P, patch_size).to(x.device, x.dtype)  # (out, canvas_h)
+    m_w = _area_matrix(out, new_w, cols * P, patch_size).to(x.device, x.dtype)  # (out, canvas_w)
+    return m_h @ x @ m_w.T  # (..., out, out)
+
+
+def image_maps(probs, batch, geometry):
+    """probs (B, L, H, R, N) -> (B, L, H, R, 32, 32) over each sample's first image."""
+    tile_size, patch_size, max_tiles, supported = geometry
+    per_image = max_tiles * (1 + (tile_size // patch_size) ** 2)
+    ids, sizes = batch["aspect_ratio_ids"], batch["image_sizes"]
+    return torch.stack([tiles_to_grid(probs[b, ..., :per_image], ids[b, 0], sizes[b], tile_size, patch_size,
+                                      max_tiles, supported) for b in range(probs.shape[0])])
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation over heads and layers (§4.2.1, §4.2.2 + App. D)
+# ---------------------------------------------------------------------------------------------
+
+
+def flow(maps, multiply):
+    """App. D attention flow over layers: maps (..., L, h, w) per layer -> (..., h, w).
+
+    eq. 40: Ā ← A⁽¹⁾; eq. 41 (flow-multi): Ā ← Ā ∘ A⁽ˡ⁾; eq. 42 (flow-sum): Ā ← Ā + A⁽ˡ⁾.
+    For flow-multi each step is divided by its sum over the map: a per-row constant (so the
+    normalised map is unchanged) that keeps a product of 8 probabilities (~1/6400 each) from
+    underflowing. The result is returned as a distribution over the map (sums to 1).
+    Worked example (one row, two layers, two patches): [.5, .5], [.8, .2] -> multi [.8, .2],
+    sum [.65, .35].
+    """
+    agg = maps[..., 0, :, :]
+    for layer in range(1, maps.shape[-3]):
+        agg = agg * maps[..., layer, :, :] if multiply else agg + maps[..., layer, :, :]
+        if multiply:
+            agg = agg / agg.sum(dim=(-2, -1), keepdim=True).clamp(min=1e-30)
+    return agg / agg.sum(dim=(-2, -1), keepdim=True).clamp(min=1e-30)
+
+
+def flow_weights(rows, attention_mask):
+    """App. D eq. 43, our choice (the paper's formula is lost): r_t = (t + 1) / T.
+
+    t is the row's 0-based text position and T the sample's text length (attention_mask.sum()),
+    so earlier tokens weigh less and later ones more, as the paper describes. Every word map is
+    min-max normalised afterwards, so r only changes how the rows of one word (its sub-word
+    pieces and repeated occurrences) are weighted against each other, and the scale the Aligner
+    sees. rows (B, R), attention_mask (B, T) -> (B, R), 0 at padding rows.
+    Worked example: rows [[3, 4]], T = 5 -> [[0.8, 1.0]].
+    """
+    T = attention_mask.sum(dim=-1, keepdim=True).clamp(min=1).to(torch.float32)  # (B, 1)
+    return ((rows + 1).to(torch.float32) / T) * (rows >= 0)  # (B, R)
+
+
+def aggregate(maps, aggregation):
+    """§4.2: maps (..., L, H, h, w) -> (..., h, w). First word: over heads; second: over layers.
+
+    flow-*: heads averaged, then flow() over layers. learn: the parallel attention A_d is already
+    what is aligned, so heads and layers are averaged (the Aligner, if any, does the rest).
+    Worked example (L = 2, H = 2, one pixel): [[1, 3], [5, 7]] -> max-max 7, max-mean 5,
+    mean-max 6, mean-mean 4.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    if aggregation.startswith("flow"):
+        return flow(maps.mean(dim=-3), multiply=aggregation == "flow-multi")
+    over_heads, over_layers = ("mean", "mean") if aggregation == "learn" else aggregation.split("-")
+    x = maps.amax(dim=-3) if over_heads == "max" else maps.mean(dim=-3)  # (..., L, h, w)
+    return x.amax(dim=-3) if over_layers == "max" else x.mean(dim=-3)  # (..., h, w)
+
+
+def combine_layers(maps, aggregation):
+    """Per-layer Aligner outputs (..., L, h, w) -> (..., h, w) by the aggregation's layer rule."""
+    if aggregation.startswith("flow"):
+        return flow(maps, multiply=aggregation == "flow-multi")
+    return maps.amax(dim=-3) if aggregation.endswith("-max") else maps.mean(dim=-3)
+
+
+def merge_rows(maps, row_word, n_words, weights=None):
+    """Rows -> words: maps (B, ..., R, h, w), row_word (B, R) word index or -1 -> (B, ..., W, h, w).
+
+    A word's map is the (weighted) mean of its rows' maps: a multi-token word's pieces, and every
+    occurrence of a repeated word (the DM store averages repeated words too).
+    """
+    B, R = row_word.shape
+    w = torch.ones(B, R) if weights is None else weights.float()
+    onehot = torch.zeros(B, R, n_words)
+    valid = row_word >= 0
+    onehot[valid.nonzero(as_tuple=True) + (row_word[valid],)] = 1.0
+    onehot = onehot * w[:, :, None]
+    onehot = onehot / onehot.sum(dim=1, keepdim=True).clamp(min=1e-12)  # (B, R, W): mean over a word's rows
+    onehot = onehot.to(maps.device, maps.dtype)
+    lead = maps.shape[1:-3]
+    x = maps.reshape(B, -1, R, maps.shape[-2] * maps.shape[-1])  # (B, *, R, h*w)
+    x = torch.einsum("bmrp,brw->bmwp", x, onehot)
+    return x.reshape(B, *lead, n_words, maps.shape[-2], maps.shape[-1])
+
+
+def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, aligner_mode="per-layer"):
+    """Per-word VLM attention maps: (B, W, 32, 32) in [0, 1], one per aligned word of `plan`.
+
+    capture.probs (B, L, H, R, N) -> tiles rebuilt (B, L, H, R, 32, 32) -> rows merged into words
+    (flow: weighted by flow_weights) -> either
+      aligner None:            aggregate over heads, layers -> (B, W, 32, 32)
+      aligner_mode "per-layer": Aligner on each layer's heads as channels -> (B, L, W, 32, 32),
+                                then combined over layers (mean, max or flow per `aggregation`)
+      aligner_mode "after":     aggregate, then the Aligner on 1 channel
+    -> min-max normalised per word (as the DM maps are).
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    if (aggregation == "learn") != capture.learned:
+        raise ValueError(f"aggregation {aggregation!r} needs AttentionCapture(learned={aggregation == 'learn'})")
+    maps = image_maps(capture.probs, batch, vision_geometry(capture.model))  # (B, L, H, R, 32, 32)
+    row_word, n_words = plan["row_word"], plan["dm_index"].shape[1]
+    weights = flow_weights(plan["rows"], batch["attention_mask"]) if aggregation.startswith("flow") else None
+    words = merge_rows(maps, row_word, n_words, weights)  # (B, L, H, W, 32, 32)
+    B, L, H = words.shape[:3]
+    if aligner is None:
+        out = aggregate(words.transpose(1, 3).transpose(2, 3), aggregation)  # (B, W, 32, 32)
+    elif aligner_mode == "per-layer":
+        x = words.permute(0, 1, 3, 2, 4, 5).reshape(B * L * n_words, H, MAP_SIZE, MAP_SIZE)  # heads as channels
+        y = aligner(x).view(B, L, n_words, MAP_SIZE, MAP_SIZE)  # (B, L, W, 32, 32)
+        out = combine_layers(y.transpose(1, 2), aggregation)  # (B, W, 32, 32)
+    elif aligner_mode == "after":
+        agg = aggregate(words.transpose(1, 3).transpose(2, 3), aggregation)  # (B, W, 32, 32)
+        out = aligner(agg.reshape(B * n_words, 1, MAP_SIZE, MAP_SIZE)).view(B, n_words, MAP_SIZE, MAP_SIZE)
+    else:
+        raise ValueError(f"unknown aligner_mode {aligner_mode!r}; choose 'per-layer' or 'after'")
+    return min_max(out)  # (B, W, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# words: which text positions are aligned, and with which DM word
+# ---------------------------------------------------------------------------------------------
+
+_STEMMER = snowballstemmer.stemmer("english")
+
+
+def normalize_word(w):
+    """Lower-case, strip surrounding punctuation: "Circle," -> "circle", "dog's" -> "dog's"."""
+    return re.sub(r"^\W+|\W+$", "", w.lower())
+
+
+def match_words(vlm_words, dm_words, mode="exact"):
+    """For each VLM word, the index of the first DM word it matches, else None.
+
+    exact: equal after normalize_word; root: same Snowball (Porter 2) stem, e.g.
+    match_words(["circles", "Red"], ["red", "circle"], "exact") -> [None, 0]
+    match_words(["circles", "Red"], ["red", "circle"], "root")  -> [1, 0]
+    """
+    if mode not in ("exact", "root"):
+        raise ValueError(f"unknown word match {mode!r}; choose 'exact' or 'root'")
+    key = normalize_word if mode == "exact" else (lambda w: _STEMMER.stemWord(normalize_word(w)))
+    dm_keys = {}
+    for j, w in enumerate(dm_words):
+        if normalize_word(w):
+            dm_keys.setdefault(key(w), j)
+    return [dm_keys.get(key(w)) if normalize_word(w) else None for w in vlm_words]
+
+
+def answer_words(tokenizer, ids):
+    """Group token ids into words: [(word, [token offsets in ids]), ...] in text order.
+
+    A word is a run of letters/digits/apostrophes in the decoded text; a token belongs to every
+    word its characters overlap (so "re" "d" -> ("red", [0, 1])). Tokens that decode to nothing
+    but spaces or punctuation (and special tokens) belong to no word.
+    """
+    special = set(tokenizer.all_special_ids)
+    text, spans = "", []
+    for n, tok in enumerate(ids):
+        piece = "" if tok in special else tokenizer.decode([i for i in ids[:n + 1] if i not in special])[len(text):]
+        spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    words = []
+    for m in re.finditer(r"[\w']+", text):
+        toks = [n for n, (a, b) in enumerate(spans) if a < m.end() and b > m.start()]
+        words.append((m.group(), toks))
+    return words
+
+
+def plan_words(tokenizer, input_ids, labels, dm_words, match="exact"):
+    """Which text rows to capture and which DM word each aligned VLM word is compared with.
+
+    Answer tokens are the positions with labels != -100 (labels are not shifted: labels[t] is
+    input_ids[t]). Under teacher forcing the logits at position t - 1 predict token t, so the
+    row aligned for an answer token at position t is t - 1, the position that produces it (the
+    authors' release likewise takes the word predicted at a position). A word of k tokens at
+    t..t+k-1 uses rows t-1..t+k-2, merged. A VLM word is aligned if match_words finds it among
+    the sample's DM words; repeated occurrences matching the same DM word become one word
+    (rows merged), mirroring the DM store. dm_words[b] None = no DM maps for that sample.
+
+    Returns dict(rows (B, R) long, -1 pad; row_word (B, R) long, index into the sample's words,
+    -1 pad; dm_index (B, W) long, index into dm_words[b], -1 pad; words: list of lists of the
+    aligned VLM words, as decoded).
+    """
+    B = input_ids.shape[0]
+    per_sample = []  # [(rows, row_word, dm_index, words)]
+    for b in range(B):
+        pos = (labels[b] != -100).nonzero().flatten().tolist()
+        entries = {}  # dm index -> (first vlm word, [rows])
+        if dm_words[b] is not None and pos:
+            grouped = answer_words(tokenizer, input_ids[b, pos].tolist())
+            matches = match_words([w for w, _ in grouped], dm_words[b], match)
+            for (word, toks), j in zip(grouped, matches):
+                if j is None:
+                    continue
+                rows = [pos[t] - 1 for t in toks if pos[t] >= 1]
+                entries.setdefault(j, (word, []))[1].extend(rows)
+        rows, row_word = [], []
+        for w, (word, word_rows) in enumerate(entries.values()):
+            rows += word_rows
+            row_word += [w] * len(word_rows)
+        per_sample.append((rows, row_word, list(entries), [word for word, _ in entries.values()]))
+    R = max([len(s[0]) for s in per_sample] + [0])
+    W = max([len(s[2]) for s in per_sample] + [0])
+    out = dict(rows=torch.full((B, R), -1, dtype=torch.long), row_word=torch.full((B, R), -1, dtype=torch.long),
+               dm_index=torch.full((B, W), -1, dtype=torch.long), words=[s[3] for s in per_sample])
+    for b, (rows, row_word, dm_index, _) in enumerate(per_sample):
+        out["rows"][b, :len(rows)] = torch.tensor(rows, dtype=torch.long)
+        out["row_word"][b, :len(row_word)] = torch.tensor(row_word, dtype=torch.long)
+        out["dm_index"][b, :len(dm_index)] = torch.tensor(dm_index, dtype=torch.long)
+    return out
+
+
+def dm_targets(dm_maps, dm_index):
+    """The DM maps each aligned word is compared with: list of (n_words_b, 32, 32) or None,
+    dm_index (B, W) -> (B, W, 32, 32), zeros at padding; the mask for attention_loss is dm_index >= 0."""
+    B, W = dm_index.shape
+    out = torch.zeros(B, W, MAP_SIZE, MAP_SIZE)
+    for b in range(B):
+        for w in range(W):
+            if dm_index[b, w] >= 0:
+                out[b, w] = dm_maps[b][dm_index[b, w]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark: capture overhead at a scaled-down llama32 geometry (CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bench", action="store_true", help="measure capture overhead (time, peak memory)")
+    args = parser.parse_args()
+    if not args.bench:
+        parser.print_help()
+        return
+    raise NotImplementedError("--bench lands in the next commit")
+
+
+if __name__ == "__main__":
+    main()
