@@ -1,0 +1,787 @@
+"""Stable Diffusion per-word attention targets (paper §4.1, eq. 13-14; §5(1); §10(3)).
+
+Lavender aligns a VLM's text-to-image attention with the cross-attention of Stable Diffusion
+(the target p_DM(a | x, y) of eq. 7-9). This file makes that target, offline, once per
+(image, answer) pair: encode the image with the VAE, run a short DDIM inversion conditioned on
+the answer (5 steps, guidance 1), denoise back from the inverted latent (10 steps), and while
+the UNet runs, capture M = softmax(QK^T / sqrt(d)) (eq. 13-14) in every cross-attention (`attn2`)
+module; average over heads, layers and steps (Hertz et al. 2022); merge CLIP's BPE pieces into
+words; resize each word's map to 32x32, min-max normalise, and save one safetensors file per item
+in the DESIGN.md format (attn/<id>.safetensors). The authors never released this part.
+
+    python extract.py --dm sd14 --data data.jsonl --out attn/              # one process
+    torchrun --nproc_per_node 8 extract.py --dm sd14 --data data.jsonl --out attn/
+    python extract.py --dm tiny-sd --data data.jsonl --out /tmp/attn        # random tiny SD (tests)
+    python extract.py --bench                                                # capture overhead, CPU
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import unicodedata
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+MAP_SIZE = 32  # every stored map is 32x32 (DESIGN.md), the grid the VLM maps are resized to
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")  # ids become file names
+
+# ---------------------------------------------------------------------------------------------
+# the attention store: attn/<id>.safetensors (DESIGN.md, "Formats")
+# ---------------------------------------------------------------------------------------------
+
+
+def read_items(jsonl_path):
+    """Items of a dataset JSONL, each as in the file plus "image_path" (absolute).
+
+    Raises ValueError naming the line for a malformed line (not JSON, not an object, a missing
+    or non-string id/image/question/answer). Ids that are not filename-safe are NOT rejected
+    here: extract() records them in failures.jsonl so one bad line does not stop a long run.
+    """
+    root = Path(jsonl_path).resolve().parent
+    items = []
+    with open(jsonl_path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{jsonl_path} line {n}: not valid JSON ({e}); each line must be one JSON object") from None
+            if not isinstance(item, dict):
+                raise ValueError(f"{jsonl_path} line {n}: expected a JSON object, got {type(item).__name__}")
+            for key in ("id", "image", "question", "answer"):
+                if not isinstance(item.get(key), str):
+                    raise ValueError(f"{jsonl_path} line {n}: field {key!r} must be a string, got {item.get(key)!r}")
+            item["image_path"] = str(root / item["image"])
+            items.append(item)
+    return items
+
+
+def maps_path(attn_dir, item_id):
+    """<attn_dir>/<id>.safetensors"""
+    return Path(attn_dir) / f"{item_id}.safetensors"
+
+
+def save_maps(path, maps, words, meta):
+    """Write maps (n_words, 32, 32) in [0, 1] as float16 'maps' with the DESIGN.md metadata.
+
+    Atomic: written to a hidden temp file in the same folder, then os.replace'd, so a kill at any
+    moment leaves either no file or a complete one (resume trusts any <id>.safetensors it finds).
+    """
+    path = Path(path)
+    if maps.dim() != 3 or maps.shape[0] != len(words) or tuple(maps.shape[1:]) != (MAP_SIZE, MAP_SIZE):
+        raise ValueError(f"save_maps({path}): maps {tuple(maps.shape)} must be ({len(words)}, 32, 32), one per word of {words}")
+    metadata = {k: str(v) for k, v in meta.items()}
+    metadata["words"] = json.dumps(list(words))
+    for key in ("text", "dm", "inversion_steps", "denoise_steps", "res"):
+        metadata.setdefault(key, "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        save_file({"maps": maps.detach().to("cpu", torch.float16).contiguous()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_maps(path):
+    """(maps float32 (n_words, 32, 32), words list[str], meta dict) of one attention file.
+
+    meta holds every metadata string; inversion_steps, denoise_steps and res as int when numeric.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        maps = f.get_tensor("maps").float()  # (n_words, 32, 32)
+    words = json.loads(meta.pop("words"))
+    for key in ("inversion_steps", "denoise_steps", "res"):
+        if meta.get(key, "").isdigit():
+            meta[key] = int(meta[key])
+    return maps, words, meta
+
+
+def is_complete(path):
+    """True when path is a readable attention file with one 32x32 map per word (resume check)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            words = json.loads((f.metadata() or {})["words"])
+            shape = f.get_slice("maps").get_shape()
+        return list(shape) == [len(words), MAP_SIZE, MAP_SIZE]
+    except Exception:  # a missing, truncated or foreign file is simply not complete
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusion model presets: --dm NAME; --dm-path points at a local copy (diffusers layout)
+# ---------------------------------------------------------------------------------------------
+
+DM_PRESETS = {
+    # name: hub id (None: not on a hub), default local folder, what it is
+    "sd14": {"hub_id": "CompVis/stable-diffusion-v1-4", "path": None,
+             "about": "Stable Diffusion v1.4, as in the paper: 512 px, 16 cross-attention layers (64², 32², 16², 8²)"},
+    "tiny-sd": {"hub_id": None, "path": None,
+                "about": "SD classes from tiny configs, random weights (seeded), CLIP tokenizer built in memory (tests)"},
+    "toy-sd": {"hub_id": None, "path": str(Path(__file__).resolve().parent / "toy_models" / "toy-sd"),
+               "about": "a tiny SD trained by toy.py on the miniature world"},
+}
+
+
+def _ddim_config(scheduler_config, cls):
+    """The keys of a pipeline's scheduler config (often PNDM for SD 1.x) that cls accepts."""
+    import inspect
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in dict(scheduler_config).items() if k in accepted}
+
+
+def tiny_sd(seed=0):
+    """dict(vae, unet, text_encoder, tokenizer, scheduler) of SD classes at toy size, random weights.
+
+    Deterministic by seed (ranks of a torchrun test build identical models). 32 px images -> VAE
+    (factor 2) -> 16x16 latents; attn2 at 16x16 and 8x8; CLIP text hidden 32, 77 positions.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    # A CLIP-style BPE vocabulary: every printable character alone and as a word end ("a</w>"),
+    # plus merges that make the words below single tokens; other words split into pieces.
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges = []
+    for word in ["a", "red", "blue", "green", "circle", "square", "triangle", "left", "right", "of", "the", "is",
+                 "two", "three", "yes", "no", "dog", "cat", "what", "colour", "shape", "how", "many", "there"]:
+        piece = word[0] if len(word) > 1 else word + "</w>"
+        for i, c in enumerate(word[1:], 1):
+            nxt = c + "</w>" if i == len(word) - 1 else c
+            if (piece, nxt) not in merges:
+                merges.append((piece, nxt))
+            piece += nxt
+            vocab.setdefault(piece, len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=4, norm_num_groups=8)
+    # SD 1.x's noise schedule (scaled_linear 0.00085..0.012, 1000 steps)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def save_dm(dm, folder):
+    """Write a dm dict in the diffusers component layout that load_dm reads (unet/, vae/, ...)."""
+    folder = Path(folder)
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if dm.get(part) is not None:
+            dm[part].save_pretrained(folder / part)
+
+
+def _load_folder(folder):
+    """dm parts from a folder (or hub id) in diffusers layout; vae/ may be absent (pixel space)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    local = Path(folder).is_dir()
+    vae = None
+    if not local or (Path(folder) / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    scheduler_config = DDIMScheduler.load_config(folder, subfolder="scheduler")
+    return dict(vae=vae, unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+                text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+                tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+                scheduler=DDIMScheduler.from_config(_ddim_config(scheduler_config, DDIMScheduler)))
+
+
+def load_dm(name, path=None, device="cpu", dtype=torch.float32):
+    """dict(vae, unet, text_encoder, tokenizer, scheduler, res, name) for a --dm preset.
+
+    Every preset goes through one code path given a folder in diffusers component layout
+    (unet/, vae/, text_encoder/, tokenizer/, scheduler/); "tiny-sd" without a path is built here.
+    res = unet.config.sample_size * vae_scale_factor (2 ** (len(vae block_out_channels) - 1)).
+    """
+    if name not in DM_PRESETS:
+        raise SystemExit(f"unknown --dm {name!r}; choose one of {sorted(DM_PRESETS)} or give --dm-path")
+    preset = DM_PRESETS[name]
+    if name == "tiny-sd" and path is None:
+        dm = tiny_sd()
+    else:
+        source = path or preset["path"] or preset["hub_id"]
+        try:
+            dm = _load_folder(source)
+        except (OSError, ValueError) as e:
+            where = f"download {preset['hub_id']} (e.g. `huggingface-cli download {preset['hub_id']}`) or" if preset["hub_id"] else "make it with toy.py or"
+            raise SystemExit(f"--dm {name}: no diffusion model weights at {source!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                             f"{where.capitalize()} point --dm-path at a local folder with unet/, vae/, text_encoder/, "
+                             f"tokenizer/, scheduler/ subfolders.") from None
+    for part in ("vae", "unet", "text_encoder"):
+        if dm[part] is not None:
+            if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op one)
+                dm[part].to(dtype=dtype)
+            dm[part].to(device=device).eval().requires_grad_(False)
+    sample = dm["unet"].config.sample_size
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    scale = 2 ** (len(dm["vae"].config.block_out_channels) - 1) if dm["vae"] is not None else 1
+    dm.update(res=int(sample * scale), name=name)
+    return dm
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP tokens -> words (issue step 4)
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_punctuation(text):
+    """True when text has no letter or digit ("?", ",", "--", "...")."""
+    return not any(unicodedata.category(c)[0] in "LN" for c in text)
+
+
+def text_words(tokenizer, text, max_tokens=75, item_id=None):
+    """(words, positions): the distinct words of text and, per word, its occurrences' token positions.
+
+    Positions index the UNet's 77-token context (position 0 is CLIP's start token). A word is the
+    run of BPE pieces up to and including one that ends in CLIP's end-of-word marker "</w>"; its
+    text is the original text under the pieces' character offsets, lower-cased as CLIP does.
+    Pure punctuation is dropped. A repeated word gets one entry, its occurrences averaged later.
+    Beyond max_tokens content tokens (CLIP: 77 - start - end = 75) the text is truncated with a
+    warning naming the item, and a word cut in two by the limit is dropped.
+
+        "A red circle?"          -> ["a", "red", "circle"],  [[[1]], [[2]], [[3]]]   ("?" at 4 dropped)
+        "an elephant" (4 pieces) -> ["an", "elephant"],      [[[1]], [[2, 3, 4, 5]]]
+        "red dog, red"           -> ["red", "dog"],          [[[1], [4]], [[2]]]
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    if len(ids) > max_tokens:
+        warnings.warn(f"item {item_id!r}: answer has {len(ids)} CLIP tokens; keeping the first {max_tokens} "
+                      f"(CLIP's limit), words after that get no map")
+        pieces, offsets = pieces[:max_tokens], offsets[:max_tokens]
+    words, positions, run = [], [], []
+    for j, piece in enumerate(pieces):
+        run.append(j)
+        if not piece.endswith("</w>"):
+            continue  # the word goes on in the next piece
+        word = text[offsets[run[0]][0]:offsets[run[-1]][1]].lower()
+        if not word.strip():  # no offsets (a slow tokenizer): fall back to the pieces themselves
+            word = "".join(pieces[i] for i in run).replace("</w>", "")
+        if not _is_punctuation(word):
+            if word not in words:
+                words.append(word)
+                positions.append([])
+            positions[words.index(word)].append([1 + i for i in run])  # +1: the start token
+        run = []
+    return words, positions  # a trailing run without "</w>" was cut by truncation: dropped
+
+
+def word_weights(positions, n_columns):
+    """(n_words, n_columns) matrix W with word_map = W @ token_maps.
+
+    A word's map is the mean over its occurrences of the mean over that occurrence's pieces.
+    """
+    W = torch.zeros(len(positions), n_columns)
+    for w, occurrences in enumerate(positions):
+        for occ in occurrences:
+            W[w, occ] += 1.0 / (len(occ) * len(occurrences))
+    return W
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-attention capture: a diffusers attention processor on attn2 only (eq. 13-14)
+# ---------------------------------------------------------------------------------------------
+
+
+class CrossAttentionCapture:
+    """Attention processor for one attn2 module: the same output as SDPA, plus M = softmax(QK^T/sqrt(d)).
+
+    SDPA returns no weights, so this computes the probabilities itself (eq. 13-14), averages them
+    over heads, brings the layer's grid to the latent grid (bilinear) and adds them into the shared
+    running fp32 sum `store["sum"]` (B, T, h, w). Per-step or per-layer maps are never kept.
+    Self-attention (attn1) keeps diffusers' SDPA processor: its maps are large and not needed.
+    """
+
+    def __init__(self, store):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        store = self.store
+        residual = hidden_states
+        B, N, _ = hidden_states.shape                                       # N = layer grid h_l * w_l
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        H = attn.heads
+        d = k.shape[-1] // H
+        q = q.view(B, N, H, d).transpose(1, 2)                               # (B, H, N, d)
+        k = k.view(B, -1, H, d).transpose(1, 2)                              # (B, H, T, d)
+        v = v.view(B, -1, H, d).transpose(1, 2)                              # (B, H, T, d)
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        scores = (q @ k.transpose(-1, -2)) * attn.scale                      # (B, H, N, T)  QK^T/sqrt(d)
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], B)
+            scores = scores + mask.view(B, H, -1, k.shape[2])
+        probs = scores.float().softmax(dim=-1)                               # (B, H, N, T)  eq. 13, fp32
+        out = probs.to(v.dtype) @ v                                          # (B, H, N, d)
+        if store["on"]:
+            self.accumulate(probs, N)
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(B, N, H * d)))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def accumulate(self, probs, N):
+        store = self.store
+        h, w = store["grid"]                                                 # latent grid
+        factor = round(math.sqrt(h * w / N))                                 # 1, 2, 4, 8: the layer's downsampling
+        if store["factors"] is not None and factor not in store["factors"]:
+            return
+        B, T = probs.shape[0], store["columns"]
+        m = probs[..., :T].mean(dim=1)                                       # (B, N, T) heads averaged
+        m = m.transpose(1, 2).reshape(B, T, h // factor, w // factor)        # (B, T, h_l, w_l)
+        if factor != 1:
+            m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)  # (B, T, h, w)
+        if store["sum"] is None:
+            store["sum"] = torch.zeros(B, T, h, w, device=m.device)            # fp32 accumulator
+        store["sum"] += m
+        store["count"] += 1
+
+
+def new_store(grid, columns, factors=None):
+    """The shared accumulator the capture processors add into."""
+    return {"on": True, "grid": tuple(grid), "columns": columns, "factors": factors, "sum": None, "count": 0}
+
+
+@contextlib.contextmanager
+def capturing(unet, store):
+    """Install CrossAttentionCapture on every attn2 module for the block, then restore."""
+    original = dict(unet.attn_processors)                                   # name -> processor
+    processor = CrossAttentionCapture(store)
+    unet.set_attn_processor({name: processor if name.endswith("attn2.processor") else p
+                             for name, p in original.items()})
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(original)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDIM inversion, then denoising (issue step 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def ddim_grids(scheduler, inversion_steps, denoise_steps):
+    """(inverse, forward) DDIM schedulers whose grids meet: inversion ends where denoising starts.
+
+    Both use "trailing" timestep spacing (Lin et al. 2024, Table 2), whose grids always contain
+    t = T-1 = 999 whatever the step count: inversion with 5 steps visits 199, 399, ..., 999 and
+    ends with the latent at noise level 999; denoising with 10 steps starts from that latent at
+    999, 899, ..., 99 and ends at level 0. (SD's own "leading" spacing would give inversion
+    1, 201, ..., 801 and denoising 901, ..., 1: the grids would not meet.) clip_sample=False:
+    inversion must not clamp the predicted clean latent. Guidance 1: the UNet sees only the
+    answer (no unconditional branch), which keeps DDIM inversion near-exact.
+    """
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+    config = dict(scheduler.config, clip_sample=False, timestep_spacing="trailing")
+    inverse = DDIMInverseScheduler.from_config(_ddim_config(config, DDIMInverseScheduler))
+    forward = DDIMScheduler.from_config(_ddim_config(config, DDIMScheduler))
+    inverse.set_timesteps(inversion_steps)
+    forward.set_timesteps(denoise_steps)
+    if inversion_steps and denoise_steps:
+        assert inverse.timesteps[-1] == forward.timesteps[0], (inverse.timesteps, forward.timesteps)
+    return inverse, forward
+
+
+def invert_and_denoise(unet, latents, context, inverse, forward, store=None, capture_steps="all"):
+    """Run the inversion then the denoising; with a store, capture attention at the chosen steps."""
+    dtype = unet.dtype
+    for phase, scheduler in (("inversion", inverse), ("denoise", forward)):
+        if store is not None:
+            if capture_steps == "inversion" and phase == "denoise":
+                break  # nothing more to capture: the denoising would change no map
+            store["on"] = capture_steps in ("all", phase)
+        for t in scheduler.timesteps:
+            eps = unet(latents.to(dtype), t, encoder_hidden_states=context).sample
+            latents = scheduler.step(eps.float(), t, latents).prev_sample    # fp32 latent path
+    return latents
+
+
+@torch.no_grad()
+def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10, capture_steps="all", layers=None):
+    """Mean cross-attention (B, columns, h, w) over heads, the chosen layers and steps.
+
+    images (B, 3, res, res) in [-1, 1]; texts: the answers the DM is conditioned on (eq. 7: y).
+    """
+    unet, device = dm["unet"], dm["unet"].device
+    images = images.to(device=device, dtype=unet.dtype)
+    if dm["vae"] is not None:  # latent mean x scaling factor (SD's encoding, no sampling)
+        latents = dm["vae"].encode(images.to(dm["vae"].dtype)).latent_dist.mean.float() * dm["vae"].config.scaling_factor
+    else:
+        latents = images.float()                                              # pixel-space DM
+    tok = dm["tokenizer"]
+    ids = tok(texts, padding="max_length", max_length=dm["text_encoder"].config.max_position_embeddings,
+              truncation=True, return_tensors="pt").input_ids.to(device)        # (B, 77)
+    context = dm["text_encoder"](ids)[0].to(unet.dtype)                        # (B, 77, D)
+    inverse, forward = ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)
+    store = new_store(latents.shape[-2:], columns, layers)
+    with capturing(unet, store):
+        invert_and_denoise(unet, latents, context, inverse, forward, store, capture_steps)
+    if store["count"] == 0:
+        raise ValueError(f"no cross-attention was captured: --layers {layers} matches no attn2 layer of this UNet")
+    return store["sum"] / store["count"]                                       # (B, columns, h, w)
+
+
+def word_maps(attention, W):
+    """(n_words, 32, 32) maps in [0, 1] from one item's attention (T, h, w) and weights W (n_words, T)."""
+    maps = torch.einsum("nt,thw->nhw", W.to(attention), attention)            # (n_words, h, w)
+    maps = F.interpolate(maps[None], size=(MAP_SIZE, MAP_SIZE), mode="bilinear", antialias=True,
+                         align_corners=False)[0]                                # (n_words, 32, 32)
+    lo = maps.amin(dim=(1, 2), keepdim=True)
+    hi = maps.amax(dim=(1, 2), keepdim=True)
+    return ((maps - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)             # min-max, per word
+
+
+# ---------------------------------------------------------------------------------------------
+# images (issue step 1)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_image(path, res):
+    """(3, res, res) float tensor in [-1, 1] from an image file of any mode, squashed to a square.
+
+    Modes: 16/32-bit grey (I;16, I) is scaled from its 16-bit range, float (F) clipped to [0, 1]
+    if it looks like [0, 1] and to [0, 255] otherwise; anything with transparency (RGBA, LA, P
+    with a transparent colour) is composited on white; CMYK, YCbCr, P, L, 1 convert with PIL.
+    The square resize matches the VLM side, whose maps also cover the whole image.
+    """
+    with Image.open(path) as img:
+        img.load()
+        if img.mode.startswith("I"):
+            arr = np.asarray(img, dtype=np.float32) / 257.0                  # 16-bit range -> 8-bit
+            img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+        elif img.mode == "F":
+            arr = np.asarray(img, dtype=np.float32)
+            arr = arr * 255.0 if arr.max() <= 1.0 else arr
+            img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = img.convert("RGBA")
+            img = Image.new("RGB", rgba.size, (255, 255, 255))
+            img.paste(rgba, mask=rgba.getchannel("A"))
+        img = img.convert("RGB").resize((res, res), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, res, res) 0..255
+    return x / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# extraction: items -> attn/<id>.safetensors, sharded by rank, resumable
+# ---------------------------------------------------------------------------------------------
+
+
+def _record_failure(out_dir, item_id, reason, rank):
+    """Append one line to <out>/failures.jsonl (one short write: safe with several ranks appending)."""
+    line = json.dumps({"id": item_id, "reason": reason, "rank": rank}) + "\n"
+    with open(Path(out_dir) / "failures.jsonl", "a", encoding="utf-8") as f:
+        f.write(line)
+
+
+def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_steps="all", layers=None,
+            batch_size=1, rank=0, world_size=1, progress=None):
+    """Write <out_dir>/<id>.safetensors for this rank's share of items; returns a summary dict.
+
+    Rank r of world_size takes items r, r + world_size, ... (torchrun: RANK / WORLD_SIZE; no
+    collectives, so a rank's crash stops only that rank). A complete file is skipped (resume).
+    An item that cannot be done (bad id, empty answer, no mappable word, missing or corrupt
+    image) is appended to <out_dir>/failures.jsonl with the reason, and the run goes on.
+    layers: None (all attn2 layers) or a set of downsampling factors of the latent grid
+    (sd14 at 512 px: 1 = 64², 2 = 32², 4 = 16², 8 = 8²). capture_steps: "all", "inversion", "denoise".
+    Returns dict(done, skipped, failed, seconds, rank, world_size).
+    """
+    from tqdm import tqdm
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mine = items[rank::world_size]
+    meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps,
+            "res": dm["res"], "capture_steps": capture_steps,
+            "layers": "all" if layers is None else ",".join(str(f) for f in sorted(layers))}
+    max_tokens = dm["text_encoder"].config.max_position_embeddings - 2           # 75 for CLIP
+    summary = {"done": 0, "skipped": 0, "failed": 0}
+    seen, todo = set(), []
+
+    def fail(item_id, reason):
+        summary["failed"] += 1
+        _record_failure(out_dir, item_id, reason, rank)
+
+    # ---- cheap checks first: nothing here touches the UNet ----
+    for item in mine:
+        item_id, answer = item["id"], item["answer"]
+        if not ID_PATTERN.match(item_id):
+            fail(item_id, f"bad id {item_id!r}: ids become file names, use only A-Z a-z 0-9 . _ -")
+        elif item_id in seen:
+            fail(item_id, f"duplicate id {item_id!r}: each item needs its own id")
+        elif is_complete(maps_path(out_dir, item_id)):
+            summary["skipped"] += 1
+        elif not answer.strip():
+            fail(item_id, "empty answer: the DM is conditioned on the answer, nothing to map")
+        else:
+            words, positions = text_words(dm["tokenizer"], answer, max_tokens, item_id)
+            if not words:
+                fail(item_id, f"no mappable word in answer {answer!r} (only punctuation or symbols)")
+            else:
+                todo.append((item, words, positions))
+        seen.add(item_id)
+
+    # ---- the UNet work, batch_size items per call ----
+    show = progress if progress is not None else rank == 0
+    bar = tqdm(total=len(todo), desc=f"extract {dm['name']}", disable=not show, unit="item")
+    for start in range(0, len(todo), batch_size):
+        batch, images = [], []
+        for item, words, positions in todo[start:start + batch_size]:
+            try:
+                images.append(load_image(item["image_path"], dm["res"]))
+                batch.append((item, words, positions))
+            except FileNotFoundError:
+                fail(item["id"], f"missing image: {item['image_path']}")
+                bar.update(1)
+            except Exception as e:  # PIL raises several types for unreadable files
+                fail(item["id"], f"corrupt image: {item['image_path']} ({type(e).__name__}: {e})")
+                bar.update(1)
+        if not batch:
+            continue
+        columns = 1 + max(occ[-1] for _, _, positions in batch for word in positions for occ in word)
+        attention = dm_attention(dm, torch.stack(images), [item["answer"] for item, _, _ in batch], columns,
+                                 inversion_steps, denoise_steps, capture_steps, layers)  # (B, columns, h, w)
+        for b, (item, words, positions) in enumerate(batch):
+            maps = word_maps(attention[b], word_weights(positions, columns))     # (n_words, 32, 32)
+            save_maps(maps_path(out_dir, item["id"]), maps, words, dict(meta, text=item["answer"]))
+            summary["done"] += 1
+        bar.update(len(batch))
+    bar.close()
+    summary.update(seconds=round(time.time() - t0, 2), rank=rank, world_size=world_size)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' JPEG layout: <root>/<image stem>/attention_<word>.jpg, 32x32, 8-bit grey
+# ---------------------------------------------------------------------------------------------
+
+
+def export_jpeg(items, attn_dir, jpeg_dir):
+    """Write our maps in the authors' layout; returns the number of items written.
+
+    The layout is keyed by image stem, so a second item with the same stem is skipped with a
+    warning (their trainer could not tell the two apart either).
+    """
+    written, stems = 0, {}
+    for item in items:
+        path = maps_path(attn_dir, item["id"])
+        if not is_complete(path):
+            continue
+        stem = Path(item["image"]).stem
+        if stem in stems:
+            warnings.warn(f"item {item['id']!r}: image stem {stem!r} already exported for item {stems[stem]!r}; skipped")
+            continue
+        stems[stem] = item["id"]
+        maps, words, _ = load_maps(path)
+        folder = Path(jpeg_dir) / stem
+        folder.mkdir(parents=True, exist_ok=True)
+        for word, m in zip(words, maps):
+            grey = (m.clamp(0, 1) * 255).round().to(torch.uint8).numpy()          # (32, 32) 8-bit
+            Image.fromarray(grey, "L").save(folder / f"attention_{word}.jpg", quality=95)
+        written += 1
+    return written
+
+
+def read_jpeg_maps(folder, words=None):
+    """(maps float32 (n, 32, 32) in [0, 1], words) from a folder of attention_<word>.jpg files.
+
+    words: the order to return (e.g. text order); default: every file, sorted by word. JPEG
+    ringing moves the extremes a little, so each map is min-max normalised again.
+    """
+    files = {p.name[len("attention_"):-len(".jpg")]: p for p in Path(folder).glob("attention_*.jpg")}
+    words = sorted(files) if words is None else [w for w in words if w in files]
+    maps = []
+    for word in words:
+        with Image.open(files[word]) as img:
+            grey = img.convert("L").resize((MAP_SIZE, MAP_SIZE), Image.BILINEAR)
+        maps.append(torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0))
+    maps = torch.stack(maps) if maps else torch.zeros(0, MAP_SIZE, MAP_SIZE)   # (n, 32, 32)
+    lo, hi = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
+    return ((maps - lo) / (hi - lo).clamp_min(1e-12)), words
+
+
+def import_jpeg(items, jpeg_dir, attn_dir, dm_name="authors-jpeg"):
+    """Convert the authors' JPEG maps of items into our store; returns the number of items written.
+
+    Words come in order of first appearance in the answer (lower-cased, punctuation stripped),
+    then any other file's word, sorted.
+    """
+    written = 0
+    for item in items:
+        folder = Path(jpeg_dir) / Path(item["image"]).stem
+        if not folder.is_dir():
+            continue
+        in_text = list(dict.fromkeys(w.strip(".,;:!?\"'()").lower() for w in item["answer"].split()))
+        _, every = read_jpeg_maps(folder)
+        maps, words = read_jpeg_maps(folder, in_text + sorted(set(every) - set(in_text)))
+        if words:
+            save_maps(maps_path(attn_dir, item["id"]), maps, words, {"text": item["answer"], "dm": dm_name})
+            written += 1
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark: capture overhead at SD-v1.4 geometry (random weights), CPU
+# ---------------------------------------------------------------------------------------------
+
+
+def bench(res=256, inversion_steps=5, denoise_steps=10, repeats=1, columns=77):
+    """Time inversion + denoising with capture vs the same UNet calls without; returns the ratio.
+
+    Only the UNet calls and scheduler steps are timed (no VAE, no text encoder: they run once per
+    image in both arms and would dilute the ratio). The UNet has SD-v1.4's geometry (blocks
+    320/640/1280/1280, cross-attention dim 768, 8 heads) with random weights; columns=77 captures
+    every context position, the worst case (a real answer needs only its own tokens).
+    The arms alternate (plain, capture, capture, plain, ...) so drifting load hits both alike.
+    """
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()  # sd14 geometry
+    unet.requires_grad_(False)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    inverse, forward = ddim_grids(scheduler, inversion_steps, denoise_steps)
+    latents = torch.randn(1, 4, res // 8, res // 8)                            # (1, 4, 32, 32) at 256 px
+    context = torch.randn(1, 77, 768)                                          # a CLIP text embedding's shape
+
+    @torch.no_grad()
+    def run(capture):
+        if not capture:
+            return invert_and_denoise(unet, latents, context, inverse, forward)
+        store = new_store(latents.shape[-2:], columns)
+        with capturing(unet, store):
+            invert_and_denoise(unet, latents, context, inverse, forward, store)
+        return store["sum"] / store["count"]
+
+    with torch.no_grad():  # warm-up: one UNet call each way (allocator, kernels)
+        unet(latents, 1, encoder_hidden_states=context)
+        with capturing(unet, new_store(latents.shape[-2:], columns)):
+            unet(latents, 1, encoder_hidden_states=context)
+    seconds = {False: 0.0, True: 0.0}
+    for r in range(repeats):
+        for capture in ((False, True) if r % 2 == 0 else (True, False)):
+            t0 = time.perf_counter()
+            run(capture)
+            seconds[capture] += time.perf_counter() - t0
+    calls = repeats * (inversion_steps + denoise_steps)
+    print(f"bench: SD-v1.4 geometry UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M params, random), "
+          f"{res} px ({res // 8}x{res // 8} latents), {inversion_steps} inversion + {denoise_steps} denoise steps, "
+          f"x{repeats}, {torch.get_num_threads()} threads")
+    print(f"without capture: {seconds[False]:.2f} s ({seconds[False] / calls:.3f} s per UNet call)")
+    print(f"with capture:    {seconds[True]:.2f} s ({seconds[True] / calls:.3f} s per UNet call)")
+    ratio = seconds[True] / seconds[False]
+    print(f"capture overhead ratio: {ratio:.3f}")
+    return ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_layers(text):
+    """"all" -> None; "2,4" -> {2, 4} (downsampling factors of the latent grid)."""
+    if text == "all":
+        return None
+    try:
+        factors = {int(f) for f in text.split(",")}
+    except ValueError:
+        raise SystemExit(f"--layers {text!r}: give 'all' or comma-separated factors such as '2,4'") from None
+    if any(f < 1 or f & (f - 1) for f in factors):
+        raise SystemExit(f"--layers {text!r}: factors are powers of two (1, 2, 4, 8)")
+    return factors
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Per-word Stable Diffusion cross-attention maps (Lavender §4.1).")
+    # ---- data and model ----
+    p.add_argument("--dm", default="sd14", choices=sorted(DM_PRESETS), help="diffusion model preset")
+    p.add_argument("--dm-path", default=None, help="local folder in diffusers layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    p.add_argument("--data", help="dataset JSONL (id, image, question, answer); the DM is conditioned on the answer")
+    p.add_argument("--out", default="attn", help="attention store folder: <out>/<id>.safetensors, <out>/failures.jsonl")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items (a quick look)")
+    # ---- method (paper §5(1): 5 inversion + 10 denoising steps) ----
+    p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps, guidance 1, conditioned on the answer")
+    p.add_argument("--denoise-steps", type=int, default=10, help="DDIM denoising steps from the inverted latent")
+    p.add_argument("--capture-steps", default="all", choices=["all", "inversion", "denoise"],
+                   help="which steps' attention is averaged (the paper: all of them)")
+    p.add_argument("--layers", default="all",
+                   help="attn2 layers averaged: 'all' or downsampling factors of the latent grid, e.g. '2,4' "
+                        "(sd14 at 512 px: 1 = 64x64, 2 = 32x32, 4 = 16x16, 8 = 8x8)")
+    # ---- performance ----
+    p.add_argument("--batch-size", type=int, default=1, help="images per UNet call (GPU: 8-16)")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:0, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="DM weights; auto: float16 on GPU, float32 on CPU (attention is accumulated in float32 either way)")
+    # ---- the authors' layout ----
+    p.add_argument("--export-jpeg", default=None, metavar="DIR", help="write <DIR>/<image stem>/attention_<word>.jpg from --out, then stop")
+    p.add_argument("--import-jpeg", default=None, metavar="DIR", help="read <DIR>/<image stem>/attention_<word>.jpg into --out, then stop")
+    # ---- benchmark ----
+    p.add_argument("--bench", action="store_true", help="time capture overhead at SD-v1.4 geometry (random weights) and exit")
+    p.add_argument("--bench-res", type=int, default=256, help="--bench image size in pixels (latents are 1/8)")
+    p.add_argument("--bench-repeats", type=int, default=1, help="--bench: runs of each arm, alternating")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.bench:
+        bench(args.bench_res, args.inversion_steps, args.denoise_steps, args.bench_repeats)
+        return
+    if not args.data:
+        raise SystemExit("--data is required: a JSONL of {id, image, question, answer} lines")
+    items = read_items(args.data)[:args.limit]
+    if args.export_jpeg:
+        print(f"exported {export_jpeg(items, args.out, args.export_jpeg)} items to {args.export_jpeg}")
+        return
+    if args.import_jpeg:
+        print(f"imported {import_jpeg(items, args.import_jpeg, args.out)} items into {args.out}")
+        return
+    # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1. No process group:
+    # ranks share nothing but the output folder.
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device
+    if device == "auto":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "auto": torch.float16 if device.startswith("cuda") else torch.float32}[args.dtype]
+    dm = load_dm(args.dm, args.dm_path, device, dtype)
+    s = extract(items, dm, args.out, args.inversion_steps, args.denoise_steps, args.capture_steps,
+                parse_layers(args.layers), args.batch_size, rank, world_size)
+    # one line per rank (no collectives to merge them); items of other ranks are not counted here
+    print(f"extract rank {rank}/{world_size}: {s['done']} done, {s['skipped']} skipped as complete, "
+          f"{s['failed']} failed (reasons in {Path(args.out) / 'failures.jsonl'}), {s['seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
