@@ -34,6 +34,10 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import train  # load_vlm (the base presets), load_run (a run directory), collate (teacher-forcing batches)
+from aggregate import AttentionCapture, aligned_layers, normalize_word, plan_words, vlm_word_maps
+from extract import load_maps, maps_path, read_items
+
 # ---------------------------------------------------------------------------------------------
 # scoring: exact match after normalisation, multiple-choice letters, Wilson interval
 # ---------------------------------------------------------------------------------------------
@@ -239,23 +243,31 @@ def draw_overlay_grid(path, image, words, dm_maps, run_maps, cell=128):
 
 def draw_entropy_histograms(path, dm_entropy, run_entropy, bins=28, width=420, height=150):
     """Fig. 7/25 as a PNG: one panel per run, the DM's entropies (blue) against that run's VLM entropies
-    (orange), as fractions per bin over [0, log 1024] nats (the range for 32x32 maps)."""
+    (orange), as fractions per bin over [0, log 1024] nats (the range for 32x32 maps); a vertical
+    line marks each mean."""
     top = math.log(32 * 32)
     edges = np.linspace(0, top, bins + 1)
-    margin = 24
-    sheet = Image.new("RGB", (width, max(1, len(run_entropy)) * (height + margin) + margin), "white")
+    margin = 34
+    sheet = Image.new("RGB", (width + 20, max(1, len(run_entropy)) * (height + margin) + margin), "white")
     draw = ImageDraw.Draw(sheet, "RGBA")
     for p, (name, values) in enumerate(run_entropy.items()):
-        y0 = margin + p * (height + margin)
-        draw.text((4, y0 - 16), f"{name}: DM (blue) vs VLM (orange), entropy in nats 0 .. {top:.2f}", fill="black")
-        draw.rectangle([0, y0, width - 1, y0 + height], outline="black")
-        for series, colour in ((dm_entropy, (40, 90, 220, 130)), (values, (240, 130, 20, 130))):
+        x0, y0 = 10, margin + p * (height + margin) - 12
+        draw.text((x0, y0 - 16), f"{name}: DM (blue) vs VLM (orange)", fill="black")
+        draw.rectangle([x0, y0, x0 + width, y0 + height], outline="black")
+        draw.text((x0, y0 + height + 2), "0", fill="black")
+        draw.text((x0 + width // 2 - 40, y0 + height + 2), "entropy (nats)", fill="black")
+        draw.text((x0 + width - 24, y0 + height + 2), f"{top:.2f}", fill="black")
+        for series, colour in ((dm_entropy, (40, 90, 220)), (values, (240, 130, 20))):
             if not len(series):
                 continue
-            frac = np.histogram(np.clip(series, 0, top), bins=edges)[0] / len(series)
+            series = np.clip(np.asarray(series, dtype=np.float64), 0, top)
+            frac = np.histogram(series, bins=edges)[0] / len(series)
             for b, f in enumerate(frac):
-                x0 = b * width / bins
-                draw.rectangle([x0 + 1, y0 + height - f * (height - 4), x0 + width / bins - 1, y0 + height], fill=colour)
+                left = x0 + b * width / bins
+                draw.rectangle([left + 1, y0 + height - f * (height - 4), left + width / bins - 1, y0 + height],
+                               fill=colour + (120,))
+            mean_x = x0 + series.mean() / top * width
+            draw.line([mean_x, y0, mean_x, y0 + height], fill=colour + (255,), width=2)
     sheet.save(path)
 
 
@@ -291,11 +303,14 @@ def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, d
     """Greedy answers, batched with left padding (Mllama's generate takes pixel_values,
     aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask beside the text)."""
     tok = processor.tokenizer
+    # stop at the model's own end tokens (Llama-3.2-Instruct lists several) and at the tokenizer's
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id} - {None})
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     answers = []
     for start in tqdm(range(0, len(items), batch_size), desc="generate", disable=not show, leave=False):
         batch = to_model_inputs(generation_batch(processor, items[start:start + batch_size]), device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
         new = out[:, batch["input_ids"].shape[1]:]                       # (B, new tokens)
         answers += [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]
     return answers
@@ -304,7 +319,6 @@ def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, d
 def capture_settings(lavender, config, model, args):
     """How a run's VLM maps are made: the run's own settings (lavender dict from train.load_run, then
     its config.json), falling back to this script's flags for the base model."""
-    from aggregate import aligned_layers
     lavender, config = lavender or {}, config or {}
 
     def pick(*keys, default):
@@ -329,15 +343,13 @@ def answer_maps(model, processor, items, dm_store, settings, batch_size=4, devic
     under teacher forcing (aggregate.plan_words picks each word's rows; see there which position).
     raw (W, 32, 32): aggregated attention (entropy, eq. 23); aligned: through the run's Aligner when it
     has one (what the loss of eq. 17 compares with the DM map), else equal to raw."""
-    from aggregate import AttentionCapture, plan_words, vlm_word_maps
-    from train import collate
     if settings["aggregation"] == "learn" and not settings["learned"]:
         raise ValueError("aggregation 'learn' needs a run with parallel projections (--run)")
     out = []
     with AttentionCapture(model, settings["layers"], learned=settings["learned"]) as capture:
         for start in tqdm(range(0, len(items), batch_size), desc="attention", disable=not show, leave=False):
             chunk = items[start:start + batch_size]
-            batch = collate(processor, chunk, with_answer=True)
+            batch = train.collate(processor, chunk, with_answer=True)
             dm_words = [dm_store[it["id"]][1] if it["id"] in dm_store else None for it in chunk]
             plan = plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], dm_words, match=settings["match"])
             capture.set_rows(plan["rows"].to(device))
@@ -379,7 +391,6 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
               "unparsed_choice": sum(r["kind"] == "choice" and r["letter"] is None for r in records)}
     pictures = {}
     if dm_store:
-        from aggregate import normalize_word
         maps = answer_maps(model, processor, items, dm_store, settings, args.batch_size, device, show)
         entropies, errors, hits = [], [], []
         for item, m in zip(items, maps):
@@ -394,8 +405,8 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
                 if region is not None:
                     hits.append(pointing_hit(m["aligned"][w], region))
             pictures[item["id"]] = matched
-        report.update(settings={k: v for k, v in settings.items() if k != "aligner"} | {"aligner": settings["aligner"] is not None},
-                      vlm_entropy=summarize(entropies), alignment_mse=summarize(errors),
+        shown = dict(settings, aligner=type(settings["aligner"]).__name__ if settings["aligner"] is not None else None)
+        report.update(settings=shown, vlm_entropy=summarize(entropies), alignment_mse=summarize(errors),
                       words=sum(len(m["words"]) for m in maps), matched_words=len(errors),
                       pointing=accuracy_summary(hits) if hits else None)
         report["_entropies"] = entropies
@@ -465,8 +476,6 @@ def summary_line(report):
 
 def evaluate(args):
     """Library entry (toy.py calls it with build_parser().parse_args([...])): returns the report dict."""
-    from extract import load_maps, maps_path, read_items
-    from train import load_run, load_vlm
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = read_items(args.data)
@@ -482,7 +491,6 @@ def evaluate(args):
                 dm_store[item["id"]] = (maps, words)
     regions = {}
     if dm_store:
-        from aggregate import normalize_word
         regions = {it["id"]: item_regions(it, root, normalize_word) for it in items if it.get("masks") or it.get("boxes")}
 
     # which models: the base preset first (when asked for, or when no run is given), then each run
@@ -498,10 +506,10 @@ def evaluate(args):
     runs, pictures = [], {}
     for name, run_dir in models:
         if run_dir is None:
-            model, processor = load_vlm(args.model, args.model_path, dtype=getattr(torch, args.dtype))
+            model, processor = train.load_vlm(args.model, args.model_path, dtype=getattr(torch, args.dtype))
             lavender, config = None, {"model": args.model}
         else:
-            model, processor, lavender, config = load_run(run_dir, device=args.device)
+            model, processor, lavender, config = train.load_run(run_dir, device=args.device)
             if args.model and config.get("model") not in (None, args.model):
                 raise SystemExit(f"--run {run_dir} was trained from --model {config.get('model')}, not {args.model}")
         settings = capture_settings(lavender, config, model, args) if dm_store else None
