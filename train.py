@@ -1,18 +1,51 @@
 """Lavender fine-tuning: the torchrun + FSDP2 training loop (paper §5, §6, §8.1.1, §9).
 
-Status: only the model presets are here so far; the loop lands with issue #4.
+One script runs both methods the paper compares, so every comparison is one flag apart:
+  --loss ar        autoregressive fine-tuning: L_VLM, the next-token loss on the answer (eq. 6)
+  --loss lavender  L_total = L_VLM + λ·L_att (eq. 10/12), L_att the MSE between the VLM's per-word
+                   text-to-image attention (aggregate.py, through the Aligner of aligner.py) and
+                   Stable Diffusion's per-word maps read from the attention store (extract.py), eq. 9/17.
+What else is here, from the paper: LoRA or full fine-tuning (§6 (4), §8.1.1), Aligner pre-training
+with the VLM frozen (§6 (1), Fig. 21), exact/root word sampling (§6 (5)), aligned layer subsets
+(Fig. 22), learned aggregation with parallel projections (eq. 15-16), FSDP for Llama-3.2 (§5 (4)).
 
-    python train.py --model tiny ...                       # one process, CPU
-    torchrun --nproc_per_node 8 train.py --model llama32   # a GPU node
+Distributed set-up, in the order it happens (see shard()): torchrun env -> process group (nccl on
+GPU, gloo on CPU) -> explicit 1-D device mesh -> load model -> PEFT LoRA -> parallel projections ->
+attention capture -> activation checkpointing -> fully_shard every decoder/encoder layer, then the
+root -> optimizer. Plain `python train.py` is one rank with no process group and no sharding.
+
+    python train.py --model tiny --data data.jsonl --attn attn/ --out runs/lav --max-steps 10
+    torchrun --nproc_per_node 8 train.py --model llama32 --data data.jsonl --attn attn/ --out runs/lav
+    python train.py --bench    # CPU: Lavender step vs autoregressive step, time and peak memory
 """
+import argparse
 import json
+import math
 import os
+import random
+import re
+import shutil
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from tqdm import tqdm
 from transformers import (MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil,
                           MllamaProcessor, PreTrainedTokenizerFast)
+
+import aggregate
+import aligner as aligner_lib
+import extract
 
 # ---------------------------------------------------------------------------------------------
 # model presets: --model NAME picks one; --model-path points at a local copy
@@ -45,7 +78,8 @@ VLM_PRESETS = {
     "llama32": {"hub_id": "meta-llama/Llama-3.2-11B-Vision-Instruct",
                 "about": "Llama-3.2-11B-Vision-Instruct: 40 text layers, cross-attention at 3, 8, ..., 38"},
     "tiny": {"hub_id": None, "about": "the llama32 classes from a tiny config, random weights (tests)"},
-    "toy": {"hub_id": None, "about": "a tiny Mllama pre-trained by toy.py on the miniature world"},
+    "toy": {"hub_id": None, "about": "a tiny Mllama pre-trained by toy.py on the miniature world",
+            "default_path": "toy_models/toy-vlm"},
 }
 
 
@@ -91,9 +125,11 @@ def load_vlm(name, path=None, dtype=torch.float32):
     if name == "tiny" and path is None:
         model, processor = tiny_vlm()
         return model.to(dtype), processor
-    source = path or VLM_PRESETS[name]["hub_id"]
-    if source is None:
-        raise SystemExit(f"--model {name} needs --model-path (for 'toy': run `python toy.py build` first)")
+    default = VLM_PRESETS[name].get("default_path")
+    source = path or (str(Path(__file__).resolve().parent / default) if default else VLM_PRESETS[name]["hub_id"])
+    if VLM_PRESETS[name]["hub_id"] is None and not Path(source).is_dir():
+        raise SystemExit(f"--model {name}: no model folder at {source!r}; for 'toy' run `python toy.py` first "
+                         f"(it writes toy_models/toy-vlm), or pass --model-path DIR (a save_pretrained folder)")
     try:
         processor = MllamaProcessor.from_pretrained(source)
         model = MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype)
@@ -103,3 +139,586 @@ def load_vlm(name, path=None, dtype=torch.float32):
             f"Download {VLM_PRESETS[name]['hub_id'] or 'the weights'} on a machine with network access "
             f"(e.g. `hf download {VLM_PRESETS[name]['hub_id']} --local-dir DIR`) and pass --model-path DIR.") from None
     return model, processor
+
+# ---------------------------------------------------------------------------------------------
+# data: JSONL items + the DM attention store -> batches built with the model's own processor
+# ---------------------------------------------------------------------------------------------
+
+def check_images(items):
+    """Open every image before training (not at step 40,000): a list of 'id: problem' strings."""
+    problems = []
+    for item in items:
+        try:
+            with Image.open(item["image_path"]) as im:
+                im.verify()  # reads the whole file: catches truncated and non-image files
+        except Exception as err:  # noqa: BLE001 -- any failure to open is the item's problem
+            problems.append(f"item {item['id']!r}: image {item['image_path']!r} cannot be opened ({err})")
+    return problems
+
+
+def read_dm_maps(attn_dir, item_id):
+    """(maps (n_words, 32, 32), words) from the attention store, or (None, None) if the item has no file."""
+    if attn_dir is None:
+        return None, None
+    path = extract.maps_path(attn_dir, item_id)
+    if not path.exists():
+        return None, None
+    maps, words, _ = extract.load_maps(path)
+    return maps, words
+
+
+def collate(processor, items, with_answer=True):
+    """A batch for the VLM: the processor's output + "labels" + "image_sizes" + "ids".
+
+    Prompts use the processor's chat template: user [image, question], assistant [answer]. Labels
+    (eq. 6) are the answer's tokens and the closing <|eot_id|> (so the model learns to stop), -100
+    on the prompt and on padding. Training pads on the right; with_answer=False builds generation
+    prompts (no labels), padded on the left so that batched generate() continues every row.
+    image_sizes: (B, 2) original (height, width), which aggregate.py needs to crop the tiles' padding.
+    """
+    texts, prompt_lens, images = [], [], []
+    tokenizer = processor.tokenizer
+    for item in items:
+        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}
+        prompt = processor.apply_chat_template([user], add_generation_prompt=True)
+        if with_answer:
+            answer = {"role": "assistant", "content": [{"type": "text", "text": item["answer"]}]}
+            texts.append(processor.apply_chat_template([user, answer]))
+            prompt_lens.append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+        else:
+            texts.append(prompt)
+        images.append([Image.open(item["image_path"]).convert("RGB")])
+    # the chat template already starts with <|begin_of_text|>: add no second one
+    batch = processor(images=images, text=texts, padding=True, add_special_tokens=False, return_tensors="pt",
+                      padding_side="right" if with_answer else "left")
+    batch = dict(batch)
+    batch["image_sizes"] = torch.tensor([[im[0].height, im[0].width] for im in images])  # (B, 2)
+    batch["ids"] = [item["id"] for item in items]
+    if with_answer:
+        labels = batch["input_ids"].clone()  # (B, T)
+        labels[batch["attention_mask"] == 0] = -100
+        for b, n in enumerate(prompt_lens):
+            labels[b, :n] = -100  # right padding: the prompt is the first n tokens of every row
+        batch["labels"] = labels
+    return batch
+
+
+def model_inputs(batch):
+    """The keys the model's forward takes (drops labels, ids, image_sizes)."""
+    keys = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
+            "cross_attention_mask")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def epoch_order(n_items, seed, epoch):
+    """The data order of an epoch: a permutation that depends only on (seed, epoch), so a resumed
+    run (and every rank) recomputes exactly the order of the interrupted one."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_items, generator=g).tolist()
+
+
+def micro_batches(order, step, batch_size, grad_accum, rank, world):
+    """Item indices for each micro-batch of this rank at `step` of the epoch.
+
+    A step consumes world * grad_accum * batch_size items; micro-batch m of rank r is the slice
+    [(m * world + r) * batch_size, ... + batch_size). So 1 rank x batch 2 and 2 ranks x batch 1
+    see the same global batch, which the 1-rank-vs-2-ranks test relies on.
+    """
+    start = step * world * grad_accum * batch_size
+    return [order[start + (m * world + rank) * batch_size:][:batch_size] for m in range(grad_accum)]
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed set-up: plain and visible (nanoGPT style)
+# ---------------------------------------------------------------------------------------------
+
+def setup_distributed():
+    """(rank, world, device, mesh). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0
+    of 1 with no process group at all (FSDP over one rank shards nothing, and the toy demo runs
+    many small trainings on 2 CPU cores: no group, no collectives, no overhead)."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))  # 1-D: pure data parallel
+    return rank, world, device, mesh
+
+
+def all_reduce_sum(values, world):
+    """Sum a list of floats over ranks (every rank must call it); returns floats."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def shard(model, aligner, mesh, device):
+    """FSDP2: every `_no_split_modules` layer (vision encoder layer, self-attention and cross-attention
+    decoder layer) is one unit: the largest piece that is always used whole, so only one layer's
+    full weights exist at a time; then the root (embeddings, lm_head, norms). Parallel projections
+    live inside their cross-attention layer and so shard with it. The Aligner runs outside the
+    model's forward, so it is its own FSDP root over the same mesh: all trainable parameters are
+    then DTensors on one mesh and one AdamW, one clip_grad_norm_ and one DCP checkpoint cover
+    them (a replicated Aligner would mix plain tensors and DTensors in the optimizer).
+    bf16 compute with fp32 gradient reduction on GPU; fp32 everywhere on CPU.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    units = set(base_model(model)._no_split_modules)
+    for module in list(model.modules()):
+        if type(module).__name__ in units:
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    # A rank whose batch aligns no word leaves the parallel projections without a gradient while
+    # another rank has one: reduce-scatter zeros for them so the collectives still match.
+    model.set_reduce_scatter_unused_params(True)
+    if aligner is not None:
+        fully_shard(aligner, mesh=mesh, mp_policy=mp)
+    return model, aligner
+
+
+def base_model(model):
+    """The MllamaForConditionalGeneration inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ---------------------------------------------------------------------------------------------
+# model: preset -> LoRA -> parallel projections -> capture -> checkpointing
+# ---------------------------------------------------------------------------------------------
+
+# LoRA targets (§6 (4)): q/v projections of the LANGUAGE model only. "q_proj" alone would also
+# match the vision encoder's attention (the authors' release adapts both, see REFERENCE.md).
+LORA_TARGETS = r".*language_model\..*\.(q_proj|v_proj)"
+
+
+def apply_peft(model, args):
+    """LoRA on the language model's q/v projections (args.peft == "lora"), or all weights trainable."""
+    if args.peft == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(args.seed)  # LoRA A matrices are random: same seed, same start
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=LORA_TARGETS, bias="none")
+    return get_peft_model(model, config)
+
+
+def build(args, device, mesh):
+    """Model, processor, aligner, capture and aligned layers, in the order the set-up needs."""
+    model, processor = load_vlm(args.model, args.model_path,
+                                dtype=torch.bfloat16 if device.type == "cuda" and args.peft == "lora" else torch.float32)
+    model = apply_peft(model, args)
+    aligner, capture, layers = None, None, []
+    if args.loss == "lavender":
+        torch.manual_seed(args.seed + 1)  # parallel projections (random init) and Aligner weights
+        layers = aggregate.aligned_layers(model, args.layers)
+        if args.aggregate == "learn":  # eq. 15-16: W_Qd, W_Kd beside each aligned layer's W_Q, W_K
+            aggregate.add_parallel_projections(model, layers, init=args.projection_init)
+        if args.aligner != "none":
+            heads = base_model(model).config.text_config.num_attention_heads
+            channels = aligner_lib.aligner_channels(args.aggregate, args.aligner_mode, heads)
+            aligner = aligner_lib.Aligner(args.aligner, channels, norm=args.aligner_norm).to(device)
+        capture = aggregate.AttentionCapture(model, layers, learned=args.aggregate == "learn")
+    # trainable parameters in fp32 (master weights), frozen ones stay in the load dtype: FSDP2 needs
+    # one dtype per unit among trainable parameters (LoRA and copied projections could differ)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if args.activation_checkpointing:  # recompute each layer in backward; non-reentrant works with FSDP2
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    if mesh is not None:
+        model, aligner = shard(model, aligner, mesh, device)
+    return model, processor, aligner, capture, layers
+
+
+# ---------------------------------------------------------------------------------------------
+# losses of one micro-batch
+# ---------------------------------------------------------------------------------------------
+
+def vlm_loss_sum(logits, labels):
+    """eq. 6: −Σ log p(answer token | image, question, earlier tokens), summed (not averaged), so
+    that micro-batches and ranks can be weighted by their token counts. Token t predicts t+1."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+def plan_batch(args, processor, batch, dm_words):
+    """aggregate.plan_words for a batch: which text rows are aligned to which DM word."""
+    return aggregate.plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], dm_words, match=args.match)
+
+
+def micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, device):
+    """(ce_sum, att_mean, n_aligned) for one micro-batch: the pieces of eq. 10, unweighted."""
+    inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+    if capture is None:  # --loss ar: no hooks, no maps
+        logits = model(**inputs).logits  # (B, T, V)
+        return vlm_loss_sum(logits, batch["labels"].to(device)), None, 0
+    mask = plan["dm_index"] >= 0  # (B, W) words aligned with a DM map
+    if not mask.any():  # nothing to align here (no attention file, no matching word): L_VLM alone
+        capture.set_rows(None)
+        logits = model(**inputs).logits  # (B, T, V)
+        # the Aligner is an FSDP root: every rank must run it in every micro-batch, so a rank with
+        # no word runs it once on zeros, weighted by 0 (same collectives, no effect on the loss)
+        att = 0.0 * aligner(torch.zeros(1, aligner.in_channels, 32, 32, device=device)).sum() \
+            if aligner is not None and world_size() > 1 else torch.zeros((), device=device)
+        return vlm_loss_sum(logits, batch["labels"].to(device)), att, 0
+    capture.set_rows(plan["rows"].to(device))  # (B, R) text positions whose attention is aligned
+    logits = model(**inputs).logits  # (B, T, V); the hooks filled capture.probs
+    vlm_maps = aggregate.vlm_word_maps(capture, plan, batch, aggregation=args.aggregate, aligner=aligner,
+                                       aligner_mode=args.aligner_mode)  # (B, W, 32, 32) in [0, 1]
+    target = aggregate.dm_targets(dm_maps, plan["dm_index"]).to(device)  # (B, W, 32, 32)
+    att = aligner_lib.attention_loss(vlm_maps, target, mask.to(device))  # eq. 9/17
+    return vlm_loss_sum(logits, batch["labels"].to(device)), att, int(mask.sum())
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints (resume) and the run directory's outputs
+# ---------------------------------------------------------------------------------------------
+
+def trainable_modules(model, aligner):
+    """One module holding everything trained, so one state-dict call covers the VLM and the Aligner."""
+    return nn.ModuleDict({"vlm": model, **({"aligner": aligner} if aligner is not None else {})})
+
+
+def save_checkpoint(out, modules, optimizer, scheduler, state, rank, world):
+    """Sharded checkpoint for --resume: every rank writes its own shards (torch.distributed.checkpoint)
+    and its own RNG state; rank 0 writes the step, epoch and data order. Written to checkpoint.tmp
+    and renamed only when complete, so an interrupted save never leaves a corrupt checkpoint/."""
+    tmp, final = Path(out) / "checkpoint.tmp", Path(out) / "checkpoint"
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier(world)
+    sd = {"model": get_model_state_dict(modules), "optim": get_optimizer_state_dict(modules, optimizer)}
+    dcp.save(sd, checkpoint_id=str(tmp))  # a collective: every rank calls it
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (tmp / "train_state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}))
+    barrier(world)
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    barrier(world)
+
+
+def load_checkpoint(out, modules, optimizer, scheduler, rank, world):
+    """Restore what save_checkpoint wrote; returns the train state (step, epoch, order, ...)."""
+    ckpt = Path(out) / "checkpoint"
+    if not (ckpt / "train_state.json").exists():
+        raise SystemExit(f"--resume: no complete checkpoint in {ckpt}; train without --resume first")
+    state = json.loads((ckpt / "train_state.json").read_text())
+    if state["world"] != world:
+        raise SystemExit(f"--resume: checkpoint was written by {state['world']} ranks, this run has {world}; "
+                         f"resume with the same --nproc_per_node (the data order per rank depends on it)")
+    sd = {"model": get_model_state_dict(modules), "optim": get_optimizer_state_dict(modules, optimizer)}
+    dcp.load(sd, checkpoint_id=str(ckpt))  # every rank reads its own shards
+    set_model_state_dict(modules, sd["model"])
+    set_optimizer_state_dict(modules, optimizer, sd["optim"])
+    scheduler.load_state_dict(state.pop("scheduler"))
+    rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+def save_outputs(args, out, model, aligner, processor, rank):
+    """adapter/ (LoRA, PEFT save_pretrained) or model/ (full), and lavender.safetensors (Aligner +
+    parallel projections). Every rank gathers (a collective); rank 0 writes."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=args.peft == "lora")
+    vlm_sd = get_model_state_dict(model, options=full)  # rank 0: full tensors; others: empty
+    aligner_sd = get_model_state_dict(aligner, options=full) if aligner is not None else {}
+    if rank != 0:
+        return
+    lavender = {k: v for k, v in vlm_sd.items() if "lavender_" in k}  # eq. 15-16 projections
+    lavender.update({f"aligner.{k}": v for k, v in aligner_sd.items()})
+    rest = {k: v for k, v in vlm_sd.items() if "lavender_" not in k}
+    if args.peft == "lora":  # loadable by PeftModel.from_pretrained(base, "<run>/adapter")
+        model.save_pretrained(Path(out) / "adapter", state_dict=rest)
+    else:
+        base_model(model).save_pretrained(Path(out) / "model", state_dict=rest)
+        processor.save_pretrained(Path(out) / "model")
+    if lavender:
+        save_file({k: v.contiguous() for k, v in lavender.items()}, Path(out) / "lavender.safetensors")
+
+
+def load_run(run_dir, device="cpu"):
+    """(model, processor, lavender, config) of a finished run, on one process, in eval mode.
+
+    The base preset comes from config.json; LoRA runs load adapter/ exactly as the authors' README
+    does (PeftModel.from_pretrained(base_model, adapter)), full runs load model/. lavender =
+    dict(aligner=nn.Module or None, layers=, aggregation=, aligner_mode=, match=, learned=).
+    """
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    if config["peft"] == "lora":
+        from peft import PeftModel
+        base, processor = load_vlm(config["model"], config["model_path"])
+        model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    else:
+        model, processor = load_vlm(config["model"], str(run_dir / "model"))
+    lavender = dict(aligner=None, layers=config.get("aligned_layers", []), aggregation=config["aggregate"],
+                    aligner_mode=config["aligner_mode"], match=config["match"],
+                    learned=config["loss"] == "lavender" and config["aggregate"] == "learn")
+    path = run_dir / "lavender.safetensors"
+    if path.exists():
+        sd = load_file(path)
+        if lavender["learned"]:
+            aggregate.add_parallel_projections(model, lavender["layers"], init="random")
+            own = {k: v for k, v in sd.items() if not k.startswith("aligner.")}
+            missing = set(own) - {k for k, _ in model.named_parameters()}
+            if missing:
+                raise ValueError(f"{path}: parameters {sorted(missing)[:3]} have no place in the model")
+            model.load_state_dict(own, strict=False)
+        if config["aligner"] != "none":
+            heads = base_model(model).config.text_config.num_attention_heads
+            channels = aligner_lib.aligner_channels(config["aggregate"], config["aligner_mode"], heads)
+            lavender["aligner"] = aligner_lib.Aligner(config["aligner"], channels, norm=config["aligner_norm"])
+            lavender["aligner"].load_state_dict({k[len("aligner."):]: v for k, v in sd.items()
+                                                 if k.startswith("aligner.")})
+            lavender["aligner"].to(device).eval()
+    return model.to(device).eval(), processor, lavender, config
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop
+# ---------------------------------------------------------------------------------------------
+
+def train(args):
+    """Fine-tune with --loss ar or lavender; returns the run directory (the library entry of toy.py)."""
+    rank, world, device, mesh = setup_distributed()
+    master = rank == 0  # only rank 0 prints and writes; every rank runs every collective
+    out = Path(args.out)
+    try:
+        return _train(args, rank, world, device, mesh, master, out)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(args, rank, world, device, mesh, master, out):
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    # ---- data, checked up front ----
+    items = extract.read_items(args.data)
+    problems = check_images(items[rank::world])
+    problems = gather_objects(problems, world)
+    if problems:
+        raise SystemExit(f"{len(problems)} image(s) cannot be used; fix or remove these items:\n  "
+                         + "\n  ".join(problems[:20]))
+    attn_dir = (Path(args.attn) if args.attn else Path(args.data).parent / "attn") if args.loss == "lavender" else None
+    no_attn = sum(not extract.maps_path(attn_dir, it["id"]).exists() for it in items) if attn_dir else len(items)
+    per_step = world * args.grad_accum * args.batch_size
+    steps_per_epoch = len(items) // per_step
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{args.data} has {len(items)} items, fewer than one step needs "
+                         f"({world} ranks x --grad-accum {args.grad_accum} x --batch-size {args.batch_size}); "
+                         f"lower --batch-size or add data")
+    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    # ---- model, optimizer, schedule ----
+    model, processor, aligner, capture, layers = build(args, device, mesh)
+    lavender_params = [p for n, p in model.named_parameters() if p.requires_grad and "lavender_" in n]
+    lavender_params += list(aligner.parameters()) if aligner is not None else []
+    vlm_params = [p for n, p in model.named_parameters() if p.requires_grad and "lavender_" not in n]
+    optimizer = torch.optim.AdamW([{"params": vlm_params}, {"params": lavender_params}], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    # StepLR-like decay per epoch (the authors' release: gamma 0.85 per epoch); it does not depend on
+    # the total number of steps, so a run cut short and resumed follows the same schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: args.lr_gamma ** (s // steps_per_epoch))
+    modules = trainable_modules(model, aligner)
+    step = 0
+    if args.resume:
+        step = load_checkpoint(out, modules, optimizer, scheduler, rank, world)["step"]
+    elif master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "log.jsonl").write_text("")
+    if master:
+        config = {**vars(args), "world": world, "aligned_layers": layers, "items": len(items),
+                  "items_without_attention": no_attn, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+        (out / "config.json").write_text(json.dumps(config, indent=1))
+        if args.loss == "lavender" and no_attn:
+            print(f"{no_attn} of {len(items)} items have no attention file in {attn_dir}: they train with L_VLM alone")
+    model.train()
+    if aligner is not None:
+        aligner.train()
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {args.loss}", disable=not master or not args.progress)
+    log = open(out / "log.jsonl", "a") if master else None
+    t_start, last = time.time(), {}
+    while step < total_steps:
+        t0 = time.time()
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        order = epoch_order(len(items), args.seed, epoch)
+        pretraining = step < args.pretrain_aligner_steps  # §6 (1): only the Aligner (+ projections) learn
+        # ---- build every micro-batch of the step, then weight by global counts ----
+        micro = []
+        for idx in micro_batches(order, in_epoch, args.batch_size, args.grad_accum, rank, world):
+            its = [items[i] for i in idx]
+            batch = collate(processor, its)
+            dm = [read_dm_maps(attn_dir, it["id"]) for it in its]
+            plan = plan_batch(args, processor, batch, [w for _, w in dm]) if capture is not None else None
+            micro.append((batch, plan, [m for m, _ in dm]))
+        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _, _ in micro)
+        n_words = sum(int((p["dm_index"] >= 0).sum()) for _, p, _ in micro) if capture is not None else 0
+        n_tokens, n_words = all_reduce_sum([n_tokens, n_words], world)
+        # each rank's share of the global means; FSDP averages gradients over ranks, hence * world
+        sums = [0.0, 0.0]  # summed CE and summed per-word MSE of this rank
+        for m, (batch, plan, dm_maps) in enumerate(micro):
+            if mesh is not None:  # reduce-scatter gradients only after the last micro-batch
+                for mod in modules.values():
+                    mod.set_requires_gradient_sync(m == len(micro) - 1)
+            ce_sum, att, n_aligned = micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, device)
+            loss_vlm = ce_sum / max(n_tokens, 1) * world  # eq. 6, mean over the global batch's answer tokens
+            loss_att = att * n_aligned / max(n_words, 1) * world if att is not None else torch.zeros((), device=device)
+            loss = aligner_lib.total_loss(loss_vlm, loss_att, args.lam)  # eq. 10/12
+            loss.backward()
+            sums[0] += ce_sum.item()
+            sums[1] += att.item() * n_aligned if att is not None else 0.0
+        ce, att_sum = all_reduce_sum(sums, world)
+        loss_vlm, loss_att = ce / max(n_tokens, 1), att_sum / max(n_words, 1)
+        total = loss_vlm + args.lam * loss_att
+        if not math.isfinite(total):  # every rank sees the same reduced value, so all stop together
+            ids = gather_objects([i for b, _, _ in micro for i in b["ids"]], world)
+            raise FloatingPointError(f"non-finite loss at step {step + 1} (loss_vlm {loss_vlm}, loss_att {loss_att}); "
+                                     f"items of this step: {ids}. Nothing was saved from this step on; "
+                                     f"check these items or lower --lr")
+        if pretraining:
+            for p in vlm_params:  # the VLM stays frozen: drop its gradients before clipping and the step
+                p.grad = None
+        params = lavender_params if pretraining else vlm_params + lavender_params
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        last = {"step": step, "epoch": epoch, "loss": total, "loss_vlm": loss_vlm, "loss_att": loss_att,
+                "aligned_words": int(n_words), "lr": lr, "grad_norm": float(_full(grad_norm)),
+                "phase": "aligner" if pretraining else "all", "seconds": round(time.time() - t0, 4)}
+        if master:
+            log.write(json.dumps(last) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}")
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            save_checkpoint(out, modules, optimizer, scheduler, dict(step=step, world=world, seed=args.seed,
+                                                                     epoch=epoch, order=order), rank, world)
+    bar.close()
+    if log:
+        log.close()
+    # ---- outputs: checkpoint for --resume, adapter/model, lavender.safetensors ----
+    save_checkpoint(out, modules, optimizer, scheduler, dict(step=step, world=world, seed=args.seed,
+                                                             epoch=step // steps_per_epoch,
+                                                             order=epoch_order(len(items), args.seed, step // steps_per_epoch)),
+                    rank, world)
+    save_outputs(args, out, model, aligner, processor, rank)
+    if capture is not None:
+        capture.remove()
+    if master:
+        print(f"trained {args.loss} for {step} steps on {world} rank(s) in {time.time() - t_start:.1f}s; "
+              f"last loss {last.get('loss', float('nan')):.4f} (vlm {last.get('loss_vlm', float('nan')):.4f}, "
+              f"att {last.get('loss_att', float('nan')):.4f}); run in {out}")
+    return str(out)
+
+
+def _full(t):
+    """A DTensor (sharded gradient norm) as a plain tensor; plain tensors pass through."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gather_objects(values, world):
+    """Concatenate a list from every rank (every rank must call it)."""
+    if world == 1:
+        return values
+    parts = [None] * world
+    dist.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Lavender (or autoregressive) fine-tuning of a VLM; torchrun for several ranks.")
+    # ---- model and data ----
+    p.add_argument("--model", default="tiny", choices=sorted(VLM_PRESETS), help="VLM preset")
+    p.add_argument("--model-path", default=None, help="local copy of the preset (a save_pretrained folder)")
+    p.add_argument("--data", help="dataset JSONL (DESIGN.md format)")
+    p.add_argument("--attn", default=None, help="attention store of extract.py (default: attn/ beside --data)")
+    p.add_argument("--out", default="runs/run", help="run directory to write")
+    # ---- method ----
+    p.add_argument("--loss", default="lavender", choices=["ar", "lavender"],
+                   help="ar: next-token loss only (eq. 6); lavender: + λ·attention loss (eq. 10)")
+    p.add_argument("--lam", type=float, default=10.0, help="λ of eq. 10 (= 1/σ², eq. 8); 10 as in the authors' release")
+    p.add_argument("--aggregate", default="learn", choices=aggregate.AGGREGATIONS,
+                   help="aggregation over heads-layers (§4.2); learn = parallel projections (eq. 15-16), best in Fig. 19")
+    p.add_argument("--projection-init", default="copy", choices=["copy", "random"],
+                   help="--aggregate learn: start W_Qd, W_Kd as copies of W_Q, W_K (A_d = A) or random (the release)")
+    p.add_argument("--layers", default="all", choices=aggregate.LAYER_SUBSETS,
+                   help="cross-attention layers to align (Fig. 22: all is best)")
+    p.add_argument("--aligner", default="sim", choices=["none", *aligner_lib.VARIANTS], help="Aligner variant (§4.3)")
+    p.add_argument("--aligner-mode", default="per-layer", choices=["per-layer", "after"],
+                   help="Aligner on each layer's heads, then combined (release), or after aggregation")
+    p.add_argument("--aligner-norm", default="instance", choices=sorted(aligner_lib.NORMS), help="Aligner normalisation")
+    p.add_argument("--match", default="exact", choices=["exact", "root"], help="word sampling (§6 (5)): exact or same stem")
+    p.add_argument("--pretrain-aligner-steps", type=int, default=0,
+                   help="first N steps update only the Aligner and parallel projections, VLM frozen (§6 (1), Fig. 21)")
+    # ---- fine-tuning ----
+    p.add_argument("--peft", default="lora", choices=["lora", "full"], help="LoRA on the language model's q/v, or full")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    # ---- optimisation ----
+    p.add_argument("--epochs", type=int, default=3, help="epochs (ignored when --max-steps is set)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="items per rank per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--lr-gamma", type=float, default=0.85, help="learning-rate decay per epoch")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--seed", type=int, default=42, help="seed of LoRA/Aligner init, data order and dropout")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute layer activations in backward (non-reentrant)")
+    # ---- checkpoints and output ----
+    p.add_argument("--save-every", type=int, default=0, help="write checkpoint/ every N steps (0: only at the end)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help="continue from <out>/checkpoint (same ranks, same flags)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
+    p.add_argument("--bench", action="store_true", help="CPU benchmark: Lavender vs AR step time and peak memory")
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
+    if args.bench:
+        return bench()
+    if not args.data:
+        raise SystemExit("--data is required (a JSONL file, see DESIGN.md)")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
