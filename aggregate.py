@@ -138,7 +138,7 @@ def _row_probs(attn, q, k, mask):
     B, H, R, D = q.shape
     kvh = k.shape[1]
     q = q.reshape(B, kvh, (H // kvh) * R, D)  # (B, KVH, G*R, D): groups of H/KVH heads share a key
-    scores = (q @ k.transpose(-1, -2)).view(B, H, R, -1) * attn.scaling  # (B, H, R, N)
+    scores = (q @ k.transpose(-1, -2)).view(B, H, R, k.shape[2]) * attn.scaling  # (B, H, R, N)
     if mask is not None:
         scores = scores + mask
     return torch.softmax(scores, dim=-1, dtype=torch.float32)  # (B, H, R, N)
@@ -230,14 +230,14 @@ class AttentionCapture:
                 return None
             # eq. 15-16: A_d from the parallel projections on q_proj's / k_proj's inputs
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, T, d)
-            states = kwargs.get("cross_attention_states")  # (B, N, d)
+            states = kwargs.get("cross_attention_states")  # (B * images * tiles, 1 + P², d)
             if states is None:
                 raise RuntimeError("learned capture needs cross_attention_states (a forward with pixel_values, "
                                    "not a cached generation step)")
-            B, N = hidden.shape[0], states.shape[1]
+            B = hidden.shape[0]
             h = hidden.gather(1, self.rows.clamp(min=0).to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1]))
             q = attn.lavender_q_proj(h).view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, R, D)
-            k = attn.lavender_k_proj(states).view(B, N, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+            k = attn.lavender_k_proj(states).view(B, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
             self._save(i, _row_probs(attn, attn.q_norm(q), attn.k_norm(k), mask))  # (B, H, R, N)
             return None
         return hook
@@ -385,7 +385,7 @@ def merge_rows(maps, row_word, n_words, weights=None):
     onehot = onehot / onehot.sum(dim=1, keepdim=True).clamp(min=1e-12)  # (B, R, W): mean over a word's rows
     onehot = onehot.to(maps.device, maps.dtype)
     lead = maps.shape[1:-3]
-    x = maps.reshape(B, -1, R, maps.shape[-2] * maps.shape[-1])  # (B, *, R, h*w)
+    x = maps.reshape(B, lead.numel(), R, maps.shape[-2] * maps.shape[-1])  # (B, *, R, h*w)
     x = torch.einsum("bmrp,brw->bmwp", x, onehot)
     return x.reshape(B, *lead, n_words, maps.shape[-2], maps.shape[-1])
 
@@ -405,8 +405,11 @@ def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, a
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     if (aggregation == "learn") != capture.learned:
         raise ValueError(f"aggregation {aggregation!r} needs AttentionCapture(learned={aggregation == 'learn'})")
-    maps = image_maps(capture.probs, batch, vision_geometry(capture.model))  # (B, L, H, R, 32, 32)
     row_word, n_words = plan["row_word"], plan["dm_index"].shape[1]
+    if n_words == 0:  # nothing aligned: an empty result still tied to the graph (same backward on every rank)
+        tie = capture.probs.sum() * 0 + sum((p.sum() * 0 for p in (aligner.parameters() if aligner else [])), 0)
+        return tie.expand(row_word.shape[0], 0, MAP_SIZE, MAP_SIZE)  # (B, 0, 32, 32)
+    maps = image_maps(capture.probs, batch, vision_geometry(capture.model))  # (B, L, H, R, 32, 32)
     weights = flow_weights(plan["rows"], batch["attention_mask"]) if aggregation.startswith("flow") else None
     words = merge_rows(maps, row_word, n_words, weights)  # (B, L, H, W, 32, 32)
     B, L, H = words.shape[:3]
