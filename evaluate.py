@@ -283,25 +283,12 @@ def to_model_inputs(batch, device):
     return {k: batch[k].to(device) for k in MODEL_KEYS if k in batch}
 
 
-def generation_batch(processor, items):
-    """Prompts (user turn [image, question] and the assistant header, as in training), LEFT padded so
-    that every row's next token comes right after its prompt during batched greedy generation."""
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it["question"]}]}],
-        add_generation_prompt=True) for it in items]
-    images = [[Image.open(it["image_path"]).convert("RGB")] for it in items]
-    side = processor.tokenizer.padding_side
-    processor.tokenizer.padding_side = "left"
-    try:
-        return processor(images=images, text=texts, padding=True, add_special_tokens=False, return_tensors="pt")
-    finally:
-        processor.tokenizer.padding_side = side
-
-
 @torch.no_grad()
 def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, device="cpu", show=True):
-    """Greedy answers, batched with left padding (Mllama's generate takes pixel_values,
-    aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask beside the text)."""
+    """Greedy answers. Prompts come from train.collate(with_answer=False): the training chat template
+    (user [image, question] + the assistant header), LEFT padded so that every row's first new token
+    follows its own prompt. Mllama's generate takes pixel_values, aspect_ratio_ids,
+    aspect_ratio_mask and cross_attention_mask beside the text."""
     tok = processor.tokenizer
     # stop at the model's own end tokens (Llama-3.2-Instruct lists several) and at the tokenizer's
     eos = getattr(model.generation_config, "eos_token_id", None)
@@ -309,32 +296,30 @@ def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, d
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     answers = []
     for start in tqdm(range(0, len(items), batch_size), desc="generate", disable=not show, leave=False):
-        batch = to_model_inputs(generation_batch(processor, items[start:start + batch_size]), device)
+        batch = to_model_inputs(train.collate(processor, items[start:start + batch_size], with_answer=False), device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
         new = out[:, batch["input_ids"].shape[1]:]                       # (B, new tokens)
         answers += [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]
     return answers
 
 
-def capture_settings(lavender, config, model, args):
-    """How a run's VLM maps are made: the run's own settings (lavender dict from train.load_run, then
-    its config.json), falling back to this script's flags for the base model."""
-    lavender, config = lavender or {}, config or {}
-
-    def pick(*keys, default):
-        for source in (lavender, config):
-            for k in keys:
-                if source.get(k) is not None:
-                    return source[k]
-        return default
-
-    aggregation = pick("aggregation", "aggregate", default=args.aggregate)
-    layers = pick("layer_ids", "aligned_layers", default=None)
-    if layers is None or isinstance(layers, str):
-        layers = aligned_layers(model, pick("layers", default=args.layers) if layers is None else layers)
-    return {"aggregation": aggregation, "layers": list(layers), "match": pick("match", default=args.match),
-            "aligner": lavender.get("aligner"), "aligner_mode": pick("aligner_mode", default="per-layer"),
-            "learned": aggregation == "learn"}
+def capture_settings(lavender, model, args):
+    """How a model's VLM maps are made. A run: as it was trained (train.load_run's lavender dict:
+    aligner, layers, aggregation, aligner_mode, match, learned); an autoregressive run has no
+    parallel projections, so with aggregation "learn" it is read with mean-mean instead. The base
+    model: this script's --aggregate, --layers, --match, no Aligner."""
+    if lavender is None:
+        if args.aggregate == "learn":
+            raise SystemExit("--aggregate learn needs a run's parallel projections (eq. 15-16); the base model has "
+                             "none: choose another --aggregate")
+        return {"aggregation": args.aggregate, "layers": aligned_layers(model, args.layers), "match": args.match,
+                "aligner": None, "aligner_mode": "per-layer", "learned": False}
+    settings = dict(lavender)
+    if not settings.get("layers"):
+        settings["layers"] = aligned_layers(model, "all")
+    if settings["aggregation"] == "learn" and not settings["learned"]:
+        settings["aggregation"] = "mean-mean"
+    return settings
 
 
 @torch.no_grad()
@@ -343,8 +328,6 @@ def answer_maps(model, processor, items, dm_store, settings, batch_size=4, devic
     under teacher forcing (aggregate.plan_words picks each word's rows; see there which position).
     raw (W, 32, 32): aggregated attention (entropy, eq. 23); aligned: through the run's Aligner when it
     has one (what the loss of eq. 17 compares with the DM map), else equal to raw."""
-    if settings["aggregation"] == "learn" and not settings["learned"]:
-        raise ValueError("aggregation 'learn' needs a run with parallel projections (--run)")
     out = []
     with AttentionCapture(model, settings["layers"], learned=settings["learned"]) as capture:
         for start in tqdm(range(0, len(items), batch_size), desc="attention", disable=not show, leave=False):
@@ -512,7 +495,7 @@ def evaluate(args):
             model, processor, lavender, config = train.load_run(run_dir, device=args.device)
             if args.model and config.get("model") not in (None, args.model):
                 raise SystemExit(f"--run {run_dir} was trained from --model {config.get('model')}, not {args.model}")
-        settings = capture_settings(lavender, config, model, args) if dm_store else None
+        settings = capture_settings(lavender, model, args) if dm_store else None
         report, pictures[name] = evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir)
         report["run_dir"] = run_dir
         runs.append(report)

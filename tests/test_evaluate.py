@@ -4,6 +4,7 @@ Needs nothing downloaded; CPU. Run: python -m pytest -q tests/test_evaluate.py
 """
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,4 +169,98 @@ def test_batched_greedy_generation_equals_one_by_one(tiny_dataset):
     batched = E.generate_answers(model.eval(), processor, items, batch_size=4, max_new_tokens=5, show=False)
     single = [E.generate_answers(model, processor, [it], batch_size=1, max_new_tokens=5, show=False)[0] for it in items]
     assert batched == single and any(batched)
-    assert processor.tokenizer.padding_side == "right"       # restored afterwards
+
+
+def add_fields(jsonl, boxes_for=None):
+    """Give the tiny dataset's items a category and, optionally, a box {word: [x0, y0, x1, y1]} per item id."""
+    items = [json.loads(line) for line in open(jsonl)]
+    for it in items:
+        it["category"] = "colour" if "colour" in it["question"] else "other"
+        if boxes_for and it["id"] in boxes_for:
+            it["boxes"] = boxes_for[it["id"]]
+    with open(jsonl, "w") as f:
+        f.writelines(json.dumps(it) + "\n" for it in items)
+    return items
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The 6-item tiny dataset (attention store, categories, a box for "circle") and two 1-step runs
+    written by train.py: --loss ar and --loss lavender (learned aggregation + sim Aligner)."""
+    import train
+    from conftest import write_dataset
+    root = tmp_path_factory.mktemp("eval")
+    data = write_dataset(root)
+    circle = {i: {"circle": [0, 0, 20, 20]} for i in ("item000", "item001", "item004")}   # answers naming a circle
+    add_fields(data, circle)
+    runs = []
+    for loss in ("ar", "lavender"):
+        args = train.build_parser().parse_args(["--model", "tiny", "--data", data, "--out", str(root / "runs" / loss),
+                                               "--loss", loss, "--max-steps", "1", "--batch-size", "3", "--no-progress"])
+        runs.append(str(train.train(args)))
+    return root, data, runs
+
+
+def test_end_to_end_two_runs_and_base(two_runs, capsys):
+    root, data, (ar, lavender) = two_runs
+    out = root / "report"
+    args = E.build_parser().parse_args(["--model", "tiny", "--base", "--run", ar, "--run", lavender, "--data", data,
+                                        "--attn", str(root / "attn"), "--out", str(out), "--max-new-tokens", "3",
+                                        "--batch-size", "4", "--figures", "2", "--quiet"])
+    report = E.evaluate(args)
+    assert [r["name"] for r in report["runs"]] == ["base", "ar", "lavender"]
+    # predictions per item, scored as score_prediction scores them
+    items = [json.loads(line) for line in open(data)]
+    for r in report["runs"]:
+        preds = [json.loads(line) for line in open(out / r["name"] / "predictions.jsonl")]
+        assert [p["id"] for p in preds] == [it["id"] for it in items]
+        assert all(p["correct"] == E.score_prediction(p["prediction"], p["answer"], p["question"])["correct"] for p in preds)
+        assert r["accuracy"]["all"]["correct"] == sum(p["correct"] for p in preds)
+        assert r["accuracy"]["colour"]["n"] + r["accuracy"]["other"]["n"] == 6
+        # every matched word has an entropy and an MSE; the 3 boxed "circle"s are pointed at
+        assert r["matched_words"] == r["vlm_entropy"]["n"] == r["alignment_mse"]["n"] > 0
+        assert 0 < r["vlm_entropy"]["mean"] <= math.log(1024) + 1e-4
+        assert r["pointing"]["n"] == 3
+    # each run's maps are made as it was trained
+    settings = {r["name"]: r["settings"] for r in report["runs"]}
+    assert settings["lavender"]["aggregation"] == "learn" and settings["lavender"]["aligner"] == "Aligner"
+    assert settings["ar"]["aggregation"] != "learn" and settings["base"]["aligner"] is None
+    assert report["dm"]["entropy"]["n"] == 14 and report["dm"]["pointing"]["n"] == 3
+    # files: the table has one row per model, the pictures exist
+    md = (out / "report.md").read_text()
+    rows = [line.split("|")[1].strip() for line in md.splitlines() if line.count("|") == 8 and not line.startswith("| run")
+            and not line.startswith("|---")]
+    assert rows == ["base", "ar", "lavender"]
+    assert json.loads((out / "report.json").read_text())["runs"][2]["name"] == "lavender"
+    assert Image.open(out / "entropy.png").size[1] > 3 * 150
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["item000.png", "item001.png"]
+    assert "evaluated 3 model(s) on 6 items" in capsys.readouterr().out
+
+
+def test_own_maps_as_targets_give_zero_mse_and_full_pointing(tmp_path, tiny_dataset):
+    """Write the base model's own answer maps as the 'DM' store and a 1-pixel box at each map's argmax:
+    the alignment MSE must be ~0 (float16 storage) and pointing 100%, which checks that words, maps,
+    boxes and the argmax-to-pixel mapping are paired correctly end to end."""
+    import train
+    from extract import read_items, save_maps
+    model, processor = train.tiny_vlm()
+    items = read_items(tiny_dataset)
+    args = E.build_parser().parse_args(["--model", "tiny", "--data", tiny_dataset, "--out", str(tmp_path), "--quiet"])
+    settings = E.capture_settings(None, model, args)
+    dm_store = {it["id"]: E.load_maps(E.maps_path(Path(tiny_dataset).parent / "attn", it["id"]))[:2] for it in items}
+    maps = E.answer_maps(model.eval(), processor, items, dm_store, settings, batch_size=3, show=False)
+    boxes = {}
+    for it, m in zip(items, maps):
+        save_maps(tmp_path / "own" / f"{it['id']}.safetensors", m["aligned"], m["words"], {"dm": "own"})
+        w, h = Image.open(it["image_path"]).size
+        boxes[it["id"]] = {}
+        for word, vlm_map in zip(m["words"], m["aligned"]):
+            y, x = E.argmax_pixel(vlm_map, h, w)
+            boxes[it["id"]][word] = [x, y, x + 1, y + 1]
+    add_fields(tiny_dataset, boxes)
+    args = E.build_parser().parse_args(["--model", "tiny", "--data", tiny_dataset, "--attn", str(tmp_path / "own"),
+                                        "--out", str(tmp_path / "report"), "--max-new-tokens", "2", "--quiet"])
+    run = E.evaluate(args)["runs"][0]
+    assert run["matched_words"] == sum(len(m["words"]) for m in maps) > 0
+    assert run["alignment_mse"]["mean"] < 1e-6
+    assert run["pointing"]["accuracy"] == 1.0 and run["pointing"]["n"] == run["matched_words"]
