@@ -327,4 +327,4 @@ def test_aligner_after_mode_and_no_aligned_word(tiny):
         maps = ag.vlm_word_maps(capture, plan, batch, "flow-sum", aligner, "after")
         assert maps.shape == (2, 0, 32, 32)
         loss = attention_loss(maps, torch.zeros_like(maps), plan["dm_index"] >= 0)
-        assert float(loss) == 0.0 and loss.requires_grad
+        assert float(loss.detach()) == 0.0 and loss.requires_grad
