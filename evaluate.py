@@ -35,7 +35,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import train  # load_vlm (the base presets), load_run (a run directory), collate (teacher-forcing batches)
-from aggregate import AttentionCapture, aligned_layers, normalize_word, plan_words, vlm_word_maps
+from aggregate import (AGGREGATIONS, LAYER_SUBSETS, AttentionCapture, aligned_layers, normalize_word, plan_words,
+                       vlm_word_maps)
 from extract import load_maps, maps_path, read_items
 
 # ---------------------------------------------------------------------------------------------
@@ -308,10 +309,7 @@ def capture_settings(lavender, model, args):
     aligner, layers, aggregation, aligner_mode, match, learned); an autoregressive run has no
     parallel projections, so with aggregation "learn" it is read with mean-mean instead. The base
     model: this script's --aggregate, --layers, --match, no Aligner."""
-    if lavender is None:
-        if args.aggregate == "learn":
-            raise SystemExit("--aggregate learn needs a run's parallel projections (eq. 15-16); the base model has "
-                             "none: choose another --aggregate")
+    if lavender is None:   # (--aggregate learn is not offered: the base model has no parallel projections)
         return {"aggregation": args.aggregate, "layers": aligned_layers(model, args.layers), "match": args.match,
                 "aligner": None, "aligner_mode": "per-layer", "learned": False}
     settings = dict(lavender)
@@ -375,22 +373,23 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
     pictures = {}
     if dm_store:
         maps = answer_maps(model, processor, items, dm_store, settings, args.batch_size, device, show)
-        entropies, errors, hits = [], [], []
+        # plan_words keeps only the answer words matched to a DM word (one entry per DM word), so every
+        # word below has a DM map: all measures are over the same matched words
+        entropies, aligned_entropies, errors, hits = [], [], [], []
         for item, m in zip(items, maps):
-            entropies += attention_entropy(m["raw"]).tolist()
+            entropies += attention_entropy(m["raw"]).tolist()                # eq. 23, the VLM's own attention
+            aligned_entropies += attention_entropy(m["aligned"]).tolist()    # after the Aligner (Fig. 17's remark)
             dm_maps = dm_store[item["id"]][0] if item["id"] in dm_store else None
-            matched = {}
+            pictures[item["id"]] = {}
             for w, (word, j) in enumerate(zip(m["words"], m["dm_index"])):
-                if dm_maps is not None and j is not None and j >= 0:
-                    errors.append(float(alignment_mse(m["aligned"][w], dm_maps[j])))
-                    matched.setdefault(j, m["aligned"][w])
+                errors.append(float(alignment_mse(m["aligned"][w], dm_maps[j])))
+                pictures[item["id"]][j] = m["aligned"][w]
                 region = regions.get(item["id"], {}).get(normalize_word(word))
                 if region is not None:
                     hits.append(pointing_hit(m["aligned"][w], region))
-            pictures[item["id"]] = matched
         shown = dict(settings, aligner=type(settings["aligner"]).__name__ if settings["aligner"] is not None else None)
-        report.update(settings=shown, vlm_entropy=summarize(entropies), alignment_mse=summarize(errors),
-                      words=sum(len(m["words"]) for m in maps), matched_words=len(errors),
+        report.update(settings=shown, vlm_entropy=summarize(entropies), aligned_entropy=summarize(aligned_entropies),
+                      alignment_mse=summarize(errors), matched_words=len(errors),
                       pointing=accuracy_summary(hits) if hits else None)
         report["_entropies"] = entropies
     return report, pictures
@@ -457,52 +456,69 @@ def summary_line(report):
 # main
 # ---------------------------------------------------------------------------------------------
 
-def evaluate(args):
-    """Library entry (toy.py calls it with build_parser().parse_args([...])): returns the report dict."""
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    items = read_items(args.data)
-    if args.limit:
-        items = items[:args.limit]
-    root = Path(args.data).resolve().parent
-    dm_store = {}
-    if args.attn:
-        for item in items:
-            path = maps_path(args.attn, item["id"])
-            if path.exists():
-                maps, words, _ = load_maps(path)
-                dm_store[item["id"]] = (maps, words)
-    regions = {}
-    if dm_store:
-        regions = {it["id"]: item_regions(it, root, normalize_word) for it in items if it.get("masks") or it.get("boxes")}
+def read_dm_store(items, attn_dir):
+    """{item id: (maps (n_words, 32, 32), words)} for the items that have a file in the attention store."""
+    store = {}
+    for item in items if attn_dir else []:
+        path = maps_path(attn_dir, item["id"])
+        if path.exists():
+            maps, words, _ = load_maps(path)
+            store[item["id"]] = (maps, words)
+    return store
 
-    # which models: the base preset first (when asked for, or when no run is given), then each run
+
+def models_to_evaluate(args):
+    """[(name, run dir or None for the base --model)]: the base first (with --base, or when no --run is
+    given), then each run named by its folder (made unique with -<n> when two share a name)."""
     models = []
     if args.base or not args.run:
         if not args.model:
             raise SystemExit("give --model <preset> to evaluate the base model, or one or more --run DIR")
         models.append(("base", None))
-    models += [(Path(r).name or f"run{i}", r) for i, r in enumerate(args.run or [])]
+    models += [(Path(r).name or f"run{i}", r) for i, r in enumerate(args.run)]
     names = [n for n, _ in models]
-    models = [(n if names.count(n) == 1 else f"{n}-{i}", r) for i, (n, r) in enumerate(models)]
+    return [(n if names.count(n) == 1 else f"{n}-{i}", r) for i, (n, r) in enumerate(models)]
 
+
+def evaluate(args):
+    """Library entry (toy.py calls it with build_parser().parse_args([...])): returns the report dict."""
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = read_items(args.data)[:args.limit or None]
+    problems = train.check_images(items)
+    if problems:
+        raise SystemExit(f"{len(problems)} image(s) cannot be opened; fix --data {args.data}:\n" + "\n".join(problems[:10]))
+    dm_store = read_dm_store(items, args.attn)
+    if args.attn and not dm_store:
+        raise SystemExit(f"--attn {args.attn}: no attention file for any of the {len(items)} items "
+                         f"(expected <attn>/<id>.safetensors, written by extract.py)")
+    root = Path(args.data).resolve().parent
+    regions = {it["id"]: item_regions(it, root, normalize_word) for it in items
+               if dm_store and (it.get("masks") or it.get("boxes"))}
+
+    # ---- each model in turn: load, generate, score, read its attention ----
     runs, pictures = [], {}
-    for name, run_dir in models:
+    for name, run_dir in models_to_evaluate(args):
         if run_dir is None:
             model, processor = train.load_vlm(args.model, args.model_path, dtype=getattr(torch, args.dtype))
-            lavender, config = None, {"model": args.model}
-        else:
+            lavender = None
+        else:  # a LoRA or full run, loaded whole on this one process (also one trained under FSDP)
             model, processor, lavender, config = train.load_run(run_dir, device=args.device)
-            if args.model and config.get("model") not in (None, args.model):
+            if args.model and config.get("model") != args.model:
                 raise SystemExit(f"--run {run_dir} was trained from --model {config.get('model')}, not {args.model}")
         settings = capture_settings(lavender, model, args) if dm_store else None
         report, pictures[name] = evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir)
         report["run_dir"] = run_dir
         runs.append(report)
-        del model
+        del model   # one model in memory at a time
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
-    report = {"data": str(args.data), "items": len(items), "out": str(out_dir), "runs": runs, "figures": [],
-              "metric": "exact match after normalize_answer; multiple choice by extract_choice; Wilson 95% CI"}
+    report = {"data": str(args.data), "items": len(items), "items_with_attention": len(dm_store), "out": str(out_dir),
+              "metric": "exact match after normalize_answer, or the letter of extract_choice; Wilson 95% interval",
+              "runs": runs, "figures": []}
+
+    # ---- the DM side (run-independent), histograms (Fig. 7/25) and overlays (Fig. 8/17) ----
     if dm_store:
         dm_entropy = [float(h) for maps, _ in dm_store.values() for h in attention_entropy(maps)]
         dm_hits = [pointing_hit(maps[j], regions[i][normalize_word(w)]) for i, (maps, words) in dm_store.items()
@@ -541,9 +557,10 @@ def build_parser():
     # generation and maps
     p.add_argument("--max-new-tokens", type=int, default=16, help="greedy generation length limit")
     p.add_argument("--batch-size", type=int, default=8, help="items per generation / teacher-forcing batch")
-    p.add_argument("--aggregate", default="mean-mean", help="base model only (runs use their own): head/layer aggregation")
-    p.add_argument("--layers", default="all", help="base model only: cross-attention layer subset (all, first, mid, last)")
-    p.add_argument("--match", default="exact", help="base model only: VLM-to-DM word matching (exact, root)")
+    p.add_argument("--aggregate", default="mean-mean", choices=[a for a in AGGREGATIONS if a != "learn"],
+                   help="base model only (a run uses its own): aggregation over heads-layers (§4.2)")
+    p.add_argument("--layers", default="all", choices=LAYER_SUBSETS, help="base model only: cross-attention layers read")
+    p.add_argument("--match", default="exact", choices=["exact", "root"], help="base model only: VLM-to-DM word matching")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base model dtype")
     # output

@@ -225,6 +225,7 @@ def test_end_to_end_two_runs_and_base(two_runs, capsys):
     settings = {r["name"]: r["settings"] for r in report["runs"]}
     assert settings["lavender"]["aggregation"] == "learn" and settings["lavender"]["aligner"] == "Aligner"
     assert settings["ar"]["aggregation"] != "learn" and settings["base"]["aligner"] is None
+    assert report["items_with_attention"] == 6
     assert report["dm"]["entropy"]["n"] == 14 and report["dm"]["pointing"]["n"] == 3
     # files: the table has one row per model, the pictures exist
     md = (out / "report.md").read_text()
@@ -264,3 +265,14 @@ def test_own_maps_as_targets_give_zero_mse_and_full_pointing(tmp_path, tiny_data
     assert run["matched_words"] == sum(len(m["words"]) for m in maps) > 0
     assert run["alignment_mse"]["mean"] < 1e-6
     assert run["pointing"]["accuracy"] == 1.0 and run["pointing"]["n"] == run["matched_words"]
+
+
+def test_clear_errors(tmp_path, tiny_dataset):
+    parse = E.build_parser().parse_args
+    with pytest.raises(SystemExit, match="no attention file"):
+        E.evaluate(parse(["--model", "tiny", "--data", tiny_dataset, "--attn", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]))
+    with pytest.raises(SystemExit, match="give --model"):
+        E.evaluate(parse(["--data", tiny_dataset, "--out", str(tmp_path / "o")]))
+    (tmp_path / "images" / "item002.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="item002"):
+        E.evaluate(parse(["--model", "tiny", "--data", tiny_dataset, "--out", str(tmp_path / "o")]))
