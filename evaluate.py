@@ -4,7 +4,7 @@
 For every run (and/or the base model) this script
   1. generates answers greedily, in batches, and scores them: exact match after normalisation (the
      paper's ablation metric, §8) or, for multiple-choice questions, the extracted letter
-     (A/B/C/D, as in WorldMedQA-V, §7.4); accuracy with a 95% Wilson interval, per run and per
+     (A/B/C/D, as in WorldMedQA-V, §7.5); accuracy with a 95% Wilson interval, per run and per
      `category`; predictions are written per item for later scorers (e.g. VLMEvalKit);
   2. with --attn (the store written by extract.py), reads the VLM's attention on the reference
      answer under teacher forcing (aggregate.AttentionCapture + vlm_word_maps, the run's own
@@ -46,7 +46,6 @@ from extract import load_maps, maps_path, read_items
 NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
                 "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = {"a", "an", "the"}
-LETTERS = "ABCD"
 
 
 def normalize_answer(text):
@@ -113,7 +112,11 @@ def score_prediction(prediction, answer, question):
 
 def wilson_interval(k, n, z=1.959964):
     """95% Wilson score interval for k successes in n trials (better than the normal interval for
-    small n and for accuracies near 0 or 1). 8/10 -> (0.4902, 0.9433). n = 0 -> (0.0, 1.0)."""
+    small n and for accuracies near 0 or 1):
+
+        (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n),   p = k/n, z = 1.96
+
+    8/10 -> (0.4902, 0.9433); 10/10 -> (0.7225, 1.0); n = 0 -> (0.0, 1.0) (nothing known)."""
     if n == 0:
         return 0.0, 1.0
     p = k / n
@@ -187,7 +190,7 @@ def item_regions(item, root, normalize):
         regions[normalize(word)] = np.asarray(mask) > 127
     for word, (x0, y0, x1, y1) in (item.get("boxes") or {}).items():
         box = np.zeros((height, width), dtype=bool)
-        box[int(y0):int(math.ceil(y1)), int(x0):int(math.ceil(x1))] = True
+        box[max(0, int(y0)):max(0, math.ceil(y1)), max(0, int(x0)):max(0, math.ceil(x1))] = True
         regions[normalize(word)] = box
     return regions
 
