@@ -449,10 +449,14 @@ def write_report(report, out_dir):
 
 
 def summary_line(report):
-    parts = [f"{r['name']} {_pct(r['accuracy']['all']).split(' (')[0]}"
-             + (f", mse {_num(r.get('alignment_mse'), 4)}" if r.get("alignment_mse") else "") for r in report["runs"]]
-    return f"evaluated {len(report['runs'])} model(s) on {report['items']} items: " + "; ".join(parts) + \
-           f" -> {report['out']}/report.md"
+    """One line: each model's accuracy [95% CI] (and alignment MSE when measured), and where the report is."""
+    parts = []
+    for r in report["runs"]:
+        mse = r.get("alignment_mse") or {}
+        parts.append(f"{r['name']} {_pct(r['accuracy']['all']).split(' (')[0]}%"
+                     + (f" mse {mse['mean']:.4f}" if mse.get("mean") is not None else ""))
+    return (f"evaluated {len(report['runs'])} model(s) on {report['items']} items: " + "; ".join(parts)
+            + f" -> {report['out']}/report.md")
 
 
 # ---------------------------------------------------------------------------------------------
