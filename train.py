@@ -319,11 +319,12 @@ def build(args, device, mesh):
     model = apply_peft(model, args)
     aligner, capture, layers = None, None, []
     if args.loss == "lavender":
-        torch.manual_seed(args.seed + 1)  # parallel projections (random init) and Aligner weights
+        torch.manual_seed(args.seed + 1)  # parallel projections (random init)
         layers = aggregate.aligned_layers(model, args.layers)
         if args.aggregate == "learn":  # eq. 15-16: W_Qd, W_Kd beside each aligned layer's W_Q, W_K
             aggregate.add_parallel_projections(model, layers, init=args.projection_init)
         if args.aligner != "none":
+            torch.manual_seed(args.seed + 2)
             heads = base_model(model).config.text_config.num_attention_heads
             channels = aligner_lib.aligner_channels(args.aggregate, args.aligner_mode, heads)
             aligner = aligner_lib.Aligner(args.aligner, channels, norm=args.aligner_norm).to(device)

@@ -1,0 +1,165 @@
+"""train.py on CPU: the loop, FSDP2 over 2 gloo ranks, checkpoints, resume, Aligner pre-training.
+
+Needs nothing downloaded (the `tiny` preset, conftest's tiny dataset). Two tests start
+`torchrun --nproc_per_node 2` subprocesses (about 10 s each); the rest train in-process.
+Run: python -m pytest -q tests/test_train.py
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import write_dataset
+from PIL import Image
+from safetensors.torch import load_file
+
+import aggregate
+import aligner as aligner_lib
+import extract
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--no-progress", "--lr-gamma", "1.0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(data, out, *flags):
+    """Train in this process (one rank, no process group); returns (run dir, log rows)."""
+    args = train.build_parser().parse_args(["--model", "tiny", "--data", str(data), "--out", str(out), *FAST, *flags])
+    run_dir = Path(train.train(args))
+    return run_dir, [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def torchrun(data, out, *flags):
+    """The same through `torchrun --nproc_per_node 2` (gloo, FSDP2); returns the log rows."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
+           "--model", "tiny", "--data", str(data), "--out", str(out), *FAST, *flags]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_collate_labels_only_the_answer_and_its_end(tiny_dataset):
+    _, processor = train.tiny_vlm()
+    items = extract.read_items(tiny_dataset)[:3]
+    batch = train.collate(processor, items)
+    tok = processor.tokenizer
+    for b, item in enumerate(items):
+        answer = batch["labels"][b][batch["labels"][b] != -100]
+        assert tok.decode(answer) == item["answer"] + "<|eot_id|>"  # answer + end of turn, nothing else
+        ids = batch["input_ids"][b][batch["attention_mask"][b] == 1]
+        assert tok.decode(ids).startswith("<|begin_of_text|><|start_header_id|>user")  # one BOS, chat template
+    assert batch["image_sizes"].tolist() == [image_size(it) for it in items]  # (height, width)
+    prompts = train.collate(processor, items, with_answer=False)
+    assert "labels" not in prompts and (prompts["attention_mask"][:, -1] == 1).all()  # left padded for generate()
+
+
+def image_size(item):
+    with Image.open(item["image_path"]) as im:
+        return [im.height, im.width]
+
+
+def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
+    """torchrun 2 ranks x batch 1 == 1 rank x batch 2 (same global batch, no dropout) at steps 1-3,
+    where the 2-rank run stops after 2 steps and resumes from its sharded checkpoint for step 3;
+    the adapter loads with PeftModel.from_pretrained, and load_run gives the checkpoint's logits."""
+    flags = ["--lora-dropout", "0", "--lr", "1e-3"]
+    _, one = run(tiny_dataset, tmp_path / "one", "--batch-size", "2", "--max-steps", "3", *flags)
+    two = tmp_path / "two"
+    torchrun(tiny_dataset, two, "--batch-size", "1", "--max-steps", "2", *flags)
+    resumed = torchrun(tiny_dataset, two, "--batch-size", "1", "--max-steps", "3", "--resume", *flags)
+    assert [r["step"] for r in resumed] == [1, 2, 3]  # the log continues where it stopped
+    for a, b in zip(one, resumed):
+        assert b["loss_vlm"] == pytest.approx(a["loss_vlm"], rel=1e-5)
+        assert b["loss_att"] == pytest.approx(a["loss_att"], rel=1e-4)
+        assert b["aligned_words"] == a["aligned_words"] > 0
+    # the authors' README way of loading a LoRA adapter
+    from peft import PeftModel
+    peft_model = PeftModel.from_pretrained(train.tiny_vlm()[0], str(two / "adapter"))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in peft_model.named_parameters())
+    # load_run == the sharded training checkpoint, loaded on one process
+    model, processor, lavender, config = train.load_run(two)
+    args = train.build_parser().parse_args(["--data", str(tiny_dataset), *flags])
+    ref = train.apply_peft(train.tiny_vlm()[0], args)
+    sd = {"model": {f"vlm.{k}": v for k, v in ref.state_dict().items()}}
+    dcp.load(sd, checkpoint_id=str(two / "checkpoint"))
+    ref.load_state_dict({k[len("vlm."):]: v for k, v in sd["model"].items()})
+    batch = train.collate(processor, extract.read_items(tiny_dataset)[:2])
+    with torch.no_grad():
+        assert torch.equal(model(**train.model_inputs(batch)).logits, ref.eval()(**train.model_inputs(batch)).logits)
+    assert lavender["aligner"] is not None and config["world"] == 2
+
+
+def test_resume_reaches_the_uninterrupted_loss(tmp_path, tiny_dataset):
+    """One rank, with LoRA dropout on (so the RNG state must be restored): 3 steps == 2 + resume 1."""
+    _, full = run(tiny_dataset, tmp_path / "a", "--batch-size", "2", "--max-steps", "3", "--lr", "1e-3")
+    run(tiny_dataset, tmp_path / "b", "--batch-size", "2", "--max-steps", "2", "--lr", "1e-3")
+    _, resumed = run(tiny_dataset, tmp_path / "b", "--batch-size", "2", "--max-steps", "3", "--lr", "1e-3", "--resume")
+    assert resumed[2]["loss"] == full[2]["loss"]
+    assert resumed[2]["lr"] == full[2]["lr"]
+
+
+def test_lavender_loss_falls_on_a_fixed_batch(tmp_path):
+    data = write_dataset(tmp_path / "d", n=2)
+    _, log = run(data, tmp_path / "r", "--batch-size", "2", "--max-steps", "8", "--lr", "3e-3", "--lora-dropout", "0")
+    assert log[-1]["loss_att"] < log[0]["loss_att"] and log[-1]["loss"] < log[0]["loss"]
+    assert all(r["aligned_words"] == log[0]["aligned_words"] > 0 for r in log)  # same batch every step
+
+
+def test_ar_never_calls_capture_hooks(tmp_path, tiny_dataset, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("--loss ar built an AttentionCapture")
+    monkeypatch.setattr(aggregate, "AttentionCapture", forbidden)
+    run_dir, log = run(tiny_dataset, tmp_path / "ar", "--loss", "ar", "--batch-size", "2", "--max-steps", "2")
+    assert all(r["loss_att"] == 0 and r["aligned_words"] == 0 for r in log)
+    assert (run_dir / "adapter").is_dir() and not (run_dir / "lavender.safetensors").exists()
+
+
+def test_aligner_pretraining_leaves_the_vlm_unchanged(tmp_path, tiny_dataset):
+    run_dir, log = run(tiny_dataset, tmp_path / "pre", "--batch-size", "2", "--max-steps", "2",
+                       "--pretrain-aligner-steps", "2", "--lr", "1e-2")
+    assert [r["phase"] for r in log] == ["aligner", "aligner"]
+    args = train.build_parser().parse_args(["--data", str(tiny_dataset)])
+    fresh = {k: v for k, v in train.apply_peft(train.tiny_vlm()[0], args).state_dict().items() if "lora_" in k}
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == len(fresh) > 0
+    for k, v in fresh.items():  # PEFT drops the adapter name ("default") when saving
+        assert torch.equal(adapter[k.replace(".default", "")], v), k
+    lavender = load_file(run_dir / "lavender.safetensors")
+    torch.manual_seed(args.seed + 2)  # as train.build() seeds the Aligner
+    fresh_aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", "per-layer", 4))  # tiny: 4 heads
+    changed = [not torch.equal(lavender[f"aligner.{k}"], v) for k, v in fresh_aligner.state_dict().items()
+               if v.dtype.is_floating_point]
+    assert any(changed)  # ... while the Aligner did learn
+
+
+def test_bad_input_stops_early_and_saves_nothing(tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / "d", n=4)
+    os.remove(tmp_path / "d" / "images" / "item002.png")
+    with pytest.raises(SystemExit, match="item002"):
+        run(data, tmp_path / "r", "--batch-size", "2", "--max-steps", "1")
+    assert not (tmp_path / "r").exists()  # checked before anything was built or written
+    # an item without an attention file trains with L_VLM alone and is counted
+    data = write_dataset(tmp_path / "e", n=4)
+    os.remove(tmp_path / "e" / "attn" / "item001.safetensors")
+    # a non-finite loss names the step and the items, and leaves no adapter behind
+    monkeypatch.setattr(aligner_lib, "attention_loss", lambda pred, target, mask: pred.sum() * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"step 1 .*item00"):
+        run(data, tmp_path / "nan", "--batch-size", "2", "--max-steps", "1")
+    assert not (tmp_path / "nan" / "adapter").exists() and not (tmp_path / "nan" / "checkpoint").exists()
+    monkeypatch.undo()
+    run_dir, _ = run(data, tmp_path / "ok", "--batch-size", "2", "--max-steps", "1")
+    assert json.loads((run_dir / "config.json").read_text())["items_without_attention"] == 1
