@@ -1,0 +1,141 @@
+"""Tests of toy.py: the miniature world, the shipped toy-sd and toy VLM, the demo end to end.
+
+CPU only, nothing downloaded; the shipped weights in toy_models/ are read as they are.
+Run: python -m pytest -q tests/test_toy.py
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import toy
+
+SHIPPED_SD = toy.TOY_MODELS / "toy-sd"
+SHIPPED_VLM = toy.TOY_MODELS / "toy-vlm"
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory, monkeypatch_module):
+    """A world with small splits (the same generator, fewer images), drawn once for the module."""
+    monkeypatch_module.setattr(toy, "SPLITS", {k: (max(8, v[0] // 100), *v[1:]) for k, v in toy.SPLITS.items()})
+    out = tmp_path_factory.mktemp("world")
+    return out, toy.build_world(out, seed=3)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def digest(folder):
+    """sha256 over every file of a folder (names and bytes), sorted."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file() and p.name != "world.json":
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the world
+# ---------------------------------------------------------------------------------------------
+
+def test_world_is_deterministic_by_seed(small_world, tmp_path):
+    out, _ = small_world
+    again = tmp_path / "again"
+    other = tmp_path / "other"
+    toy.build_world(again, seed=3)
+    toy.build_world(other, seed=4)
+    assert digest(again) == digest(out)
+    assert digest(other) != digest(out)
+
+
+def test_masks_match_drawings(small_world):
+    """Every mask is exactly the pixels of its object's colour (objects never overlap), and the
+    word a mask is filed under names that object's colour or shape."""
+    out, paths = small_world
+    checked = 0
+    for split in ("finetune", "test-id", "test-ood", "test-captions"):
+        for item in read(paths[split]):
+            pixels = np.asarray(Image.open(out / item["image"]).convert("RGB"))    # (32, 32, 3)
+            for word, rel in item.get("masks", {}).items():
+                mask = np.asarray(Image.open(out / rel)) > 127                     # (32, 32)
+                k = int(Path(rel).stem.rsplit("-", 1)[1])
+                obj = item["objects"][k]
+                assert word in (obj["colour"], obj["shape"]), (item["id"], word, obj)
+                coloured = (pixels == toy.COLOURS[obj["colour"]]).all(-1)          # (32, 32)
+                assert mask.sum() >= 20 and np.array_equal(mask, coloured), (item["id"], word)
+                assert np.array_equal(mask, toy.shape_mask(obj["shape"], obj["cx"], obj["cy"], obj["r"]))
+                checked += 1
+    assert checked > 30
+
+
+def test_answers_are_true_of_the_scene(small_world):
+    out, paths = small_world
+    for split in ("pretrain", "finetune", "test-id", "test-ood"):
+        for item in read(paths[split]):
+            objs, q, a = item["objects"], item["question"], item["answer"]
+            pairs = {(o["colour"], o["shape"]) for o in objs}
+            if item["category"] == "colour":
+                assert (a, q.split()[-1].rstrip("?")) in pairs
+            elif item["category"] == "shape":
+                assert (q.split()[-2], a) in pairs
+            elif item["category"] == "count":
+                assert a == toy.COUNT_WORDS[len(objs)]
+            elif item["category"] == "yesno":
+                c, s = q.rstrip("?").split()[-2:]
+                assert a == ("yes" if (c, s) in pairs else "no")
+            assert len({o["colour"] for o in objs}) == len(objs) == len({o["shape"] for o in objs})
+
+
+def test_splits_follow_the_design(small_world):
+    """pretrain asks binding questions only of one-object scenes; fine-tuning never shows a held-out
+    colour-shape pair; every test-ood colour/shape question is about a held-out pair."""
+    _, paths = small_world
+    for item in read(paths["pretrain"]):
+        if item["category"] in ("colour", "shape", "yesno", "position", "caption"):
+            assert len(item["objects"]) == 1
+    held = {tuple(p) for p in toy.HELD_OUT}
+    for item in read(paths["finetune"]):
+        assert not {(o["colour"], o["shape"]) for o in item["objects"]} & held
+        assert len(item["objects"]) >= 2
+    for item in read(paths["test-ood"]):
+        if item["category"] in ("colour", "shape"):
+            k = int(Path(item["masks"][item["answer"]]).stem.rsplit("-", 1)[1])
+            o = item["objects"][k]
+            assert (o["colour"], o["shape"]) in held
+
+
+def test_world_reads_through_the_project(small_world):
+    """The JSONL is the DESIGN.md format: extract.read_items and train.collate take it unchanged."""
+    import extract
+    import train
+    _, paths = small_world
+    items = extract.read_items(paths["finetune"])
+    assert all(Path(it["image_path"]).exists() for it in items)
+    model, processor = toy.toy_vlm(seed=0)
+    batch = train.collate(processor, items[:3])
+    assert batch["pixel_values"].shape == (3, 1, 1, 3, 32, 32)
+    # every world word is one token of each tokenizer
+    clip = toy.clip_tokenizer()
+    for word in toy.world_words():
+        assert len(clip.tokenize(word)) == 1
+        assert len(processor.tokenizer.tokenize(" " + word)) == 1
+
+
+def test_clip_tokenizer_worked_example():
+    tok = toy.clip_tokenizer()
+    pieces = tok.convert_ids_to_tokens(tok("a red circle, left of a blue square? redd").input_ids)
+    assert pieces == ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", ",</w>", "left</w>", "of</w>", "a</w>",
+                      "blue</w>", "square</w>", "?</w>", "re", "d", "d</w>", "<|endoftext|>"]

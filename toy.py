@@ -1,0 +1,619 @@
+"""The miniature world: drawn shapes, a tiny Stable Diffusion and a tiny Mllama trained here on a CPU,
+and the one-command demo of the whole method (not in the paper; it runs §4-§8 end to end in minutes).
+
+No weights can be downloaded here, so the project builds a world small enough to train its own
+"pretrained" models in minutes, and then runs every step of the paper on it for real:
+
+  1. build_world(): 32x32 images of 1-3 coloured shapes, captions ("a red circle left of a blue
+     square"), VQA pairs (colour of a shape, shape of a colour, position, count, yes/no) and the
+     binary mask of the object every answer word names. Splits: pretrain (base models; one object
+     per image for VQA, so the VLM never needs to localise), finetune (small, 2-3 objects, where it
+     must: "what colour is the circle?"), test-id, and test-ood (colour-shape pairs never seen in
+     fine-tuning). Written in the DESIGN.md JSONL format, so every script reads it unchanged.
+  2. toy-sd (`python toy.py train-sd`): a latent diffusion model from diffusers parts (AutoencoderKL,
+     UNet2DConditionModel with cross-attention, CLIPTextModel + an in-memory CLIPTokenizer, a DDIM
+     scheduler config), saved in the diffusers component layout so extract.py runs the sd14 path.
+  3. toy (`python toy.py train-vlm`): a tiny MllamaForConditionalGeneration, pre-trained on the
+     pretrain split: competent but imperfect, the starting point of fine-tuning as Llama-3.2 is.
+  4. `python toy.py`: extract DM maps (extract.py), fine-tune AR and Lavender with the same budget
+     and seeds (train.py), evaluate (evaluate.py), print one table, write toy_report.md.
+
+    python toy.py                     # the demo (shipped weights in toy_models/, world cached in toy_out/)
+    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd
+    python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent
+TOY_MODELS = ROOT / "toy_models"
+
+# ---------------------------------------------------------------------------------------------
+# the world: shapes x colours x positions x sizes
+# ---------------------------------------------------------------------------------------------
+
+SIZE = 32                                              # image side in pixels
+BACKGROUND = (16, 16, 16)
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (60, 90, 235),
+           "yellow": (235, 215, 40), "purple": (160, 60, 200)}
+SHAPES = ("circle", "square", "triangle")
+# Colour-shape pairs never shown in fine-tuning; test-ood asks about exactly these (pre-training
+# shows every pair, so the concepts are known, only their binding in multi-object scenes is new).
+HELD_OUT = (("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "circle"))
+COUNT_WORDS = ("zero", "one", "two", "three")
+# split: (images, objects per image (min, max), question kinds, seed offset)
+SPLITS = {
+    "pretrain": (4000, (1, 3), None, 0),
+    "finetune": (160, (2, 3), ("colour", "shape", "yesno"), 1),
+    "test-id": (150, (2, 3), ("colour", "shape", "yesno"), 2),
+    "test-ood": (150, (2, 3), ("colour", "shape", "yesno"), 3),
+}
+CAPTION_PROMPT = "describe the image."
+
+
+def shape_mask(shape, cx, cy, r, size=SIZE):
+    """Boolean (size, size) mask of one shape centred at pixel (cx, cy) with half-extent r."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5                         # pixel centres
+    if shape == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    if shape == "square":
+        s = 0.85 * r                                                # same area as the circle, roughly
+        return (np.abs(x - cx) <= s) & (np.abs(y - cy) <= s)
+    if shape == "triangle":                                         # apex up, base at cy + r
+        t = (y - (cy - r)) / (2 * r)                                # 0 at the apex, 1 at the base
+        return (t >= 0) & (t <= 1) & (np.abs(x - cx) <= t * r * 1.1)
+    raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
+
+
+def draw_scene(rng, n_objects, allowed=None):
+    """One scene: list of objects {colour, shape, cx, cy, r}, distinct colours and distinct shapes
+    (so "the circle" and "the red object" each name exactly one object), boxes not overlapping.
+
+    allowed: optional set of (colour, shape) pairs to draw from (fine-tuning excludes HELD_OUT).
+    """
+    for _ in range(1000):                                           # rejection sampling
+        shapes = rng.choice(SHAPES, size=n_objects, replace=False)
+        colours = rng.choice(list(COLOURS), size=n_objects, replace=False)
+        pairs = list(zip(colours.tolist(), shapes.tolist()))
+        if allowed is not None and not all(p in allowed for p in pairs):
+            continue
+        objects = []
+        for colour, shape in pairs:
+            r = float(rng.uniform(3.5, 6.0))                        # sizes: small to large
+            for _ in range(100):
+                cx, cy = rng.uniform(r + 1, SIZE - r - 1, size=2)
+                if all(abs(cx - o["cx"]) > r + o["r"] + 1 or abs(cy - o["cy"]) > r + o["r"] + 1 for o in objects):
+                    objects.append({"colour": colour, "shape": shape, "cx": float(cx), "cy": float(cy), "r": r})
+                    break
+        if len(objects) == n_objects:
+            return objects
+    raise RuntimeError(f"could not place {n_objects} objects on a {SIZE}x{SIZE} canvas")
+
+
+def render(objects):
+    """(image uint8 (32, 32, 3), masks: list of bool (32, 32), one per object, exactly its drawn pixels)."""
+    image = np.zeros((SIZE, SIZE, 3), np.uint8) + np.array(BACKGROUND, np.uint8)
+    masks = [shape_mask(o["shape"], o["cx"], o["cy"], o["r"]) for o in objects]
+    for o, m in zip(objects, masks):
+        image[m] = COLOURS[o["colour"]]
+    return image, masks
+
+
+def relation(a, b):
+    """Where object a is relative to b, by the larger offset: 'left of', 'right of', 'above', 'below'."""
+    dx, dy = a["cx"] - b["cx"], a["cy"] - b["cy"]
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def caption(objects):
+    """'a red circle' / 'a red circle left of a blue square' / 'a red circle, a blue square and a green triangle'."""
+    names = [f"a {o['colour']} {o['shape']}" for o in objects]
+    if len(objects) == 1:
+        return names[0]
+    if len(objects) == 2:
+        return f"{names[0]} {relation(objects[0], objects[1])} {names[1]}"
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def side(o):
+    """Coarse position of one object in the image: left, right, top or bottom (larger offset from centre)."""
+    dx, dy = o["cx"] - SIZE / 2, o["cy"] - SIZE / 2
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def questions(rng, objects, kind):
+    """One (question, answer, index of the object the answer names or None) of a given kind."""
+    o_index = int(rng.integers(len(objects)))
+    o = objects[o_index]
+    if kind == "colour":                                            # answer names the object: mask
+        return f"what colour is the {o['shape']}?", o["colour"], o_index
+    if kind == "shape":
+        return f"what shape is the {o['colour']} object?", o["shape"], o_index
+    if kind == "position":
+        return f"where is the {o['colour']} {o['shape']}?", side(o), None
+    if kind == "count":
+        return "how many objects are there?", COUNT_WORDS[len(objects)], None
+    if kind == "yesno":                                             # half true, half a swapped pair
+        if rng.random() < 0.5:
+            return f"is there a {o['colour']} {o['shape']}?", "yes", None
+        present = {(p["colour"], p["shape"]) for p in objects}
+        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present and
+                  (c in {p["colour"] for p in objects} or s in {p["shape"] for p in objects})]
+        c, s = absent[int(rng.integers(len(absent)))]
+        return f"is there a {c} {s}?", "no", None
+    if kind == "caption":
+        return CAPTION_PROMPT, caption(objects), None
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def pretrain_kinds(n_objects):
+    """Pre-training asks binding questions only of one-object scenes: localisation is never needed
+    there (REFERENCE.md's design); multi-object scenes get counting only."""
+    if n_objects == 1:
+        return ("colour", "shape", "position", "count", "yesno", "caption")
+    return ("count",)
+
+
+def save_mask(mask, path):
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+
+
+def build_split(out_dir, split, seed):
+    """Draw one split; write images/, masks/ and <split>.jsonl under out_dir. Returns the items."""
+    n_images, (lo, hi), kinds, offset = SPLITS[split]
+    rng = np.random.default_rng([seed, offset])                    # one stream per split: splits independent
+    allowed = None
+    every_pair = {(c, s) for c in COLOURS for s in SHAPES}
+    if split == "finetune":
+        allowed = every_pair - set(HELD_OUT)
+    items = []
+    for i in range(n_images):
+        n_objects = int(rng.integers(lo, hi + 1))
+        objects = draw_scene(rng, n_objects, allowed)
+        while split == "test-ood" and not any((o["colour"], o["shape"]) in HELD_OUT for o in objects):
+            objects = draw_scene(rng, n_objects, allowed)           # test-ood: every scene has a held-out pair
+        image, masks = render(objects)
+        image_id = f"{split}-{i:05d}"
+        Image.fromarray(image).save(out_dir / "images" / f"{image_id}.png")
+        for k, m in enumerate(masks):
+            save_mask(m, out_dir / "masks" / f"{image_id}-{k}.png")
+        # pre-training: every kind its scene allows; the small splits: one question per image
+        picked = pretrain_kinds(n_objects) if kinds is None else [kinds[int(rng.integers(len(kinds)))]]
+        for kind in picked:
+            q, a, o_index = questions(rng, objects, kind)
+            if split == "test-ood" and kind in ("colour", "shape"):
+                # ask about a held-out object: that is what the split tests
+                o_index = next(k for k, o in enumerate(objects) if (o["colour"], o["shape"]) in HELD_OUT)
+                o = objects[o_index]
+                q, a = ((f"what colour is the {o['shape']}?", o["colour"]) if kind == "colour" else
+                        (f"what shape is the {o['colour']} object?", o["shape"]))
+            item = {"id": f"{image_id}-{kind}", "image": f"images/{image_id}.png", "question": q, "answer": a,
+                    "category": kind, "caption": caption(objects), "objects": objects}
+            # masks: the object each answer word names (colour and shape words of a caption, or the
+            # one-word answer of a colour/shape question); words naming no object get none
+            masks_of = {}
+            if o_index is not None:
+                masks_of[a] = f"masks/{image_id}-{o_index}.png"
+            if kind == "caption":
+                for k, o in enumerate(objects):
+                    masks_of[o["colour"]] = masks_of[o["shape"]] = f"masks/{image_id}-{k}.png"
+            if masks_of:
+                item["masks"] = masks_of
+            items.append(item)
+    with open(out_dir / f"{split}.jsonl", "w") as f:
+        for item in items:
+            f.write(json.dumps(item) + "\n")
+    return items
+
+
+def write_captions(out_dir, items):
+    """test-captions.jsonl: one captioning item per test-id image (never seen by toy-sd in training),
+    masks for every colour and shape word: the toy-sd pointing check runs on these."""
+    lines = {}
+    for it in items:
+        image_id = Path(it["image"]).stem
+        masks = {}
+        for k, o in enumerate(it["objects"]):
+            masks[o["colour"]] = masks[o["shape"]] = f"masks/{image_id}-{k}.png"
+        lines[image_id] = {"id": f"{image_id}-caption", "image": it["image"], "question": CAPTION_PROMPT,
+                           "answer": it["caption"], "category": "caption", "caption": it["caption"],
+                           "objects": it["objects"], "masks": masks}
+    with open(Path(out_dir) / "test-captions.jsonl", "w") as f:
+        for line in lines.values():
+            f.write(json.dumps(line) + "\n")
+
+
+def build_world(out_dir, seed=0):
+    """Draw every split of the world into out_dir (deterministic by seed); returns {split: jsonl path}.
+
+    A cached world (world.json with the same seed and splits) is reused as it is.
+    """
+    out_dir = Path(out_dir)
+    stamp = {"seed": seed, "splits": {k: list(map(str, v)) for k, v in SPLITS.items()}, "held_out": HELD_OUT,
+             "version": 1}
+    paths = {split: out_dir / f"{split}.jsonl" for split in (*SPLITS, "test-captions")}
+    info = out_dir / "world.json"
+    if info.exists() and json.loads(info.read_text()) == json.loads(json.dumps(stamp)) and all(p.exists() for p in paths.values()):
+        return paths
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    for split in tqdm(SPLITS, desc="world", leave=False):
+        items = build_split(out_dir, split, seed)
+        if split == "test-id":
+            write_captions(out_dir, items)
+    info.write_text(json.dumps(stamp))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# toy-sd: a tiny latent diffusion model from diffusers parts, trained on the world's captions
+# ---------------------------------------------------------------------------------------------
+
+PUNCTUATION = (",", ".", "?")
+
+
+def world_words():
+    """Every word the world's texts use (captions, questions, answers), sorted."""
+    words = set(COLOURS) | set(SHAPES) | set(COUNT_WORDS)
+    words |= set("a and left right of above below top bottom yes no what colour shape is the object where "
+                 "how many objects are there describe image".split())
+    return sorted(words)
+
+
+def clip_tokenizer(max_length=77):
+    """A CLIPTokenizer built in memory whose vocabulary is the world's words, one token each.
+
+    CLIP's BPE marks a word's last piece with "</w>"; each world word gets the merges that build
+    it letter by letter ("r"+"e" -> "re", "re"+"d</w>" -> "red</w>"), so it becomes one token, and
+    any other word falls back to letters, as SD's tokenizer splits rare words. Pads to 77 with the
+    end token, like SD 1.x.
+    """
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz" + "".join(PUNCTUATION):
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = []
+    for word in world_words():
+        # tokenize with the merges so far (lowest rank first, as BPE does), then add merges that
+        # join what is left; a new merge ranks after every earlier one, so no earlier word changes
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            ranks = [merges.index(p) if p in merges else len(merges) for p in zip(pieces, pieces[1:])]
+            k = int(np.argmin(ranks))
+            if ranks[k] == len(merges):
+                merges.append((pieces[k], pieces[k + 1]))
+            pieces[k:k + 2] = [pieces[k] + pieces[k + 1]]
+            vocab.setdefault(pieces[k], len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = max_length
+    for word in world_words():
+        assert len(tokenizer.tokenize(word)) == 1, f"world word {word!r} is not one CLIP token"
+    return tokenizer
+
+
+def toy_sd_parts(tokenizer, seed=0):
+    """(vae, unet, text_encoder, scheduler): diffusers/transformers classes from small configs.
+
+    VAE: a 2-level AutoencoderKL (16/32 channels): 32 px images -> 4 x 16 x 16 latents, SD's
+    factor-8 VAE scaled down to factor 2. Trained briefly (train_vae: a few hundred steps of L1 +
+    a small KL, no GAN), then frozen. Why not 1 level (no downsampling, latents at 32x32): on a
+    shared 2-core CPU the UNet's 32x32 level cost more than half of every step, and a 16x16 latent
+    keeps the cross-attention at 16x16 and 8x8, the resolutions that localised in the prototype.
+    UNet: blocks 32/64 at 16 and 8 px of latent, cross-attention in both and in the mid block
+    (SD's attn2), 4 heads. Text encoder: CLIPTextModel, hidden 64, 2 layers, 77 positions,
+    trained jointly with the UNet (there is no pretrained CLIP here).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
+                        norm_num_groups=8, sample_size=SIZE, mid_block_add_attention=False)
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text_encoder = CLIPTextModel(text_config)
+    # SD 1.x's noise schedule; DDIM as the denoising scheduler (extract.py builds its inverse from it)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1)
+    return vae, unet, text_encoder, scheduler
+
+
+def load_images(items, root):
+    """(N, 3, 32, 32) float in [-1, 1] for the distinct images of items (order of first appearance)."""
+    paths = list(dict.fromkeys(str(Path(root) / it["image"]) for it in items))
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])   # (N, 32, 32, 3)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1, paths
+
+
+def dm_prompt(rng, objects, full_caption):
+    """The text a training image is paired with: the full caption half the time, else one object
+    ("a red circle") or one of its words ("red"), so the model also sees the one-word answers
+    that extraction conditions it on (DESIGN.md: the DM is conditioned on the answer)."""
+    u = rng.random()
+    if u < 0.5:
+        return full_caption
+    o = objects[int(rng.integers(len(objects)))]
+    if u < 0.75:
+        return f"a {o['colour']} {o['shape']}"
+    return o["colour"] if rng.random() < 0.5 else o["shape"]
+
+
+def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0):
+    """Fit the 1-level VAE briefly: L1 reconstruction + a small KL term (as SD's VAE, without the GAN)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    bar = tqdm(range(steps), desc="toy-sd vae")
+    for _ in bar:
+        x = images[torch.randint(len(images), (batch,), generator=g)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=g)).sample
+        loss = F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+        recon = torch.cat([vae.decode(latents[i:i + 256]).sample for i in range(0, len(latents), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))   # unit-variance latents, as SD's 0.18215
+    return latents * vae.config.scaling_factor, float(F.l1_loss(recon, images))
+
+
+def train_sd(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3, vae_steps=300):
+    """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir."""
+    from diffusers import DDPMScheduler
+    torch.manual_seed(seed)
+    paths = build_world(world_dir, seed)
+    items = [json.loads(line) for line in open(paths["pretrain"])]
+    scenes = {it["image"]: it for it in items}                      # one entry per image
+    images, image_paths = load_images(list(scenes.values()), world_dir)
+    scenes = list(scenes.values())
+    tokenizer = clip_tokenizer()
+    vae, unet, text_encoder, scheduler = toy_sd_parts(tokenizer, seed)
+    t0 = time.time()
+    latents, vae_l1 = train_vae(vae, images, steps=vae_steps, seed=seed)   # (N, 4, 16, 16)
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(steps), desc="toy-sd unet")
+    log = []
+    for step in bar:
+        idx = torch.randint(len(latents), (batch,), generator=g)
+        texts = [dm_prompt(rng, scenes[i]["objects"], scenes[i]["caption"]) for i in idx.tolist()]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids   # (B, 77)
+        x0 = latents[idx]                                           # (B, 4, 16, 16)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
+        xt = noise_scheduler.add_noise(x0, noise, t)
+        pred = unet(xt, t, encoder_hidden_states=text_encoder(ids).last_hidden_state).sample
+        loss = F.mse_loss(pred, noise)                              # epsilon prediction (DDPM)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        log.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(log[-50:]):.4f}")
+    out_dir = Path(out_dir)
+    unet.eval()
+    text_encoder.eval()
+    for name, part in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer),
+                       ("scheduler", scheduler)):
+        part.save_pretrained(out_dir / name)
+    # model_index.json: the StableDiffusionPipeline layout, so the folder also loads as a pipeline
+    (out_dir / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
+    summary = {"seed": seed, "steps": steps, "batch": batch, "vae_steps": vae_steps, "vae_l1": round(vae_l1, 4),
+               "final_loss": round(float(np.mean(log[-100:])), 4), "minutes": round((time.time() - t0) / 60, 1),
+               "unet_params": sum(p.numel() for p in unet.parameters()),
+               "text_params": sum(p.numel() for p in text_encoder.parameters())}
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
+    print(f"toy-sd: {summary}")
+    return out_dir
+
+
+def dm_pointing(items, attn_dir):
+    """Pointing accuracy of extracted DM maps: the share of (item, word) with a mask whose map's
+    argmax falls inside the word's object (evaluate.pointing_hit). Returns dict(accuracy, hits, n)."""
+    import evaluate
+    import extract
+    hits = []
+    for it in items:
+        path = extract.maps_path(attn_dir, it["id"])
+        if not it.get("masks") or not path.exists():
+            continue
+        maps, words, _ = extract.load_maps(path)                    # (n_words, 32, 32)
+        regions = evaluate.item_regions(it, Path(it["image_path"]).parent.parent, lambda w: w)
+        for word, region in regions.items():
+            if word in words:
+                hits.append(evaluate.pointing_hit(maps[words.index(word)], region))
+    return {"accuracy": float(np.mean(hits)) if hits else float("nan"), "hits": int(sum(hits)), "n": len(hits)}
+
+
+def measure_sd(dm_path, world_dir, out_dir, n=None, **extract_kwargs):
+    """Extract toy-sd maps (extract.extract, the sd14 code path) for held-out captions and for the
+    test-id answers, and return their pointing accuracy: {"captions": {...}, "answers": {...}}."""
+    import extract
+    paths = build_world(world_dir)
+    dm = extract.load_dm("toy-sd", path=dm_path)
+    result = {}
+    for name, split in (("captions", "test-captions"), ("answers", "test-id")):
+        items = [it for it in extract.read_items(paths[split]) if it.get("masks")][:n]
+        extract.extract(items, dm, Path(out_dir) / split, batch_size=32, **extract_kwargs)
+        result[name] = dm_pointing(items, Path(out_dir) / split)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# toy: a tiny Mllama (the llama32 classes) pre-trained on the world
+# ---------------------------------------------------------------------------------------------
+
+def world_corpus():
+    """Texts the toy VLM's tokenizer is trained on: every world word alone and after a space, so
+    each is one byte-level BPE token in both forms ("red" after the header's newlines, " red" inside)."""
+    words = world_words()
+    return words + [" ".join(words)] * 4 + [f"x {w} x" for w in words] * 4 + list(PUNCTUATION)
+
+
+def toy_vlm_tokenizer():
+    """Byte-level BPE (as Llama 3's) with Llama-3.2-Vision's special tokens, over the world's words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from train import LLAMA_SPECIAL_TOKENS
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=LLAMA_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(world_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                        pad_token="<|finetune_right_pad_id|>")
+    for word in world_words():
+        for form in (word, " " + word):
+            assert len(tokenizer.tokenize(form)) == 1, f"world word {form!r} is not one VLM token"
+    return tokenizer
+
+
+def toy_vlm(seed=0):
+    """(model, processor): MllamaForConditionalGeneration from a tiny config, random weights.
+
+    Text: hidden 128, 5 layers (cross-attention at 1 and 3), 4 heads (2 KV heads). Vision: hidden
+    64, 4 + 1 layers, one 32 px tile of 4 px patches (8x8 patches + CLS = 65 tokens): max_num_tiles 1
+    with the one aspect ratio 1x1 (id 1), so no padding tiles are encoded (4x less vision work).
+    """
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor
+    from train import TINY_CHAT_TEMPLATE
+    tokenizer = toy_vlm_tokenizer()
+    processor = MllamaProcessor(image_processor=MllamaImageProcessorPil(size={"height": SIZE, "width": SIZE},
+                                                                        max_image_tiles=1),
+                                tokenizer=tokenizer, chat_template=TINY_CHAT_TEMPLATE)
+    config = MllamaConfig(
+        vision_config=dict(hidden_size=64, num_hidden_layers=4, num_global_layers=1, attention_heads=4,
+                           intermediate_size=128, vision_output_dim=64 * 3, image_size=SIZE, patch_size=4,
+                           max_num_tiles=1, supported_aspect_ratios=[[1, 1]],
+                           intermediate_layers_indices=[1, 3]),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=5, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=256, cross_attention_layers=[1, 3],
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, max_position_embeddings=256),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
+    torch.manual_seed(seed)
+    return MllamaForConditionalGeneration(config), processor
+
+
+def vqa_accuracy(model, processor, items, batch_size=64):
+    """Exact-match accuracy of greedy answers, scored as evaluate.py scores them."""
+    import evaluate
+    answers = evaluate.generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=12, show=False)
+    return float(np.mean([evaluate.score_prediction(a, it["answer"], it["question"]) for a, it in zip(answers, items)]))
+
+
+def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3):
+    """Pre-train the toy Mllama on the pretrain split: every weight, next-token loss on the answers
+    (eq. 6), batches from train.collate (the fine-tuning data path), a plain loop (world-building)."""
+    import extract
+    import train
+    paths = build_world(world_dir, seed)
+    items = extract.read_items(paths["pretrain"])
+    tests = {s: extract.read_items(paths[s]) for s in ("test-id", "test-ood")}
+    model, processor = toy_vlm(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    model.train()
+    bar = tqdm(range(steps), desc="toy vlm")
+    log = []
+    for step in bar:
+        picked = train.collate(processor, [items[i] for i in rng.integers(len(items), size=batch)])
+        loss = model(**train.model_inputs(picked), labels=picked["labels"]).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        log.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(log[-50:]):.3f}")
+    model.eval()
+    single = [it for it in items[-1000:] if it["category"] in ("colour", "shape")]   # seen scenes: a sanity check
+    summary = {"seed": seed, "steps": steps, "batch": batch, "final_loss": round(float(np.mean(log[-100:])), 4),
+               "params": sum(p.numel() for p in model.parameters()), "minutes": round((time.time() - t0) / 60, 1),
+               "acc_pretrain_one_object": vqa_accuracy(model, processor, single),
+               **{f"acc_{s}": vqa_accuracy(model, processor, v) for s, v in tests.items()}}
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
+    print(f"toy vlm: {summary}")
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="demo", choices=("demo", "build", "train-sd", "train-vlm"),
+                   help="demo (default): the whole method end to end; build: draw the world only; "
+                        "train-sd / train-vlm: retrain the shipped base models")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world and of the base models' training")
+    p.add_argument("--world", default=str(ROOT / "toy_out" / "world"), help="where the world is drawn (a cache)")
+    p.add_argument("--out", default=None, help="output folder (train-sd: toy_models/toy-sd, train-vlm: toy_models/toy-vlm)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (train-sd: 1200, train-vlm: 1200)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.command == "build":
+        paths = build_world(args.world, args.seed)
+        print(f"world: {', '.join(f'{k}={v}' for k, v in paths.items())}")
+    elif args.command == "train-sd":
+        train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.steps or 1200)
+    elif args.command == "train-vlm":
+        train_vlm(args.out or TOY_MODELS / "toy-vlm", args.world, seed=args.seed, steps=args.steps or 1200)
+
+
+if __name__ == "__main__":
+    main()
