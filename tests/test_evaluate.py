@@ -153,19 +153,11 @@ def test_pictures_are_written(tmp_path):
 # ---- the model side ----
 
 
-def read_jsonl(path):
-    """Items as extract.read_items gives them (plus "image_path"), read here so these tests check the format."""
-    from pathlib import Path
-    root = Path(path).resolve().parent
-    items = [json.loads(line) for line in open(path) if line.strip()]
-    return [dict(it, image_path=str(root / it["image"])) for it in items]
-
-
 def test_batched_greedy_generation_equals_one_by_one(tiny_dataset):
     """Left padding must not change any item's greedy answer."""
     import train
     model, processor = train.tiny_vlm()
-    items = read_jsonl(tiny_dataset)[:4]     # tile layouts 1x1, 1x2, 2x1, 2x2: prompts of different lengths
+    items = E.read_items(tiny_dataset)[:4]     # tile layouts 1x1, 1x2, 2x1, 2x2: prompts of different lengths
     batched = E.generate_answers(model.eval(), processor, items, batch_size=4, max_new_tokens=5, show=False)
     single = [E.generate_answers(model, processor, [it], batch_size=1, max_new_tokens=5, show=False)[0] for it in items]
     assert batched == single and any(batched)
