@@ -14,7 +14,8 @@ For every run (and/or the base model) this script
        - the alignment MSE between the VLM map (through the run's Aligner, as the loss sees it,
          eq. 9/17) and the DM map,
        - pointing accuracy when the JSONL gives a "masks" or "boxes" entry for the word,
-       - overlay pictures for a few items (Fig. 8/17): image, DM map, each run's VLM map;
+       - overlay pictures for a few items (Fig. 8/17): image, DM map, each run's VLM map (through
+         its Aligner, the map the loss compares), per DM word;
   3. writes report.json (every figure), report.md (one row per run), <run>/predictions.jsonl,
      entropy.png, overlays/<id>.png, and prints a one-line summary.
 
