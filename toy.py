@@ -383,7 +383,7 @@ def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0):
     return latents * vae.config.scaling_factor, float(F.l1_loss(recon, images))
 
 
-def train_sd(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3, vae_steps=300):
+def train_sd(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, vae_steps=300):
     """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir."""
     from diffusers import DDPMScheduler
     torch.manual_seed(seed)
@@ -587,19 +587,176 @@ def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3):
 
 
 # ---------------------------------------------------------------------------------------------
+# the demo: extract -> fine-tune AR and Lavender -> evaluate, every stage through the real scripts
+# ---------------------------------------------------------------------------------------------
+
+def train_args(data, attn, out, loss, seed, args):
+    """train.py's command line for one fine-tuning run (AR and Lavender differ only in --loss)."""
+    import train
+    argv = ["--model", "toy", "--model-path", str(args.vlm_path), "--data", str(data), "--attn", str(attn),
+            "--out", str(out), "--loss", loss, "--seed", str(seed), "--max-steps", str(args.steps),
+            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lam", str(args.lam),
+            "--aggregate", args.aggregate, "--aligner", args.aligner, "--peft", args.peft,
+            "--pretrain-aligner-steps", str(args.pretrain_aligner_steps if loss == "lavender" else 0),
+            "--no-progress" if args.quiet else "--progress"]
+    return train.build_parser().parse_args(argv)
+
+
+def mean_spread(values):
+    """'61.3 ± 2.1' (mean ± sample std over seeds; percent when pct)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.3f} ± {spread:.3f}"
+
+
+def demo_table(reports, seeds):
+    """Rows of the demo table from evaluate.py's reports {split: report}: one column per model kind."""
+    def runs_of(split, kind):
+        return [r for r in reports[split]["runs"] if r["name"] == kind or r["name"].startswith(kind + "-s")]
+
+    def column(kind, pick, split="test-id"):
+        return [pick(r) for r in runs_of(split, kind)]
+    acc = lambda r: r["accuracy"]["all"]["accuracy"]                                       # noqa: E731
+    rows = []
+    for split in ("test-id", "test-ood"):
+        rows.append((f"accuracy {split}", *[mean_spread(column(k, acc, split)) for k in ("base", "ar", "lavender")]))
+    for split in ("test-id", "test-ood"):
+        for k in ("colour", "shape", "yesno"):
+            pick = lambda r, k=k: (r["accuracy"].get(k) or {}).get("accuracy")             # noqa: E731
+            rows.append((f"  {k} ({split})", *[mean_spread(column(kk, pick, split)) for kk in ("base", "ar", "lavender")]))
+    dm = reports["test-id"].get("dm") or {}
+    ent = lambda r: (r.get("vlm_entropy") or {}).get("mean")                               # noqa: E731
+    point = lambda r: (r.get("pointing") or {}).get("accuracy")                            # noqa: E731
+    mse = lambda r: (r.get("alignment_mse") or {}).get("mean")                             # noqa: E731
+    rows.append(("VLM attention entropy (nats, test-id)", *[mean_spread(column(k, ent)) for k in ("base", "ar", "lavender")]))
+    rows.append(("DM attention entropy (nats, test-id)", f"{dm['entropy']['mean']:.3f}" if dm else "-", "", ""))
+    rows.append(("VLM pointing (test-id)", *[mean_spread(column(k, point)) for k in ("base", "ar", "lavender")]))
+    rows.append(("DM pointing (test-id answers)", f"{dm['pointing']['accuracy']:.3f}" if dm.get("pointing") else "-", "", ""))
+    rows.append(("alignment MSE (test-id)", *[mean_spread(column(k, mse)) for k in ("base", "ar", "lavender")]))
+    return rows
+
+
+def markdown_table(rows, header=("measure", "base (toy)", "AR", "Lavender")):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def demo(args):
+    """The README's main command: the whole method on the miniature world; returns the table rows."""
+    import evaluate
+    import extract
+    import train
+    t0 = time.time()
+    out = Path(args.out or ROOT / "toy_out")
+    stage = lambda text: print(f"[toy {time.time() - t0:5.0f}s] {text}", flush=True)        # noqa: E731
+    # ---- 1. the world (cached) ----
+    stage(f"world: {args.world}")
+    paths = build_world(args.world, args.seed)
+    # ---- 2. DM maps (extract.py, the sd14 code path) for every item whose answer names an object;
+    #         yes/no answers name none: those items train with L_VLM alone (train.py logs how many) ----
+    dm = extract.load_dm("toy-sd", path=args.dm_path)
+    attn = out / "attn"
+    for split in ("finetune", "test-id", "test-ood"):
+        items = [it for it in extract.read_items(paths[split]) if it.get("masks")][:args.limit or None]
+        stage(f"extract {split}: {len(items)} items")
+        extract.extract(items, dm, attn / split, inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
+                        capture_steps=args.capture_steps, batch_size=64, progress=not args.quiet)
+    del dm
+    # ---- 3. fine-tune: AR and Lavender, the same budget, data and seeds ----
+    data = paths["finetune"]
+    if args.limit:                                             # the quick test: fewer fine-tuning items
+        data = out / "finetune-limited.jsonl"
+        data.write_text("".join(open(paths["finetune"]).readlines()[:args.limit]).replace(
+            '"images/', f'"{Path(args.world).resolve()}/images/').replace('"masks/', f'"{Path(args.world).resolve()}/masks/'))
+    runs = []
+    for seed in args.seeds:
+        for loss in ("ar", "lavender"):
+            stage(f"fine-tune {loss}, seed {seed}: {args.steps} steps of {args.batch_size}")
+            runs.append(train.train(train_args(data, attn / "finetune", out / "runs" / f"{loss}-s{seed}", loss, seed, args)))
+    # ---- 4. evaluate: base, every run, in- and out-of-distribution ----
+    reports = {}
+    for split in ("test-id", "test-ood"):
+        stage(f"evaluate {split}: base + {len(runs)} runs")
+        argv = ["--model", "toy", "--model-path", str(args.vlm_path), "--base", "--data", str(paths[split]),
+                "--attn", str(attn / split), "--out", str(out / f"eval-{split}"), "--batch-size", "50",
+                "--figures", "3", "--max-new-tokens", "4"] + [x for r in runs for x in ("--run", r)]
+        argv += ["--limit", str(args.limit)] if args.limit else []
+        argv += ["--quiet"] if args.quiet else []
+        reports[split] = evaluate.evaluate(evaluate.build_parser().parse_args(argv))
+    # ---- 5. one table, and toy_report.md ----
+    minutes = (time.time() - t0) / 60
+    rows = demo_table(reports, args.seeds)
+    table = markdown_table(rows)
+    print("\n" + table + f"\n\nwall time {minutes:.1f} min; seeds {args.seeds}; {args.steps} steps of batch "
+          f"{args.batch_size} per run; reports in {out}/eval-*/report.md")
+    if args.report:
+        write_report(Path(args.report), table, reports, args, minutes, out)
+        stage(f"wrote {args.report}")
+    return rows
+
+
+def write_report(path, table, reports, args, minutes, out):
+    """toy_report.md with the table and the pictures (copied beside it, into toy_report/)."""
+    import shutil
+    pictures = path.parent / "toy_report"
+    pictures.mkdir(exist_ok=True)
+    shown = []
+    for split in ("test-id", "test-ood"):
+        for fig in reports[split]["figures"][:3]:
+            name = f"{split}-{Path(fig).name}"
+            shutil.copy(out / f"eval-{split}" / fig, pictures / name)
+            shown.append(f"![{split} {fig}](toy_report/{name})")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    path.write_text(
+        "# The miniature world: Lavender vs autoregressive fine-tuning\n\n"
+        f"Made by `python toy.py` ({minutes:.1f} min on this machine). Mean ± sample std over seeds "
+        f"{args.seeds}; accuracy is exact match; entropy App. B eq. 23 (uniform 32x32 = 6.93 nats); pointing: the "
+        "argmax of an answer word's map inside the object it names; MSE: VLM map (through the run's Aligner) vs the "
+        "DM's. Base = the pre-trained toy VLM before fine-tuning.\n\n" + table + "\n\n"
+        "Pictures (evaluate.py): entropy histograms (Fig. 7), and per item the image, the DM map and each model's "
+        "map of the answer word (Fig. 8/17).\n\n" + "\n\n".join(shown) + "\n\n"
+        f"Settings: `{json.dumps(settings)}`\n")
+
+
+# ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="demo", choices=("demo", "build", "train-sd", "train-vlm"),
+    p.add_argument("command", nargs="?", default="demo", choices=("demo", "build", "train-sd", "train-vlm", "measure-sd"),
                    help="demo (default): the whole method end to end; build: draw the world only; "
-                        "train-sd / train-vlm: retrain the shipped base models")
+                        "train-sd / train-vlm: retrain the shipped base models; measure-sd: toy-sd pointing accuracy")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of the base models' training")
     p.add_argument("--world", default=str(ROOT / "toy_out" / "world"), help="where the world is drawn (a cache)")
-    p.add_argument("--out", default=None, help="output folder (train-sd: toy_models/toy-sd, train-vlm: toy_models/toy-vlm)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (train-sd: 1200, train-vlm: 1200)")
+    p.add_argument("--out", default=None, help="output folder (demo: toy_out; train-sd: toy_models/toy-sd; "
+                                               "train-vlm: toy_models/toy-vlm; measure-sd: toy_out/measure-sd)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    # ---- base models ----
+    p.add_argument("--dm-path", default=str(TOY_MODELS / "toy-sd"), help="toy-sd folder (diffusers layout)")
+    p.add_argument("--vlm-path", default=str(TOY_MODELS / "toy-vlm"), help="toy VLM folder (save_pretrained)")
+    p.add_argument("--base-steps", type=int, default=None, help="train-sd / train-vlm: training steps (1000 / 1200)")
+    # ---- extraction (extract.py) ----
+    p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (extract.py)")
+    p.add_argument("--denoise-steps", type=int, default=5, help="denoising steps after the inversion (extract.py)")
+    p.add_argument("--capture-steps", default="all", choices=("all", "inversion", "denoise"),
+                   help="steps whose cross-attention is averaged (extract.py)")
+    # ---- fine-tuning (train.py): the same for AR and Lavender ----
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (each runs AR and Lavender)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per fine-tuning run")
+    p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
+    p.add_argument("--peft", default="lora", choices=("lora", "full"), help="LoRA (paper) or full fine-tuning")
+    p.add_argument("--lam", type=float, default=10.0, help="λ of eq. 10")
+    p.add_argument("--aggregate", default="learn", help="train.py --aggregate (learn, mean-mean, ...)")
+    p.add_argument("--aligner", default="sim", help="train.py --aligner (sim, light, deep, mlp, none)")
+    p.add_argument("--pretrain-aligner-steps", type=int, default=0, help="Lavender runs: Aligner pre-training steps")
+    # ---- demo output ----
+    p.add_argument("--limit", type=int, default=0, help="use only the first N items of each split (quick test; 0: all)")
+    p.add_argument("--report", default=str(ROOT / "toy_report.md"), help="where the demo writes its report ('' for none)")
+    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress bars")
     return p
 
 
@@ -610,9 +767,16 @@ def main(argv=None):
         paths = build_world(args.world, args.seed)
         print(f"world: {', '.join(f'{k}={v}' for k, v in paths.items())}")
     elif args.command == "train-sd":
-        train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.steps or 1200)
+        train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.base_steps or 1000)
     elif args.command == "train-vlm":
-        train_vlm(args.out or TOY_MODELS / "toy-vlm", args.world, seed=args.seed, steps=args.steps or 1200)
+        train_vlm(args.out or TOY_MODELS / "toy-vlm", args.world, seed=args.seed, steps=args.base_steps or 1200)
+    elif args.command == "measure-sd":
+        result = measure_sd(args.dm_path, args.world, args.out or ROOT / "toy_out" / "measure-sd",
+                            inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
+                            capture_steps=args.capture_steps)
+        print(f"toy-sd pointing: {json.dumps(result)}")
+    else:
+        demo(args)
 
 
 if __name__ == "__main__":
