@@ -195,7 +195,10 @@ class AttentionCapture:
                 raise RuntimeError(f"no attention captured for layers {missing}: call set_rows(rows) before "
                                    f"the forward, and pass pixel_values (cross-attention layers are skipped "
                                    f"without an image)")
-            self._probs = torch.stack([self._store[i] for i in range(len(self.layers))], dim=1)
+            probs = torch.stack([self._store[i] for i in range(len(self.layers))], dim=1)  # (B, L, H, R, N)
+            valid = (self.rows >= 0).to(probs.device)[:, None, None, :, None]  # (B, 1, 1, R, 1)
+            self._probs = probs.mul_(valid)  # padding rows -> 0; in place: stack's backward needs no output
+            self._store = dict.fromkeys(self._store)  # drop the per-layer copies; keys keep recompute out
         return self._probs
 
     def remove(self):
@@ -214,8 +217,7 @@ class AttentionCapture:
         self._store, self._scratch, self._probs = {}, {}, None
 
     def _save(self, i, probs):
-        valid = (self.rows >= 0).to(probs.device)[:, None, :, None]  # (B, 1, R, 1)
-        self._store.setdefault(i, probs * valid)  # first write of a pass wins (checkpoint recompute)
+        self._store.setdefault(i, probs)  # first write of a pass wins (checkpoint recompute)
 
     def _pre_hook(self, i):
         def hook(attn, args, kwargs):
@@ -537,14 +539,116 @@ def dm_targets(dm_maps, dm_index):
 # ---------------------------------------------------------------------------------------------
 
 
+def bench_model(tile_size=112):
+    """llama32's proportions at 1/16 width, random weights: the benchmark's model and inputs.
+
+    Text: all 40 layers, cross-attention at 3, 8, ..., 38, 32 heads / 8 KV heads of head dim 8
+    (hidden 256, MLP 896 = 3.5x, vocab 8016 = 128256 / 16). Vision: 32 + 8 global layers of
+    hidden 80 (1280 / 16, 16 heads), 112 px tiles of 14 px patches (8x8 + CLS = 65 tokens;
+    llama32: 560 px, 1601), 4 tiles. One image in the 2x2 layout (260 image tokens), 256 text
+    tokens, 32 captured rows in all 8 cross-attention layers. A narrower model makes the capture
+    relatively MORE expensive (its cost grows with heads x rows x image tokens x head dim, the
+    model's with tokens x hidden²), so these ratios are conservative for the full size.
+    """
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+    config = MllamaConfig(
+        vision_config=dict(hidden_size=80, num_hidden_layers=32, num_global_layers=8, attention_heads=16,
+                           intermediate_size=320, vision_output_dim=80 * 6, image_size=tile_size, patch_size=14,
+                           max_num_tiles=4, intermediate_layers_indices=[3, 7, 15, 23, 30]),
+        text_config=dict(vocab_size=8016, hidden_size=256, num_hidden_layers=40, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=896, cross_attention_layers=list(range(3, 40, 5)),
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        image_token_index=8000)
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(config).eval()
+    T, R = 256, 32
+    input_ids = torch.randint(3, 7999, (1, T))
+    input_ids[0, 1] = 8000  # the image token
+    cross_mask = torch.zeros(1, T, 1, 4, dtype=torch.long)
+    cross_mask[:, 1:] = 1  # text after the image attends to its 4 tiles
+    batch = dict(input_ids=input_ids, attention_mask=torch.ones(1, T, dtype=torch.long),
+                 pixel_values=torch.randn(1, 1, 4, 3, tile_size, tile_size),
+                 aspect_ratio_ids=torch.tensor([[6]]), aspect_ratio_mask=torch.ones(1, 1, 4, dtype=torch.long),
+                 cross_attention_mask=cross_mask)
+    rows = torch.arange(T - R - 1, T - 1)[None]  # (1, R): the last R positions, as an answer's would be
+    return model, batch, rows
+
+
+def bench_forward(model, batch, rows, arm):
+    """One forward with autograd on (as in training), returning a scalar built from what the arm made."""
+    if arm == "plain":
+        return model(**batch).logits.float().mean()
+    with AttentionCapture(model, aligned_layers(model), learned=arm == "learn") as capture:
+        capture.set_rows(rows)
+        logits = model(**batch).logits
+        return logits.float().mean() + capture.probs.mean()
+
+
+def bench_memory(arm):
+    """Child process: peak resident memory (VmHWM, reset just before the forward) of one forward."""
+    torch.set_num_threads(2)
+    model, batch, rows = bench_model()
+    if arm == "learn":
+        add_parallel_projections(model, aligned_layers(model))
+    bench_forward(model, batch, rows, arm)  # warm-up: allocator and lazy inits
+    status = lambda key: next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+    open("/proc/self/clear_refs", "w").write("5")  # Linux: reset the peak RSS to the current RSS
+    base = status("VmRSS:")
+    out = bench_forward(model, batch, rows, arm)
+    print(json.dumps({"arm": arm, "base_kb": base, "peak_kb": status("VmHWM:"), "value": float(out.detach())}))
+
+
+def bench(reps):
+    """Capture overhead: forward time (same process, arms interleaved, median of reps) and peak
+    memory (a fresh process per arm). Ratios are capture / plain."""
+    from tqdm import tqdm
+    torch.set_num_threads(2)
+    model, batch, rows = bench_model()
+    add_parallel_projections(model, aligned_layers(model))  # harmless for the other arms: unused
+    arms = ("plain", "capture", "learn")
+    times = {arm: [] for arm in arms}
+    for _ in tqdm(range(reps + 1), desc="forward time"):
+        for arm in arms:
+            t0 = time.perf_counter()
+            bench_forward(model, batch, rows, arm)
+            times[arm].append(time.perf_counter() - t0)
+    med = {arm: sorted(v[1:])[len(v[1:]) // 2] for arm, v in times.items()}  # first rep is warm-up
+    best = {arm: min(v[1:]) for arm, v in times.items()}  # minima: robust to other jobs' load
+    mem = {}
+    for arm in tqdm(arms, desc="peak memory"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--bench-memory-arm", arm]
+        # glibc keeps freed heap memory in the RSS; a fixed 64 KiB mmap threshold hands every
+        # tensor's memory back on free, so the peak RSS tracks live tensors
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        mem[arm] = json.loads(out.splitlines()[-1])
+    for arm in arms:
+        m = mem[arm]
+        print(f"{arm:8s} forward {med[arm]:.3f} s (median of {reps}, min {best[arm]:.3f}); peak RSS {m['peak_kb'] / 1024:.0f} MiB, "
+              f"forward's increment over the loaded model {(m['peak_kb'] - m['base_kb']) / 1024:.0f} MiB")
+    inc = {arm: mem[arm]["peak_kb"] - mem[arm]["base_kb"] for arm in arms}
+    print("ratios (capture/plain, learn/plain): time median {:.3f} {:.3f}, min {:.3f} {:.3f}; peak memory {:.3f} "
+          "{:.3f}; forward's memory increment {:.3f} {:.3f}".format(
+              med["capture"] / med["plain"], med["learn"] / med["plain"], best["capture"] / best["plain"],
+              best["learn"] / best["plain"],
+              mem["capture"]["peak_kb"] / mem["plain"]["peak_kb"], mem["learn"]["peak_kb"] / mem["plain"]["peak_kb"],
+              inc["capture"] / inc["plain"], inc["learn"] / inc["plain"]))
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", action="store_true", help="measure capture overhead (time, peak memory)")
+    parser = argparse.ArgumentParser(description="Capture overhead benchmark (see the module docstring).")
+    parser.add_argument("--bench", action="store_true",
+                        help="measure forward time and peak memory with and without capture, scaled-down llama32")
+    parser.add_argument("--reps", type=int, default=7, help="timed forwards per arm (median reported)")
+    parser.add_argument("--bench-memory-arm", choices=["plain", "capture", "learn"], default=None,
+                        help="internal: measure one arm's peak memory in this (fresh) process")
     args = parser.parse_args()
-    if not args.bench:
+    if args.bench_memory_arm:
+        bench_memory(args.bench_memory_arm)
+    elif args.bench:
+        bench(args.reps)
+    else:
         parser.print_help()
-        return
-    raise NotImplementedError("--bench lands in the next commit")
 
 
 if __name__ == "__main__":
