@@ -16,11 +16,11 @@ in the DESIGN.md format (attn/<id>.safetensors). The authors never released this
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
 import re
-import sys
 import time
 import unicodedata
 import warnings
@@ -36,10 +36,7 @@ from safetensors.torch import save_file
 MAP_SIZE = 32  # every stored map is 32x32 (DESIGN.md), the grid the VLM maps are resized to
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")  # ids become file names
 
-# ---------------------------------------------------------------------------------------------
-# the attention store: attn/<id>.safetensors (DESIGN.md, "Formats")
-# ---------------------------------------------------------------------------------------------
-
+# ---- the attention store: attn/<id>.safetensors (DESIGN.md, "Formats") ----
 
 def read_items(jsonl_path):
     """Items of a dataset JSONL, each as in the file plus "image_path" (absolute).
@@ -58,11 +55,9 @@ def read_items(jsonl_path):
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{jsonl_path} line {n}: not valid JSON ({e}); each line must be one JSON object") from None
-            if not isinstance(item, dict):
-                raise ValueError(f"{jsonl_path} line {n}: expected a JSON object, got {type(item).__name__}")
             for key in ("id", "image", "question", "answer"):
-                if not isinstance(item.get(key), str):
-                    raise ValueError(f"{jsonl_path} line {n}: field {key!r} must be a string, got {item.get(key)!r}")
+                if not isinstance(item, dict) or not isinstance(item.get(key), str):
+                    raise ValueError(f"{jsonl_path} line {n}: field {key!r} must be a string in a JSON object: {line.strip()[:100]}")
             item["image_path"] = str(root / item["image"])
             items.append(item)
     return items
@@ -82,10 +77,8 @@ def save_maps(path, maps, words, meta):
     path = Path(path)
     if maps.dim() != 3 or maps.shape[0] != len(words) or tuple(maps.shape[1:]) != (MAP_SIZE, MAP_SIZE):
         raise ValueError(f"save_maps({path}): maps {tuple(maps.shape)} must be ({len(words)}, 32, 32), one per word of {words}")
-    metadata = {k: str(v) for k, v in meta.items()}
-    metadata["words"] = json.dumps(list(words))
-    for key in ("text", "dm", "inversion_steps", "denoise_steps", "res"):
-        metadata.setdefault(key, "")
+    metadata = dict({k: "" for k in ("text", "dm", "inversion_steps", "denoise_steps", "res")},
+                    **{k: str(v) for k, v in meta.items()}, words=json.dumps(list(words)))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
@@ -105,9 +98,7 @@ def load_maps(path):
         meta = dict(f.metadata() or {})
         maps = f.get_tensor("maps").float()  # (n_words, 32, 32)
     words = json.loads(meta.pop("words"))
-    for key in ("inversion_steps", "denoise_steps", "res"):
-        if meta.get(key, "").isdigit():
-            meta[key] = int(meta[key])
+    meta.update({k: int(meta[k]) for k in ("inversion_steps", "denoise_steps", "res") if meta.get(k, "").isdigit()})
     return maps, words, meta
 
 
@@ -122,26 +113,18 @@ def is_complete(path):
         return False
 
 
-# ---------------------------------------------------------------------------------------------
-# diffusion model presets: --dm NAME; --dm-path points at a local copy (diffusers layout)
-# ---------------------------------------------------------------------------------------------
+# ---- diffusion model presets: --dm NAME; --dm-path points at a local copy (diffusers layout) ----
 
-DM_PRESETS = {
-    # name: hub id (None: not on a hub), default local folder, what it is
-    "sd14": {"hub_id": "CompVis/stable-diffusion-v1-4", "path": None,
-             "about": "Stable Diffusion v1.4, as in the paper: 512 px, 16 cross-attention layers (64², 32², 16², 8²)"},
-    "tiny-sd": {"hub_id": None, "path": None,
-                "about": "SD classes from tiny configs, random weights (seeded), CLIP tokenizer built in memory (tests)"},
-    "toy-sd": {"hub_id": None, "path": str(Path(__file__).resolve().parent / "toy_models" / "toy-sd"),
-               "about": "a tiny SD trained by toy.py on the miniature world"},
+DM_PRESETS = {  # name: hub id (None: not on a hub), default local folder
+    "sd14": {"hub_id": "CompVis/stable-diffusion-v1-4", "path": None},  # the paper's: 512 px, attn2 at 64², 32², 16², 8²
+    "tiny-sd": {"hub_id": None, "path": None},  # SD classes from tiny configs, random seeded weights (tests)
+    "toy-sd": {"hub_id": None, "path": str(Path(__file__).resolve().parent / "toy_models" / "toy-sd")},  # by toy.py
 }
 
 
 def _ddim_config(scheduler_config, cls):
     """The keys of a pipeline's scheduler config (often PNDM for SD 1.x) that cls accepts."""
-    import inspect
-    accepted = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in dict(scheduler_config).items() if k in accepted}
+    return {k: v for k, v in dict(scheduler_config).items() if k in inspect.signature(cls.__init__).parameters}
 
 
 def tiny_sd(seed=0):
@@ -150,24 +133,21 @@ def tiny_sd(seed=0):
     Deterministic by seed (ranks of a torchrun test build identical models). 32 px images -> VAE
     (factor 2) -> 16x16 latents; attn2 at 16x16 and 8x8; CLIP text hidden 32, 77 positions.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     # A CLIP-style BPE vocabulary: every printable character alone and as a word end ("a</w>"),
     # plus merges that make the words below single tokens; other words split into pieces.
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab, merges = {"<|startoftext|>": 0, "<|endoftext|>": 1}, []
     for c in "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges = []
-    for word in ["a", "red", "blue", "green", "circle", "square", "triangle", "left", "right", "of", "the", "is",
-                 "two", "three", "yes", "no", "dog", "cat", "what", "colour", "shape", "how", "many", "there"]:
-        piece = word[0] if len(word) > 1 else word + "</w>"
-        for i, c in enumerate(word[1:], 1):
-            nxt = c + "</w>" if i == len(word) - 1 else c
-            if (piece, nxt) not in merges:
-                merges.append((piece, nxt))
-            piece += nxt
-            vocab.setdefault(piece, len(vocab))
+        vocab.update({c: len(vocab), c + "</w>": len(vocab) + 1})
+    for word in ("a red blue green circle square triangle left right of the is two three yes no dog cat what "
+                 "colour shape how many there").split():
+        parts = list(word[:-1]) + [word[-1] + "</w>"]                      # "red" -> r e d</w>
+        for i in range(1, len(parts)):                                     # merges re, red</w>
+            pair = ("".join(parts[:i]), parts[i])
+            if pair not in merges:
+                merges.append(pair)
+                vocab.setdefault("".join(pair), len(vocab))
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -181,28 +161,29 @@ def tiny_sd(seed=0):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
         attention_head_dim=4, norm_num_groups=8)
-    # SD 1.x's noise schedule (scaled_linear 0.00085..0.012, 1000 steps)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              set_alpha_to_one=False, steps_offset=1, clip_sample=False)
-    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=sd_scheduler())
+
+
+def sd_scheduler():
+    """A DDIM scheduler with SD 1.x's noise schedule (scaled_linear 0.00085..0.012, 1000 steps)."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         set_alpha_to_one=False, steps_offset=1, clip_sample=False)
 
 
 def save_dm(dm, folder):
     """Write a dm dict in the diffusers component layout that load_dm reads (unet/, vae/, ...)."""
-    folder = Path(folder)
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if dm.get(part) is not None:
-            dm[part].save_pretrained(folder / part)
+            dm[part].save_pretrained(Path(folder) / part)
 
 
 def _load_folder(folder):
     """dm parts from a folder (or hub id) in diffusers layout; vae/ may be absent (pixel space)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-    local = Path(folder).is_dir()
-    vae = None
-    if not local or (Path(folder) / "vae").is_dir():
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    pixel_space = Path(folder).is_dir() and not (Path(folder) / "vae").is_dir()
+    vae = None if pixel_space else AutoencoderKL.from_pretrained(folder, subfolder="vae")
     scheduler_config = DDIMScheduler.load_config(folder, subfolder="scheduler")
     return dict(vae=vae, unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
                 text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
@@ -236,17 +217,13 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
             if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op one)
                 dm[part].to(dtype=dtype)
             dm[part].to(device=device).eval().requires_grad_(False)
-    sample = dm["unet"].config.sample_size
-    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    sample = np.atleast_1d(dm["unet"].config.sample_size)[0]
     scale = 2 ** (len(dm["vae"].config.block_out_channels) - 1) if dm["vae"] is not None else 1
     dm.update(res=int(sample * scale), name=name)
     return dm
 
 
-# ---------------------------------------------------------------------------------------------
-# CLIP tokens -> words (issue step 4)
-# ---------------------------------------------------------------------------------------------
-
+# ---- CLIP tokens -> words (issue step 4) ----
 
 def _is_punctuation(text):
     """True when text has no letter or digit ("?", ",", "--", "...")."""
@@ -264,7 +241,7 @@ def text_words(tokenizer, text, max_tokens=75, item_id=None):
     warning naming the item, and a word cut in two by the limit is dropped.
 
         "A red circle?"          -> ["a", "red", "circle"],  [[[1]], [[2]], [[3]]]   ("?" at 4 dropped)
-        "an elephant" (4 pieces) -> ["an", "elephant"],      [[[1]], [[2, 3, 4, 5]]]
+        "an elephant" (tiny-sd)  -> ["an", "elephant"],      [[[1, 2]], [[3, 4, 5, 6, 7, 8, 9]]]
         "red dog, red"           -> ["red", "dog"],          [[[1], [4]], [[2]]]
     """
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -292,10 +269,7 @@ def text_words(tokenizer, text, max_tokens=75, item_id=None):
 
 
 def word_weights(positions, n_columns):
-    """(n_words, n_columns) matrix W with word_map = W @ token_maps.
-
-    A word's map is the mean over its occurrences of the mean over that occurrence's pieces.
-    """
+    """(n_words, n_columns) W, word_map = W @ token_maps: mean over occurrences of the mean over pieces."""
     W = torch.zeros(len(positions), n_columns)
     for w, occurrences in enumerate(positions):
         for occ in occurrences:
@@ -303,17 +277,14 @@ def word_weights(positions, n_columns):
     return W
 
 
-# ---------------------------------------------------------------------------------------------
-# cross-attention capture: a diffusers attention processor on attn2 only (eq. 13-14)
-# ---------------------------------------------------------------------------------------------
-
+# ---- cross-attention capture: a diffusers attention processor on attn2 only (eq. 13-14) ----
 
 class CrossAttentionCapture:
-    """Attention processor for one attn2 module: the same output as SDPA, plus M = softmax(QK^T/sqrt(d)).
+    """Attention processor for attn2 modules: the same output as SDPA, plus M = softmax(QK^T/sqrt(d)).
 
     SDPA returns no weights, so this computes the probabilities itself (eq. 13-14), averages them
     over heads, brings the layer's grid to the latent grid (bilinear) and adds them into the shared
-    running fp32 sum `store["sum"]` (B, T, h, w). Per-step or per-layer maps are never kept.
+    running fp32 sum store["sum"] (B, T, h, w): no per-step or per-layer map is ever kept.
     Self-attention (attn1) keeps diffusers' SDPA processor: its maps are large and not needed.
     """
 
@@ -321,15 +292,13 @@ class CrossAttentionCapture:
         self.store = store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        store = self.store
         residual = hidden_states
         B, N, _ = hidden_states.shape                                       # N = layer grid h_l * w_l
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        H = attn.heads
-        d = k.shape[-1] // H
+        H, d = attn.heads, k.shape[-1] // attn.heads
         q = q.view(B, N, H, d).transpose(1, 2)                               # (B, H, N, d)
         k = k.view(B, -1, H, d).transpose(1, 2)                              # (B, H, T, d)
         v = v.view(B, -1, H, d).transpose(1, 2)                              # (B, H, T, d)
@@ -341,7 +310,7 @@ class CrossAttentionCapture:
             scores = scores + mask.view(B, H, -1, k.shape[2])
         probs = scores.float().softmax(dim=-1)                               # (B, H, N, T)  eq. 13, fp32
         out = probs.to(v.dtype) @ v                                          # (B, H, N, d)
-        if store["on"]:
+        if self.store["on"]:
             self.accumulate(probs, N)
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(B, N, H * d)))
         if attn.residual_connection:
@@ -365,8 +334,7 @@ class CrossAttentionCapture:
         store["count"] += 1
 
 
-def new_store(grid, columns, factors=None):
-    """The shared accumulator the capture processors add into."""
+def new_store(grid, columns, factors=None):  # the accumulator the capture processors share
     return {"on": True, "grid": tuple(grid), "columns": columns, "factors": factors, "sum": None, "count": 0}
 
 
@@ -383,10 +351,7 @@ def capturing(unet, store):
         unet.set_attn_processor(original)
 
 
-# ---------------------------------------------------------------------------------------------
-# DDIM inversion, then denoising (issue step 2)
-# ---------------------------------------------------------------------------------------------
-
+# ---- DDIM inversion, then denoising (issue step 2) ----
 
 def ddim_grids(scheduler, inversion_steps, denoise_steps):
     """(inverse, forward) DDIM schedulers whose grids meet: inversion ends where denoising starts.
@@ -454,32 +419,25 @@ def word_maps(attention, W):
     maps = torch.einsum("nt,thw->nhw", W.to(attention), attention)            # (n_words, h, w)
     maps = F.interpolate(maps[None], size=(MAP_SIZE, MAP_SIZE), mode="bilinear", antialias=True,
                          align_corners=False)[0]                                # (n_words, 32, 32)
-    lo = maps.amin(dim=(1, 2), keepdim=True)
-    hi = maps.amax(dim=(1, 2), keepdim=True)
+    lo, hi = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
     return ((maps - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)             # min-max, per word
 
 
-# ---------------------------------------------------------------------------------------------
-# images (issue step 1)
-# ---------------------------------------------------------------------------------------------
-
+# ---- images (issue step 1) ----
 
 def load_image(path, res):
     """(3, res, res) float tensor in [-1, 1] from an image file of any mode, squashed to a square.
 
-    Modes: 16/32-bit grey (I;16, I) is scaled from its 16-bit range, float (F) clipped to [0, 1]
-    if it looks like [0, 1] and to [0, 255] otherwise; anything with transparency (RGBA, LA, P
-    with a transparent colour) is composited on white; CMYK, YCbCr, P, L, 1 convert with PIL.
+    Modes: integer grey (I;16, I) is read as 16-bit when any value exceeds 255 (else as 8-bit),
+    float grey (F) as [0, 1] when it stays within it; anything with transparency (RGBA, LA, P with
+    a transparent colour) is composited on white; CMYK, YCbCr, P, L, 1 convert with PIL.
     The square resize matches the VLM side, whose maps also cover the whole image.
     """
     with Image.open(path) as img:
         img.load()
-        if img.mode.startswith("I"):
-            arr = np.asarray(img, dtype=np.float32) / 257.0                  # 16-bit range -> 8-bit
-            img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-        elif img.mode == "F":
+        if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float grey
             arr = np.asarray(img, dtype=np.float32)
-            arr = arr * 255.0 if arr.max() <= 1.0 else arr
+            arr = arr / 257.0 if arr.max() > 255 else arr * 255.0 if img.mode == "F" and arr.max() <= 1 else arr
             img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
@@ -492,17 +450,7 @@ def load_image(path, res):
     return x / 127.5 - 1.0
 
 
-# ---------------------------------------------------------------------------------------------
-# extraction: items -> attn/<id>.safetensors, sharded by rank, resumable
-# ---------------------------------------------------------------------------------------------
-
-
-def _record_failure(out_dir, item_id, reason, rank):
-    """Append one line to <out>/failures.jsonl (one short write: safe with several ranks appending)."""
-    line = json.dumps({"id": item_id, "reason": reason, "rank": rank}) + "\n"
-    with open(Path(out_dir) / "failures.jsonl", "a", encoding="utf-8") as f:
-        f.write(line)
-
+# ---- extraction: items -> attn/<id>.safetensors, sharded by rank, resumable ----
 
 def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_steps="all", layers=None,
             batch_size=1, rank=0, world_size=1, progress=None):
@@ -517,23 +465,21 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
     Returns dict(done, skipped, failed, seconds, rank, world_size).
     """
     from tqdm import tqdm
-    t0 = time.time()
-    out_dir = Path(out_dir)
+    t0, out_dir = time.time(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mine = items[rank::world_size]
     meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps,
             "res": dm["res"], "capture_steps": capture_steps,
             "layers": "all" if layers is None else ",".join(str(f) for f in sorted(layers))}
     max_tokens = dm["text_encoder"].config.max_position_embeddings - 2           # 75 for CLIP
-    summary = {"done": 0, "skipped": 0, "failed": 0}
-    seen, todo = set(), []
+    summary, seen, todo = {"done": 0, "skipped": 0, "failed": 0}, set(), []
 
-    def fail(item_id, reason):
+    def fail(item_id, reason):  # one short append per line: safe with several ranks writing
         summary["failed"] += 1
-        _record_failure(out_dir, item_id, reason, rank)
+        with open(out_dir / "failures.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"id": item_id, "reason": reason, "rank": rank}) + "\n")
 
     # ---- cheap checks first: nothing here touches the UNet ----
-    for item in mine:
+    for item in items[rank::world_size]:
         item_id, answer = item["id"], item["answer"]
         if not ID_PATTERN.match(item_id):
             fail(item_id, f"bad id {item_id!r}: ids become file names, use only A-Z a-z 0-9 . _ -")
@@ -552,7 +498,7 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
         seen.add(item_id)
 
     # ---- the UNet work, batch_size items per call ----
-    show = progress if progress is not None else rank == 0
+    show = progress if progress is not None else rank == 0                       # tqdm on rank 0 only
     bar = tqdm(total=len(todo), desc=f"extract {dm['name']}", disable=not show, unit="item")
     for start in range(0, len(todo), batch_size):
         batch, images = [], []
@@ -568,6 +514,7 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
                 bar.update(1)
         if not batch:
             continue
+        # context columns to keep: up to the last word piece of the batch (not CLIP's end/padding)
         columns = 1 + max(occ[-1] for _, _, positions in batch for word in positions for occ in word)
         attention = dm_attention(dm, torch.stack(images), [item["answer"] for item, _, _ in batch], columns,
                                  inversion_steps, denoise_steps, capture_steps, layers)  # (B, columns, h, w)
@@ -581,144 +528,111 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
     return summary
 
 
-# ---------------------------------------------------------------------------------------------
-# the authors' JPEG layout: <root>/<image stem>/attention_<word>.jpg, 32x32, 8-bit grey
-# ---------------------------------------------------------------------------------------------
-
+# ---- the authors' JPEG layout: <root>/<image stem>/attention_<word>.jpg, 32x32, 8-bit grey ----
 
 def export_jpeg(items, attn_dir, jpeg_dir):
     """Write our maps in the authors' layout; returns the number of items written.
 
-    The layout is keyed by image stem, so a second item with the same stem is skipped with a
-    warning (their trainer could not tell the two apart either).
+    The layout is keyed by image stem: a second item with the same stem is skipped with a warning.
     """
-    written, stems = 0, {}
+    stems = {}
     for item in items:
-        path = maps_path(attn_dir, item["id"])
+        path, stem = maps_path(attn_dir, item["id"]), Path(item["image"]).stem
         if not is_complete(path):
             continue
-        stem = Path(item["image"]).stem
         if stem in stems:
             warnings.warn(f"item {item['id']!r}: image stem {stem!r} already exported for item {stems[stem]!r}; skipped")
             continue
         stems[stem] = item["id"]
         maps, words, _ = load_maps(path)
-        folder = Path(jpeg_dir) / stem
-        folder.mkdir(parents=True, exist_ok=True)
+        (Path(jpeg_dir) / stem).mkdir(parents=True, exist_ok=True)
         for word, m in zip(words, maps):
             grey = (m.clamp(0, 1) * 255).round().to(torch.uint8).numpy()          # (32, 32) 8-bit
-            Image.fromarray(grey, "L").save(folder / f"attention_{word}.jpg", quality=95)
-        written += 1
-    return written
+            Image.fromarray(grey, "L").save(Path(jpeg_dir) / stem / f"attention_{word}.jpg", quality=95)
+    return len(stems)
 
 
 def read_jpeg_maps(folder, words=None):
     """(maps float32 (n, 32, 32) in [0, 1], words) from a folder of attention_<word>.jpg files.
 
-    words: the order to return (e.g. text order); default: every file, sorted by word. JPEG
-    ringing moves the extremes a little, so each map is min-max normalised again.
+    words: the order to return (missing files are left out); default: every file, sorted by word.
+    JPEG ringing moves the extremes a little, so each map is min-max normalised again.
     """
     files = {p.name[len("attention_"):-len(".jpg")]: p for p in Path(folder).glob("attention_*.jpg")}
     words = sorted(files) if words is None else [w for w in words if w in files]
-    maps = []
-    for word in words:
+    maps = torch.zeros(len(words), MAP_SIZE, MAP_SIZE)                          # (n, 32, 32)
+    for i, word in enumerate(words):
         with Image.open(files[word]) as img:
-            grey = img.convert("L").resize((MAP_SIZE, MAP_SIZE), Image.BILINEAR)
-        maps.append(torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0))
-    maps = torch.stack(maps) if maps else torch.zeros(0, MAP_SIZE, MAP_SIZE)   # (n, 32, 32)
+            maps[i] = torch.from_numpy(np.asarray(img.convert("L").resize((MAP_SIZE, MAP_SIZE)), dtype=np.float32))
     lo, hi = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
-    return ((maps - lo) / (hi - lo).clamp_min(1e-12)), words
+    return (maps - lo) / (hi - lo).clamp_min(1e-12), words
 
 
 def import_jpeg(items, jpeg_dir, attn_dir, dm_name="authors-jpeg"):
     """Convert the authors' JPEG maps of items into our store; returns the number of items written.
 
-    Words come in order of first appearance in the answer (lower-cased, punctuation stripped),
-    then any other file's word, sorted.
+    Words in order of first appearance in the answer (lower-cased, punctuation stripped), then any
+    other word that has a file, sorted.
     """
     written = 0
     for item in items:
         folder = Path(jpeg_dir) / Path(item["image"]).stem
-        if not folder.is_dir():
-            continue
         in_text = list(dict.fromkeys(w.strip(".,;:!?\"'()").lower() for w in item["answer"].split()))
-        _, every = read_jpeg_maps(folder)
-        maps, words = read_jpeg_maps(folder, in_text + sorted(set(every) - set(in_text)))
+        maps, words = read_jpeg_maps(folder, in_text + sorted(set(read_jpeg_maps(folder)[1]) - set(in_text)))
         if words:
             save_maps(maps_path(attn_dir, item["id"]), maps, words, {"text": item["answer"], "dm": dm_name})
             written += 1
     return written
 
 
-# ---------------------------------------------------------------------------------------------
-# benchmark: capture overhead at SD-v1.4 geometry (random weights), CPU
-# ---------------------------------------------------------------------------------------------
-
+# ---- benchmark: capture overhead at SD-v1.4 geometry (random weights), CPU ----
 
 def bench(res=256, inversion_steps=5, denoise_steps=10, repeats=1, columns=77):
     """Time inversion + denoising with capture vs the same UNet calls without; returns the ratio.
 
-    Only the UNet calls and scheduler steps are timed (no VAE, no text encoder: they run once per
-    image in both arms and would dilute the ratio). The UNet has SD-v1.4's geometry (blocks
-    320/640/1280/1280, cross-attention dim 768, 8 heads) with random weights; columns=77 captures
-    every context position, the worst case (a real answer needs only its own tokens).
-    The arms alternate (plain, capture, capture, plain, ...) so drifting load hits both alike.
+    Only UNet calls and scheduler steps are timed (the VAE and text encoder run once per image in
+    both arms and would only dilute the ratio). SD-v1.4's UNet geometry (320/640/1280/1280, 768-d
+    context, 8 heads), random weights; columns=77 captures every context position (the worst case).
+    Arms alternate (plain, capture, capture, plain, ...) so drifting load hits both alike.
     """
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()  # sd14 geometry
-    unet.requires_grad_(False)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              set_alpha_to_one=False, steps_offset=1, clip_sample=False)
-    inverse, forward = ddim_grids(scheduler, inversion_steps, denoise_steps)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # sd14 geometry
+    unet.eval().requires_grad_(False)
+    inverse, forward = ddim_grids(sd_scheduler(), inversion_steps, denoise_steps)
     latents = torch.randn(1, 4, res // 8, res // 8)                            # (1, 4, 32, 32) at 256 px
     context = torch.randn(1, 77, 768)                                          # a CLIP text embedding's shape
 
-    @torch.no_grad()
-    def run(capture):
-        if not capture:
-            return invert_and_denoise(unet, latents, context, inverse, forward)
-        store = new_store(latents.shape[-2:], columns)
-        with capturing(unet, store):
-            invert_and_denoise(unet, latents, context, inverse, forward, store)
-        return store["sum"] / store["count"]
-
-    with torch.no_grad():  # warm-up: one UNet call each way (allocator, kernels)
-        unet(latents, 1, encoder_hidden_states=context)
-        with capturing(unet, new_store(latents.shape[-2:], columns)):
-            unet(latents, 1, encoder_hidden_states=context)
     seconds = {False: 0.0, True: 0.0}
-    for r in range(repeats):
-        for capture in ((False, True) if r % 2 == 0 else (True, False)):
-            t0 = time.perf_counter()
-            run(capture)
-            seconds[capture] += time.perf_counter() - t0
+    with torch.no_grad():
+        unet(latents, 1, encoder_hidden_states=context)                        # warm-up (allocator)
+        for r in range(repeats):
+            for capture in ((False, True) if r % 2 == 0 else (True, False)):
+                store = new_store(latents.shape[-2:], columns)
+                t0 = time.perf_counter()
+                with capturing(unet, store) if capture else contextlib.nullcontext():
+                    invert_and_denoise(unet, latents, context, inverse, forward, store if capture else None)
+                    mean = store["sum"] / store["count"] if capture else None  # (1, 77, 32, 32), in the timing
+                seconds[capture] += time.perf_counter() - t0
     calls = repeats * (inversion_steps + denoise_steps)
     print(f"bench: SD-v1.4 geometry UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M params, random), "
           f"{res} px ({res // 8}x{res // 8} latents), {inversion_steps} inversion + {denoise_steps} denoise steps, "
           f"x{repeats}, {torch.get_num_threads()} threads")
-    print(f"without capture: {seconds[False]:.2f} s ({seconds[False] / calls:.3f} s per UNet call)")
-    print(f"with capture:    {seconds[True]:.2f} s ({seconds[True] / calls:.3f} s per UNet call)")
-    ratio = seconds[True] / seconds[False]
-    print(f"capture overhead ratio: {ratio:.3f}")
-    return ratio
+    for capture, label in ((False, "without capture"), (True, "with capture   ")):
+        print(f"{label}: {seconds[capture]:.2f} s ({seconds[capture] / calls:.3f} s per UNet call)")
+    print(f"capture overhead ratio: {seconds[True] / seconds[False]:.3f}")
+    return seconds[True] / seconds[False]
 
 
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
-
+# ---- command line ----
 
 def parse_layers(text):
     """"all" -> None; "2,4" -> {2, 4} (downsampling factors of the latent grid)."""
     if text == "all":
         return None
-    try:
-        factors = {int(f) for f in text.split(",")}
-    except ValueError:
-        raise SystemExit(f"--layers {text!r}: give 'all' or comma-separated factors such as '2,4'") from None
-    if any(f < 1 or f & (f - 1) for f in factors):
-        raise SystemExit(f"--layers {text!r}: factors are powers of two (1, 2, 4, 8)")
+    factors = {int(f) for f in text.split(",") if f.strip().isdigit()}
+    if len(factors) != len(text.split(",")) or any(f < 1 or f & (f - 1) for f in factors):
+        raise SystemExit(f"--layers {text!r}: give 'all' or comma-separated powers of two such as '2,4' (1, 2, 4, 8)")
     return factors
 
 
@@ -761,12 +675,9 @@ def main(argv=None):
     if not args.data:
         raise SystemExit("--data is required: a JSONL of {id, image, question, answer} lines")
     items = read_items(args.data)[:args.limit]
-    if args.export_jpeg:
-        print(f"exported {export_jpeg(items, args.out, args.export_jpeg)} items to {args.export_jpeg}")
-        return
-    if args.import_jpeg:
-        print(f"imported {import_jpeg(items, args.import_jpeg, args.out)} items into {args.out}")
-        return
+    if args.export_jpeg or args.import_jpeg:
+        n = export_jpeg(items, args.out, args.export_jpeg) if args.export_jpeg else import_jpeg(items, args.import_jpeg, args.out)
+        return print(f"{'exported' if args.export_jpeg else 'imported'} {n} items")
     # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1. No process group:
     # ranks share nothing but the output folder.
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

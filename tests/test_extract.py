@@ -1,0 +1,277 @@
+"""Tests of extract.py: tiny SD built from configs (random, seeded), CLIP tokenizer built in memory, CPU.
+
+    python -m pytest -q tests/test_extract.py        # about a minute on 2 CPU cores, nothing downloaded
+"""
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import extract
+from conftest import write_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = dict(inversion_steps=2, denoise_steps=3)  # the grids still meet; the tests stay quick
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than two when other jobs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dm():
+    return extract.load_dm("tiny-sd")
+
+
+def pieces(dm, positions):
+    """The CLIP pieces at 77-token positions (position 0 is the start token)."""
+    ids = dm["tokenizer"](TEXT, padding="max_length", max_length=77, truncation=True).input_ids
+    return [dm["tokenizer"].convert_ids_to_tokens(ids[p]) for p in positions]
+
+
+TEXT = "A red circle? An elephant, red dog's RED"
+
+
+# ---- words ----------------------------------------------------------------------------------
+
+def test_words_worked_example(dm):
+    words, positions = extract.text_words(dm["tokenizer"], TEXT)
+    # punctuation ("?", ",") dropped; "red" three times -> one entry; case folded as CLIP does
+    assert words == ["a", "red", "circle", "an", "elephant", "dog", "'s"]
+    red = positions[words.index("red")]
+    assert len(red) == 3 and all(len(occ) == 1 for occ in red)
+    assert {pieces(dm, occ)[0] for occ in red} == {"red</w>"}
+    # "elephant" is not in the tiny vocabulary: several consecutive pieces, one word
+    (elephant,) = positions[words.index("elephant")]
+    assert len(elephant) > 1 and elephant == list(range(elephant[0], elephant[0] + len(elephant)))
+    assert "".join(pieces(dm, elephant)) == "elephant</w>"
+    # positions count from 1: position 0 is CLIP's start token
+    assert positions[0] == [[1]] and pieces(dm, [1]) == ["a</w>"]
+
+
+def test_words_truncated_beyond_clip_limit_with_warning(dm):
+    text = " ".join(["red"] * 74 + ["elephant", "blue"])  # 74 + several + 1 tokens: "elephant" is cut
+    n = 74 + len(dm["tokenizer"]("elephant", add_special_tokens=False).input_ids) + 1
+    with pytest.warns(UserWarning, match=f"item 'long-1'.*{n} CLIP tokens"):
+        words, positions = extract.text_words(dm["tokenizer"], text, max_tokens=75, item_id="long-1")
+    assert words == ["red"]  # the cut "elephant" and the lost "blue" get no map
+    assert len(positions[0]) == 74 and max(p for occ in positions[0] for p in occ) <= 75
+
+
+def test_word_weights_average_pieces_then_occurrences():
+    W = extract.word_weights([[[1], [3]], [[2, 4]], [[5]]], 6)
+    expected = torch.tensor([[0, .5, 0, .5, 0, 0], [0, 0, .5, 0, .5, 0], [0, 0, 0, 0, 0, 1.]])
+    assert torch.equal(W, expected)
+
+
+# ---- capture --------------------------------------------------------------------------------
+
+def test_capture_leaves_unet_output_unchanged_and_maps_are_distributions(dm):
+    unet = dm["unet"]
+    torch.manual_seed(1)
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        plain = unet(x, 500, encoder_hidden_states=ctx).sample
+        store = extract.new_store((16, 16), columns=77)
+        with extract.capturing(unet, store):
+            kinds = {name: type(p).__name__ for name, p in unet.attn_processors.items()}
+            captured = unet(x, 500, encoder_hidden_states=ctx).sample
+    assert torch.allclose(plain, captured, atol=1e-5), (plain - captured).abs().max()
+    # attn2 only: self-attention keeps SDPA; everything is restored afterwards
+    assert all(k == ("CrossAttentionCapture" if n.endswith("attn2.processor") else "AttnProcessor2_0") for n, k in kinds.items())
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in unet.attn_processors.values())
+    # 7 attn2 layers (16x16: down 1 + up 2; 8x8: down 1, mid 1, up 2); softmax over the 77
+    # positions: each pixel's mean map sums to 1
+    assert store["count"] == 7 and store["sum"].shape == (2, 77, 16, 16)
+    assert torch.allclose((store["sum"] / store["count"]).sum(1), torch.ones(2, 16, 16), atol=1e-5)
+
+
+def test_layer_filter_keeps_only_chosen_resolutions(dm):
+    with torch.no_grad():
+        for factors, count in (({1}, 3), ({2}, 4), ({1, 2}, 7)):
+            store = extract.new_store((16, 16), columns=5, factors=factors)
+            with extract.capturing(dm["unet"], store):
+                dm["unet"](torch.randn(1, 4, 16, 16), 10, encoder_hidden_states=torch.randn(1, 77, 32))
+            assert store["count"] == count
+
+
+@pytest.mark.parametrize("inversion,denoise", [(5, 10), (3, 7), (10, 10), (1, 4)])
+def test_inversion_and_denoising_grids_meet(dm, inversion, denoise):
+    inverse, forward = extract.ddim_grids(dm["scheduler"], inversion, denoise)
+    assert len(inverse.timesteps) == inversion and len(forward.timesteps) == denoise
+    assert inverse.timesteps[-1] == forward.timesteps[0] == 999  # inversion ends where denoising starts
+    assert list(inverse.timesteps) == sorted(inverse.timesteps) and inverse.config.clip_sample is False
+
+
+# ---- end to end -----------------------------------------------------------------------------
+
+def test_extract_writes_one_map_per_distinct_word(dm, tmp_path):
+    items = extract.read_items(write_dataset(tmp_path, n=6, with_attn=False))
+    summary = extract.extract(items, dm, tmp_path / "out", batch_size=3, progress=False)
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (6, 0, 0)
+    for item in items:
+        maps, words, meta = extract.load_maps(extract.maps_path(tmp_path / "out", item["id"]))
+        assert words == extract.text_words(dm["tokenizer"], item["answer"])[0]
+        assert words == list(dict.fromkeys(item["answer"].split()))  # the fixture's answers are plain words
+        assert maps.shape == (len(words), 32, 32) and torch.isfinite(maps).all()
+        assert maps.amin(dim=(1, 2)).eq(0).all() and maps.amax(dim=(1, 2)).eq(1).all()  # min-max per word
+        assert (meta["dm"], meta["inversion_steps"], meta["denoise_steps"], meta["res"], meta["text"]) == \
+            ("tiny-sd", 5, 10, 32, item["answer"])
+    assert not list((tmp_path / "out").glob(".*tmp"))  # no temp file left behind
+    # batch composition does not change an item's maps (batch 3 above vs batch 1 here)
+    extract.extract(items[4:5], dm, tmp_path / "one", progress=False)
+    a = extract.load_maps(extract.maps_path(tmp_path / "out", "item004"))[0]
+    b = extract.load_maps(extract.maps_path(tmp_path / "one", "item004"))[0]
+    assert torch.allclose(a, b, atol=2e-3)  # float16 storage
+
+
+def test_resume_skips_complete_files_and_redoes_broken_ones(dm, tmp_path):
+    items = extract.read_items(write_dataset(tmp_path, n=5, with_attn=False))
+    out = tmp_path / "out"
+    first = extract.extract(items[:2], dm, out, progress=False, **FAST)
+    assert first["done"] == 2
+    before = extract.maps_path(out, "item000").stat().st_mtime_ns
+    extract.maps_path(out, "item001").write_bytes(b"half a file")  # what a kill could leave if writes were not atomic
+    second = extract.extract(items, dm, out, progress=False, **FAST)
+    assert (second["done"], second["skipped"], second["failed"]) == (4, 1, 0)
+    assert extract.maps_path(out, "item000").stat().st_mtime_ns == before
+    assert all(extract.is_complete(extract.maps_path(out, item["id"])) for item in items)
+
+
+def test_bad_items_land_in_failures_and_the_rest_completes(dm, tmp_path):
+    path = write_dataset(tmp_path, n=3, with_attn=False)
+    (tmp_path / "images" / "item001.png").write_bytes(b"\x89PNG not really")        # corrupt
+    lines = [json.loads(line) for line in open(path)]
+    lines[2]["answer"] = "   "                                                         # empty answer
+    lines += [dict(lines[0], id="punct", answer="?!"), dict(lines[0], id="gone", image="images/nope.png"),
+              dict(lines[0], id="bad/id"), dict(lines[0]), dict(lines[0], id="fine")]  # no word, missing, bad id, duplicate, good
+    Path(path).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = extract.extract(extract.read_items(path), dm, tmp_path / "out", batch_size=2, progress=False, **FAST)
+    assert (summary["done"], summary["failed"]) == (2, 6)  # item000 and "fine" complete
+    failures = {f["id"]: f["reason"] for f in map(json.loads, open(tmp_path / "out" / "failures.jsonl"))}
+    assert failures["item001"].startswith("corrupt image")
+    assert failures["item002"].startswith("empty answer")
+    assert failures["punct"].startswith("no mappable word")
+    assert failures["gone"].startswith("missing image")
+    assert failures["bad/id"].startswith("bad id")
+    assert "duplicate id" in open(tmp_path / "out" / "failures.jsonl").read()
+    assert extract.is_complete(extract.maps_path(tmp_path / "out", "item000"))
+
+
+def test_two_ranks_equal_one_rank(dm, tmp_path):
+    items = extract.read_items(write_dataset(tmp_path, n=5, with_attn=False))
+    one, two, run = tmp_path / "one", tmp_path / "two", tmp_path / "torchrun"
+    extract.extract(items, dm, one, progress=False, **FAST)
+    shares = [extract.extract(items, dm, two, rank=r, world_size=2, progress=False, **FAST) for r in (0, 1)]
+    assert [s["done"] for s in shares] == [3, 2]  # items 0, 2, 4 and 1, 3
+    # and through torchrun itself: two processes, each building tiny-sd from the same seed
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                           str(ROOT / "extract.py"), "--dm", "tiny-sd", "--data", str(tmp_path / "data.jsonl"), "--out", str(run),
+                           "--inversion-steps", "2", "--denoise-steps", "3", "--batch-size", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "extract rank 0/2: 3 done" in proc.stdout and "extract rank 1/2: 2 done" in proc.stdout
+    names = sorted(p.name for p in one.glob("*.safetensors"))
+    assert len(names) == 5
+    for other in (two, run):
+        assert sorted(p.name for p in other.glob("*.safetensors")) == names
+        for name in names:
+            a, wa, _ = extract.load_maps(one / name)
+            b, wb, _ = extract.load_maps(other / name)
+            assert wa == wb and torch.allclose(a, b, atol=2e-3)
+
+
+def test_bfloat16_unet_accumulates_in_float32(tmp_path):
+    items = extract.read_items(write_dataset(tmp_path, n=1, with_attn=False))
+    ref = extract.extract(items, extract.load_dm("tiny-sd"), tmp_path / "f32", progress=False, **FAST)
+    low = extract.extract(items, extract.load_dm("tiny-sd", dtype=torch.bfloat16), tmp_path / "bf16", progress=False, **FAST)
+    assert ref["done"] == low["done"] == 1
+    a = extract.load_maps(extract.maps_path(tmp_path / "f32", "item000"))[0]
+    b = extract.load_maps(extract.maps_path(tmp_path / "bf16", "item000"))[0]
+    assert torch.isfinite(b).all()
+    assert np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1] > 0.9
+
+
+# ---- presets --------------------------------------------------------------------------------
+
+def test_folder_preset_loads_through_the_same_path(dm, tmp_path):
+    extract.save_dm(extract.tiny_sd(), tmp_path / "toy-sd")
+    loaded = extract.load_dm("toy-sd", path=tmp_path / "toy-sd")
+    assert loaded["res"] == dm["res"] == 32 and loaded["name"] == "toy-sd"
+    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded["unet"](x, 3, encoder_hidden_states=ctx).sample,
+                              dm["unet"](x, 3, encoder_hidden_states=ctx).sample, atol=1e-6)
+    assert extract.text_words(loaded["tokenizer"], TEXT) == extract.text_words(dm["tokenizer"], TEXT)
+
+
+def test_missing_weights_give_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"--dm toy-sd: no diffusion model weights .*--dm-path"):
+        extract.load_dm("toy-sd", path=tmp_path / "nothing-here")
+
+
+# ---- store, images, authors' layout ---------------------------------------------------------
+
+def test_store_round_trip_and_reads_the_documented_format(tiny_dataset, tmp_path):
+    maps = torch.rand(3, 32, 32)
+    extract.save_maps(tmp_path / "x.safetensors", maps, ["a", "b", "c"], {"text": "a b c", "dm": "t", "res": 512})
+    back, words, meta = extract.load_maps(tmp_path / "x.safetensors")
+    assert words == ["a", "b", "c"] and meta["res"] == 512 and torch.allclose(back, maps, atol=1e-3)
+    with pytest.raises(ValueError, match="one per word"):
+        extract.save_maps(tmp_path / "y.safetensors", maps, ["a", "b"], {})
+    # files written by the fixture straight from the DESIGN.md spec (not by save_maps)
+    attn = Path(tiny_dataset).parent / "attn"
+    maps, words, meta = extract.load_maps(extract.maps_path(attn, "item000"))
+    assert words == ["red", "circle"] and maps.shape == (2, 32, 32) and meta["inversion_steps"] == 5
+
+
+def test_read_items_names_the_bad_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": "a", "image": "a.png", "question": "q", "answer": "x"}\n{"id": "b", "image": "b.png"}\n')
+    with pytest.raises(ValueError, match="line 2.*'question'"):
+        extract.read_items(path)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "1", "LA"])
+def test_images_of_any_mode_become_rgb(tmp_path, mode):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    img = rgb.convert("L").convert(mode) if mode in ("I;16", "1", "LA") else rgb.convert(mode)
+    path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
+    img.save(path)
+    x = extract.load_image(path, 16)
+    assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1 and x.std() > 0.05
+
+
+def test_sixteen_bit_white_and_transparent_become_white(tmp_path):
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "w16.png")
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    for name in ("w16.png", "clear.png"):
+        assert torch.allclose(extract.load_image(tmp_path / name, 8), torch.ones(3, 8, 8))
+
+
+def test_authors_jpeg_layout_round_trip(tiny_dataset, tmp_path):
+    items = extract.read_items(tiny_dataset)
+    attn = Path(tiny_dataset).parent / "attn"
+    assert extract.export_jpeg(items, attn, tmp_path / "jpeg") == 6
+    jpg = tmp_path / "jpeg" / "item004" / "attention_circle.jpg"
+    with Image.open(jpg) as img:
+        assert (img.mode, img.size) == ("L", (32, 32))
+    assert extract.import_jpeg(items, tmp_path / "jpeg", tmp_path / "back") == 6
+    for item in items:
+        a, wa, _ = extract.load_maps(extract.maps_path(attn, item["id"]))
+        b, wb, _ = extract.load_maps(extract.maps_path(tmp_path / "back", item["id"]))
+        assert wa == wb  # text order survives the trip
+        assert (a - b).abs().mean() < 0.05  # 8-bit JPEG of random maps: a small, bounded error
