@@ -174,18 +174,15 @@ def sd_scheduler():
 def save_dm(dm, folder):
     """Write a dm dict in the diffusers component layout that load_dm reads (unet/, vae/, ...)."""
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if dm.get(part) is not None:
-            dm[part].save_pretrained(Path(folder) / part)
+        dm[part].save_pretrained(Path(folder) / part)
 
 
 def _load_folder(folder):
-    """dm parts from a folder (or hub id) in diffusers layout; vae/ may be absent (pixel space)."""
+    """dm parts from a folder (or hub id) in diffusers component layout."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-    pixel_space = Path(folder).is_dir() and not (Path(folder) / "vae").is_dir()
-    vae = None if pixel_space else AutoencoderKL.from_pretrained(folder, subfolder="vae")
     scheduler_config = DDIMScheduler.load_config(folder, subfolder="scheduler")
-    return dict(vae=vae, unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+    return dict(vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"), unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
                 text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
                 tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
                 scheduler=DDIMScheduler.from_config(_ddim_config(scheduler_config, DDIMScheduler)))
@@ -200,42 +197,35 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
     """
     if name not in DM_PRESETS:
         raise SystemExit(f"unknown --dm {name!r}; choose one of {sorted(DM_PRESETS)} or give --dm-path")
-    preset = DM_PRESETS[name]
-    if name == "tiny-sd" and path is None:
-        dm = tiny_sd()
-    else:
+    preset, dm = DM_PRESETS[name], tiny_sd() if name == "tiny-sd" and path is None else None
+    if dm is None:
         source = path or preset["path"] or preset["hub_id"]
         try:
             dm = _load_folder(source)
         except (OSError, ValueError) as e:
-            where = f"download {preset['hub_id']} (e.g. `huggingface-cli download {preset['hub_id']}`) or" if preset["hub_id"] else "make it with toy.py or"
-            raise SystemExit(f"--dm {name}: no diffusion model weights at {source!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
-                             f"{where.capitalize()} point --dm-path at a local folder with unet/, vae/, text_encoder/, "
-                             f"tokenizer/, scheduler/ subfolders.") from None
+            get = f"download {preset['hub_id']} (hf download {preset['hub_id']})" if preset["hub_id"] else "make it with toy.py"
+            raise SystemExit(f"--dm {name}: no diffusion model weights at {source!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                             f"{get}, or point --dm-path at a folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/") from None
     for part in ("vae", "unet", "text_encoder"):
-        if dm[part] is not None:
-            if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op one)
-                dm[part].to(dtype=dtype)
-            dm[part].to(device=device).eval().requires_grad_(False)
+        if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op one)
+            dm[part].to(dtype=dtype)
+        dm[part].to(device=device).eval().requires_grad_(False)
     sample = np.atleast_1d(dm["unet"].config.sample_size)[0]
-    scale = 2 ** (len(dm["vae"].config.block_out_channels) - 1) if dm["vae"] is not None else 1
+    scale = 2 ** (len(dm["vae"].config.block_out_channels) - 1)                # the VAE's downsampling
     dm.update(res=int(sample * scale), name=name)
     return dm
 
 
 # ---- CLIP tokens -> words (issue step 4) ----
 
-def _is_punctuation(text):
-    """True when text has no letter or digit ("?", ",", "--", "...")."""
-    return not any(unicodedata.category(c)[0] in "LN" for c in text)
-
-
 def text_words(tokenizer, text, max_tokens=75, item_id=None):
     """(words, positions): the distinct words of text and, per word, its occurrences' token positions.
 
-    Positions index the UNet's 77-token context (position 0 is CLIP's start token). A word is the
-    run of BPE pieces up to and including one that ends in CLIP's end-of-word marker "</w>"; its
-    text is the original text under the pieces' character offsets, lower-cased as CLIP does.
+    Positions index the UNet's 77-token context (position 0 is CLIP's start token). CLIP's
+    pre-tokenizer cuts text at spaces, punctuation, contractions and between digits; its BPE
+    marks each cut's last piece with "</w>". A word is such a run of pieces, glued to a touching
+    neighbour when both are letters/digits (CLIP splits "25" into "2" "5" and "mp3" into "mp" "3").
+    Its text is the original text under its pieces' character offsets, lower-cased as CLIP does.
     Pure punctuation is dropped. A repeated word gets one entry, its occurrences averaged later.
     Beyond max_tokens content tokens (CLIP: 77 - start - end = 75) the text is truncated with a
     warning naming the item, and a word cut in two by the limit is dropped.
@@ -243,29 +233,36 @@ def text_words(tokenizer, text, max_tokens=75, item_id=None):
         "A red circle?"          -> ["a", "red", "circle"],  [[[1]], [[2]], [[3]]]   ("?" at 4 dropped)
         "an elephant" (tiny-sd)  -> ["an", "elephant"],      [[[1, 2]], [[3, 4, 5, 6, 7, 8, 9]]]
         "red dog, red"           -> ["red", "dog"],          [[[1], [4]], [[2]]]
+        "25 dogs"                -> ["25", "dogs"],          [[[1, 2]], [[3, ...]]]
     """
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    if len(ids) > max_tokens:
-        warnings.warn(f"item {item_id!r}: answer has {len(ids)} CLIP tokens; keeping the first {max_tokens} "
+    pieces, offsets = tokenizer.convert_ids_to_tokens(enc["input_ids"]), enc["offset_mapping"]
+    if len(pieces) > max_tokens:
+        warnings.warn(f"item {item_id!r}: answer has {len(pieces)} CLIP tokens; keeping the first {max_tokens} "
                       f"(CLIP's limit), words after that get no map")
         pieces, offsets = pieces[:max_tokens], offsets[:max_tokens]
-    words, positions, run = [], [], []
+    spans, run = [], []                                     # spans: [start, end, token positions]
     for j, piece in enumerate(pieces):
-        run.append(j)
+        run.append(1 + j)                                   # +1: the start token
         if not piece.endswith("</w>"):
-            continue  # the word goes on in the next piece
-        word = text[offsets[run[0]][0]:offsets[run[-1]][1]].lower()
-        if not word.strip():  # no offsets (a slow tokenizer): fall back to the pieces themselves
-            word = "".join(pieces[i] for i in run).replace("</w>", "")
-        if not _is_punctuation(word):
-            if word not in words:
-                words.append(word)
-                positions.append([])
-            positions[words.index(word)].append([1 + i for i in run])  # +1: the start token
-        run = []
-    return words, positions  # a trailing run without "</w>" was cut by truncation: dropped
+            continue                                        # the word goes on in the next piece
+        start, end = offsets[run[0] - 1][0], offsets[j][1]
+        last = spans[-1] if spans else None
+        if last and last[1] == start and text[last[0]:end].isalnum():
+            last[1], last[2] = end, last[2] + run           # "2" "5" -> "25"
+        else:
+            spans.append([start, end, run])
+        run = []                                            # a run left open at the end was cut: dropped
+    words, positions = [], []
+    for start, end, occurrence in spans:
+        word = text[start:end].lower()
+        if not any(unicodedata.category(c)[0] in "LN" for c in word):
+            continue                                        # no letter or digit: "?", ",", "--"
+        if word not in words:
+            words.append(word)
+            positions.append([])
+        positions[words.index(word)].append(occurrence)
+    return words, positions
 
 
 def word_weights(positions, n_columns):
@@ -338,13 +335,17 @@ def new_store(grid, columns, factors=None):  # the accumulator the capture proce
     return {"on": True, "grid": tuple(grid), "columns": columns, "factors": factors, "sum": None, "count": 0}
 
 
+def capture_processors(processors, store):
+    """processors (name -> processor) with every attn2 one replaced by a CrossAttentionCapture."""
+    capture = CrossAttentionCapture(store)
+    return {name: capture if name.endswith("attn2.processor") else p for name, p in processors.items()}
+
+
 @contextlib.contextmanager
 def capturing(unet, store):
     """Install CrossAttentionCapture on every attn2 module for the block, then restore."""
     original = dict(unet.attn_processors)                                   # name -> processor
-    processor = CrossAttentionCapture(store)
-    unet.set_attn_processor({name: processor if name.endswith("attn2.processor") else p
-                             for name, p in original.items()})
+    unet.set_attn_processor(capture_processors(original, store))
     try:
         yield store
     finally:
@@ -370,8 +371,7 @@ def ddim_grids(scheduler, inversion_steps, denoise_steps):
     forward = DDIMScheduler.from_config(_ddim_config(config, DDIMScheduler))
     inverse.set_timesteps(inversion_steps)
     forward.set_timesteps(denoise_steps)
-    if inversion_steps and denoise_steps:
-        assert inverse.timesteps[-1] == forward.timesteps[0], (inverse.timesteps, forward.timesteps)
+    assert inverse.timesteps[-1] == forward.timesteps[0], (inverse.timesteps, forward.timesteps)
     return inverse, forward
 
 
@@ -397,10 +397,8 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     """
     unet, device = dm["unet"], dm["unet"].device
     images = images.to(device=device, dtype=unet.dtype)
-    if dm["vae"] is not None:  # latent mean x scaling factor (SD's encoding, no sampling)
-        latents = dm["vae"].encode(images.to(dm["vae"].dtype)).latent_dist.mean.float() * dm["vae"].config.scaling_factor
-    else:
-        latents = images.float()                                              # pixel-space DM
+    # the latent mean x scaling factor (SD's encoding, without sampling: deterministic)
+    latents = dm["vae"].encode(images).latent_dist.mean.float() * dm["vae"].config.scaling_factor  # (B, 4, h, w)
     tok = dm["tokenizer"]
     ids = tok(texts, padding="max_length", max_length=dm["text_encoder"].config.max_position_embeddings,
               truncation=True, return_tensors="pt").input_ids.to(device)        # (B, 77)
@@ -467,9 +465,8 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
     from tqdm import tqdm
     t0, out_dir = time.time(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps,
-            "res": dm["res"], "capture_steps": capture_steps,
-            "layers": "all" if layers is None else ",".join(str(f) for f in sorted(layers))}
+    meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps, "res": dm["res"],
+            "capture_steps": capture_steps, "layers": ",".join(map(str, sorted(layers))) if layers else "all"}
     max_tokens = dm["text_encoder"].config.max_position_embeddings - 2           # 75 for CLIP
     summary, seen, todo = {"done": 0, "skipped": 0, "failed": 0}, set(), []
 
@@ -590,31 +587,37 @@ def import_jpeg(items, jpeg_dir, attn_dir, dm_name="authors-jpeg"):
 def bench(res=256, inversion_steps=5, denoise_steps=10, repeats=1, columns=77):
     """Time inversion + denoising with capture vs the same UNet calls without; returns the ratio.
 
-    Only UNet calls and scheduler steps are timed (the VAE and text encoder run once per image in
-    both arms and would only dilute the ratio). SD-v1.4's UNet geometry (320/640/1280/1280, 768-d
-    context, 8 heads), random weights; columns=77 captures every context position (the worst case).
-    Arms alternate (plain, capture, capture, plain, ...) so drifting load hits both alike.
+    Only UNet calls are timed (the VAE and text encoder run once per image in both arms and would
+    only dilute the ratio). SD-v1.4's UNet geometry (320/640/1280/1280, 768-d context, 8 heads),
+    random weights; columns=77 captures every context position (the worst case). Each step runs
+    the UNet twice on the same input, plain and capturing, in alternating order, so that the load
+    of other processes hits both arms alike (their outputs are equal: see the tests).
     """
     from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # sd14 geometry
     unet.eval().requires_grad_(False)
     inverse, forward = ddim_grids(sd_scheduler(), inversion_steps, denoise_steps)
-    latents = torch.randn(1, 4, res // 8, res // 8)                            # (1, 4, 32, 32) at 256 px
     context = torch.randn(1, 77, 768)                                          # a CLIP text embedding's shape
-
-    seconds = {False: 0.0, True: 0.0}
+    plain = dict(unet.attn_processors)
+    seconds, calls = {False: 0.0, True: 0.0}, 0
     with torch.no_grad():
-        unet(latents, 1, encoder_hidden_states=context)                        # warm-up (allocator)
+        unet(torch.randn(1, 4, res // 8, res // 8), 1, encoder_hidden_states=context)  # warm-up
         for r in range(repeats):
-            for capture in ((False, True) if r % 2 == 0 else (True, False)):
-                store = new_store(latents.shape[-2:], columns)
-                t0 = time.perf_counter()
-                with capturing(unet, store) if capture else contextlib.nullcontext():
-                    invert_and_denoise(unet, latents, context, inverse, forward, store if capture else None)
-                    mean = store["sum"] / store["count"] if capture else None  # (1, 77, 32, 32), in the timing
-                seconds[capture] += time.perf_counter() - t0
-    calls = repeats * (inversion_steps + denoise_steps)
+            latents = torch.randn(1, 4, res // 8, res // 8)                    # (1, 4, 32, 32) at 256 px
+            store = new_store(latents.shape[-2:], columns)
+            for scheduler in (inverse, forward):
+                for t in scheduler.timesteps:
+                    for capture in ((False, True) if calls % 2 == 0 else (True, False)):
+                        unet.set_attn_processor(capture_processors(plain, store) if capture else dict(plain))  # (pops its argument)
+                        t0 = time.perf_counter()
+                        eps = unet(latents, t, encoder_hidden_states=context).sample
+                        seconds[capture] += time.perf_counter() - t0
+                    latents = scheduler.step(eps, t, latents).prev_sample
+                    calls += 1
+            t0 = time.perf_counter()
+            store["sum"] / store["count"]                                      # the mean map: capture's cost
+            seconds[True] += time.perf_counter() - t0
     print(f"bench: SD-v1.4 geometry UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M params, random), "
           f"{res} px ({res // 8}x{res // 8} latents), {inversion_steps} inversion + {denoise_steps} denoise steps, "
           f"x{repeats}, {torch.get_num_threads()} threads")
@@ -645,8 +648,8 @@ def build_parser():
     p.add_argument("--out", default="attn", help="attention store folder: <out>/<id>.safetensors, <out>/failures.jsonl")
     p.add_argument("--limit", type=int, default=None, help="only the first N items (a quick look)")
     # ---- method (paper §5(1): 5 inversion + 10 denoising steps) ----
-    p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps, guidance 1, conditioned on the answer")
-    p.add_argument("--denoise-steps", type=int, default=10, help="DDIM denoising steps from the inverted latent")
+    p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (>= 1), guidance 1, conditioned on the answer")
+    p.add_argument("--denoise-steps", type=int, default=10, help="DDIM denoising steps (>= 1) from the inverted latent")
     p.add_argument("--capture-steps", default="all", choices=["all", "inversion", "denoise"],
                    help="which steps' attention is averaged (the paper: all of them)")
     p.add_argument("--layers", default="all",
@@ -681,9 +684,8 @@ def main(argv=None):
     # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1. No process group:
     # ranks share nothing but the output folder.
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device
-    if device == "auto":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    cuda = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    device = cuda if args.device == "auto" else args.device
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
              "auto": torch.float16 if device.startswith("cuda") else torch.float32}[args.dtype]
     dm = load_dm(args.dm, args.dm_path, device, dtype)

@@ -61,6 +61,13 @@ def test_words_worked_example(dm):
     assert positions[0] == [[1]] and pieces(dm, [1]) == ["a</w>"]
 
 
+def test_words_glue_digits_and_letters_that_clip_cuts_apart(dm):
+    # CLIP's pre-tokenizer cuts numbers into digits and letters from digits; "don't" stays two words
+    words, positions = extract.text_words(dm["tokenizer"], "25 dogs, mp3 don't")
+    assert words == ["25", "dogs", "mp3", "don", "'t"]
+    assert positions[0] == [[1, 2]] and positions[2][0][-1] == positions[2][0][0] + len(positions[2][0]) - 1
+
+
 def test_words_truncated_beyond_clip_limit_with_warning(dm):
     text = " ".join(["red"] * 74 + ["elephant", "blue"])  # 74 + several + 1 tokens: "elephant" is cut
     n = 74 + len(dm["tokenizer"]("elephant", add_special_tokens=False).input_ids) + 1
@@ -208,8 +215,14 @@ def test_bfloat16_unet_accumulates_in_float32(tmp_path):
 # ---- presets --------------------------------------------------------------------------------
 
 def test_folder_preset_loads_through_the_same_path(dm, tmp_path):
+    from diffusers import DDIMScheduler, PNDMScheduler
     extract.save_dm(extract.tiny_sd(), tmp_path / "toy-sd")
+    # sd14 ships a PNDM scheduler config: load_dm must make a DDIM scheduler of the same schedule from it
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                  skip_prk_steps=True, steps_offset=1).save_pretrained(tmp_path / "toy-sd" / "scheduler")
     loaded = extract.load_dm("toy-sd", path=tmp_path / "toy-sd")
+    assert type(loaded["scheduler"]) is DDIMScheduler
+    assert torch.equal(loaded["scheduler"].alphas_cumprod, dm["scheduler"].alphas_cumprod)
     assert loaded["res"] == dm["res"] == 32 and loaded["name"] == "toy-sd"
     x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
     with torch.no_grad():
