@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +32,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -46,10 +44,9 @@ from transformers import (MllamaConfig, MllamaForConditionalGeneration, MllamaIm
 import aggregate
 import aligner as aligner_lib
 import extract
+from data import check_images, collate, epoch_order, micro_batches, model_inputs, read_dm_maps  # collate: public API
 
-# ---------------------------------------------------------------------------------------------
-# model presets: --model NAME picks one; --model-path points at a local copy
-# ---------------------------------------------------------------------------------------------
+# ---- model presets: --model NAME picks one; --model-path points at a local copy ----
 
 # Special tokens of Llama-3.2-Vision that the chat template and the processor rely on.
 LLAMA_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|image|>", "<|start_header_id|>",
@@ -140,97 +137,7 @@ def load_vlm(name, path=None, dtype=torch.float32):
             f"(e.g. `hf download {VLM_PRESETS[name]['hub_id']} --local-dir DIR`) and pass --model-path DIR.") from None
     return model, processor
 
-# ---------------------------------------------------------------------------------------------
-# data: JSONL items + the DM attention store -> batches built with the model's own processor
-# ---------------------------------------------------------------------------------------------
-
-def check_images(items):
-    """Open every image before training (not at step 40,000): a list of 'id: problem' strings."""
-    problems = []
-    for item in items:
-        try:
-            with Image.open(item["image_path"]) as im:
-                im.verify()  # reads the whole file: catches truncated and non-image files
-        except Exception as err:  # noqa: BLE001 -- any failure to open is the item's problem
-            problems.append(f"item {item['id']!r}: image {item['image_path']!r} cannot be opened ({err})")
-    return problems
-
-
-def read_dm_maps(attn_dir, item_id):
-    """(maps (n_words, 32, 32), words) from the attention store, or (None, None) if the item has no file."""
-    if attn_dir is None:
-        return None, None
-    path = extract.maps_path(attn_dir, item_id)
-    if not path.exists():
-        return None, None
-    maps, words, _ = extract.load_maps(path)
-    return maps, words
-
-
-def collate(processor, items, with_answer=True):
-    """A batch for the VLM: the processor's output + "labels" + "image_sizes" + "ids".
-
-    Prompts use the processor's chat template: user [image, question], assistant [answer]. Labels
-    (eq. 6) are the answer's tokens and the closing <|eot_id|> (so the model learns to stop), -100
-    on the prompt and on padding. Training pads on the right; with_answer=False builds generation
-    prompts (no labels), padded on the left so that batched generate() continues every row.
-    image_sizes: (B, 2) original (height, width), which aggregate.py needs to crop the tiles' padding.
-    """
-    texts, prompt_lens, images = [], [], []
-    tokenizer = processor.tokenizer
-    for item in items:
-        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}
-        prompt = processor.apply_chat_template([user], add_generation_prompt=True)
-        if with_answer:
-            answer = {"role": "assistant", "content": [{"type": "text", "text": item["answer"]}]}
-            texts.append(processor.apply_chat_template([user, answer]))
-            prompt_lens.append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
-        else:
-            texts.append(prompt)
-        images.append([Image.open(item["image_path"]).convert("RGB")])
-    # the chat template already starts with <|begin_of_text|>: add no second one
-    batch = processor(images=images, text=texts, padding=True, add_special_tokens=False, return_tensors="pt",
-                      padding_side="right" if with_answer else "left")
-    batch = dict(batch)
-    batch["image_sizes"] = torch.tensor([[im[0].height, im[0].width] for im in images])  # (B, 2)
-    batch["ids"] = [item["id"] for item in items]
-    if with_answer:
-        labels = batch["input_ids"].clone()  # (B, T)
-        labels[batch["attention_mask"] == 0] = -100
-        for b, n in enumerate(prompt_lens):
-            labels[b, :n] = -100  # right padding: the prompt is the first n tokens of every row
-        batch["labels"] = labels
-    return batch
-
-
-def model_inputs(batch):
-    """The keys the model's forward takes (drops labels, ids, image_sizes)."""
-    keys = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
-            "cross_attention_mask")
-    return {k: batch[k] for k in keys if k in batch}
-
-
-def epoch_order(n_items, seed, epoch):
-    """The data order of an epoch: a permutation that depends only on (seed, epoch), so a resumed
-    run (and every rank) recomputes exactly the order of the interrupted one."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n_items, generator=g).tolist()
-
-
-def micro_batches(order, step, batch_size, grad_accum, rank, world):
-    """Item indices for each micro-batch of this rank at `step` of the epoch.
-
-    A step consumes world * grad_accum * batch_size items; micro-batch m of rank r is the slice
-    [(m * world + r) * batch_size, ... + batch_size). So 1 rank x batch 2 and 2 ranks x batch 1
-    see the same global batch, which the 1-rank-vs-2-ranks test relies on.
-    """
-    start = step * world * grad_accum * batch_size
-    return [order[start + (m * world + rank) * batch_size:][:batch_size] for m in range(grad_accum)]
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed set-up: plain and visible (nanoGPT style)
-# ---------------------------------------------------------------------------------------------
+# ---- distributed set-up: plain and visible (nanoGPT style) ----
 
 def setup_distributed():
     """(rank, world, device, mesh). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0
@@ -252,12 +159,25 @@ def setup_distributed():
 
 
 def all_reduce_sum(values, world):
-    """Sum a list of floats over ranks (every rank must call it); returns floats."""
-    t = torch.tensor(values, dtype=torch.float64)
+    """Sum a list of floats over ranks (every rank must call it)."""
+    on_gpu = world > 1 and dist.get_backend() == "nccl"  # nccl reduces GPU tensors only
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if on_gpu else "cpu")
     if world > 1:
-        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t)
     return t.cpu().tolist()
+
+
+def gather_objects(values, world):
+    """Concatenate a list from every rank (every rank must call it)."""
+    parts = [values] if world == 1 else [None] * world
+    if world > 1:
+        dist.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
 
 
 def shard(model, aligner, mesh, device):
@@ -291,9 +211,7 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-# ---------------------------------------------------------------------------------------------
-# model: preset -> LoRA -> parallel projections -> capture -> checkpointing
-# ---------------------------------------------------------------------------------------------
+# ---- model: preset -> LoRA -> parallel projections -> capture -> checkpointing ----
 
 # LoRA targets (§6 (4)): q/v projections of the LANGUAGE model only. "q_proj" alone would also
 # match the vision encoder's attention (the authors' release adapts both, see REFERENCE.md).
@@ -314,8 +232,8 @@ def apply_peft(model, args):
 
 def build(args, device, mesh):
     """Model, processor, aligner, capture and aligned layers, in the order the set-up needs."""
-    model, processor = load_vlm(args.model, args.model_path,
-                                dtype=torch.bfloat16 if device.type == "cuda" and args.peft == "lora" else torch.float32)
+    frozen_bf16 = device.type == "cuda" and args.peft == "lora"  # frozen base weights: bf16 on GPU
+    model, processor = load_vlm(args.model, args.model_path, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
     model = apply_peft(model, args)
     aligner, capture, layers = None, None, []
     if args.loss == "lavender":
@@ -342,20 +260,13 @@ def build(args, device, mesh):
     return model, processor, aligner, capture, layers
 
 
-# ---------------------------------------------------------------------------------------------
-# losses of one micro-batch
-# ---------------------------------------------------------------------------------------------
+# ---- losses of one micro-batch ----
 
 def vlm_loss_sum(logits, labels):
     """eq. 6: −Σ log p(answer token | image, question, earlier tokens), summed (not averaged), so
     that micro-batches and ranks can be weighted by their token counts. Token t predicts t+1."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
                            reduction="sum")
-
-
-def plan_batch(args, processor, batch, dm_words):
-    """aggregate.plan_words for a batch: which text rows are aligned to which DM word."""
-    return aggregate.plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], dm_words, match=args.match)
 
 
 def micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, device):
@@ -371,7 +282,7 @@ def micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, devi
         # the Aligner is an FSDP root: every rank must run it in every micro-batch, so a rank with
         # no word runs it once on zeros, weighted by 0 (same collectives, no effect on the loss)
         att = 0.0 * aligner(torch.zeros(1, aligner.in_channels, 32, 32, device=device)).sum() \
-            if aligner is not None and world_size() > 1 else torch.zeros((), device=device)
+            if aligner is not None and dist.is_initialized() else torch.zeros((), device=device)
         return vlm_loss_sum(logits, batch["labels"].to(device)), att, 0
     capture.set_rows(plan["rows"].to(device))  # (B, R) text positions whose attention is aligned
     logits = model(**inputs).logits  # (B, T, V); the hooks filled capture.probs
@@ -382,13 +293,7 @@ def micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, devi
     return vlm_loss_sum(logits, batch["labels"].to(device)), att, int(mask.sum())
 
 
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints (resume) and the run directory's outputs
-# ---------------------------------------------------------------------------------------------
+# ---- checkpoints (resume) and the run directory's outputs ----
 
 def trainable_modules(model, aligner):
     """One module holding everything trained, so one state-dict call covers the VLM and the Aligner."""
@@ -498,102 +403,92 @@ def load_run(run_dir, device="cpu"):
     return model.to(device).eval(), processor, lavender, config
 
 
-def barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------
-# the training loop
-# ---------------------------------------------------------------------------------------------
+# ---- the training loop ----
 
 def train(args):
     """Fine-tune with --loss ar or lavender; returns the run directory (the library entry of toy.py)."""
     rank, world, device, mesh = setup_distributed()
-    master = rank == 0  # only rank 0 prints and writes; every rank runs every collective
-    out = Path(args.out)
     try:
-        return _train(args, rank, world, device, mesh, master, out)
+        return fit(args, rank, world, device, mesh)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _train(args, rank, world, device, mesh, master, out):
+def fit(args, rank, world, device, mesh):
+    master, out = rank == 0, Path(args.out)  # only rank 0 prints and writes; every rank runs every collective
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     # ---- data, checked up front ----
     items = extract.read_items(args.data)
-    problems = check_images(items[rank::world])
-    problems = gather_objects(problems, world)
+    problems = gather_objects(check_images(items[rank::world]), world)  # each rank checks a share
     if problems:
         raise SystemExit(f"{len(problems)} image(s) cannot be used; fix or remove these items:\n  "
                          + "\n  ".join(problems[:20]))
     attn_dir = (Path(args.attn) if args.attn else Path(args.data).parent / "attn") if args.loss == "lavender" else None
     no_attn = sum(not extract.maps_path(attn_dir, it["id"]).exists() for it in items) if attn_dir else len(items)
-    per_step = world * args.grad_accum * args.batch_size
-    steps_per_epoch = len(items) // per_step
+    steps_per_epoch = len(items) // (world * args.grad_accum * args.batch_size)
     if steps_per_epoch == 0:
-        raise SystemExit(f"{args.data} has {len(items)} items, fewer than one step needs "
-                         f"({world} ranks x --grad-accum {args.grad_accum} x --batch-size {args.batch_size}); "
-                         f"lower --batch-size or add data")
+        raise SystemExit(f"{args.data} has {len(items)} items, fewer than one step needs ({world} ranks x --grad-accum "
+                         f"{args.grad_accum} x --batch-size {args.batch_size}); lower --batch-size or add data")
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     # ---- model, optimizer, schedule ----
     model, processor, aligner, capture, layers = build(args, device, mesh)
-    lavender_params = [p for n, p in model.named_parameters() if p.requires_grad and "lavender_" in n]
-    lavender_params += list(aligner.parameters()) if aligner is not None else []
-    vlm_params = [p for n, p in model.named_parameters() if p.requires_grad and "lavender_" not in n]
+    modules = trainable_modules(model, aligner)
+    is_lavender = lambda n: "lavender_" in n or n.startswith("aligner.")  # Aligner + parallel projections
+    lavender_params = [p for n, p in modules.named_parameters() if p.requires_grad and is_lavender(n)]
+    vlm_params = [p for n, p in modules.named_parameters() if p.requires_grad and not is_lavender(n)]
     optimizer = torch.optim.AdamW([{"params": vlm_params}, {"params": lavender_params}], lr=args.lr,
                                   weight_decay=args.weight_decay)
-    # StepLR-like decay per epoch (the authors' release: gamma 0.85 per epoch); it does not depend on
-    # the total number of steps, so a run cut short and resumed follows the same schedule
+    # decay per epoch, like the authors' StepLR (gamma 0.85): independent of the total number of
+    # steps, so a run cut short and resumed follows the same schedule as an uninterrupted one
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: args.lr_gamma ** (s // steps_per_epoch))
-    modules = trainable_modules(model, aligner)
     step = 0
     if args.resume:
-        step = load_checkpoint(out, modules, optimizer, scheduler, rank, world)["step"]
-    elif master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "log.jsonl").write_text("")
+        state = load_checkpoint(out, modules, optimizer, scheduler, rank, world)
+        step = state["step"]
+        if state["order"] != epoch_order(len(items), args.seed, state["epoch"]):
+            raise SystemExit(f"--resume: {args.data} or --seed changed since the checkpoint (the data order differs)")
+        if master:  # forget log lines written after the checkpoint (a crash after --save-every)
+            lines = (out / "log.jsonl").read_text().splitlines()
+            (out / "log.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
     if master:
+        out.mkdir(parents=True, exist_ok=True)
         config = {**vars(args), "world": world, "aligned_layers": layers, "items": len(items),
                   "items_without_attention": no_attn, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
         (out / "config.json").write_text(json.dumps(config, indent=1))
         if args.loss == "lavender" and no_attn:
             print(f"{no_attn} of {len(items)} items have no attention file in {attn_dir}: they train with L_VLM alone")
-    model.train()
-    if aligner is not None:
-        aligner.train()
+        log = open(out / "log.jsonl", "a" if args.resume else "w")  # noqa: SIM115 -- one line per step
+    modules.train()
     bar = tqdm(total=total_steps, initial=step, desc=f"train {args.loss}", disable=not master or not args.progress)
-    log = open(out / "log.jsonl", "a") if master else None
     t_start, last = time.time(), {}
     while step < total_steps:
         t0 = time.time()
         epoch, in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(items), args.seed, epoch)
         pretraining = step < args.pretrain_aligner_steps  # §6 (1): only the Aligner (+ projections) learn
-        # ---- build every micro-batch of the step, then weight by global counts ----
+        # ---- every micro-batch of the step first, so that losses can be weighted by global counts ----
         micro = []
         for idx in micro_batches(order, in_epoch, args.batch_size, args.grad_accum, rank, world):
-            its = [items[i] for i in idx]
-            batch = collate(processor, its)
-            dm = [read_dm_maps(attn_dir, it["id"]) for it in its]
-            plan = plan_batch(args, processor, batch, [w for _, w in dm]) if capture is not None else None
+            batch = collate(processor, [items[i] for i in idx])
+            dm = [read_dm_maps(attn_dir, items[i]["id"]) for i in idx]  # [(maps, words) or (None, None)]
+            plan = aggregate.plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], [w for _, w in dm],
+                                        match=args.match) if capture is not None else None  # aligned rows, words
             micro.append((batch, plan, [m for m, _ in dm]))
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _, _ in micro)
         n_words = sum(int((p["dm_index"] >= 0).sum()) for _, p, _ in micro) if capture is not None else 0
         n_tokens, n_words = all_reduce_sum([n_tokens, n_words], world)
-        # each rank's share of the global means; FSDP averages gradients over ranks, hence * world
-        sums = [0.0, 0.0]  # summed CE and summed per-word MSE of this rank
+        sums = [0.0, 0.0]  # this rank's summed CE and summed per-word MSE
         for m, (batch, plan, dm_maps) in enumerate(micro):
             if mesh is not None:  # reduce-scatter gradients only after the last micro-batch
-                for mod in modules.values():
-                    mod.set_requires_gradient_sync(m == len(micro) - 1)
+                for module in modules.values():
+                    module.set_requires_gradient_sync(m == len(micro) - 1)
             ce_sum, att, n_aligned = micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, device)
-            loss_vlm = ce_sum / max(n_tokens, 1) * world  # eq. 6, mean over the global batch's answer tokens
-            loss_att = att * n_aligned / max(n_words, 1) * world if att is not None else torch.zeros((), device=device)
-            loss = aligner_lib.total_loss(loss_vlm, loss_att, args.lam)  # eq. 10/12
-            loss.backward()
+            # this rank's share of the global means; FSDP averages gradients over ranks, hence * world
+            loss_vlm = ce_sum / max(n_tokens, 1) * world  # eq. 6, per answer token of the global batch
+            loss_att = att * n_aligned / max(n_words, 1) * world if att is not None else 0.0  # eq. 9, per word
+            aligner_lib.total_loss(loss_vlm, loss_att, args.lam).backward()  # eq. 10/12
             sums[0] += ce_sum.item()
             sums[1] += att.item() * n_aligned if att is not None else 0.0
         ce, att_sum = all_reduce_sum(sums, world)
@@ -602,120 +497,168 @@ def _train(args, rank, world, device, mesh, master, out):
         if not math.isfinite(total):  # every rank sees the same reduced value, so all stop together
             ids = gather_objects([i for b, _, _ in micro for i in b["ids"]], world)
             raise FloatingPointError(f"non-finite loss at step {step + 1} (loss_vlm {loss_vlm}, loss_att {loss_att}); "
-                                     f"items of this step: {ids}. Nothing was saved from this step on; "
-                                     f"check these items or lower --lr")
+                                     f"items of this step: {ids}. Nothing was saved from this step on; check these "
+                                     f"items or lower --lr")
         if pretraining:
             for p in vlm_params:  # the VLM stays frozen: drop its gradients before clipping and the step
                 p.grad = None
-        params = lavender_params if pretraining else vlm_params + lavender_params
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], args.clip)
+        params = [p for p in (lavender_params if pretraining else vlm_params + lavender_params) if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
         last = {"step": step, "epoch": epoch, "loss": total, "loss_vlm": loss_vlm, "loss_att": loss_att,
-                "aligned_words": int(n_words), "lr": lr, "grad_norm": float(_full(grad_norm)),
-                "phase": "aligner" if pretraining else "all", "seconds": round(time.time() - t0, 4)}
+                "aligned_words": int(n_words), "lr": lr, "phase": "aligner" if pretraining else "all",
+                "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()),  # DTensor under FSDP
+                "seconds": round(time.time() - t0, 4)}
         if master:
             log.write(json.dumps(last) + "\n")
             log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}")
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(out, modules, optimizer, scheduler, dict(step=step, world=world, seed=args.seed,
-                                                                     epoch=epoch, order=order), rank, world)
+            save_checkpoint(out, modules, optimizer, scheduler, dict(step=step, world=world, epoch=epoch, order=order),
+                            rank, world)
     bar.close()
-    if log:
-        log.close()
-    # ---- outputs: checkpoint for --resume, adapter/model, lavender.safetensors ----
-    save_checkpoint(out, modules, optimizer, scheduler, dict(step=step, world=world, seed=args.seed,
-                                                             epoch=step // steps_per_epoch,
-                                                             order=epoch_order(len(items), args.seed, step // steps_per_epoch)),
+    # ---- outputs: checkpoint for --resume, adapter/ or model/, lavender.safetensors ----
+    epoch = step // steps_per_epoch
+    save_checkpoint(out, modules, optimizer, scheduler,
+                    dict(step=step, world=world, epoch=epoch, order=epoch_order(len(items), args.seed, epoch)),
                     rank, world)
     save_outputs(args, out, model, aligner, processor, rank)
     if capture is not None:
         capture.remove()
     if master:
-        print(f"trained {args.loss} for {step} steps on {world} rank(s) in {time.time() - t_start:.1f}s; "
-              f"last loss {last.get('loss', float('nan')):.4f} (vlm {last.get('loss_vlm', float('nan')):.4f}, "
-              f"att {last.get('loss_att', float('nan')):.4f}); run in {out}")
+        log.close()
+        print(f"trained {args.loss} for {step} steps on {world} rank(s) in {time.time() - t_start:.1f}s; last loss "
+              f"{last.get('loss', float('nan')):.4f} (vlm {last.get('loss_vlm', float('nan')):.4f}, att "
+              f"{last.get('loss_att', float('nan')):.4f}); run in {out}")
     return str(out)
 
 
-def _full(t):
-    """A DTensor (sharded gradient norm) as a plain tensor; plain tensors pass through."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+# ---- benchmark: a Lavender step vs an autoregressive step (CPU, scaled-down llama32 geometry) ----
+
+def bench_setup(arm):
+    """One optimizer step at aggregate.bench_model()'s geometry (llama32's 40 text layers, cross-
+    attention at 3, 8, ..., 38, 32/8 heads, at 1/8 width; one 2x2-tile image; 256 text tokens, the
+    last 33 the answer) with LoRA; "lavender" adds parallel projections, the sim Aligner (per layer)
+    and the capture of 16 two-token words. Returns a function running one step."""
+    model, batch, rows = aggregate.bench_model()
+    args = build_parser().parse_args(["--loss", arm])
+    model = apply_peft(model, args).train()
+    labels = batch["input_ids"].clone()
+    labels[:, :-33] = -100  # (1, 256)
+    batch = {**batch, "labels": labels, "image_sizes": torch.tensor([[200, 200]])}
+    capture, aligner, layers = None, None, aggregate.aligned_layers(model)
+    if arm == "lavender":
+        aggregate.add_parallel_projections(model, layers)
+        aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", "per-layer", 32))
+        capture = aggregate.AttentionCapture(model, layers, learned=True)
+    plan = dict(rows=rows, row_word=torch.arange(rows.shape[1])[None] // 2, dm_index=torch.arange(16)[None])
+    modules = trainable_modules(model, aligner)
+    optimizer = torch.optim.AdamW([p for p in modules.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        ce, att, _ = micro_batch_losses(args, model, aligner, capture, batch, plan, [torch.rand(16, 32, 32)], "cpu")
+        (ce / 33 + (args.lam * att if att is not None else 0)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
 
 
-def gather_objects(values, world):
-    """Concatenate a list from every rank (every rank must call it)."""
-    if world == 1:
-        return values
-    parts = [None] * world
-    dist.all_gather_object(parts, values)
-    return [v for part in parts for v in part]
+def bench_memory(arm):
+    """Child process: peak resident memory of one step (VmHWM, reset after a warm-up step)."""
+    torch.set_num_threads(1)
+    step = bench_setup(arm)
+    step()  # warm-up: AdamW state, allocator, lazy inits
+    status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+    open("/proc/self/clear_refs", "w").write("5")  # Linux: reset the peak RSS to the current RSS
+    base = status("VmRSS:")
+    step()
+    print(json.dumps({"arm": arm, "base_kb": base, "peak_kb": status("VmHWM:")}))
 
 
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
+def bench(reps=7):
+    """Step time (one process, arms interleaved; min and median of reps: on a shared machine the
+    minimum is least inflated by other jobs) and peak memory (a fresh process per arm)."""
+    import subprocess
+    import sys
+    torch.set_num_threads(1)  # a second thread on a loaded 2-core machine mostly waits
+    steps = {arm: bench_setup(arm) for arm in ("ar", "lavender")}
+    times = {arm: [] for arm in steps}
+    for _ in tqdm(range(reps + 1), desc="step time"):
+        for arm, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[arm].append(time.perf_counter() - t0)
+    best = {arm: min(t[1:]) for arm, t in times.items()}  # the first rep is a warm-up
+    med = {arm: sorted(t[1:])[reps // 2] for arm, t in times.items()}
+    mem = {arm: json.loads(subprocess.run([sys.executable, __file__, "--bench-memory", arm], check=True,
+                                          capture_output=True, text=True).stdout.splitlines()[-1]) for arm in steps}
+    for arm, m in mem.items():
+        print(f"{arm:8s} step {best[arm]:.3f} s (min of {reps}), {med[arm]:.3f} s (median); peak RSS "
+              f"{m['peak_kb'] / 1024:.0f} MiB, {(m['peak_kb'] - m['base_kb']) / 1024:.0f} MiB over the loaded model")
+    print(f"ratios lavender/ar: step time {best['lavender'] / best['ar']:.3f} (median {med['lavender'] / med['ar']:.3f}), "
+          f"peak memory {mem['lavender']['peak_kb'] / mem['ar']['peak_kb']:.3f}; targets <= 1.15, <= 1.10")
+
+
+# ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Lavender (or autoregressive) fine-tuning of a VLM; torchrun for several ranks.")
+    p = argparse.ArgumentParser(description="Lavender or autoregressive fine-tuning of a VLM (torchrun: several ranks).")
+    add = p.add_argument
     # ---- model and data ----
-    p.add_argument("--model", default="tiny", choices=sorted(VLM_PRESETS), help="VLM preset")
-    p.add_argument("--model-path", default=None, help="local copy of the preset (a save_pretrained folder)")
-    p.add_argument("--data", help="dataset JSONL (DESIGN.md format)")
-    p.add_argument("--attn", default=None, help="attention store of extract.py (default: attn/ beside --data)")
-    p.add_argument("--out", default="runs/run", help="run directory to write")
+    add("--model", default="tiny", choices=sorted(VLM_PRESETS), help="VLM preset")
+    add("--model-path", default=None, help="local copy of the preset (a save_pretrained folder)")
+    add("--data", help="dataset JSONL (DESIGN.md format)")
+    add("--attn", default=None, help="attention store of extract.py (default: attn/ beside --data)")
+    add("--out", default="runs/run", help="run directory to write")
     # ---- method ----
-    p.add_argument("--loss", default="lavender", choices=["ar", "lavender"],
-                   help="ar: next-token loss only (eq. 6); lavender: + λ·attention loss (eq. 10)")
-    p.add_argument("--lam", type=float, default=10.0, help="λ of eq. 10 (= 1/σ², eq. 8); 10 as in the authors' release")
-    p.add_argument("--aggregate", default="learn", choices=aggregate.AGGREGATIONS,
-                   help="aggregation over heads-layers (§4.2); learn = parallel projections (eq. 15-16), best in Fig. 19")
-    p.add_argument("--projection-init", default="copy", choices=["copy", "random"],
-                   help="--aggregate learn: start W_Qd, W_Kd as copies of W_Q, W_K (A_d = A) or random (the release)")
-    p.add_argument("--layers", default="all", choices=aggregate.LAYER_SUBSETS,
-                   help="cross-attention layers to align (Fig. 22: all is best)")
-    p.add_argument("--aligner", default="sim", choices=["none", *aligner_lib.VARIANTS], help="Aligner variant (§4.3)")
-    p.add_argument("--aligner-mode", default="per-layer", choices=["per-layer", "after"],
-                   help="Aligner on each layer's heads, then combined (release), or after aggregation")
-    p.add_argument("--aligner-norm", default="instance", choices=sorted(aligner_lib.NORMS), help="Aligner normalisation")
-    p.add_argument("--match", default="exact", choices=["exact", "root"], help="word sampling (§6 (5)): exact or same stem")
-    p.add_argument("--pretrain-aligner-steps", type=int, default=0,
-                   help="first N steps update only the Aligner and parallel projections, VLM frozen (§6 (1), Fig. 21)")
-    # ---- fine-tuning ----
-    p.add_argument("--peft", default="lora", choices=["lora", "full"], help="LoRA on the language model's q/v, or full")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
-    # ---- optimisation ----
-    p.add_argument("--epochs", type=int, default=3, help="epochs (ignored when --max-steps is set)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=4, help="items per rank per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--lr-gamma", type=float, default=0.85, help="learning-rate decay per epoch")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--seed", type=int, default=42, help="seed of LoRA/Aligner init, data order and dropout")
-    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute layer activations in backward (non-reentrant)")
-    # ---- checkpoints and output ----
-    p.add_argument("--save-every", type=int, default=0, help="write checkpoint/ every N steps (0: only at the end)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
-                   help="continue from <out>/checkpoint (same ranks, same flags)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
-    p.add_argument("--bench", action="store_true", help="CPU benchmark: Lavender vs AR step time and peak memory")
+    add("--loss", default="lavender", choices=["ar", "lavender"], help="ar: eq. 6 only; lavender: + λ·L_att (eq. 10)")
+    add("--lam", type=float, default=10.0, help="λ of eq. 10 (= 1/σ², eq. 8); 10 as in the authors' release")
+    add("--aggregate", default="learn", choices=aggregate.AGGREGATIONS,
+        help="over heads-layers (§4.2); learn: parallel projections (eq. 15-16), best in Fig. 19")
+    add("--projection-init", default="copy", choices=["copy", "random"],
+        help="learn: W_Qd, W_Kd start as copies of W_Q, W_K (A_d = A) or random (the authors' release)")
+    add("--layers", default="all", choices=aggregate.LAYER_SUBSETS, help="cross-attention layers aligned (Fig. 22)")
+    add("--aligner", default="sim", choices=["none", *aligner_lib.VARIANTS], help="Aligner variant (§4.3)")
+    add("--aligner-mode", default="per-layer", choices=["per-layer", "after"],
+        help="Aligner on each layer's heads then combined (the release), or after aggregation")
+    add("--aligner-norm", default="instance", choices=sorted(aligner_lib.NORMS), help="Aligner normalisation")
+    add("--match", default="exact", choices=["exact", "root"], help="word sampling (§6 (5)): same word or same stem")
+    add("--pretrain-aligner-steps", type=int, default=0,
+        help="first N steps train only the Aligner and parallel projections, VLM frozen (§6 (1), Fig. 21)")
+    # ---- fine-tuning and optimisation ----
+    add("--peft", default="lora", choices=["lora", "full"], help="LoRA on the language model's q/v, or full")
+    add("--lora-r", type=int, default=8, help="LoRA rank")
+    add("--lora-alpha", type=int, default=32, help="LoRA alpha")
+    add("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    add("--epochs", type=int, default=3, help="epochs (unless --max-steps)")
+    add("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    add("--batch-size", type=int, default=4, help="items per rank per micro-batch")
+    add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    add("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--lr-gamma", type=float, default=0.85, help="learning-rate decay per epoch")
+    add("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    add("--seed", type=int, default=42, help="seed of LoRA/Aligner init, data order and dropout")
+    add("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+        help="recompute layer activations in backward (non-reentrant)")
+    # ---- checkpoints, output, benchmark ----
+    add("--save-every", type=int, default=0, help="write checkpoint/ every N steps (0: at the end only)")
+    add("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue from <out>/checkpoint")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
+    add("--bench", action="store_true", help="CPU benchmark: Lavender vs AR step time and peak memory")
+    add("--bench-memory", choices=["ar", "lavender"], help="internal: one arm's peak memory, in this process")
     return p
 
 
 def main():
     args = build_parser().parse_args()
-    if args.bench:
-        return bench()
+    if args.bench or args.bench_memory:
+        return bench_memory(args.bench_memory) if args.bench_memory else bench()
     if not args.data:
         raise SystemExit("--data is required (a JSONL file, see DESIGN.md)")
     train(args)
