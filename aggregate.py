@@ -18,7 +18,13 @@ What this file does, in the order the data flows:
 3. Aggregation over heads and layers (§4.2): max-max, max-mean, mean-max, mean-mean (first
    word: over heads, second: over layers), flow-multi / flow-sum (App. D), learn (eq. 15-16).
 4. Words: answer tokens grouped into words, words matched to DM words (exact or root), rows of a
-   word merged, the Aligner (aligner.py) applied per layer or after aggregation.
+   word merged, the Aligner (aligner.py) applied per layer or after aggregation. Under teacher
+   forcing the row aligned for an answer token at position t is t - 1, the position whose
+   output predicts it (plan_words).
+
+The shared contract's signatures are kept as they are. Choices: parallel projections start as a
+copy of the pretrained ones (init="copy", A_d = A at step 0); the flow regularisation is
+r_t = (t + 1) / T (flow_weights); only the first image of a sample is mapped.
 
     python aggregate.py --bench     # capture overhead at a scaled-down llama32 geometry (CPU)
 """
@@ -96,7 +102,7 @@ def add_parallel_projections(model, layers, init="copy"):
     with their decoder layer). init="copy" (default) copies the pretrained projections, so that
     A_d equals the pretrained attention A at step 0 and the alignment starts from what the model
     already attends to (the paper's aim is to preserve pretrained attention, §4.2.3); "random" is
-    the authors' release (nn.Linear's default init), where A_d starts near uniform.
+    the authors' release (nn.Linear's default init), where A_d starts as an unrelated attention.
     Returns the new modules, [q_0, k_0, q_1, k_1, ...].
     """
     if init not in ("copy", "random"):
@@ -600,18 +606,22 @@ def bench_memory(arm):
 
 def bench(reps):
     """Capture overhead: forward time (same process, arms interleaved, median of reps) and peak
-    memory (a fresh process per arm). Ratios are capture / plain."""
+    memory (a fresh process per arm). Ratios are capture / plain.
+
+    Time is the process's CPU time with one thread: on a machine shared with other jobs wall time
+    swings by 2x between identical forwards, CPU time of a single-threaded forward much less.
+    """
     from tqdm import tqdm
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     model, batch, rows = bench_model()
     add_parallel_projections(model, aligned_layers(model))  # harmless for the other arms: unused
     arms = ("plain", "capture", "learn")
     times = {arm: [] for arm in arms}
     for _ in tqdm(range(reps + 1), desc="forward time"):
         for arm in arms:
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             bench_forward(model, batch, rows, arm)
-            times[arm].append(time.perf_counter() - t0)
+            times[arm].append(time.process_time() - t0)
     med = {arm: sorted(v[1:])[len(v[1:]) // 2] for arm, v in times.items()}  # first rep is warm-up
     best = {arm: min(v[1:]) for arm, v in times.items()}  # minima: robust to other jobs' load
     mem = {}
@@ -624,7 +634,7 @@ def bench(reps):
         mem[arm] = json.loads(out.splitlines()[-1])
     for arm in arms:
         m = mem[arm]
-        print(f"{arm:8s} forward {med[arm]:.3f} s (median of {reps}, min {best[arm]:.3f}); peak RSS {m['peak_kb'] / 1024:.0f} MiB, "
+        print(f"{arm:8s} forward {med[arm]:.3f} s CPU (median of {reps}, min {best[arm]:.3f}); peak RSS {m['peak_kb'] / 1024:.0f} MiB, "
               f"forward's increment over the loaded model {(m['peak_kb'] - m['base_kb']) / 1024:.0f} MiB")
     inc = {arm: mem[arm]["peak_kb"] - mem[arm]["base_kb"] for arm in arms}
     print("ratios (capture/plain, learn/plain): time median {:.3f} {:.3f}, min {:.3f} {:.3f}; peak memory {:.3f} "

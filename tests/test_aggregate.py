@@ -302,12 +302,16 @@ def test_gradient_checkpointing_gives_the_same_maps_and_gradients(learned):
         layers = ag.aligned_layers(model)
         ag.add_parallel_projections(model, layers, init="copy")
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
+        calls = []  # cross-attention forwards: twice per layer when checkpointing recomputes in backward
+        counter = ag.cross_attention(model, layers[0]).register_forward_hook(lambda *a: calls.append(1))
         with ag.AttentionCapture(model, layers, learned=learned) as capture:
             loss_vlm, loss_att, m = _att_loss(model, processor, batch, capture, "learn" if learned else "max-mean", None, None)
             (loss_vlm + 10 * loss_att).backward()
             maps.append(m.detach())
+        counter.remove()
+        assert len(calls) == (2 if checkpointing else 1)
         attn = ag.cross_attention(model, layers[0])
         grads.append((attn.lavender_q_proj if learned else attn.q_proj).weight.grad.clone())
     assert torch.allclose(maps[0], maps[1], atol=1e-6)
@@ -328,3 +332,58 @@ def test_aligner_after_mode_and_no_aligned_word(tiny):
         assert maps.shape == (2, 0, 32, 32)
         loss = attention_loss(maps, torch.zeros_like(maps), plan["dm_index"] >= 0)
         assert float(loss.detach()) == 0.0 and loss.requires_grad
+
+
+FSDP_SCRIPT = r"""
+import sys, tempfile
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+import aggregate as ag, train
+from test_aggregate import make_batch, model_inputs
+dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+results = []
+for shard in (False, True):
+    model, processor = train.tiny_vlm()
+    batch = make_batch(processor, [(Image.new("RGB", (120, 40), (200, 10, 10)), "what colour is the circle?", "a red circle")])
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    assert hasattr(ag.cross_attention(model, 1).q_proj, "lora_A"), "LoRA did not wrap q_proj"
+    layers = ag.aligned_layers(model)
+    ag.add_parallel_projections(model, layers)  # after PEFT, before fully_shard
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if shard:  # each decoder / encoder layer is a unit, then the root
+        for m in model.modules():
+            if type(m).__name__ in ("MllamaVisionEncoderLayer", "MllamaCrossAttentionDecoderLayer",
+                                    "MllamaSelfAttentionDecoderLayer"):
+                fully_shard(m, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    model.train()
+    plan = ag.plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], [["a", "red", "circle"]])
+    with ag.AttentionCapture(model, layers, learned=True) as capture:
+        capture.set_rows(plan["rows"])
+        out = model(**model_inputs(batch), labels=batch["labels"])
+        maps = ag.vlm_word_maps(capture, plan, batch, "learn")
+        (out.loss + 10 * ((maps - 0.5) ** 2).mean()).backward()
+    grad = ag.cross_attention(model, layers[0]).lavender_q_proj.weight.grad
+    results.append((maps.detach(), grad.full_tensor() if hasattr(grad, "full_tensor") else grad))
+assert torch.allclose(results[0][0], results[1][0], atol=1e-6), "maps differ under FSDP2"
+assert torch.allclose(results[0][1], results[1][1], atol=1e-6) and results[0][1].abs().sum() > 0, "grads differ"
+dist.destroy_process_group()
+print("FSDP2 OK")
+"""
+
+
+def test_capture_under_fsdp2_lora_and_checkpointing(tmp_path):
+    """fully_shard per layer (1 process, gloo) + LoRA + non-reentrant checkpointing: same maps and
+    gradients of the parallel projections as unsharded. A subprocess keeps the process group
+    out of the other tests."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and "FSDP2 OK" in run.stdout, run.stderr[-3000:]
