@@ -41,9 +41,8 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")  # ids become file names
 def read_items(jsonl_path):
     """Items of a dataset JSONL, each as in the file plus "image_path" (absolute).
 
-    Raises ValueError naming the line for a malformed line (not JSON, not an object, a missing
-    or non-string id/image/question/answer). Ids that are not filename-safe are NOT rejected
-    here: extract() records them in failures.jsonl so one bad line does not stop a long run.
+    A malformed line (not a JSON object, a missing or non-string id/image/question/answer) raises
+    ValueError naming it; unsafe ids are left to extract(), which records them in failures.jsonl.
     """
     root = Path(jsonl_path).resolve().parent
     items = []
@@ -71,8 +70,8 @@ def maps_path(attn_dir, item_id):
 def save_maps(path, maps, words, meta):
     """Write maps (n_words, 32, 32) in [0, 1] as float16 'maps' with the DESIGN.md metadata.
 
-    Atomic: written to a hidden temp file in the same folder, then os.replace'd, so a kill at any
-    moment leaves either no file or a complete one (resume trusts any <id>.safetensors it finds).
+    Atomic: a hidden temp file in the same folder, then os.replace, so a kill at any moment leaves
+    either no file or a complete one (resume trusts any <id>.safetensors it can read).
     """
     path = Path(path)
     if maps.dim() != 3 or maps.shape[0] != len(words) or tuple(maps.shape[1:]) != (MAP_SIZE, MAP_SIZE):
@@ -128,11 +127,8 @@ def _ddim_config(scheduler_config, cls):
 
 
 def tiny_sd(seed=0):
-    """dict(vae, unet, text_encoder, tokenizer, scheduler) of SD classes at toy size, random weights.
-
-    Deterministic by seed (ranks of a torchrun test build identical models). 32 px images -> VAE
-    (factor 2) -> 16x16 latents; attn2 at 16x16 and 8x8; CLIP text hidden 32, 77 positions.
-    """
+    """dict(vae, unet, text_encoder, tokenizer, scheduler) of SD classes at toy size, random weights,
+    deterministic by seed. 32 px -> VAE (factor 2) -> 16x16 latents; attn2 at 16x16 and 8x8."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     # A CLIP-style BPE vocabulary: every printable character alone and as a word end ("a</w>"),
@@ -191,9 +187,8 @@ def _load_folder(folder):
 def load_dm(name, path=None, device="cpu", dtype=torch.float32):
     """dict(vae, unet, text_encoder, tokenizer, scheduler, res, name) for a --dm preset.
 
-    Every preset goes through one code path given a folder in diffusers component layout
-    (unet/, vae/, text_encoder/, tokenizer/, scheduler/); "tiny-sd" without a path is built here.
-    res = unet.config.sample_size * vae_scale_factor (2 ** (len(vae block_out_channels) - 1)).
+    One code path for every preset given a folder in diffusers component layout; "tiny-sd"
+    without a path is built here. res = unet sample_size * the VAE's downsampling factor.
     """
     if name not in DM_PRESETS:
         raise SystemExit(f"unknown --dm {name!r}; choose one of {sorted(DM_PRESETS)} or give --dm-path")
@@ -353,24 +348,30 @@ def capturing(unet, store):
 
 # ---- DDIM inversion, then denoising (issue step 2) ----
 
-def ddim_grids(scheduler, inversion_steps, denoise_steps):
+def ddim_grids(scheduler, inversion_steps, denoise_steps, strength=1.0):
     """(inverse, forward) DDIM schedulers whose grids meet: inversion ends where denoising starts.
 
-    Both use "trailing" timestep spacing (Lin et al. 2024, Table 2), whose grids always contain
-    t = T-1 = 999 whatever the step count: inversion with 5 steps visits 199, 399, ..., 999 and
-    ends with the latent at noise level 999; denoising with 10 steps starts from that latent at
-    999, 899, ..., 99 and ends at level 0. (SD's own "leading" spacing would give inversion
-    1, 201, ..., 801 and denoising 901, ..., 1: the grids would not meet.) clip_sample=False:
-    inversion must not clamp the predicted clean latent. Guidance 1: the UNet sees only the
-    answer (no unconditional branch), which keeps DDIM inversion near-exact.
+    Both use "trailing" timestep spacing (Lin et al. 2024, Table 2), whose grids end at t = T-1 =
+    999 whatever the step count: with strength 1, inversion in 5 steps visits 199, 399, ..., 999
+    and leaves the latent at noise level 999; denoising in 10 steps starts from it at 999, 899,
+    ..., 99 and ends at level 0. (SD's own "leading" spacing would give inversion 1, 201, ...,
+    801 and denoising 901, ..., 1: grids that do not meet.) strength < 1 inverts only part way:
+    each grid is the lowest steps of a grid of steps / strength (5 steps at 0.5: 99, ..., 499;
+    10 steps: 499, 449, ..., 49), so both must be whole numbers. clip_sample=False: inversion must
+    not clamp the predicted clean latent. Guidance 1 (the answer only, no unconditional branch)
+    keeps DDIM inversion near-exact.
     """
     from diffusers import DDIMInverseScheduler, DDIMScheduler
     config = dict(scheduler.config, clip_sample=False, timestep_spacing="trailing")
     inverse = DDIMInverseScheduler.from_config(_ddim_config(config, DDIMInverseScheduler))
     forward = DDIMScheduler.from_config(_ddim_config(config, DDIMScheduler))
-    inverse.set_timesteps(inversion_steps)
-    forward.set_timesteps(denoise_steps)
-    assert inverse.timesteps[-1] == forward.timesteps[0], (inverse.timesteps, forward.timesteps)
+    inverse.set_timesteps(round(inversion_steps / strength))
+    forward.set_timesteps(round(denoise_steps / strength))
+    # step() keeps the full grid's stride; only the noisiest steps are dropped
+    inverse.timesteps, forward.timesteps = inverse.timesteps[:inversion_steps], forward.timesteps[-denoise_steps:]
+    if inverse.timesteps[-1] != forward.timesteps[0]:
+        raise ValueError(f"--strength {strength}: inversion ends at t={int(inverse.timesteps[-1])} but denoising starts at "
+                         f"t={int(forward.timesteps[0])}; pick a strength that divides both step counts (1, 0.5, ...)")
     return inverse, forward
 
 
@@ -389,7 +390,8 @@ def invert_and_denoise(unet, latents, context, inverse, forward, store=None, cap
 
 
 @torch.no_grad()
-def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10, capture_steps="all", layers=None):
+def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10, capture_steps="all", layers=None,
+                 strength=1.0):
     """Mean cross-attention (B, columns, h, w) over heads, the chosen layers and steps.
 
     images (B, 3, res, res) in [-1, 1]; texts: the answers the DM is conditioned on (eq. 7: y).
@@ -398,11 +400,10 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     images = images.to(device=device, dtype=unet.dtype)
     # the latent mean x scaling factor (SD's encoding, without sampling: deterministic)
     latents = dm["vae"].encode(images).latent_dist.mean.float() * dm["vae"].config.scaling_factor  # (B, 4, h, w)
-    tok = dm["tokenizer"]
-    ids = tok(texts, padding="max_length", max_length=dm["text_encoder"].config.max_position_embeddings,
+    ids = dm["tokenizer"](texts, padding="max_length", max_length=dm["text_encoder"].config.max_position_embeddings,
               truncation=True, return_tensors="pt").input_ids.to(device)        # (B, 77)
     context = dm["text_encoder"](ids)[0].to(unet.dtype)                        # (B, 77, D)
-    inverse, forward = ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)
+    inverse, forward = ddim_grids(dm["scheduler"], inversion_steps, denoise_steps, strength)
     store = new_store(latents.shape[-2:], columns, layers)
     with capturing(unet, store):
         invert_and_denoise(unet, latents, context, inverse, forward, store, capture_steps)
@@ -426,8 +427,8 @@ def load_image(path, res):
     """(3, res, res) float tensor in [-1, 1] from an image file of any mode, squashed to a square.
 
     Modes: integer grey (I;16, I) is read as 16-bit when any value exceeds 255 (else as 8-bit),
-    float grey (F) as [0, 1] when it stays within it; anything with transparency (RGBA, LA, P with
-    a transparent colour) is composited on white; CMYK, YCbCr, P, L, 1 convert with PIL.
+    float grey (F) as [0, 1] when it stays within it; anything with transparency (RGBA, LA, or a
+    transparent palette colour) is composited on white; CMYK, YCbCr, P, L, 1 convert with PIL.
     The square resize matches the VLM side, whose maps also cover the whole image.
     """
     with Image.open(path) as img:
@@ -436,9 +437,7 @@ def load_image(path, res):
             arr = np.asarray(img, dtype=np.float32)
             arr = arr / 257.0 if arr.max() > 255 else arr * 255.0 if img.mode == "F" and arr.max() <= 1 else arr
             img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
             rgba = img.convert("RGBA")
             img = Image.new("RGB", rgba.size, (255, 255, 255))
             img.paste(rgba, mask=rgba.getchannel("A"))
@@ -450,22 +449,25 @@ def load_image(path, res):
 # ---- extraction: items -> attn/<id>.safetensors, sharded by rank, resumable ----
 
 def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_steps="all", layers=None,
-            batch_size=1, rank=0, world_size=1, progress=None):
+            batch_size=1, rank=0, world_size=1, progress=None, strength=1.0):
     """Write <out_dir>/<id>.safetensors for this rank's share of items; returns a summary dict.
 
-    Rank r of world_size takes items r, r + world_size, ... (torchrun: RANK / WORLD_SIZE; no
-    collectives, so a rank's crash stops only that rank). A complete file is skipped (resume).
-    An item that cannot be done (bad id, empty answer, no mappable word, missing or corrupt
-    image) is appended to <out_dir>/failures.jsonl with the reason, and the run goes on.
+    Rank r of world_size takes items r, r + world_size, ... (no collectives: a rank's crash stops
+    only that rank). A complete file is skipped (resume). An item that cannot be done (bad id,
+    empty answer, no mappable word, missing or corrupt image) goes to <out_dir>/failures.jsonl
+    (appended to, run after run) with the reason, and the run goes on.
     layers: None (all attn2 layers) or a set of downsampling factors of the latent grid
     (sd14 at 512 px: 1 = 64², 2 = 32², 4 = 16², 8 = 8²). capture_steps: "all", "inversion", "denoise".
+    strength: the share of the noise range the inversion covers (ddim_grids).
     Returns dict(done, skipped, failed, seconds, rank, world_size).
     """
     from tqdm import tqdm
     t0, out_dir = time.time(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps, "res": dm["res"],
-            "capture_steps": capture_steps, "layers": ",".join(map(str, sorted(layers))) if layers else "all"}
+            "capture_steps": capture_steps, "layers": ",".join(map(str, sorted(layers))) if layers else "all",
+            "strength": strength}
+    ddim_grids(dm["scheduler"], inversion_steps, denoise_steps, strength)       # a bad grid fails now, not per batch
     max_tokens = dm["text_encoder"].config.max_position_embeddings - 2           # 75 for CLIP
     summary, seen, todo = {"done": 0, "skipped": 0, "failed": 0}, set(), []
 
@@ -513,7 +515,7 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
         # context columns to keep: up to the last word piece of the batch (not CLIP's end/padding)
         columns = 1 + max(occ[-1] for _, _, positions in batch for word in positions for occ in word)
         attention = dm_attention(dm, torch.stack(images), [item["answer"] for item, _, _ in batch], columns,
-                                 inversion_steps, denoise_steps, capture_steps, layers)  # (B, columns, h, w)
+                                 inversion_steps, denoise_steps, capture_steps, layers, strength)  # (B, columns, h, w)
         for b, (item, words, positions) in enumerate(batch):
             maps = word_maps(attention[b], word_weights(positions, columns))     # (n_words, 32, 32)
             save_maps(maps_path(out_dir, item["id"]), maps, words, dict(meta, text=item["answer"]))
@@ -527,10 +529,7 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
 # ---- the authors' JPEG layout: <root>/<image stem>/attention_<word>.jpg, 32x32, 8-bit grey ----
 
 def export_jpeg(items, attn_dir, jpeg_dir):
-    """Write our maps in the authors' layout; returns the number of items written.
-
-    The layout is keyed by image stem: a second item with the same stem is skipped with a warning.
-    """
+    """Write our maps in the authors' layout (keyed by image stem: a repeated stem is skipped, with a warning)."""
     stems = {}
     for item in items:
         path, stem = maps_path(attn_dir, item["id"]), Path(item["image"]).stem
@@ -558,7 +557,7 @@ def read_jpeg_maps(folder, words=None):
     words = sorted(files) if words is None else [w for w in words if w in files]
     maps = torch.zeros(len(words), MAP_SIZE, MAP_SIZE)                          # (n, 32, 32)
     for i, word in enumerate(words):
-        with Image.open(files[word]) as img:
+        with Image.open(files[word]) as img:  # 8-bit grey, 32x32 (resized if not)
             maps[i] = torch.from_numpy(np.asarray(img.convert("L").resize((MAP_SIZE, MAP_SIZE)), dtype=np.float32))
     lo, hi = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
     return (maps - lo) / (hi - lo).clamp_min(1e-12), words
@@ -651,6 +650,8 @@ def build_parser():
     # ---- method (paper §5(1): 5 inversion + 10 denoising steps) ----
     p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (>= 1), guidance 1, conditioned on the answer")
     p.add_argument("--denoise-steps", type=int, default=10, help="DDIM denoising steps (>= 1) from the inverted latent")
+    p.add_argument("--strength", type=float, default=1.0, help="share of the noise range inverted: 1 = up to "
+                   "t=999; 0.5 = up to t=499 (steps / strength must be whole numbers)")
     p.add_argument("--capture-steps", default="all", choices=["all", "inversion", "denoise"],
                    help="which steps' attention is averaged (the paper: all of them)")
     p.add_argument("--layers", default="all", help="attn2 layers averaged: 'all' or downsampling factors of the latent "
@@ -689,7 +690,7 @@ def main(argv=None):
              "auto": torch.float16 if device.startswith("cuda") else torch.float32}[args.dtype]
     dm = load_dm(args.dm, args.dm_path, device, dtype)
     s = extract(items, dm, args.out, args.inversion_steps, args.denoise_steps, args.capture_steps,
-                parse_layers(args.layers), args.batch_size, rank, world_size)
+                parse_layers(args.layers), args.batch_size, rank, world_size, strength=args.strength)
     # one line per rank (no collectives to merge them); items of other ranks are not counted here
     print(f"extract rank {rank}/{world_size}: {s['done']} done, {s['skipped']} skipped as complete, "
           f"{s['failed']} failed (reasons in {Path(args.out) / 'failures.jsonl'}), {s['seconds']:.1f} s")

@@ -122,6 +122,26 @@ def test_inversion_and_denoising_grids_meet(dm, inversion, denoise):
     assert list(inverse.timesteps) == sorted(inverse.timesteps) and inverse.config.clip_sample is False
 
 
+def test_partial_inversion_grids_meet_or_refuse(dm):
+    inverse, forward = extract.ddim_grids(dm["scheduler"], 5, 10, strength=0.5)
+    assert inverse.timesteps.tolist() == [99, 199, 299, 399, 499]
+    assert forward.timesteps.tolist() == [499, 449, 399, 349, 299, 249, 199, 149, 99, 49]
+    with pytest.raises(ValueError, match="--strength 0.3: inversion ends at t=293 but denoising starts at t=302"):
+        extract.ddim_grids(dm["scheduler"], 5, 10, strength=0.3)
+
+
+def test_inversion_then_denoising_comes_back(dm):
+    """With the same grid both ways, DDIM inversion is undone by DDIM denoising, better with more steps."""
+    x0, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
+    errors = []
+    for steps in (2, 20):
+        inverse, forward = extract.ddim_grids(dm["scheduler"], steps, steps, strength=0.2)
+        with torch.no_grad():
+            back = extract.invert_and_denoise(dm["unet"], x0, ctx, inverse, forward)
+        errors.append(((back - x0).norm() / x0.norm()).item())
+    assert errors[1] < errors[0] / 3 and errors[1] < 0.05, errors
+
+
 # ---- end to end -----------------------------------------------------------------------------
 
 def test_extract_writes_one_map_per_distinct_word(dm, tmp_path):
@@ -268,10 +288,11 @@ def test_images_of_any_mode_become_rgb(tmp_path, mode):
     assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1 and x.std() > 0.05
 
 
-def test_sixteen_bit_white_and_transparent_become_white(tmp_path):
+def test_sixteen_bit_white_and_transparent_pixels_become_white(tmp_path):
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "w16.png")
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
-    for name in ("w16.png", "clear.png"):
+    Image.new("P", (8, 8), 0).save(tmp_path / "clear-palette.png", transparency=0)  # palette colour 0 (black) transparent
+    for name in ("w16.png", "clear.png", "clear-palette.png"):
         assert torch.allclose(extract.load_image(tmp_path / name, 8), torch.ones(3, 8, 8))
 
 
