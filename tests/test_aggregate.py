@@ -12,9 +12,10 @@ import aggregate as ag
 import train
 from aligner import Aligner, aligner_channels, attention_loss
 
-LAYOUT_SIZES = {  # (rows, cols) of tiles -> an image (width, height) that the 56 px processor tiles so
-    (1, 1): (50, 45), (1, 2): (100, 50), (2, 1): (50, 100), (1, 3): (150, 40),
-    (3, 1): (40, 150), (1, 4): (220, 45), (4, 1): (45, 220), (2, 2): (100, 90)}
+LAYOUT_SIZES = {  # (rows, cols) of tiles -> an image (width, height) that the 56 px processor tiles so,
+    # each leaving at least one whole row or column of 14 px patches as padding
+    (1, 1): (56, 30), (1, 2): (112, 40), (2, 1): (40, 112), (1, 3): (150, 40),
+    (3, 1): (40, 150), (1, 4): (224, 40), (4, 1): (40, 224), (2, 2): (112, 80)}
 
 
 def make_batch(processor, items):
@@ -56,12 +57,12 @@ def tiny():
 # ---- tiles: a known patch lands on the known cell, for every Mllama layout ----
 
 @pytest.mark.parametrize("layout", list(LAYOUT_SIZES))
-def test_known_patch_lands_on_known_cell(layout):
-    _, processor = train.tiny_vlm()
+def test_known_patch_lands_on_known_cell(layout, tiny):
+    model, processor, _ = tiny
     ip = processor.image_processor
     tile, patch, P = 56, 14, 4
     width, height = LAYOUT_SIZES[layout]
-    supported = [tuple(r) for r in train.tiny_vlm()[0].config.vision_config.supported_aspect_ratios]
+    supported = [tuple(r) for r in model.config.vision_config.supported_aspect_ratios]
     for cy, cx in [(0.2, 0.3), (0.8, 0.7), (0.5, 0.1)]:
         y0, x0 = int(cy * height), int(cx * width)
         pixels = np.full((height, width, 3), 160, np.uint8)  # grey image with a white 3x3 block
@@ -77,29 +78,30 @@ def test_known_patch_lands_on_known_cell(layout):
         grid = ag.tiles_to_grid(attn, aid, (height, width), tile, patch, 4, supported)  # (32, 32)
         assert grid.shape == (32, 32)
         # the map is the patch's footprint on the original image: its centroid is within half a
-        # patch (in original pixels) of the block, and the block's own cell is covered
+        # patch (in original pixels) of the block, and the block's cells are covered
         ys, xs = (torch.arange(32) + 0.5) / 32 * height, (torch.arange(32) + 0.5) / 32 * width
         w = grid / grid.sum()
         cen_y, cen_x = float((w.sum(1) * ys).sum()), float((w.sum(0) * xs).sum())
         # every LAYOUT_SIZES image is upscaled or kept (never shrunk), so a patch spans <= 14 original px
         half = patch / 2 + max(height, width) / 32
         assert abs(cen_y - (y0 + 0.5)) <= half and abs(cen_x - (x0 + 0.5)) <= half, (layout, cy, cx, cen_y, cen_x)
-        assert grid[int(y0 / height * 32), int(x0 / width * 32)] > 0
+        cells_y = slice(int((y0 - 1) / height * 32), int((y0 + 1) / height * 32) + 1)  # cells under the block
+        cells_x = slice(int((x0 - 1) / width * 32), int((x0 + 1) / width * 32) + 1)
+        assert grid[cells_y, cells_x].max() > 0
     # padding: a patch entirely in the processor's padding (normalised 0 everywhere) maps to nothing,
     # a patch entirely inside the image maps to something; padding tiles and CLS too map to nothing
     pad_value = float(((0 - torch.tensor(ip.image_mean)) / torch.tensor(ip.image_std)).mean())
     per_patch = out["pixel_values"][0, 0].unfold(2, patch, patch).unfold(3, patch, patch)  # (4, 3, P, P, 14, 14)
     is_pad = (per_patch - pad_value).abs().amax(dim=(1, 4, 5)) < 1e-4  # (4, P, P)
     n_tiles = layout[0] * layout[1]
+    assert is_pad[:n_tiles].any()  # the layout really has padding patches to crop
+    one_hot = torch.eye(4 * (1 + P * P))  # every image token in turn
+    totals = ag.tiles_to_grid(one_hot, aid, (height, width), tile, patch, 4, supported).sum(dim=(1, 2)).view(4, 1 + P * P)
+    assert (totals[:, 0] == 0).all()  # CLS tokens
     for t in range(4):
-        attn = torch.zeros(4 * (1 + P * P))
-        attn[t * (1 + P * P)] = 1.0  # CLS
-        assert ag.tiles_to_grid(attn, aid, (height, width), tile, patch, 4, supported).abs().max() == 0
         for py in range(P):
             for px in range(P):
-                attn = torch.zeros(4 * (1 + P * P))
-                attn[t * (1 + P * P) + 1 + py * P + px] = 1.0
-                total = float(ag.tiles_to_grid(attn, aid, (height, width), tile, patch, 4, supported).sum())
+                total = float(totals[t, 1 + py * P + px])
                 if t >= n_tiles or is_pad[t, py, px]:
                     assert total == 0, (layout, t, py, px)
                 else:
