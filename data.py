@@ -1,4 +1,4 @@
-"""Data for train.py and evaluate.py: dataset items and DM maps -> batches the VLM's processor builds (paper §5, §6).
+"""Data for train.py and evaluate.py: items and DM maps -> batches built by the VLM's processor (§5, §6).
 
 The dataset is the JSONL of DESIGN.md, read by extract.read_items; the DM attention store
 (attn/<id>.safetensors) is read by extract.load_maps. A batch is the processor's own output for
@@ -6,7 +6,7 @@ prompts written with the model's chat template, plus the labels of eq. 6 (answer
 the original image sizes that aggregate.py needs to crop the tiles' padding, and the item ids.
 The data order is a pure function of (seed, epoch), so every rank, and a resumed run, agree on it.
 
-    from data import collate; batch = collate(processor, extract.read_items("data.jsonl")[:4])
+    python -c "import data, extract, train; print(data.collate(train.tiny_vlm()[1], extract.read_items('d.jsonl')))"
 """
 import torch
 from PIL import Image

@@ -23,3 +23,18 @@ def test_llama32_without_weights_fails_with_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="--model-path"):
         train.load_vlm("llama32")
+
+
+def test_toy_without_its_folder_fails_with_a_clear_message(tmp_path):
+    with pytest.raises(SystemExit, match="toy.py"):
+        train.load_vlm("toy", str(tmp_path / "missing"))
+
+
+def test_presets_load_a_save_pretrained_folder(tmp_path):
+    model, processor = train.tiny_vlm()
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    loaded, loaded_processor = train.load_vlm("toy", str(tmp_path / "m"))  # e.g. what toy.py writes
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert loaded_processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]) \
+        == processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])

@@ -73,14 +73,15 @@ def image_size(item):
 
 
 def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
-    """torchrun 2 ranks x batch 1 == 1 rank x batch 2 (same global batch, no dropout) at steps 1-3,
-    where the 2-rank run stops after 2 steps and resumes from its sharded checkpoint for step 3;
-    the adapter loads with PeftModel.from_pretrained, and load_run gives the checkpoint's logits."""
-    flags = ["--lora-dropout", "0", "--lr", "1e-3"]
-    _, one = run(tiny_dataset, tmp_path / "one", "--batch-size", "2", "--max-steps", "3", *flags)
+    """torchrun 2 ranks x batch 1 (FSDP2, activation checkpointing) == 1 rank x 2 accumulated
+    micro-batches of 1 (same global batch, no dropout) at steps 1-3, where the 2-rank run stops
+    after 2 steps and resumes from its sharded checkpoint for step 3; the adapter loads with
+    PeftModel.from_pretrained, and load_run gives the same logits as the checkpoint."""
+    flags = ["--lora-dropout", "0", "--lr", "1e-3", "--batch-size", "1"]
+    _, one = run(tiny_dataset, tmp_path / "one", "--grad-accum", "2", "--max-steps", "3", *flags)
     two = tmp_path / "two"
-    torchrun(tiny_dataset, two, "--batch-size", "1", "--max-steps", "2", *flags)
-    resumed = torchrun(tiny_dataset, two, "--batch-size", "1", "--max-steps", "3", "--resume", *flags)
+    torchrun(tiny_dataset, two, "--max-steps", "2", "--activation-checkpointing", *flags)
+    resumed = torchrun(tiny_dataset, two, "--max-steps", "3", "--resume", "--activation-checkpointing", *flags)
     assert [r["step"] for r in resumed] == [1, 2, 3]  # the log continues where it stopped
     for a, b in zip(one, resumed):
         assert b["loss_vlm"] == pytest.approx(a["loss_vlm"], rel=1e-5)
@@ -119,13 +120,20 @@ def test_lavender_loss_falls_on_a_fixed_batch(tmp_path):
     assert all(r["aligned_words"] == log[0]["aligned_words"] > 0 for r in log)  # same batch every step
 
 
-def test_ar_never_calls_capture_hooks(tmp_path, tiny_dataset, monkeypatch):
+def test_ar_never_calls_capture_hooks_and_full_finetuning_saves_model(tmp_path, tiny_dataset, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("--loss ar built an AttentionCapture")
     monkeypatch.setattr(aggregate, "AttentionCapture", forbidden)
-    run_dir, log = run(tiny_dataset, tmp_path / "ar", "--loss", "ar", "--batch-size", "2", "--max-steps", "2")
+    run_dir, log = run(tiny_dataset, tmp_path / "ar", "--loss", "ar", "--peft", "full", "--batch-size", "2",
+                       "--max-steps", "2", "--lr", "1e-3")
     assert all(r["loss_att"] == 0 and r["aligned_words"] == 0 for r in log)
-    assert (run_dir / "adapter").is_dir() and not (run_dir / "lavender.safetensors").exists()
+    assert (run_dir / "model").is_dir() and not (run_dir / "lavender.safetensors").exists()
+    model, processor, lavender, _ = train.load_run(run_dir)  # full weights: model/ is a save_pretrained folder
+    base = train.tiny_vlm()[0].eval()
+    batch = train.model_inputs(train.collate(processor, extract.read_items(tiny_dataset)[:1]))
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, base(**batch).logits)  # trained weights were saved
+    assert lavender["aligner"] is None
 
 
 def test_aligner_pretraining_leaves_the_vlm_unchanged(tmp_path, tiny_dataset):
