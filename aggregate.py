@@ -189,7 +189,8 @@ class AttentionCapture:
 
     # --- public API ---
     def set_rows(self, rows):
-        """rows: LongTensor (B, R) of text positions whose attention is captured; -1 = padding."""
+        """rows: LongTensor (B, R) of text positions whose attention is captured; -1 = padding.
+        None turns capturing off (the hooks then only return), e.g. before generate()."""
         self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
 
     @property
