@@ -247,7 +247,7 @@ def build(args, device, mesh):
             torch.manual_seed(args.seed + 2)
             heads = base_model(model).config.text_config.num_attention_heads
             channels = aligner_lib.aligner_channels(args.aggregate, args.aligner_mode, heads)
-            aligner = aligner_lib.Aligner(args.aligner, channels, norm=args.aligner_norm).to(device)
+            aligner = aligner_lib.Aligner(args.aligner, channels, norm=args.aligner_norm)
         capture = aggregate.AttentionCapture(model, layers, learned=args.aggregate == "learn")
     # trainable parameters in fp32 (master weights), frozen ones stay in the load dtype: FSDP2 needs
     # one dtype per unit among trainable parameters (LoRA and copied projections could differ)
@@ -256,8 +256,10 @@ def build(args, device, mesh):
             p.data = p.data.float()
     if args.activation_checkpointing:  # recompute each layer in backward; non-reentrant works with FSDP2
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
-    if mesh is not None:
+    if mesh is None:
+        model.to(device)
+        aligner = aligner.to(device) if aligner is not None else None
+    else:  # fully_shard moves each rank's shard to its device: the full model never sits on one GPU
         model, aligner = shard(model, aligner, mesh, device)
     return model, processor, aligner, capture, layers
 
@@ -288,8 +290,8 @@ def micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, devi
         return vlm_loss_sum(logits, batch["labels"].to(device)), att, 0
     capture.set_rows(plan["rows"].to(device))  # (B, R) text positions whose attention is aligned
     logits = model(**inputs).logits  # (B, T, V); the hooks filled capture.probs
-    vlm_maps = aggregate.vlm_word_maps(capture, plan, batch, aggregation=args.aggregate, aligner=aligner,
-                                       aligner_mode=args.aligner_mode)  # (B, W, 32, 32) in [0, 1]
+    vlm_maps = aggregate.vlm_word_maps(capture, plan, {**batch, **inputs}, aggregation=args.aggregate,
+                                       aligner=aligner, aligner_mode=args.aligner_mode)  # (B, W, 32, 32) in [0, 1]
     target = aggregate.dm_targets(dm_maps, plan["dm_index"]).to(device)  # (B, W, 32, 32)
     att = aligner_lib.attention_loss(vlm_maps, target, mask.to(device))  # eq. 9/17
     return vlm_loss_sum(logits, batch["labels"].to(device)), att, int(mask.sum())
