@@ -171,3 +171,25 @@ def test_bad_input_stops_early_and_saves_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     run_dir, _ = run(data, tmp_path / "ok", "--batch-size", "2", "--max-steps", "1")
     assert json.loads((run_dir / "config.json").read_text())["items_without_attention"] == 1
+
+
+def test_micro_batches_split_one_global_batch():
+    """Step 1 of an epoch with 2 ranks x 2 micro-batches x batch 2 takes items 8..15 of the order."""
+    order = list(range(100, 116))
+    assert train.micro_batches(order, 1, 2, 2, 0, 2) == [[108, 109], [112, 113]]
+    assert train.micro_batches(order, 1, 2, 2, 1, 2) == [[110, 111], [114, 115]]
+    assert train.micro_batches(order, 0, 4, 1, 0, 1) == [[100, 101, 102, 103]]
+    assert train.epoch_order(16, 42, 0) == train.epoch_order(16, 42, 0) != train.epoch_order(16, 42, 1)
+
+
+@pytest.mark.parametrize("flags", [["--aggregate", "mean-mean", "--aligner", "none"],
+                                   ["--aggregate", "flow-sum", "--aligner-mode", "after", "--layers", "last"],
+                                   ["--match", "root", "--aligner", "light", "--projection-init", "random"]])
+def test_method_flags_train_and_reload(tmp_path, tiny_dataset, flags):
+    run_dir, log = run(tiny_dataset, tmp_path / "r", "--batch-size", "3", "--max-steps", "1", *flags)
+    assert log[0]["aligned_words"] > 0 and log[0]["loss_att"] > 0
+    _, _, lavender, config = train.load_run(run_dir)
+    expected = flags[1] if flags[0] == "--aggregate" else "learn"
+    assert lavender["aggregation"] == config["aggregate"] == expected
+    assert (lavender["aligner"] is None) == ("none" in flags)
+    assert lavender["layers"] == ([3] if "last" in flags else [1, 3])  # tiny: cross-attention at 1 and 3
