@@ -585,11 +585,11 @@ def import_jpeg(items, jpeg_dir, attn_dir, dm_name="authors-jpeg"):
 def bench(res=256, inversion_steps=5, denoise_steps=10, repeats=1, columns=77):
     """Time inversion + denoising with capture vs the same UNet calls without; returns the ratio.
 
-    Only UNet calls are timed (the VAE and text encoder run once per image in both arms and would
-    only dilute the ratio). SD-v1.4's UNet geometry (320/640/1280/1280, 768-d context, 8 heads),
-    random weights; columns=77 captures every context position (the worst case). Each step runs
-    the UNet twice on the same input, plain and capturing, in alternating order, so that the load
-    of other processes hits both arms alike (their outputs are equal: see the tests).
+    Only UNet calls are timed (VAE and text encoder would only dilute the ratio). SD-v1.4's UNet
+    geometry (320/640/1280/1280, 768-d context, 8 heads), random weights; columns=77 captures every
+    context position (the worst case). Each step runs the UNet twice on the same input, plain and
+    capturing, in alternating order, timed in CPU seconds of this process (time.process_time) so
+    that other processes on a shared machine weigh on neither arm (outputs are equal: see tests).
     """
     from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
@@ -607,11 +607,11 @@ def bench(res=256, inversion_steps=5, denoise_steps=10, repeats=1, columns=77):
             for i, t in enumerate(torch.cat([inverse.timesteps, forward.timesteps])):
                 for capture in ((False, True) if (r + i) % 2 == 0 else (True, False)):
                     unet.set_attn_processor(capture_processors(plain, store) if capture else dict(plain))  # (pops its argument)
-                    t0 = time.perf_counter()
+                    t0 = time.process_time()
                     eps = unet(latents, t, encoder_hidden_states=context).sample
                     if capture and i == n - 1:
                         store["sum"] / store["count"]                          # the mean map: capture's cost too
-                    seconds[capture].append(time.perf_counter() - t0)
+                    seconds[capture].append(time.process_time() - t0)
                 latents = (inverse if i < inversion_steps else forward).step(eps, t, latents).prev_sample
     # two estimates: total time, and per call the best of the repeats (what a call costs when no
     # other process interferes: timeit's rule); the last line is the second
@@ -620,8 +620,8 @@ def bench(res=256, inversion_steps=5, denoise_steps=10, repeats=1, columns=77):
     print(f"bench: SD-v1.4 geometry UNet (random), {res} px ({res // 8}x{res // 8} latents), {inversion_steps} inversion "
           f"+ {denoise_steps} denoise steps, x{repeats}, {torch.get_num_threads()} threads")
     for capture, label in ((False, "without capture"), (True, "with capture   ")):
-        print(f"{label}: {total[capture]:.2f} s in all, best of {repeats} per call {best[capture]:.2f} s "
-              f"({best[capture] / n:.3f} s per UNet call)")
+        print(f"{label}: {total[capture]:.2f} CPU s in all, best of {repeats} per call {best[capture]:.2f} CPU s "
+              f"({best[capture] / n:.3f} per UNet call)")
     print(f"capture overhead ratio, total time: {total[True] / total[False]:.3f}")
     print(f"capture overhead ratio: {best[True] / best[False]:.3f}")
     return best[True] / best[False]
@@ -653,11 +653,11 @@ def build_parser():
     p.add_argument("--strength", type=float, default=1.0, help="share of the noise range inverted: 1 = up to "
                    "t=999; 0.5 = up to t=499 (steps / strength must be whole numbers)")
     p.add_argument("--capture-steps", default="all", choices=["all", "inversion", "denoise"],
-                   help="which steps' attention is averaged (the paper: all of them)")
+                   help="which steps' attention is averaged (§5(1): maps are collected at each step)")
     p.add_argument("--layers", default="all", help="attn2 layers averaged: 'all' or downsampling factors of the latent "
                    "grid, e.g. '2,4' (sd14 at 512 px: 1 = 64x64, 2 = 32x32, 4 = 16x16, 8 = 8x8)")
     # ---- performance ----
-    p.add_argument("--batch-size", type=int, default=1, help="images per UNet call (GPU: 8-16)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per UNet call (raise it on a GPU)")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:0, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="DM weights; auto: float16 on GPU, float32 on CPU (attention is accumulated in float32 either way)")
