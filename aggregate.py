@@ -351,7 +351,8 @@ def flow_weights(rows, attention_mask):
     sees. rows (B, R), attention_mask (B, T) -> (B, R), 0 at padding rows.
     Worked example: rows [[3, 4]], T = 5 -> [[0.8, 1.0]].
     """
-    T = attention_mask.sum(dim=-1, keepdim=True).clamp(min=1).to(torch.float32)  # (B, 1)
+    T = attention_mask.sum(dim=-1, keepdim=True).clamp(min=1).to("cpu", torch.float32)  # (B, 1)
+    rows = rows.cpu()
     return ((rows + 1).to(torch.float32) / T) * (rows >= 0)  # (B, R)
 
 
@@ -386,7 +387,8 @@ def merge_rows(maps, row_word, n_words, weights=None):
     occurrence of a repeated word (the DM store averages repeated words too).
     """
     B, R = row_word.shape
-    w = torch.ones(B, R) if weights is None else weights.float()
+    row_word = row_word.cpu()
+    w = torch.ones(B, R) if weights is None else weights.detach().float().cpu()
     onehot = torch.zeros(B, R, n_words)
     valid = row_word >= 0
     onehot[valid.nonzero(as_tuple=True) + (row_word[valid],)] = 1.0

@@ -241,11 +241,13 @@ def test_learned_copy_equals_pretrained_at_init(tiny):
             plain.set_rows(rows)
             model2(**model_inputs(batch))
             a = plain.probs
+        ref = model2(**model_inputs(batch)).logits
         with ag.AttentionCapture(model2, layers, learned=True) as learned:
             learned.set_rows(rows)
-            model2(**model_inputs(batch))
+            logits = model2(**model_inputs(batch)).logits
             a_d = learned.probs
     assert torch.allclose(a, a_d, atol=1e-6)
+    assert torch.equal(ref, logits)  # the parallel attention is computed beside the model, not in it
     ag.add_parallel_projections(model2, layers, init="random")
     with torch.no_grad(), ag.AttentionCapture(model2, layers, learned=True) as learned:
         learned.set_rows(rows)
