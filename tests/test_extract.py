@@ -205,7 +205,7 @@ def test_two_ranks_equal_one_rank(dm, tmp_path):
     assert [s["done"] for s in shares] == [3, 2]  # items 0, 2, 4 and 1, 3
     # and through torchrun itself: two processes, each building tiny-sd from the same seed
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "extract.py"), "--dm", "tiny-sd", "--data", str(tmp_path / "data.jsonl"), "--out", str(run),
                            "--inversion-steps", "2", "--denoise-steps", "3", "--batch-size", "2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
