@@ -330,10 +330,18 @@ def toy_sd_parts(tokenizer, seed=0):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
+    # The text encoder is CLIP's class with no transformer layer: each token's output is the layer
+    # norm of its own embedding (position embeddings zeroed and frozen), a bag of word vectors. Why:
+    # trained jointly, a 2-layer CLIP collapsed (its outputs for different words had cosine 0.95)
+    # and the cross-attention maps of all words came out alike (pointing 16%, chance 11%); with
+    # per-word keys, cross-attention has to find each word's own pixels.
     text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                 num_hidden_layers=0, num_attention_heads=2, max_position_embeddings=77,
                                  bos_token_id=0, eos_token_id=1, pad_token_id=1)
     text_encoder = CLIPTextModel(text_config)
+    positions = text_encoder.embeddings.position_embedding.weight
+    positions.data.zero_()
+    positions.requires_grad_(False)
     # SD 1.x's noise schedule; DDIM as the denoising scheduler (extract.py builds its inverse from it)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
@@ -383,7 +391,7 @@ def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0):
     return latents * vae.config.scaling_factor, float(F.l1_loss(recon, images))
 
 
-def train_sd(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, vae_steps=300):
+def train_sd(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, vae_steps=300, save_every=200):
     """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir."""
     from diffusers import DDPMScheduler
     torch.manual_seed(seed)
@@ -397,7 +405,7 @@ def train_sd(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, vae_step
     t0 = time.time()
     latents, vae_l1 = train_vae(vae, images, steps=vae_steps, seed=seed)   # (N, 4, 16, 16)
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -426,19 +434,10 @@ def train_sd(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, vae_step
         log.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(log[-50:]):.4f}")
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save_sd(Path(out_dir) / f"step{step + 1}", unet, vae, text_encoder, tokenizer, scheduler)
     out_dir = Path(out_dir)
-    unet.eval()
-    text_encoder.eval()
-    for name, part in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer),
-                       ("scheduler", scheduler)):
-        part.save_pretrained(out_dir / name)
-    # model_index.json: the StableDiffusionPipeline layout, so the folder also loads as a pipeline
-    (out_dir / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
+    save_sd(out_dir, unet, vae, text_encoder, tokenizer, scheduler)
     summary = {"seed": seed, "steps": steps, "batch": batch, "vae_steps": vae_steps, "vae_l1": round(vae_l1, 4),
                "final_loss": round(float(np.mean(log[-100:])), 4), "minutes": round((time.time() - t0) / 60, 1),
                "unet_params": sum(p.numel() for p in unet.parameters()),
@@ -446,6 +445,25 @@ def train_sd(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, vae_step
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
     print(f"toy-sd: {summary}")
     return out_dir
+
+
+def save_sd(out_dir, unet, vae, text_encoder, tokenizer, scheduler):
+    """The diffusers component layout that extract.load_dm reads (unet/, vae/, text_encoder/, ...)."""
+    out_dir = Path(out_dir)
+    unet.eval()
+    text_encoder.eval()
+    for name, part in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer),
+                       ("scheduler", scheduler)):
+        part.save_pretrained(out_dir / name)
+    unet.train()
+    text_encoder.train()
+    # model_index.json: the StableDiffusionPipeline layout, so the folder also loads as a pipeline
+    (out_dir / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
 
 
 def dm_pointing(items, attn_dir):
@@ -541,7 +559,8 @@ def vqa_accuracy(model, processor, items, batch_size=64):
     """Exact-match accuracy of greedy answers, scored as evaluate.py scores them."""
     import evaluate
     answers = evaluate.generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=12, show=False)
-    return float(np.mean([evaluate.score_prediction(a, it["answer"], it["question"]) for a, it in zip(answers, items)]))
+    return float(np.mean([evaluate.score_prediction(a, it["answer"], it["question"])["correct"]
+                          for a, it in zip(answers, items)]))
 
 
 def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3):
@@ -573,14 +592,14 @@ def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3):
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(log[-50:]):.3f}")
     model.eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)                                  # saved first: the probe below is extra
+    processor.save_pretrained(out_dir)
     single = [it for it in items[-1000:] if it["category"] in ("colour", "shape")]   # seen scenes: a sanity check
     summary = {"seed": seed, "steps": steps, "batch": batch, "final_loss": round(float(np.mean(log[-100:])), 4),
                "params": sum(p.numel() for p in model.parameters()), "minutes": round((time.time() - t0) / 60, 1),
                "acc_pretrain_one_object": vqa_accuracy(model, processor, single),
                **{f"acc_{s}": vqa_accuracy(model, processor, v) for s, v in tests.items()}}
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
     print(f"toy vlm: {summary}")
     return out_dir
@@ -666,10 +685,6 @@ def demo(args):
     del dm
     # ---- 3. fine-tune: AR and Lavender, the same budget, data and seeds ----
     data = paths["finetune"]
-    if args.limit:                                             # the quick test: fewer fine-tuning items
-        data = out / "finetune-limited.jsonl"
-        data.write_text("".join(open(paths["finetune"]).readlines()[:args.limit]).replace(
-            '"images/', f'"{Path(args.world).resolve()}/images/').replace('"masks/', f'"{Path(args.world).resolve()}/masks/'))
     runs = []
     for seed in args.seeds:
         for loss in ("ar", "lavender"):
@@ -754,7 +769,7 @@ def build_parser():
     p.add_argument("--aligner", default="sim", help="train.py --aligner (sim, light, deep, mlp, none)")
     p.add_argument("--pretrain-aligner-steps", type=int, default=0, help="Lavender runs: Aligner pre-training steps")
     # ---- demo output ----
-    p.add_argument("--limit", type=int, default=0, help="use only the first N items of each split (quick test; 0: all)")
+    p.add_argument("--limit", type=int, default=0, help="extract and evaluate only the first N items of each split (quick test; 0: all)")
     p.add_argument("--report", default=str(ROOT / "toy_report.md"), help="where the demo writes its report ('' for none)")
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress bars")
     return p
@@ -776,7 +791,7 @@ def main(argv=None):
                             capture_steps=args.capture_steps)
         print(f"toy-sd pointing: {json.dumps(result)}")
     else:
-        demo(args)
+        return demo(args)
 
 
 if __name__ == "__main__":

@@ -139,3 +139,56 @@ def test_clip_tokenizer_worked_example():
     pieces = tok.convert_ids_to_tokens(tok("a red circle, left of a blue square? redd").input_ids)
     assert pieces == ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", ",</w>", "left</w>", "of</w>", "a</w>",
                       "blue</w>", "square</w>", "?</w>", "re", "d", "d</w>", "<|endoftext|>"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped models
+# ---------------------------------------------------------------------------------------------
+
+def test_shipped_toy_sd_points_at_objects(small_world, tmp_path):
+    """Held-out captions: the argmax of a colour/shape word's map (extract.py, the sd14 path) falls
+    inside the word's object. Measured on 150 held-out images: see toy_report.md; chance ~ 11%."""
+    import extract
+    _, paths = small_world
+    dm = extract.load_dm("toy-sd", path=SHIPPED_SD)
+    assert dm["res"] == 32 and dm["vae"] is not None
+    items = extract.read_items(paths["test-captions"])[:12]
+    summary = extract.extract(items, dm, tmp_path / "attn", inversion_steps=5, denoise_steps=5, batch_size=12,
+                              progress=False)
+    assert summary["done"] == len(items)
+    result = toy.dm_pointing(items, tmp_path / "attn")
+    assert result["n"] >= 40
+    assert result["accuracy"] >= POINTING_THRESHOLD, result
+
+
+def test_shipped_toy_vlm_loads_through_train_and_answers(small_world):
+    import train
+    _, paths = small_world
+    model, processor = train.load_vlm("toy", str(SHIPPED_VLM))
+    assert processor.tokenizer.convert_tokens_to_ids("<|image|>") == model.config.image_token_index
+    import extract
+    items = [it for it in extract.read_items(paths["pretrain"]) if it["category"] in ("colour", "shape")][:20]
+    assert toy.vqa_accuracy(model, processor, items) >= 0.7    # one-object scenes: the pre-training task
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo, end to end in seconds: the real extract.py, train.py and evaluate.py on a few items
+# ---------------------------------------------------------------------------------------------
+
+def test_quick_demo_end_to_end(small_world, tmp_path):
+    world, _ = small_world
+    rows = toy.main(["--world", str(world), "--out", str(tmp_path / "demo"), "--seeds", "0", "--steps", "2",
+                     "--batch-size", "4", "--limit", "8", "--inversion-steps", "2", "--denoise-steps", "1",
+                     "--report", str(tmp_path / "toy_report.md"), "--quiet"])
+    table = dict((r[0], r[1:]) for r in rows)
+    for split in ("test-id", "test-ood"):
+        for value in table[f"accuracy {split}"]:                     # base, AR, Lavender: all measured
+            assert 0.0 <= float(value.split(" ± ")[0]) <= 1.0
+    assert float(table["DM pointing (test-id answers)"][0]) >= 0.0
+    for loss in ("ar", "lavender"):
+        config = json.loads((tmp_path / "demo" / "runs" / f"{loss}-s0" / "config.json").read_text())
+        assert config["loss"] == loss and config["max_steps"] == 2 and config["model"] == "toy"
+    lavender_log = [json.loads(l) for l in open(tmp_path / "demo" / "runs" / "lavender-s0" / "log.jsonl")]
+    assert any(entry["aligned_words"] > 0 for entry in lavender_log)   # the DM maps reached the loss
+    report = (tmp_path / "toy_report.md").read_text()
+    assert "| accuracy test-id |" in report and "toy_report/" in report
