@@ -279,15 +279,14 @@ def micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, devi
     if capture is None:  # --loss ar: no hooks, no maps
         logits = model(**inputs).logits  # (B, T, V)
         return vlm_loss_sum(logits, batch["labels"].to(device)), None, 0
+    if plan["rows"].shape[1] == 0 or plan["dm_index"].shape[1] == 0:
+        # no word to align in this micro-batch (no attention file, no matching word): run the very
+        # same capture -> maps -> Aligner graph on one padding row and word, which the loss weights
+        # by 0. Under FSDP every rank must run the same graph: collectives follow autograd's order
+        B = plan["rows"].shape[0]
+        pad = torch.full((B, 1), -1, dtype=torch.long)
+        plan = {**plan, "rows": pad, "row_word": pad, "dm_index": pad}
     mask = plan["dm_index"] >= 0  # (B, W) words aligned with a DM map
-    if not mask.any():  # nothing to align here (no attention file, no matching word): L_VLM alone
-        capture.set_rows(None)
-        logits = model(**inputs).logits  # (B, T, V)
-        # the Aligner is an FSDP root: every rank must run it in every micro-batch, so a rank with
-        # no word runs it once on zeros, weighted by 0 (same collectives, no effect on the loss)
-        att = 0.0 * aligner(torch.zeros(1, aligner.in_channels, 32, 32, device=device)).sum() \
-            if aligner is not None and dist.is_initialized() else torch.zeros((), device=device)
-        return vlm_loss_sum(logits, batch["labels"].to(device)), att, 0
     capture.set_rows(plan["rows"].to(device))  # (B, R) text positions whose attention is aligned
     logits = model(**inputs).logits  # (B, T, V); the hooks filled capture.probs
     vlm_maps = aggregate.vlm_word_maps(capture, plan, {**batch, **inputs}, aggregation=args.aggregate,
