@@ -13,6 +13,7 @@ Distributed set-up, in the order it happens (see shard()): torchrun env -> proce
 GPU, gloo on CPU) -> explicit 1-D device mesh -> load model -> PEFT LoRA -> parallel projections ->
 attention capture -> activation checkpointing -> fully_shard every decoder/encoder layer, then the
 root -> optimizer. Plain `python train.py` is one rank with no process group and no sharding.
+Batches (chat template, answer-only labels, data order) come from data.py.
 
     python train.py --model tiny --data data.jsonl --attn attn/ --out runs/lav --max-steps 10
     torchrun --nproc_per_node 8 train.py --model llama32 --data data.jsonl --attn attn/ --out runs/lav
