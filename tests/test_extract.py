@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +102,18 @@ def test_capture_leaves_unet_output_unchanged_and_maps_are_distributions(dm):
     # positions: each pixel's mean map sums to 1
     assert store["count"] == 7 and store["sum"].shape == (2, 77, 16, 16)
     assert torch.allclose((store["sum"] / store["count"]).sum(1), torch.ones(2, 16, 16), atol=1e-5)
+
+
+def test_captured_probabilities_match_diffusers_own_attention_scores(dm):
+    """eq. 13 against diffusers' reference path (Attention.get_attention_scores), one attn2 module."""
+    attn = dm["unet"].down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    x, ctx = torch.randn(2, 64, attn.to_q.in_features), torch.randn(2, 77, 32)         # an 8x8 grid
+    store = extract.new_store((8, 8), columns=77)
+    with torch.no_grad():
+        extract.CrossAttentionCapture(store)(attn, x, ctx)
+        q, k = attn.head_to_batch_dim(attn.to_q(x)), attn.head_to_batch_dim(attn.to_k(ctx))
+        ref = attn.get_attention_scores(q, k).view(2, attn.heads, 64, 77).mean(1)       # (B, N, T)
+    assert torch.allclose(store["sum"], ref.transpose(1, 2).reshape(2, 77, 8, 8), atol=1e-6)
 
 
 def test_layer_filter_keeps_only_chosen_resolutions(dm):
