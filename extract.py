@@ -199,7 +199,7 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
             dm = _load_folder(source)
         except (OSError, ValueError) as e:
             get = f"download {preset['hub_id']} (hf download {preset['hub_id']})" if preset["hub_id"] else "make it with toy.py"
-            raise SystemExit(f"--dm {name}: no diffusion model weights at {source!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            raise SystemExit(f"--dm {name}: no diffusion model weights at {str(source)!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                              f"{get}, or point --dm-path at a folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/") from None
     for part in ("vae", "unet", "text_encoder"):
         if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op one)
