@@ -265,6 +265,11 @@ def build_world(out_dir, seed=0):
 # ---------------------------------------------------------------------------------------------
 
 PUNCTUATION = (",", ".", "?")
+# Text positions of toy-sd (SD: 77). extract.py pads every text to this many, and with 77 the ~65
+# padding columns took ~70% of every pixel's attention (a near-uniform softmax over 77 columns)
+# and the words' maps mostly showed where that padding mass was not; the world's longest caption
+# is 14 tokens with the start and end tokens, so 16 leaves the words most of the mass.
+TEXT_POSITIONS = 16
 
 
 def world_words():
@@ -275,13 +280,13 @@ def world_words():
     return sorted(words)
 
 
-def clip_tokenizer(max_length=77):
+def clip_tokenizer(max_length=16):
     """A CLIPTokenizer built in memory whose vocabulary is the world's words, one token each.
 
     CLIP's BPE marks a word's last piece with "</w>"; each world word gets the merges that build
     it letter by letter ("r"+"e" -> "re", "re"+"d</w>" -> "red</w>"), so it becomes one token, and
-    any other word falls back to letters, as SD's tokenizer splits rare words. Pads to 77 with the
-    end token, like SD 1.x.
+    any other word falls back to letters, as SD's tokenizer splits rare words. Pads with the end
+    token, like SD 1.x, to TEXT_POSITIONS (16, not 77).
     """
     from transformers import CLIPTokenizer
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -336,7 +341,7 @@ def toy_sd_parts(tokenizer, seed=0):
     # and the cross-attention maps of all words came out alike (pointing 16%, chance 11%); with
     # per-word keys, cross-attention has to find each word's own pixels.
     text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=0, num_attention_heads=2, max_position_embeddings=77,
+                                 num_hidden_layers=0, num_attention_heads=2, max_position_embeddings=TEXT_POSITIONS,
                                  bos_token_id=0, eos_token_id=1, pad_token_id=1)
     text_encoder = CLIPTextModel(text_config)
     positions = text_encoder.embeddings.position_embedding.weight
