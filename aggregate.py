@@ -39,6 +39,7 @@ import time
 import snowballstemmer
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from transformers.models.mllama.image_processing_pil_mllama import get_image_size_fit_to_canvas
 
 from aligner import min_max
@@ -401,16 +402,21 @@ def merge_rows(maps, row_word, n_words, weights=None):
     return x.reshape(B, *lead, n_words, maps.shape[-2], maps.shape[-1])
 
 
-def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, aligner_mode="per-layer"):
+def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, aligner_mode="per-layer",
+                  recompute=False):
     """Per-word VLM attention maps: (B, W, 32, 32) in [0, 1], one per aligned word of `plan`.
 
-    capture.probs (B, L, H, R, N) -> tiles rebuilt (B, L, H, R, 32, 32) -> rows merged into words
-    (flow: weighted by flow_weights) -> either
+    capture.probs (B, L, H, R, N) -> rows merged into words (flow: weighted by flow_weights) ->
+    tiles rebuilt (B, L, H, W, 32, 32) -> either
       aligner None:            aggregate over heads, layers -> (B, W, 32, 32)
       aligner_mode "per-layer": Aligner on each layer's heads as channels -> (B, L, W, 32, 32),
                                 then combined over layers (mean, max or flow per `aggregation`)
       aligner_mode "after":     aggregate, then the Aligner on 1 channel
     -> min-max normalised per word (as the DM maps are).
+    recompute=True (per-layer Aligner only): each layer's tile rebuild + Aligner runs under
+    torch.utils.checkpoint, one layer at a time, so backward holds one layer's Aligner activations
+    instead of all L layers' (less peak memory, one more Aligner forward; same result). Needs an
+    Aligner without batch statistics (norm="instance"): BatchNorm over one layer's words would differ.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
@@ -420,21 +426,40 @@ def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, a
     if n_words == 0:  # nothing aligned: an empty result still tied to the graph (same backward on every rank)
         tie = capture.probs.sum() * 0 + sum((p.sum() * 0 for p in (aligner.parameters() if aligner else [])), 0)
         return tie.expand(row_word.shape[0], 0, MAP_SIZE, MAP_SIZE)  # (B, 0, 32, 32)
-    maps = image_maps(capture.probs, batch, vision_geometry(capture.model))  # (B, L, H, R, 32, 32)
-    weights = flow_weights(plan["rows"], batch["attention_mask"]) if aggregation.startswith("flow") else None
-    words = merge_rows(maps, row_word, n_words, weights)  # (B, L, H, W, 32, 32)
-    B, L, H = words.shape[:3]
-    if aligner is None:
-        out = aggregate(words.transpose(1, 3).transpose(2, 3), aggregation)  # (B, W, 32, 32)
-    elif aligner_mode == "per-layer":
-        x = words.permute(0, 1, 3, 2, 4, 5).reshape(B * L * n_words, H, MAP_SIZE, MAP_SIZE)  # heads as channels
-        y = aligner(x).view(B, L, n_words, MAP_SIZE, MAP_SIZE)  # (B, L, W, 32, 32)
-        out = combine_layers(y.transpose(1, 2), aggregation)  # (B, W, 32, 32)
-    elif aligner_mode == "after":
-        agg = aggregate(words.transpose(1, 3).transpose(2, 3), aggregation)  # (B, W, 32, 32)
-        out = aligner(agg.reshape(B * n_words, 1, MAP_SIZE, MAP_SIZE)).view(B, n_words, MAP_SIZE, MAP_SIZE)
-    else:
+    if aligner is not None and aligner_mode not in ("per-layer", "after"):
         raise ValueError(f"unknown aligner_mode {aligner_mode!r}; choose 'per-layer' or 'after'")
+    geometry = vision_geometry(capture.model)
+    weights = flow_weights(plan["rows"], batch["attention_mask"]) if aggregation.startswith("flow") else None
+    # Rows are merged into words, and (where the aggregation averages heads) heads averaged, on the
+    # image-token probabilities BEFORE the tiles are rebuilt: both are means, the tile rebuild is a
+    # linear map over image tokens, so the order does not change the result (up to float rounding),
+    # and the 32x32 maps are built for W words (and 1 head) instead of R rows and H heads. A max over
+    # heads does not commute with it, so max-* aggregations keep every head's map.
+    words = merge_rows(capture.probs.unsqueeze(-2), row_word, n_words, weights).squeeze(-2)  # (B, L, H, W, N)
+    B, L, H = words.shape[:3]
+    if aligner is not None and aligner_mode == "per-layer":
+        if recompute:
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in aligner.modules()):
+                raise ValueError("recompute=True needs an Aligner with norm='instance' (BatchNorm statistics "
+                                 "would be taken per layer); use recompute=False with norm='batch'")
+
+            def one_layer(w):  # w (B, W, H, N) one layer's word probabilities -> (B, W, 32, 32)
+                x = image_maps(w, batch, geometry).reshape(B * n_words, H, MAP_SIZE, MAP_SIZE)  # heads as channels
+                return aligner(x).view(B, n_words, MAP_SIZE, MAP_SIZE)
+            words = words.transpose(2, 3)  # (B, L, W, H, N)
+            y = torch.stack([torch.utils.checkpoint.checkpoint(one_layer, words[:, l], use_reentrant=False)
+                             for l in range(L)], dim=1)  # (B, L, W, 32, 32)
+        else:
+            maps = image_maps(words.transpose(2, 3), batch, geometry)  # (B, L, W, H, 32, 32)
+            x = maps.reshape(B * L * n_words, H, MAP_SIZE, MAP_SIZE)  # heads as channels (a view: no copy)
+            y = aligner(x).view(B, L, n_words, MAP_SIZE, MAP_SIZE)  # (B, L, W, 32, 32)
+        return min_max(combine_layers(y.transpose(1, 2), aggregation))  # (B, W, 32, 32)
+    if not aggregation.startswith("max"):
+        words = words.mean(dim=2, keepdim=True)  # (B, L, 1, W, N): heads averaged first (see above)
+    maps = image_maps(words.permute(0, 3, 1, 2, 4), batch, geometry)  # (B, W, L, H or 1, 32, 32)
+    out = aggregate(maps, aggregation)  # (B, W, 32, 32)
+    if aligner is not None:  # aligner_mode "after": the Aligner on the aggregated map, 1 channel
+        out = aligner(out.reshape(B * n_words, 1, MAP_SIZE, MAP_SIZE)).view(B, n_words, MAP_SIZE, MAP_SIZE)
     return min_max(out)  # (B, W, 32, 32)
 
 

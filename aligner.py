@@ -33,7 +33,10 @@ import torch
 import torch.nn as nn
 
 VARIANTS = {"light": 1, "sim": 2, "deep": 4, "mlp": 2}  # name -> number of expand layers
-NORMS = {"instance": lambda c: nn.InstanceNorm2d(c, affine=True), "batch": nn.BatchNorm2d}
+# InstanceNorm (affine, per-sample statistics) is GroupNorm with one channel per group: the same
+# function and the same parameters (weight, bias), but GroupNorm's CPU kernel runs forward +
+# backward ~3x faster than InstanceNorm2d's (which goes through batch_norm on an (1, N*C, h, w) view)
+NORMS = {"instance": lambda c: nn.GroupNorm(c, c), "batch": nn.BatchNorm2d}
 
 
 def min_max(x, eps=1e-8):
@@ -59,7 +62,7 @@ class Aligner(nn.Module):
         k = 1 if variant == "mlp" else 3  # mlp: 1x1 convs = a per-pixel MLP over channels
         layers, c = [], in_channels
         for _ in range(VARIANTS[variant]):  # expand: conv (no bias) -> norm -> ReLU6
-            layers += [nn.Conv2d(c, hidden, k, padding=k // 2, bias=False), NORMS[norm](hidden), nn.ReLU6()]
+            layers += [nn.Conv2d(c, hidden, k, padding=k // 2, bias=False), NORMS[norm](hidden), nn.ReLU6(inplace=True)]
             c = hidden
         layers.append(nn.Conv2d(c, 1, 1, bias=False))  # squeeze back to one channel
         self.net = nn.Sequential(*layers)

@@ -291,7 +291,8 @@ def micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, devi
     capture.set_rows(plan["rows"].to(device))  # (B, R) text positions whose attention is aligned
     logits = model(**inputs).logits  # (B, T, V); the hooks filled capture.probs
     vlm_maps = aggregate.vlm_word_maps(capture, plan, {**batch, **inputs}, aggregation=args.aggregate,
-                                       aligner=aligner, aligner_mode=args.aligner_mode)  # (B, W, 32, 32) in [0, 1]
+                                       aligner=aligner, aligner_mode=args.aligner_mode,
+                                       recompute=args.recompute_aligner and args.aligner_norm != "batch")  # (B, W, 32, 32) in [0, 1]
     target = aggregate.dm_targets(dm_maps, plan["dm_index"]).to(device)  # (B, W, 32, 32)
     att = aligner_lib.attention_loss(vlm_maps, target, mask.to(device))  # eq. 9/17
     return vlm_loss_sum(logits, batch["labels"].to(device)), att, int(mask.sum())
@@ -544,14 +545,23 @@ def fit(args, rank, world, device, mesh):
 
 # ---- benchmark: a Lavender step vs an autoregressive step (CPU, scaled-down llama32 geometry) ----
 
-def bench_setup(arm):
+BENCH_ARMS = ("ar", "lavender", "lavender-no-recompute", "lavender-after")
+
+
+def bench_setup(arm, words=16):
     """One optimizer step at aggregate.bench_model()'s geometry (llama32's 40 text layers, cross-
-    attention at 3, 8, ..., 38, 32/8 heads, at 1/8 width; one 2x2-tile image; 256 text tokens, the
+    attention at 3, 8, ..., 38, 32/8 heads, at 1/16 width; one 2x2-tile image; 256 text tokens, the
     last 33 the answer) with LoRA; "lavender" adds parallel projections, the sim Aligner (per layer,
-    "lavender-after": after aggregation) and the capture of 16 two-token words. Returns a step function."""
+    recomputed in backward as by default; "lavender-no-recompute": kept; "lavender-after": after
+    aggregation) and the capture of `words` two-token words (the last 2 x words rows, at most 16).
+    Returns a step function."""
+    if not 1 <= words <= 16:
+        raise ValueError(f"--bench-words {words}: choose 1 to 16 (the answer has 33 tokens)")
     model, batch, rows = aggregate.bench_model()
+    rows = rows[:, rows.shape[1] - 2 * words:]  # (1, 2 * words): the answer's last positions
     mode = "after" if arm == "lavender-after" else "per-layer"
-    args = build_parser().parse_args(["--loss", "ar" if arm == "ar" else "lavender", "--aligner-mode", mode])
+    args = build_parser().parse_args(["--loss", "ar" if arm == "ar" else "lavender", "--aligner-mode", mode,
+                                      "--no-recompute-aligner" if arm == "lavender-no-recompute" else "--recompute-aligner"])
     model = apply_peft(model, args).train()
     labels = batch["input_ids"].clone()
     labels[:, :-33] = -100  # (1, 256)
@@ -561,22 +571,22 @@ def bench_setup(arm):
         aggregate.add_parallel_projections(model, layers)
         aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", args.aligner_mode, 32))
         capture = aggregate.AttentionCapture(model, layers, learned=True)
-    plan = dict(rows=rows, row_word=torch.arange(rows.shape[1])[None] // 2, dm_index=torch.arange(16)[None])
+    plan = dict(rows=rows, row_word=torch.arange(rows.shape[1])[None] // 2, dm_index=torch.arange(words)[None])
     modules = trainable_modules(model, aligner)
     optimizer = torch.optim.AdamW([p for p in modules.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
-        ce, att, _ = micro_batch_losses(args, model, aligner, capture, batch, plan, [torch.rand(16, 32, 32)], "cpu")
+        ce, att, _ = micro_batch_losses(args, model, aligner, capture, batch, plan, [torch.rand(words, 32, 32)], "cpu")
         (ce / 33 + (args.lam * att if att is not None else 0)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
-def bench_memory(arm):
+def bench_memory(arm, words=16):
     """Child process: peak resident memory of one step (VmHWM, reset after a warm-up step)."""
     torch.set_num_threads(1)
-    step = bench_setup(arm)
+    step = bench_setup(arm, words)
     step()  # warm-up: AdamW state, allocator, lazy inits
     status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
     open("/proc/self/clear_refs", "w").write("5")  # Linux: reset the peak RSS to the current RSS
@@ -585,14 +595,14 @@ def bench_memory(arm):
     print(json.dumps({"arm": arm, "base_kb": base, "peak_kb": status("VmHWM:")}))
 
 
-def bench(reps=7):
+def bench(reps=7, words=16):
     """Step time (one process, one thread, arms interleaved, median of reps) and peak memory (a fresh
     process per arm). Time is the process's CPU time (time.process_time): on a shared machine the
     wall clock mostly measures the other jobs; with one thread CPU time is the step's own work."""
     import subprocess
     import sys
     torch.set_num_threads(1)  # a second thread on a loaded 2-core machine mostly waits
-    steps = {arm: bench_setup(arm) for arm in ("ar", "lavender", "lavender-after")}
+    steps = {arm: bench_setup(arm, words) for arm in BENCH_ARMS}
     cpu, wall = {arm: [] for arm in steps}, {arm: [] for arm in steps}
     for _ in tqdm(range(reps + 1), desc="step time"):
         for arm, step in steps.items():
@@ -602,15 +612,18 @@ def bench(reps=7):
             wall[arm].append(time.perf_counter() - t0)
     med = {arm: sorted(t[1:])[reps // 2] for arm, t in cpu.items()}  # the first rep is a warm-up
     med_wall = {arm: sorted(t[1:])[reps // 2] for arm, t in wall.items()}
-    mem = {arm: json.loads(subprocess.run([sys.executable, __file__, "--bench-memory", arm], check=True,
+    mem = {arm: json.loads(subprocess.run([sys.executable, __file__, "--bench-memory", arm, "--bench-words",
+                                           str(words)], check=True,
                                           capture_output=True, text=True).stdout.splitlines()[-1]) for arm in steps}
     for arm, m in mem.items():
-        print(f"{arm:14s} step {med[arm]:.3f} s CPU, {med_wall[arm]:.3f} s wall (medians of {reps}); peak RSS "
+        print(f"{arm:21s} step {med[arm]:.3f} s CPU, {med_wall[arm]:.3f} s wall (medians of {reps}); peak RSS "
               f"{m['peak_kb'] / 1024:.0f} MiB, {(m['peak_kb'] - m['base_kb']) / 1024:.0f} MiB over the loaded model")
     ratio = lambda arm: (f"step time {med[arm] / med['ar']:.3f} (wall {med_wall[arm] / med_wall['ar']:.3f}), "
                          f"peak memory {mem[arm]['peak_kb'] / mem['ar']['peak_kb']:.3f}")
     print(f"lavender-after/ar: {ratio('lavender-after')}")
-    print(f"ratios lavender/ar (default, per-layer Aligner): {ratio('lavender')}; targets <= 1.15, <= 1.10")
+    print(f"lavender-no-recompute/ar: {ratio('lavender-no-recompute')}")
+    print(f"ratios lavender/ar (default: per-layer Aligner, recomputed; {words} words): {ratio('lavender')}; "
+          f"targets <= 1.15, <= 1.10")
 
 
 # ---- command line ----
@@ -655,19 +668,23 @@ def build_parser():
     add("--seed", type=int, default=42, help="seed of LoRA/Aligner init, data order and dropout")
     add("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
         help="recompute layer activations in backward (non-reentrant)")
+    add("--recompute-aligner", action=argparse.BooleanOptionalAction, default=True,
+        help="per-layer Aligner: run each layer's maps + Aligner under checkpoint, recomputed in backward "
+             "(less peak memory; measured no slower on CPU, BENCHMARKS.md); off with --aligner-norm batch")
     # ---- checkpoints, output, benchmark ----
     add("--save-every", type=int, default=0, help="write checkpoint/ every N steps (0: at the end only)")
     add("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue from <out>/checkpoint")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
     add("--bench", action="store_true", help="CPU benchmark: Lavender vs AR step time and peak memory")
-    add("--bench-memory", choices=["ar", "lavender", "lavender-after"], help="internal: one arm's peak memory")
+    add("--bench-memory", choices=BENCH_ARMS, help="internal: one arm's peak memory")
+    add("--bench-words", type=int, default=16, help="--bench: aligned two-token words per item (1-16)")
     return p
 
 
 def main():
     args = build_parser().parse_args()
     if args.bench or args.bench_memory:
-        return bench_memory(args.bench_memory) if args.bench_memory else bench()
+        return bench_memory(args.bench_memory, args.bench_words) if args.bench_memory else bench(words=args.bench_words)
     if not args.data:
         raise SystemExit("--data is required (a JSONL file, see DESIGN.md)")
     train(args)

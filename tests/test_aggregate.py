@@ -391,3 +391,71 @@ def test_capture_under_fsdp2_lora_and_checkpointing(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]), HF_HUB_OFFLINE="1")
     run = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and "FSDP2 OK" in run.stdout, run.stderr[-3000:]
+
+
+def _tiles_first_reference(probs, plan, batch, geometry, aggregation, aligner, mode):
+    """The pipeline in its textbook order: every row's and head's tiles rebuilt, then rows merged,
+    then aggregated (or the Aligner per layer / after), as vlm_word_maps did before it merged first."""
+    maps = ag.image_maps(probs, batch, geometry)  # (B, L, H, R, 32, 32)
+    weights = ag.flow_weights(plan["rows"], batch["attention_mask"]) if aggregation.startswith("flow") else None
+    words = ag.merge_rows(maps, plan["row_word"], plan["dm_index"].shape[1], weights)  # (B, L, H, W, 32, 32)
+    B, L, H, W = words.shape[:4]
+    if aligner is not None and mode == "per-layer":
+        y = aligner(words.transpose(2, 3).reshape(B * L * W, H, 32, 32)).view(B, L, W, 32, 32)
+        return ag.min_max(ag.combine_layers(y.transpose(1, 2), aggregation))
+    out = ag.aggregate(words.permute(0, 3, 1, 2, 4, 5), aggregation)  # (B, W, 32, 32)
+    if aligner is not None:
+        out = aligner(out.reshape(B * W, 1, 32, 32)).view(B, W, 32, 32)
+    return ag.min_max(out)
+
+
+@pytest.mark.parametrize("mode", ["none", "per-layer", "after"])
+def test_merge_and_head_mean_before_tiles_equal_tiles_first(mode, monkeypatch):
+    """vlm_word_maps merges rows (and averages heads for mean-over-heads aggregations) on the image-
+    token probabilities before rebuilding tiles; the maps and gradients equal the tiles-first order,
+    for every aggregation, two layouts with padding, multi-row words, a padding row."""
+    geometry = (56, 14, 4, [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)])
+    monkeypatch.setattr(ag, "vision_geometry", lambda model: geometry)
+    batch = dict(aspect_ratio_ids=torch.tensor([[6], [2]]), image_sizes=torch.tensor([[100, 90], [40, 100]]),
+                 attention_mask=torch.ones(2, 12, dtype=torch.long))
+    plan = dict(rows=torch.tensor([[3, 4, 5, 6, 7, -1], [2, 3, 4, 5, 6, 7]]),
+                row_word=torch.tensor([[0, 0, 1, 2, 1, -1], [0, 1, 1, 0, 2, 2]]), dm_index=torch.tensor([[0, 1, 2]] * 2))
+    B, L, H, R, N = 2, 3, 4, 6, 4 * 17
+    for aggregation in ag.AGGREGATIONS:
+        torch.manual_seed(0)
+        aligner = None if mode == "none" else Aligner("sim", aligner_channels(aggregation, mode, H))
+        scores = torch.randn(B, L, H, R, N, requires_grad=True)
+        probs = torch.softmax(scores, dim=-1) * (plan["rows"] >= 0)[:, None, None, :, None]
+        capture = type("Capture", (), dict(probs=probs, learned=aggregation == "learn", model=None))()
+        ours = ag.vlm_word_maps(capture, plan, batch, aggregation, aligner, "per-layer" if mode == "none" else mode)
+        ref = _tiles_first_reference(probs, plan, batch, geometry, aggregation, aligner, mode)
+        assert ours.shape == (B, 3, 32, 32) and torch.allclose(ours, ref, atol=1e-5), aggregation
+        w = torch.rand(B, 3, 32, 32)
+        g_ours, = torch.autograd.grad((ours * w).sum(), scores, retain_graph=True)  # probs is shared
+        g_ref, = torch.autograd.grad((ref * w).sum(), scores)
+        assert torch.allclose(g_ours, g_ref, atol=1e-5 * g_ref.abs().max()), aggregation
+
+
+def test_recompute_gives_the_same_maps_and_gradients(monkeypatch):
+    """recompute=True (per-layer Aligner under checkpoint, layer by layer) = recompute=False."""
+    geometry = (56, 14, 4, [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)])
+    monkeypatch.setattr(ag, "vision_geometry", lambda model: geometry)
+    batch = dict(aspect_ratio_ids=torch.tensor([[7]]), image_sizes=torch.tensor([[150, 40]]),
+                 attention_mask=torch.ones(1, 9, dtype=torch.long))
+    plan = dict(rows=torch.tensor([[2, 3, 5, 6]]), row_word=torch.tensor([[0, 0, 1, 1]]), dm_index=torch.tensor([[0, 1]]))
+    torch.manual_seed(0)
+    aligner = Aligner("sim", 4)
+    scores = torch.randn(1, 3, 4, 4, 4 * 17, requires_grad=True)
+    outs, grads = [], []
+    for recompute in (False, True):
+        capture = type("Capture", (), dict(probs=torch.softmax(scores, dim=-1), learned=False, model=None))()
+        out = ag.vlm_word_maps(capture, plan, batch, "mean-max", aligner, "per-layer", recompute=recompute)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * torch.linspace(0, 1, out.numel()).view(out.shape)).sum(),
+                                         [scores, *aligner.parameters()]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max()) and b.abs().sum() > 0
+    capture = type("Capture", (), dict(probs=torch.softmax(scores, dim=-1), learned=False, model=None))()
+    with pytest.raises(ValueError, match="norm='instance'"):
+        ag.vlm_word_maps(capture, plan, batch, "mean-max", Aligner("sim", 4, norm="batch"), "per-layer", recompute=True)

@@ -71,3 +71,32 @@ def test_total_loss_and_gradient_to_aligner():
     assert float(total_loss(torch.tensor(2.0), torch.tensor(0.5), lam=1.0)) == 2.5
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aligner.parameters())
+
+
+def test_instance_norm_and_in_place_relu6_match_the_plain_layers():
+    """The "instance" norm is GroupNorm(C, C) (faster on CPU) and ReLU6 runs in place (saves two
+    activations): the same outputs and gradients as InstanceNorm2d(affine) + out-of-place ReLU6."""
+    torch.manual_seed(0)
+    aligner = Aligner("deep", in_channels=4)
+    with torch.no_grad():
+        for m in aligner.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.uniform_(0.5, 2.0), m.bias.uniform_(-1.0, 1.0)
+    plain = []
+    for m in aligner.net:  # the same weights in the textbook layers
+        if isinstance(m, torch.nn.GroupNorm):
+            norm = torch.nn.InstanceNorm2d(m.num_channels, affine=True)
+            norm.load_state_dict(m.state_dict())
+            plain.append(norm)
+        else:
+            plain.append(torch.nn.ReLU6() if isinstance(m, torch.nn.ReLU6) else m)
+    plain = torch.nn.Sequential(*plain)
+    x = (3 * torch.randn(5, 4, 32, 32)).requires_grad_(True)  # large enough to hit both ReLU6 bounds
+    w = torch.rand(5, 32, 32)
+    ours = aligner(x)
+    ref = min_max(plain(x).squeeze(1))
+    assert torch.allclose(ours, ref, atol=1e-5)
+    g_ours = torch.autograd.grad((ours * w).sum(), [x, *aligner.parameters()])
+    g_ref = torch.autograd.grad((ref * w).sum(), [x, *plain.parameters()])  # same order
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max())
