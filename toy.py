@@ -729,6 +729,9 @@ def write_report(path, table, reports, args, minutes, out):
             shutil.copy(out / f"eval-{split}" / fig, pictures / name)
             shown.append(f"![{split} {fig}](toy_report/{name})")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    # hand-written notes below the marker (what was tried, by hand) survive a re-run of the demo
+    marker = "<!-- notes: kept when the demo rewrites this file -->"
+    notes = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
     path.write_text(
         "# The miniature world: Lavender vs autoregressive fine-tuning\n\n"
         f"Made by `python toy.py` ({minutes:.1f} min on this machine). Mean ± sample std over seeds "
@@ -737,7 +740,7 @@ def write_report(path, table, reports, args, minutes, out):
         "DM's. Base = the pre-trained toy VLM before fine-tuning.\n\n" + table + "\n\n"
         "Pictures (evaluate.py): entropy histograms (Fig. 7), and per item the image, the DM map and each model's "
         "map of the answer word (Fig. 8/17).\n\n" + "\n\n".join(shown) + "\n\n"
-        f"Settings: `{json.dumps(settings)}`\n")
+        f"Settings: `{json.dumps(settings)}`\n\n" + marker + notes)
 
 
 # ---------------------------------------------------------------------------------------------
