@@ -25,8 +25,6 @@ No weights can be downloaded here, so the project builds a world small enough to
 import argparse
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -462,13 +460,6 @@ def save_sd(out_dir, unet, vae, text_encoder, tokenizer, scheduler):
         part.save_pretrained(out_dir / name)
     unet.train()
     text_encoder.train()
-    # model_index.json: the StableDiffusionPipeline layout, so the folder also loads as a pipeline
-    (out_dir / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
 
 
 def dm_pointing(items, attn_dir):
@@ -627,7 +618,7 @@ def train_args(data, attn, out, loss, seed, args):
 
 
 def mean_spread(values):
-    """'61.3 ± 2.1' (mean ± sample std over seeds; percent when pct)."""
+    """'0.613 ± 0.021': mean ± sample std over seeds (None values dropped)."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"

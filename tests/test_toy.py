@@ -195,3 +195,17 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
     assert any(entry["aligned_words"] > 0 for entry in lavender_log)   # the DM maps reached the loss
     report = (tmp_path / "toy_report.md").read_text()
     assert "| accuracy test-id |" in report and "toy_report/" in report
+
+
+def test_retraining_paths_write_loadable_models(small_world, tmp_path):
+    """`toy.py train-sd` and `train-vlm` (a few steps here) write folders that load through the same
+    code as the shipped ones: extract.load_dm("toy-sd", path) and train.load_vlm("toy", path)."""
+    import extract
+    import train
+    world, _ = small_world
+    toy.train_sd(tmp_path / "sd", world, seed=3, steps=2, batch=4, vae_steps=2)
+    dm = extract.load_dm("toy-sd", path=tmp_path / "sd")
+    assert dm["res"] == 32 and dm["text_encoder"].config.max_position_embeddings == toy.TEXT_POSITIONS
+    toy.train_vlm(tmp_path / "vlm", world, seed=3, steps=2, batch=4)
+    model, processor = train.load_vlm("toy", str(tmp_path / "vlm"))
+    assert json.loads((tmp_path / "vlm" / "training.json").read_text())["steps"] == 2
