@@ -413,10 +413,10 @@ def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, a
                                 then combined over layers (mean, max or flow per `aggregation`)
       aligner_mode "after":     aggregate, then the Aligner on 1 channel
     -> min-max normalised per word (as the DM maps are).
-    recompute=True (per-layer Aligner only): each layer's tile rebuild + Aligner runs under
-    torch.utils.checkpoint, one layer at a time, so backward holds one layer's Aligner activations
-    instead of all L layers' (less peak memory, one more Aligner forward; same result). Needs an
-    Aligner without batch statistics (norm="instance"): BatchNorm over one layer's words would differ.
+    The per-layer Aligner runs one layer at a time (one call for all layers with BatchNorm, whose
+    statistics span them). recompute=True runs each layer's tile rebuild + Aligner under
+    torch.utils.checkpoint, so backward holds one layer's Aligner activations instead of all L
+    layers' (less peak memory, one more Aligner forward; same result). Needs norm="instance".
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
@@ -438,21 +438,24 @@ def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, a
     words = merge_rows(capture.probs.unsqueeze(-2), row_word, n_words, weights).squeeze(-2)  # (B, L, H, W, N)
     B, L, H = words.shape[:3]
     if aligner is not None and aligner_mode == "per-layer":
-        if recompute:
-            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in aligner.modules()):
-                raise ValueError("recompute=True needs an Aligner with norm='instance' (BatchNorm statistics "
-                                 "would be taken per layer); use recompute=False with norm='batch'")
+        batch_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in aligner.modules())
+        if recompute and batch_stats:
+            raise ValueError("recompute=True needs an Aligner with norm='instance' (BatchNorm statistics "
+                             "would be taken per layer); use recompute=False with norm='batch'")
 
-            def one_layer(w):  # w (B, W, H, N) one layer's word probabilities -> (B, W, 32, 32)
-                x = image_maps(w, batch, geometry).reshape(B * n_words, H, MAP_SIZE, MAP_SIZE)  # heads as channels
-                return aligner(x).view(B, n_words, MAP_SIZE, MAP_SIZE)
-            words = words.transpose(2, 3)  # (B, L, W, H, N)
-            y = torch.stack([torch.utils.checkpoint.checkpoint(one_layer, words[:, l], use_reentrant=False)
-                             for l in range(L)], dim=1)  # (B, L, W, 32, 32)
-        else:
-            maps = image_maps(words.transpose(2, 3), batch, geometry)  # (B, L, W, H, 32, 32)
-            x = maps.reshape(B * L * n_words, H, MAP_SIZE, MAP_SIZE)  # heads as channels (a view: no copy)
-            y = aligner(x).view(B, L, n_words, MAP_SIZE, MAP_SIZE)  # (B, L, W, 32, 32)
+        def maps_and_aligner(w):  # w (B, n, H, N) word probabilities -> (B, n, 32, 32)
+            x = image_maps(w, batch, geometry).reshape(B * w.shape[1], H, MAP_SIZE, MAP_SIZE)  # heads as channels
+            return aligner(x).view(B, w.shape[1], MAP_SIZE, MAP_SIZE)
+
+        def one_layer(w):
+            if recompute:
+                return torch.utils.checkpoint.checkpoint(maps_and_aligner, w, use_reentrant=False)
+            return maps_and_aligner(w)
+        words = words.transpose(2, 3)  # (B, L, W, H, N)
+        if batch_stats:  # BatchNorm: statistics over every layer's maps at once, so one call
+            y = maps_and_aligner(words.reshape(B, L * n_words, H, -1)).view(B, L, n_words, MAP_SIZE, MAP_SIZE)
+        else:  # one layer at a time: the same result (per-map statistics), faster on CPU (smaller working set)
+            y = torch.stack([one_layer(words[:, l]) for l in range(L)], dim=1)  # (B, L, W, 32, 32)
         return min_max(combine_layers(y.transpose(1, 2), aggregation))  # (B, W, 32, 32)
     if not aggregation.startswith("max"):
         words = words.mean(dim=2, keepdim=True)  # (B, L, 1, W, N): heads averaged first (see above)

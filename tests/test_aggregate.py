@@ -456,6 +456,11 @@ def test_recompute_gives_the_same_maps_and_gradients(monkeypatch):
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max()) and b.abs().sum() > 0
+    # BatchNorm: one call over every layer's maps (statistics across layers), as the textbook order
+    bn = Aligner("sim", 4, norm="batch")
     capture = type("Capture", (), dict(probs=torch.softmax(scores, dim=-1), learned=False, model=None))()
+    ours = ag.vlm_word_maps(capture, plan, batch, "mean-max", bn, "per-layer")
+    ref = _tiles_first_reference(capture.probs, plan, batch, geometry, "mean-max", bn, "per-layer")
+    assert torch.allclose(ours, ref, atol=1e-5)
     with pytest.raises(ValueError, match="norm='instance'"):
         ag.vlm_word_maps(capture, plan, batch, "mean-max", Aligner("sim", 4, norm="batch"), "per-layer", recompute=True)
