@@ -19,7 +19,7 @@ No weights can be downloaded here, so the project builds a world small enough to
      and seeds (train.py), evaluate (evaluate.py), print one table, write toy_report.md.
 
     python toy.py                     # the demo (shipped weights in toy_models/, world cached in toy_out/)
-    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd
+    python toy.py train-sd --seed 0 --base-steps 2000   # retrain toy-sd (shipped: its step1000/ checkpoint)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
 """
 import argparse
