@@ -507,17 +507,8 @@ def world_corpus():
 
 def toy_vlm_tokenizer():
     """Byte-level BPE (as Llama 3's) with Llama-3.2-Vision's special tokens, over the world's words."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    from train import LLAMA_SPECIAL_TOKENS
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=LLAMA_SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(world_corpus(), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                        pad_token="<|finetune_right_pad_id|>")
+    from train import tiny_tokenizer
+    tokenizer = tiny_tokenizer(world_corpus(), vocab_size=1000)
     for word in world_words():
         for form in (word, " " + word):
             assert len(tokenizer.tokenize(form)) == 1, f"world word {form!r} is not one VLM token"

@@ -83,14 +83,15 @@ VLM_PRESETS = {
 }
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer with Llama-3.2-Vision's special tokens, built in memory."""
+def tiny_tokenizer(corpus=TINY_CORPUS, vocab_size=300):
+    """A byte-level BPE tokenizer (as Llama 3's) with Llama-3.2-Vision's special tokens, trained in
+    memory on `corpus` (the tiny preset's by default; toy.py passes the world's words)."""
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=LLAMA_SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA_SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(TINY_CORPUS, trainer)
+    bpe.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                    pad_token="<|finetune_right_pad_id|>")
 
