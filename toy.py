@@ -19,7 +19,9 @@ No weights can be downloaded here, so the project builds a world small enough to
      and seeds (train.py), evaluate (evaluate.py), print one table, write toy_report.md.
 
     python toy.py                     # the demo (shipped weights in toy_models/, world cached in toy_out/)
-    python toy.py train-sd --seed 0 --base-steps 2000   # retrain toy-sd (shipped: its step1000/ checkpoint)
+    python toy.py train-sd --seed 0 --base-steps 2000 --out sd0   # retrain toy-sd from scratch, then continue
+    python toy.py train-sd --seed 0 --init-from sd0/step1000 --base-steps 3600 --sd-lr 5e-4 --save-every 400
+                                      # (shipped toy-sd: the continuation's step800/ checkpoint)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
 """
 import argparse
@@ -394,8 +396,13 @@ def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0):
     return latents * vae.config.scaling_factor, float(F.l1_loss(recon, images))
 
 
-def train_sd(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, vae_steps=300, save_every=200):
-    """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir."""
+def train_sd(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, vae_steps=300, save_every=200,
+             init_from=None):
+    """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir.
+
+    init_from: a toy-sd folder to continue from (its unet/, vae/, text_encoder/). Its VAE is kept
+    frozen with its scaling factor, as the original schedule freezes the VAE after its own phase,
+    so no VAE step runs; the UNet and text encoder get a fresh AdamW and warm-up + cosine over `steps`."""
     from diffusers import DDPMScheduler
     torch.manual_seed(seed)
     paths = build_world(world_dir, seed)
@@ -406,7 +413,21 @@ def train_sd(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, vae_step
     tokenizer = clip_tokenizer()
     vae, unet, text_encoder, scheduler = toy_sd_parts(tokenizer, seed)
     t0 = time.time()
-    latents, vae_l1 = train_vae(vae, images, steps=vae_steps, seed=seed)   # (N, 4, 16, 16)
+    if init_from:                                                   # continue a shipped/earlier toy-sd
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+        vae = AutoencoderKL.from_pretrained(Path(init_from) / "vae").eval().requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(Path(init_from) / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(Path(init_from) / "text_encoder")
+        text_encoder.embeddings.position_embedding.weight.requires_grad_(False)   # zero, as toy_sd_parts
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+            vae_l1 = float(F.l1_loss(torch.cat([vae.decode(latents[i:i + 256]).sample
+                                                for i in range(0, len(latents), 256)]), images))
+        latents = latents * vae.config.scaling_factor               # (N, 4, 16, 16), the saved factor
+        vae_steps = 0
+    else:
+        latents, vae_l1 = train_vae(vae, images, steps=vae_steps, seed=seed)   # (N, 4, 16, 16)
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
     params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -441,7 +462,8 @@ def train_sd(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, vae_step
             save_sd(Path(out_dir) / f"step{step + 1}", unet, vae, text_encoder, tokenizer, scheduler)
     out_dir = Path(out_dir)
     save_sd(out_dir, unet, vae, text_encoder, tokenizer, scheduler)
-    summary = {"seed": seed, "steps": steps, "batch": batch, "vae_steps": vae_steps, "vae_l1": round(vae_l1, 4),
+    summary = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "init_from": str(init_from) if init_from else None,
+               "vae_steps": vae_steps, "vae_l1": round(vae_l1, 4),
                "final_loss": round(float(np.mean(log[-100:])), 4), "minutes": round((time.time() - t0) / 60, 1),
                "unet_params": sum(p.numel() for p in unet.parameters()),
                "text_params": sum(p.numel() for p in text_encoder.parameters())}
@@ -743,6 +765,9 @@ def build_parser():
     p.add_argument("--dm-path", default=str(TOY_MODELS / "toy-sd"), help="toy-sd folder (diffusers layout)")
     p.add_argument("--vlm-path", default=str(TOY_MODELS / "toy-vlm"), help="toy VLM folder (save_pretrained)")
     p.add_argument("--base-steps", type=int, default=None, help="train-sd / train-vlm: training steps (1000 / 1200)")
+    p.add_argument("--init-from", default=None, help="train-sd: continue from this toy-sd folder (its VAE stays frozen)")
+    p.add_argument("--sd-lr", type=float, default=1e-3, help="train-sd: peak learning rate (warm-up + cosine)")
+    p.add_argument("--save-every", type=int, default=200, help="train-sd: save a step<N>/ checkpoint every N steps")
     # ---- extraction (extract.py) ----
     p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (extract.py)")
     p.add_argument("--denoise-steps", type=int, default=5, help="denoising steps after the inversion (extract.py)")
@@ -772,7 +797,8 @@ def main(argv=None):
         paths = build_world(args.world, args.seed)
         print(f"world: {', '.join(f'{k}={v}' for k, v in paths.items())}")
     elif args.command == "train-sd":
-        train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.base_steps or 1000)
+        train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.base_steps or 1000,
+                 lr=args.sd_lr, save_every=args.save_every, init_from=args.init_from)
     elif args.command == "train-vlm":
         train_vlm(args.out or TOY_MODELS / "toy-vlm", args.world, seed=args.seed, steps=args.base_steps or 1200)
     elif args.command == "measure-sd":
