@@ -25,6 +25,7 @@ No weights can be downloaded here, so the project builds a world small enough to
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
 """
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -685,7 +686,12 @@ def demo(args):
     # ---- 2. DM maps (extract.py, the sd14 code path) for every item whose answer names an object;
     #         yes/no answers name none: those items train with L_VLM alone (train.py logs how many) ----
     dm = extract.load_dm("toy-sd", path=args.dm_path)
-    attn = out / "attn"
+    # extract.py skips complete map files (resume), so key the cache on the DM's weights and the
+    # extraction settings: a retrained toy-sd or other steps must never reuse stale maps
+    key = hashlib.sha256(b"".join(Path(args.dm_path, part).read_bytes() for part in (
+        "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"))
+        + f"{args.inversion_steps}/{args.denoise_steps}/{args.capture_steps}".encode()).hexdigest()[:10]
+    attn = out / "attn" / key
     for split in ("finetune", "test-id", "test-ood"):
         items = [it for it in extract.read_items(paths[split]) if it.get("masks")][:args.limit or None]
         stage(f"extract {split}: {len(items)} items")
