@@ -68,11 +68,11 @@ def collate(processor, items, with_answer=True):
     return batch
 
 
-def model_inputs(batch):
-    """The keys the model's forward takes (drops labels, ids, image_sizes)."""
+def model_inputs(batch, device=None):
+    """The keys Mllama's forward and generate take (drops labels, ids, image_sizes), moved to `device` if given."""
     keys = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
             "cross_attention_mask")
-    return {k: batch[k] for k in keys if k in batch}
+    return {k: batch[k] if device is None else batch[k].to(device) for k in keys if k in batch}
 
 
 def epoch_order(n_items, seed, epoch):

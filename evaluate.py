@@ -280,14 +280,6 @@ def draw_entropy_histograms(path, dm_entropy, run_entropy, bins=28, width=420, h
 # the models: generation and teacher-forced attention maps
 # ---------------------------------------------------------------------------------------------
 
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
-              "cross_attention_mask")   # what Mllama's forward and generate take from a batch
-
-
-def to_model_inputs(batch, device):
-    return {k: batch[k].to(device) for k in MODEL_KEYS if k in batch}
-
-
 @torch.no_grad()
 def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, device="cpu", show=True):
     """Greedy answers. Prompts come from train.collate(with_answer=False): the training chat template
@@ -301,7 +293,7 @@ def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, d
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     answers = []
     for start in tqdm(range(0, len(items), batch_size), desc="generate", disable=not show, leave=False):
-        batch = to_model_inputs(train.collate(processor, items[start:start + batch_size], with_answer=False), device)
+        batch = train.model_inputs(train.collate(processor, items[start:start + batch_size], with_answer=False), device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
         new = out[:, batch["input_ids"].shape[1]:]                       # (B, new tokens)
         answers += [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]
@@ -338,7 +330,7 @@ def answer_maps(model, processor, items, dm_store, settings, batch_size=4, devic
             dm_words = [dm_store[it["id"]][1] if it["id"] in dm_store else None for it in chunk]
             plan = plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], dm_words, match=settings["match"])
             capture.set_rows(plan["rows"].to(device))
-            model(**to_model_inputs(batch, device))
+            model(**train.model_inputs(batch, device))
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             raw = vlm_word_maps(capture, plan, batch, aggregation=settings["aggregation"]).float().cpu()   # (B, W, 32, 32)
             aligned = raw

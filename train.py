@@ -278,7 +278,7 @@ def vlm_loss_sum(logits, labels):
 
 def micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, device):
     """(ce_sum, att_mean, n_aligned) for one micro-batch: the pieces of eq. 10, unweighted."""
-    inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+    inputs = model_inputs(batch, device)
     if capture is None:  # --loss ar: no hooks, no maps
         logits = model(**inputs).logits  # (B, T, V)
         return vlm_loss_sum(logits, batch["labels"].to(device)), None, 0
