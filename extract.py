@@ -417,8 +417,13 @@ def word_maps(attention, W):
     maps = torch.einsum("nt,thw->nhw", W.to(attention), attention)            # (n_words, h, w)
     maps = F.interpolate(maps[None], size=(MAP_SIZE, MAP_SIZE), mode="bilinear", antialias=True,
                          align_corners=False)[0]                                # (n_words, 32, 32)
+    return min_max(maps)
+
+
+def min_max(maps):
+    """Each map of (n, h, w) scaled to [0, 1] over its pixels; a constant map becomes all zeros."""
     lo, hi = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
-    return ((maps - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)             # min-max, per word
+    return ((maps - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
 
 
 # ---- images (issue step 1) ----
@@ -559,8 +564,7 @@ def read_jpeg_maps(folder, words=None):
     for i, word in enumerate(words):
         with Image.open(files[word]) as img:  # 8-bit grey, 32x32 (resized if not)
             maps[i] = torch.from_numpy(np.asarray(img.convert("L").resize((MAP_SIZE, MAP_SIZE)), dtype=np.float32))
-    lo, hi = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
-    return (maps - lo) / (hi - lo).clamp_min(1e-12), words
+    return min_max(maps), words
 
 
 def import_jpeg(items, jpeg_dir, attn_dir, dm_name="authors-jpeg"):
