@@ -576,31 +576,35 @@ def dm_targets(dm_maps, dm_index):
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_model(tile_size=112):
-    """llama32's proportions at 1/16 width, random weights: the benchmark's model and inputs.
+def bench_model(tile_size=112, width=16):
+    """llama32's proportions at 1/`width` width (default 1/16), random weights: the benchmark's model and inputs.
 
-    Text: all 40 layers, cross-attention at 3, 8, ..., 38, 32 heads / 8 KV heads of head dim 8
-    (hidden 256, MLP 896 = 3.5x, vocab 8016 = 128256 / 16). Vision: 32 + 8 global layers of
-    hidden 80 (1280 / 16, 16 heads), 112 px tiles of 14 px patches (8x8 + CLS = 65 tokens;
+    Text: all 40 layers, cross-attention at 3, 8, ..., 38, 32 heads / 8 KV heads; at width 16 head
+    dim 8 (hidden 256 = 4096 / 16, MLP 896 = 3.5x, vocab 8016 = 128256 / 16). Vision: 32 + 8 global
+    layers of hidden 80 at width 16 (1280 / 16, 16 heads), 112 px tiles of 14 px patches (8x8 + CLS = 65 tokens;
     llama32: 560 px, 1601), 4 tiles. One image in the 2x2 layout (260 image tokens), 256 text
     tokens, 32 captured rows in all 8 cross-attention layers. A narrower model makes the capture
     relatively MORE expensive (its cost grows with heads x rows x image tokens x head dim, the
     model's with tokens x hidden²), so these ratios are conservative for the full size.
     """
     from transformers import MllamaConfig, MllamaForConditionalGeneration
+    if width not in (1, 2, 4, 8, 16):
+        raise ValueError(f"bench_model width {width}: choose 1, 2, 4, 8 or 16 (llama32's widths divided by it)")
+    hidden, vision, vocab = 4096 // width, 1280 // width, 128256 // width  # width 16: 256, 80, 8016
     config = MllamaConfig(
-        vision_config=dict(hidden_size=80, num_hidden_layers=32, num_global_layers=8, attention_heads=16,
-                           intermediate_size=320, vision_output_dim=80 * 6, image_size=tile_size, patch_size=14,
-                           max_num_tiles=4, intermediate_layers_indices=[3, 7, 15, 23, 30]),
-        text_config=dict(vocab_size=8016, hidden_size=256, num_hidden_layers=40, num_attention_heads=32,
-                         num_key_value_heads=8, intermediate_size=896, cross_attention_layers=list(range(3, 40, 5)),
+        vision_config=dict(hidden_size=vision, num_hidden_layers=32, num_global_layers=8, attention_heads=16,
+                           intermediate_size=4 * vision, vision_output_dim=vision * 6, image_size=tile_size,
+                           patch_size=14, max_num_tiles=4, intermediate_layers_indices=[3, 7, 15, 23, 30]),
+        text_config=dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=40, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=hidden * 7 // 2,
+                         cross_attention_layers=list(range(3, 40, 5)),
                          max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        image_token_index=8000)
+        image_token_index=vocab - 16)
     torch.manual_seed(0)
     model = MllamaForConditionalGeneration(config).eval()
     T, R = 256, 32
-    input_ids = torch.randint(3, 7999, (1, T))
-    input_ids[0, 1] = 8000  # the image token
+    input_ids = torch.randint(3, vocab - 17, (1, T))
+    input_ids[0, 1] = vocab - 16  # the image token
     cross_mask = torch.zeros(1, T, 1, 4, dtype=torch.long)
     cross_mask[:, 1:] = 1  # text after the image attends to its 4 tiles
     batch = dict(input_ids=input_ids, attention_mask=torch.ones(1, T, dtype=torch.long),

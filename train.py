@@ -550,16 +550,16 @@ def fit(args, rank, world, device, mesh):
 BENCH_ARMS = ("ar", "lavender", "lavender-no-recompute", "lavender-after")
 
 
-def bench_setup(arm, words=16):
+def bench_setup(arm, words=16, width=16):
     """One optimizer step at aggregate.bench_model()'s geometry (llama32's 40 text layers, cross-
-    attention at 3, 8, ..., 38, 32/8 heads, at 1/16 width; one 2x2-tile image; 256 text tokens, the
-    last 33 the answer) with LoRA; "lavender" adds parallel projections, the sim Aligner (per layer,
+    attention at 3, 8, ..., 38, 32/8 heads, at 1/`width` width, 16 being the issue's; one 2x2-tile
+    image; 256 text tokens, the last 33 the answer) with LoRA; "lavender" adds parallel projections, the sim Aligner (per layer,
     recomputed in backward as by default; "lavender-no-recompute": kept; "lavender-after": after
     aggregation) and the capture of `words` two-token words (the last 2 x words rows, at most 16).
     Returns a step function."""
     if not 1 <= words <= 16:
         raise ValueError(f"--bench-words {words}: choose 1 to 16 (the answer has 33 tokens)")
-    model, batch, rows = aggregate.bench_model()
+    model, batch, rows = aggregate.bench_model(width=width)
     rows = rows[:, rows.shape[1] - 2 * words:]  # (1, 2 * words): the answer's last positions
     mode = "after" if arm == "lavender-after" else "per-layer"
     args = build_parser().parse_args(["--loss", "ar" if arm == "ar" else "lavender", "--aligner-mode", mode,
@@ -585,10 +585,10 @@ def bench_setup(arm, words=16):
     return step
 
 
-def bench_memory(arm, words=16):
+def bench_memory(arm, words=16, width=16):
     """Child process: peak resident memory of one step (VmHWM, reset after a warm-up step)."""
     torch.set_num_threads(1)
-    step = bench_setup(arm, words)
+    step = bench_setup(arm, words, width)
     step()  # warm-up: AdamW state, allocator, lazy inits
     status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
     open("/proc/self/clear_refs", "w").write("5")  # Linux: reset the peak RSS to the current RSS
@@ -597,14 +597,14 @@ def bench_memory(arm, words=16):
     print(json.dumps({"arm": arm, "base_kb": base, "peak_kb": status("VmHWM:")}))
 
 
-def bench(reps=7, words=16):
+def bench(reps=7, words=16, width=16):
     """Step time (one process, one thread, arms interleaved, median of reps) and peak memory (a fresh
     process per arm). Time is the process's CPU time (time.process_time): on a shared machine the
     wall clock mostly measures the other jobs; with one thread CPU time is the step's own work."""
     import subprocess
     import sys
     torch.set_num_threads(1)  # a second thread on a loaded 2-core machine mostly waits
-    steps = {arm: bench_setup(arm, words) for arm in BENCH_ARMS}
+    steps = {arm: bench_setup(arm, words, width) for arm in BENCH_ARMS}
     cpu, wall = {arm: [] for arm in steps}, {arm: [] for arm in steps}
     for _ in tqdm(range(reps + 1), desc="step time"):
         for arm, step in steps.items():
@@ -615,7 +615,7 @@ def bench(reps=7, words=16):
     med = {arm: sorted(t[1:])[reps // 2] for arm, t in cpu.items()}  # the first rep is a warm-up
     med_wall = {arm: sorted(t[1:])[reps // 2] for arm, t in wall.items()}
     mem = {arm: json.loads(subprocess.run([sys.executable, __file__, "--bench-memory", arm, "--bench-words",
-                                           str(words)], check=True,
+                                           str(words), "--bench-width", str(width)], check=True,
                                           capture_output=True, text=True).stdout.splitlines()[-1]) for arm in steps}
     for arm, m in mem.items():
         print(f"{arm:21s} step {med[arm]:.3f} s CPU, {med_wall[arm]:.3f} s wall (medians of {reps}); peak RSS "
@@ -624,7 +624,7 @@ def bench(reps=7, words=16):
                          f"peak memory {mem[arm]['peak_kb'] / mem['ar']['peak_kb']:.3f}")
     print(f"lavender-after/ar: {ratio('lavender-after')}")
     print(f"lavender-no-recompute/ar: {ratio('lavender-no-recompute')}")
-    print(f"ratios lavender/ar (default: per-layer Aligner, recomputed; {words} words): {ratio('lavender')}; "
+    print(f"ratios lavender/ar (default: per-layer Aligner, recomputed; {words} words, 1/{width} width): {ratio('lavender')}; "
           f"targets <= 1.15, <= 1.10")
 
 
@@ -680,13 +680,17 @@ def build_parser():
     add("--bench", action="store_true", help="CPU benchmark: Lavender vs AR step time and peak memory")
     add("--bench-memory", choices=BENCH_ARMS, help="internal: one arm's peak memory")
     add("--bench-words", type=int, default=16, help="--bench: aligned two-token words per item (1-16)")
+    add("--bench-width", type=int, default=16, choices=(16, 8, 4),
+        help="--bench: the model is llama32 at 1/N width (16: the issue's geometry; 8, 4: wider, slower)")
     return p
 
 
 def main():
     args = build_parser().parse_args()
     if args.bench or args.bench_memory:
-        return bench_memory(args.bench_memory, args.bench_words) if args.bench_memory else bench(words=args.bench_words)
+        if args.bench_memory:
+            return bench_memory(args.bench_memory, args.bench_words, args.bench_width)
+        return bench(words=args.bench_words, width=args.bench_width)
     if not args.data:
         raise SystemExit("--data is required (a JSONL file, see DESIGN.md)")
     train(args)
