@@ -326,10 +326,12 @@ def toy_sd_parts(tokenizer, seed=0):
     (16x16 latents) with a position-free, layer-free encoder (a bag of word vectors) pointed 46%:
     colour words 89%, shape words 2%. A bag of words cannot tell which shape goes with which colour
     in "a red circle left of a blue square", so the UNet learned to ignore shape words (its
-    background pixels used them as an attention sink). One causal layer lets "circle" read the "red"
-    before it, as SD's CLIP binds attributes; the full-resolution level gives the cross-attention
-    layers shape features to query with; training on whole captions (not single words) keeps the
-    binding the only way to denoise.
+    background pixels used them as an attention sink). This recipe points 71% (colour 99%, shape
+    43%); of the combinations tried only all three changes together did. Our reading: one causal
+    layer lets "circle" read the "red" before it, as SD's CLIP binds attributes; the full-resolution
+    level gives the cross-attention layers shape features to query with; whole captions (no one-word
+    prompts) leave the binding as the only way to denoise. One-word prompts, as the demo's answers
+    are, are then outside its training texts; their maps still point 63%.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -427,7 +429,7 @@ def train_sd(out_dir, world_dir, seed=0, steps=2400, batch=32, lr=1e-3, vae_step
         idx = torch.randint(len(latents), (batch,), generator=g)
         texts = [scenes[i]["caption"] for i in idx.tolist()]       # whole captions (see toy_sd_parts)
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids   # (B, 77)
+                        truncation=True, return_tensors="pt").input_ids   # (B, TEXT_POSITIONS)
         x0 = latents[idx]                                           # (B, 4, 32, 32)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
@@ -472,7 +474,7 @@ def dm_pointing(items, attn_dir):
     """Pointing accuracy of extracted DM maps: the share of (item, word) with a mask whose map's
     argmax falls inside the word's object (evaluate.pointing_hit). Returns dict(accuracy, hits, n,
     colour, shape): the last two are the accuracies over colour words and over shape words alone
-    (they differ a lot: toy-sd localises colours and not shapes, see toy_report.md)."""
+    (they differ a lot: toy-sd localises colour words far better than shape words, toy_report.md)."""
     import evaluate
     import extract
     hits = []                                                       # (hit, the word)
