@@ -205,7 +205,8 @@ class AttentionCapture:
                                    f"without an image)")
             probs = torch.stack([self._store[i] for i in range(len(self.layers))], dim=1)  # (B, L, H, R, N)
             valid = (self.rows >= 0).to(probs.device)[:, None, None, :, None]  # (B, 1, 1, R, 1)
-            self._probs = probs.mul_(valid)  # padding rows -> 0; in place: stack's backward needs no output
+            # padding rows -> 0; in place: stack's backward needs no output; skipped without padding
+            self._probs = probs if bool(valid.all()) else probs.mul_(valid)
             self._store = dict.fromkeys(self._store)  # drop the per-layer copies; keys keep recompute out
         return self._probs
 
@@ -398,7 +399,7 @@ def merge_rows(maps, row_word, n_words, weights=None):
     onehot = onehot.to(maps.device, maps.dtype)
     lead = maps.shape[1:-3]
     x = maps.reshape(B, lead.numel(), R, maps.shape[-2] * maps.shape[-1])  # (B, *, R, h*w)
-    x = torch.einsum("bmrp,brw->bmwp", x, onehot)
+    x = onehot.transpose(1, 2).unsqueeze(1) @ x  # (B, 1, W, R) @ (B, *, R, h*w): no transposed copy of maps
     return x.reshape(B, *lead, n_words, maps.shape[-2], maps.shape[-1])
 
 
@@ -455,7 +456,7 @@ def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, a
         if batch_stats:  # BatchNorm: statistics over every layer's maps at once, so one call
             y = maps_and_aligner(words.reshape(B, L * n_words, H, -1)).view(B, L, n_words, MAP_SIZE, MAP_SIZE)
         else:  # one layer at a time: the same result (per-map statistics), faster on CPU (smaller working set)
-            y = torch.stack([one_layer(words[:, l]) for l in range(L)], dim=1)  # (B, L, W, 32, 32)
+            y = torch.stack([one_layer(w) for w in words.unbind(1)], dim=1)  # (B, L, W, 32, 32)
         return min_max(combine_layers(y.transpose(1, 2), aggregation))  # (B, W, 32, 32)
     if not aggregation.startswith("max"):
         words = words.mean(dim=2, keepdim=True)  # (B, L, 1, W, N): heads averaged first (see above)

@@ -597,6 +597,26 @@ def bench_memory(arm, words=16, width=16):
     print(json.dumps({"arm": arm, "base_kb": base, "peak_kb": status("VmHWM:")}))
 
 
+def bench_aligner_alone(words=16, layers=8, heads=32):
+    """The default arm's Aligner work alone, on random maps of its shapes: `layers` calls on (words,
+    heads, 32, 32), each under checkpoint (forward, recompute, backward; input gradients on, as the
+    parallel projections need them). Returns (step function, GFLOP of its convolutions per step)."""
+    aligner = aligner_lib.Aligner("sim", heads)
+    maps = torch.rand(layers, words, heads, aggregate.MAP_SIZE, aggregate.MAP_SIZE, requires_grad=True)
+
+    def step():
+        out = [torch.utils.checkpoint.checkpoint(aligner, x, use_reentrant=False) for x in maps.unbind(0)]
+        torch.stack(out).mean().backward()
+        maps.grad = None
+        aligner.zero_grad(set_to_none=True)
+    # per convolution: 2·N·h·w·C_out·C_in·k² FLOP forward; run twice (forward, recompute) + twice in
+    # backward (gradients of input and weight)
+    convs = [m for m in aligner.modules() if isinstance(m, nn.Conv2d)]
+    flop = sum(2 * words * aggregate.MAP_SIZE ** 2 * m.out_channels * m.in_channels * m.weight[0, 0].numel()
+               for m in convs) * layers * 4
+    return step, flop / 1e9
+
+
 def bench(reps=7, words=16, width=16):
     """Step time (one process, one thread, arms interleaved, median of reps) and peak memory (a fresh
     process per arm). Time is the process's CPU time (time.process_time): on a shared machine the
@@ -605,6 +625,7 @@ def bench(reps=7, words=16, width=16):
     import sys
     torch.set_num_threads(1)  # a second thread on a loaded 2-core machine mostly waits
     steps = {arm: bench_setup(arm, words, width) for arm in BENCH_ARMS}
+    steps["aligner-alone"], aligner_gflop = bench_aligner_alone(words)
     cpu, wall = {arm: [] for arm in steps}, {arm: [] for arm in steps}
     for _ in tqdm(range(reps + 1), desc="step time"):
         for arm, step in steps.items():
@@ -616,7 +637,10 @@ def bench(reps=7, words=16, width=16):
     med_wall = {arm: sorted(t[1:])[reps // 2] for arm, t in wall.items()}
     mem = {arm: json.loads(subprocess.run([sys.executable, __file__, "--bench-memory", arm, "--bench-words",
                                            str(words), "--bench-width", str(width)], check=True,
-                                          capture_output=True, text=True).stdout.splitlines()[-1]) for arm in steps}
+                                          capture_output=True, text=True).stdout.splitlines()[-1]) for arm in BENCH_ARMS}
+    print(f"aligner-alone         step {med['aligner-alone']:.3f} s CPU = {med['aligner-alone'] / med['ar']:.3f} of the "
+          f"ar step ({aligner_gflop:.1f} GFLOP of convolutions, {aligner_gflop / med['aligner-alone']:.0f} GFLOP/s): "
+          f"the default arm's Aligner work, a floor under its time ratio of 1 + that")
     for arm, m in mem.items():
         print(f"{arm:21s} step {med[arm]:.3f} s CPU, {med_wall[arm]:.3f} s wall (medians of {reps}); peak RSS "
               f"{m['peak_kb'] / 1024:.0f} MiB, {(m['peak_kb'] - m['base_kb']) / 1024:.0f} MiB over the loaded model")
