@@ -12,7 +12,7 @@ in the DESIGN.md format (attn/<id>.safetensors). The authors never released this
     python extract.py --dm sd14 --data data.jsonl --out attn/              # one process
     torchrun --nproc_per_node 8 extract.py --dm sd14 --data data.jsonl --out attn/
     python extract.py --dm tiny-sd --data data.jsonl --out /tmp/attn        # random tiny SD (tests)
-    python extract.py --bench                                                # capture overhead, CPU
+    OMP_NUM_THREADS=1 python bench.py extract                                # capture overhead, CPU
 """
 import argparse
 import contextlib
@@ -460,7 +460,10 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
     Rank r of world_size takes items r, r + world_size, ... (no collectives: a rank's crash stops
     only that rank). A complete file is skipped (resume). An item that cannot be done (bad id,
     empty answer, no mappable word, missing or corrupt image) goes to <out_dir>/failures.jsonl
-    (appended to, run after run) with the reason, and the run goes on.
+    with the reason, and the run goes on. The file is appended to, run after run; each line names
+    its run (torchrun's run id, shared by the ranks, or this call's start time), so the latest run's
+    failures can be told from older ones. A repeated id is a failure for every occurrence but the
+    first in `items`, whichever rank each occurrence falls to.
     layers: None (all attn2 layers) or a set of downsampling factors of the latent grid
     (sd14 at 512 px: 1 = 64², 2 = 32², 4 = 16², 8 = 8²). capture_steps: "all", "inversion", "denoise".
     strength: the share of the noise range the inversion covers (ddim_grids).
@@ -474,20 +477,28 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
             "strength": strength}
     ddim_grids(dm["scheduler"], inversion_steps, denoise_steps, strength)       # a bad grid fails now, not per batch
     max_tokens = dm["text_encoder"].config.max_position_embeddings - 2           # 75 for CLIP
-    summary, seen, todo = {"done": 0, "skipped": 0, "failed": 0}, set(), []
+    summary, todo = {"done": 0, "skipped": 0, "failed": 0}, []
+    run = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
 
     def fail(item_id, reason):  # one short append per line: safe with several ranks writing
         summary["failed"] += 1
         with open(out_dir / "failures.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"id": item_id, "reason": reason, "rank": rank}) + "\n")
+            f.write(json.dumps({"id": item_id, "reason": reason, "rank": rank, "run": run}) + "\n")
 
+    # every rank sees all items, so a repeated id is caught even when its twin went to another rank
+    # (two ranks writing <id>.safetensors for two different items would leave one silently wrong map)
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item["id"], i)
     # ---- cheap checks first: nothing here touches the UNet ----
-    for item in items[rank::world_size]:
+    for i in range(rank, len(items), world_size):
+        item = items[i]
         item_id, answer = item["id"], item["answer"]
         if not ID_PATTERN.match(item_id):
             fail(item_id, f"bad id {item_id!r}: ids become file names, use only A-Z a-z 0-9 . _ -")
-        elif item_id in seen:
-            fail(item_id, f"duplicate id {item_id!r}: each item needs its own id")
+        elif first[item_id] != i:
+            fail(item_id, f"duplicate id {item_id!r}: item {i} repeats the id of item {first[item_id]} "
+                          f"(0-based, in file order), whose maps are kept; each item needs its own id")
         elif is_complete(maps_path(out_dir, item_id)):
             summary["skipped"] += 1
         elif not answer.strip():
@@ -498,7 +509,6 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
                 fail(item_id, f"no mappable word in answer {answer!r} (only punctuation or symbols)")
             else:
                 todo.append((item, words, positions))
-        seen.add(item_id)
 
     # ---- the UNet work, batch_size items per call ----
     show = progress if progress is not None else rank == 0                       # tqdm on rank 0 only
@@ -584,53 +594,6 @@ def import_jpeg(items, jpeg_dir, attn_dir, dm_name="authors-jpeg"):
     return written
 
 
-# ---- benchmark: capture overhead at SD-v1.4 geometry (random weights), CPU ----
-
-def bench(res=256, inversion_steps=5, denoise_steps=10, repeats=1, columns=77):
-    """Time inversion + denoising with capture vs the same UNet calls without; returns the ratio.
-
-    Only UNet calls are timed (VAE and text encoder would only dilute the ratio). SD-v1.4's UNet
-    geometry (320/640/1280/1280, 768-d context, 8 heads), random weights; columns=77 captures every
-    context position (the worst case). Each step runs the UNet twice on the same input, plain and
-    capturing, in alternating order, timed in CPU seconds of this process (time.process_time) so
-    that other processes on a shared machine weigh on neither arm (outputs are equal: see tests).
-    """
-    from diffusers import UNet2DConditionModel
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # sd14 geometry
-    unet.eval().requires_grad_(False)
-    inverse, forward = ddim_grids(sd_scheduler(), inversion_steps, denoise_steps)
-    context = torch.randn(1, 77, 768)                                          # a CLIP text embedding's shape
-    plain, n = dict(unet.attn_processors), inversion_steps + denoise_steps
-    seconds = {False: [], True: []}                                            # per UNet call
-    with torch.no_grad():
-        unet(torch.randn(1, 4, res // 8, res // 8), 1, encoder_hidden_states=context)  # warm-up
-        for r in range(repeats):
-            latents = torch.randn(1, 4, res // 8, res // 8, generator=torch.Generator().manual_seed(0))  # (1, 4, 32, 32)
-            store = new_store(latents.shape[-2:], columns)
-            for i, t in enumerate(torch.cat([inverse.timesteps, forward.timesteps])):
-                for capture in ((False, True) if (r + i) % 2 == 0 else (True, False)):
-                    unet.set_attn_processor(capture_processors(plain, store) if capture else dict(plain))  # (pops its argument)
-                    t0 = time.process_time()
-                    eps = unet(latents, t, encoder_hidden_states=context).sample
-                    if capture and i == n - 1:
-                        store["sum"] / store["count"]                          # the mean map: capture's cost too
-                    seconds[capture].append(time.process_time() - t0)
-                latents = (inverse if i < inversion_steps else forward).step(eps, t, latents).prev_sample
-    # two estimates: total time, and per call the best of the repeats (what a call costs when no
-    # other process interferes: timeit's rule); the last line is the second
-    total = {c: sum(s) for c, s in seconds.items()}
-    best = {c: sum(min(s[i::n]) for i in range(n)) for c, s in seconds.items()}
-    print(f"bench: SD-v1.4 geometry UNet (random), {res} px ({res // 8}x{res // 8} latents), {inversion_steps} inversion "
-          f"+ {denoise_steps} denoise steps, x{repeats}, {torch.get_num_threads()} threads")
-    for capture, label in ((False, "without capture"), (True, "with capture   ")):
-        print(f"{label}: {total[capture]:.2f} CPU s in all, best of {repeats} per call {best[capture]:.2f} CPU s "
-              f"({best[capture] / n:.3f} per UNet call)")
-    print(f"capture overhead ratio, total time: {total[True] / total[False]:.3f}")
-    print(f"capture overhead ratio: {best[True] / best[False]:.3f}")
-    return best[True] / best[False]
-
-
 # ---- command line ----
 
 def parse_layers(text):
@@ -668,17 +631,11 @@ def build_parser():
     # ---- the authors' layout ----
     p.add_argument("--export-jpeg", default=None, metavar="DIR", help="write <DIR>/<image stem>/attention_<word>.jpg from --out, then stop")
     p.add_argument("--import-jpeg", default=None, metavar="DIR", help="read <DIR>/<image stem>/attention_<word>.jpg into --out, then stop")
-    # ---- benchmark ----
-    p.add_argument("--bench", action="store_true", help="time capture overhead at SD-v1.4 geometry (random weights) and exit")
-    p.add_argument("--bench-res", type=int, default=256, help="--bench image size in pixels (latents are 1/8)")
-    p.add_argument("--bench-repeats", type=int, default=3, help="--bench: passes over the steps; a call's time is its best pass")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.bench:
-        return bench(args.bench_res, args.inversion_steps, args.denoise_steps, args.bench_repeats)
     if not args.data:
         raise SystemExit("--data is required: a JSONL of {id, image, question, answer} lines")
     items = read_items(args.data)[:args.limit]

@@ -17,7 +17,7 @@ Batches (chat template, answer-only labels, data order) come from data.py.
 
     python train.py --model tiny --data data.jsonl --attn attn/ --out runs/lav --max-steps 10
     torchrun --nproc_per_node 8 train.py --model llama32 --data data.jsonl --attn attn/ --out runs/lav
-    python train.py --bench    # CPU: Lavender step vs autoregressive step, time and peak memory
+    python bench.py train      # CPU: Lavender step vs autoregressive step, time and peak memory
 """
 import argparse
 import json
@@ -258,7 +258,10 @@ def build(args, device, mesh):
         if p.requires_grad:
             p.data = p.data.float()
     if args.activation_checkpointing:  # recompute each layer in backward; non-reentrant works with FSDP2
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # earlier 5.x: the same function under its old name
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mesh is None:
         model.to(device)
         aligner = aligner.to(device) if aligner is not None else None
@@ -447,9 +450,11 @@ def fit(args, rank, world, device, mesh):
     vlm_params = [p for n, p in modules.named_parameters() if p.requires_grad and not is_lavender(n)]
     optimizer = torch.optim.AdamW([{"params": vlm_params}, {"params": lavender_params}], lr=args.lr,
                                   weight_decay=args.weight_decay)
-    # decay per epoch, like the authors' StepLR (gamma 0.85): independent of the total number of
-    # steps, so a run cut short and resumed follows the same schedule as an uninterrupted one
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: args.lr_gamma ** (s // steps_per_epoch))
+    # decay per epoch, like the authors' StepLR (gamma 0.85), after an optional linear warm-up (none in
+    # the release): a function of the step alone, not of the total number of steps, so a run cut
+    # short and resumed follows the same schedule as an uninterrupted one
+    warmup = lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup(s) * args.lr_gamma ** (s // steps_per_epoch))
     step = 0
     if args.resume:
         state = load_checkpoint(out, modules, optimizer, scheduler, rank, world)
@@ -545,113 +550,6 @@ def fit(args, rank, world, device, mesh):
     return str(out)
 
 
-# ---- benchmark: a Lavender step vs an autoregressive step (CPU, scaled-down llama32 geometry) ----
-
-BENCH_ARMS = ("ar", "lavender", "lavender-no-recompute", "lavender-after")
-
-
-def bench_setup(arm, words=16, width=16):
-    """One optimizer step at aggregate.bench_model()'s geometry (llama32's 40 text layers, cross-
-    attention at 3, 8, ..., 38, 32/8 heads, at 1/`width` width, 16 being the issue's; one 2x2-tile
-    image; 256 text tokens, the last 33 the answer) with LoRA; "lavender" adds parallel projections, the sim Aligner (per layer,
-    recomputed in backward as by default; "lavender-no-recompute": kept; "lavender-after": after
-    aggregation) and the capture of `words` two-token words (the last 2 x words rows, at most 16).
-    Returns a step function."""
-    if not 1 <= words <= 16:
-        raise ValueError(f"--bench-words {words}: choose 1 to 16 (the answer has 33 tokens)")
-    model, batch, rows = aggregate.bench_model(width=width)
-    rows = rows[:, rows.shape[1] - 2 * words:]  # (1, 2 * words): the answer's last positions
-    mode = "after" if arm == "lavender-after" else "per-layer"
-    args = build_parser().parse_args(["--loss", "ar" if arm == "ar" else "lavender", "--aligner-mode", mode,
-                                      "--no-recompute-aligner" if arm == "lavender-no-recompute" else "--recompute-aligner"])
-    model = apply_peft(model, args).train()
-    labels = batch["input_ids"].clone()
-    labels[:, :-33] = -100  # (1, 256)
-    batch = {**batch, "labels": labels, "image_sizes": torch.tensor([[200, 200]])}
-    capture, aligner, layers = None, None, aggregate.aligned_layers(model)
-    if arm != "ar":
-        aggregate.add_parallel_projections(model, layers)
-        aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", args.aligner_mode, 32))
-        capture = aggregate.AttentionCapture(model, layers, learned=True)
-    plan = dict(rows=rows, row_word=torch.arange(rows.shape[1])[None] // 2, dm_index=torch.arange(words)[None])
-    modules = trainable_modules(model, aligner)
-    optimizer = torch.optim.AdamW([p for p in modules.parameters() if p.requires_grad], lr=1e-5)
-
-    def step():
-        ce, att, _ = micro_batch_losses(args, model, aligner, capture, batch, plan, [torch.rand(words, 32, 32)], "cpu")
-        (ce / 33 + (args.lam * att if att is not None else 0)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
-
-
-def bench_memory(arm, words=16, width=16):
-    """Child process: peak resident memory of one step (VmHWM, reset after a warm-up step)."""
-    torch.set_num_threads(1)
-    step = bench_setup(arm, words, width)
-    step()  # warm-up: AdamW state, allocator, lazy inits
-    status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
-    open("/proc/self/clear_refs", "w").write("5")  # Linux: reset the peak RSS to the current RSS
-    base = status("VmRSS:")
-    step()
-    print(json.dumps({"arm": arm, "base_kb": base, "peak_kb": status("VmHWM:")}))
-
-
-def bench_aligner_alone(words=16, layers=8, heads=32):
-    """The default arm's Aligner work alone, on random maps of its shapes: `layers` calls on (words,
-    heads, 32, 32), each under checkpoint (forward, recompute, backward; input gradients on, as the
-    parallel projections need them). Returns (step function, GFLOP of its convolutions per step)."""
-    aligner = aligner_lib.Aligner("sim", heads)
-    maps = torch.rand(layers, words, heads, aggregate.MAP_SIZE, aggregate.MAP_SIZE, requires_grad=True)
-
-    def step():
-        out = [torch.utils.checkpoint.checkpoint(aligner, x, use_reentrant=False) for x in maps.unbind(0)]
-        torch.stack(out).mean().backward()
-        maps.grad = None
-        aligner.zero_grad(set_to_none=True)
-    # per convolution: 2·N·h·w·C_out·C_in·k² FLOP forward; run twice (forward, recompute) + twice in
-    # backward (gradients of input and weight)
-    convs = [m for m in aligner.modules() if isinstance(m, nn.Conv2d)]
-    flop = sum(2 * words * aggregate.MAP_SIZE ** 2 * m.out_channels * m.in_channels * m.weight[0, 0].numel()
-               for m in convs) * layers * 4
-    return step, flop / 1e9
-
-
-def bench(reps=7, words=16, width=16):
-    """Step time (one process, one thread, arms interleaved, median of reps) and peak memory (a fresh
-    process per arm). Time is the process's CPU time (time.process_time): on a shared machine the
-    wall clock mostly measures the other jobs; with one thread CPU time is the step's own work."""
-    import subprocess
-    import sys
-    torch.set_num_threads(1)  # a second thread on a loaded 2-core machine mostly waits
-    steps = {arm: bench_setup(arm, words, width) for arm in BENCH_ARMS}
-    steps["aligner-alone"], aligner_gflop = bench_aligner_alone(words)
-    cpu, wall = {arm: [] for arm in steps}, {arm: [] for arm in steps}
-    for _ in tqdm(range(reps + 1), desc="step time"):
-        for arm, step in steps.items():
-            c0, t0 = time.process_time(), time.perf_counter()
-            step()
-            cpu[arm].append(time.process_time() - c0)
-            wall[arm].append(time.perf_counter() - t0)
-    med = {arm: sorted(t[1:])[reps // 2] for arm, t in cpu.items()}  # the first rep is a warm-up
-    med_wall = {arm: sorted(t[1:])[reps // 2] for arm, t in wall.items()}
-    mem = {arm: json.loads(subprocess.run([sys.executable, __file__, "--bench-memory", arm, "--bench-words",
-                                           str(words), "--bench-width", str(width)], check=True,
-                                          capture_output=True, text=True).stdout.splitlines()[-1]) for arm in BENCH_ARMS}
-    print(f"aligner-alone         step {med['aligner-alone']:.3f} s CPU = {med['aligner-alone'] / med['ar']:.3f} of the "
-          f"ar step ({aligner_gflop:.1f} GFLOP of convolutions, {aligner_gflop / med['aligner-alone']:.0f} GFLOP/s): "
-          f"the default arm's Aligner work, a floor under its time ratio of 1 + that")
-    for arm, m in mem.items():
-        print(f"{arm:21s} step {med[arm]:.3f} s CPU, {med_wall[arm]:.3f} s wall (medians of {reps}); peak RSS "
-              f"{m['peak_kb'] / 1024:.0f} MiB, {(m['peak_kb'] - m['base_kb']) / 1024:.0f} MiB over the loaded model")
-    ratio = lambda arm: (f"step time {med[arm] / med['ar']:.3f} (wall {med_wall[arm] / med_wall['ar']:.3f}), "
-                         f"peak memory {mem[arm]['peak_kb'] / mem['ar']['peak_kb']:.3f}")
-    print(f"lavender-after/ar: {ratio('lavender-after')}")
-    print(f"lavender-no-recompute/ar: {ratio('lavender-no-recompute')}")
-    print(f"ratios lavender/ar (default: per-layer Aligner, recomputed; {words} words, 1/{width} width): {ratio('lavender')}; "
-          f"targets <= 1.15, <= 1.10")
-
-
 # ---- command line ----
 
 def build_parser():
@@ -690,6 +588,7 @@ def build_parser():
     add("--lr", type=float, default=1e-4, help="AdamW learning rate")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     add("--lr-gamma", type=float, default=0.85, help="learning-rate decay per epoch")
+    add("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up over the first N steps (0: none, as the release)")
     add("--clip", type=float, default=1.0, help="gradient-norm clipping")
     add("--seed", type=int, default=42, help="seed of LoRA/Aligner init, data order and dropout")
     add("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
@@ -697,24 +596,15 @@ def build_parser():
     add("--recompute-aligner", action=argparse.BooleanOptionalAction, default=True,
         help="per-layer Aligner: run each layer's maps + Aligner under checkpoint, recomputed in backward "
              "(less peak memory; measured no slower on CPU, BENCHMARKS.md); off with --aligner-norm batch")
-    # ---- checkpoints, output, benchmark ----
+    # ---- checkpoints and output ----
     add("--save-every", type=int, default=0, help="write checkpoint/ every N steps (0: at the end only)")
     add("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue from <out>/checkpoint")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
-    add("--bench", action="store_true", help="CPU benchmark: Lavender vs AR step time and peak memory")
-    add("--bench-memory", choices=BENCH_ARMS, help="internal: one arm's peak memory")
-    add("--bench-words", type=int, default=16, help="--bench: aligned two-token words per item (1-16)")
-    add("--bench-width", type=int, default=16, choices=(16, 8, 4),
-        help="--bench: the model is llama32 at 1/N width (16: the issue's geometry; 8, 4: wider, slower)")
     return p
 
 
 def main():
     args = build_parser().parse_args()
-    if args.bench or args.bench_memory:
-        if args.bench_memory:
-            return bench_memory(args.bench_memory, args.bench_words, args.bench_width)
-        return bench(words=args.bench_words, width=args.bench_width)
     if not args.data:
         raise SystemExit("--data is required (a JSONL file, see DESIGN.md)")
     train(args)

@@ -208,6 +208,24 @@ def test_bad_items_land_in_failures_and_the_rest_completes(dm, tmp_path):
     assert extract.is_complete(extract.maps_path(tmp_path / "out", "item000"))
 
 
+def test_duplicate_ids_are_caught_across_ranks_and_runs_are_named(dm, tmp_path, monkeypatch):
+    path = write_dataset(tmp_path, n=2, with_attn=False)
+    lines = [json.loads(line) for line in open(path)]
+    lines[1]["id"] = lines[0]["id"]  # items 0 and 1 share an id: rank 0 gets item 0, rank 1 item 1
+    Path(path).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    items, out = extract.read_items(path), tmp_path / "out"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-a")
+    shares = [extract.extract(items, dm, out, rank=r, world_size=2, progress=False, **FAST) for r in (0, 1)]
+    assert [(s["done"], s["failed"]) for s in shares] == [(1, 0), (0, 1)]
+    maps, words, meta = extract.load_maps(extract.maps_path(out, "item000"))
+    assert meta["text"] == lines[0]["answer"]  # the first item's maps, not overwritten by its twin's
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-b")
+    extract.extract(items, dm, out, rank=1, world_size=2, progress=False, **FAST)  # a re-run appends, named
+    failures = [json.loads(line) for line in open(out / "failures.jsonl")]
+    assert [(f["id"], f["rank"], f["run"]) for f in failures] == [("item000", 1, "run-a"), ("item000", 1, "run-b")]
+    assert failures[0]["reason"].startswith("duplicate id 'item000': item 1 repeats the id of item 0")
+
+
 def test_two_ranks_equal_one_rank(dm, tmp_path):
     items = extract.read_items(write_dataset(tmp_path, n=5, with_attn=False))
     one, two, run = tmp_path / "one", tmp_path / "two", tmp_path / "torchrun"

@@ -110,11 +110,14 @@ def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
 
 
 def test_resume_reaches_the_uninterrupted_loss(tmp_path, tiny_dataset):
-    """One rank, with LoRA dropout on (so the RNG state must be restored): 3 steps == 2 + resume 1."""
-    _, full = run(tiny_dataset, tmp_path / "a", "--batch-size", "2", "--max-steps", "3", "--lr", "1e-3")
-    run(tiny_dataset, tmp_path / "b", "--batch-size", "2", "--max-steps", "2", "--lr", "1e-3")
-    _, resumed = run(tiny_dataset, tmp_path / "b", "--batch-size", "2", "--max-steps", "3", "--lr", "1e-3", "--resume")
+    """One rank, with LoRA dropout on (so the RNG state must be restored): 3 steps == 2 + resume 1,
+    inside a 4-step linear warm-up (so the scheduler's state must be restored too)."""
+    flags = ("--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "4")
+    _, full = run(tiny_dataset, tmp_path / "a", "--max-steps", "3", *flags)
+    run(tiny_dataset, tmp_path / "b", "--max-steps", "2", *flags)
+    _, resumed = run(tiny_dataset, tmp_path / "b", "--max-steps", "3", "--resume", *flags)
     assert resumed[2]["loss"] == full[2]["loss"]
+    assert [r["lr"] for r in full] == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3])  # step s: lr · (s + 1) / 4
     assert resumed[2]["lr"] == full[2]["lr"]
 
 
@@ -198,3 +201,17 @@ def test_method_flags_train_and_reload(tmp_path, tiny_dataset, flags):
     assert lavender["aggregation"] == config["aggregate"] == expected
     assert (lavender["aligner"] is None) == ("none" in flags)
     assert lavender["layers"] == ([3] if "last" in flags else [1, 3])  # tiny: cross-attention at 1 and 3
+
+
+def test_bench_train_arms_step_and_count_the_aligner_flops():
+    """bench.py's train benchmark builds and steps each arm at its real geometry (so it keeps up with
+    train.py's internals), and its FLOP count is the formula worked by hand for one word, one layer,
+    one head: convs 1->32 3x3, 32->32 3x3, 32->1 1x1 on 32x32, forward + recompute + two backward."""
+    import bench
+    for arm in ("ar", "lavender"):
+        bench.step_setup(arm, words=1)()
+    step, gflop = bench.aligner_alone_setup(words=1, layers=1, heads=1)
+    step()
+    per_pass = 2 * 1024 * (32 * 1 * 9 + 32 * 32 * 9 + 1 * 32 * 1)  # 2·h·w·C_out·C_in·k² per conv
+    assert gflop == pytest.approx(4 * per_pass / 1e9)
+    assert bench.aligner_alone_setup(words=16)[1] == pytest.approx(19.36, abs=0.01)  # the default arm's 19.4 GFLOP
