@@ -28,6 +28,7 @@ r_t = (t + 1) / T (flow_weights); only the first image of a sample is mapped.
 
     python bench.py aggregate     # capture overhead at a scaled-down llama32 geometry (CPU)
 """
+import functools
 import re
 
 import snowballstemmer
@@ -270,15 +271,19 @@ class AttentionCapture:
 # ---------------------------------------------------------------------------------------------
 
 
-def _area_matrix(n_out, extent, n_patches, patch):
+@functools.lru_cache(maxsize=64)
+def _area_matrix(n_out, extent, n_patches, patch, device="cpu", dtype=torch.float32):
     """(n_out, n_patches) weights: output cell i covers [i, i+1)·extent/n_out px of the canvas,
     patch p covers [p, p+1)·patch px; weight = overlap / cell length (rows sum to 1). Cropping the
-    padding and resizing happen in this one linear map (area resampling)."""
+    padding and resizing happen in this one linear map (area resampling). Cached: a training run
+    meets a handful of image geometries, and a step would otherwise rebuild the same matrices for
+    every layer and every recompute (~600 small ops a step at the benchmark's geometry, and on a
+    GPU as many host-to-device copies), so it is kept per device and dtype."""
     cell = torch.arange(n_out + 1, dtype=torch.float64) * (extent / n_out)  # cell edges
     edge = torch.arange(n_patches + 1, dtype=torch.float64) * patch  # patch edges
     lo = torch.maximum(cell[:-1, None], edge[None, :-1])
     hi = torch.minimum(cell[1:, None], edge[None, 1:])
-    return ((hi - lo).clamp(min=0) / (extent / n_out)).float()  # (n_out, n_patches)
+    return ((hi - lo).clamp(min=0) / (extent / n_out)).to(device, dtype)  # (n_out, n_patches)
 
 
 def tiles_to_grid(attn, aspect_ratio_id, image_size, tile_size, patch_size, max_tiles, supported, out=MAP_SIZE):
@@ -300,8 +305,8 @@ def tiles_to_grid(attn, aspect_ratio_id, image_size, tile_size, patch_size, max_
     x = x.reshape(*lead, rows * P, cols * P)  # (..., canvas_h, canvas_w) in patches
     h, w = (int(s) for s in image_size)
     new_h, new_w = get_image_size_fit_to_canvas(h, w, rows * tile_size, cols * tile_size, tile_size)
-    m_h = _area_matrix(out, new_h, rows * P, patch_size).to(x.device, x.dtype)  # (out, canvas_h)
-    m_w = _area_matrix(out, new_w, cols * P, patch_size).to(x.device, x.dtype)  # (out, canvas_w)
+    m_h = _area_matrix(out, new_h, rows * P, patch_size, x.device, x.dtype)  # (out, canvas_h)
+    m_w = _area_matrix(out, new_w, cols * P, patch_size, x.device, x.dtype)  # (out, canvas_w)
     return m_h @ x @ m_w.T  # (..., out, out)
 
 
@@ -560,7 +565,7 @@ def dm_targets(dm_maps, dm_index):
     B, W = dm_index.shape
     out = torch.zeros(B, W, MAP_SIZE, MAP_SIZE)
     for b in range(B):
-        for w in range(W):
-            if dm_index[b, w] >= 0:
-                out[b, w] = dm_maps[b][dm_index[b, w]]
+        aligned = dm_index[b] >= 0  # (W,)
+        if aligned.any():
+            out[b, aligned] = dm_maps[b][dm_index[b, aligned]].float()  # one gather per sample
     return out

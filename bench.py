@@ -41,8 +41,14 @@ def peak_rss(step):
     return {"base_kb": base, "peak_kb": status("VmHWM:")}
 
 
-def child_peak_rss(args, env=None):
-    """peak_rss of one arm in a fresh process: `python bench.py <args>` prints it as its last line."""
+def child_peak_rss(args):
+    """peak_rss of one arm in a fresh process: `python bench.py <args>` prints it as its last line.
+
+    glibc keeps freed heap memory in the RSS, and how much depends on its history (the train arms'
+    peaks moved by up to 4% between identical runs); a fixed 64 KiB mmap threshold hands every
+    tensor's memory back on free, so the peak RSS tracks the live tensors (as a GPU's
+    max_memory_allocated does) and repeats to within 0.5%."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], check=True, capture_output=True,
                          text=True, env=env).stdout
     return json.loads(out.splitlines()[-1])
@@ -172,10 +178,7 @@ def bench_aggregate(reps=7):
             times[arm].append(time.process_time() - t0)
     med = {arm: sorted(v[1:])[len(v[1:]) // 2] for arm, v in times.items()}  # first rep is warm-up
     best = {arm: min(v[1:]) for arm, v in times.items()}  # minima: robust to other jobs' load
-    # glibc keeps freed heap memory in the RSS; a fixed 64 KiB mmap threshold hands every
-    # tensor's memory back on free, so the peak RSS tracks live tensors
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    mem = {arm: child_peak_rss(["aggregate", "--memory-arm", arm], env) for arm in tqdm(CAPTURE_ARMS, desc="peak memory")}
+    mem = {arm: child_peak_rss(["aggregate", "--memory-arm", arm]) for arm in tqdm(CAPTURE_ARMS, desc="peak memory")}
     for arm in CAPTURE_ARMS:
         m = mem[arm]
         print(f"{arm:8s} forward {med[arm]:.3f} s CPU (median of {reps}, min {best[arm]:.3f}); peak RSS {m['peak_kb'] / 1024:.0f} MiB, "
@@ -250,8 +253,8 @@ def aligner_alone_setup(words=16, layers=8, heads=32):
 
 
 def bench_train(reps=7, words=16, width=16):
-    """Step time (one process, one thread, arms interleaved, median of reps) and peak memory (a fresh
-    process per arm)."""
+    """Step time (one process, one thread, arms interleaved, median of reps; default allocator) and
+    peak memory (a fresh process per arm, freed memory handed back: child_peak_rss)."""
     torch.set_num_threads(1)  # a second thread on a loaded 2-core machine mostly waits
     steps = {arm: step_setup(arm, words, width) for arm in STEP_ARMS}
     steps["aligner-alone"], aligner_gflop = aligner_alone_setup(words)
