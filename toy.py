@@ -173,9 +173,11 @@ def save_mask(mask, path):
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)
 
 
-def build_split(out_dir, split, seed):
-    """Draw one split; write images/, masks/ and <split>.jsonl under out_dir. Returns the items."""
-    n_images, (lo, hi), kinds, offset = SPLITS[split]
+def build_split(out_dir, split, seed, spec=None):
+    """Draw one split (spec: its SPLITS entry); write images/, masks/ and <split>.jsonl under out_dir.
+    Returns the items. A split's draws are one random stream, so a larger split begins with the
+    items of a smaller one."""
+    n_images, (lo, hi), kinds, offset = spec or SPLITS[split]
     rng = np.random.default_rng([seed, offset])                    # one stream per split: splits independent
     allowed = None
     every_pair = {(c, s) for c in COLOURS for s in SHAPES}
@@ -238,13 +240,17 @@ def write_captions(out_dir, items):
             f.write(json.dumps(line) + "\n")
 
 
-def build_world(out_dir, seed=0):
+def build_world(out_dir, seed=0, finetune_items=None):
     """Draw every split of the world into out_dir (deterministic by seed); returns {split: jsonl path}.
 
-    A cached world (world.json with the same seed and splits) is reused as it is.
+    finetune_items: the finetune split's size (default SPLITS', 160). A cached world (world.json
+    with the same seed and splits) is reused as it is.
     """
     out_dir = Path(out_dir)
-    stamp = {"seed": seed, "splits": {k: list(map(str, v)) for k, v in SPLITS.items()}, "held_out": HELD_OUT,
+    splits = dict(SPLITS)
+    if finetune_items is not None:
+        splits["finetune"] = (finetune_items, *SPLITS["finetune"][1:])
+    stamp = {"seed": seed, "splits": {k: list(map(str, v)) for k, v in splits.items()}, "held_out": HELD_OUT,
              "version": 1}
     paths = {split: out_dir / f"{split}.jsonl" for split in (*SPLITS, "test-captions")}
     info = out_dir / "world.json"
@@ -252,8 +258,8 @@ def build_world(out_dir, seed=0):
         return paths
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    for split in tqdm(SPLITS, desc="world", leave=False):
-        items = build_split(out_dir, split, seed)
+    for split in tqdm(splits, desc="world", leave=False):
+        items = build_split(out_dir, split, seed, splits[split])
         if split == "test-id":
             write_captions(out_dir, items)
     info.write_text(json.dumps(stamp))
@@ -672,14 +678,16 @@ def demo(args):
     stage = lambda text: print(f"[toy {time.time() - t0:5.0f}s] {text}", flush=True)        # noqa: E731
     # ---- 1. the world (cached) ----
     stage(f"world: {args.world}")
-    paths = build_world(args.world, args.seed)
+    paths = build_world(args.world, args.seed, args.finetune_items)
     # ---- 2. DM maps (extract.py, the sd14 code path) for every item whose answer names an object;
     #         yes/no answers name none: those items train with L_VLM alone (train.py logs how many) ----
     dm = extract.load_dm("toy-sd", path=args.dm_path)
-    # extract.py skips complete map files (resume), so key the cache on the DM's weights and the
-    # extraction settings: a retrained toy-sd or other steps must never reuse stale maps
+    # extract.py skips complete map files (resume), so key the cache on the DM's weights, the
+    # extraction settings and the world (its seed and splits): a retrained toy-sd, other steps or
+    # another world's items under the same ids must never reuse stale maps
     key = hashlib.sha256(b"".join(Path(args.dm_path, part).read_bytes() for part in (
         "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"))
+        + (Path(args.world) / "world.json").read_bytes()
         + f"{args.inversion_steps}/{args.denoise_steps}/{args.capture_steps}".encode()).hexdigest()[:10]
     attn = out / "attn" / key
     # fine-tuning maps only for the answers of --dm-categories (a folder per choice, so that a cached
@@ -777,6 +785,8 @@ def build_parser():
                    help="steps whose cross-attention is averaged (extract.py)")
     # ---- fine-tuning (train.py): the same for AR and Lavender ----
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (each runs AR and Lavender)")
+    p.add_argument("--finetune-items", type=int, default=None,
+                   help="size of the world's finetune split (default 160; another size draws another world: use its own --world)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per fine-tuning run")
     p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")

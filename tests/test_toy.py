@@ -66,6 +66,19 @@ def test_world_is_deterministic_by_seed(small_world, tmp_path):
     assert digest(other) != digest(out)
 
 
+def test_a_larger_finetune_split_extends_the_smaller_one(small_world, tmp_path):
+    """--finetune-items draws more fine-tuning images from the same stream: the smaller split's items
+    come first, unchanged; the other splits and their files are untouched; the stamp tells them apart."""
+    out, paths = small_world
+    bigger = toy.build_world(tmp_path / "big", seed=3, finetune_items=12)
+    small, big = read(paths["finetune"]), read(bigger["finetune"])
+    assert len(small) == 8 and len(big) == 12 and big[:8] == small
+    for split in ("pretrain", "test-id", "test-ood", "test-captions"):
+        assert read(bigger[split]) == read(paths[split])
+    assert json.loads((tmp_path / "big" / "world.json").read_text())["splits"]["finetune"][0] == "12"
+    assert (tmp_path / "big" / "world.json").read_text() != (out / "world.json").read_text()
+
+
 def test_masks_match_drawings(small_world):
     """Every mask is exactly the pixels of its object's colour (objects never overlap), and the
     word a mask is filed under names that object's colour or shape."""
