@@ -20,9 +20,12 @@ For every run (and/or the base model) this script
      entropy.png, overlays/<id>.png, and prints a one-line summary.
 
 Usage:
-    python evaluate.py --model tiny --run runs/ar --run runs/lavender --data test.jsonl --attn attn/ --out eval/
+    python evaluate.py --model tiny --run-dir runs/ar --run-dir runs/lavender --data test.jsonl --attn attn/ --out eval/
     python evaluate.py --model llama32 --model-path ~/llama32 --data test.jsonl --out eval/base   # base model only
-A run trained under FSDP is loaded whole on one process (train.load_run); evaluation is single-process.
+    torchrun --nproc_per_node 8 evaluate.py --model llama32 --run-dir runs/lavender --data test.jsonl --out eval/
+A run trained under FSDP is loaded whole (train.load_run). Under torchrun every rank loads the model on its
+own GPU and evaluates every world-th item; rank 0 gathers the per-item results and writes the same
+report as one process would.
 """
 import argparse
 import json
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -348,46 +352,62 @@ def answer_maps(model, processor, items, dm_store, settings, batch_size=4, devic
 # one model, all measures
 # ---------------------------------------------------------------------------------------------
 
-def evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir):
-    """Accuracy (and, with a DM store, attention measures) of one model; writes <out>/<name>/predictions.jsonl.
-    Returns (run report dict, {item id: {dm word index: VLM map}} for the pictures)."""
-    device, show = args.device, not args.quiet
+def evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir, drawn=(),
+                   rank=0, world=1, device="cpu"):
+    """Accuracy (and, with a DM store, attention measures) of one model; rank 0 writes
+    <out>/<name>/predictions.jsonl. This rank measures items rank, rank + world, ...; the per-item
+    results are gathered (train.gather_objects) and put back in item order, so the report does not
+    depend on the number of ranks. Returns (run report dict, {item id: {dm word index: VLM map}}
+    for the items in `drawn`, the ids whose overlays are drawn)."""
+    show = not args.quiet and rank == 0
     model.to(device).eval()
-    predictions = generate_answers(model, processor, items, args.batch_size, args.max_new_tokens, device, show)
-    records = []
-    for item, prediction in zip(items, predictions):
+    mine = list(range(rank, len(items), world))
+    predictions = generate_answers(model, processor, [items[i] for i in mine], args.batch_size, args.max_new_tokens,
+                                   device, show)
+    results = []  # one dict per item of this rank: its record and, with a DM store, its per-word measures
+    for i, prediction in zip(mine, predictions):
+        item = items[i]
         score = score_prediction(prediction, item["answer"], item["question"])
-        records.append({"id": item["id"], "question": item["question"], "answer": item["answer"],
-                        "prediction": prediction, "category": item.get("category"), **score})
-    (out_dir / name).mkdir(parents=True, exist_ok=True)
-    with open(out_dir / name / "predictions.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        results.append({"index": i, "record": {"id": item["id"], "question": item["question"], "answer": item["answer"],
+                                               "prediction": prediction, "category": item.get("category"), **score}})
+    if dm_store:
+        maps = answer_maps(model, processor, [items[i] for i in mine], dm_store, settings, args.batch_size, device, show)
+        # plan_words keeps only the answer words matched to a DM word (one entry per DM word), so every
+        # word below has a DM map: all measures are over the same matched words
+        for result, m in zip(results, maps):
+            item_id = result["record"]["id"]
+            dm_maps = dm_store[item_id][0] if item_id in dm_store else None
+            result.update(entropies=attention_entropy(m["raw"]).tolist(),           # eq. 23, the VLM's own attention
+                          aligned_entropies=attention_entropy(m["aligned"]).tolist(),  # after the Aligner (Fig. 17)
+                          errors=[], hits=[], picture={})
+            for w, (word, j) in enumerate(zip(m["words"], m["dm_index"])):
+                result["errors"].append(float(alignment_mse(m["aligned"][w], dm_maps[j])))
+                if item_id in drawn:
+                    result["picture"][j] = m["aligned"][w]
+                region = regions.get(item_id, {}).get(normalize_word(word))
+                if region is not None:
+                    result["hits"].append(pointing_hit(m["aligned"][w], region))
+    results = sorted(train.gather_objects(results, world), key=lambda r: r["index"])  # every rank: all items
+    records = [r["record"] for r in results]
+    if rank == 0:
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        with open(out_dir / name / "predictions.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
     report = {"name": name, "accuracy": accuracy_table(records),
               "multiple_choice": sum(r["kind"] == "choice" for r in records),
               "unparsed_choice": sum(r["kind"] == "choice" and r["letter"] is None for r in records)}
     pictures = {}
     if dm_store:
-        maps = answer_maps(model, processor, items, dm_store, settings, args.batch_size, device, show)
-        # plan_words keeps only the answer words matched to a DM word (one entry per DM word), so every
-        # word below has a DM map: all measures are over the same matched words
-        entropies, aligned_entropies, errors, hits = [], [], [], []
-        for item, m in zip(items, maps):
-            entropies += attention_entropy(m["raw"]).tolist()                # eq. 23, the VLM's own attention
-            aligned_entropies += attention_entropy(m["aligned"]).tolist()    # after the Aligner (Fig. 17's remark)
-            dm_maps = dm_store[item["id"]][0] if item["id"] in dm_store else None
-            pictures[item["id"]] = {}
-            for w, (word, j) in enumerate(zip(m["words"], m["dm_index"])):
-                errors.append(float(alignment_mse(m["aligned"][w], dm_maps[j])))
-                pictures[item["id"]][j] = m["aligned"][w]
-                region = regions.get(item["id"], {}).get(normalize_word(word))
-                if region is not None:
-                    hits.append(pointing_hit(m["aligned"][w], region))
+        every = lambda key: [v for r in results for v in r[key]]  # noqa: E731  (item order, then word order)
+        errors, hits = every("errors"), every("hits")
+        pictures = {r["record"]["id"]: r["picture"] for r in results if r["record"]["id"] in drawn}
         shown = dict(settings, aligner=type(settings["aligner"]).__name__ if settings["aligner"] is not None else None)
-        report.update(settings=shown, vlm_entropy=summarize(entropies), aligned_entropy=summarize(aligned_entropies),
+        report.update(settings=shown, vlm_entropy=summarize(every("entropies")),
+                      aligned_entropy=summarize(every("aligned_entropies")),
                       alignment_mse=summarize(errors), matched_words=len(errors),
                       pointing=accuracy_summary(hits) if hits else None)
-        report["_entropies"] = entropies
+        report["_entropies"] = every("entropies")
     return report, pictures
 
 
@@ -468,12 +488,12 @@ def read_dm_store(items, attn_dir):
 
 
 def models_to_evaluate(args):
-    """[(name, run dir or None for the base --model)]: the base first (with --base, or when no --run is
+    """[(name, run dir or None for the base --model)]: the base first (with --base, or when no --run-dir is
     given), then each run named by its folder (made unique with -<n> when two share a name)."""
     models = []
     if args.base or not args.run:
         if not args.model:
-            raise SystemExit("give --model <preset> to evaluate the base model, or one or more --run DIR")
+            raise SystemExit("give --model <preset> to evaluate the base model, or one or more --run-dir DIR")
         models.append(("base", None))
     models += [(Path(r).name or f"run{i}", r) for i, r in enumerate(args.run)]
     names = [n for n, _ in models]
@@ -481,7 +501,18 @@ def models_to_evaluate(args):
 
 
 def evaluate(args):
-    """Library entry (toy.py calls it with build_parser().parse_args([...])): returns the report dict."""
+    """Library entry (toy.py calls it with build_parser().parse_args([...])): returns the report dict.
+    Under torchrun every rank runs it; rank 0 writes the files and prints the summary."""
+    rank, world, device, _ = train.setup_distributed()
+    device = str(device) if world > 1 else args.device  # under torchrun: this rank's GPU (or the CPU)
+    try:
+        return evaluate_ranks(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def evaluate_ranks(args, rank, world, device):
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = read_items(args.data)[:args.limit or None]
@@ -495,6 +526,7 @@ def evaluate(args):
     root = Path(args.data).resolve().parent
     regions = {it["id"]: item_regions(it, root, normalize_word) for it in items
                if dm_store and (it.get("masks") or it.get("boxes"))}
+    drawn = [it for it in items if it["id"] in dm_store][:args.figures]  # the overlays' items: only their maps are kept
 
     # ---- each model in turn: load, generate, score, read its attention ----
     runs, pictures = [], {}
@@ -503,11 +535,12 @@ def evaluate(args):
             model, processor = train.load_vlm(args.model, args.model_path, dtype=getattr(torch, args.dtype))
             lavender = None
         else:  # a LoRA or full run, loaded whole on this one process (also one trained under FSDP)
-            model, processor, lavender, config = train.load_run(run_dir, device=args.device)
+            model, processor, lavender, config = train.load_run(run_dir, device=device)
             if args.model and config.get("model") != args.model:
-                raise SystemExit(f"--run {run_dir} was trained from --model {config.get('model')}, not {args.model}")
+                raise SystemExit(f"--run-dir {run_dir} was trained from --model {config.get('model')}, not {args.model}")
         settings = capture_settings(lavender, model, args) if dm_store else None
-        report, pictures[name] = evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir)
+        report, pictures[name] = evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir,
+                                                {it["id"] for it in drawn}, rank, world, device)
         report["run_dir"] = run_dir
         runs.append(report)
         del model   # one model in memory at a time
@@ -518,6 +551,8 @@ def evaluate(args):
               "metric": "exact match after normalize_answer, or the letter of extract_choice; Wilson 95% interval",
               "runs": runs, "figures": []}
 
+    if rank != 0:  # every figure is on rank 0 now; the files are its job
+        return report
     # ---- the DM side (run-independent), histograms (Fig. 7/25) and overlays (Fig. 8/17) ----
     if dm_store:
         dm_entropy = [float(h) for maps, _ in dm_store.values() for h in attention_entropy(maps)]
@@ -527,7 +562,7 @@ def evaluate(args):
         draw_entropy_histograms(out_dir / "entropy.png", dm_entropy, {r["name"]: r["_entropies"] for r in runs})
         report["figures"].append("entropy.png")
         (out_dir / "overlays").mkdir(exist_ok=True)
-        for item in [it for it in items if it["id"] in dm_store][:args.figures]:
+        for item in drawn:
             maps, words = dm_store[item["id"]]
             run_maps = {name: [pictures[name][item["id"]].get(j) for j in range(len(words))] for name in pictures}
             draw_overlay_grid(out_dir / "overlays" / f"{item['id']}.png", Image.open(item["image_path"]), words,
@@ -544,9 +579,11 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to evaluate
     p.add_argument("--model", default=None, help="VLM preset of train.py (llama32, tiny, toy): the base model, "
-                   "evaluated when no --run is given or with --base")
+                   "evaluated when no --run-dir is given or with --base")
     p.add_argument("--model-path", default=None, help="local copy of the --model preset (a save_pretrained folder)")
-    p.add_argument("--run", action="append", default=[], help="a run directory written by train.py; repeat to compare runs")
+    p.add_argument("--run-dir", "--run", dest="run", action="append", default=[],
+                   help="a run directory written by train.py; repeat to compare runs (--run is the same flag, but "
+                        "torchrun takes --run for its own --run-path: use --run-dir there)")
     p.add_argument("--base", action=argparse.BooleanOptionalAction, default=False,
                    help="also evaluate the base --model beside the runs")
     # data

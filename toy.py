@@ -715,7 +715,7 @@ def demo(args):
         stage(f"evaluate {split}: base + {len(runs)} runs")
         argv = ["--model", "toy", "--model-path", str(args.vlm_path), "--base", "--data", str(paths[split]),
                 "--attn", str(attn / split), "--out", str(out / f"eval-{split}"), "--batch-size", "50",
-                "--figures", "3", "--max-new-tokens", "4"] + [x for r in runs for x in ("--run", r)]
+                "--figures", "3", "--max-new-tokens", "4"] + [x for r in runs for x in ("--run-dir", r)]
         argv += ["--limit", str(args.limit)] if args.limit else []
         argv += ["--quiet"] if args.quiet else []
         reports[split] = evaluate.evaluate(evaluate.build_parser().parse_args(argv))

@@ -196,7 +196,7 @@ def two_runs(tmp_path_factory):
 def test_end_to_end_two_runs_and_base(two_runs, capsys):
     root, data, (ar, lavender) = two_runs
     out = root / "report"
-    args = E.build_parser().parse_args(["--model", "tiny", "--base", "--run", ar, "--run", lavender, "--data", data,
+    args = E.build_parser().parse_args(["--model", "tiny", "--base", "--run-dir", ar, "--run-dir", lavender, "--data", data,
                                         "--attn", str(root / "attn"), "--out", str(out), "--max-new-tokens", "3",
                                         "--batch-size", "4", "--figures", "2", "--quiet"])
     report = E.evaluate(args)
@@ -228,6 +228,36 @@ def test_end_to_end_two_runs_and_base(two_runs, capsys):
     assert Image.open(out / "entropy.png").size[1] > 3 * 150
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["item000.png", "item001.png"]
     assert "evaluated 3 model(s) on 6 items" in capsys.readouterr().out
+
+
+def test_two_ranks_write_the_one_process_report(two_runs, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): each rank evaluates every other item, rank 0 gathers them
+    back in item order; predictions, accuracy, matched words, pointing and pictures equal one
+    process's, the MSE and entropies to float tolerance (other batch compositions)."""
+    import os
+    import subprocess
+    import sys
+    root, data, (ar, lavender) = two_runs
+    flags = ["--model", "tiny", "--base", "--run-dir", ar, "--run-dir", lavender, "--data", data, "--attn", str(root / "attn"),
+             "--max-new-tokens", "3", "--batch-size", "4", "--figures", "2", "--quiet"]
+    one = E.evaluate(E.build_parser().parse_args([*flags, "--out", str(tmp_path / "one")]))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    root_dir = Path(E.__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(root_dir / "evaluate.py"), *flags, "--out", str(tmp_path / "two")],
+                          cwd=root_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("evaluated 3 model(s) on 6 items") == 1  # rank 0 alone prints
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    for a, b in zip(one["runs"], two["runs"]):
+        assert a["name"] == b["name"] and a["accuracy"] == b["accuracy"]
+        assert (tmp_path / "one" / a["name"] / "predictions.jsonl").read_text() == \
+            (tmp_path / "two" / b["name"] / "predictions.jsonl").read_text()
+        assert a["matched_words"] == b["matched_words"] > 0 and a["pointing"] == b["pointing"]
+        for key in ("alignment_mse", "vlm_entropy", "aligned_entropy"):
+            assert b[key]["mean"] == pytest.approx(a[key]["mean"], abs=1e-5)
+    assert sorted(p.name for p in (tmp_path / "two" / "overlays").iterdir()) == ["item000.png", "item001.png"]
+    assert E.build_parser().parse_args(["--data", "d", "--out", "o", "--run", "x"]).run == ["x"]  # the short alias
 
 
 def test_own_maps_as_targets_give_zero_mse_and_full_pointing(tmp_path, tiny_dataset):
