@@ -609,6 +609,7 @@ def build_parser():
 
 def main():
     evaluate(build_parser().parse_args())
+    train.exit_if_torchrun()  # (gloo teardown, see there)
 
 
 if __name__ == "__main__":
