@@ -199,9 +199,9 @@ class AttentionCapture:
                                    f"the forward, and pass pixel_values (cross-attention layers are skipped "
                                    f"without an image)")
             probs = torch.stack([self._store[i] for i in range(len(self.layers))], dim=1)  # (B, L, H, R, N)
-            valid = (self.rows >= 0).to(probs.device)[:, None, None, :, None]  # (B, 1, 1, R, 1)
-            # padding rows -> 0; in place: stack's backward needs no output; skipped without padding
-            self._probs = probs if bool(valid.all()) else probs.mul_(valid)
+            valid = self.rows >= 0  # (B, R)
+            # padding rows -> 0 (skipped when no row is padding); in place: stack's backward needs no output
+            self._probs = probs if bool(valid.all()) else probs.mul_(valid.to(probs.device)[:, None, None, :, None])
             self._store = dict.fromkeys(self._store)  # drop the per-layer copies; keys keep recompute out
         return self._probs
 
