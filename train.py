@@ -333,25 +333,43 @@ def save_checkpoint(out, modules, optimizer, scheduler, state, rank, world):
     barrier(world)
 
 
-def load_checkpoint(out, modules, optimizer, scheduler, rank, world):
-    """Restore what save_checkpoint wrote; returns the train state (step, epoch, order, ...)."""
+def load_checkpoint(out, modules, optimizer, scheduler, rank, world, global_batch, seed):
+    """Restore what save_checkpoint wrote; returns the train state (step, epoch, order, ...).
+
+    Another rank count works when the global batch (ranks x --grad-accum x --batch-size) is the same,
+    say 8 x 1 x 4 resumed as 4 x 2 x 4: every step then sees the same items (data.micro_batches),
+    the losses are normalised by global counts, and DCP reshards model and optimizer onto the new
+    ranks. Only the random streams (dropout) cannot carry over: each rank is then seeded from
+    (--seed, step, rank)."""
     ckpt = Path(out) / "checkpoint"
     if not (ckpt / "train_state.json").exists():
         raise SystemExit(f"--resume: no complete checkpoint in {ckpt}; train without --resume first")
     state = json.loads((ckpt / "train_state.json").read_text())
-    if state["world"] != world:
-        raise SystemExit(f"--resume: checkpoint was written by {state['world']} ranks, this run has {world}; "
-                         f"resume with the same --nproc_per_node (the data order per rank depends on it)")
+    saved_batch = state.get("global_batch")  # None in checkpoints written before it was recorded
+    same_batch = saved_batch == global_batch if saved_batch is not None else state["world"] == world
+    if not same_batch:
+        raise SystemExit(f"--resume: the checkpoint was written by {state['world']} ranks with a global batch of "
+                         f"{saved_batch or 'unknown size'}; this run has {world} ranks and a global batch of "
+                         f"{global_batch} (ranks x --grad-accum x --batch-size). Keep the global batch: the data "
+                         f"order per step depends on it")
     sd = {"model": get_model_state_dict(modules), "optim": get_optimizer_state_dict(modules, optimizer)}
-    dcp.load(sd, checkpoint_id=str(ckpt))  # every rank reads its own shards
+    dcp.load(sd, checkpoint_id=str(ckpt))  # every rank reads the shards it needs (resharded if ranks differ)
     set_model_state_dict(modules, sd["model"])
     set_optimizer_state_dict(modules, optimizer, sd["optim"])
     scheduler.load_state_dict(state.pop("scheduler"))
-    rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    if state["world"] == world:
+        rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        stream = seed * 1_000_003 + state["step"] * 1_009 + rank  # one stream per (seed, step, rank)
+        torch.manual_seed(stream)
+        random.seed(stream)
+        if rank == 0:
+            print(f"--resume: {state['world']} ranks -> {world}, same global batch {global_batch}: the same items "
+                  f"per step; dropout draws new random numbers")
     return state
 
 
@@ -442,6 +460,7 @@ def fit(args, rank, world, device, mesh):
         raise SystemExit(f"{args.data} has {len(items)} items, fewer than one step needs ({world} ranks x --grad-accum "
                          f"{args.grad_accum} x --batch-size {args.batch_size}); lower --batch-size or add data")
     total_steps = args.max_steps or steps_per_epoch * args.epochs
+    global_batch = world * args.grad_accum * args.batch_size  # items per optimizer step, over all ranks
     # ---- model, optimizer, schedule ----
     model, processor, aligner, capture, layers = build(args, device, mesh)
     modules = trainable_modules(model, aligner)
@@ -457,7 +476,7 @@ def fit(args, rank, world, device, mesh):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup(s) * args.lr_gamma ** (s // steps_per_epoch))
     step = 0
     if args.resume:
-        state = load_checkpoint(out, modules, optimizer, scheduler, rank, world)
+        state = load_checkpoint(out, modules, optimizer, scheduler, rank, world, global_batch, args.seed)
         step = state["step"]
         if state["order"] != epoch_order(len(items), args.seed, state["epoch"]):
             raise SystemExit(f"--resume: {args.data} or --seed changed since the checkpoint (the data order differs)")
@@ -531,14 +550,14 @@ def fit(args, rank, world, device, mesh):
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}")
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(out, modules, optimizer, scheduler, dict(step=step, world=world, epoch=epoch, order=order),
-                            rank, world)
+            save_checkpoint(out, modules, optimizer, scheduler, dict(step=step, world=world, global_batch=global_batch,
+                                                                     epoch=epoch, order=order), rank, world)
     bar.close()
     # ---- outputs: checkpoint for --resume, adapter/ or model/, lavender.safetensors ----
     epoch = step // steps_per_epoch
     save_checkpoint(out, modules, optimizer, scheduler,
-                    dict(step=step, world=world, epoch=epoch, order=epoch_order(len(items), args.seed, epoch)),
-                    rank, world)
+                    dict(step=step, world=world, global_batch=global_batch, epoch=epoch,
+                         order=epoch_order(len(items), args.seed, epoch)), rank, world)
     save_outputs(args, out, model, aligner, processor, rank)
     if capture is not None:
         capture.remove()
@@ -598,7 +617,8 @@ def build_parser():
              "(less peak memory; measured no slower on CPU, BENCHMARKS.md); off with --aligner-norm batch")
     # ---- checkpoints and output ----
     add("--save-every", type=int, default=0, help="write checkpoint/ every N steps (0: at the end only)")
-    add("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue from <out>/checkpoint")
+    add("--resume", action=argparse.BooleanOptionalAction, default=False,
+        help="continue from <out>/checkpoint (any rank count with the same ranks x --grad-accum x --batch-size)")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
     return p
 

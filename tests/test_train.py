@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_train.py
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,12 +87,20 @@ def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
     _, one = run(tiny_dataset, tmp_path / "one", "--grad-accum", "2", "--max-steps", "3", *flags)
     two = tmp_path / "two"
     torchrun(tiny_dataset, two, "--max-steps", "2", "--activation-checkpointing", *flags)
+    shutil.copytree(two, tmp_path / "two-then-one")
     resumed = torchrun(tiny_dataset, two, "--max-steps", "3", "--resume", "--activation-checkpointing", *flags)
     assert [r["step"] for r in resumed] == [1, 2, 3]  # the log continues where it stopped
-    for a, b in zip(one, resumed):
-        assert b["loss_vlm"] == pytest.approx(a["loss_vlm"], rel=1e-5)
-        assert b["loss_att"] == pytest.approx(a["loss_att"], rel=1e-4)
-        assert b["aligned_words"] == a["aligned_words"] > 0
+    # the same checkpoint resumed on ONE rank with the same global batch (1 x 2 micro-batches of 1):
+    # DCP reshards the FSDP2 checkpoint onto plain tensors and step 3 sees the same items
+    _, moved = run(tiny_dataset, tmp_path / "two-then-one", "--grad-accum", "2", "--max-steps", "3", "--resume", *flags)
+    assert [r["step"] for r in moved] == [1, 2, 3]
+    for a, b, c in zip(one, resumed, moved):
+        for r in (b, c):
+            assert r["loss_vlm"] == pytest.approx(a["loss_vlm"], rel=1e-5)
+            assert r["loss_att"] == pytest.approx(a["loss_att"], rel=1e-4)
+            assert r["aligned_words"] == a["aligned_words"] > 0
+    with pytest.raises(SystemExit, match="global batch of 2.*global batch of 1"):  # another global batch: refused
+        run(tiny_dataset, tmp_path / "two-then-one", "--max-steps", "4", "--resume", *flags)
     # the authors' README way of loading a LoRA adapter
     from peft import PeftModel
     peft_model = PeftModel.from_pretrained(train.tiny_vlm()[0], str(two / "adapter"))
