@@ -400,14 +400,14 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
     pictures = {}
     if dm_store:
         every = lambda key: [v for r in results for v in r[key]]  # noqa: E731  (item order, then word order)
-        errors, hits = every("errors"), every("hits")
+        entropies, errors, hits = every("entropies"), every("errors"), every("hits")
         pictures = {r["record"]["id"]: r["picture"] for r in results if r["record"]["id"] in drawn}
         shown = dict(settings, aligner=type(settings["aligner"]).__name__ if settings["aligner"] is not None else None)
-        report.update(settings=shown, vlm_entropy=summarize(every("entropies")),
+        report.update(settings=shown, vlm_entropy=summarize(entropies),
                       aligned_entropy=summarize(every("aligned_entropies")),
                       alignment_mse=summarize(errors), matched_words=len(errors),
                       pointing=accuracy_summary(hits) if hits else None)
-        report["_entropies"] = every("entropies")
+        report["_entropies"] = entropies
     return report, pictures
 
 
