@@ -242,8 +242,11 @@ class AttentionCapture:
                                    "not a cached generation step)")
             B = hidden.shape[0]
             h = hidden.gather(1, self.rows.clamp(min=0).to(hidden.device)[:, :, None].expand(-1, -1, hidden.shape[-1]))
-            q = attn.lavender_q_proj(h).view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, R, D)
-            k = attn.lavender_k_proj(states).view(B, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+            # the projections train in fp32 while frozen weights (and so these inputs) may be bf16; under
+            # FSDP2's mixed precision the weights are bf16 here and the casts do nothing
+            dtype = attn.lavender_q_proj.weight.dtype
+            q = attn.lavender_q_proj(h.to(dtype)).view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, R, D)
+            k = attn.lavender_k_proj(states.to(dtype)).view(B, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
             self._save(i, _row_probs(attn, attn.q_norm(q), attn.k_norm(k), mask))  # (B, H, R, N)
             return None
         return hook

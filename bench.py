@@ -11,6 +11,7 @@ came from: BENCHMARKS.md.
     python bench.py aggregate                   # aggregate.py: VLM capture, forward time and peak memory (<= 1.10 each)
     python bench.py train                       # train.py: Lavender step vs autoregressive step (<= 1.15, <= 1.10)
     python bench.py train --words 4 --width 8   #   fewer aligned words; a model twice as wide
+    python bench.py train-gpu --batch-size 2    # one GPU: Llama-3.2-11B geometry (random bf16 weights, one 560 px tile)
 """
 import argparse
 import json
@@ -103,9 +104,10 @@ def bench_extract(res=256, inversion_steps=5, denoise_steps=10, repeats=3, colum
 
 # ---- the VLM: llama32's proportions, scaled down ----
 
-def bench_model(tile_size=112, width=16):
+def bench_model(tile_size=112, width=16, tiles=4, device="cpu", dtype=torch.float32, batch_size=1):
     """llama32's proportions at 1/`width` width (default 1/16), random weights: the model and inputs of
-    the aggregate and train benchmarks.
+    the aggregate and train benchmarks. width=1, tile_size=560, tiles=1, dtype=bfloat16 on a GPU is
+    Llama-3.2-11B-Vision's own geometry with one 560 px tile (the model is built on `device`).
 
     Text: all 40 layers, cross-attention at 3, 8, ..., 38, 32 heads / 8 KV heads; at width 16 head
     dim 8 (hidden 256 = 4096 / 16, MLP 896 = 3.5x, vocab 8016 = 128256 / 16). Vision: 32 + 8 global
@@ -118,6 +120,8 @@ def bench_model(tile_size=112, width=16):
     from transformers import MllamaConfig, MllamaForConditionalGeneration
     if width not in (1, 2, 4, 8, 16):
         raise ValueError(f"bench_model width {width}: choose 1, 2, 4, 8 or 16 (llama32's widths divided by it)")
+    if tiles not in (1, 4):
+        raise ValueError(f"bench_model tiles {tiles}: choose 1 (the 1x1 layout) or 4 (2x2)")
     hidden, vision, vocab = 4096 // width, 1280 // width, 128256 // width  # width 16: 256, 80, 8016
     config = MllamaConfig(
         vision_config=dict(hidden_size=vision, num_hidden_layers=32, num_global_layers=8, attention_heads=16,
@@ -129,17 +133,20 @@ def bench_model(tile_size=112, width=16):
                          max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0),
         image_token_index=vocab - 16)
     torch.manual_seed(0)
-    model = MllamaForConditionalGeneration(config).eval()
-    T, R = 256, 32
-    input_ids = torch.randint(3, vocab - 17, (1, T))
-    input_ids[0, 1] = vocab - 16  # the image token
-    cross_mask = torch.zeros(1, T, 1, 4, dtype=torch.long)
-    cross_mask[:, 1:] = 1  # text after the image attends to its 4 tiles
-    batch = dict(input_ids=input_ids, attention_mask=torch.ones(1, T, dtype=torch.long),
-                 pixel_values=torch.randn(1, 1, 4, 3, tile_size, tile_size),
-                 aspect_ratio_ids=torch.tensor([[6]]), aspect_ratio_mask=torch.ones(1, 1, 4, dtype=torch.long),
-                 cross_attention_mask=cross_mask)
-    rows = torch.arange(T - R - 1, T - 1)[None]  # (1, R): the last R positions, as an answer's would be
+    with torch.device(device):  # built where it runs: 11B parameters are not initialised on a CPU
+        model = MllamaForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    T, R, B = 256, 32, batch_size
+    input_ids = torch.randint(3, vocab - 17, (1, T)).repeat(B, 1)  # (B, T): the same sample B times
+    input_ids[:, 1] = vocab - 16  # the image token
+    cross_mask = torch.zeros(B, T, 1, 4, dtype=torch.long)
+    cross_mask[:, 1:, :, :tiles] = 1  # text after the image attends to its tiles
+    tile_mask = torch.zeros(B, 1, 4, dtype=torch.long)
+    tile_mask[..., :tiles] = 1
+    batch = dict(input_ids=input_ids, attention_mask=torch.ones(B, T, dtype=torch.long),
+                 pixel_values=torch.randn(1, 1, 4, 3, tile_size, tile_size).repeat(B, 1, 1, 1, 1, 1),
+                 aspect_ratio_ids=torch.full((B, 1), 6 if tiles == 4 else 1),  # Mllama's ids: 6 = 2x2, 1 = 1x1
+                 aspect_ratio_mask=tile_mask, cross_attention_mask=cross_mask)
+    rows = torch.arange(T - R - 1, T - 1)[None].repeat(B, 1)  # (B, R): the last R positions, as an answer's would be
     return model, batch, rows
 
 
@@ -197,47 +204,52 @@ def bench_aggregate(reps=7):
 STEP_ARMS = ("ar", "lavender", "lavender-no-recompute", "lavender-after")
 
 
-def step_setup(arm, words=16, width=16):
+def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=torch.float32, batch_size=1):
     """One optimizer step at bench_model()'s geometry (llama32's 40 text layers, cross-attention at
-    3, 8, ..., 38, 32/8 heads, at 1/`width` width, 16 being the issue's; one 2x2-tile image; 256
-    text tokens, the last 33 the answer) with LoRA; "lavender" adds parallel projections, the sim
-    Aligner (per layer, recomputed in backward as by default; "lavender-no-recompute": kept;
-    "lavender-after": after aggregation) and the capture of `words` two-token words (the last
-    2 x words rows, at most 16). Returns a step function."""
+    3, 8, ..., 38, 32/8 heads, at 1/`width` width, 16 being the issue's; one image of `tiles` tiles;
+    256 text tokens, the last 33 the answer; `batch_size` samples) with LoRA; "lavender" adds
+    parallel projections, the sim Aligner (per layer, recomputed in backward as by default;
+    "lavender-no-recompute": kept; "lavender-after": after aggregation) and the capture of `words`
+    two-token words (the last 2 x words rows, at most 16). Frozen weights in `dtype`, trained ones
+    in float32, as train.build sets them up. Returns a step function."""
     if not 1 <= words <= 16:
         raise ValueError(f"--words {words}: choose 1 to 16 (the answer has 33 tokens)")
-    model, batch, rows = bench_model(width=width)
-    rows = rows[:, rows.shape[1] - 2 * words:]  # (1, 2 * words): the answer's last positions
+    model, batch, rows = bench_model(tile, width, tiles, device, dtype, batch_size)
+    rows = rows[:, rows.shape[1] - 2 * words:]  # (B, 2 * words): the answer's last positions
     mode = "after" if arm == "lavender-after" else "per-layer"
     args = train.build_parser().parse_args(["--loss", "ar" if arm == "ar" else "lavender", "--aligner-mode", mode,
                                             "--no-recompute-aligner" if arm == "lavender-no-recompute" else "--recompute-aligner"])
     model = train.apply_peft(model, args).train()
     labels = batch["input_ids"].clone()
-    labels[:, :-33] = -100  # (1, 256)
-    batch = {**batch, "labels": labels, "image_sizes": torch.tensor([[200, 200]])}
+    labels[:, :-33] = -100  # (B, 256)
+    side = tile if tiles == 1 else tile * 200 // 112  # the original image: 200 px on the 2x2 canvas of 112 px tiles
+    batch = {**batch, "labels": labels, "image_sizes": torch.tensor([[side, side]] * batch_size)}
     capture, aligner, layers = None, None, aggregate.aligned_layers(model)
     if arm != "ar":
         aggregate.add_parallel_projections(model, layers)
-        aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", args.aligner_mode, 32))
+        aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", args.aligner_mode, 32)).to(device)
         capture = aggregate.AttentionCapture(model, layers, learned=True)
-    plan = dict(rows=rows, row_word=torch.arange(rows.shape[1])[None] // 2, dm_index=torch.arange(words)[None])
+    train.trainable_in_float32(model)
+    row_word = (torch.arange(rows.shape[1]) // 2).repeat(batch_size, 1)
+    plan = dict(rows=rows, row_word=row_word, dm_index=torch.arange(words).repeat(batch_size, 1))
     modules = train.trainable_modules(model, aligner)
     optimizer = torch.optim.AdamW([p for p in modules.parameters() if p.requires_grad], lr=1e-5)
+    dm_maps = [torch.rand(words, 32, 32) for _ in range(batch_size)]
 
     def step():
-        ce, att, _ = train.micro_batch_losses(args, model, aligner, capture, batch, plan, [torch.rand(words, 32, 32)], "cpu")
-        (ce / 33 + (args.lam * att if att is not None else 0)).backward()
+        ce, att, _ = train.micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, device)
+        (ce / (33 * batch_size) + (args.lam * att if att is not None else 0)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
-def aligner_alone_setup(words=16, layers=8, heads=32):
+def aligner_alone_setup(words=16, layers=8, heads=32, device="cpu"):
     """The default arm's Aligner work alone, on random maps of its shapes: `layers` calls on (words,
     heads, 32, 32), each under checkpoint (forward, recompute, backward; input gradients on, as the
     parallel projections need them). Returns (step function, GFLOP of its convolutions per step)."""
-    aligner = aligner_lib.Aligner("sim", heads)
-    maps = torch.rand(layers, words, heads, aggregate.MAP_SIZE, aggregate.MAP_SIZE, requires_grad=True)
+    aligner = aligner_lib.Aligner("sim", heads).to(device)
+    maps = torch.rand(layers, words, heads, aggregate.MAP_SIZE, aggregate.MAP_SIZE, device=device, requires_grad=True)
 
     def step():
         out = [torch.utils.checkpoint.checkpoint(aligner, x, use_reentrant=False) for x in maps.unbind(0)]
@@ -269,17 +281,64 @@ def bench_train(reps=7, words=16, width=16):
     med_wall = {arm: sorted(t[1:])[reps // 2] for arm, t in wall.items()}
     mem = {arm: child_peak_rss(["train", "--memory-arm", arm, "--words", str(words), "--width", str(width)])
            for arm in STEP_ARMS}
-    print(f"aligner-alone         step {med['aligner-alone']:.3f} s CPU = {med['aligner-alone'] / med['ar']:.3f} of the "
-          f"ar step ({aligner_gflop:.1f} GFLOP of convolutions, {aligner_gflop / med['aligner-alone']:.0f} GFLOP/s): "
-          f"the default arm's Aligner work, a floor under its time ratio of 1 + that")
     for arm, m in mem.items():
         print(f"{arm:21s} step {med[arm]:.3f} s CPU, {med_wall[arm]:.3f} s wall (medians of {reps}); peak RSS "
               f"{m['peak_kb'] / 1024:.0f} MiB, {(m['peak_kb'] - m['base_kb']) / 1024:.0f} MiB over the loaded model")
-    ratio = lambda arm: (f"step time {med[arm] / med['ar']:.3f} (wall {med_wall[arm] / med_wall['ar']:.3f}), "
-                         f"peak memory {mem[arm]['peak_kb'] / mem['ar']['peak_kb']:.3f}")
+    print_step_ratios(med, {arm: m["peak_kb"] for arm, m in mem.items()}, aligner_gflop,
+                      f"{words} words, 1/{width} width", med_wall)
+
+
+def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, device="cuda", dtype="bfloat16"):
+    """The same arms one at a time on a GPU (a full-size model per arm fills it; a GPU of its own
+    needs no interleaving): build, one warm-up step, `reps` timed steps (synchronised wall clock,
+    median), then the peak of torch.cuda.max_memory_allocated over one more step. With width=1,
+    tile=560, tiles=1, bf16: Llama-3.2-11B-Vision's geometry, random weights. On a CPU device
+    (a check of this code path only) the memory is the process's peak RSS."""
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    geometry = dict(words=words, width=width, tiles=tiles, tile=tile, device=device, dtype=getattr(torch, dtype),
+                    batch_size=batch_size)
+    med, peak = {}, {}
+    for arm in tqdm((*STEP_ARMS, "aligner-alone"), desc="arms"):
+        if arm == "aligner-alone":
+            step, aligner_gflop = aligner_alone_setup(words * batch_size, device=device)
+        else:
+            step = step_setup(arm, **geometry)
+        step()  # warm-up
+        sync()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        med[arm] = sorted(times)[reps // 2]
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            sync()
+            peak[arm] = torch.cuda.max_memory_allocated() / 1024  # kB, as peak RSS is
+        else:
+            peak[arm] = peak_rss(step)["peak_kb"]
+        del step
+        if cuda:
+            torch.cuda.empty_cache()
+        print(f"{arm:21s} step {med[arm]:.4f} s (median of {reps}); peak {peak[arm] / 2 ** 20:.2f} GiB")
+    print_step_ratios(med, peak, aligner_gflop, f"{words} words, batch {batch_size}, 1/{width} width, {tiles} tile(s) "
+                      f"of {tile} px, {dtype}, {torch.cuda.get_device_name() if cuda else device}")
+
+
+def print_step_ratios(med, peak_kb, aligner_gflop, label, med_wall=None):
+    """The train benchmark's summary; the last line carries the issue's two ratios."""
+    print(f"aligner-alone         step {med['aligner-alone']:.3f} s = {med['aligner-alone'] / med['ar']:.3f} of the "
+          f"ar step ({aligner_gflop:.1f} GFLOP of convolutions, {aligner_gflop / med['aligner-alone']:.0f} GFLOP/s): "
+          f"the default arm's Aligner work, a floor under its time ratio of 1 + that")
+    wall = lambda arm: f" (wall {med_wall[arm] / med_wall['ar']:.3f})" if med_wall else ""  # noqa: E731
+    ratio = lambda arm: (f"step time {med[arm] / med['ar']:.3f}{wall(arm)}, "  # noqa: E731
+                         f"peak memory {peak_kb[arm] / peak_kb['ar']:.3f}")
     print(f"lavender-after/ar: {ratio('lavender-after')}")
     print(f"lavender-no-recompute/ar: {ratio('lavender-no-recompute')}")
-    print(f"ratios lavender/ar (default: per-layer Aligner, recomputed; {words} words, 1/{width} width): {ratio('lavender')}; "
+    print(f"ratios lavender/ar (default: per-layer Aligner, recomputed; {label}): {ratio('lavender')}; "
           f"targets <= 1.15, <= 1.10")
 
 
@@ -302,7 +361,19 @@ def main(argv=None):
     t.add_argument("--width", type=int, default=16, choices=(16, 8, 4),
                    help="the model is llama32 at 1/N width (16: the issue's geometry; 8, 4: wider, slower)")
     t.add_argument("--memory-arm", choices=STEP_ARMS, help="internal: one arm's peak memory in this process")
+    g = sub.add_parser("train-gpu", help="the train benchmark one arm at a time on a GPU, default Llama-3.2-11B's geometry")
+    g.add_argument("--reps", type=int, default=7, help="timed steps per arm (median reported)")
+    g.add_argument("--words", type=int, default=16, help="aligned two-token words per item (1-16)")
+    g.add_argument("--width", type=int, default=1, choices=(1, 2, 4, 8, 16), help="llama32 at 1/N width (1: full size)")
+    g.add_argument("--tiles", type=int, default=1, choices=(1, 4), help="image tiles: 1 (1x1) or 4 (2x2)")
+    g.add_argument("--tile", type=int, default=560, help="tile size in pixels (llama32: 560)")
+    g.add_argument("--batch-size", type=int, default=1, help="samples per step")
+    g.add_argument("--device", default="cuda", help="cuda (or cpu, to check this code path on a small --width)")
+    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="frozen weights' dtype")
     args = p.parse_args(argv)
+    if args.which == "train-gpu":
+        return bench_train_gpu(args.reps, args.words, args.width, args.tiles, args.tile, args.batch_size, args.device,
+                               args.dtype)
     if args.which == "extract":
         return bench_extract(args.res, args.inversion_steps, args.denoise_steps, args.repeats)
     if args.which == "aggregate" and args.memory_arm:

@@ -252,11 +252,7 @@ def build(args, device, mesh):
             channels = aligner_lib.aligner_channels(args.aggregate, args.aligner_mode, heads)
             aligner = aligner_lib.Aligner(args.aligner, channels, norm=args.aligner_norm)
         capture = aggregate.AttentionCapture(model, layers, learned=args.aggregate == "learn")
-    # trainable parameters in fp32 (master weights), frozen ones stay in the load dtype: FSDP2 needs
-    # one dtype per unit among trainable parameters (LoRA and copied projections could differ)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    trainable_in_float32(model)
     if args.activation_checkpointing:  # recompute each layer in backward; non-reentrant works with FSDP2
         if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -277,6 +273,14 @@ def vlm_loss_sum(logits, labels):
     that micro-batches and ranks can be weighted by their token counts. Token t predicts t+1."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
                            reduction="sum")
+
+
+def trainable_in_float32(model):
+    """Trainable parameters in fp32 (master weights); frozen ones stay in the load dtype. FSDP2 needs
+    one dtype per unit among trainable parameters (LoRA and copied projections could differ)."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
 
 
 def micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, device):

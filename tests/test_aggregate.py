@@ -297,6 +297,27 @@ def test_gradients_reach_aligner_lora_and_parallel_projections():
         assert attn.lavender_k_proj.weight.grad.abs().sum() > 0
 
 
+def test_learned_capture_with_bf16_frozen_weights_and_fp32_projections():
+    """One GPU without FSDP (python train.py on a GPU): frozen weights in bf16, trained ones (LoRA,
+    parallel projections) in fp32, as train.build sets them up; the learned capture must take the
+    bf16 hidden states into its fp32 projections, and the loss reach them. On the CPU here."""
+    model, processor = train.tiny_vlm()
+    model = get_peft_model(model.to(torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    layers = ag.aligned_layers(model)
+    ag.add_parallel_projections(model, layers, init="copy")
+    train.trainable_in_float32(model)
+    attn = ag.cross_attention(model, layers[0])
+    assert attn.lavender_q_proj.weight.dtype == torch.float32 and attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    batch = make_batch(processor, [(Image.new("RGB", (56, 56), (200, 10, 10)), "what colour is the circle?", "a red circle")])
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    with ag.AttentionCapture(model, layers, learned=True) as capture:
+        _, loss_att, maps = _att_loss(model, processor, batch, capture, "learn", None, "per-layer")
+        assert torch.isfinite(maps).all()
+        loss_att.backward()
+    assert attn.lavender_q_proj.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("learned", [False, True])
 def test_gradient_checkpointing_gives_the_same_maps_and_gradients(learned):
     grads, maps = [], []

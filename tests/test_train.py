@@ -219,6 +219,8 @@ def test_bench_train_arms_step_and_count_the_aligner_flops():
     import bench
     for arm in ("ar", "lavender"):
         bench.step_setup(arm, words=1)()
+    # the train-gpu geometry's code path (one tile, a batch, bf16 frozen weights), on the CPU
+    bench.step_setup("lavender", words=1, tiles=1, tile=56, dtype=torch.bfloat16, batch_size=2)()
     step, gflop = bench.aligner_alone_setup(words=1, layers=1, heads=1)
     step()
     per_pass = 2 * 1024 * (32 * 1 * 9 + 32 * 32 * 9 + 1 * 32 * 1)  # 2·h·w·C_out·C_in·k² per conv
