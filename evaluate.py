@@ -535,7 +535,7 @@ def evaluate_ranks(args, rank, world, device):
             model, processor = train.load_vlm(args.model, args.model_path, dtype=getattr(torch, args.dtype))
             lavender = None
         else:  # a LoRA or full run, loaded whole on this one process (also one trained under FSDP)
-            model, processor, lavender, config = train.load_run(run_dir, device=device)
+            model, processor, lavender, config = train.load_run(run_dir, device=device, dtype=getattr(torch, args.dtype))
             if args.model and config.get("model") != args.model:
                 raise SystemExit(f"--run-dir {run_dir} was trained from --model {config.get('model')}, not {args.model}")
         settings = capture_settings(lavender, model, args) if dm_store else None
@@ -599,7 +599,8 @@ def build_parser():
     p.add_argument("--layers", default="all", choices=LAYER_SUBSETS, help="base model only: cross-attention layers read")
     p.add_argument("--match", default="exact", choices=["exact", "root"], help="base model only: VLM-to-DM word matching")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base model dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the VLM's dtype, base model and runs (bfloat16 on a GPU halves the memory)")
     # output
     p.add_argument("--out", required=True, help="output directory (report.json, report.md, PNGs, predictions)")
     p.add_argument("--figures", type=int, default=4, help="items drawn as overlay grids (Fig. 8/17)")

@@ -397,21 +397,22 @@ def save_outputs(args, out, model, aligner, processor, rank):
         save_file({k: v.contiguous() for k, v in lavender.items()}, Path(out) / "lavender.safetensors")
 
 
-def load_run(run_dir, device="cpu"):
+def load_run(run_dir, device="cpu", dtype=torch.float32):
     """(model, processor, lavender, config) of a finished run, on one process, in eval mode.
 
     The base preset comes from config.json; LoRA runs load adapter/ exactly as the authors' README
-    does (PeftModel.from_pretrained(base_model, adapter)), full runs load model/. lavender =
+    does (PeftModel.from_pretrained(base_model, adapter)), full runs load model/; the VLM in `dtype`
+    (bf16 halves the memory: an 11B model then fits a 24 GB GPU), the Aligner in fp32. lavender =
     dict(aligner=nn.Module or None, layers=, aggregation=, aligner_mode=, match=, learned=).
     """
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     if config["peft"] == "lora":
         from peft import PeftModel
-        base, processor = load_vlm(config["model"], config["model_path"])
+        base, processor = load_vlm(config["model"], config["model_path"], dtype=dtype)
         model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     else:
-        model, processor = load_vlm(config["model"], str(run_dir / "model"))
+        model, processor = load_vlm(config["model"], str(run_dir / "model"), dtype=dtype)
     lavender = dict(aligner=None, layers=config.get("aligned_layers", []), aggregation=config["aggregate"],
                     aligner_mode=config["aligner_mode"], match=config["match"],
                     learned=config["loss"] == "lavender" and config["aggregate"] == "learn")

@@ -260,6 +260,24 @@ def test_two_ranks_write_the_one_process_report(two_runs, tmp_path):
     assert E.build_parser().parse_args(["--data", "d", "--out", "o", "--run", "x"]).run == ["x"]  # the short alias
 
 
+def test_runs_evaluate_in_bfloat16(two_runs, tmp_path):
+    """--dtype bfloat16 loads the runs' VLMs in bf16 too (LoRA adapter, parallel projections; the
+    Aligner stays fp32): the same words are matched and the maps stay close to fp32's."""
+    root, data, (ar, lavender) = two_runs
+    flags = ["--model", "tiny", "--run-dir", ar, "--run-dir", lavender, "--data", data, "--attn", str(root / "attn"),
+             "--max-new-tokens", "2", "--figures", "0", "--quiet"]
+    fp32 = E.evaluate(E.build_parser().parse_args([*flags, "--out", str(tmp_path / "fp32")]))
+    bf16 = E.evaluate(E.build_parser().parse_args([*flags, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]))
+    for a, b in zip(fp32["runs"], bf16["runs"]):
+        assert a["matched_words"] == b["matched_words"] > 0
+        assert b["alignment_mse"]["mean"] == pytest.approx(a["alignment_mse"]["mean"], abs=0.01)
+    import train
+    model, _, lavender_settings, _ = train.load_run(lavender, dtype=torch.bfloat16)
+    attn = next(m for m in model.modules() if hasattr(m, "lavender_q_proj"))
+    assert attn.lavender_q_proj.weight.dtype == torch.bfloat16
+    assert next(lavender_settings["aligner"].parameters()).dtype == torch.float32
+
+
 def test_own_maps_as_targets_give_zero_mse_and_full_pointing(tmp_path, tiny_dataset):
     """Write the base model's own answer maps as the 'DM' store and a 1-pixel box at each map's argmax:
     the alignment MSE must be ~0 (float16 storage) and pointing 100%, which checks that words, maps,
