@@ -14,6 +14,7 @@ came from: BENCHMARKS.md.
     python bench.py train-gpu --batch-size 2    # one GPU: Llama-3.2-11B geometry (random bf16 weights, one 560 px tile)
 """
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -321,6 +322,7 @@ def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, 
         else:
             peak[arm] = peak_rss(step)["peak_kb"]
         del step
+        gc.collect()  # the capture's hooks and the model reference each other: free the arm's model now
         if cuda:
             torch.cuda.empty_cache()
         print(f"{arm:21s} step {med[arm]:.4f} s (median of {reps}); peak {peak[arm] / 2 ** 20:.2f} GiB")
