@@ -28,6 +28,7 @@ own GPU and evaluates every world-th item; rank 0 gathers the per-item results a
 report as one process would.
 """
 import argparse
+import gc
 import json
 import math
 import re
@@ -543,7 +544,8 @@ def evaluate_ranks(args, rank, world, device):
                                                 {it["id"] for it in drawn}, rank, world, device)
         report["run_dir"] = run_dir
         runs.append(report)
-        del model   # one model in memory at a time
+        del model   # one model in memory at a time (gc: PEFT wrappers and hooks can hold it in reference cycles)
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
