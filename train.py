@@ -237,8 +237,10 @@ def apply_peft(model, args):
 
 def build(args, device, mesh):
     """Model, processor, aligner, capture and aligned layers, in the order the set-up needs."""
-    frozen_bf16 = device.type == "cuda" and args.peft == "lora"  # frozen base weights: bf16 on GPU
-    model, processor = load_vlm(args.model, args.model_path, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
+    frozen = args.frozen_dtype  # the frozen base weights' dtype; auto: bf16 on a GPU with LoRA, else fp32
+    if frozen == "auto":
+        frozen = "bfloat16" if device.type == "cuda" and args.peft == "lora" else "float32"
+    model, processor = load_vlm(args.model, args.model_path, dtype=getattr(torch, frozen))
     model = apply_peft(model, args)
     aligner, capture, layers = None, None, []
     if args.loss == "lavender":
@@ -605,6 +607,8 @@ def build_parser():
     add("--lora-r", type=int, default=8, help="LoRA rank")
     add("--lora-alpha", type=int, default=32, help="LoRA alpha")
     add("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    add("--frozen-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+        help="dtype of the frozen base weights (LoRA); auto: bfloat16 on a GPU, float32 on a CPU. Trained ones stay float32")
     add("--epochs", type=int, default=3, help="epochs (unless --max-steps)")
     add("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     add("--batch-size", type=int, default=4, help="items per rank per micro-batch")

@@ -5,6 +5,7 @@ Needs nothing downloaded (the `tiny` preset, conftest's tiny dataset). Two tests
 Run: python -m pytest -q tests/test_train.py
 """
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -116,6 +117,18 @@ def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
     with torch.no_grad():
         assert torch.equal(model(**train.model_inputs(batch)).logits, ref.eval()(**train.model_inputs(batch)).logits)
     assert lavender["aligner"] is not None and config["world"] == 2 and config["items_without_attention"] == 1
+
+
+def test_bf16_frozen_weights_on_one_process(tmp_path, tiny_dataset):
+    """The one-GPU path without torchrun (frozen weights bf16, LoRA, parallel projections and Aligner
+    fp32, no FSDP to cast them), on the CPU: Lavender trains with finite losses that fall on a fixed
+    batch, and the run reloads with its adapter and projections."""
+    _, log = run(tiny_dataset, tmp_path / "bf16", "--frozen-dtype", "bfloat16", "--batch-size", "6", "--max-steps", "4",
+                 "--lr", "3e-3", "--lora-dropout", "0")
+    assert all(math.isfinite(r["loss"]) for r in log) and log[-1]["loss_att"] < log[0]["loss_att"]
+    model, _, lavender, config = train.load_run(tmp_path / "bf16")
+    assert config["frozen_dtype"] == "bfloat16" and lavender["aligner"] is not None
+    assert any("lavender_q_proj" in n for n, _ in model.named_parameters())
 
 
 def test_resume_reaches_the_uninterrupted_loss(tmp_path, tiny_dataset):
