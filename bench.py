@@ -1,25 +1,32 @@
-"""Benchmarks: what Lavender's extra work costs, as ratios measured in one run (CPU, random weights).
+"""Benchmarks: what Lavender's extra work costs, and how it compares with its peers, as ratios
+measured in one run (CPU, random weights); and one command for a lent GPU.
 
-Each benchmark times an arm that does the extra work against one that does not, on the same
-process and the same inputs, arms interleaved, and prints the ratio as its last line. Time is the
-process's CPU time (time.process_time) with one thread: on a machine shared with other jobs the
-wall clock swings by 2x between identical steps, one thread's CPU time much less. Peak memory is
-the peak resident set (VmHWM) of a fresh child process per arm. Results, with the machine they
-came from: BENCHMARKS.md.
+Each CPU benchmark times the arms (one doing the extra work, one not, and a peer doing the same
+work its way) in one process on the same inputs, arms interleaved, and prints the ratios, the
+target's last. Time is the process's CPU time (time.process_time) with one thread: on a machine
+shared with other jobs the wall clock swings by 2x between identical steps, one thread's CPU time
+much less. Peak memory is the peak resident set (VmHWM) of a fresh child process per arm. The
+peers: Prompt-to-Prompt's attention store for extract.py, the authors' release (eager attention,
+output_attentions) for aggregate.py. Results, with the machine they came from: BENCHMARKS.md.
 
-    OMP_NUM_THREADS=1 python bench.py extract   # extract.py: SD capture overhead, SD-v1.4 geometry, 256 px (target <= 1.15)
-    python bench.py aggregate                   # aggregate.py: VLM capture, forward time and peak memory (<= 1.10 each)
+    OMP_NUM_THREADS=1 python bench.py extract   # extract.py vs plain SDPA vs Prompt-to-Prompt, SD-v1.4 geometry, 256 px
+    OMP_NUM_THREADS=1 python bench.py extract --res 512 --repeats 1   # SD-v1.4's own 512 px
+    python bench.py aggregate                   # aggregate.py vs plain vs the release's eager attention
     python bench.py train                       # train.py: Lavender step vs autoregressive step (<= 1.15, <= 1.10)
     python bench.py train --words 4 --width 8   #   fewer aligned words; a model twice as wide
     python bench.py train-gpu --batch-size 2    # one GPU: Llama-3.2-11B geometry (random bf16 weights, one 560 px tile)
+    python bench.py gpu                         # one GPU, under 8 minutes: every GPU figure, one table (bench_gpu.md)
+    python bench.py gpu --smoke                 # the same parts at tiny sizes on the CPU (about a minute)
 """
 import argparse
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -32,15 +39,18 @@ import extract
 import train
 
 
-def peak_rss(step):
-    """Run step() twice in this process; return the peak resident memory of the second run (kB) and
-    the resident memory before it. The first run is a warm-up (allocator, lazy inits, AdamW state)."""
-    step()
+def peak_rss(step, warm_up=True):
+    """Run step() twice in this process (once if warm_up=False: a caller that has warmed it up);
+    return the peak resident memory of the last run (kB), the resident memory before it and before
+    the first. The first run is a warm-up (allocator, lazy inits, AdamW state, a store's first maps)."""
     status = lambda key: next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+    loaded = status("VmRSS:")
+    if warm_up:
+        step()
     open("/proc/self/clear_refs", "w").write("5")  # Linux: reset the peak RSS to the current RSS
     base = status("VmRSS:")
     step()
-    return {"base_kb": base, "peak_kb": status("VmHWM:")}
+    return {"loaded_kb": loaded, "base_kb": base, "peak_kb": status("VmHWM:")}
 
 
 def child_peak_rss(args):
@@ -56,51 +66,165 @@ def child_peak_rss(args):
     return json.loads(out.splitlines()[-1])
 
 
-# ---- extract.py: SD cross-attention capture at SD-v1.4 geometry ----
+# ---- the peer: Prompt-to-Prompt's attention store (DAAM is close to ours) ----
+# Prompt-to-Prompt (Hertz et al. 2022; https://github.com/google/prompt-to-prompt, ptp_utils.py
+# register_attention_control and AttentionStore in prompt-to-prompt_stable.ipynb) replaces the forward
+# of EVERY attention module of the UNet, self-attention (attn1) and cross-attention (attn2), with
+# explicit attention: Q, K, V split into heads, softmax(QK^T * scale) materialised (diffusers'
+# get_attention_scores), handed to a controller, then multiplied by V. Its AttentionStore keeps a map
+# only if it has at most 32x32 queries ("avoid memory overhead"), all heads and both kinds, in a
+# per-step list; when the last layer of a step has run, the step's maps are added into running sums
+# (the first step's tensors become the sums), and the average is the sums over the step count. So
+# every attention layer pays for an explicit softmax, and the maps are kept per head, per layer.
+# DAAM (https://github.com/castorini/daam, trace.py) hooks attn2 only, as extract.py does, but keeps
+# per-head running sums of every cross-attention map. This is our own code written after that
+# description; with guidance 1 (no unconditional half) both arms run the same UNet calls.
 
-def bench_extract(res=256, inversion_steps=5, denoise_steps=10, repeats=3, columns=77):
-    """Time inversion + denoising with capture vs the same UNet calls without; returns the ratio.
+class StoreAttention:
+    """A diffusers attention processor for every attention module: the same output as SDPA,
+    computed with an explicit softmax whose probabilities (B * heads, queries, keys) go to the store."""
 
-    Only UNet calls are timed (VAE and text encoder would only dilute the ratio). SD-v1.4's UNet
-    geometry (320/640/1280/1280, 768-d context, 8 heads), random weights; columns=77 captures every
-    context position (the worst case). Each step runs the UNet twice on the same input, plain and
-    capturing, in alternating order (outputs are equal: see tests).
-    """
+    def __init__(self, store, name):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))                  # (B * H, N, d)
+        k, v = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(q, k, attention_mask)               # (B * H, N, T), explicit
+        p2p_keep(self.store, self.name, probs)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))                     # (B, N, H * d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def p2p_store(n_layers):
+    """The attention store: this step's kept maps, the sums over finished steps, the step count."""
+    return {"layers": n_layers, "calls": 0, "steps": 0, "step": {}, "sum": {}}
+
+
+def p2p_keep(store, name, probs):
+    """AttentionStore.forward and between_steps: keep maps of at most 32x32 queries; fold the step's
+    maps into the sums after the step's last attention layer."""
+    if probs.shape[1] <= 32 ** 2:
+        store["step"][name] = probs                                           # (B * H, N, T) all heads
+    store["calls"] += 1
+    if store["calls"] % store["layers"] == 0:                                 # one UNet call done
+        for key, m in store["step"].items():
+            store["sum"][key] = store["sum"][key].add_(m) if key in store["sum"] else m
+        store["step"], store["steps"] = {}, store["steps"] + 1
+
+
+def p2p_processors(processors, store):
+    """processors (name -> processor) with EVERY attention module replaced by a StoreAttention."""
+    return {name: StoreAttention(store, name) for name in processors}
+
+
+def p2p_average(store):
+    """AttentionStore.get_average_attention: each kept map's sum over the step count."""
+    return {key: m / store["steps"] for key, m in store["sum"].items()}
+
+
+# ---- extract.py: SD cross-attention capture at SD-v1.4 geometry, three arms ----
+
+EXTRACT_ARMS = ("plain", "ours", "p2p")  # SDPA, no capture; extract.py's capture; Prompt-to-Prompt's
+
+
+def sd14_unet(device="cpu", dtype=torch.float32):
+    """SD-v1.4's UNet geometry (320/640/1280/1280, 768-d context, 8 heads, 860M parameters), random
+    weights, built on `device`."""
     from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # sd14 geometry
-    unet.eval().requires_grad_(False)
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    if dtype != torch.float32:  # (diffusers warns on any dtype .to(), even a no-op one)
+        unet.to(dtype)
+    return unet.eval().requires_grad_(False)
+
+
+def arm_processors(arm, plain, grid, columns=77):
+    """(processors, store) of an extract arm; plain: the UNet's own (SDPA) processors."""
+    if arm == "plain":
+        return dict(plain), None
+    if arm == "ours":
+        store = extract.new_store(grid, columns)
+        return extract.capture_processors(plain, store), store
+    store = p2p_store(len(plain))
+    return p2p_processors(plain, store), store
+
+
+def finish(arm, store):
+    """What each arm hands on after its last step: its mean map(s) (part of its cost)."""
+    if arm == "ours":
+        return store["sum"] / store["count"]
+    return p2p_average(store) if arm == "p2p" else None
+
+
+def bench_extract(res=256, inversion_steps=5, denoise_steps=10, repeats=3, columns=77):
+    """Time inversion + denoising in three arms on the same UNet and inputs; returns the ratios.
+
+    Only UNet calls are timed (VAE and text encoder would only dilute the ratios). SD-v1.4's UNet
+    geometry, random weights; columns=77 captures every context position (the worst case). Each step
+    runs the UNet three times on the same input, once per arm (plain, ours, p2p), in an order that
+    rotates from step to step; each arm keeps its own store over the steps of a pass.
+    """
+    unet = sd14_unet()
     inverse, forward = extract.ddim_grids(extract.sd_scheduler(), inversion_steps, denoise_steps)
     context = torch.randn(1, 77, 768)                                          # a CLIP text embedding's shape
     plain, n = dict(unet.attn_processors), inversion_steps + denoise_steps
-    seconds = {False: [], True: []}                                            # per UNet call
+    seconds = {arm: [] for arm in EXTRACT_ARMS}                                # per UNet call
     with torch.no_grad():
         unet(torch.randn(1, 4, res // 8, res // 8), 1, encoder_hidden_states=context)  # warm-up
-        for r in range(repeats):
+        for r in tqdm(range(repeats), desc=f"extract {res} px"):
             latents = torch.randn(1, 4, res // 8, res // 8, generator=torch.Generator().manual_seed(0))  # (1, 4, 32, 32)
-            store = extract.new_store(latents.shape[-2:], columns)
+            arms = {arm: arm_processors(arm, plain, latents.shape[-2:], columns) for arm in EXTRACT_ARMS}
             for i, t in enumerate(torch.cat([inverse.timesteps, forward.timesteps])):
-                for capture in ((False, True) if (r + i) % 2 == 0 else (True, False)):
-                    processors = extract.capture_processors(plain, store) if capture else dict(plain)
-                    unet.set_attn_processor(processors)  # (pops its argument)
+                k = (r + i) % len(EXTRACT_ARMS)
+                for arm in EXTRACT_ARMS[k:] + EXTRACT_ARMS[:k]:
+                    processors, store = arms[arm]
+                    unet.set_attn_processor(dict(processors))  # (pops its argument)
                     t0 = time.process_time()
                     eps = unet(latents, t, encoder_hidden_states=context).sample
-                    if capture and i == n - 1:
-                        store["sum"] / store["count"]                          # the mean map: capture's cost too
-                    seconds[capture].append(time.process_time() - t0)
+                    if i == n - 1:
+                        finish(arm, store)
+                    seconds[arm].append(time.process_time() - t0)
                 latents = (inverse if i < inversion_steps else forward).step(eps, t, latents).prev_sample
-    # two estimates: total time, and per call the best of the repeats (what a call costs when no
-    # other process interferes: timeit's rule); the last line is the second
-    total = {c: sum(s) for c, s in seconds.items()}
-    best = {c: sum(min(s[i::n]) for i in range(n)) for c, s in seconds.items()}
+            del arms
+    mem = {arm: child_peak_rss(["extract", "--memory-arm", arm, "--res", str(res)])
+           for arm in tqdm(EXTRACT_ARMS, desc="peak memory")}
+    # two time estimates: total, and per call the best of the repeats (what a call costs when no other
+    # process interferes: timeit's rule); the ratios printed last use the second
+    total = {arm: sum(s) for arm, s in seconds.items()}
+    best = {arm: sum(min(s[i::n]) for i in range(n)) for arm, s in seconds.items()}
     print(f"bench: SD-v1.4 geometry UNet (random), {res} px ({res // 8}x{res // 8} latents), {inversion_steps} inversion "
           f"+ {denoise_steps} denoise steps, x{repeats}, {torch.get_num_threads()} threads")
-    for capture, label in ((False, "without capture"), (True, "with capture   ")):
-        print(f"{label}: {total[capture]:.2f} CPU s in all, best of {repeats} per call {best[capture]:.2f} CPU s "
-              f"({best[capture] / n:.3f} per UNet call)")
-    print(f"capture overhead ratio, total time: {total[True] / total[False]:.3f}")
-    print(f"capture overhead ratio: {best[True] / best[False]:.3f}")
-    return best[True] / best[False]
+    for arm in EXTRACT_ARMS:
+        m = mem[arm]
+        print(f"{arm:5s}: {total[arm]:.2f} CPU s in all, best of {repeats} per call {best[arm]:.2f} CPU s "
+              f"({best[arm] / n:.3f} per UNet call); peak RSS {m['peak_kb'] / 2 ** 20:.2f} GiB, "
+              f"{(m['peak_kb'] - m['loaded_kb']) / 1024:.0f} MiB over the loaded UNet")
+    print(f"ratios, total time: ours/plain {total['ours'] / total['plain']:.3f}, p2p/ours {total['p2p'] / total['ours']:.3f}")
+    ratio = {key: (best[a] / best[b], mem[a]["peak_kb"] / mem[b]["peak_kb"])
+             for key, a, b in (("ours/plain", "ours", "plain"), ("p2p/ours", "p2p", "ours"))}
+    print("ratios (time best-of, peak memory): " + "; ".join(f"{k} {t:.3f}, {m:.3f}" for k, (t, m) in ratio.items()))
+    return ratio
+
+
+def extract_memory(arm, res, columns=77):
+    """peak_rss of one UNet call of an arm whose store has already seen one call (the steady state:
+    the store's sums and the call's own maps both alive)."""
+    torch.set_num_threads(1)
+    unet = sd14_unet()
+    latents, context = torch.randn(1, 4, res // 8, res // 8), torch.randn(1, 77, 768)
+    processors, store = arm_processors(arm, dict(unet.attn_processors), latents.shape[-2:], columns)
+    unet.set_attn_processor(processors)
+    with torch.no_grad():
+        return peak_rss(lambda: unet(latents, 501, encoder_hidden_states=context))
 
 
 # ---- the VLM: llama32's proportions, scaled down ----
@@ -151,31 +275,53 @@ def bench_model(tile_size=112, width=16, tiles=4, device="cpu", dtype=torch.floa
     return model, batch, rows
 
 
-# ---- aggregate.py: VLM attention capture, one forward ----
+# ---- aggregate.py: VLM attention capture, one forward, against the release's eager attention ----
 
-CAPTURE_ARMS = ("plain", "capture", "learn")
+CAPTURE_ARMS = ("plain", "capture", "learn", "eager")
+
+
+def release_attention(model, batch, rows):
+    """The authors' release's way (AstraZeneca/vlm): the model in eager attention, as
+    from_pretrained(..., attn_implementation="eager") gives it (every attention, the vision encoder's
+    too), and output_attentions=True, so every layer's full (heads, T, keys) softmax is materialised
+    and returned; the aligned rows are then read from the cross-attention layers' maps.
+    Returns (logits, probs (B, L, H, R, N)): the same probabilities AttentionCapture makes."""
+    model.set_attn_implementation("eager")
+    try:
+        out = model(**batch, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")                                 # bench_model's own
+    attentions = [out.attentions[layer] for layer in aggregate.aligned_layers(model)]  # (B, H, T, N) each
+    probs = torch.stack(attentions, dim=1)                                    # (B, L, H, T, N)
+    B, L, H, _, N = probs.shape
+    rows = rows.to(probs.device)[:, None, None, :, None].expand(B, L, H, rows.shape[1], N)
+    return out.logits, probs.gather(3, rows)                                  # (B, L, H, R, N)
 
 
 def capture_forward(model, batch, rows, arm):
     """One forward with autograd on (as in training), returning a scalar built from what the arm made."""
     if arm == "plain":
         return model(**batch).logits.float().mean()
+    if arm == "eager":
+        logits, probs = release_attention(model, batch, rows)
+        return logits.float().mean() + probs.float().mean()
     with aggregate.AttentionCapture(model, aggregate.aligned_layers(model), learned=arm == "learn") as capture:
         capture.set_rows(rows)
         logits = model(**batch).logits
         return logits.float().mean() + capture.probs.mean()
 
 
-def capture_setup(projections=True):
+def capture_setup(projections=True, **geometry):
     """The benchmark's model, with parallel projections (unused by the other arms) when asked."""
-    model, batch, rows = bench_model()
+    model, batch, rows = bench_model(**geometry)
     if projections:
         aggregate.add_parallel_projections(model, aggregate.aligned_layers(model))
     return model, batch, rows
 
 
 def bench_aggregate(reps=7):
-    """Capture overhead: forward time (median of reps) and peak memory. Ratios are capture / plain."""
+    """Forward time (one thread, arms interleaved, median of reps) and peak memory (a fresh process per
+    arm) of plain, capture (ours), learn (ours, eq. 15-16) and eager (the release's way)."""
     torch.set_num_threads(1)
     model, batch, rows = capture_setup()
     times = {arm: [] for arm in CAPTURE_ARMS}
@@ -184,6 +330,9 @@ def bench_aggregate(reps=7):
             t0 = time.process_time()
             capture_forward(model, batch, rows, arm)
             times[arm].append(time.process_time() - t0)
+        # the forward after eager's runs ~0.1 s slower (its freed memory is faulted in again): an
+        # untimed one takes that, so the next plain is not charged for it (nor is eager: conservative)
+        capture_forward(model, batch, rows, "plain")
     med = {arm: sorted(v[1:])[len(v[1:]) // 2] for arm, v in times.items()}  # first rep is warm-up
     best = {arm: min(v[1:]) for arm, v in times.items()}  # minima: robust to other jobs' load
     mem = {arm: child_peak_rss(["aggregate", "--memory-arm", arm]) for arm in tqdm(CAPTURE_ARMS, desc="peak memory")}
@@ -192,12 +341,11 @@ def bench_aggregate(reps=7):
         print(f"{arm:8s} forward {med[arm]:.3f} s CPU (median of {reps}, min {best[arm]:.3f}); peak RSS {m['peak_kb'] / 1024:.0f} MiB, "
               f"forward's increment over the loaded model {(m['peak_kb'] - m['base_kb']) / 1024:.0f} MiB")
     inc = {arm: mem[arm]["peak_kb"] - mem[arm]["base_kb"] for arm in CAPTURE_ARMS}
-    print("ratios (capture/plain, learn/plain): time median {:.3f} {:.3f}, min {:.3f} {:.3f}; peak memory {:.3f} "
-          "{:.3f}; forward's memory increment {:.3f} {:.3f}".format(
-              med["capture"] / med["plain"], med["learn"] / med["plain"], best["capture"] / best["plain"],
-              best["learn"] / best["plain"],
-              mem["capture"]["peak_kb"] / mem["plain"]["peak_kb"], mem["learn"]["peak_kb"] / mem["plain"]["peak_kb"],
-              inc["capture"] / inc["plain"], inc["learn"] / inc["plain"]))
+    ratio = lambda a, b: (f"{a}/{b}: time median {med[a] / med[b]:.3f}, min {best[a] / best[b]:.3f}; peak memory "  # noqa: E731
+                          f"{mem[a]['peak_kb'] / mem[b]['peak_kb']:.3f}; forward's increment {inc[a] / inc[b]:.3f}")
+    print(f"{ratio('learn', 'plain')}\n{ratio('eager', 'plain')}")
+    print(f"the release's way against ours, {ratio('eager', 'capture')}")
+    print(f"ratios {ratio('capture', 'plain')} (target <= 1.10)")
 
 
 # ---- train.py: a Lavender step vs an autoregressive step ----
@@ -289,18 +437,20 @@ def bench_train(reps=7, words=16, width=16):
                       f"{words} words, 1/{width} width", med_wall)
 
 
-def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, device="cuda", dtype="bfloat16"):
+def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, device="cuda", dtype="bfloat16",
+                    arms=(*STEP_ARMS, "aligner-alone")):
     """The same arms one at a time on a GPU (a full-size model per arm fills it; a GPU of its own
     needs no interleaving): build, one warm-up step, `reps` timed steps (synchronised wall clock,
     median), then the peak of torch.cuda.max_memory_allocated over one more step. With width=1,
     tile=560, tiles=1, bf16: Llama-3.2-11B-Vision's geometry, random weights. On a CPU device
-    (a check of this code path only) the memory is the process's peak RSS."""
+    (a check of this code path only) the memory is the process's peak RSS. Returns (median
+    seconds, peak kB, the Aligner's GFLOP a step), each arm's by name."""
     cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     geometry = dict(words=words, width=width, tiles=tiles, tile=tile, device=device, dtype=getattr(torch, dtype),
                     batch_size=batch_size)
-    med, peak = {}, {}
-    for arm in tqdm((*STEP_ARMS, "aligner-alone"), desc="arms"):
+    med, peak, aligner_gflop = {}, {}, None
+    for arm in tqdm(arms, desc="arms"):
         if arm == "aligner-alone":
             step, aligner_gflop = aligner_alone_setup(words * batch_size, device=device)
         else:
@@ -320,14 +470,13 @@ def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, 
             sync()
             peak[arm] = torch.cuda.max_memory_allocated() / 1024  # kB, as peak RSS is
         else:
-            peak[arm] = peak_rss(step)["peak_kb"]
+            peak[arm] = peak_rss(step, warm_up=False)["peak_kb"]
         del step
         gc.collect()  # the capture's hooks and the model reference each other: free the arm's model now
         if cuda:
             torch.cuda.empty_cache()
         print(f"{arm:21s} step {med[arm]:.4f} s (median of {reps}); peak {peak[arm] / 2 ** 20:.2f} GiB")
-    print_step_ratios(med, peak, aligner_gflop, f"{words} words, batch {batch_size}, 1/{width} width, {tiles} tile(s) "
-                      f"of {tile} px, {dtype}, {torch.cuda.get_device_name() if cuda else device}")
+    return med, peak, aligner_gflop
 
 
 def print_step_ratios(med, peak_kb, aligner_gflop, label, med_wall=None):
@@ -344,6 +493,230 @@ def print_step_ratios(med, peak_kb, aligner_gflop, label, med_wall=None):
           f"targets <= 1.15, <= 1.10")
 
 
+# ---- one GPU: every figure a CPU cannot give, one command (python bench.py gpu) ----
+# A lent GPU is there for minutes. Each part runs in a process of its own under its own timeout, so
+# a part that fails or hangs costs only its own minutes and its row says why; the rest go on. The
+# table is printed and written to --out. --smoke runs the very same parts at tiny sizes on the CPU
+# (the test suite does), so the command is known to work before a GPU is ever lent.
+
+GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "fsdp": 75}  # name: timeout (s); 7.5 min
+
+
+def measure(fn, device, reps):
+    """(median seconds of `reps` calls after a warm-up, peak GiB of one more call, GiB before it).
+    cuda: synchronised wall clock, torch.cuda.max_memory_allocated; cpu (smoke): wall clock, peak RSS."""
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if not cuda:
+        m = peak_rss(fn, warm_up=False)
+        return sorted(times)[reps // 2], m["peak_kb"] / 2 ** 20, m["base_kb"] / 2 ** 20
+    gc.collect()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync()
+    return sorted(times)[reps // 2], torch.cuda.max_memory_allocated() / 2 ** 30, base / 2 ** 30
+
+
+def row(part, arm, seconds, unit, peak_gib, ratio="", note=""):
+    return dict(part=part, arm=arm, time=f"{seconds:.4g} {unit}", memory=f"{peak_gib:.2f} GiB", ratio=ratio, note=note)
+
+
+def sd14_parts(device, dtype):
+    """An extract.py dm dict at SD-v1.4's geometry, random weights: UNet, VAE (128/256/512/512, 4
+    latent channels), CLIP ViT-L/14 text encoder (768 wide, 12 layers); tiny-sd's tokenizer (its ids
+    fit CLIP's vocabulary; the tokens do not matter to the timing)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+    with torch.device(device):
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12, max_position_embeddings=77, projection_dim=768))
+    if dtype != torch.float32:
+        vae.to(dtype), text.to(dtype)
+    return dict(unet=sd14_unet(device, dtype), vae=vae.eval(), text_encoder=text.eval(),
+                tokenizer=extract.tiny_sd()["tokenizer"], scheduler=extract.sd_scheduler())
+
+
+@torch.no_grad()
+def extraction(dm, images, texts, arm, steps):
+    """One batch through an arm: VAE and text encoder, inversion + denoising, the arm's mean maps.
+    ours is extract.dm_attention itself; the other arms repeat its encoding and swap the processors."""
+    if arm == "ours":
+        return extract.dm_attention(dm, images, texts, 77, *steps)
+    unet, vae = dm["unet"], dm["vae"]
+    latents = vae.encode(images.to(unet.device, unet.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+    ids = dm["tokenizer"](texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    context = dm["text_encoder"](ids.to(unet.device))[0].to(unet.dtype)      # (B, 77, 768)
+    plain = dict(unet.attn_processors)
+    processors, store = arm_processors(arm, plain, latents.shape[-2:])
+    unet.set_attn_processor(processors)
+    try:
+        extract.invert_and_denoise(unet, latents, context, *extract.ddim_grids(dm["scheduler"], *steps))
+    finally:
+        unet.set_attn_processor(plain)
+    return finish(arm, store)
+
+
+def part_extract(batch, smoke):
+    """Extraction seconds per image, 512 px, SD-v1.4 geometry in fp16, 5 + 10 steps: plain, ours, P2P."""
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.float16)
+    dm = extract.tiny_sd() if smoke else sd14_parts(device, dtype)           # tiny-sd: 32 px, 16x16 latents
+    res, steps, batch = (32, (1, 2), min(batch, 2)) if smoke else (512, (5, 10), batch)
+    images = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    texts = ["a red circle left of a blue square"] * batch
+    part, out = f"extract {res} px, {steps[0]} + {steps[1]} steps, batch {batch}", {}
+    for arm in EXTRACT_ARMS:
+        out[arm] = measure(lambda: extraction(dm, images, texts, arm, steps), device, 1 if smoke else 3)
+    about = {"plain": "plain: SDPA everywhere, no capture", "ours": "ours: attn2 rows captured, SDPA in attn1",
+             "p2p": "Prompt-to-Prompt: every layer explicit, AttentionStore"}
+    ratio = {"ours": f"{out['ours'][0] / out['plain'][0]:.3f} of plain", "p2p": f"{out['p2p'][0] / out['ours'][0]:.3f} of ours"}
+    note = {"ours": "paper: 20 s per image on a V100", "p2p": f"memory {out['p2p'][1] / out['ours'][1]:.3f} of ours"}
+    return [row(part, about[arm], out[arm][0] / batch, "s/image", out[arm][1], ratio.get(arm, ""), note.get(arm, ""))
+            for arm in EXTRACT_ARMS]
+
+
+def part_train(smoke):
+    """The Lavender vs AR step at Llama-3.2-11B geometry (random bf16 weights, one 560 px tile, 16 words)."""
+    geometry = dict(width=16, tile=56, device="cpu") if smoke else dict(width=1, tile=560, device="cuda")
+    words = 2 if smoke else 16
+    med, peak, _ = bench_train_gpu(reps=1 if smoke else 5, words=words, tiles=1, batch_size=1, dtype="bfloat16",
+                                   arms=("ar", "lavender"), **geometry)
+    part = f"train step, llama32 at 1/{geometry['width']} width, {geometry['tile']} px tile, batch 1, {words} words"
+    return [row(part, "ar", med["ar"], "s/step", peak["ar"] / 2 ** 20),
+            row(part, "lavender (learn, sim Aligner per layer, recomputed)", med["lavender"], "s/step",
+                peak["lavender"] / 2 ** 20, f"{med['lavender'] / med['ar']:.3f} of ar",
+                f"memory {peak['lavender'] / peak['ar']:.3f} of ar")]
+
+
+def part_aggregate(smoke):
+    """One forward (autograd on) at Llama-3.2-11B geometry: plain, our capture, the release's eager attention."""
+    device = "cpu" if smoke else "cuda"
+    model, batch, rows = bench_model(56 if smoke else 560, 16 if smoke else 1, 1, device, torch.bfloat16)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = {arm: measure(lambda: capture_forward(model, batch, rows, arm), device, 1 if smoke else 3)
+           for arm in ("plain", "capture", "eager")}
+    part = f"VLM forward, llama32 at 1/{16 if smoke else 1} width, one tile, 32 rows"
+    inc = {arm: out[arm][1] - out[arm][2] for arm in out}
+    note = lambda arm: f"forward's increment {inc[arm]:.2f} GiB"  # noqa: E731
+    return [row(part, "plain (SDPA, no capture)", out["plain"][0], "s", out["plain"][1], "", note("plain")),
+            row(part, "ours: AttentionCapture hooks", out["capture"][0], "s", out["capture"][1],
+                f"{out['capture'][0] / out['plain'][0]:.3f} of plain", note("capture")),
+            row(part, "the release: eager + output_attentions", out["eager"][0], "s", out["eager"][1],
+                f"{out['eager'][0] / out['capture'][0]:.3f} of ours", note("eager") + f", {inc['eager'] / inc['capture']:.2f}x ours")]
+
+
+def write_items(root, n=8):
+    """n items with images of four tile layouts, data.jsonl, and attention maps for every answer word."""
+    from PIL import Image
+    root, rng = Path(root), torch.Generator().manual_seed(0)
+    answers = ["a red circle left of a blue square", "two", "a circle", "yes"]
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(n):
+            w, h = [(56, 56), (112, 50), (50, 112), (100, 100)][i % 4]
+            pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=rng).numpy()
+            Image.fromarray(pixels).save(root / f"{i}.png")
+            answer = answers[i % len(answers)]
+            f.write(json.dumps(dict(id=f"item{i}", image=f"{i}.png", question="what is there?", answer=answer)) + "\n")
+            words = list(dict.fromkeys(answer.split()))
+            extract.save_maps(root / "attn" / f"item{i}.safetensors", torch.rand(len(words), 32, 32, generator=rng),
+                              words, {"text": answer})
+    return root / "data.jsonl"
+
+
+def part_fsdp(smoke):
+    """torchrun --nproc_per_node 1 train.py --model tiny: NCCL (gloo on a CPU) and FSDP2, Lavender loss."""
+    import resource
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        data, run = write_items(tmp), Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+               os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--model", "tiny",
+               "--data", str(data), "--out", str(run), "--max-steps", "2" if smoke else "5", "--batch-size", "2",
+               "--no-progress"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"torchrun exited {done.returncode}: {(done.stderr or done.stdout).strip()[-400:]}")
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        saved = sorted(p.name for p in run.iterdir())
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20  # kB -> GiB: the largest process
+    backend = "nccl" if torch.cuda.is_available() and not smoke else "gloo"  # as train.setup_distributed picks
+    steps = sorted(entry["seconds"] for entry in log)
+    return [dict(row("torchrun, 1 rank, FSDP2, tiny preset, lavender", f"{backend}", steps[len(steps) // 2],
+                     "s/step", rss), memory=f"{rss:.2f} GiB host RSS",
+                 note=f"{len(log)} steps, loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, "
+                      f"{log[-1]['aligned_words']} words aligned, {wall:.0f} s in all; wrote {', '.join(saved)}")]
+
+
+def run_part(name, smoke, timeout):
+    """One part in a fresh process (its own session: a timeout kills it and what it started)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "gpu-part", name] + (["--smoke"] if smoke else [])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if smoke else None  # CPU: RSS tracks live tensors
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return [dict(part=name, arm="TIMEOUT", note=f"no result within {timeout} s (GPU_PARTS in bench.py)")]
+    if proc.returncode != 0:
+        lines = [line for line in err.splitlines() if line.strip()] or ["(no output)"]
+        return [dict(part=name, arm="FAILED", note=f"exit {proc.returncode}: {lines[-1][-300:]}")]
+    return json.loads(out.splitlines()[-1])
+
+
+def bench_gpu(smoke=False, out=None, parts=tuple(GPU_PARTS)):
+    """Run the parts one after another; print the table and write it to `out`. Returns the rows."""
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu: no CUDA device here; `python bench.py gpu --smoke` runs the same parts "
+                         "at tiny sizes on the CPU")
+    rows, t0 = [], time.perf_counter()
+    for i, name in enumerate(parts):
+        t1 = time.perf_counter()
+        rows += run_part(name, smoke, GPU_PARTS[name])
+        print(f"[{i + 1}/{len(parts)}] {name}: {time.perf_counter() - t1:.0f} s", flush=True)
+    if smoke:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+        device = f"CPU {cpu} (--smoke: tiny sizes; the figures check the code, they measure nothing)"
+    else:
+        device = f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
+    table = [f"## python bench.py gpu{' --smoke' if smoke else ''}", "",
+             f"Device: {device}. torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; "
+             f"{time.perf_counter() - t0:.0f} s in all.", "",
+             "| part | arm | time | peak memory | ratio | note |", "|---|---|---|---|---|---|"]
+    table += ["| " + " | ".join(r.get(k, "") for k in ("part", "arm", "time", "memory", "ratio", "note")) + " |"
+              for r in rows]
+    text = "\n".join(table) + "\n"
+    print(text)
+    out = out or ("bench_gpu_smoke.md" if smoke else "bench_gpu.md")
+    Path(out).write_text(text)
+    print(f"written to {out}")
+    return rows
+
+
+def gpu_part(name, smoke):
+    """One part's rows (the JSON line run_part reads)."""
+    torch.manual_seed(0)
+    if smoke:
+        torch.set_num_threads(1)
+    if name.startswith("extract-b"):
+        return part_extract(int(name.removeprefix("extract-b")), smoke)
+    return {"train": part_train, "aggregate": part_aggregate, "fsdp": part_fsdp}[name](smoke)
+
+
 # ---- command line ----
 
 def main(argv=None):
@@ -354,6 +727,7 @@ def main(argv=None):
     e.add_argument("--repeats", type=int, default=3, help="passes over the steps; a call's time is its best pass")
     e.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps")
     e.add_argument("--denoise-steps", type=int, default=10, help="DDIM denoising steps")
+    e.add_argument("--memory-arm", choices=EXTRACT_ARMS, help="internal: one arm's peak memory in this process")
     a = sub.add_parser("aggregate", help="aggregate.py: VLM capture, forward time and peak memory")
     a.add_argument("--reps", type=int, default=7, help="timed forwards per arm (median reported)")
     a.add_argument("--memory-arm", choices=CAPTURE_ARMS, help="internal: one arm's peak memory in this process")
@@ -372,10 +746,30 @@ def main(argv=None):
     g.add_argument("--batch-size", type=int, default=1, help="samples per step")
     g.add_argument("--device", default="cuda", help="cuda (or cpu, to check this code path on a small --width)")
     g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="frozen weights' dtype")
+    u = sub.add_parser("gpu", help="everything that needs a GPU, one part per process, one table (under 8 min on an H100)")
+    u.add_argument("--smoke", action="store_true", help="the same parts at tiny sizes on the CPU (a check of the code)")
+    u.add_argument("--out", default=None, help="where the table goes (default bench_gpu.md, bench_gpu_smoke.md)")
+    u.add_argument("--parts", default=",".join(GPU_PARTS), help=f"comma-separated subset of {', '.join(GPU_PARTS)}")
+    q = sub.add_parser("gpu-part", help="internal: one part of `gpu`, its rows as a JSON line")
+    q.add_argument("name", choices=GPU_PARTS, help="the part")
+    q.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     args = p.parse_args(argv)
+    if args.which == "gpu":
+        unknown = set(args.parts.split(",")) - set(GPU_PARTS)
+        if unknown:
+            raise SystemExit(f"--parts {args.parts}: unknown {sorted(unknown)}; choose from {', '.join(GPU_PARTS)}")
+        return bench_gpu(args.smoke, args.out, args.parts.split(","))
+    if args.which == "gpu-part":
+        return print(json.dumps(gpu_part(args.name, args.smoke)))
     if args.which == "train-gpu":
-        return bench_train_gpu(args.reps, args.words, args.width, args.tiles, args.tile, args.batch_size, args.device,
-                               args.dtype)
+        med, peak, gflop = bench_train_gpu(args.reps, args.words, args.width, args.tiles, args.tile, args.batch_size,
+                                           args.device, args.dtype)
+        cuda = torch.device(args.device).type == "cuda"
+        return print_step_ratios(med, peak, gflop, f"{args.words} words, batch {args.batch_size}, 1/{args.width} width, "
+                                 f"{args.tiles} tile(s) of {args.tile} px, {args.dtype}, "
+                                 f"{torch.cuda.get_device_name() if cuda else args.device}")
+    if args.which == "extract" and args.memory_arm:
+        return print(json.dumps(extract_memory(args.memory_arm, args.res)))
     if args.which == "extract":
         return bench_extract(args.res, args.inversion_steps, args.denoise_steps, args.repeats)
     if args.which == "aggregate" and args.memory_arm:

@@ -1,0 +1,135 @@
+"""bench.py on CPU: the peer arms compute what their originals compute, the train arms step, and
+`python bench.py gpu --smoke` fills every row of its table.
+
+Needs nothing downloaded (tiny SD, a 1/16-width llama32 from config). The smoke test starts
+`python bench.py gpu --smoke` (six processes, about a minute on 2 cores); the rest take seconds.
+Run: python -m pytest -q tests/test_bench.py
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import aggregate
+import bench
+import extract
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- the peers ----
+
+@torch.no_grad()
+def test_p2p_store_keeps_every_layer_up_to_32x32_summed_over_steps():
+    """tiny-sd's UNet at 40x40 latents attends at 40x40 (1600 queries: Prompt-to-Prompt drops those
+    maps) in down_blocks.0 and up_blocks.1, and at 20x20 (400: kept) in down_blocks.1, the mid block
+    and up_blocks.0. Two UNet calls are two steps; the explicit-softmax processors leave the output
+    as SDPA gives it; each kept map, self- or cross-attention, is a sum of two softmaxes."""
+    unet = extract.tiny_sd()["unet"]
+    latents, context = torch.randn(1, 4, 40, 40), torch.randn(1, 77, 32)
+    plain = dict(unet.attn_processors)
+    expected = [unet(latents, t, encoder_hidden_states=context).sample for t in (1, 501)]
+    store = bench.p2p_store(len(plain))
+    unet.set_attn_processor(bench.p2p_processors(plain, store))
+    for t, want in zip((1, 501), expected):
+        torch.testing.assert_close(unet(latents, t, encoder_hidden_states=context).sample, want, atol=1e-5, rtol=1e-4)
+    assert store["steps"] == 2 and store["calls"] == 2 * len(plain) == 28 and store["step"] == {}
+    assert set(store["sum"]) == {n for n in plain if n.startswith(("down_blocks.1.", "mid_block.", "up_blocks.0."))}
+    for name, m in store["sum"].items():
+        keys = 77 if name.endswith("attn2.processor") else 400                # cross: the context; self: the grid
+        assert m.shape == (4, 400, keys)                                      # (B * 4 heads, queries, keys)
+        torch.testing.assert_close(m.sum(-1), torch.full((4, 400), 2.0))
+    for m in bench.p2p_average(store).values():
+        torch.testing.assert_close(m.sum(-1), torch.ones(4, 400))
+
+
+def test_release_attention_equals_capture_and_leaves_logits():
+    """The release's way (eager + output_attentions, rows read afterwards) and AttentionCapture (SDPA
+    kept, hooks) give the same probabilities for the same rows; the logits agree with SDPA's."""
+    model, batch, rows = bench.bench_model(tile_size=56, tiles=1)
+    with torch.no_grad():
+        logits, probs = bench.release_attention(model, batch, rows)
+        with aggregate.AttentionCapture(model, aggregate.aligned_layers(model)) as capture:
+            capture.set_rows(rows)
+            plain = model(**batch).logits
+            captured = capture.probs
+    assert model.config._attn_implementation == "sdpa"                       # switched back
+    assert probs.shape == captured.shape == (1, 8, 32, 32, 4 * 17)            # (B, L, H, R, 4 tiles of 4x4 + CLS)
+    torch.testing.assert_close(probs, captured, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
+
+
+# ---- the train arms ----
+
+def test_bench_train_arms_step_and_count_the_aligner_flops():
+    """bench.py's train benchmark builds and steps each arm at its real geometry (so it keeps up with
+    train.py's internals), and its FLOP count is the formula worked by hand for one word, one layer,
+    one head: convs 1->32 3x3, 32->32 3x3, 32->1 1x1 on 32x32, forward + recompute + two backward."""
+    for arm in ("ar", "lavender"):
+        bench.step_setup(arm, words=1)()
+    # the train-gpu geometry's code path (one tile, a batch, bf16 frozen weights), on the CPU
+    bench.step_setup("lavender", words=1, tiles=1, tile=56, dtype=torch.bfloat16, batch_size=2)()
+    step, gflop = bench.aligner_alone_setup(words=1, layers=1, heads=1)
+    step()
+    per_pass = 2 * 1024 * (32 * 1 * 9 + 32 * 32 * 9 + 1 * 32 * 1)  # 2·h·w·C_out·C_in·k² per conv
+    assert gflop == pytest.approx(4 * per_pass / 1e9)
+    assert bench.aligner_alone_setup(words=16)[1] == pytest.approx(19.36, abs=0.01)  # the default arm's 19.4 GFLOP
+
+
+# ---- python bench.py gpu ----
+
+FAKE_PART = """import json, sys, time
+name = sys.argv[2]
+if name == "extract-b1":
+    sys.exit("RuntimeError: CUDA out of memory (a made-up failure)")
+if name == "train":
+    time.sleep(30)
+print("progress on stdout")
+print(json.dumps([dict(part=name, arm="a", time="1 s", memory="2.00 GiB", ratio="", note="")]))
+"""
+
+
+def test_gpu_parts_fail_and_time_out_alone(tmp_path, monkeypatch):
+    """A part that fails or hangs gets a FAILED / TIMEOUT row with the reason; the others still run.
+    (Each part is a stand-in script here, so that the test takes a second.)"""
+    script = tmp_path / "fake_bench.py"
+    script.write_text(FAKE_PART)
+    monkeypatch.setattr(bench, "__file__", str(script))
+    monkeypatch.setattr(bench, "GPU_PARTS", dict(bench.GPU_PARTS, train=1))
+    rows = bench.bench_gpu(smoke=True, out=tmp_path / "table.md")
+    by_part = {r["part"]: r for r in rows}
+    assert by_part["extract-b1"]["arm"] == "FAILED" and "made-up failure" in by_part["extract-b1"]["note"]
+    assert by_part["train"]["arm"] == "TIMEOUT" and "1 s" in by_part["train"]["note"]
+    assert [by_part[p]["memory"] for p in ("extract-b8", "aggregate", "fsdp")] == ["2.00 GiB"] * 3
+    assert "| train | TIMEOUT |" in (tmp_path / "table.md").read_text()
+
+
+def test_gpu_smoke_fills_every_row(tmp_path):
+    """`python bench.py gpu --smoke`: the GPU command's code at tiny sizes on the CPU; every part
+    succeeds and every row has a time and a peak memory."""
+    out = tmp_path / "bench_gpu_smoke.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "gpu", "--smoke", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = out.read_text()
+    assert table in done.stdout and "Device: CPU" in table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    parts = [r[0].lstrip("| ") for r in rows]
+    assert [p.split(",")[0] for p in parts] == ["extract 32 px"] * 6 + ["train step"] * 2 + ["VLM forward"] * 3 + \
+        ["torchrun"], parts
+    for r in rows:
+        assert "FAILED" not in r[1] and "TIMEOUT" not in r[1], r
+        assert r[2].split()[0].replace(".", "").isdigit() and r[3].endswith(("GiB", "GiB host RSS")), r
