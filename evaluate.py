@@ -41,8 +41,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import train  # load_vlm (the base presets), load_run (a run directory), collate (teacher-forcing batches)
-from aggregate import (AGGREGATIONS, LAYER_SUBSETS, AttentionCapture, aligned_layers, normalize_word, plan_words,
-                       vlm_word_maps)
+from aggregate import (AGGREGATIONS, LAYER_SUBSETS, AttentionCapture, aligned_layers, answer_rows, normalize_word,
+                       plan_words, row_tokens, vlm_word_maps)
 from extract import load_maps, maps_path, read_items
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ def capture_settings(lavender, model, args):
     model: this script's --aggregate, --layers, --match, no Aligner."""
     if lavender is None:   # (--aggregate learn is not offered: the base model has no parallel projections)
         return {"aggregation": args.aggregate, "layers": aligned_layers(model, args.layers), "match": args.match,
-                "aligner": None, "aligner_mode": "per-layer", "learned": False}
+                "aligner": None, "aligner_mode": "auto", "learned": False}
     settings = dict(lavender)
     if not settings.get("layers"):
         settings["layers"] = aligned_layers(model, "all")
@@ -324,18 +324,21 @@ def capture_settings(lavender, model, args):
 @torch.no_grad()
 def answer_maps(model, processor, items, dm_store, settings, batch_size=4, device="cpu", show=True):
     """Per item dict(words, dm_index, raw, aligned): the VLM's per-word maps on the reference answer
-    under teacher forcing (aggregate.plan_words picks each word's rows; see there which position).
-    raw (W, 32, 32): aggregated attention (entropy, eq. 23); aligned: through the run's Aligner when it
-    has one (what the loss of eq. 17 compares with the DM map), else equal to raw."""
+    under teacher forcing, for the words of the reference answer (label words, the same words for
+    every model; aggregate.plan_words says which rows). raw (W, 32, 32): aggregated attention
+    (entropy, eq. 23); aligned: through the run's Aligner when it has one (what the loss of eq. 17
+    compares with the DM map), else equal to raw."""
     out = []
     with AttentionCapture(model, settings["layers"], learned=settings["learned"]) as capture:
         for start in tqdm(range(0, len(items), batch_size), desc="attention", disable=not show, leave=False):
             chunk = items[start:start + batch_size]
             batch = train.collate(processor, chunk, with_answer=True)
             dm_words = [dm_store[it["id"]][1] if it["id"] in dm_store else None for it in chunk]
-            plan = plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], dm_words, match=settings["match"])
-            capture.set_rows(plan["rows"].to(device))
+            rows = answer_rows(batch["labels"])  # (B, R) every row that predicts an answer token
+            capture.set_rows(rows.to(device))
             model(**train.model_inputs(batch, device))
+            tokens = row_tokens(rows, batch["input_ids"], align_words="label")
+            plan = plan_words(processor.tokenizer, rows, tokens, dm_words, match=settings["match"])
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             raw = vlm_word_maps(capture, plan, batch, aggregation=settings["aggregation"]).float().cpu()   # (B, W, 32, 32)
             aligned = raw

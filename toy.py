@@ -499,11 +499,12 @@ def dm_pointing(items, attn_dir):
             "colour": share([h for h, w in hits if w in COLOURS]), "shape": share([h for h, w in hits if w in SHAPES])}
 
 
-def measure_sd(dm_path, world_dir, out_dir, n=None, **extract_kwargs):
+def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, **extract_kwargs):
     """Extract toy-sd maps (extract.extract, the sd14 code path) for held-out captions and for the
-    test-id answers, and return their pointing accuracy: {"captions": {...}, "answers": {...}}."""
+    test-id answers of the world drawn with `seed`, and return their pointing accuracy:
+    {"captions": {...}, "answers": {...}}."""
     import extract
-    paths = build_world(world_dir)
+    paths = build_world(world_dir, seed)
     dm = extract.load_dm("toy-sd", path=dm_path)
     result = {}
     for name, split in (("captions", "test-captions"), ("answers", "test-id")):
@@ -621,7 +622,8 @@ def train_args(data, attn, out, loss, seed, args):
     argv = ["--model", "toy", "--model-path", str(args.vlm_path), "--data", str(data), "--attn", str(attn),
             "--out", str(out), "--loss", loss, "--seed", str(seed), "--max-steps", str(args.steps),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lam", str(args.lam),
-            "--aggregate", args.aggregate, "--aligner", args.aligner, "--peft", args.peft,
+            "--aggregate", args.aggregate, "--aligner", args.aligner, "--aligner-mode", args.aligner_mode,
+            "--align-words", args.align_words, "--peft", args.peft,
             "--pretrain-aligner-steps", str(args.pretrain_aligner_steps if loss == "lavender" else 0),
             "--no-progress" if args.quiet else "--progress"]
     return train.build_parser().parse_args(argv)
@@ -781,7 +783,7 @@ def build_parser():
     # ---- extraction (extract.py) ----
     p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (extract.py)")
     p.add_argument("--denoise-steps", type=int, default=5, help="denoising steps after the inversion (extract.py)")
-    p.add_argument("--capture-steps", default="all", choices=("all", "inversion", "denoise"),
+    p.add_argument("--capture-steps", default="denoise", choices=("denoise", "inversion", "all"),
                    help="steps whose cross-attention is averaged (extract.py)")
     # ---- fine-tuning (train.py): the same for AR and Lavender ----
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (each runs AR and Lavender)")
@@ -794,6 +796,8 @@ def build_parser():
     p.add_argument("--lam", type=float, default=10.0, help="λ of eq. 10")
     p.add_argument("--aggregate", default="learn", help="train.py --aggregate (learn, mean-mean, ...)")
     p.add_argument("--aligner", default="sim", help="train.py --aligner (sim, light, deep, mlp, none)")
+    p.add_argument("--aligner-mode", default="auto", help="train.py --aligner-mode (auto, per-layer, after)")
+    p.add_argument("--align-words", default="predicted", help="train.py --align-words (predicted, label)")
     p.add_argument("--pretrain-aligner-steps", type=int, default=0, help="Lavender runs: Aligner pre-training steps")
     p.add_argument("--dm-categories", nargs="+", default=["colour", "shape"], choices=("colour", "shape"),
                    help="fine-tuning items whose answer gets a DM map; the others train with L_VLM alone. 'colour' "
@@ -817,7 +821,7 @@ def main(argv=None):
     elif args.command == "train-vlm":
         train_vlm(args.out or TOY_MODELS / "toy-vlm", args.world, seed=args.seed, steps=args.base_steps or 1200)
     elif args.command == "measure-sd":
-        result = measure_sd(args.dm_path, args.world, args.out or ROOT / "toy_out" / "measure-sd",
+        result = measure_sd(args.dm_path, args.world, args.out or ROOT / "toy_out" / "measure-sd", seed=args.seed,
                             inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
                             capture_steps=args.capture_steps)
         print(f"toy-sd pointing: {json.dumps(result)}")

@@ -237,6 +237,11 @@ def apply_peft(model, args):
 
 def build(args, device, mesh):
     """Model, processor, aligner, capture and aligned layers, in the order the set-up needs."""
+    if args.loss == "lavender" and args.aligner != "none":  # refuse a placement it cannot honour, before loading
+        try:
+            aggregate.aligner_placement(args.aggregate, args.aligner_mode)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     frozen = args.frozen_dtype  # the frozen base weights' dtype; auto: bf16 on a GPU with LoRA, else fp32
     if frozen == "auto":
         frozen = "bfloat16" if device.type == "cuda" and args.peft == "lora" else "float32"
@@ -251,8 +256,8 @@ def build(args, device, mesh):
         if args.aligner != "none":
             torch.manual_seed(args.seed + 2)
             heads = base_model(model).config.text_config.num_attention_heads
-            channels = aligner_lib.aligner_channels(args.aggregate, args.aligner_mode, heads)
-            aligner = aligner_lib.Aligner(args.aligner, channels, norm=args.aligner_norm)
+            aligner = aligner_lib.Aligner(args.aligner, aligner_lib.aligner_channels(args.aggregate, heads),
+                                          norm=args.aligner_norm, act=args.aligner_act)
         capture = aggregate.AttentionCapture(model, layers, learned=args.aggregate == "learn")
     trainable_in_float32(model)
     if args.activation_checkpointing:  # recompute each layer in backward; non-reentrant works with FSDP2
@@ -285,28 +290,39 @@ def trainable_in_float32(model):
             p.data = p.data.float()
 
 
-def micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, device):
-    """(ce_sum, att_mean, n_aligned) for one micro-batch: the pieces of eq. 10, unweighted."""
+def micro_batch_losses(args, model, aligner, capture, batch, dm, device, tokenizer):
+    """(ce_sum, att, n_aligned) for one micro-batch: the pieces of eq. 10. att is eq. 9/17 as
+    aligner.attention_loss takes it (the mean over samples of each sample's mean word MSE)."""
     inputs = model_inputs(batch, device)
+    labels = batch["labels"].to(device)
     if capture is None:  # --loss ar: no hooks, no maps
-        logits = model(**inputs).logits  # (B, T, V)
-        return vlm_loss_sum(logits, batch["labels"].to(device)), None, 0
-    if plan["rows"].shape[1] == 0 or plan["dm_index"].shape[1] == 0:
-        # no word to align in this micro-batch (no attention file, no matching word): run the very
-        # same capture -> maps -> Aligner graph on one padding row and word, which the loss weights
-        # by 0. Under FSDP every rank must run the same graph: collectives follow autograd's order
-        B = plan["rows"].shape[0]
-        pad = torch.full((B, 1), -1, dtype=torch.long)
-        plan = {**plan, "rows": pad, "row_word": pad, "dm_index": pad}
-    mask = plan["dm_index"] >= 0  # (B, W) words aligned with a DM map
-    capture.set_rows(plan["rows"].to(device))  # (B, R) text positions whose attention is aligned
+        return vlm_loss_sum(model(**inputs).logits, labels), None, 0
+    rows = aggregate.answer_rows(batch["labels"])  # (B, R): every row that predicts an answer token
+    capture.set_rows(rows.to(device))
     logits = model(**inputs).logits  # (B, T, V); the hooks filled capture.probs
-    vlm_maps = aggregate.vlm_word_maps(capture, plan, {**batch, **inputs}, aggregation=args.aggregate,
-                                       aligner=aligner, aligner_mode=args.aligner_mode,
-                                       recompute=args.recompute_aligner and args.aligner_norm != "batch")  # (B, W, 32, 32) in [0, 1]
+    tokens = aggregate.row_tokens(rows, batch["input_ids"], logits, args.align_words)  # §6 (5)
+    plan = aggregate.plan_words(tokenizer, rows, tokens, [words for _, words in dm], match=args.match)
+    att, n_aligned = alignment_loss(args, capture, aligner, plan, [maps for maps, _ in dm], {**batch, **inputs}, device)
+    return vlm_loss_sum(logits, labels), att, n_aligned
+
+
+def alignment_loss(args, capture, aligner, plan, dm_maps, batch, device, recompute=True):
+    """(att, n_aligned): eq. 9/17 between the VLM's word maps (capture -> aggregate -> Aligner) and
+    the DM maps of the words `plan` aligns, after the forward that filled `capture`. recompute: a
+    per-layer Aligner runs under checkpoint (less memory, the same result; not with BatchNorm)."""
+    if plan["dm_index"].shape[1] == 0:
+        # no word to align (no attention file, no matching word): run the very same maps -> Aligner
+        # graph on one captured row as a word that the loss weights by 0. Under FSDP every rank must
+        # run the same graph: collectives follow autograd's order
+        row_word = torch.full_like(plan["rows"], -1)
+        row_word[:, 0] = 0
+        plan = {**plan, "row_word": row_word, "dm_index": torch.full((row_word.shape[0], 1), -1, dtype=torch.long)}
+    mask = plan["dm_index"] >= 0  # (B, W) words aligned with a DM map
+    vlm_maps = aggregate.vlm_word_maps(capture, plan, batch, aggregation=args.aggregate, aligner=aligner,
+                                       aligner_mode=args.aligner_mode,
+                                       recompute=recompute and args.aligner_norm != "batch")  # (B, W, 32, 32)
     target = aggregate.dm_targets(dm_maps, plan["dm_index"]).to(device)  # (B, W, 32, 32)
-    att = aligner_lib.attention_loss(vlm_maps, target, mask.to(device))  # eq. 9/17
-    return vlm_loss_sum(logits, batch["labels"].to(device)), att, int(mask.sum())
+    return aligner_lib.attention_loss(vlm_maps, target, mask.to(device)), int(mask.sum())  # eq. 9/17
 
 
 # ---- checkpoints (resume) and the run directory's outputs ----
@@ -405,7 +421,7 @@ def load_run(run_dir, device="cpu", dtype=torch.float32):
     The base preset comes from config.json; LoRA runs load adapter/ exactly as the authors' README
     does (PeftModel.from_pretrained(base_model, adapter)), full runs load model/; the VLM in `dtype`
     (bf16 halves the memory: an 11B model then fits a 24 GB GPU), the Aligner in fp32. lavender =
-    dict(aligner=nn.Module or None, layers=, aggregation=, aligner_mode=, match=, learned=).
+    dict(aligner=nn.Module or None, layers=, aggregation=, aligner_mode=, match=, align_words=, learned=).
     """
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
@@ -416,7 +432,7 @@ def load_run(run_dir, device="cpu", dtype=torch.float32):
     else:
         model, processor = load_vlm(config["model"], str(run_dir / "model"), dtype=dtype)
     lavender = dict(aligner=None, layers=config.get("aligned_layers", []), aggregation=config["aggregate"],
-                    aligner_mode=config["aligner_mode"], match=config["match"],
+                    aligner_mode=config["aligner_mode"], match=config["match"], align_words=config["align_words"],
                     learned=config["loss"] == "lavender" and config["aggregate"] == "learn")
     path = run_dir / "lavender.safetensors"
     if path.exists():
@@ -430,8 +446,9 @@ def load_run(run_dir, device="cpu", dtype=torch.float32):
             model.load_state_dict(own, strict=False)
         if config["aligner"] != "none":
             heads = base_model(model).config.text_config.num_attention_heads
-            channels = aligner_lib.aligner_channels(config["aggregate"], config["aligner_mode"], heads)
-            lavender["aligner"] = aligner_lib.Aligner(config["aligner"], channels, norm=config["aligner_norm"])
+            channels = aligner_lib.aligner_channels(config["aggregate"], heads)
+            lavender["aligner"] = aligner_lib.Aligner(config["aligner"], channels, norm=config["aligner_norm"],
+                                                      act=config["aligner_act"])
             lavender["aligner"].load_state_dict({k[len("aligner."):]: v for k, v in sd.items()
                                                  if k.startswith("aligner.")})
             lavender["aligner"].to(device).eval()
@@ -510,30 +527,28 @@ def fit(args, rank, world, device, mesh):
         micro = []
         for idx in micro_batches(order, in_epoch, args.batch_size, args.grad_accum, rank, world):
             batch = collate(processor, [items[i] for i in idx])
-            dm = [read_dm_maps(attn_dir, items[i]["id"]) for i in idx]  # [(maps, words) or (None, None)]
-            plan = aggregate.plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], [w for _, w in dm],
-                                        match=args.match) if capture is not None else None  # aligned rows, words
-            micro.append((batch, plan, [m for m, _ in dm]))
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _, _ in micro)
-        n_words = sum(int((p["dm_index"] >= 0).sum()) for _, p, _ in micro) if capture is not None else 0
-        n_tokens, n_words = all_reduce_sum([n_tokens, n_words], world)
-        sums = [0.0, 0.0]  # this rank's summed CE and summed per-word MSE
-        for m, (batch, plan, dm_maps) in enumerate(micro):
+            micro.append((batch, [read_dm_maps(attn_dir, items[i]["id"]) for i in idx]))  # [(maps, words) or Nones]
+        n_tokens = all_reduce_sum([sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in micro)], world)[0]
+        sums = [0.0, 0.0, 0.0]  # this rank's summed CE, summed per-sample word MSE, aligned words
+        for m, (batch, dm) in enumerate(micro):
             if mesh is not None:  # reduce-scatter gradients only after the last micro-batch
                 for module in modules.values():
                     module.set_requires_gradient_sync(m == len(micro) - 1)
-            ce_sum, att, n_aligned = micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, device)
+            ce_sum, att, n_aligned = micro_batch_losses(args, model, aligner, capture, batch, dm, device,
+                                                        processor.tokenizer)
             # this rank's share of the global means; FSDP averages gradients over ranks, hence * world
             loss_vlm = ce_sum / max(n_tokens, 1) * world  # eq. 6, per answer token of the global batch
-            loss_att = att * n_aligned / max(n_words, 1) * world if att is not None else 0.0  # eq. 9, per word
+            share = len(batch["ids"]) / global_batch * world  # eq. 9: per sample of the global batch
+            loss_att = att * share if att is not None else 0.0
             aligner_lib.total_loss(loss_vlm, loss_att, args.lam).backward()  # eq. 10/12
             sums[0] += ce_sum.item()
-            sums[1] += att.item() * n_aligned if att is not None else 0.0
-        ce, att_sum = all_reduce_sum(sums, world)
-        loss_vlm, loss_att = ce / max(n_tokens, 1), att_sum / max(n_words, 1)
+            sums[1] += att.item() * len(batch["ids"]) if att is not None else 0.0
+            sums[2] += n_aligned
+        ce, att_sum, n_words = all_reduce_sum(sums, world)
+        loss_vlm, loss_att = ce / max(n_tokens, 1), att_sum / global_batch
         total = loss_vlm + args.lam * loss_att
         if not math.isfinite(total):  # every rank sees the same reduced value, so all stop together
-            ids = gather_objects([i for b, _, _ in micro for i in b["ids"]], world)
+            ids = gather_objects([i for b, _ in micro for i in b["ids"]], world)
             raise FloatingPointError(f"non-finite loss at step {step + 1} (loss_vlm {loss_vlm}, loss_att {loss_att}); "
                                      f"items of this step: {ids}. Nothing was saved from this step on; check these "
                                      f"items or lower --lr")
@@ -596,10 +611,16 @@ def build_parser():
         help="learn: W_Qd, W_Kd start as copies of W_Q, W_K (A_d = A) or random (the authors' release)")
     add("--layers", default="all", choices=aggregate.LAYER_SUBSETS, help="cross-attention layers aligned (Fig. 22)")
     add("--aligner", default="sim", choices=["none", *aligner_lib.VARIANTS], help="Aligner variant (§4.3)")
-    add("--aligner-mode", default="per-layer", choices=["per-layer", "after"],
-        help="Aligner on each layer's heads then combined (the release), or after aggregation")
-    add("--aligner-norm", default="instance", choices=sorted(aligner_lib.NORMS), help="Aligner normalisation")
+    add("--aligner-mode", default="auto", choices=aggregate.ALIGNER_MODES,
+        help="auto: the release's placement (per layer for mean-mean, mean-max, learn; after the layers are "
+             "combined for max-*, flow-*); per-layer; after (aggregate.aligner_placement)")
+    add("--aligner-norm", default="instance", choices=sorted(aligner_lib.NORMS),
+        help="Aligner normalisation (instance: no affine, the release's default)")
+    add("--aligner-act", default="relu6", choices=sorted(aligner_lib.ACTIVATIONS),
+        help="Aligner activation (the release: ReLU6, or LeakyReLU 0.1 for flow)")
     add("--match", default="exact", choices=["exact", "root"], help="word sampling (§6 (5)): same word or same stem")
+    add("--align-words", default="predicted", choices=aggregate.ALIGN_WORDS,
+        help="§6 (5): align the word the model predicts at a row (the paper and the release), or the label word")
     add("--pretrain-aligner-steps", type=int, default=0,
         help="first N steps train only the Aligner and parallel projections, VLM frozen (§6 (1), Fig. 21)")
     # ---- fine-tuning and optimisation ----
@@ -621,9 +642,6 @@ def build_parser():
     add("--seed", type=int, default=42, help="seed of LoRA/Aligner init, data order and dropout")
     add("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
         help="recompute layer activations in backward (non-reentrant)")
-    add("--recompute-aligner", action=argparse.BooleanOptionalAction, default=True,
-        help="per-layer Aligner: run each layer's maps + Aligner under checkpoint, recomputed in backward "
-             "(less peak memory; measured no slower on CPU, BENCHMARKS.md); off with --aligner-norm batch")
     # ---- checkpoints and output ----
     add("--save-every", type=int, default=0, help="write checkpoint/ every N steps (0: at the end only)")
     add("--resume", action=argparse.BooleanOptionalAction, default=False,
