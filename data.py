@@ -163,10 +163,10 @@ def safe_id(raw):
     return re.sub(r"^\.+", lambda m: "_" * len(m.group()), text) or "_"
 
 
-def write_converted(entries, out_path, limit=0):
+def write_converted(entries, out_path, limit=0, suffix=""):
     """Write the converted items to out_path (atomically); returns (items written, Counter of skip
     reasons, {reason: first example}). Ids are made safe and unique (-2, -3, ... on repeats); image
-    paths are written relative to the output's folder."""
+    paths are written relative to the output's folder; a suffix goes on a new line after each question."""
     out_path = Path(out_path)
     out_dir = out_path.resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +187,8 @@ def write_converted(entries, out_path, limit=0):
                 used.add(item_id)
                 image = Path(os.path.relpath(Path(entry["image"]).resolve(), out_dir)).as_posix()
                 fields = {k: v for k, v in entry.items() if v is not None}   # (an absent category)
+                if suffix:
+                    fields["question"] = f"{fields['question']}\n{suffix}"
                 f.write(json.dumps({**fields, "id": item_id, "image": image}) + "\n")
                 written += 1
                 if written == limit:
@@ -387,7 +389,7 @@ def convert(args):
         images = images / "png"
     try:
         written, skipped, examples = write_converted(CONVERTERS[args.format](args.files, images, args),
-                                                     args.out, args.limit)
+                                                     args.out, args.limit, args.suffix)
     except (OSError, ValueError) as err:
         raise SystemExit(f"convert {args.format}: {err}") from None
     why = "; ".join(f"{reason}: {n}" + (f", e.g. {examples[reason]}" if examples[reason] else "")
@@ -419,6 +421,8 @@ def build_parser():
     c.add_argument("--prompt", default=CAPTION_PROMPT, help="captions: the question of every item")
     c.add_argument("--per-caption", action=argparse.BooleanOptionalAction, default=False,
                    help="captions: one item per caption (training data) instead of one per image with all captions")
+    c.add_argument("--suffix", default="", help="a line added after every question, e.g. \"Answer the question "
+                   "using a single word or phrase.\" (the short-answer prompt of LLaVA-1.5's VQA evaluation)")
     c.add_argument("--limit", type=int, default=0, help="stop after N items (0: all)")
     return p
 

@@ -372,8 +372,8 @@ def report_markdown(report):
     """report.md: one row per run, one column per measure; per-category accuracy below when present."""
     runs = report["runs"]
     lines = [f"# Evaluation on {report['data']} ({report['items']} items)", "",
-             f"Accuracy: the mean score ({report.get('metric')}), in % (CIDEr-D x 100, as papers print it), "
-             "95% interval in brackets. Entropy: App. B eq. 23, nats (uniform 32x32 = 6.931). "
+             f"Accuracy: {report.get('metric')}; in % (CIDEr-D x 100, as papers print it). "
+             "Entropy: App. B eq. 23, nats (uniform 32x32 = 6.931). "
              "MSE: VLM map (through the run's Aligner) vs DM map, per answer word matched to a DM word.", "",
              "| run | accuracy % [95% CI] | VLM entropy | DM entropy | alignment MSE | matched words | pointing % [95% CI] |",
              "|---|---|---|---|---|---|---|"]

@@ -445,11 +445,11 @@ def t_interval(scores, low=0.0, high=1.0):
 def accuracy_summary(scores, high=1.0):
     """dict(accuracy (the mean score), ci95 [lo, hi], interval, correct (the sum of the scores: the
     count of correct items for 0/1 scores), n) for a list of booleans or scores; accuracy None if
-    empty. Wilson interval when every score is 0 or 1, a t interval otherwise (high: the metric's
-    highest score, 10 for CIDEr-D)."""
+    empty. Wilson interval when every score is 0 or 1 (and 1 is the full mark), a t interval
+    otherwise (high: the metric's highest score; 10 for CIDEr-D, whose 0s and 1s are not a proportion)."""
     scores = [float(s) for s in scores]
     n, total = len(scores), sum(scores)
-    binary = all(s in (0.0, 1.0) for s in scores)
+    binary = high == 1.0 and all(s in (0.0, 1.0) for s in scores)
     lo, hi = wilson_interval(int(total), n) if binary else t_interval(scores, 0.0, high)
     return {"accuracy": total / n if n else None, "ci95": [lo, hi], "interval": "wilson" if binary else "t",
             "correct": int(total) if binary else total, "n": n}
@@ -489,8 +489,8 @@ def describe_metric(metric):
     """report.json's one line on how the items were scored."""
     which = ("each item's own \"metric\" field, else the letter for a multiple-choice question, else exact match"
              if metric == "auto" else f"{metric} for every item")
-    return (f"--metric {metric}: {which}; the mean score with a 95% interval (Wilson when every score is "
-            "0 or 1, Student t otherwise)")
+    return (f"--metric {metric}: {which}; the mean score with a 95% interval (Wilson for 0/1 scores, "
+            "Student t for soft scores and CIDEr-D)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,8 +140,10 @@ def test_textvqa(tmp_path):
     images(tmp_path / "train_images", "0054c91397f2fe05.jpg")
     with pytest.raises(SystemExit, match=r"entry 1: field 'answers' must be a list of strings, but answers\[9\] is None"):
         convert("textvqa", src, "--images", tmp_path / "train_images", "--out", tmp_path / "t.jsonl")
-    items = convert("textvqa", src, "--images", tmp_path / "train_images", "--out", tmp_path / "t.jsonl", "--limit", 1)
+    items = convert("textvqa", src, "--images", tmp_path / "train_images", "--out", tmp_path / "t.jsonl", "--limit", 1,
+                    "--suffix", "Answer the question using a single word or phrase.")
     assert items[0]["answer"] == "nokia" and items[0]["answers"] == answers and items[0]["metric"] == "vqa"
+    assert items[0]["question"] == "what is the brand of phone?\nAnswer the question using a single word or phrase."
 
 
 def test_vizwiz(tmp_path):

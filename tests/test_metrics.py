@@ -139,6 +139,7 @@ def test_accuracy_summary_wilson_for_0_1_t_for_soft_scores():
     assert soft["interval"] == "t" and soft["accuracy"] == pytest.approx(0.4)
     assert soft["ci95"] == pytest.approx([0.2244, 0.5756], abs=1e-4) and soft["correct"] == pytest.approx(2.0)
     assert M.accuracy_summary([2.0, 6.0, 4.0], high=10.0)["ci95"][1] > 1.0   # CIDEr-D is not capped at 1
+    assert M.accuracy_summary([0.0, 1.0, 1.0], high=10.0)["interval"] == "t"  # CIDEr-D's 0 and 1: not a proportion
     assert M.accuracy_summary([])["accuracy"] is None
 
 
