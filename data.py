@@ -132,9 +132,9 @@ def load_json(path, top):
 def need(entry, key, kinds, where):
     """entry[key] when it is one of `kinds`; else ValueError naming the file and entry (where) and the field."""
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    value = entry.get(key) if isinstance(entry, dict) else None
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: expected an object, got {str(entry)[:80]}")
+    value = entry.get(key)
     if not isinstance(value, kinds) or isinstance(value, bool):
         raise ValueError(f"{where}: field {key!r} must be {' or '.join(KINDS[k] for k in kinds)}, "
                          f"got {'nothing' if key not in entry else repr(value)[:80]}")
@@ -185,6 +185,7 @@ def write_converted(entries, out_path, limit=0, suffix=""):
                     n += 1
                     item_id = f"{safe_id(entry['id'])}-{n}"
                 used.add(item_id)
+                # relative between resolved paths: extract.read_items resolves the JSONL's folder too
                 image = Path(os.path.relpath(Path(entry["image"]).resolve(), out_dir)).as_posix()
                 fields = {k: v for k, v in entry.items() if v is not None}   # (an absent category)
                 if suffix:
@@ -365,7 +366,7 @@ def convert_captions(paths, images, args):
             if args.split not in ("all", split):
                 yield f"not in split {args.split}"
                 continue
-            image = images / entry.get("filepath", "") / name
+            image = images / (need(entry, "filepath", str, where) if "filepath" in entry else "") / name
             image_id = entry["cocoid"] if isinstance(entry.get("cocoid"), int) else Path(name).stem
             if not captions:
                 yield "no captions"

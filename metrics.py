@@ -12,7 +12,7 @@ Each metric turns a model's answer and the item's reference answers into a score
 An item picks its metric with its own "metric" field (data.py's converters write it), else by its
 fields (choice when the question lists options, else exact); --metric overrides. A run's score is
 the mean over items, with a 95% interval: Wilson when every score is 0 or 1 (a proportion), a
-Student t interval otherwise (a mean of soft scores). The prediction files evaluate.py writes
+Student t interval otherwise (a mean of soft scores, and CIDEr-D). The prediction files evaluate.py writes
 (and reads back from any model with --score) are at the end.
 
     python -c "import metrics; print(metrics.vqa_accuracy('Two.', ['2'] * 2 + ['3'] * 8))"   # 0.6
@@ -95,6 +95,12 @@ def extract_choice(text, choices=None):
         if len(hits) == 1:
             return hits[0]
     return None
+
+
+def exact_match(prediction, answers):
+    """1.0 when the prediction equals some reference after normalize_answer, else 0.0:
+    "Two dogs." against ["2 dogs", "puppies"] -> 1.0 ("2 dogs" = "2 dogs");  "dogs" -> 0.0."""
+    return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
 
 
 def score_prediction(prediction, answer, question):
@@ -325,7 +331,7 @@ def cider_d(candidates, references, n=4, sigma=6.0):
 # ---------------------------------------------------------------------------------------------
 
 METRICS = {  # name: (score of one item from (prediction, references), highest score)
-    "exact": (lambda p, refs: float(any(normalize_answer(p) == normalize_answer(r) for r in refs)), 1.0),
+    "exact": (exact_match, 1.0),
     "vqa": (vqa_accuracy, 1.0),
     "anls": (anls, 1.0),
     "relaxed": (relaxed_accuracy, 1.0),

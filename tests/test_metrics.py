@@ -12,6 +12,15 @@ import pytest
 
 import metrics as M
 
+# ---- exact match ----
+
+
+def test_exact_match_worked_example():
+    assert M.exact_match("Two dogs.", ["2 dogs", "puppies"]) == 1.0
+    assert M.exact_match("dogs", ["2 dogs", "puppies"]) == 0.0
+    assert M.exact_match("The Puppies!", ["2 dogs", "puppies"]) == 1.0
+
+
 # ---- VQA accuracy ----
 
 
