@@ -2,10 +2,11 @@
 (paper §7, §8, App. B eq. 23, Fig. 7, 8, 17, 25).
 
 For every run (and/or the base model) this script
-  1. generates answers greedily, in batches, and scores them: exact match after normalisation (the
-     paper's ablation metric, §8) or, for multiple-choice questions, the extracted letter
-     (A/B/C/D, as in WorldMedQA-V, §7.5); accuracy with a 95% Wilson interval, per run and per
-     `category`; predictions are written per item for later scorers (e.g. VLMEvalKit);
+  1. generates answers greedily, in batches, and scores them with each benchmark's own metric
+     (metrics.py, --metric): exact match after normalisation (the paper's ablation metric, §8),
+     the letter of a multiple-choice answer (WorldMedQA-V, §7.5), VQA accuracy, ANLS, ChartQA's
+     relaxed accuracy or CIDEr-D; the mean score with a 95% interval, per run and per `category`;
+     predictions are written per item (--vlmevalkit: in VLMEvalKit's columns, for its scorers);
   2. with --attn (the store written by extract.py), reads the VLM's attention on the reference
      answer under teacher forcing (aggregate.AttentionCapture + vlm_word_maps, the run's own
      capture settings) and reports, per answer word:
@@ -23,6 +24,7 @@ Usage:
     python evaluate.py --model tiny --run-dir runs/ar --run-dir runs/lavender --data test.jsonl --attn attn/ --out eval/
     python evaluate.py --model llama32 --model-path ~/llama32 --data test.jsonl --out eval/base   # base model only
     torchrun --nproc_per_node 8 evaluate.py --model llama32 --run-dir runs/lavender --data test.jsonl --out eval/
+    python evaluate.py --score other_model.jsonl --data textvqa.jsonl --out eval/other   # any model's answers, no model
 A run trained under FSDP is loaded whole (train.load_run). Under torchrun every rank loads the model on its
 own GPU and evaluates every world-th item; rank 0 gathers the per-item results and writes the same
 report as one process would.
@@ -31,7 +33,6 @@ import argparse
 import gc
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -44,107 +45,11 @@ import train  # load_vlm (the base presets), load_run (a run directory), collate
 from aggregate import (AGGREGATIONS, LAYER_SUBSETS, AttentionCapture, aligned_layers, answer_rows, normalize_word,
                        plan_words, row_tokens, vlm_word_maps)
 from extract import load_maps, maps_path, read_items
-
-# ---------------------------------------------------------------------------------------------
-# scoring: exact match after normalisation, multiple-choice letters, Wilson interval
-# ---------------------------------------------------------------------------------------------
-
-NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = {"a", "an", "the"}
-
-
-def normalize_answer(text):
-    """VQA-style normalisation before exact match: lower case, punctuation dropped (a period between
-    digits is kept), number words to digits, articles dropped, whitespace collapsed.
-
-    "The answer: Two red circles." -> "answer 2 red circles";  "3.5 cm" -> "3.5 cm"
-    """
-    text = str(text).lower().strip()
-    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)   # periods, except decimal points
-    text = re.sub(r"[^\w\s.]", " ", text)              # every other punctuation mark
-    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
-    return " ".join(words)
-
-
-def parse_choices(question):
-    """The options a multiple-choice question lists, as {letter: text}; {} when fewer than two.
-
-    Recognised: "A. x", "A) x", "(A) x", "A: x", one per line or inline.
-    "Which organ? A. liver B. heart (C) lung" -> {"A": "liver", "B": "heart", "C": "lung"}
-    """
-    marker = r"(?:(?<=\s)|^)\(?([A-D])[.):]\)?\s+"
-    parts = re.split(marker, str(question))
-    # re.split with one group gives [before, letter, text, letter, text, ...]
-    choices = {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2) if parts[i + 1].strip()}
-    return choices if len(choices) >= 2 else {}
-
-
-def extract_choice(text, choices=None):
-    """The letter A-D a (generated or reference) answer picks, or None.
-
-    In order: a leading letter ("B", "(B)", "B.", "B) liver"), an "answer is (B)" / "Answer: B"
-    phrase, a "(B)" anywhere, then the text of exactly one option. A bare capital "A" inside a
-    sentence is not read as a letter: it is usually the article ("A red circle").
-    """
-    text = str(text).strip()
-    m = re.match(r"^\(?([A-D])\)?(?:[.):,]|$)", text)
-    if m:
-        return m.group(1)
-    m = re.search(r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*\(?([A-D])\b", text)   # the letter stays upper case
-    if m:
-        return m.group(1)
-    m = re.search(r"\(([A-D])\)", text)
-    if m:
-        return m.group(1)
-    if choices:
-        norm = f" {normalize_answer(text)} "
-        hits = [k for k, v in choices.items() if normalize_answer(v) and f" {normalize_answer(v)} " in norm]
-        if len(hits) == 1:
-            return hits[0]
-    return None
-
-
-def score_prediction(prediction, answer, question):
-    """dict(correct, kind): "choice" when the question lists options and the reference answer picks
-    one of them (the predicted letter must equal it), otherwise "exact" (normalised exact match)."""
-    choices = parse_choices(question)
-    reference = extract_choice(answer, choices) if choices else None
-    if reference is not None:
-        picked = extract_choice(prediction, choices)
-        return {"correct": picked == reference, "kind": "choice", "letter": picked, "reference_letter": reference}
-    return {"correct": normalize_answer(prediction) == normalize_answer(answer), "kind": "exact"}
-
-
-def wilson_interval(k, n, z=1.959964):
-    """95% Wilson score interval for k successes in n trials (better than the normal interval for
-    small n and for accuracies near 0 or 1):
-
-        (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n),   p = k/n, z = 1.96
-
-    8/10 -> (0.4902, 0.9433); 10/10 -> (0.7225, 1.0); n = 0 -> (0.0, 1.0) (nothing known)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def accuracy_summary(correct):
-    """dict(accuracy, ci95=[lo, hi] (Wilson), correct, n) for a list of booleans; accuracy None if empty."""
-    n, k = len(correct), int(sum(bool(c) for c in correct))
-    lo, hi = wilson_interval(k, n)
-    return {"accuracy": k / n if n else None, "ci95": [lo, hi], "correct": k, "n": n}
-
-
-def accuracy_table(records):
-    """Overall and per-`category` accuracy of scored records (dicts with "correct", optional "category")."""
-    table = {"all": accuracy_summary([r["correct"] for r in records])}
-    for category in sorted({r["category"] for r in records if r.get("category") is not None}):
-        table[category] = accuracy_summary([r["correct"] for r in records if r.get("category") == category])
-    return table
-
+# the benchmarks' metrics; accuracy_table, extract_choice, normalize_answer, parse_choices,
+# score_prediction and wilson_interval are also read from here by toy.py and the tests
+from metrics import (METRICS, accuracy_summary, accuracy_table, check_items, describe_metric,  # noqa: F401
+                     extract_choice, normalize_answer, parse_choices, read_predictions, run_scores, score_items,
+                     score_prediction, wilson_interval, write_predictions)
 
 # ---------------------------------------------------------------------------------------------
 # attention measures: entropy (App. B eq. 23), alignment MSE (eq. 9), pointing
@@ -368,12 +273,9 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
     mine = list(range(rank, len(items), world))
     predictions = generate_answers(model, processor, [items[i] for i in mine], args.batch_size, args.max_new_tokens,
                                    device, show)
-    results = []  # one dict per item of this rank: its record and, with a DM store, its per-word measures
+    results = []  # one dict per item of this rank: its prediction and, with a DM store, its per-word measures
     for i, prediction in zip(mine, predictions):
-        item = items[i]
-        score = score_prediction(prediction, item["answer"], item["question"])
-        results.append({"index": i, "record": {"id": item["id"], "question": item["question"], "answer": item["answer"],
-                                               "prediction": prediction, "category": item.get("category"), **score}})
+        results.append({"index": i, "record": {"id": items[i]["id"], "prediction": prediction}})
     if dm_store:
         maps = answer_maps(model, processor, [items[i] for i in mine], dm_store, settings, args.batch_size, device, show)
         # plan_words keeps only the answer words matched to a DM word (one entry per DM word), so every
@@ -392,15 +294,11 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
                 if region is not None:
                     result["hits"].append(pointing_hit(m["aligned"][w], region))
     results = sorted(train.gather_objects(results, world), key=lambda r: r["index"])  # every rank: all items
-    records = [r["record"] for r in results]
+    # scored once gathered: CIDEr-D's document frequencies are over the whole set
+    records = score_items(items, [r["record"]["prediction"] for r in results], args.metric)
     if rank == 0:
-        (out_dir / name).mkdir(parents=True, exist_ok=True)
-        with open(out_dir / name / "predictions.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-    report = {"name": name, "accuracy": accuracy_table(records),
-              "multiple_choice": sum(r["kind"] == "choice" for r in records),
-              "unparsed_choice": sum(r["kind"] == "choice" and r["letter"] is None for r in records)}
+        write_predictions(out_dir / name, records, args.vlmevalkit)
+    report = {"name": name, **run_scores(records)}
     pictures = {}
     if dm_store:
         every = lambda key: [v for r in results for v in r[key]]  # noqa: E731  (item order, then word order)
@@ -413,6 +311,49 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
                       pointing=accuracy_summary(hits) if hits else None)
         report["_entropies"] = entropies
     return report, pictures
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring the predictions of any model (--score)
+# ---------------------------------------------------------------------------------------------
+
+def read_scored_items(args):
+    """The --data items (the first --limit), checked against the metric before any model runs."""
+    items = read_items(args.data)[:args.limit or None]
+    try:
+        check_items(items, args.metric)
+    except ValueError as err:
+        raise SystemExit(f"--data {args.data}: {err}") from None
+    return items
+
+
+def score_files(args):
+    """--score: the report for prediction files made by any model, scored against --data; no model is
+    loaded and no image opened. Each file is a run, named by its folder when it is called
+    predictions.jsonl (a run folder of an earlier report), else by its file name."""
+    out_dir = Path(args.out)
+    items, known = read_scored_items(args), {it["id"] for it in read_items(args.data)}
+    names = [Path(p).parent.name if Path(p).name == "predictions.jsonl" else Path(p).stem for p in args.score]
+    runs = []
+    for i, path in enumerate(args.score):
+        try:
+            predictions = read_predictions(path)
+        except ValueError as err:
+            raise SystemExit(f"--score {err}") from None
+        unknown = [k for k in predictions if k not in known]
+        missing = [it["id"] for it in items if it["id"] not in predictions]
+        if unknown or missing:
+            raise SystemExit(f"--score {path} does not match --data {args.data}: {len(missing)} item(s) without a "
+                             f"prediction {missing[:5]}, {len(unknown)} prediction(s) for unknown ids {unknown[:5]}")
+        records = score_items(items, [predictions[it["id"]] for it in items], args.metric)
+        name = names[i] if names.count(names[i]) == 1 else f"{names[i]}-{i}"
+        write_predictions(out_dir / name, records, args.vlmevalkit)
+        runs.append({"name": name, "predictions": str(path), **run_scores(records)})
+    report = {"data": str(args.data), "items": len(items), "out": str(out_dir),
+              "metric": describe_metric(args.metric), "runs": runs, "figures": []}
+    write_report(report, out_dir)
+    print(summary_line(report))
+    return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,8 +375,8 @@ def report_markdown(report):
     """report.md: one row per run, one column per measure; per-category accuracy below when present."""
     runs = report["runs"]
     lines = [f"# Evaluation on {report['data']} ({report['items']} items)", "",
-             "Accuracy: exact match after normalisation, or the extracted letter for multiple-choice items; "
-             "95% Wilson interval in brackets. Entropy: App. B eq. 23, nats (uniform 32x32 = 6.931). "
+             f"Accuracy: {report.get('metric')}; in % (CIDEr-D x 100, as papers print it). "
+             "Entropy: App. B eq. 23, nats (uniform 32x32 = 6.931). "
              "MSE: VLM map (through the run's Aligner) vs DM map, per answer word matched to a DM word.", "",
              "| run | accuracy % [95% CI] | VLM entropy | DM entropy | alignment MSE | matched words | pointing % [95% CI] |",
              "|---|---|---|---|---|---|---|"]
@@ -506,7 +447,10 @@ def models_to_evaluate(args):
 
 def evaluate(args):
     """Library entry (toy.py calls it with build_parser().parse_args([...])): returns the report dict.
-    Under torchrun every rank runs it; rank 0 writes the files and prints the summary."""
+    Under torchrun every rank runs it; rank 0 writes the files and prints the summary. With --score,
+    no model: the prediction files are scored (score_files)."""
+    if args.score:
+        return score_files(args)
     rank, world, device, _ = train.setup_distributed()
     device = str(device) if world > 1 else args.device  # under torchrun: this rank's GPU (or the CPU)
     try:
@@ -519,7 +463,7 @@ def evaluate(args):
 def evaluate_ranks(args, rank, world, device):
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    items = read_items(args.data)[:args.limit or None]
+    items = read_scored_items(args)
     problems = train.check_images(items)
     if problems:
         raise SystemExit(f"{len(problems)} image(s) cannot be opened; fix --data {args.data}:\n" + "\n".join(problems[:10]))
@@ -553,7 +497,7 @@ def evaluate_ranks(args, rank, world, device):
             torch.cuda.empty_cache()
 
     report = {"data": str(args.data), "items": len(items), "items_with_attention": len(dm_store), "out": str(out_dir),
-              "metric": "exact match after normalize_answer, or the letter of extract_choice; Wilson 95% interval",
+              "metric": describe_metric(args.metric),
               "runs": runs, "figures": []}
 
     if rank != 0:  # every figure is on rank 0 now; the files are its job
@@ -606,6 +550,18 @@ def build_parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the VLM's dtype, base model and runs (bfloat16 on a GPU halves the memory)")
+    # scoring
+    p.add_argument("--metric", default="auto", choices=["auto", *METRICS],
+                   help="how answers are scored: auto (each item's \"metric\" field, written by data.py convert; "
+                        "else choice for a question with lettered options, else exact), or one metric for every item: "
+                        "exact, vqa (VQAv2/OK-VQA/TextVQA/VizWiz), anls (DocVQA/InfoVQA), relaxed (ChartQA), choice, "
+                        "cider (CIDEr-D, captions); see metrics.py")
+    p.add_argument("--score", action="append", default=[], metavar="PRED.jsonl",
+                   help="score a prediction file of any model (lines {\"id\", \"prediction\"}; VLMEvalKit's \"index\" "
+                        "is read as the id) against --data, without loading a model; repeat to compare files")
+    p.add_argument("--vlmevalkit", action=argparse.BooleanOptionalAction, default=False,
+                   help="write predictions.jsonl in VLMEvalKit's columns (index, question, answer, prediction, "
+                        "category) and the same rows as predictions.tsv, the file VLMEvalKit reads back")
     # output
     p.add_argument("--out", required=True, help="output directory (report.json, report.md, PNGs, predictions)")
     p.add_argument("--figures", type=int, default=4, help="items drawn as overlay grids (Fig. 8/17)")
