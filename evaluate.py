@@ -44,7 +44,8 @@ from tqdm import tqdm
 import train  # load_vlm (the base presets), load_run (a run directory), collate (teacher-forcing batches)
 from aggregate import (AGGREGATIONS, LAYER_SUBSETS, AttentionCapture, aligned_layers, answer_rows, normalize_word,
                        plan_words, row_tokens, vlm_word_maps)
-from extract import load_maps, maps_path, read_items
+from data import check_images, check_maps, duplicate_ids
+from extract import ID_PATTERN, load_maps, maps_path, open_image, read_items
 # the benchmarks' metrics; accuracy_table, extract_choice, normalize_answer, parse_choices,
 # score_prediction and wilson_interval are also read from here by toy.py and the tests
 from metrics import (METRICS, accuracy_summary, accuracy_table, check_items, describe_metric,  # noqa: F401
@@ -130,6 +131,13 @@ def heat_overlay(image, attn_map, alpha=0.5):
     values = Image.fromarray(attn_map.float().numpy()).resize(image.size, Image.BILINEAR)
     heat = Image.fromarray(heat_colors(np.asarray(values)))
     return Image.blend(image.convert("RGB"), heat, alpha)
+
+
+def overlay_path(out_dir, item_id):
+    """<out>/overlays/<id>.png, refused for an id that is not a plain file name (it would leave the folder)."""
+    if not ID_PATTERN.match(item_id):
+        raise ValueError(f"item id {item_id!r} cannot be a file name: overlays/<id>.png would leave {out_dir}")
+    return Path(out_dir) / "overlays" / f"{item_id}.png"
 
 
 def draw_overlay_grid(path, image, words, dm_maps, run_maps, cell=128):
@@ -422,7 +430,8 @@ def summary_line(report):
 # ---------------------------------------------------------------------------------------------
 
 def read_dm_store(items, attn_dir):
-    """{item id: (maps (n_words, 32, 32), words)} for the items that have a file in the attention store."""
+    """{item id: (maps (n_words, 32, 32), words)} for the items that have a file in the attention store
+    (each checked by data.check_maps first: see read_test_data)."""
     store = {}
     for item in items if attn_dir else []:
         path = maps_path(attn_dir, item["id"])
@@ -430,6 +439,78 @@ def read_dm_store(items, attn_dir):
             maps, words, _ = load_maps(path)
             store[item["id"]] = (maps, words)
     return store
+
+
+def item_problems(items, attn_dir, root):
+    """'item ...: what is wrong' for every item that cannot be evaluated: an id that is not a plain
+    file name (overlays/<id>.png must stay in --out) or repeats another, an image that does not
+    decode, an unusable attention file (data.check_maps), a mask that cannot be read."""
+    problems = list(duplicate_ids(items).values())
+    for item in items:
+        name = f"item {item['id']!r} (line {item.get('line', '?')})"
+        if not ID_PATTERN.match(item["id"]):
+            problems.append(f"{name}: id cannot be a file name (use only A-Z a-z 0-9 . _ -)")
+            continue
+        problems += check_images([item])
+        path = maps_path(attn_dir, item["id"]) if attn_dir else None
+        if path is not None and path.exists():
+            problem = check_maps(path, item["answer"])[1]
+            problems += [f"{name}: {problem}"] if problem else []
+        try:
+            item_regions(item, root, normalize_word)
+        except Exception as err:  # noqa: BLE001 -- a missing or malformed mask or box
+            problems.append(f"{name}: masks/boxes cannot be read ({type(err).__name__}: {err})")
+    return problems
+
+
+def read_test_data(args):
+    """(items, dm_store, regions): --data and --attn read, every item checked (item_problems); a
+    problem stops the evaluation with the items named, before any model is loaded."""
+    try:
+        items = read_scored_items(args)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--data: {err}") from None
+    root = Path(args.data).resolve().parent
+    problems = item_problems(items, args.attn, root)
+    if problems:
+        raise SystemExit(f"{len(problems)} problem(s) in --data {args.data} / --attn {args.attn}; fix or "
+                         f"remove these items:\n  " + "\n  ".join(problems[:20]))
+    dm_store = read_dm_store(items, args.attn)
+    if args.attn and not dm_store:
+        raise SystemExit(f"--attn {args.attn}: no attention file for any of the {len(items)} items "
+                         f"(expected <attn>/<id>.safetensors, written by extract.py)")
+    regions = {it["id"]: item_regions(it, root, normalize_word) for it in items
+               if dm_store and (it.get("masks") or it.get("boxes"))}
+    return items, dm_store, regions
+
+
+def run_problem(run_dir):
+    """None when run_dir looks like a finished train.py run, else what is missing or broken."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return "no such folder"
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"config.json cannot be read ({type(err).__name__}: {err})"
+    needed = ("model", "peft", "loss", "aggregate", "aligner", "aligner_mode", "match")
+    if not isinstance(config, dict) or any(k not in config for k in needed):
+        return f"config.json lacks some of {needed}: not written by train.py"
+    weights = run_dir / ("adapter/adapter_config.json" if config["peft"] == "lora" else "model/config.json")
+    if not weights.is_file():
+        return f"{weights.relative_to(run_dir)} is missing: the run did not finish (train.py --resume)"
+    return None
+
+
+def load_run(run_dir, device, dtype):
+    """train.load_run, with a broken run folder turned into a message that names it."""
+    problem = run_problem(run_dir)
+    if problem is None:
+        try:
+            return train.load_run(run_dir, device=device, dtype=dtype)
+        except Exception as err:  # noqa: BLE001 -- unreadable weights, a foreign adapter, ...
+            problem = f"cannot be loaded ({type(err).__name__}: {str(err)[:300]})"
+    raise SystemExit(f"--run-dir {run_dir}: {problem}")
 
 
 def models_to_evaluate(args):
@@ -440,7 +521,7 @@ def models_to_evaluate(args):
         if not args.model:
             raise SystemExit("give --model <preset> to evaluate the base model, or one or more --run-dir DIR")
         models.append(("base", None))
-    models += [(Path(r).name or f"run{i}", r) for i, r in enumerate(args.run)]
+    models += [(Path(r).resolve().name or f"run{i}", r) for i, r in enumerate(args.run)]  # a plain folder name
     names = [n for n, _ in models]
     return [(n if names.count(n) == 1 else f"{n}-{i}", r) for i, (n, r) in enumerate(models)]
 
@@ -462,18 +543,11 @@ def evaluate(args):
 
 def evaluate_ranks(args, rank, world, device):
     out_dir = Path(args.out)
+    items, dm_store, regions = read_test_data(args)
+    problems = [f"--run-dir {r}: {p}" for _, r in models_to_evaluate(args) if r and (p := run_problem(r))]
+    if problems:  # every broken run named now, not after the first runs were evaluated
+        raise SystemExit("\n".join(problems))
     out_dir.mkdir(parents=True, exist_ok=True)
-    items = read_scored_items(args)
-    problems = train.check_images(items)
-    if problems:
-        raise SystemExit(f"{len(problems)} image(s) cannot be opened; fix --data {args.data}:\n" + "\n".join(problems[:10]))
-    dm_store = read_dm_store(items, args.attn)
-    if args.attn and not dm_store:
-        raise SystemExit(f"--attn {args.attn}: no attention file for any of the {len(items)} items "
-                         f"(expected <attn>/<id>.safetensors, written by extract.py)")
-    root = Path(args.data).resolve().parent
-    regions = {it["id"]: item_regions(it, root, normalize_word) for it in items
-               if dm_store and (it.get("masks") or it.get("boxes"))}
     drawn = [it for it in items if it["id"] in dm_store][:args.figures]  # the overlays' items: only their maps are kept
 
     # ---- each model in turn: load, generate, score, read its attention ----
@@ -483,7 +557,7 @@ def evaluate_ranks(args, rank, world, device):
             model, processor = train.load_vlm(args.model, args.model_path, dtype=getattr(torch, args.dtype))
             lavender = None
         else:  # a LoRA or full run, loaded whole on this one process (also one trained under FSDP)
-            model, processor, lavender, config = train.load_run(run_dir, device=device, dtype=getattr(torch, args.dtype))
+            model, processor, lavender, config = load_run(run_dir, device, getattr(torch, args.dtype))
             if args.model and config.get("model") != args.model:
                 raise SystemExit(f"--run-dir {run_dir} was trained from --model {config.get('model')}, not {args.model}")
         settings = capture_settings(lavender, model, args) if dm_store else None
@@ -514,8 +588,8 @@ def evaluate_ranks(args, rank, world, device):
         for item in drawn:
             maps, words = dm_store[item["id"]]
             run_maps = {name: [pictures[name][item["id"]].get(j) for j in range(len(words))] for name in pictures}
-            draw_overlay_grid(out_dir / "overlays" / f"{item['id']}.png", Image.open(item["image_path"]), words,
-                              maps, run_maps)
+            draw_overlay_grid(overlay_path(out_dir, item["id"]), open_image(item["image_path"]), words, maps,
+                              run_maps)
             report["figures"].append(f"overlays/{item['id']}.png")
     for r in runs:
         r.pop("_entropies", None)

@@ -42,13 +42,21 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")  # ids become file names
 def read_items(jsonl_path):
     """Items of a dataset JSONL, each as in the file plus "image_path" (absolute).
 
-    A malformed line (not a JSON object, a missing or non-string id/image/question/answer) raises
-    ValueError naming it; unsafe ids are left to extract(), which records them in failures.jsonl.
+    A missing file raises FileNotFoundError, a malformed line (not UTF-8, not a JSON object, a
+    missing or non-string id/image/question/answer) ValueError, each naming the file (and line);
+    unsafe ids are left to the callers (extract() records them in failures.jsonl, train.py and
+    evaluate.py refuse them), which check them with ID_PATTERN.
     """
+    if not Path(jsonl_path).is_file():
+        raise FileNotFoundError(f"{jsonl_path}: no such data file (resolved: {Path(jsonl_path).resolve()})")
     root = Path(jsonl_path).resolve().parent
     items = []
-    with open(jsonl_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(jsonl_path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{jsonl_path} line {n}: not UTF-8 ({e}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -59,6 +67,7 @@ def read_items(jsonl_path):
                 if not isinstance(item, dict) or not isinstance(item.get(key), str):
                     raise ValueError(f"{jsonl_path} line {n}: field {key!r} must be a string in a JSON object: {line.strip()[:100]}")
             item["image_path"] = str(root / item["image"])
+            item["line"] = n  # for messages about the item
             items.append(item)
     return items
 
@@ -442,13 +451,14 @@ def word_maps(attention, W):
 
 # ---- images ----
 
-def load_image(path, res):
-    """(3, res, res) float tensor in [-1, 1] from an image file of any mode, squashed to a square.
+def open_image(path):
+    """The image file as a fully decoded PIL RGB image: the one loader of extract.py (the DM's
+    pixels) and data.collate (the VLM's), so both models see the same picture.
 
     Modes: integer grey (I;16, I) is read as 16-bit when any value exceeds 255 (else as 8-bit),
     float grey (F) as [0, 1] when it stays within it; anything with transparency (RGBA, LA, or a
     transparent palette colour) is composited on white; CMYK, YCbCr, P, L, 1 convert with PIL.
-    The square resize matches the VLM side, whose maps also cover the whole image.
+    Decoding every pixel here (img.load) is what finds a truncated file; PIL's verify() does not.
     """
     with Image.open(path) as img:
         img.load()
@@ -460,7 +470,13 @@ def load_image(path, res):
             rgba = img.convert("RGBA")
             img = Image.new("RGB", rgba.size, (255, 255, 255))
             img.paste(rgba, mask=rgba.getchannel("A"))
-        img = img.convert("RGB").resize((res, res), Image.BICUBIC)
+        return img.convert("RGB")
+
+
+def load_image(path, res):
+    """(3, res, res) float tensor in [-1, 1] from an image file of any mode (open_image), squashed
+    to a square. The square resize matches the VLM side, whose maps also cover the whole image."""
+    img = open_image(path).resize((res, res), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, res, res) 0..255
     return x / 127.5 - 1.0
 

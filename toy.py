@@ -625,6 +625,7 @@ def train_args(data, attn, out, loss, seed, args):
             "--aggregate", args.aggregate, "--aligner", args.aligner, "--aligner-mode", args.aligner_mode,
             "--align-words", args.align_words, "--peft", args.peft,
             "--pretrain-aligner-steps", str(args.pretrain_aligner_steps if loss == "lavender" else 0),
+            "--overwrite",  # the demo retrains each run from scratch when it is run again
             "--no-progress" if args.quiet else "--progress"]
     return train.build_parser().parse_args(argv)
 

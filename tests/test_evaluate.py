@@ -292,7 +292,8 @@ def test_own_maps_as_targets_give_zero_mse_and_full_pointing(tmp_path, tiny_data
     maps = E.answer_maps(model.eval(), processor, items, dm_store, settings, batch_size=3, show=False)
     boxes = {}
     for it, m in zip(items, maps):
-        save_maps(tmp_path / "own" / f"{it['id']}.safetensors", m["aligned"], m["words"], {"dm": "own"})
+        save_maps(tmp_path / "own" / f"{it['id']}.safetensors", m["aligned"], m["words"],
+                  {"dm": "own", "text": it["answer"]})  # the store's text is the item's answer (DESIGN.md)
         w, h = Image.open(it["image_path"]).size
         boxes[it["id"]] = {}
         for word, vlm_map in zip(m["words"], m["aligned"]):
@@ -316,3 +317,53 @@ def test_clear_errors(tmp_path, tiny_dataset):
     (tmp_path / "images" / "item002.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit, match="item002"):
         E.evaluate(parse(["--model", "tiny", "--data", tiny_dataset, "--out", str(tmp_path / "o")]))
+
+
+def test_broken_run_folders_and_items_are_named(tmp_path, tiny_dataset):
+    """A run folder without config.json, with a config.json that is not JSON, or without its adapter,
+    and an item with a truncated attention file or a missing mask: each is named in one message, before
+    any model is loaded or any file written."""
+    parse = E.build_parser().parse_args
+    runs = {name: tmp_path / name for name in ("empty", "bad-json", "no-adapter")}
+    for folder in runs.values():
+        folder.mkdir()
+    (runs["bad-json"] / "config.json").write_text('{"model": "tiny", ')
+    config = {"model": "tiny", "model_path": None, "peft": "lora", "loss": "ar", "aggregate": "learn",
+              "aligner": "sim", "aligner_mode": "per-layer", "match": "exact"}
+    (runs["no-adapter"] / "config.json").write_text(json.dumps(config))
+    flags = ["--data", tiny_dataset, "--out", str(tmp_path / "o")] + [x for r in runs.values() for x in ("--run-dir", str(r))]
+    with pytest.raises(SystemExit) as caught:
+        E.evaluate(parse(flags))
+    said = str(caught.value)
+    assert f"--run-dir {runs['empty']}: config.json cannot be read" in said
+    assert f"--run-dir {runs['bad-json']}: config.json cannot be read (JSONDecodeError" in said
+    assert f"--run-dir {runs['no-adapter']}: adapter/adapter_config.json is missing" in said
+    attn = Path(tiny_dataset).parent / "attn"
+    data = (attn / "item001.safetensors").read_bytes()
+    (attn / "item001.safetensors").write_bytes(data[:len(data) // 2])
+    add_fields(tiny_dataset)
+    items = [json.loads(line) for line in open(tiny_dataset)]
+    items[3]["masks"] = {"yes": "masks/none.png"}
+    Path(tiny_dataset).write_text("".join(json.dumps(it) + "\n" for it in items))
+    with pytest.raises(SystemExit) as caught:
+        E.evaluate(parse(["--model", "tiny", "--data", tiny_dataset, "--attn", str(attn), "--out", str(tmp_path / "o")]))
+    said = str(caught.value)
+    assert "item 'item001' (line 2): attention file" in said and "cannot be read" in said
+    assert "item 'item003' (line 4): masks/boxes cannot be read (FileNotFoundError" in said
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_id_cannot_write_outside_the_output_folder(tmp_path, tiny_dataset):
+    """An item id like '../../x' is refused before anything is drawn: overlays/<id>.png would land
+    outside --out."""
+    items = [json.loads(line) for line in open(tiny_dataset)]
+    items[0]["id"] = "../../escaped"
+    Path(tiny_dataset).write_text("".join(json.dumps(it) + "\n" for it in items))
+    attn = Path(tiny_dataset).parent / "attn"
+    out = tmp_path / "deep" / "er" / "out"
+    with pytest.raises(SystemExit, match=r"item '\.\./\.\./escaped' \(line 1\): id cannot be a file name"):
+        E.evaluate(E.build_parser().parse_args(["--model", "tiny", "--data", tiny_dataset, "--attn", str(attn),
+                                                "--out", str(out), "--quiet"]))
+    assert not list(tmp_path.rglob("escaped*"))
+    with pytest.raises(ValueError, match="would leave"):
+        E.overlay_path(out, "../../escaped")
