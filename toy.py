@@ -745,7 +745,11 @@ def write_report(path, table, reports, args, minutes, out):
             name = f"{split}-{Path(fig).name}"
             shutil.copy(out / f"eval-{split}" / fig, pictures / name)
             shown.append(f"![{split} {fig}](toy_report/{name})")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    def relative(v):  # paths inside the repository as the README's commands write them
+        if isinstance(v, (str, Path)) and Path(v).is_absolute() and Path(v).resolve().is_relative_to(ROOT):
+            return str(Path(v).resolve().relative_to(ROOT))
+        return str(v) if isinstance(v, Path) else v
+    settings = {k: relative(v) for k, v in vars(args).items()}
     # hand-written notes below the marker (what was tried, by hand) survive a re-run of the demo
     marker = "<!-- notes: kept when the demo rewrites this file -->"
     notes = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
