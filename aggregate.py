@@ -247,7 +247,9 @@ class AttentionCapture:
             dtype = attn.lavender_q_proj.weight.dtype
             q = attn.lavender_q_proj(h.to(dtype)).view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, R, D)
             k = attn.lavender_k_proj(states.to(dtype)).view(B, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-            self._save(i, _row_probs(attn, attn.q_norm(q), attn.k_norm(k), mask))  # (B, H, R, N)
+            # .forward: the norms' own hooks stay silent (a capture of the pretrained A on the same
+            # model reads q_norm / k_norm outputs through them)
+            self._save(i, _row_probs(attn, attn.q_norm.forward(q), attn.k_norm.forward(k), mask))  # (B, H, R, N)
             return None
         return hook
 

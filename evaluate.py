@@ -7,16 +7,24 @@ For every run (and/or the base model) this script
      the letter of a multiple-choice answer (WorldMedQA-V, §7.5), VQA accuracy, ANLS, ChartQA's
      relaxed accuracy or CIDEr-D; the mean score with a 95% interval, per run and per `category`;
      predictions are written per item (--vlmevalkit: in VLMEvalKit's columns, for its scorers);
-  2. with --attn (the store written by extract.py), reads the VLM's attention on the reference
-     answer under teacher forcing (aggregate.AttentionCapture + vlm_word_maps, the run's own
-     capture settings) and reports, per answer word:
-       - attention entropy H(p) = -sum_a p(a) log p(a) of the DM maps and of the VLM's aggregated
-         maps (App. B eq. 23, histograms as in Fig. 7/25),
-       - the alignment MSE between the VLM map (through the run's Aligner, as the loss sees it,
-         eq. 9/17) and the DM map,
-       - pointing accuracy when the JSONL gives a "masks" or "boxes" entry for the word,
-       - overlay pictures for a few items (Fig. 8/17): image, DM map, each run's VLM map (through
-         its Aligner, the map the loss compares), per DM word;
+  2. with --attn (the store written by extract.py), reads attention on the reference answer under
+     teacher forcing, for the answer's words that have a DM map (label words: the same words for
+     every model; aggregate.plan_words). One ruler for every model, base, AR or Lavender:
+       - "own": the model's own cross-attention, the pretrained attention A of every model (for a
+         Lavender run with parallel projections, A, not A_d), the same layers (--layers) and the
+         same aggregation (--aggregate, default mean-mean) for every model, no Aligner, made into
+         per-word 32x32 maps and min-max normalised as the DM maps are (aggregate.vlm_word_maps);
+       - "head", Lavender runs only, reported in rows of their own: the map the run's loss
+         compares with the DM map (eq. 17): its capture (A or A_d), aggregation and Aligner;
+     and for each, per word:
+       - entropy H(p) = -sum_a p(a) log p(a) of the map made a distribution over its 32x32 cells
+         (App. B eq. 23; attention_entropy; histograms as in Fig. 7/25), and of the DM maps of the
+         same words,
+       - alignment MSE against the word's DM map (eq. 9/17 for one word),
+       - pointing: whether the map's argmax lies inside the object the word names, when the JSONL
+         gives a "masks" or "boxes" entry for it (and the DM map's own pointing on the same words),
+       - overlay pictures for a few items (Fig. 8/17): image, DM map, each model's own map and
+         each Lavender run's head map, per DM word;
   3. writes report.json (every figure), report.md (one row per run), <run>/predictions.jsonl,
      entropy.png, overlays/<id>.png, and prints a one-line summary.
 
@@ -219,50 +227,74 @@ def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, d
 
 
 def capture_settings(lavender, model, args):
-    """How a model's VLM maps are made. A run: as it was trained (train.load_run's lavender dict:
-    aligner, layers, aggregation, aligner_mode, match, learned); an autoregressive run has no
-    parallel projections, so with aggregation "learn" it is read with mean-mean instead. The base
-    model: this script's --aggregate, --layers, --match, no Aligner."""
-    if lavender is None:   # (--aggregate learn is not offered: the base model has no parallel projections)
-        return {"aggregation": args.aggregate, "layers": aligned_layers(model, args.layers), "match": args.match,
-                "aligner": None, "aligner_mode": "auto", "learned": False}
-    settings = dict(lavender)
-    if not settings.get("layers"):
-        settings["layers"] = aligned_layers(model, "all")
-    if settings["aggregation"] == "learn" and not settings["learned"]:
-        settings["aggregation"] = "mean-mean"
-    return settings
+    """(own, head): how a model's maps are made. own: the one ruler, the same for every model
+    (--aggregate, --layers, --match on the pretrained attention, no Aligner); head: a Lavender run's
+    map as its loss saw it (train.load_run's lavender dict: aligner, layers, aggregation,
+    aligner_mode, learned), None for the base model and runs without an Aligner or projections."""
+    own = {"aggregation": args.aggregate, "layers": aligned_layers(model, args.layers), "match": args.match,
+           "aligner": None, "aligner_mode": "auto", "learned": False}
+    if lavender is None or (lavender["aligner"] is None and not lavender["learned"]):
+        return own, None
+    head = dict(lavender, match=args.match)
+    head["layers"] = head.get("layers") or aligned_layers(model, "all")
+    return own, head
+
+
+def word_maps(capture, plan, batch, settings):
+    """(B, W, 32, 32) maps of `settings` (capture_settings) from a filled capture."""
+    return vlm_word_maps(capture, plan, batch, aggregation=settings["aggregation"], aligner=settings["aligner"],
+                         aligner_mode=settings["aligner_mode"]).float().cpu()
 
 
 @torch.no_grad()
-def answer_maps(model, processor, items, dm_store, settings, batch_size=4, device="cpu", show=True):
-    """Per item dict(words, dm_index, raw, aligned): the VLM's per-word maps on the reference answer
-    under teacher forcing, for the words of the reference answer (label words, the same words for
-    every model; aggregate.plan_words says which rows). raw (W, 32, 32): aggregated attention
-    (entropy, eq. 23); aligned: through the run's Aligner when it has one (what the loss of eq. 17
-    compares with the DM map), else equal to raw."""
+def answer_maps(model, processor, items, dm_store, own, head=None, batch_size=4, device="cpu", show=True):
+    """Per item dict(words, dm_index, own, head): the per-word maps on the reference answer under
+    teacher forcing, for the answer's words that have a DM map (label words; plan_words). own and
+    head (W, 32, 32) as capture_settings makes them (head None without one); one forward fills both."""
     out = []
-    with AttentionCapture(model, settings["layers"], learned=settings["learned"]) as capture:
+    captures = [AttentionCapture(model, own["layers"], learned=False)]
+    if head is not None:
+        captures.append(AttentionCapture(model, head["layers"], learned=head["learned"]))
+    try:
         for start in tqdm(range(0, len(items), batch_size), desc="attention", disable=not show, leave=False):
             chunk = items[start:start + batch_size]
             batch = train.collate(processor, chunk, with_answer=True)
             dm_words = [dm_store[it["id"]][1] if it["id"] in dm_store else None for it in chunk]
             rows = answer_rows(batch["labels"])  # (B, R) every row that predicts an answer token
-            capture.set_rows(rows.to(device))
+            for capture in captures:
+                capture.set_rows(rows.to(device))
             model(**train.model_inputs(batch, device))
             tokens = row_tokens(rows, batch["input_ids"], align_words="label")
-            plan = plan_words(processor.tokenizer, rows, tokens, dm_words, match=settings["match"])
+            plan = plan_words(processor.tokenizer, rows, tokens, dm_words, match=own["match"])
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            raw = vlm_word_maps(capture, plan, batch, aggregation=settings["aggregation"]).float().cpu()   # (B, W, 32, 32)
-            aligned = raw
-            if settings["aligner"] is not None:
-                aligned = vlm_word_maps(capture, plan, batch, aggregation=settings["aggregation"],
-                                        aligner=settings["aligner"], aligner_mode=settings["aligner_mode"]).float().cpu()
+            maps = [word_maps(c, plan, batch, s) for c, s in zip(captures, (own, head))]  # (B, W, 32, 32) each
             for b in range(len(chunk)):
                 n = len(plan["words"][b])
                 out.append({"words": plan["words"][b], "dm_index": plan["dm_index"][b, :n].tolist(),
-                            "raw": raw[b, :n], "aligned": aligned[b, :n]})
+                            "own": maps[0][b, :n], "head": maps[1][b, :n] if head is not None else None})
+    finally:
+        for capture in captures:
+            capture.remove()
     return out
+
+
+def word_measures(maps, dm_maps, m, regions):
+    """Per-word entropy, MSE against the DM map, pointing hits of (W, 32, 32) maps (one item)."""
+    measures = {"entropies": attention_entropy(maps).tolist(), "errors": [], "hits": []}
+    for w, (word, j) in enumerate(zip(m["words"], m["dm_index"])):
+        measures["errors"].append(float(alignment_mse(maps[w], dm_maps[j])))
+        region = regions.get(normalize_word(word))
+        if region is not None:
+            measures["hits"].append(pointing_hit(maps[w], region))
+    return measures
+
+
+def attention_summary(results, key):
+    """dict(entropy, alignment_mse, pointing, matched_words) over every item's words (item order)."""
+    every = lambda name: [v for r in results for v in r[key][name]]  # noqa: E731
+    hits = every("hits")
+    return {"entropy": summarize(every("entropies")), "alignment_mse": summarize(every("errors")),
+            "pointing": accuracy_summary(hits) if hits else None, "matched_words": len(every("errors"))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,10 +304,10 @@ def answer_maps(model, processor, items, dm_store, settings, batch_size=4, devic
 def evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir, drawn=(),
                    rank=0, world=1, device="cpu"):
     """Accuracy (and, with a DM store, attention measures) of one model; rank 0 writes
-    <out>/<name>/predictions.jsonl. This rank measures items rank, rank + world, ...; the per-item
-    results are gathered (train.gather_objects) and put back in item order, so the report does not
-    depend on the number of ranks. Returns (run report dict, {item id: {dm word index: VLM map}}
-    for the items in `drawn`, the ids whose overlays are drawn)."""
+    <out>/<name>/predictions.jsonl. settings: capture_settings' (own, head). This rank measures
+    items rank, rank + world, ...; the per-item results are gathered (train.gather_objects) and put
+    back in item order, so the report does not depend on the number of ranks. Returns (run report
+    dict, {item id: {"own" / "head": {dm word index: map}}} for the items in `drawn`)."""
     show = not args.quiet and rank == 0
     model.to(device).eval()
     mine = list(range(rank, len(items), world))
@@ -284,23 +316,21 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
     results = []  # one dict per item of this rank: its prediction and, with a DM store, its per-word measures
     for i, prediction in zip(mine, predictions):
         results.append({"index": i, "record": {"id": items[i]["id"], "prediction": prediction}})
+    own, head = settings if dm_store else (None, None)
     if dm_store:
-        maps = answer_maps(model, processor, [items[i] for i in mine], dm_store, settings, args.batch_size, device, show)
-        # plan_words keeps only the answer words matched to a DM word (one entry per DM word), so every
-        # word below has a DM map: all measures are over the same matched words
-        for result, m in zip(results, maps):
+        maps = answer_maps(model, processor, [items[i] for i in mine], dm_store, own, head, args.batch_size, device, show)
+        for result, m in zip(results, maps):  # every word below has a DM map (plan_words keeps only those)
             item_id = result["record"]["id"]
             dm_maps = dm_store[item_id][0] if item_id in dm_store else None
-            result.update(entropies=attention_entropy(m["raw"]).tolist(),           # eq. 23, the VLM's own attention
-                          aligned_entropies=attention_entropy(m["aligned"]).tolist(),  # after the Aligner (Fig. 17)
-                          errors=[], hits=[], picture={})
-            for w, (word, j) in enumerate(zip(m["words"], m["dm_index"])):
-                result["errors"].append(float(alignment_mse(m["aligned"][w], dm_maps[j])))
-                if item_id in drawn:
-                    result["picture"][j] = m["aligned"][w]
-                region = regions.get(item_id, {}).get(normalize_word(word))
-                if region is not None:
-                    result["hits"].append(pointing_hit(m["aligned"][w], region))
+            item_regions_ = regions.get(item_id, {})
+            result["own"] = word_measures(m["own"], dm_maps, m, item_regions_)
+            result["dm"] = word_measures(torch.stack([dm_maps[j] for j in m["dm_index"]]) if m["words"] else
+                                         torch.zeros(0, 32, 32), dm_maps, m, item_regions_)
+            if head is not None:
+                result["head"] = word_measures(m["head"], dm_maps, m, item_regions_)
+            if item_id in drawn:
+                result["picture"] = {kind: {j: m[kind][w] for w, j in enumerate(m["dm_index"])}
+                                     for kind in ("own", "head") if m[kind] is not None}
     results = sorted(train.gather_objects(results, world), key=lambda r: r["index"])  # every rank: all items
     # scored once gathered: CIDEr-D's document frequencies are over the whole set
     records = score_items(items, [r["record"]["prediction"] for r in results], args.metric)
@@ -309,15 +339,14 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
     report = {"name": name, **run_scores(records)}
     pictures = {}
     if dm_store:
-        every = lambda key: [v for r in results for v in r[key]]  # noqa: E731  (item order, then word order)
-        entropies, errors, hits = every("entropies"), every("errors"), every("hits")
-        pictures = {r["record"]["id"]: r["picture"] for r in results if r["record"]["id"] in drawn}
-        shown = dict(settings, aligner=type(settings["aligner"]).__name__ if settings["aligner"] is not None else None)
-        report.update(settings=shown, vlm_entropy=summarize(entropies),
-                      aligned_entropy=summarize(every("aligned_entropies")),
-                      alignment_mse=summarize(errors), matched_words=len(errors),
-                      pointing=accuracy_summary(hits) if hits else None)
-        report["_entropies"] = entropies
+        pictures = {r["record"]["id"]: r["picture"] for r in results if "picture" in r}
+        shown = lambda s: dict(s, aligner=type(s["aligner"]).__name__ if s["aligner"] is not None else None)  # noqa: E731
+        mine_ = attention_summary(results, "own")
+        report.update(settings=shown(own), vlm_entropy=mine_["entropy"], alignment_mse=mine_["alignment_mse"],
+                      pointing=mine_["pointing"], matched_words=mine_["matched_words"],
+                      dm_on_matched=attention_summary(results, "dm"),
+                      head=dict(attention_summary(results, "head"), settings=shown(head)) if head else None)
+        report["_entropies"] = [v for r in results for v in r["own"]["entropies"]]
     return report, pictures
 
 
@@ -380,21 +409,29 @@ def _num(summary, digits=3):
 
 
 def report_markdown(report):
-    """report.md: one row per run, one column per measure; per-category accuracy below when present."""
+    """report.md: one row per model (its own attention) and one per Lavender run's Aligner head, one
+    column per measure; per-category accuracy below when present."""
     runs = report["runs"]
     lines = [f"# Evaluation on {report['data']} ({report['items']} items)", "",
              f"Accuracy: {report.get('metric')}; in % (CIDEr-D x 100, as papers print it). "
-             "Entropy: App. B eq. 23, nats (uniform 32x32 = 6.931). "
-             "MSE: VLM map (through the run's Aligner) vs DM map, per answer word matched to a DM word.", "",
-             "| run | accuracy % [95% CI] | VLM entropy | DM entropy | alignment MSE | matched words | pointing % [95% CI] |",
+             "Attention columns, per answer word with a DM map: 'own' is each model's own cross-attention, "
+             "read the same way for every model; 'head' is a Lavender run's map through its Aligner (what its "
+             "loss compares). Entropy: App. B eq. 23, nats (uniform 32x32 = 6.931). MSE: against the DM map. "
+             "Pointing: the map's argmax inside the named object.", "",
+             "| model | maps | accuracy % [95% CI] | entropy | alignment MSE | matched words | pointing % [95% CI] |",
              "|---|---|---|---|---|---|---|"]
-    dm = report.get("dm") or {}
     for r in runs:
-        lines.append(f"| {r['name']} | {_pct(r['accuracy']['all'])} | {_num(r.get('vlm_entropy'))} | "
-                     f"{_num(dm.get('entropy'))} | {_num(r.get('alignment_mse'), 4)} | "
-                     f"{r.get('matched_words', '-')} | {_pct(r.get('pointing'))} |")
-    if dm.get("pointing"):
-        lines += ["", f"DM pointing (the target's own): {_pct(dm['pointing'])}"]
+        lines.append(f"| {r['name']} | own | {_pct(r['accuracy']['all'])} | {_num(r.get('vlm_entropy'))} | "
+                     f"{_num(r.get('alignment_mse'), 4)} | {r.get('matched_words', '-')} | {_pct(r.get('pointing'))} |")
+    for r in runs:
+        if r.get("head"):
+            h = r["head"]
+            lines.append(f"| {r['name']} | head | | {_num(h['entropy'])} | {_num(h['alignment_mse'], 4)} | "
+                         f"{h['matched_words']} | {_pct(h['pointing'])} |")
+    dm = report.get("dm") or {}
+    if dm:
+        lines.append(f"| DM (the target) | | | {_num(dm.get('entropy'))} | | {dm.get('matched_words', '-')} | "
+                     f"{_pct(dm.get('pointing'))} |")
     categories = sorted({c for r in runs for c in r["accuracy"] if c != "all"})
     if categories:
         lines += ["", "## Accuracy per category", "", "| run | " + " | ".join(categories) + " |",
@@ -577,22 +614,25 @@ def evaluate_ranks(args, rank, world, device):
     if rank != 0:  # every figure is on rank 0 now; the files are its job
         return report
     # ---- the DM side (run-independent), histograms (Fig. 7/25) and overlays (Fig. 8/17) ----
-    if dm_store:
-        dm_entropy = [float(h) for maps, _ in dm_store.values() for h in attention_entropy(maps)]
-        dm_hits = [pointing_hit(maps[j], regions[i][normalize_word(w)]) for i, (maps, words) in dm_store.items()
-                   for j, w in enumerate(words) if normalize_word(w) in regions.get(i, {})]
-        report["dm"] = {"entropy": summarize(dm_entropy), "pointing": accuracy_summary(dm_hits) if dm_hits else None}
+    if dm_store:  # the DM's maps of the matched words (the same words for every model: label words)
+        dm = runs[0].pop("dm_on_matched")
+        report["dm"] = {"entropy": dm["entropy"], "pointing": dm["pointing"], "matched_words": dm["matched_words"]}
+        dm_entropy = [float(h) for it in items if it["id"] in dm_store for h in
+                      attention_entropy(dm_store[it["id"]][0])]  # (every DM word, for the histogram)
         draw_entropy_histograms(out_dir / "entropy.png", dm_entropy, {r["name"]: r["_entropies"] for r in runs})
         report["figures"].append("entropy.png")
         (out_dir / "overlays").mkdir(exist_ok=True)
         for item in drawn:
             maps, words = dm_store[item["id"]]
-            run_maps = {name: [pictures[name][item["id"]].get(j) for j in range(len(words))] for name in pictures}
+            run_maps = {(name if kind == "own" else f"{name} head"): [pictures[name][item["id"]][kind].get(j)
+                                                                      for j in range(len(words))]
+                        for name in pictures if item["id"] in pictures[name] for kind in pictures[name][item["id"]]}
             draw_overlay_grid(overlay_path(out_dir, item["id"]), open_image(item["image_path"]), words, maps,
                               run_maps)
             report["figures"].append(f"overlays/{item['id']}.png")
     for r in runs:
         r.pop("_entropies", None)
+        r.pop("dm_on_matched", None)
     write_report(report, out_dir)
     print(summary_line(report))
     return report
@@ -618,9 +658,11 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=int, default=16, help="greedy generation length limit")
     p.add_argument("--batch-size", type=int, default=8, help="items per generation / teacher-forcing batch")
     p.add_argument("--aggregate", default="mean-mean", choices=[a for a in AGGREGATIONS if a != "learn"],
-                   help="base model only (a run uses its own): aggregation over heads-layers (§4.2)")
-    p.add_argument("--layers", default="all", choices=LAYER_SUBSETS, help="base model only: cross-attention layers read")
-    p.add_argument("--match", default="exact", choices=["exact", "root"], help="base model only: VLM-to-DM word matching")
+                   help="every model's own maps (the one ruler; a Lavender run's head keeps its own): "
+                        "aggregation over heads-layers (§4.2)")
+    p.add_argument("--layers", default="all", choices=LAYER_SUBSETS,
+                   help="every model's own maps: the cross-attention layers read")
+    p.add_argument("--match", default="exact", choices=["exact", "root"], help="VLM-to-DM word matching")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the VLM's dtype, base model and runs (bfloat16 on a GPU halves the memory)")
