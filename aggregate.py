@@ -37,11 +37,11 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from transformers.models.mllama.image_processing_pil_mllama import get_image_size_fit_to_canvas
 
-from aligner import min_max
+from aligner import MAP_SIZE, min_max
+from extract import split_words
 
 AGGREGATIONS = ("max-max", "max-mean", "mean-max", "mean-mean", "flow-multi", "flow-sum", "learn")
 LAYER_SUBSETS = ("all", "first", "mid", "last")
-MAP_SIZE = 32  # the DM maps' resolution (extract.py)
 
 # ---------------------------------------------------------------------------------------------
 # the model: where the cross-attention layers are
@@ -247,7 +247,9 @@ class AttentionCapture:
             dtype = attn.lavender_q_proj.weight.dtype
             q = attn.lavender_q_proj(h.to(dtype)).view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, R, D)
             k = attn.lavender_k_proj(states.to(dtype)).view(B, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-            self._save(i, _row_probs(attn, attn.q_norm(q), attn.k_norm(k), mask))  # (B, H, R, N)
+            # .forward: the norms' own hooks stay silent (a capture of the pretrained A on the same
+            # model reads q_norm / k_norm outputs through them)
+            self._save(i, _row_probs(attn, attn.q_norm.forward(q), attn.k_norm.forward(k), mask))  # (B, H, R, N)
             return None
         return hook
 
@@ -323,15 +325,55 @@ def image_maps(probs, batch, geometry):
 
 
 # ---------------------------------------------------------------------------------------------
-# aggregation over heads and layers (§4.2.1, §4.2.2 + App. D)
+# aggregation over heads and layers (§4.2.1, §4.2.2 + App. D), per token
 # ---------------------------------------------------------------------------------------------
+
+ALIGNER_MODES = ("auto", "per-layer", "after")
+
+
+def rules(aggregation):
+    """(head rule, layer rule) of an aggregation: "max-mean" -> ("max", "mean"); flow-* keeps the
+    heads apart and flows over layers: "flow-sum" -> ("mean", "flow-sum"); learn -> ("mean", "mean")."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    if aggregation.startswith("flow"):
+        return "mean", aggregation
+    return ("mean", "mean") if aggregation == "learn" else tuple(aggregation.split("-"))
+
+
+def aligner_placement(aggregation, mode="auto"):
+    """Where the Aligner runs for an aggregation: "per-layer" or "after" (the layers are combined).
+
+    The release's placements, which "auto" picks: heads as channels of a per-layer Aligner whose
+    raw outputs are then averaged (mean-mean, learn) or maxed (mean-max) over layers; max-max
+    reduced before a 1-channel Aligner; flow-* flowed per head, heads as channels. max-mean goes
+    "after" like max-max. "after" with mean-mean / mean-max / learn is the release's layer mean
+    (or max) before an H-channel Aligner. A per-layer Aligner cannot honour a max over heads (one
+    channel, which the release reduces over layers first) nor a flow (it multiplies or adds
+    probabilities, which the Aligner's outputs are not): those are refused.
+    """
+    heads, layers = rules(aggregation)
+    layerwise = heads == "mean" and layers in ("mean", "max")
+    if mode not in ALIGNER_MODES:
+        raise ValueError(f"unknown aligner_mode {mode!r}; choose one of {ALIGNER_MODES}")
+    if mode == "per-layer" and not layerwise:
+        why = "a max over heads leaves one channel" if heads == "max" else "a flow combines probabilities"
+        raise ValueError(f"--aggregate {aggregation} cannot run a per-layer Aligner ({why}, so the release combines "
+                         f"the layers before its Aligner): use --aligner-mode after (or auto) with {aggregation}, "
+                         f"or a per-layer Aligner with mean-mean, mean-max or learn")
+    return ("per-layer" if layerwise else "after") if mode == "auto" else mode
+
+
+def reduce(x, rule, dim):
+    """A mean or max over one dimension (the head or layer rule)."""
+    return x.amax(dim=dim) if rule == "max" else x.mean(dim=dim)
 
 
 def flow(maps, multiply):
     """App. D attention flow over layers: maps (..., L, h, w) per layer -> (..., h, w).
 
     eq. 40: Ā ← A⁽¹⁾; eq. 41 (flow-multi): Ā ← Ā ∘ A⁽ˡ⁾; eq. 42 (flow-sum): Ā ← Ā + A⁽ˡ⁾.
-    For flow-multi each step is divided by its sum over the map: a per-row constant (so the
+    For flow-multi each step is divided by its sum over the map: a per-map constant (so the
     normalised map is unchanged) that keeps a product of 8 probabilities (~1/6400 each) from
     underflowing. The result is returned as a distribution over the map (sums to 1).
     Worked example (one row, two layers, two patches): [.5, .5], [.8, .2] -> multi [.8, .2],
@@ -349,10 +391,10 @@ def flow_weights(rows, attention_mask):
     """App. D eq. 43, our choice (the paper's formula is lost): r_t = (t + 1) / T.
 
     t is the row's 0-based text position and T the sample's text length (attention_mask.sum()),
-    so earlier tokens weigh less and later ones more, as the paper describes. Every word map is
-    min-max normalised afterwards, so r only changes how the rows of one word (its sub-word
-    pieces and repeated occurrences) are weighted against each other, and the scale the Aligner
-    sees. rows (B, R), attention_mask (B, T) -> (B, R), 0 at padding rows.
+    so earlier tokens weigh less and later ones more, as the paper describes. Each token's map is
+    min-max normalised, so r weights the tokens of one word (its sub-word pieces and repeated
+    occurrences) against each other when their maps are averaged (merge_rows).
+    rows (B, R), attention_mask (B, T) -> (B, R), 0 at padding rows.
     Worked example: rows [[3, 4]], T = 5 -> [[0.8, 1.0]].
     """
     T = attention_mask.sum(dim=-1, keepdim=True).clamp(min=1).to("cpu", torch.float32)  # (B, 1)
@@ -361,34 +403,23 @@ def flow_weights(rows, attention_mask):
 
 
 def aggregate(maps, aggregation):
-    """§4.2: maps (..., L, H, h, w) -> (..., h, w). First word: over heads; second: over layers.
-
-    flow-*: heads averaged, then flow() over layers. learn: the parallel attention A_d is already
-    what is aligned, so heads and layers are averaged (the Aligner, if any, does the rest).
+    """§4.2 without an Aligner: maps (..., L, H, h, w) -> (..., h, w). First word: over heads;
+    second: over layers. flow-*: one flow per head over layers (App. D), then the heads' mean.
+    learn: the parallel attention A_d is what is aligned: heads and layers averaged.
     Worked example (L = 2, H = 2, one pixel): [[1, 3], [5, 7]] -> max-max 7, max-mean 5,
     mean-max 6, mean-mean 4.
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
-    if aggregation.startswith("flow"):
-        return flow(maps.mean(dim=-3), multiply=aggregation == "flow-multi")
-    over_heads, over_layers = ("mean", "mean") if aggregation == "learn" else aggregation.split("-")
-    x = maps.amax(dim=-3) if over_heads == "max" else maps.mean(dim=-3)  # (..., L, h, w)
-    return x.amax(dim=-3) if over_layers == "max" else x.mean(dim=-3)  # (..., h, w)
-
-
-def combine_layers(maps, aggregation):
-    """Per-layer Aligner outputs (..., L, h, w) -> (..., h, w) by the aggregation's layer rule."""
-    if aggregation.startswith("flow"):
-        return flow(maps, multiply=aggregation == "flow-multi")
-    return maps.amax(dim=-3) if aggregation.endswith("-max") else maps.mean(dim=-3)
+    heads, layers = rules(aggregation)
+    if layers.startswith("flow"):
+        return flow(maps.transpose(-3, -4), multiply=layers == "flow-multi").mean(dim=-3)
+    return reduce(reduce(maps, heads, dim=-3), layers, dim=-3)
 
 
 def merge_rows(maps, row_word, n_words, weights=None):
-    """Rows -> words: maps (B, ..., R, h, w), row_word (B, R) word index or -1 -> (B, ..., W, h, w).
+    """Tokens -> words: maps (B, ..., R, h, w), row_word (B, R) word index or -1 -> (B, ..., W, h, w).
 
-    A word's map is the (weighted) mean of its rows' maps: a multi-token word's pieces, and every
-    occurrence of a repeated word (the DM store averages repeated words too).
+    A word's map is the (weighted) mean of its tokens' maps: a multi-token word's pieces, and
+    every occurrence of a repeated word (the DM store averages repeated words too).
     """
     B, R = row_word.shape
     row_word = row_word.cpu()
@@ -405,68 +436,104 @@ def merge_rows(maps, row_word, n_words, weights=None):
     return x.reshape(B, *lead, n_words, maps.shape[-2], maps.shape[-1])
 
 
-def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, aligner_mode="per-layer",
+def aligned_tokens(plan):
+    """The captured rows that belong to an aligned word, packed to the front of each sample:
+    (take (B, K) index into the captured rows, -1 pad; token_word (B, K) their word, -1 pad)."""
+    row_word = plan["row_word"].cpu()
+    per_sample = [(row_word[b] >= 0).nonzero().flatten() for b in range(row_word.shape[0])]
+    K = max([len(t) for t in per_sample] + [1])
+    take = torch.full((row_word.shape[0], K), -1, dtype=torch.long)
+    token_word = torch.full_like(take, -1)
+    for b, t in enumerate(per_sample):
+        take[b, :len(t)], token_word[b, :len(t)] = t, row_word[b, t]
+    return take, token_word
+
+
+def per_layer_aligner(probs, batch, geometry, aligner, layer_rule, recompute):
+    """Release default: each layer's heads as the Aligner's channels; the raw outputs combined
+    over layers by the layer rule. probs (B, L, H, K, N) -> (B, K, 32, 32) raw.
+    One layer at a time (one call for all layers with BatchNorm, whose statistics span them);
+    recompute=True runs each layer's tile rebuild + Aligner under torch.utils.checkpoint, so
+    backward holds one layer's Aligner activations instead of all L layers' (same result)."""
+    B, L, H, K = probs.shape[:4]
+    batch_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in aligner.modules())
+    if recompute and batch_stats:
+        raise ValueError("recompute=True needs an Aligner without BatchNorm (its statistics would be taken per "
+                         "layer); use recompute=False with norm='batch'")
+
+    def maps_and_aligner(x):  # x (B, n, K, H, N) -> (B, n, K, 32, 32)
+        maps = image_maps(x, batch, geometry)  # (B, n, K, H, 32, 32): heads next to the map, no copy
+        return aligner(maps.reshape(-1, H, MAP_SIZE, MAP_SIZE)).view(B, x.shape[1], K, MAP_SIZE, MAP_SIZE)
+
+    x = probs.transpose(2, 3)  # (B, L, K, H, N)
+    if batch_stats:
+        y = maps_and_aligner(x)  # (B, L, K, 32, 32)
+    else:
+        one = lambda w: maps_and_aligner(w[:, None])[:, 0]  # noqa: E731 -- (B, K, H, N) -> (B, K, 32, 32)
+        y = torch.stack([torch.utils.checkpoint.checkpoint(one, w, use_reentrant=False) if recompute else one(w)
+                         for w in x.unbind(1)], dim=1)  # (B, L, K, 32, 32)
+    return reduce(y, layer_rule, dim=1)  # (B, K, 32, 32)
+
+
+def token_maps(probs, batch, geometry, aggregation, aligner=None, placement="after", recompute=False):
+    """Captured probabilities (B, L, H, K, N) of K tokens -> one raw (B, K, 32, 32) map per token.
+
+    No Aligner: heads, then layers, by the aggregation's rules (aggregate(), with a flow per head).
+    With an Aligner: per_layer_aligner, or "after": a max over heads (1 channel) or the heads kept
+    as channels, the layers combined (a flow per head), then the Aligner. A mean over heads or
+    layers is a linear map, like the tile rebuild, so where the order allows it runs on the image
+    tokens first (fewer maps to build); a max or a flow needs the per-head maps.
+    """
+    heads, layers = rules(aggregation)
+    if aligner is not None and placement == "per-layer":
+        return per_layer_aligner(probs, batch, geometry, aligner, layers, recompute)
+    flowing = layers.startswith("flow")
+    mean_heads_now = heads == "mean" and aligner is None and not flowing  # else kept as channels / flowed apart
+    if mean_heads_now:
+        probs = probs.mean(dim=2, keepdim=True)  # (B, L, 1, K, N)
+    if heads == "mean" and layers == "mean":
+        probs = probs.mean(dim=1, keepdim=True)  # (B, 1, H or 1, K, N): commutes with a mean or no head rule
+    maps = image_maps(probs, batch, geometry).movedim(3, 1)  # (B, K, L, H', 32, 32)
+    if heads == "max":
+        maps = maps.amax(dim=3, keepdim=True)  # over heads first, in each layer: (B, K, L, 1, 32, 32)
+    if flowing:
+        maps = flow(maps.transpose(2, 3), multiply=layers == "flow-multi")  # (B, K, H, 32, 32): one flow per head
+    else:
+        maps = reduce(maps, layers, dim=2)  # (B, K, H', 32, 32)
+    if aligner is None:
+        return maps.mean(dim=2)  # (B, K, 32, 32): the heads' mean of per-head flows, else one channel left
+    B, K, C = maps.shape[:3]
+    return aligner(maps.reshape(B * K, C, MAP_SIZE, MAP_SIZE)).view(B, K, MAP_SIZE, MAP_SIZE)
+
+
+def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, aligner_mode="auto",
                   recompute=False):
     """Per-word VLM attention maps: (B, W, 32, 32) in [0, 1], one per aligned word of `plan`.
 
-    capture.probs (B, L, H, R, N) -> rows merged into words (flow: weighted by flow_weights) ->
-    tiles rebuilt (B, L, H, W, 32, 32) -> either
-      aligner None:            aggregate over heads, layers -> (B, W, 32, 32)
-      aligner_mode "per-layer": Aligner on each layer's heads as channels -> (B, L, W, 32, 32),
-                                then combined over layers (mean, max or flow per `aggregation`)
-      aligner_mode "after":     aggregate, then the Aligner on 1 channel
-    -> min-max normalised per word (as the DM maps are).
-    The per-layer Aligner runs one layer at a time (one call for all layers with BatchNorm, whose
-    statistics span them). recompute=True runs each layer's tile rebuild + Aligner under
-    torch.utils.checkpoint, so backward holds one layer's Aligner activations instead of all L
-    layers' (less peak memory, one more Aligner forward; same result). Needs norm="instance".
+    §4.2's order, as the release computes it: each aligned token's captured probabilities
+    (B, L, H, K, N) -> its 32x32 map (token_maps: tiles rebuilt, heads and layers aggregated, the
+    Aligner at its placement) -> min-max normalised -> a word's token maps averaged (its pieces
+    and occurrences; flow-*: weighted by flow_weights) -> min-max normalised (as the DM maps are).
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
-    if (aggregation == "learn") != capture.learned:
-        raise ValueError(f"aggregation {aggregation!r} needs AttentionCapture(learned={aggregation == 'learn'})")
+    learned = aggregation == "learn"
+    if learned != capture.learned:
+        raise ValueError(f"aggregation {aggregation!r} needs AttentionCapture(learned={learned})")
     row_word, n_words = plan["row_word"], plan["dm_index"].shape[1]
     if n_words == 0:  # nothing aligned: an empty result still tied to the graph (same backward on every rank)
         tie = capture.probs.sum() * 0 + sum((p.sum() * 0 for p in (aligner.parameters() if aligner else [])), 0)
         return tie.expand(row_word.shape[0], 0, MAP_SIZE, MAP_SIZE)  # (B, 0, 32, 32)
-    if aligner is not None and aligner_mode not in ("per-layer", "after"):
-        raise ValueError(f"unknown aligner_mode {aligner_mode!r}; choose 'per-layer' or 'after'")
-    geometry = vision_geometry(capture.model)
-    weights = flow_weights(plan["rows"], batch["attention_mask"]) if aggregation.startswith("flow") else None
-    # Rows are merged into words, and (where the aggregation averages heads) heads averaged, on the
-    # image-token probabilities BEFORE the tiles are rebuilt: both are means, the tile rebuild is a
-    # linear map over image tokens, so the order does not change the result (up to float rounding),
-    # and the 32x32 maps are built for W words (and 1 head) instead of R rows and H heads. A max over
-    # heads does not commute with it, so max-* aggregations keep every head's map.
-    words = merge_rows(capture.probs.unsqueeze(-2), row_word, n_words, weights).squeeze(-2)  # (B, L, H, W, N)
-    B, L, H = words.shape[:3]
-    if aligner is not None and aligner_mode == "per-layer":
-        batch_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in aligner.modules())
-        if recompute and batch_stats:
-            raise ValueError("recompute=True needs an Aligner with norm='instance' (BatchNorm statistics "
-                             "would be taken per layer); use recompute=False with norm='batch'")
-
-        def maps_and_aligner(w):  # w (B, n, H, N) word probabilities -> (B, n, 32, 32)
-            x = image_maps(w, batch, geometry).reshape(B * w.shape[1], H, MAP_SIZE, MAP_SIZE)  # heads as channels
-            return aligner(x).view(B, w.shape[1], MAP_SIZE, MAP_SIZE)
-
-        def one_layer(w):
-            if recompute:
-                return torch.utils.checkpoint.checkpoint(maps_and_aligner, w, use_reentrant=False)
-            return maps_and_aligner(w)
-        words = words.transpose(2, 3)  # (B, L, W, H, N)
-        if batch_stats:  # BatchNorm: statistics over every layer's maps at once, so one call
-            y = maps_and_aligner(words.reshape(B, L * n_words, H, -1)).view(B, L, n_words, MAP_SIZE, MAP_SIZE)
-        else:  # one layer at a time: the same result (per-map statistics), faster on CPU (smaller working set)
-            y = torch.stack([one_layer(w) for w in words.unbind(1)], dim=1)  # (B, L, W, 32, 32)
-        return min_max(combine_layers(y.transpose(1, 2), aggregation))  # (B, W, 32, 32)
-    if not aggregation.startswith("max"):
-        words = words.mean(dim=2, keepdim=True)  # (B, L, 1, W, N): heads averaged first (see above)
-    maps = image_maps(words.permute(0, 3, 1, 2, 4), batch, geometry)  # (B, W, L, H or 1, 32, 32)
-    out = aggregate(maps, aggregation)  # (B, W, 32, 32)
-    if aligner is not None:  # aligner_mode "after": the Aligner on the aggregated map, 1 channel
-        out = aligner(out.reshape(B * n_words, 1, MAP_SIZE, MAP_SIZE)).view(B, n_words, MAP_SIZE, MAP_SIZE)
-    return min_max(out)  # (B, W, 32, 32)
+    placement = aligner_placement(aggregation, aligner_mode) if aligner is not None else None
+    take, token_word = aligned_tokens(plan)  # (B, K)
+    probs = capture.probs  # (B, L, H, R, N)
+    idx = take.clamp(min=0).to(probs.device)[:, None, None, :, None].expand(*probs.shape[:3], -1, probs.shape[-1])
+    probs = probs.gather(3, idx) * (take >= 0).to(probs.device)[:, None, None, :, None]  # (B, L, H, K, N)
+    weights = None
+    if rules(aggregation)[1].startswith("flow"):
+        rows = plan["rows"].cpu().gather(1, take.clamp(min=0)).masked_fill(take < 0, -1)  # (B, K) text positions
+        weights = flow_weights(rows, batch["attention_mask"])
+    maps = min_max(token_maps(probs, batch, vision_geometry(capture.model), aggregation, aligner, placement,
+                              recompute))  # (B, K, 32, 32): each token's map normalised
+    return min_max(merge_rows(maps, token_word, n_words, weights))  # (B, W, 32, 32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,10 +541,11 @@ def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, a
 # ---------------------------------------------------------------------------------------------
 
 _STEMMER = snowballstemmer.stemmer("english")
+ALIGN_WORDS = ("predicted", "label")
 
 
 def normalize_word(w):
-    """Lower-case, strip surrounding punctuation: "Circle," -> "circle", "dog's" -> "dog's"."""
+    """Lower-case, strip surrounding punctuation: "Circle," -> "circle", "'s" -> "s"."""
     return re.sub(r"^\W+|\W+$", "", w.lower())
 
 
@@ -498,68 +566,109 @@ def match_words(vlm_words, dm_words, mode="exact"):
     return [dm_keys.get(key(w)) if normalize_word(w) else None for w in vlm_words]
 
 
+def token_spans(tokenizer, ids):
+    """(text, spans): the decoded text of token ids and each token's [start, end) characters in it.
+
+    Tokens are decoded as growing prefixes (so merges and leading spaces come out as the whole
+    text has them), without clean-up of spaces. A byte-level token that ends inside a UTF-8
+    character decodes to U+FFFD until the character is complete: such a token shares the span of
+    the token that completes it, so "naïve" cut inside "ï" stays one word with both tokens.
+    Special tokens get an empty span.
+    """
+    special = set(tokenizer.all_special_ids)
+    text, spans, pending, kept = "", [], [], []
+    for tok in ids:
+        if tok in special:
+            spans.append((len(text), len(text)))
+            continue
+        kept.append(tok)
+        pending.append(len(spans))
+        spans.append(None)
+        full = tokenizer.decode(kept, clean_up_tokenization_spaces=False)
+        if full.endswith("\ufffd"):
+            continue  # inside a character: the span is set by the token that completes it
+        for m in pending:
+            spans[m] = (len(text), len(full))
+        text, pending = full, []
+    if pending:  # the ids end inside a character: it stays U+FFFD
+        full = tokenizer.decode(kept, clean_up_tokenization_spaces=False)
+        spans = [(len(text), len(full)) if s is None else s for s in spans]
+        text = full
+    return text, spans
+
+
 def answer_words(tokenizer, ids):
     """Group token ids into words: [(word, [token offsets in ids]), ...] in text order.
 
-    A word is a run of letters/digits/apostrophes in the decoded text; a token belongs to every
-    word its characters overlap (so "re" "d" -> ("red", [0, 1])). Tokens that decode to nothing
-    but spaces or punctuation (and special tokens) belong to no word.
+    The words are extract.split_words of the decoded text, the rule that makes the DM store's
+    words, so both sides reach the same words ("dog's" -> "dog", "'s"; "naïve" -> "naïve"). A
+    token belongs to every word its characters overlap ("re" "d" -> ("red", [0, 1])); tokens of
+    spaces, punctuation or special tokens belong to no word.
     """
-    special = set(tokenizer.all_special_ids)
-    text, spans = "", []
-    for n, tok in enumerate(ids):
-        piece = "" if tok in special else tokenizer.decode([i for i in ids[:n + 1] if i not in special])[len(text):]
-        spans.append((len(text), len(text) + len(piece)))
-        text += piece
+    text, spans = token_spans(tokenizer, ids)
     words = []
-    for m in re.finditer(r"[\w']+", text):
-        toks = [n for n, (a, b) in enumerate(spans) if a < m.end() and b > m.start()]
-        words.append((m.group(), toks))
+    for word, start, end in split_words(text):
+        words.append((word, [n for n, (a, b) in enumerate(spans) if a < end and b > start]))
     return words
 
 
-def plan_words(tokenizer, input_ids, labels, dm_words, match="exact"):
-    """Which text rows to capture and which DM word each aligned VLM word is compared with.
+def answer_rows(labels):
+    """(B, R) text positions whose attention is captured, -1 padding: t - 1 for every answer token
+    t (labels[t] != -100, t >= 1). Under teacher forcing the output at t - 1 predicts token t."""
+    per_sample = [[t - 1 for t in (labels[b] != -100).nonzero().flatten().tolist() if t >= 1]
+                  for b in range(labels.shape[0])]
+    rows = torch.full((labels.shape[0], max([len(r) for r in per_sample] + [0])), -1, dtype=torch.long)
+    for b, r in enumerate(per_sample):
+        rows[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return rows
 
-    Answer tokens are the positions with labels != -100 (labels are not shifted: labels[t] is
-    input_ids[t]). Under teacher forcing the logits at position t - 1 predict token t, so the
-    row aligned for an answer token at position t is t - 1, the position that produces it (the
-    authors' release likewise takes the word predicted at a position). A word of k tokens at
-    t..t+k-1 uses rows t-1..t+k-2, merged. A VLM word is aligned if match_words finds it among
-    the sample's DM words; repeated occurrences matching the same DM word become one word
-    (rows merged), mirroring the DM store. dm_words[b] None = no DM maps for that sample.
 
-    Returns dict(rows (B, R) long, -1 pad; row_word (B, R) long, index into the sample's words,
-    -1 pad; dm_index (B, W) long, index into dm_words[b], -1 pad; words: list of lists of the
-    aligned VLM words, as decoded).
+def row_tokens(rows, input_ids, logits=None, align_words="predicted"):
+    """(B, R) the token each captured row is read for, -1 at padding: §6 (5) "predicted" words,
+    the argmax of the logits at the row (the release keys each map by its predicted token), or
+    "label", the answer token the row predicts (input_ids[t + 1])."""
+    if align_words not in ALIGN_WORDS:
+        raise ValueError(f"unknown align_words {align_words!r}; choose one of {ALIGN_WORDS}")
+    at = rows.clamp(min=0)
+    if align_words == "predicted":
+        tokens = logits.detach().argmax(dim=-1).cpu().gather(1, at)
+    else:
+        tokens = input_ids.cpu().gather(1, (at + 1).clamp(max=input_ids.shape[1] - 1))
+    return tokens.masked_fill(rows < 0, -1)
+
+
+def plan_words(tokenizer, rows, tokens, dm_words, match="exact"):
+    """Which captured rows are aligned, and with which DM word.
+
+    rows (B, R): the captured text positions (answer_rows); tokens (B, R): the token each row is
+    read for (row_tokens: predicted or label). The tokens of a sample are grouped into words
+    (answer_words), and a word is aligned if match_words finds it among the sample's DM words;
+    occurrences matching the same DM word become one word (their rows averaged), mirroring the
+    DM store. dm_words[b] None = no DM maps for that sample.
+
+    Returns dict(rows (B, R) as given; row_word (B, R) long, index into the sample's aligned
+    words, -1 = not aligned; dm_index (B, W) long, index into dm_words[b], -1 pad; words: list of
+    lists of the aligned VLM words, as decoded).
     """
-    B = input_ids.shape[0]
-    per_sample = []  # [(rows, row_word, dm_index, words)]
+    B, R = rows.shape
+    row_word = torch.full((B, R), -1, dtype=torch.long)
+    per_sample = []  # [(dm indices, words)]
     for b in range(B):
-        pos = (labels[b] != -100).nonzero().flatten().tolist()
-        entries = {}  # dm index -> (first vlm word, [rows])
-        if dm_words[b] is not None and pos:
-            grouped = answer_words(tokenizer, input_ids[b, pos].tolist())
-            matches = match_words([w for w, _ in grouped], dm_words[b], match)
-            for (word, toks), j in zip(grouped, matches):
-                if j is None:
-                    continue
-                rows = [pos[t] - 1 for t in toks if pos[t] >= 1]
-                entries.setdefault(j, (word, []))[1].extend(rows)
-        rows, row_word = [], []
-        for w, (word, word_rows) in enumerate(entries.values()):
-            rows += word_rows
-            row_word += [w] * len(word_rows)
-        per_sample.append((rows, row_word, list(entries), [word for word, _ in entries.values()]))
-    R = max([len(s[0]) for s in per_sample] + [0])
-    W = max([len(s[2]) for s in per_sample] + [0])
-    out = dict(rows=torch.full((B, R), -1, dtype=torch.long), row_word=torch.full((B, R), -1, dtype=torch.long),
-               dm_index=torch.full((B, W), -1, dtype=torch.long), words=[s[3] for s in per_sample])
-    for b, (rows, row_word, dm_index, _) in enumerate(per_sample):
-        out["rows"][b, :len(rows)] = torch.tensor(rows, dtype=torch.long)
-        out["row_word"][b, :len(row_word)] = torch.tensor(row_word, dtype=torch.long)
-        out["dm_index"][b, :len(dm_index)] = torch.tensor(dm_index, dtype=torch.long)
-    return out
+        valid = (rows[b] >= 0).nonzero().flatten().tolist()
+        entries = {}  # dm index -> (first vlm word, [captured rows])
+        if dm_words[b] is not None and valid:
+            grouped = answer_words(tokenizer, tokens[b, valid].tolist())
+            for (word, toks), j in zip(grouped, match_words([w for w, _ in grouped], dm_words[b], match)):
+                if j is not None:
+                    entries.setdefault(j, (word, []))[1].extend(valid[t] for t in toks)
+        for w, (_, word_rows) in enumerate(entries.values()):
+            row_word[b, word_rows] = w
+        per_sample.append((list(entries), [word for word, _ in entries.values()]))
+    W = max([len(s[0]) for s in per_sample] + [0])
+    dm_index = torch.full((B, W), -1, dtype=torch.long)
+    for b, (indices, _) in enumerate(per_sample):
+        dm_index[b, :len(indices)] = torch.tensor(indices, dtype=torch.long)
+    return dict(rows=rows, row_word=row_word, dm_index=dm_index, words=[s[1] for s in per_sample])
 
 
 def dm_targets(dm_maps, dm_index):

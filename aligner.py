@@ -1,18 +1,23 @@
 """The Aligner network and the attention alignment loss (paper §3, §4.3, App. C; eq. 9-10, 12, 17).
 
 The Aligner (§4.3) turns VLM attention maps into one 32x32 map per word that is comparable to the
-diffusion model's map: it expands the input channels (attention heads, or one aggregated map) to
-a hidden width, applies a few non-linear layers, and squeezes back to one channel, like a
-Squeeze-and-Excitation block. Variants, as in the authors' release:
+diffusion model's map. Like a Squeeze-and-Excitation block it expands the input channels (the
+attention heads, or one aggregated map) to a hidden width, applies a few non-linear layers,
+squeezes back to the input width and projects to one channel. The layers are those of the
+authors' release (`DiffagFovProjection`, hidden width 32):
 
-    light: expand                         -> 1x1 squeeze      (one 3x3 layer)
-    sim:   expand, expand                 -> 1x1 squeeze      (two 3x3 layers; the default)
-    deep:  expand, expand, expand, expand -> 1x1 squeeze      (four 3x3 layers)
-    mlp:   the same as `sim` with 1x1 layers, i.e. a per-pixel MLP over channels (no spatial
-           context: the paper found convolutions better at local spatial cues, App. F.1)
+    expand block:  conv 3x3 (no bias) -> InstanceNorm (no affine) -> ReLU6
+    light:  expand(C -> 32)                                  -> squeeze -> out
+    sim:    expand(C -> 32), expand(32 -> 32)                -> squeeze -> out   (the default)
+    deep:   sim, then two more expands WITHOUT norm          -> squeeze -> out
+    squeeze: conv 3x3 (32 -> C, no bias) -> InstanceNorm (no affine) -> ReLU6
+    out:     conv 1x1 (C -> 1, with bias)
+    mlp:    our addition, not in the release: `sim` with 1x1 convolutions, i.e. a per-pixel MLP
+            over channels (no spatial context; the paper found convolutions better, App. F.1)
 
-Each "expand" is conv 3x3 (no bias) -> InstanceNorm (default) or BatchNorm -> ReLU6. The output
-is min-max normalised over the 32x32 grid, as the DM maps are.
+With C = 32 heads: 18,465 / 27,681 / 46,113 trainable parameters (light / sim / deep), as in the
+release. The output is the raw 1-channel map: aggregate.py combines layers and words first and
+then min-max normalises over the 32x32 grid, as the DM maps are normalised (the release's order).
 
 The loss (eq. 9/17) is the mean, over aligned words, of the per-word MSE between the Aligner
 output and the DM map, and eq. 10/12 adds it to the next-token loss with weight λ:
@@ -25,24 +30,31 @@ Gaussian with equal variance σ², the DM maps act as a prior p(A_DM|θ) ∝ exp
 the factor 2 absorbed in λ. A large λ says "trust the DM maps" (small σ). Default λ = 10, as in
 the authors' release.
 
-    python aligner.py        # prints each variant's parameter count and checks output ranges
+    python aligner.py        # prints each variant's layers' parameter counts and output ranges
 """
 import argparse
 
 import torch
 import torch.nn as nn
 
-VARIANTS = {"light": 1, "sim": 2, "deep": 4, "mlp": 2}  # name -> number of expand layers
-# InstanceNorm (affine, per-sample statistics) is GroupNorm with one channel per group: the same
-# function and the same parameters (weight, bias), but GroupNorm's CPU kernel runs forward +
-# backward ~3x faster than InstanceNorm2d's (which goes through batch_norm on an (1, N*C, h, w) view)
-NORMS = {"instance": lambda c: nn.GroupNorm(c, c), "batch": nn.BatchNorm2d}
+MAP_SIZE = 32  # the side of every attention map compared by the loss (DM and VLM)
+VARIANTS = {"light": 1, "sim": 2, "deep": 4, "mlp": 2}  # name -> number of expand blocks
+NORMED_EXPANDS = 2  # deep: the release normalises only its first two expand blocks
+# InstanceNorm2d without affine parameters (the release's default) is GroupNorm with one channel
+# per group and no affine: the same function, but GroupNorm's CPU kernel runs forward + backward
+# ~3x faster than InstanceNorm2d's (which goes through batch_norm on an (1, N*C, h, w) view).
+# "group" and "batch" are the release's other options, with their affine parameters.
+NORMS = {"instance": lambda c: nn.GroupNorm(c, c, affine=False), "group": lambda c: nn.GroupNorm(c, c),
+         "batch": nn.BatchNorm2d}
+ACTIVATIONS = {"relu6": lambda: nn.ReLU6(inplace=True), "leakyrelu": lambda: nn.LeakyReLU(0.1, inplace=True)}
 
 
 def min_max(x, eps=1e-8):
     """Min-max normalise each map over its last two dims: (..., h, w) -> (..., h, w) in [0, 1].
 
-    A constant map becomes all zeros (never NaN): [[2, 2], [2, 2]] -> [[0, 0], [0, 0]].
+    The one normalisation of DM maps (extract.py) and VLM maps (aggregate.py). A constant map
+    becomes all zeros (never NaN): [[2, 2], [2, 2]] -> [[0, 0], [0, 0]];
+    [[1, 3], [2, 5]] -> [[0, 0.5], [0.25, 1]].
     """
     lo = x.amin(dim=(-2, -1), keepdim=True)
     hi = x.amax(dim=(-2, -1), keepdim=True)
@@ -50,62 +62,62 @@ def min_max(x, eps=1e-8):
 
 
 class Aligner(nn.Module):
-    """§4.3: (N, C, 32, 32) attention maps -> (N, 32, 32) maps in [0, 1]; C = aligner_channels(...)."""
+    """§4.3: (N, C, 32, 32) attention maps -> (N, 32, 32) raw maps; C = aligner_channels(...)."""
 
-    def __init__(self, variant="sim", in_channels=1, hidden=32, norm="instance"):
+    def __init__(self, variant="sim", in_channels=1, hidden=32, norm="instance", act="relu6"):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown Aligner variant {variant!r}; choose one of {sorted(VARIANTS)}")
-        if norm not in NORMS:
-            raise ValueError(f"unknown Aligner norm {norm!r}; choose one of {sorted(NORMS)}")
+        for name, value, allowed in (("variant", variant, VARIANTS), ("norm", norm, NORMS), ("act", act, ACTIVATIONS)):
+            if value not in allowed:
+                raise ValueError(f"unknown Aligner {name} {value!r}; choose one of {sorted(allowed)}")
         self.variant, self.in_channels = variant, in_channels
         k = 1 if variant == "mlp" else 3  # mlp: 1x1 convs = a per-pixel MLP over channels
         layers, c = [], in_channels
-        for _ in range(VARIANTS[variant]):  # expand: conv (no bias) -> norm -> ReLU6
-            layers += [nn.Conv2d(c, hidden, k, padding=k // 2, bias=False), NORMS[norm](hidden), nn.ReLU6(inplace=True)]
+        for i in range(VARIANTS[variant]):  # expand: conv (no bias) -> norm -> activation
+            layers += [nn.Conv2d(c, hidden, k, padding=k // 2, bias=False),
+                       *([NORMS[norm](hidden)] if i < NORMED_EXPANDS else []), ACTIVATIONS[act]()]
             c = hidden
-        layers.append(nn.Conv2d(c, 1, 1, bias=False))  # squeeze back to one channel
+        # squeeze back to the input width, then one output channel (the only bias)
+        layers += [nn.Conv2d(c, in_channels, k, padding=k // 2, bias=False), NORMS[norm](in_channels),
+                   ACTIVATIONS[act](), nn.Conv2d(in_channels, 1, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Aligner expects (N, {self.in_channels}, h, w) maps, got shape {tuple(x.shape)}; "
-                             f"in_channels comes from aligner_channels(aggregation, aligner_mode, num_heads)")
+                             f"in_channels comes from aligner_channels(aggregation, num_heads)")
         w = self.net[0].weight
-        y = self.net(x.to(w.dtype)).squeeze(1)  # (N, 32, 32)
-        return min_max(y.float())  # (N, 32, 32) in [0, 1]
+        return self.net(x.to(w.dtype)).squeeze(1).float()  # (N, 32, 32), raw: normalised by the caller
 
 
-def aligner_channels(aggregation, aligner_mode, num_heads):
-    """How many input channels the Aligner needs.
+def aligner_channels(aggregation, num_heads):
+    """How many input channels the Aligner takes for an aggregation (aggregate.AGGREGATIONS).
 
-    aligner_mode "per-layer": the Aligner sees each layer's heads as channels (as in the authors'
-    release), its outputs are then combined over layers -> num_heads.
-    aligner_mode "after": the Aligner sees the map already aggregated over heads and layers -> 1.
-    `aggregation` is accepted so that a future aggregation with its own channel count can say so;
-    all of aggregate.AGGREGATIONS currently give the counts above.
+    "max-*" reduces the heads by a max before the Aligner -> 1 channel (the release's max-max);
+    every other aggregation gives the heads to the Aligner as its channels -> num_heads, so its
+    first convolution learns the combination of heads that a mean would fix at 1/H each (the
+    release's per-layer, layer-mean and flow Aligners). aligner_channels("max-max", 32) -> 1,
+    aligner_channels("mean-mean", 32) -> 32.
     """
-    if aligner_mode == "per-layer":
-        return num_heads
-    if aligner_mode == "after":
-        return 1
-    raise ValueError(f"unknown aligner_mode {aligner_mode!r}; choose 'per-layer' or 'after'")
+    return 1 if aggregation.startswith("max") else num_heads
 
 
 def attention_loss(pred, target, mask):
-    """eq. 9/17: mean over aligned words of the per-word MSE between VLM and DM maps.
+    """eq. 9/17: the mean over samples of each sample's mean per-word MSE between VLM and DM maps.
 
     pred, target: (B, W, 32, 32); mask: (B, W) bool, True where word w of sample b is aligned.
-    Returns a scalar. With no aligned word it is exactly 0 and still attached to pred's graph
-    (so every rank under FSDP runs the same backward), never NaN.
-    Worked example: pred = 1 everywhere, target = 0 everywhere, one aligned word -> 1.0.
+    A sample with no aligned word counts as 0 (as in the release, where each sample's loss is the
+    mean over its aligned words and data parallelism averages samples). With no aligned word at
+    all the result is exactly 0 and still attached to pred's graph (so every rank under FSDP runs
+    the same backward), never NaN.
+    Worked example: sample 0 aligns words with MSE 1 and 4, sample 1 one word with MSE 4 ->
+    ((1 + 4) / 2 + 4) / 2 = 3.25.
     """
     if pred.shape != target.shape or pred.shape[:2] != mask.shape:
         raise ValueError(f"attention_loss: pred {tuple(pred.shape)}, target {tuple(target.shape)} and "
                          f"mask {tuple(mask.shape)} must be (B, W, h, w), (B, W, h, w) and (B, W)")
     per_word = (pred.float() - target.float()).pow(2).mean(dim=(-2, -1))  # (B, W)
     per_word = per_word * mask  # zero where not aligned (and no NaN: masked, not indexed)
-    return per_word.sum() / mask.sum().clamp(min=1)
+    return (per_word.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()  # per sample, then over samples
 
 
 def total_loss(loss_vlm, loss_att, lam=10.0):
@@ -118,12 +130,13 @@ def main():
     parser.add_argument("--channels", type=int, default=32, help="input channels (attention heads)")
     parser.add_argument("--norm", default="instance", choices=sorted(NORMS), help="normalisation layer")
     args = parser.parse_args()
-    x = torch.rand(4, args.channels, 32, 32)  # (N, C, 32, 32)
+    x = torch.rand(4, args.channels, MAP_SIZE, MAP_SIZE)  # (N, C, 32, 32)
     for variant in VARIANTS:
         aligner = Aligner(variant, args.channels, norm=args.norm)
-        y = aligner(x)  # (N, 32, 32)
+        y = min_max(aligner(x))  # (N, 32, 32)
         n = sum(p.numel() for p in aligner.parameters())
-        print(f"{variant:6s} {n:7d} parameters, output {tuple(y.shape)} in [{y.min():.2f}, {y.max():.2f}]")
+        layers = " -> ".join(type(m).__name__ for m in aligner.net)
+        print(f"{variant:6s} {n:7d} parameters, output {tuple(y.shape)} in [{y.min():.2f}, {y.max():.2f}]: {layers}")
 
 
 if __name__ == "__main__":

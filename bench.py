@@ -366,8 +366,7 @@ def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=t
     model, batch, rows = bench_model(tile, width, tiles, device, dtype, batch_size)
     rows = rows[:, rows.shape[1] - 2 * words:]  # (B, 2 * words): the answer's last positions
     mode = "after" if arm == "lavender-after" else "per-layer"
-    args = train.build_parser().parse_args(["--loss", "ar" if arm == "ar" else "lavender", "--aligner-mode", mode,
-                                            "--no-recompute-aligner" if arm == "lavender-no-recompute" else "--recompute-aligner"])
+    args = train.build_parser().parse_args(["--loss", "ar" if arm == "ar" else "lavender", "--aligner-mode", mode])
     model = train.apply_peft(model, args).train()
     labels = batch["input_ids"].clone()
     labels[:, :-33] = -100  # (B, 256)
@@ -376,7 +375,7 @@ def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=t
     capture, aligner, layers = None, None, aggregate.aligned_layers(model)
     if arm != "ar":
         aggregate.add_parallel_projections(model, layers)
-        aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", args.aligner_mode, 32)).to(device)
+        aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", 32)).to(device)
         capture = aggregate.AttentionCapture(model, layers, learned=True)
     train.trainable_in_float32(model)
     row_word = (torch.arange(rows.shape[1]) // 2).repeat(batch_size, 1)
@@ -386,7 +385,12 @@ def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=t
     dm_maps = [torch.rand(words, 32, 32) for _ in range(batch_size)]
 
     def step():
-        ce, att, _ = train.micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, device)
+        inputs = train.model_inputs(batch, device)
+        if capture is not None:
+            capture.set_rows(rows.to(device))
+        ce = train.vlm_loss_sum(model(**inputs).logits, batch["labels"].to(device))
+        att = None if capture is None else train.alignment_loss(
+            args, capture, aligner, plan, dm_maps, {**batch, **inputs}, device, recompute=arm == "lavender")[0]
         (ce / (33 * batch_size) + (args.lam * att if att is not None else 0)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -398,7 +402,7 @@ def aligner_alone_setup(words=16, layers=8, heads=32, device="cpu"):
     heads, 32, 32), each under checkpoint (forward, recompute, backward; input gradients on, as the
     parallel projections need them). Returns (step function, GFLOP of its convolutions per step)."""
     aligner = aligner_lib.Aligner("sim", heads).to(device)
-    maps = torch.rand(layers, words, heads, aggregate.MAP_SIZE, aggregate.MAP_SIZE, device=device, requires_grad=True)
+    maps = torch.rand(layers, words, heads, aligner_lib.MAP_SIZE, aligner_lib.MAP_SIZE, device=device, requires_grad=True)
 
     def step():
         out = [torch.utils.checkpoint.checkpoint(aligner, x, use_reentrant=False) for x in maps.unbind(0)]
@@ -408,7 +412,7 @@ def aligner_alone_setup(words=16, layers=8, heads=32, device="cpu"):
     # per convolution: 2·N·h·w·C_out·C_in·k² FLOP forward; run twice (forward, recompute) + twice in
     # backward (gradients of input and weight)
     convs = [m for m in aligner.modules() if isinstance(m, nn.Conv2d)]
-    flop = sum(2 * words * aggregate.MAP_SIZE ** 2 * m.out_channels * m.in_channels * m.weight[0, 0].numel()
+    flop = sum(2 * words * aligner_lib.MAP_SIZE ** 2 * m.out_channels * m.in_channels * m.weight[0, 0].numel()
                for m in convs) * layers * 4
     return step, flop / 1e9
 
@@ -550,9 +554,11 @@ def sd14_parts(device, dtype):
 @torch.no_grad()
 def extraction(dm, images, texts, arm, steps):
     """One batch through an arm: VAE and text encoder, inversion + denoising, the arm's mean maps.
-    ours is extract.dm_attention itself; the other arms repeat its encoding and swap the processors."""
+    ours is extract.dm_attention itself, capturing every step, layer and column (its worst case,
+    as Prompt-to-Prompt's store sees every step); the other arms repeat its encoding and swap the
+    processors."""
     if arm == "ours":
-        return extract.dm_attention(dm, images, texts, 77, *steps)
+        return extract.dm_attention(dm, images, texts, 77, *steps, capture_steps="all", layers=None)
     unet, vae = dm["unet"], dm["vae"]
     latents = vae.encode(images.to(unet.device, unet.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
     ids = dm["tokenizer"](texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids

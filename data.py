@@ -1,28 +1,126 @@
 """Data for train.py and evaluate.py: items and DM maps -> batches built by the VLM's processor (§5, §6).
 
 The dataset is the JSONL of DESIGN.md, read by extract.read_items; the DM attention store
-(attn/<id>.safetensors) is read by extract.load_maps. A batch is the processor's own output for
-prompts written with the model's chat template, plus the labels of eq. 6 (answer tokens only),
-the original image sizes that aggregate.py needs to crop the tiles' padding, and the item ids.
+(attn/<id>.safetensors) is read by extract.load_maps; images by extract.open_image, the same
+pixels the DM saw. check_item looks at one item the way training will, before step 1. A batch is
+the processor's own output for prompts written with the model's chat template, plus the labels
+of eq. 6 (answer tokens only), the original image sizes that aggregate.py needs to crop the
+tiles' padding, and the item ids.
 The data order is a pure function of (seed, epoch), so every rank, and a resumed run, agree on it.
+The converters at the end write that JSONL from the official release files of the datasets the
+paper trains and evaluates on (LLaVA, VQAv2, OK-VQA, TextVQA, VizWiz, DocVQA, InfoVQA, ChartQA,
+COCO and Flickr30k captions), keeping every reference answer for evaluate.py's metrics.
 
     python -c "import data, extract, train; print(data.collate(train.tiny_vlm()[1], extract.read_items('d.jsonl')))"
+    python data.py convert textvqa TextVQA_0.5.1_val.json --images train_images/ --out textvqa_val.jsonl
 """
-import torch
-from PIL import Image
+import argparse
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
+import aggregate
 import extract
 
 
+# ---- checks: every item before step 1, so that a bad file among 130k is named, not met at step 8 ----
+
+def duplicate_ids(items):
+    """{index: problem} for every repeat of an id after its first item (as extract.py keeps the
+    first item's maps, the later ones would train on them): [a, b, a] -> {2: "...'a'..."}."""
+    first, problems = {}, {}
+    for i, item in enumerate(items):
+        j = first.setdefault(item["id"], i)
+        if j != i:
+            problems[i] = (f"item {item['id']!r} (line {item.get('line', '?')}): duplicate id, already "
+                           f"used by line {items[j].get('line', '?')}; each item needs its own id")
+    return problems
+
+
+def check_maps(path, answer):
+    """(words, None) when <attn>/<id>.safetensors is a usable DM target for `answer`, else
+    (None, what is wrong).
+
+    Usable: readable; a floating 'maps' tensor (n_words, 32, 32) with every value finite and in
+    [0, 1] (extract.py min-max normalises each map); 'words' a JSON list of n_words non-empty
+    strings; 'text' (the answer the DM was conditioned on) equal to this item's answer, so that a
+    file of another item or of an edited answer is not trained on.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            maps = f.get_tensor("maps")
+        words = json.loads(meta.get("words", "null"))
+    except Exception as err:  # noqa: BLE001 -- truncated, foreign or corrupt: the item's problem
+        return None, f"attention file {path} cannot be read ({type(err).__name__}: {err})"
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+        return None, f"attention file {path}: metadata 'words' {meta.get('words')!r} is not a list of words"
+    if tuple(maps.shape) != (len(words), extract.MAP_SIZE, extract.MAP_SIZE):
+        return None, f"attention file {path}: maps {tuple(maps.shape)}, expected ({len(words)}, 32, 32)"
+    if not maps.dtype.is_floating_point:
+        return None, f"attention file {path}: maps are {maps.dtype}, expected float16 values in [0, 1]"
+    maps = maps.float()
+    if not torch.isfinite(maps).all():
+        return None, f"attention file {path}: maps hold NaN or infinite values"
+    if maps.min() < 0 or maps.max() > 1:
+        return None, (f"attention file {path}: maps range over [{maps.min():.4g}, {maps.max():.4g}], expected "
+                      f"[0, 1] (min-max normalised: 0-255 or scaled maps must be divided back)")
+    if meta.get("text") != answer:
+        return None, (f"attention file {path} was made for the text {meta.get('text')!r}, not this item's "
+                      f"answer {answer!r}: rerun extract.py for this item")
+    return words, None
+
+
+def check_item(item, processor, attn_dir=None, max_length=None, match="exact"):
+    """dict(problem=None or 'item ...: what is wrong', has_maps=bool, aligned=words alignable).
+
+    In order: the id can name a file inside its folder (extract.ID_PATTERN: no '/', no '..'); the
+    image decodes fully (extract.open_image, the loader training uses); prompt + answer fit in
+    max_length tokens; with attn_dir, the item's attention file, when it has one, is usable
+    (check_maps) and `aligned` counts its words that the answer's words match (aggregate.plan_words
+    on the label words; with --align-words predicted, training aligns those the model predicts).
+    An item without an attention file trains with L_VLM alone.
+    """
+    name = f"item {item['id']!r} (line {item.get('line', '?')})"
+    result = {"problem": None, "has_maps": False, "aligned": 0}
+    if not extract.ID_PATTERN.match(item["id"]):
+        return {**result, "problem": f"{name}: id cannot be a file name (use only A-Z a-z 0-9 . _ -)"}
+    try:
+        extract.open_image(item["image_path"])
+    except Exception as err:  # noqa: BLE001 -- missing, truncated or not an image
+        reason = f"image {item['image_path']} cannot be read ({type(err).__name__}: {err})"
+        return {**result, "problem": f"{name}: {reason}"}
+    input_ids, labels = encode(processor, item)  # (1, T) each
+    if max_length is not None and input_ids.shape[1] > max_length:
+        reason = (f"{input_ids.shape[1]} tokens (prompt + answer) exceed --max-length {max_length}; shorten "
+                  f"the answer or raise --max-length")
+        return {**result, "problem": f"{name}: {reason}"}
+    path = extract.maps_path(attn_dir, item["id"]) if attn_dir is not None else None
+    if path is None or not path.exists():
+        return result
+    words, problem = check_maps(path, item["answer"])
+    if problem:
+        return {**result, "problem": f"{name}: {problem}"}
+    rows = aggregate.answer_rows(labels)  # (1, R)
+    tokens = aggregate.row_tokens(rows, input_ids, align_words="label")
+    plan = aggregate.plan_words(processor.tokenizer, rows, tokens, [words], match=match)
+    return {**result, "has_maps": True, "aligned": int((plan["dm_index"] >= 0).sum())}
+
+
 def check_images(items):
-    """Open every image before training (not at step 40,000): a list of 'id: problem' strings."""
+    """'item ...: problem' for every item whose image cannot be fully decoded (evaluate.py's check)."""
     problems = []
     for item in items:
         try:
-            with Image.open(item["image_path"]) as im:
-                im.verify()  # reads the whole file: catches truncated and non-image files
-        except Exception as err:  # noqa: BLE001 -- any failure to open is the item's problem
-            problems.append(f"item {item['id']!r}: image {item['image_path']!r} cannot be opened ({err})")
+            extract.open_image(item["image_path"])
+        except Exception as err:  # noqa: BLE001 -- any failure to decode is the item's problem
+            problems.append(f"item {item['id']!r}: image {item['image_path']} cannot be read "
+                            f"({type(err).__name__}: {err})")
     return problems
 
 
@@ -32,6 +130,30 @@ def read_dm_maps(attn_dir, item_id):
     return extract.load_maps(path)[:2] if path is not None and path.exists() else (None, None)
 
 
+# ---- batches ----
+
+def chat_texts(processor, item, with_answer=True):
+    """(text, prompt) in the processor's chat template: user [image, question], then, with_answer,
+    assistant [answer]. prompt is the user turn and the assistant header (what generate continues)."""
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}
+    prompt = processor.apply_chat_template([user], add_generation_prompt=True)
+    if not with_answer:
+        return prompt, prompt
+    answer = {"role": "assistant", "content": [{"type": "text", "text": item["answer"]}]}
+    return processor.apply_chat_template([user, answer]), prompt
+
+
+def encode(processor, item):
+    """(input_ids (1, T), labels (1, T)) of one item, text only (Mllama's <|image|> is one token):
+    what collate gives for it, without decoding the image. Used to count tokens up front."""
+    text, prompt = chat_texts(processor, item)
+    tokenizer = processor.tokenizer
+    input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])  # (1, T)
+    labels = input_ids.clone()
+    labels[:, :len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] = -100
+    return input_ids, labels
+
+
 def collate(processor, items, with_answer=True):
     """A batch for the VLM: the processor's output + "labels" + "image_sizes" + "ids".
 
@@ -39,20 +161,17 @@ def collate(processor, items, with_answer=True):
     (eq. 6) are the answer's tokens and the closing <|eot_id|> (so the model learns to stop), -100
     on the prompt and on padding. Training pads on the right; with_answer=False builds generation
     prompts (no labels), padded on the left so that batched generate() continues every row.
+    Images go through extract.open_image, the loader that made the DM maps (16-bit, transparency).
     image_sizes: (B, 2) original (height, width), which aggregate.py needs to crop the tiles' padding.
     """
     texts, prompt_lens, images = [], [], []
     tokenizer = processor.tokenizer
     for item in items:
-        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}
-        prompt = processor.apply_chat_template([user], add_generation_prompt=True)
+        text, prompt = chat_texts(processor, item, with_answer)
+        texts.append(text)
         if with_answer:
-            answer = {"role": "assistant", "content": [{"type": "text", "text": item["answer"]}]}
-            texts.append(processor.apply_chat_template([user, answer]))
             prompt_lens.append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
-        else:
-            texts.append(prompt)
-        images.append([Image.open(item["image_path"]).convert("RGB")])
+        images.append([extract.open_image(item["image_path"])])
     # the chat template already starts with <|begin_of_text|>: add no second one
     batch = processor(images=images, text=texts, padding=True, add_special_tokens=False, return_tensors="pt",
                       padding_side="right" if with_answer else "left")
@@ -86,3 +205,342 @@ def micro_batches(order, step, batch_size, grad_accum, rank, world):
     (m * world + r) * batch_size: 1 rank x batch 2 and 2 ranks x batch 1 see the same global batch."""
     start = step * world * grad_accum * batch_size
     return [order[start + (m * world + rank) * batch_size:][:batch_size] for m in range(grad_accum)]
+
+
+# ---------------------------------------------------------------------------------------------
+# converters: a dataset's official release files -> the JSONL of DESIGN.md
+# ---------------------------------------------------------------------------------------------
+# python data.py convert FORMAT FILE... [--images DIR] --out data.jsonl
+# Each convert_* reads the files as the dataset's authors publish them (its docstring names the
+# files and fields), written from the formats' documentation, and yields one item per question
+# (per image for captions) with the image's absolute path, or a string saying why an entry is
+# skipped; write_converted makes ids safe file names, writes image paths relative to the output,
+# skips items whose image file is missing, and returns the counts for the summary line.
+# Items keep every reference answer in "answers" and the benchmark's metric in "metric" (read by
+# evaluate.py --metric auto); "answer", the label trained on and the text the DM is conditioned
+# on, is the dataset's own pick where it has one (VQAv2's multiple_choice_answer), else the most
+# common reference (ties: the first given).
+
+CAPTION_PROMPT = "Describe the image in one sentence."
+KINDS = {str: "a string", int: "an integer", list: "a list", dict: "an object", float: "a number"}
+
+
+def load_json(path, top):
+    """The parsed JSON of an official file; ValueError naming the file if it is not JSON or not a `top`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, top):
+        raise ValueError(f"{path}: expected {KINDS[top]} at the top level, got {type(data).__name__}")
+    return data
+
+
+def need(entry, key, kinds, where):
+    """entry[key] when it is one of `kinds`; else ValueError naming the file and entry (where) and the field."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object, got {str(entry)[:80]}")
+    value = entry.get(key)
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise ValueError(f"{where}: field {key!r} must be {' or '.join(KINDS[k] for k in kinds)}, "
+                         f"got {'nothing' if key not in entry else repr(value)[:80]}")
+    return value
+
+
+def need_strings(entry, key, where):
+    """entry[key] when it is a list of strings; else ValueError naming where, the field and the element."""
+    values = need(entry, key, list, where)
+    for j, value in enumerate(values):
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: field {key!r} must be a list of strings, but {key}[{j}] is {value!r:.80}")
+    return values
+
+
+def most_common(answers):
+    """The most frequent answer, the first given on ties: ["b", "a", "a", "b", "c"] -> "b"."""
+    return Counter(answers).most_common(1)[0][0]
+
+
+def safe_id(raw):
+    """A file-name-safe id (A-Z a-z 0-9 . _ -; it names attn/<id>.safetensors): every other character
+    becomes "_", leading dots too (no hidden files), at most 100 characters.
+    "COCO 2014/391895" -> "COCO_2014_391895";  "../x" -> "___x";  123 -> "123"."""
+    text = re.sub(r"[^A-Za-z0-9._-]", "_", str(raw))[:100]
+    return re.sub(r"^\.+", lambda m: "_" * len(m.group()), text) or "_"
+
+
+def write_converted(entries, out_path, limit=0, suffix=""):
+    """Write the converted items to out_path (atomically); returns (items written, Counter of skip
+    reasons, {reason: first example}). Ids are made safe and unique (-2, -3, ... on repeats); image
+    paths are written relative to the output's folder; a suffix goes on a new line after each question."""
+    out_path = Path(out_path)
+    out_dir = out_path.resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, skipped, examples, used = 0, Counter(), {}, set()
+    tmp = out_dir / f".{out_path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for entry in entries:
+                if isinstance(entry, str) or not Path(entry["image"]).is_file():
+                    reason = entry if isinstance(entry, str) else "image file missing"
+                    skipped[reason] += 1
+                    examples.setdefault(reason, None if isinstance(entry, str) else str(entry["image"]))
+                    continue
+                item_id, n = safe_id(entry["id"]), 1
+                while item_id in used:
+                    n += 1
+                    item_id = f"{safe_id(entry['id'])}-{n}"
+                used.add(item_id)
+                # relative between resolved paths: extract.read_items resolves the JSONL's folder too
+                image = Path(os.path.relpath(Path(entry["image"]).resolve(), out_dir)).as_posix()
+                fields = {k: v for k, v in entry.items() if v is not None}   # (an absent category)
+                if suffix:
+                    fields["question"] = f"{fields['question']}\n{suffix}"
+                f.write(json.dumps({**fields, "id": item_id, "image": image}) + "\n")
+                written += 1
+                if written == limit:
+                    break
+        if written:
+            os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return written, skipped, examples
+
+
+def convert_llava(paths, images, args):
+    """LLaVA's instruction JSON (llava_v1_5_mix665k.json, llava_instruct_150k.json, ...): a list of
+    {"id", "image": path under the image folder, "conversations": [{"from": "human", "value":
+    "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "..."}, ...]}. One item per human-gpt turn
+    pair, id <id>_<turn>, the <image> marker removed. Entries without an image (text-only) or with
+    several images are skipped. --images: the folder the "image" paths start from."""
+    for path in paths:
+        for i, entry in enumerate(load_json(path, list)):
+            where = f"{path}, entry {i}"
+            if isinstance(entry, dict) and "image" not in entry:
+                yield "no image (a text-only conversation)"
+                continue
+            if isinstance(entry, dict) and isinstance(entry["image"], list):
+                yield "several images"
+                continue
+            entry_id, image = need(entry, "id", (str, int), where), need(entry, "image", str, where)
+            turns = need(entry, "conversations", list, where)
+            for t in range(0, len(turns), 2):
+                if t + 1 == len(turns):
+                    yield "a last question without an answer"
+                    break
+                human, gpt = (need(turns[t + k], "value", str, f"{where}, conversations[{t + k}]")
+                              for k in (0, 1))
+                roles = (turns[t].get("from"), turns[t + 1].get("from"))
+                if roles != ("human", "gpt"):
+                    raise ValueError(f"{where}, conversations[{t}:{t + 2}]: field 'from' must be 'human' then 'gpt', "
+                                     f"got {roles}")
+                yield {"id": f"{entry_id}_{t // 2}", "image": images / image,
+                       "question": human.replace("<image>", "").strip(), "answer": gpt.strip()}
+
+
+def coco_image(images, image_id, subtype):
+    """A COCO image's path: <images>/COCO_<subtype>_<id:012d>.jpg (2014 names), else 2017's <id:012d>.jpg."""
+    names = [f"COCO_{s}_{image_id:012d}.jpg" for s in ([subtype] if subtype else ["val2014", "train2014"])]
+    paths = [images / n for n in names + [f"{image_id:012d}.jpg"]]
+    return next((p for p in paths if p.is_file()), paths[0])
+
+
+def convert_vqav2(paths, images, args):
+    """VQAv2 and OK-VQA (visualqa.org, okvqa.allenai.org), two files in either order: the questions
+    (v2_OpenEnded_mscoco_val2014_questions.json; OK-VQA's OpenEnded_mscoco_val2014_questions.json),
+    {"data_subtype": "val2014", "questions": [{"question_id", "image_id", "question"}]}, and the
+    annotations (v2_mscoco_val2014_annotations.json; OK-VQA's mscoco_val2014_annotations.json),
+    {"annotations": [{"question_id", "multiple_choice_answer", "answers": [{"answer", ...} x 10],
+    "answer_type", ...}]}. --images: the COCO image folder (val2014/). category: the answer type
+    (yes/no, number, other), as the official evaluation reports it; metric vqa."""
+    files = {}
+    for path in paths:
+        data = load_json(path, dict)
+        kind = "questions" if "questions" in data else "annotations" if "annotations" in data else None
+        if kind is None:
+            raise ValueError(f"{path}: field 'questions' (questions file) or 'annotations' (annotations file) missing")
+        files[kind] = (path, data)
+    if len(files) != 2:
+        raise ValueError(f"vqav2 needs a questions file and an annotations file, got: {', '.join(map(str, paths))}")
+    path, data = files["annotations"]
+    annotations = {}
+    for i, a in enumerate(need(data, "annotations", list, str(path))):
+        where = f"{path}, entry {i}"
+        answers = [need(x, "answer", str, f"{where}, answers[{j}]")
+                   for j, x in enumerate(need(a, "answers", list, where))]
+        annotations[need(a, "question_id", int, where)] = (answers, a)
+    path, data = files["questions"]
+    subtype = data.get("data_subtype")
+    for i, q in enumerate(need(data, "questions", list, str(path))):
+        where = f"{path}, entry {i}"
+        qid, image_id = need(q, "question_id", int, where), need(q, "image_id", int, where)
+        question = need(q, "question", str, where)
+        if qid not in annotations or not annotations[qid][0]:
+            yield "no annotated answers (a test split?)"
+            continue
+        answers, a = annotations[qid]
+        answer = a.get("multiple_choice_answer")   # the dataset's own pick, the most common answer
+        answer = answer if isinstance(answer, str) else most_common(answers)
+        yield {"id": qid, "image": coco_image(images, image_id, subtype), "question": question, "answer": answer,
+               "answers": answers, "metric": "vqa", "category": a.get("answer_type")}
+
+
+def convert_textvqa(paths, images, args):
+    """TextVQA (textvqa.org): TextVQA_0.5.1_val.json, {"dataset_name": "textvqa", "data":
+    [{"question_id", "question", "image_id", "answers": [10 strings], ...}]}. --images: the image
+    folder (train_images/, which holds the val images too): <image_id>.jpg. metric vqa."""
+    for path in paths:
+        for i, entry in enumerate(need(load_json(path, dict), "data", list, str(path))):
+            where = f"{path}, entry {i}"
+            qid, question = need(entry, "question_id", (int, str), where), need(entry, "question", str, where)
+            image_id = need(entry, "image_id", str, where)
+            if not entry.get("answers"):
+                yield "no answers (the test split?)"
+                continue
+            answers = need_strings(entry, "answers", where)
+            yield {"id": qid, "image": images / f"{image_id}.jpg", "question": question,
+                   "answer": most_common(answers), "answers": answers, "metric": "vqa"}
+
+
+def convert_vizwiz(paths, images, args):
+    """VizWiz VQA (vizwiz.org): val.json / train.json, a list of {"image": "VizWiz_val_00000000.jpg",
+    "question", "answers": [{"answer", "answer_confidence"} x 10], "answer_type", "answerable"}.
+    --images: the split's image folder (val/). id: the image's name (one question per image);
+    category: the answer type (yes/no, number, other, unanswerable); metric vqa."""
+    for path in paths:
+        for i, entry in enumerate(load_json(path, list)):
+            where = f"{path}, entry {i}"
+            image, question = need(entry, "image", str, where), need(entry, "question", str, where)
+            if not entry.get("answers"):
+                yield "no answers (the test split?)"
+                continue
+            answers = [need(a, "answer", str, f"{where}, answers[{j}]")
+                       for j, a in enumerate(need(entry, "answers", list, where))]
+            yield {"id": Path(image).stem, "image": images / image, "question": question,
+                   "answer": most_common(answers), "answers": answers, "metric": "vqa",
+                   "category": entry.get("answer_type")}
+
+
+def convert_docvqa(paths, images, args):
+    """DocVQA (rrc.cvc.uab.es, single page): val_v1.0.json or val_v1.0_withQT.json, {"dataset_name":
+    "docvqa", "data": [{"questionId", "question", "image": "documents/<page>.png", "answers": [...],
+    ...}]}; InfoVQA's infographicsVQA_val_v1.0_withQT.json names the image "image_local_name".
+    --images: the folder the image names start from (default: the JSON's own folder, as released).
+    metric anls."""
+    for path in paths:
+        for i, entry in enumerate(need(load_json(path, dict), "data", list, str(path))):
+            where = f"{path}, entry {i}"
+            qid, question = need(entry, "questionId", (int, str), where), need(entry, "question", str, where)
+            image = need(entry, "image_local_name" if "image_local_name" in entry else "image", str, where)
+            if not entry.get("answers"):
+                yield "no answers (the test split?)"
+                continue
+            answers = need_strings(entry, "answers", where)
+            yield {"id": qid, "image": images / image, "question": question, "answer": most_common(answers),
+                   "answers": answers, "metric": "anls"}
+
+
+def convert_chartqa(paths, images, args):
+    """ChartQA (github.com/vis-nlp/ChartQA, "ChartQA Dataset/test/"): test_human.json and
+    test_augmented.json, each a list of {"imgname": "<chart>.png", "query", "label"}. --images: the
+    chart folder (default: png/ beside the JSON, as released). id <file>_<n>; category: the file's
+    half (human, augmented), the two ChartQA reports; metric relaxed."""
+    for path in paths:
+        half = Path(path).stem.split("_")[-1]
+        for i, entry in enumerate(load_json(path, list)):
+            where = f"{path}, entry {i}"
+            image, question = need(entry, "imgname", str, where), need(entry, "query", str, where)
+            label = str(need(entry, "label", (str, int, float), where))
+            yield {"id": f"{Path(path).stem}_{i}", "image": images / image, "question": question, "answer": label,
+                   "answers": [label], "metric": "relaxed", "category": half}
+
+
+def convert_captions(paths, images, args):
+    """COCO and Flickr30k captions in Karpathy's split (dataset_coco.json, dataset_flickr30k.json):
+    {"dataset", "images": [{"filepath": "val2014" (COCO only), "filename", "split": "train" | "val" |
+    "test" | "restval", "cocoid" (COCO only), "sentences": [{"raw", "tokens", ...}]}]}. --images:
+    the folder of filepath/filename (COCO: the one holding val2014/; Flickr30k: flickr30k-images/).
+    Items of --split (test by default; all: every split): one per image, question --prompt, answer
+    the first caption, answers all of them, metric cider; --per-caption: one item per caption (for
+    training, as the paper trains on Flickr30k)."""
+    for path in paths:
+        for i, entry in enumerate(need(load_json(path, dict), "images", list, str(path))):
+            where = f"{path}, entry {i}"
+            name, split = need(entry, "filename", str, where), need(entry, "split", str, where)
+            captions = [need(s, "raw", str, f"{where}, sentences[{j}]").strip()
+                        for j, s in enumerate(need(entry, "sentences", list, where))]
+            if args.split not in ("all", split):
+                yield f"not in split {args.split}"
+                continue
+            image = images / (need(entry, "filepath", str, where) if "filepath" in entry else "") / name
+            image_id = entry["cocoid"] if isinstance(entry.get("cocoid"), int) else Path(name).stem
+            if not captions:
+                yield "no captions"
+            elif args.per_caption:
+                yield from ({"id": f"{image_id}_{k}", "image": image, "question": args.prompt, "answer": c}
+                            for k, c in enumerate(captions))
+            else:
+                yield {"id": image_id, "image": image, "question": args.prompt, "answer": captions[0],
+                       "answers": captions, "metric": "cider"}
+
+
+CONVERTERS = {"llava": convert_llava, "vqav2": convert_vqav2, "okvqa": convert_vqav2, "textvqa": convert_textvqa,
+              "vizwiz": convert_vizwiz, "docvqa": convert_docvqa, "infovqa": convert_docvqa,
+              "chartqa": convert_chartqa, "coco-captions": convert_captions, "flickr30k": convert_captions}
+
+
+def convert(args):
+    """Run one converter (args from build_parser) and print the summary line; returns items written."""
+    images = Path(args.images) if args.images else Path(args.files[0]).resolve().parent
+    if args.images is None and args.format == "chartqa":
+        images = images / "png"
+    try:
+        written, skipped, examples = write_converted(CONVERTERS[args.format](args.files, images, args),
+                                                     args.out, args.limit, args.suffix)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"convert {args.format}: {err}") from None
+    why = "; ".join(f"{reason}: {n}" + (f", e.g. {examples[reason]}" if examples[reason] else "")
+                    for reason, n in skipped.most_common())
+    line = (f"convert {args.format}: wrote {written} items to {args.out}; skipped {sum(skipped.values())}"
+            + (f" ({why})" if why else ""))
+    if not written:
+        raise SystemExit(line + " -- nothing written: check the files and --images")
+    print(line)
+    return written
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Dataset tools: convert a dataset's official release files into "
+                                "the JSONL that extract.py, train.py and evaluate.py read (DESIGN.md)")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="official release files -> data.jsonl",
+                       description="convert FORMAT FILE... --out data.jsonl; each format's files and fields are in "
+                                   "the docstring of data.convert_<format>")
+    c.add_argument("format", choices=CONVERTERS, help="the dataset's format (okvqa reads as vqav2, infovqa as "
+                   "docvqa, flickr30k as coco-captions)")
+    c.add_argument("files", nargs="+", help="the official JSON file(s): vqav2/okvqa a questions and an "
+                   "annotations file; chartqa test_human.json and/or test_augmented.json; the others one file")
+    c.add_argument("--images", default=None, help="the image folder the dataset's image names start from "
+                   "(default: the first file's folder; chartqa: its png/)")
+    c.add_argument("--out", required=True, help="the JSONL to write (image paths are written relative to it)")
+    c.add_argument("--split", default="test", choices=["train", "val", "test", "restval", "all"],
+                   help="captions: the Karpathy split to keep")
+    c.add_argument("--prompt", default=CAPTION_PROMPT, help="captions: the question of every item")
+    c.add_argument("--per-caption", action=argparse.BooleanOptionalAction, default=False,
+                   help="captions: one item per caption (training data) instead of one per image with all captions")
+    c.add_argument("--suffix", default="", help="a line added after every question, e.g. \"Answer the question "
+                   "using a single word or phrase.\" (the short-answer prompt of LLaVA-1.5's VQA evaluation)")
+    c.add_argument("--limit", type=int, default=0, help="stop after N items (0: all)")
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
+    if args.command == "convert":
+        convert(args)
+
+
+if __name__ == "__main__":
+    main()

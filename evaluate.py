@@ -2,20 +2,29 @@
 (paper §7, §8, App. B eq. 23, Fig. 7, 8, 17, 25).
 
 For every run (and/or the base model) this script
-  1. generates answers greedily, in batches, and scores them: exact match after normalisation (the
-     paper's ablation metric, §8) or, for multiple-choice questions, the extracted letter
-     (A/B/C/D, as in WorldMedQA-V, §7.5); accuracy with a 95% Wilson interval, per run and per
-     `category`; predictions are written per item for later scorers (e.g. VLMEvalKit);
-  2. with --attn (the store written by extract.py), reads the VLM's attention on the reference
-     answer under teacher forcing (aggregate.AttentionCapture + vlm_word_maps, the run's own
-     capture settings) and reports, per answer word:
-       - attention entropy H(p) = -sum_a p(a) log p(a) of the DM maps and of the VLM's aggregated
-         maps (App. B eq. 23, histograms as in Fig. 7/25),
-       - the alignment MSE between the VLM map (through the run's Aligner, as the loss sees it,
-         eq. 9/17) and the DM map,
-       - pointing accuracy when the JSONL gives a "masks" or "boxes" entry for the word,
-       - overlay pictures for a few items (Fig. 8/17): image, DM map, each run's VLM map (through
-         its Aligner, the map the loss compares), per DM word;
+  1. generates answers greedily, in batches, and scores them with each benchmark's own metric
+     (metrics.py, --metric): exact match after normalisation (the paper's ablation metric, §8),
+     the letter of a multiple-choice answer (WorldMedQA-V, §7.5), VQA accuracy, ANLS, ChartQA's
+     relaxed accuracy or CIDEr-D; the mean score with a 95% interval, per run and per `category`;
+     predictions are written per item (--vlmevalkit: in VLMEvalKit's columns, for its scorers);
+  2. with --attn (the store written by extract.py), reads attention on the reference answer under
+     teacher forcing, for the answer's words that have a DM map (label words: the same words for
+     every model; aggregate.plan_words). One ruler for every model, base, AR or Lavender:
+       - "own": the model's own cross-attention, the pretrained attention A of every model (for a
+         Lavender run with parallel projections, A, not A_d), the same layers (--layers) and the
+         same aggregation (--aggregate, default mean-mean) for every model, no Aligner, made into
+         per-word 32x32 maps and min-max normalised as the DM maps are (aggregate.vlm_word_maps);
+       - "head", Lavender runs only, reported in rows of their own: the map the run's loss
+         compares with the DM map (eq. 17): its capture (A or A_d), aggregation and Aligner;
+     and for each, per word:
+       - entropy H(p) = -sum_a p(a) log p(a) of the map made a distribution over its 32x32 cells
+         (App. B eq. 23; attention_entropy; histograms as in Fig. 7/25), and of the DM maps of the
+         same words,
+       - alignment MSE against the word's DM map (eq. 9/17 for one word),
+       - pointing: whether the map's argmax lies inside the object the word names, when the JSONL
+         gives a "masks" or "boxes" entry for it (and the DM map's own pointing on the same words),
+       - overlay pictures for a few items (Fig. 8/17): image, DM map, each model's own map and
+         each Lavender run's head map, per DM word;
   3. writes report.json (every figure), report.md (one row per run), <run>/predictions.jsonl,
      entropy.png, overlays/<id>.png, and prints a one-line summary.
 
@@ -23,6 +32,7 @@ Usage:
     python evaluate.py --model tiny --run-dir runs/ar --run-dir runs/lavender --data test.jsonl --attn attn/ --out eval/
     python evaluate.py --model llama32 --model-path ~/llama32 --data test.jsonl --out eval/base   # base model only
     torchrun --nproc_per_node 8 evaluate.py --model llama32 --run-dir runs/lavender --data test.jsonl --out eval/
+    python evaluate.py --score other_model.jsonl --data textvqa.jsonl --out eval/other   # any model's answers, no model
 A run trained under FSDP is loaded whole (train.load_run). Under torchrun every rank loads the model on its
 own GPU and evaluates every world-th item; rank 0 gathers the per-item results and writes the same
 report as one process would.
@@ -31,7 +41,6 @@ import argparse
 import gc
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -41,110 +50,15 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import train  # load_vlm (the base presets), load_run (a run directory), collate (teacher-forcing batches)
-from aggregate import (AGGREGATIONS, LAYER_SUBSETS, AttentionCapture, aligned_layers, normalize_word, plan_words,
-                       vlm_word_maps)
-from extract import load_maps, maps_path, read_items
-
-# ---------------------------------------------------------------------------------------------
-# scoring: exact match after normalisation, multiple-choice letters, Wilson interval
-# ---------------------------------------------------------------------------------------------
-
-NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = {"a", "an", "the"}
-
-
-def normalize_answer(text):
-    """VQA-style normalisation before exact match: lower case, punctuation dropped (a period between
-    digits is kept), number words to digits, articles dropped, whitespace collapsed.
-
-    "The answer: Two red circles." -> "answer 2 red circles";  "3.5 cm" -> "3.5 cm"
-    """
-    text = str(text).lower().strip()
-    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)   # periods, except decimal points
-    text = re.sub(r"[^\w\s.]", " ", text)              # every other punctuation mark
-    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
-    return " ".join(words)
-
-
-def parse_choices(question):
-    """The options a multiple-choice question lists, as {letter: text}; {} when fewer than two.
-
-    Recognised: "A. x", "A) x", "(A) x", "A: x", one per line or inline.
-    "Which organ? A. liver B. heart (C) lung" -> {"A": "liver", "B": "heart", "C": "lung"}
-    """
-    marker = r"(?:(?<=\s)|^)\(?([A-D])[.):]\)?\s+"
-    parts = re.split(marker, str(question))
-    # re.split with one group gives [before, letter, text, letter, text, ...]
-    choices = {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2) if parts[i + 1].strip()}
-    return choices if len(choices) >= 2 else {}
-
-
-def extract_choice(text, choices=None):
-    """The letter A-D a (generated or reference) answer picks, or None.
-
-    In order: a leading letter ("B", "(B)", "B.", "B) liver"), an "answer is (B)" / "Answer: B"
-    phrase, a "(B)" anywhere, then the text of exactly one option. A bare capital "A" inside a
-    sentence is not read as a letter: it is usually the article ("A red circle").
-    """
-    text = str(text).strip()
-    m = re.match(r"^\(?([A-D])\)?(?:[.):,]|$)", text)
-    if m:
-        return m.group(1)
-    m = re.search(r"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*\(?([A-D])\b", text)   # the letter stays upper case
-    if m:
-        return m.group(1)
-    m = re.search(r"\(([A-D])\)", text)
-    if m:
-        return m.group(1)
-    if choices:
-        norm = f" {normalize_answer(text)} "
-        hits = [k for k, v in choices.items() if normalize_answer(v) and f" {normalize_answer(v)} " in norm]
-        if len(hits) == 1:
-            return hits[0]
-    return None
-
-
-def score_prediction(prediction, answer, question):
-    """dict(correct, kind): "choice" when the question lists options and the reference answer picks
-    one of them (the predicted letter must equal it), otherwise "exact" (normalised exact match)."""
-    choices = parse_choices(question)
-    reference = extract_choice(answer, choices) if choices else None
-    if reference is not None:
-        picked = extract_choice(prediction, choices)
-        return {"correct": picked == reference, "kind": "choice", "letter": picked, "reference_letter": reference}
-    return {"correct": normalize_answer(prediction) == normalize_answer(answer), "kind": "exact"}
-
-
-def wilson_interval(k, n, z=1.959964):
-    """95% Wilson score interval for k successes in n trials (better than the normal interval for
-    small n and for accuracies near 0 or 1):
-
-        (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n),   p = k/n, z = 1.96
-
-    8/10 -> (0.4902, 0.9433); 10/10 -> (0.7225, 1.0); n = 0 -> (0.0, 1.0) (nothing known)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def accuracy_summary(correct):
-    """dict(accuracy, ci95=[lo, hi] (Wilson), correct, n) for a list of booleans; accuracy None if empty."""
-    n, k = len(correct), int(sum(bool(c) for c in correct))
-    lo, hi = wilson_interval(k, n)
-    return {"accuracy": k / n if n else None, "ci95": [lo, hi], "correct": k, "n": n}
-
-
-def accuracy_table(records):
-    """Overall and per-`category` accuracy of scored records (dicts with "correct", optional "category")."""
-    table = {"all": accuracy_summary([r["correct"] for r in records])}
-    for category in sorted({r["category"] for r in records if r.get("category") is not None}):
-        table[category] = accuracy_summary([r["correct"] for r in records if r.get("category") == category])
-    return table
-
+from aggregate import (AGGREGATIONS, LAYER_SUBSETS, AttentionCapture, aligned_layers, answer_rows, normalize_word,
+                       plan_words, row_tokens, vlm_word_maps)
+from data import check_images, check_maps, duplicate_ids
+from extract import ID_PATTERN, load_maps, maps_path, open_image, read_items
+# the benchmarks' metrics; accuracy_table, extract_choice, normalize_answer, parse_choices,
+# score_prediction and wilson_interval are also read from here by toy.py and the tests
+from metrics import (METRICS, accuracy_summary, accuracy_table, check_items, describe_metric,  # noqa: F401
+                     extract_choice, normalize_answer, parse_choices, read_predictions, run_scores, score_items,
+                     score_prediction, wilson_interval, write_predictions)
 
 # ---------------------------------------------------------------------------------------------
 # attention measures: entropy (App. B eq. 23), alignment MSE (eq. 9), pointing
@@ -227,6 +141,13 @@ def heat_overlay(image, attn_map, alpha=0.5):
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
+def overlay_path(out_dir, item_id):
+    """<out>/overlays/<id>.png, refused for an id that is not a plain file name (it would leave the folder)."""
+    if not ID_PATTERN.match(item_id):
+        raise ValueError(f"item id {item_id!r} cannot be a file name: overlays/<id>.png would leave {out_dir}")
+    return Path(out_dir) / "overlays" / f"{item_id}.png"
+
+
 def draw_overlay_grid(path, image, words, dm_maps, run_maps, cell=128):
     """One PNG per item (Fig. 8/17): a row per word; columns image, DM map, then each run's VLM map,
     overlaid on the image. run_maps {run name: list (one per word) of (32, 32) maps or None (not matched)}."""
@@ -306,47 +227,74 @@ def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, d
 
 
 def capture_settings(lavender, model, args):
-    """How a model's VLM maps are made. A run: as it was trained (train.load_run's lavender dict:
-    aligner, layers, aggregation, aligner_mode, match, learned); an autoregressive run has no
-    parallel projections, so with aggregation "learn" it is read with mean-mean instead. The base
-    model: this script's --aggregate, --layers, --match, no Aligner."""
-    if lavender is None:   # (--aggregate learn is not offered: the base model has no parallel projections)
-        return {"aggregation": args.aggregate, "layers": aligned_layers(model, args.layers), "match": args.match,
-                "aligner": None, "aligner_mode": "per-layer", "learned": False}
-    settings = dict(lavender)
-    if not settings.get("layers"):
-        settings["layers"] = aligned_layers(model, "all")
-    if settings["aggregation"] == "learn" and not settings["learned"]:
-        settings["aggregation"] = "mean-mean"
-    return settings
+    """(own, head): how a model's maps are made. own: the one ruler, the same for every model
+    (--aggregate, --layers, --match on the pretrained attention, no Aligner); head: a Lavender run's
+    map as its loss saw it (train.load_run's lavender dict: aligner, layers, aggregation,
+    aligner_mode, learned), None for the base model and runs without an Aligner or projections."""
+    own = {"aggregation": args.aggregate, "layers": aligned_layers(model, args.layers), "match": args.match,
+           "aligner": None, "aligner_mode": "auto", "learned": False}
+    if lavender is None or (lavender["aligner"] is None and not lavender["learned"]):
+        return own, None
+    head = dict(lavender, match=args.match)
+    head["layers"] = head.get("layers") or aligned_layers(model, "all")
+    return own, head
+
+
+def word_maps(capture, plan, batch, settings):
+    """(B, W, 32, 32) maps of `settings` (capture_settings) from a filled capture."""
+    return vlm_word_maps(capture, plan, batch, aggregation=settings["aggregation"], aligner=settings["aligner"],
+                         aligner_mode=settings["aligner_mode"]).float().cpu()
 
 
 @torch.no_grad()
-def answer_maps(model, processor, items, dm_store, settings, batch_size=4, device="cpu", show=True):
-    """Per item dict(words, dm_index, raw, aligned): the VLM's per-word maps on the reference answer
-    under teacher forcing (aggregate.plan_words picks each word's rows; see there which position).
-    raw (W, 32, 32): aggregated attention (entropy, eq. 23); aligned: through the run's Aligner when it
-    has one (what the loss of eq. 17 compares with the DM map), else equal to raw."""
+def answer_maps(model, processor, items, dm_store, own, head=None, batch_size=4, device="cpu", show=True):
+    """Per item dict(words, dm_index, own, head): the per-word maps on the reference answer under
+    teacher forcing, for the answer's words that have a DM map (label words; plan_words). own and
+    head (W, 32, 32) as capture_settings makes them (head None without one); one forward fills both."""
     out = []
-    with AttentionCapture(model, settings["layers"], learned=settings["learned"]) as capture:
+    captures = [AttentionCapture(model, own["layers"], learned=False)]
+    if head is not None:
+        captures.append(AttentionCapture(model, head["layers"], learned=head["learned"]))
+    try:
         for start in tqdm(range(0, len(items), batch_size), desc="attention", disable=not show, leave=False):
             chunk = items[start:start + batch_size]
             batch = train.collate(processor, chunk, with_answer=True)
             dm_words = [dm_store[it["id"]][1] if it["id"] in dm_store else None for it in chunk]
-            plan = plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], dm_words, match=settings["match"])
-            capture.set_rows(plan["rows"].to(device))
+            rows = answer_rows(batch["labels"])  # (B, R) every row that predicts an answer token
+            for capture in captures:
+                capture.set_rows(rows.to(device))
             model(**train.model_inputs(batch, device))
+            tokens = row_tokens(rows, batch["input_ids"], align_words="label")
+            plan = plan_words(processor.tokenizer, rows, tokens, dm_words, match=own["match"])
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            raw = vlm_word_maps(capture, plan, batch, aggregation=settings["aggregation"]).float().cpu()   # (B, W, 32, 32)
-            aligned = raw
-            if settings["aligner"] is not None:
-                aligned = vlm_word_maps(capture, plan, batch, aggregation=settings["aggregation"],
-                                        aligner=settings["aligner"], aligner_mode=settings["aligner_mode"]).float().cpu()
+            maps = [word_maps(c, plan, batch, s) for c, s in zip(captures, (own, head))]  # (B, W, 32, 32) each
             for b in range(len(chunk)):
                 n = len(plan["words"][b])
                 out.append({"words": plan["words"][b], "dm_index": plan["dm_index"][b, :n].tolist(),
-                            "raw": raw[b, :n], "aligned": aligned[b, :n]})
+                            "own": maps[0][b, :n], "head": maps[1][b, :n] if head is not None else None})
+    finally:
+        for capture in captures:
+            capture.remove()
     return out
+
+
+def word_measures(maps, dm_maps, m, regions):
+    """Per-word entropy, MSE against the DM map, pointing hits of (W, 32, 32) maps (one item)."""
+    measures = {"entropies": attention_entropy(maps).tolist(), "errors": [], "hits": []}
+    for w, (word, j) in enumerate(zip(m["words"], m["dm_index"])):
+        measures["errors"].append(float(alignment_mse(maps[w], dm_maps[j])))
+        region = regions.get(normalize_word(word))
+        if region is not None:
+            measures["hits"].append(pointing_hit(maps[w], region))
+    return measures
+
+
+def attention_summary(results, key):
+    """dict(entropy, alignment_mse, pointing, matched_words) over every item's words (item order)."""
+    every = lambda name: [v for r in results for v in r[key][name]]  # noqa: E731
+    hits = every("hits")
+    return {"entropy": summarize(every("entropies")), "alignment_mse": summarize(every("errors")),
+            "pointing": accuracy_summary(hits) if hits else None, "matched_words": len(every("errors"))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,60 +304,93 @@ def answer_maps(model, processor, items, dm_store, settings, batch_size=4, devic
 def evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir, drawn=(),
                    rank=0, world=1, device="cpu"):
     """Accuracy (and, with a DM store, attention measures) of one model; rank 0 writes
-    <out>/<name>/predictions.jsonl. This rank measures items rank, rank + world, ...; the per-item
-    results are gathered (train.gather_objects) and put back in item order, so the report does not
-    depend on the number of ranks. Returns (run report dict, {item id: {dm word index: VLM map}}
-    for the items in `drawn`, the ids whose overlays are drawn)."""
+    <out>/<name>/predictions.jsonl. settings: capture_settings' (own, head). This rank measures
+    items rank, rank + world, ...; the per-item results are gathered (train.gather_objects) and put
+    back in item order, so the report does not depend on the number of ranks. Returns (run report
+    dict, {item id: {"own" / "head": {dm word index: map}}} for the items in `drawn`)."""
     show = not args.quiet and rank == 0
     model.to(device).eval()
     mine = list(range(rank, len(items), world))
     predictions = generate_answers(model, processor, [items[i] for i in mine], args.batch_size, args.max_new_tokens,
                                    device, show)
-    results = []  # one dict per item of this rank: its record and, with a DM store, its per-word measures
+    results = []  # one dict per item of this rank: its prediction and, with a DM store, its per-word measures
     for i, prediction in zip(mine, predictions):
-        item = items[i]
-        score = score_prediction(prediction, item["answer"], item["question"])
-        results.append({"index": i, "record": {"id": item["id"], "question": item["question"], "answer": item["answer"],
-                                               "prediction": prediction, "category": item.get("category"), **score}})
+        results.append({"index": i, "record": {"id": items[i]["id"], "prediction": prediction}})
+    own, head = settings if dm_store else (None, None)
     if dm_store:
-        maps = answer_maps(model, processor, [items[i] for i in mine], dm_store, settings, args.batch_size, device, show)
-        # plan_words keeps only the answer words matched to a DM word (one entry per DM word), so every
-        # word below has a DM map: all measures are over the same matched words
-        for result, m in zip(results, maps):
+        maps = answer_maps(model, processor, [items[i] for i in mine], dm_store, own, head, args.batch_size, device, show)
+        for result, m in zip(results, maps):  # every word below has a DM map (plan_words keeps only those)
             item_id = result["record"]["id"]
             dm_maps = dm_store[item_id][0] if item_id in dm_store else None
-            result.update(entropies=attention_entropy(m["raw"]).tolist(),           # eq. 23, the VLM's own attention
-                          aligned_entropies=attention_entropy(m["aligned"]).tolist(),  # after the Aligner (Fig. 17)
-                          errors=[], hits=[], picture={})
-            for w, (word, j) in enumerate(zip(m["words"], m["dm_index"])):
-                result["errors"].append(float(alignment_mse(m["aligned"][w], dm_maps[j])))
-                if item_id in drawn:
-                    result["picture"][j] = m["aligned"][w]
-                region = regions.get(item_id, {}).get(normalize_word(word))
-                if region is not None:
-                    result["hits"].append(pointing_hit(m["aligned"][w], region))
+            item_regions_ = regions.get(item_id, {})
+            result["own"] = word_measures(m["own"], dm_maps, m, item_regions_)
+            result["dm"] = word_measures(torch.stack([dm_maps[j] for j in m["dm_index"]]) if m["words"] else
+                                         torch.zeros(0, 32, 32), dm_maps, m, item_regions_)
+            if head is not None:
+                result["head"] = word_measures(m["head"], dm_maps, m, item_regions_)
+            if item_id in drawn:
+                result["picture"] = {kind: {j: m[kind][w] for w, j in enumerate(m["dm_index"])}
+                                     for kind in ("own", "head") if m[kind] is not None}
     results = sorted(train.gather_objects(results, world), key=lambda r: r["index"])  # every rank: all items
-    records = [r["record"] for r in results]
+    # scored once gathered: CIDEr-D's document frequencies are over the whole set
+    records = score_items(items, [r["record"]["prediction"] for r in results], args.metric)
     if rank == 0:
-        (out_dir / name).mkdir(parents=True, exist_ok=True)
-        with open(out_dir / name / "predictions.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-    report = {"name": name, "accuracy": accuracy_table(records),
-              "multiple_choice": sum(r["kind"] == "choice" for r in records),
-              "unparsed_choice": sum(r["kind"] == "choice" and r["letter"] is None for r in records)}
+        write_predictions(out_dir / name, records, args.vlmevalkit)
+    report = {"name": name, **run_scores(records)}
     pictures = {}
     if dm_store:
-        every = lambda key: [v for r in results for v in r[key]]  # noqa: E731  (item order, then word order)
-        entropies, errors, hits = every("entropies"), every("errors"), every("hits")
-        pictures = {r["record"]["id"]: r["picture"] for r in results if r["record"]["id"] in drawn}
-        shown = dict(settings, aligner=type(settings["aligner"]).__name__ if settings["aligner"] is not None else None)
-        report.update(settings=shown, vlm_entropy=summarize(entropies),
-                      aligned_entropy=summarize(every("aligned_entropies")),
-                      alignment_mse=summarize(errors), matched_words=len(errors),
-                      pointing=accuracy_summary(hits) if hits else None)
-        report["_entropies"] = entropies
+        pictures = {r["record"]["id"]: r["picture"] for r in results if "picture" in r}
+        shown = lambda s: dict(s, aligner=type(s["aligner"]).__name__ if s["aligner"] is not None else None)  # noqa: E731
+        mine_ = attention_summary(results, "own")
+        report.update(settings=shown(own), vlm_entropy=mine_["entropy"], alignment_mse=mine_["alignment_mse"],
+                      pointing=mine_["pointing"], matched_words=mine_["matched_words"],
+                      dm_on_matched=attention_summary(results, "dm"),
+                      head=dict(attention_summary(results, "head"), settings=shown(head)) if head else None)
+        report["_entropies"] = [v for r in results for v in r["own"]["entropies"]]
     return report, pictures
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring the predictions of any model (--score)
+# ---------------------------------------------------------------------------------------------
+
+def read_scored_items(args):
+    """The --data items (the first --limit), checked against the metric before any model runs."""
+    items = read_items(args.data)[:args.limit or None]
+    try:
+        check_items(items, args.metric)
+    except ValueError as err:
+        raise SystemExit(f"--data {args.data}: {err}") from None
+    return items
+
+
+def score_files(args):
+    """--score: the report for prediction files made by any model, scored against --data; no model is
+    loaded and no image opened. Each file is a run, named by its folder when it is called
+    predictions.jsonl (a run folder of an earlier report), else by its file name."""
+    out_dir = Path(args.out)
+    items, known = read_scored_items(args), {it["id"] for it in read_items(args.data)}
+    names = [Path(p).parent.name if Path(p).name == "predictions.jsonl" else Path(p).stem for p in args.score]
+    runs = []
+    for i, path in enumerate(args.score):
+        try:
+            predictions = read_predictions(path)
+        except ValueError as err:
+            raise SystemExit(f"--score {err}") from None
+        unknown = [k for k in predictions if k not in known]
+        missing = [it["id"] for it in items if it["id"] not in predictions]
+        if unknown or missing:
+            raise SystemExit(f"--score {path} does not match --data {args.data}: {len(missing)} item(s) without a "
+                             f"prediction {missing[:5]}, {len(unknown)} prediction(s) for unknown ids {unknown[:5]}")
+        records = score_items(items, [predictions[it["id"]] for it in items], args.metric)
+        name = names[i] if names.count(names[i]) == 1 else f"{names[i]}-{i}"
+        write_predictions(out_dir / name, records, args.vlmevalkit)
+        runs.append({"name": name, "predictions": str(path), **run_scores(records)})
+    report = {"data": str(args.data), "items": len(items), "out": str(out_dir),
+              "metric": describe_metric(args.metric), "runs": runs, "figures": []}
+    write_report(report, out_dir)
+    print(summary_line(report))
+    return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,21 +409,29 @@ def _num(summary, digits=3):
 
 
 def report_markdown(report):
-    """report.md: one row per run, one column per measure; per-category accuracy below when present."""
+    """report.md: one row per model (its own attention) and one per Lavender run's Aligner head, one
+    column per measure; per-category accuracy below when present."""
     runs = report["runs"]
     lines = [f"# Evaluation on {report['data']} ({report['items']} items)", "",
-             "Accuracy: exact match after normalisation, or the extracted letter for multiple-choice items; "
-             "95% Wilson interval in brackets. Entropy: App. B eq. 23, nats (uniform 32x32 = 6.931). "
-             "MSE: VLM map (through the run's Aligner) vs DM map, per answer word matched to a DM word.", "",
-             "| run | accuracy % [95% CI] | VLM entropy | DM entropy | alignment MSE | matched words | pointing % [95% CI] |",
+             f"Accuracy: {report.get('metric')}; in % (CIDEr-D x 100, as papers print it). "
+             "Attention columns, per answer word with a DM map: 'own' is each model's own cross-attention, "
+             "read the same way for every model; 'head' is a Lavender run's map through its Aligner (what its "
+             "loss compares). Entropy: App. B eq. 23, nats (uniform 32x32 = 6.931). MSE: against the DM map. "
+             "Pointing: the map's argmax inside the named object.", "",
+             "| model | maps | accuracy % [95% CI] | entropy | alignment MSE | matched words | pointing % [95% CI] |",
              "|---|---|---|---|---|---|---|"]
-    dm = report.get("dm") or {}
     for r in runs:
-        lines.append(f"| {r['name']} | {_pct(r['accuracy']['all'])} | {_num(r.get('vlm_entropy'))} | "
-                     f"{_num(dm.get('entropy'))} | {_num(r.get('alignment_mse'), 4)} | "
-                     f"{r.get('matched_words', '-')} | {_pct(r.get('pointing'))} |")
-    if dm.get("pointing"):
-        lines += ["", f"DM pointing (the target's own): {_pct(dm['pointing'])}"]
+        lines.append(f"| {r['name']} | own | {_pct(r['accuracy']['all'])} | {_num(r.get('vlm_entropy'))} | "
+                     f"{_num(r.get('alignment_mse'), 4)} | {r.get('matched_words', '-')} | {_pct(r.get('pointing'))} |")
+    for r in runs:
+        if r.get("head"):
+            h = r["head"]
+            lines.append(f"| {r['name']} | head | | {_num(h['entropy'])} | {_num(h['alignment_mse'], 4)} | "
+                         f"{h['matched_words']} | {_pct(h['pointing'])} |")
+    dm = report.get("dm") or {}
+    if dm:
+        lines.append(f"| DM (the target) | | | {_num(dm.get('entropy'))} | | {dm.get('matched_words', '-')} | "
+                     f"{_pct(dm.get('pointing'))} |")
     categories = sorted({c for r in runs for c in r["accuracy"] if c != "all"})
     if categories:
         lines += ["", "## Accuracy per category", "", "| run | " + " | ".join(categories) + " |",
@@ -478,7 +467,8 @@ def summary_line(report):
 # ---------------------------------------------------------------------------------------------
 
 def read_dm_store(items, attn_dir):
-    """{item id: (maps (n_words, 32, 32), words)} for the items that have a file in the attention store."""
+    """{item id: (maps (n_words, 32, 32), words)} for the items that have a file in the attention store
+    (each checked by data.check_maps first: see read_test_data)."""
     store = {}
     for item in items if attn_dir else []:
         path = maps_path(attn_dir, item["id"])
@@ -486,6 +476,78 @@ def read_dm_store(items, attn_dir):
             maps, words, _ = load_maps(path)
             store[item["id"]] = (maps, words)
     return store
+
+
+def item_problems(items, attn_dir, root):
+    """'item ...: what is wrong' for every item that cannot be evaluated: an id that is not a plain
+    file name (overlays/<id>.png must stay in --out) or repeats another, an image that does not
+    decode, an unusable attention file (data.check_maps), a mask that cannot be read."""
+    problems = list(duplicate_ids(items).values())
+    for item in items:
+        name = f"item {item['id']!r} (line {item.get('line', '?')})"
+        if not ID_PATTERN.match(item["id"]):
+            problems.append(f"{name}: id cannot be a file name (use only A-Z a-z 0-9 . _ -)")
+            continue
+        problems += check_images([item])
+        path = maps_path(attn_dir, item["id"]) if attn_dir else None
+        if path is not None and path.exists():
+            problem = check_maps(path, item["answer"])[1]
+            problems += [f"{name}: {problem}"] if problem else []
+        try:
+            item_regions(item, root, normalize_word)
+        except Exception as err:  # noqa: BLE001 -- a missing or malformed mask or box
+            problems.append(f"{name}: masks/boxes cannot be read ({type(err).__name__}: {err})")
+    return problems
+
+
+def read_test_data(args):
+    """(items, dm_store, regions): --data and --attn read, every item checked (item_problems); a
+    problem stops the evaluation with the items named, before any model is loaded."""
+    try:
+        items = read_scored_items(args)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--data: {err}") from None
+    root = Path(args.data).resolve().parent
+    problems = item_problems(items, args.attn, root)
+    if problems:
+        raise SystemExit(f"{len(problems)} problem(s) in --data {args.data} / --attn {args.attn}; fix or "
+                         f"remove these items:\n  " + "\n  ".join(problems[:20]))
+    dm_store = read_dm_store(items, args.attn)
+    if args.attn and not dm_store:
+        raise SystemExit(f"--attn {args.attn}: no attention file for any of the {len(items)} items "
+                         f"(expected <attn>/<id>.safetensors, written by extract.py)")
+    regions = {it["id"]: item_regions(it, root, normalize_word) for it in items
+               if dm_store and (it.get("masks") or it.get("boxes"))}
+    return items, dm_store, regions
+
+
+def run_problem(run_dir):
+    """None when run_dir looks like a finished train.py run, else what is missing or broken."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return "no such folder"
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"config.json cannot be read ({type(err).__name__}: {err})"
+    needed = ("model", "peft", "loss", "aggregate", "aligner", "aligner_mode", "match")
+    if not isinstance(config, dict) or any(k not in config for k in needed):
+        return f"config.json lacks some of {needed}: not written by train.py"
+    weights = run_dir / ("adapter/adapter_config.json" if config["peft"] == "lora" else "model/config.json")
+    if not weights.is_file():
+        return f"{weights.relative_to(run_dir)} is missing: the run did not finish (train.py --resume)"
+    return None
+
+
+def load_run(run_dir, device, dtype):
+    """train.load_run, with a broken run folder turned into a message that names it."""
+    problem = run_problem(run_dir)
+    if problem is None:
+        try:
+            return train.load_run(run_dir, device=device, dtype=dtype)
+        except Exception as err:  # noqa: BLE001 -- unreadable weights, a foreign adapter, ...
+            problem = f"cannot be loaded ({type(err).__name__}: {str(err)[:300]})"
+    raise SystemExit(f"--run-dir {run_dir}: {problem}")
 
 
 def models_to_evaluate(args):
@@ -496,14 +558,17 @@ def models_to_evaluate(args):
         if not args.model:
             raise SystemExit("give --model <preset> to evaluate the base model, or one or more --run-dir DIR")
         models.append(("base", None))
-    models += [(Path(r).name or f"run{i}", r) for i, r in enumerate(args.run)]
+    models += [(Path(r).resolve().name or f"run{i}", r) for i, r in enumerate(args.run)]  # a plain folder name
     names = [n for n, _ in models]
     return [(n if names.count(n) == 1 else f"{n}-{i}", r) for i, (n, r) in enumerate(models)]
 
 
 def evaluate(args):
     """Library entry (toy.py calls it with build_parser().parse_args([...])): returns the report dict.
-    Under torchrun every rank runs it; rank 0 writes the files and prints the summary."""
+    Under torchrun every rank runs it; rank 0 writes the files and prints the summary. With --score,
+    no model: the prediction files are scored (score_files)."""
+    if args.score:
+        return score_files(args)
     rank, world, device, _ = train.setup_distributed()
     device = str(device) if world > 1 else args.device  # under torchrun: this rank's GPU (or the CPU)
     try:
@@ -515,18 +580,11 @@ def evaluate(args):
 
 def evaluate_ranks(args, rank, world, device):
     out_dir = Path(args.out)
+    items, dm_store, regions = read_test_data(args)
+    problems = [f"--run-dir {r}: {p}" for _, r in models_to_evaluate(args) if r and (p := run_problem(r))]
+    if problems:  # every broken run named now, not after the first runs were evaluated
+        raise SystemExit("\n".join(problems))
     out_dir.mkdir(parents=True, exist_ok=True)
-    items = read_items(args.data)[:args.limit or None]
-    problems = train.check_images(items)
-    if problems:
-        raise SystemExit(f"{len(problems)} image(s) cannot be opened; fix --data {args.data}:\n" + "\n".join(problems[:10]))
-    dm_store = read_dm_store(items, args.attn)
-    if args.attn and not dm_store:
-        raise SystemExit(f"--attn {args.attn}: no attention file for any of the {len(items)} items "
-                         f"(expected <attn>/<id>.safetensors, written by extract.py)")
-    root = Path(args.data).resolve().parent
-    regions = {it["id"]: item_regions(it, root, normalize_word) for it in items
-               if dm_store and (it.get("masks") or it.get("boxes"))}
     drawn = [it for it in items if it["id"] in dm_store][:args.figures]  # the overlays' items: only their maps are kept
 
     # ---- each model in turn: load, generate, score, read its attention ----
@@ -536,7 +594,7 @@ def evaluate_ranks(args, rank, world, device):
             model, processor = train.load_vlm(args.model, args.model_path, dtype=getattr(torch, args.dtype))
             lavender = None
         else:  # a LoRA or full run, loaded whole on this one process (also one trained under FSDP)
-            model, processor, lavender, config = train.load_run(run_dir, device=device, dtype=getattr(torch, args.dtype))
+            model, processor, lavender, config = load_run(run_dir, device, getattr(torch, args.dtype))
             if args.model and config.get("model") != args.model:
                 raise SystemExit(f"--run-dir {run_dir} was trained from --model {config.get('model')}, not {args.model}")
         settings = capture_settings(lavender, model, args) if dm_store else None
@@ -550,28 +608,31 @@ def evaluate_ranks(args, rank, world, device):
             torch.cuda.empty_cache()
 
     report = {"data": str(args.data), "items": len(items), "items_with_attention": len(dm_store), "out": str(out_dir),
-              "metric": "exact match after normalize_answer, or the letter of extract_choice; Wilson 95% interval",
+              "metric": describe_metric(args.metric),
               "runs": runs, "figures": []}
 
     if rank != 0:  # every figure is on rank 0 now; the files are its job
         return report
     # ---- the DM side (run-independent), histograms (Fig. 7/25) and overlays (Fig. 8/17) ----
-    if dm_store:
-        dm_entropy = [float(h) for maps, _ in dm_store.values() for h in attention_entropy(maps)]
-        dm_hits = [pointing_hit(maps[j], regions[i][normalize_word(w)]) for i, (maps, words) in dm_store.items()
-                   for j, w in enumerate(words) if normalize_word(w) in regions.get(i, {})]
-        report["dm"] = {"entropy": summarize(dm_entropy), "pointing": accuracy_summary(dm_hits) if dm_hits else None}
+    if dm_store:  # the DM's maps of the matched words (the same words for every model: label words)
+        dm = runs[0].pop("dm_on_matched")
+        report["dm"] = {"entropy": dm["entropy"], "pointing": dm["pointing"], "matched_words": dm["matched_words"]}
+        dm_entropy = [float(h) for it in items if it["id"] in dm_store for h in
+                      attention_entropy(dm_store[it["id"]][0])]  # (every DM word, for the histogram)
         draw_entropy_histograms(out_dir / "entropy.png", dm_entropy, {r["name"]: r["_entropies"] for r in runs})
         report["figures"].append("entropy.png")
         (out_dir / "overlays").mkdir(exist_ok=True)
         for item in drawn:
             maps, words = dm_store[item["id"]]
-            run_maps = {name: [pictures[name][item["id"]].get(j) for j in range(len(words))] for name in pictures}
-            draw_overlay_grid(out_dir / "overlays" / f"{item['id']}.png", Image.open(item["image_path"]), words,
-                              maps, run_maps)
+            run_maps = {(name if kind == "own" else f"{name} head"): [pictures[name][item["id"]][kind].get(j)
+                                                                      for j in range(len(words))]
+                        for name in pictures if item["id"] in pictures[name] for kind in pictures[name][item["id"]]}
+            draw_overlay_grid(overlay_path(out_dir, item["id"]), open_image(item["image_path"]), words, maps,
+                              run_maps)
             report["figures"].append(f"overlays/{item['id']}.png")
     for r in runs:
         r.pop("_entropies", None)
+        r.pop("dm_on_matched", None)
     write_report(report, out_dir)
     print(summary_line(report))
     return report
@@ -597,12 +658,26 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=int, default=16, help="greedy generation length limit")
     p.add_argument("--batch-size", type=int, default=8, help="items per generation / teacher-forcing batch")
     p.add_argument("--aggregate", default="mean-mean", choices=[a for a in AGGREGATIONS if a != "learn"],
-                   help="base model only (a run uses its own): aggregation over heads-layers (§4.2)")
-    p.add_argument("--layers", default="all", choices=LAYER_SUBSETS, help="base model only: cross-attention layers read")
-    p.add_argument("--match", default="exact", choices=["exact", "root"], help="base model only: VLM-to-DM word matching")
+                   help="every model's own maps (the one ruler; a Lavender run's head keeps its own): "
+                        "aggregation over heads-layers (§4.2)")
+    p.add_argument("--layers", default="all", choices=LAYER_SUBSETS,
+                   help="every model's own maps: the cross-attention layers read")
+    p.add_argument("--match", default="exact", choices=["exact", "root"], help="VLM-to-DM word matching")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the VLM's dtype, base model and runs (bfloat16 on a GPU halves the memory)")
+    # scoring
+    p.add_argument("--metric", default="auto", choices=["auto", *METRICS],
+                   help="how answers are scored: auto (each item's \"metric\" field, written by data.py convert; "
+                        "else choice for a question with lettered options, else exact), or one metric for every item: "
+                        "exact, vqa (VQAv2/OK-VQA/TextVQA/VizWiz), anls (DocVQA/InfoVQA), relaxed (ChartQA), choice, "
+                        "cider (CIDEr-D, captions); see metrics.py")
+    p.add_argument("--score", action="append", default=[], metavar="PRED.jsonl",
+                   help="score a prediction file of any model (lines {\"id\", \"prediction\"}; VLMEvalKit's \"index\" "
+                        "is read as the id) against --data, without loading a model; repeat to compare files")
+    p.add_argument("--vlmevalkit", action=argparse.BooleanOptionalAction, default=False,
+                   help="write predictions.jsonl in VLMEvalKit's columns (index, question, answer, prediction, "
+                        "category) and the same rows as predictions.tsv, the file VLMEvalKit reads back")
     # output
     p.add_argument("--out", required=True, help="output directory (report.json, report.md, PNGs, predictions)")
     p.add_argument("--figures", type=int, default=4, help="items drawn as overlay grids (Fig. 8/17)")

@@ -33,7 +33,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-MAP_SIZE = 32  # every stored map is 32x32 (DESIGN.md), the grid the VLM maps are resized to
+from aligner import MAP_SIZE, min_max  # the one map size and normalisation of DM and VLM maps
+
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")  # ids become file names
 
 # ---- the attention store: attn/<id>.safetensors (DESIGN.md, "Formats") ----
@@ -41,13 +42,21 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")  # ids become file names
 def read_items(jsonl_path):
     """Items of a dataset JSONL, each as in the file plus "image_path" (absolute).
 
-    A malformed line (not a JSON object, a missing or non-string id/image/question/answer) raises
-    ValueError naming it; unsafe ids are left to extract(), which records them in failures.jsonl.
+    A missing file raises FileNotFoundError, a malformed line (not UTF-8, not a JSON object, a
+    missing or non-string id/image/question/answer) ValueError, each naming the file (and line);
+    unsafe ids are left to the callers (extract() records them in failures.jsonl, train.py and
+    evaluate.py refuse them), which check them with ID_PATTERN.
     """
+    if not Path(jsonl_path).is_file():
+        raise FileNotFoundError(f"{jsonl_path}: no such data file (resolved: {Path(jsonl_path).resolve()})")
     root = Path(jsonl_path).resolve().parent
     items = []
-    with open(jsonl_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(jsonl_path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{jsonl_path} line {n}: not UTF-8 ({e}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -58,6 +67,7 @@ def read_items(jsonl_path):
                 if not isinstance(item, dict) or not isinstance(item.get(key), str):
                     raise ValueError(f"{jsonl_path} line {n}: field {key!r} must be a string in a JSON object: {line.strip()[:100]}")
             item["image_path"] = str(root / item["image"])
+            item["line"] = n  # for messages about the item
             items.append(item)
     return items
 
@@ -114,10 +124,15 @@ def is_complete(path):
 
 # ---- diffusion model presets: --dm NAME; --dm-path points at a local copy (diffusers layout) ----
 
-DM_PRESETS = {  # name: hub id (None: not on a hub), default local folder
-    "sd14": {"hub_id": "CompVis/stable-diffusion-v1-4", "path": None},  # the paper's: 512 px, attn2 at 64², 32², 16², 8²
-    "tiny-sd": {"hub_id": None, "path": None},  # SD classes from tiny configs, random seeded weights (tests)
-    "toy-sd": {"hub_id": None, "path": str(Path(__file__).resolve().parent / "toy_models" / "toy-sd")},  # by toy.py
+# layers: the attn2 layers averaged by default, as downsampling factors of the latent grid (None:
+# all). sd14 (512 px, attn2 at 64², 32², 16², 8²): the 16x16 layers of the down and up blocks
+# (factor 4), the maps Prompt-to-Prompt aggregates (Hertz et al. 2022, which eq. 13-14 cite) and
+# the first author's MCPL code with it; DAAM also drops 8x8. toy-sd: all layers, measured best
+# on it (held-out captions 0.84 pointing; its 16x16 layers alone 0.62, 8x8 alone 0.53).
+DM_PRESETS = {  # name: hub id (None: not on a hub), default local folder, default layers
+    "sd14": {"hub_id": "CompVis/stable-diffusion-v1-4", "path": None, "layers": {4}},
+    "tiny-sd": {"hub_id": None, "path": None, "layers": None},  # SD classes from tiny configs, random weights (tests)
+    "toy-sd": {"hub_id": None, "path": str(Path(__file__).resolve().parent / "toy_models" / "toy-sd"), "layers": None},
 }
 
 
@@ -211,52 +226,66 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
     return dm
 
 
-# ---- CLIP tokens -> words (issue step 4) ----
+# ---- words: one rule for the DM side (here) and the VLM side (aggregate.answer_words) ----
+
+# CLIP's pre-tokenizer pattern (case-insensitive): English clitics, runs of letters, single
+# digits, runs of other symbols. Llama 3's splits the same clitics off.
+PIECE = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
+
+
+def split_words(text):
+    """The words of a text: [(word, start, end), ...] in order, lower-cased, with their characters.
+
+    Pieces as CLIP's pre-tokenizer cuts them (clitics, letter runs, single digits, symbols), then
+    touching letter/digit pieces glued back together (CLIP cuts "25" into "2" "5" and "mp3" into
+    "mp" "3"); pieces without a letter or digit are dropped. Both sides of the alignment use this
+    rule (the DM store's words and the VLM's answer words), so they reach the same words:
+
+        "A dog's toy, don't!" -> [("a", 0, 1), ("dog", 2, 5), ("'s", 5, 7), ("toy", 8, 11),
+                                   ("don", 13, 16), ("'t", 16, 18)]
+        "naïve café, 25 mp3s" -> [("naïve", 0, 5), ("café", 6, 10), ("25", 12, 14), ("mp3s", 15, 19)]
+    """
+    spans = []
+    for m in PIECE.finditer(text):
+        start, end = m.span()
+        if spans and spans[-1][1] == start and text[spans[-1][0]:end].isalnum():
+            spans[-1][1] = end  # "2" "5" -> "25"
+        else:
+            spans.append([start, end])
+    return [(text[a:b].lower(), a, b) for a, b in spans
+            if any(unicodedata.category(c)[0] in "LN" for c in text[a:b])]
+
 
 def text_words(tokenizer, text, max_tokens=75, item_id=None):
-    """(words, positions): the distinct words of text and, per word, its occurrences' token positions.
+    """(words, positions): the distinct words of text (split_words) and, per word, the CLIP token
+    positions of each of its occurrences.
 
-    Positions index the UNet's 77-token context (position 0 is CLIP's start token). CLIP's
-    pre-tokenizer cuts text at spaces, punctuation, contractions and between digits; its BPE
-    marks each cut's last piece with "</w>". A word is such a run of pieces, glued to a touching
-    neighbour when both are letters/digits (CLIP splits "25" into "2" "5" and "mp3" into "mp" "3").
-    Its text is the original text under its pieces' character offsets, lower-cased as CLIP does.
-    Pure punctuation is dropped. A repeated word gets one entry, its occurrences averaged later.
-    Beyond max_tokens content tokens (CLIP: 77 - start - end = 75) the text is truncated with a
-    warning naming the item, and a word cut in two by the limit is dropped.
+    Positions index the UNet's 77-token context (position 0 is CLIP's start token); a token
+    belongs to the word whose characters it covers. A repeated word gets one entry, its
+    occurrences averaged later. Beyond max_tokens content tokens (CLIP: 77 - start - end = 75)
+    the text is truncated with a warning naming the item, and a word cut in two by the limit is
+    dropped.
 
         "A red circle?"          -> ["a", "red", "circle"],  [[[1]], [[2]], [[3]]]   ("?" at 4 dropped)
         "an elephant" (tiny-sd)  -> ["an", "elephant"],      [[[1, 2]], [[3, 4, 5, 6, 7, 8, 9]]]
         "red dog, red"           -> ["red", "dog"],          [[[1], [4]], [[2]]]
         "25 dogs"                -> ["25", "dogs"],          [[[1, 2]], [[3, ...]]]
     """
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    pieces, offsets = tokenizer.convert_ids_to_tokens(enc["input_ids"]), enc["offset_mapping"]
-    if len(pieces) > max_tokens:
-        warnings.warn(f"item {item_id!r}: answer has {len(pieces)} CLIP tokens; keeping the first {max_tokens} "
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if len(offsets) > max_tokens:
+        warnings.warn(f"item {item_id!r}: answer has {len(offsets)} CLIP tokens; keeping the first {max_tokens} "
                       f"(CLIP's limit), words after that get no map")
-        pieces, offsets = pieces[:max_tokens], offsets[:max_tokens]
-    spans, run = [], []                                     # spans: [start, end, token positions]
-    for j, piece in enumerate(pieces):
-        run.append(1 + j)                                   # +1: the start token
-        if not piece.endswith("</w>"):
-            continue                                        # the word goes on in the next piece
-        start, end = offsets[run[0] - 1][0], offsets[j][1]
-        last = spans[-1] if spans else None
-        if last and last[1] == start and text[last[0]:end].isalnum():
-            last[1], last[2] = end, last[2] + run           # "2" "5" -> "25"
-        else:
-            spans.append([start, end, run])
-        run = []                                            # a run left open at the end was cut: dropped
+        offsets = offsets[:max_tokens]
+    kept_end = offsets[-1][1] if offsets else 0
     words, positions = [], []
-    for start, end, occurrence in spans:
-        word = text[start:end].lower()
-        if not any(unicodedata.category(c)[0] in "LN" for c in word):
-            continue                                        # no letter or digit: "?", ",", "--"
+    for word, start, end in split_words(text):
+        tokens = [1 + j for j, (a, b) in enumerate(offsets) if a < end and b > start]  # +1: the start token
+        if not tokens or end > kept_end:
+            continue  # beyond the limit, or cut in two by it
         if word not in words:
             words.append(word)
             positions.append([])
-        positions[words.index(word)].append(occurrence)
+        positions[words.index(word)].append(tokens)
     return words, positions
 
 
@@ -346,7 +375,7 @@ def capturing(unet, store):
         unet.set_attn_processor(original)
 
 
-# ---- DDIM inversion, then denoising (issue step 2) ----
+# ---- DDIM inversion, then denoising ----
 
 def ddim_grids(scheduler, inversion_steps, denoise_steps, strength=1.0):
     """(inverse, forward) DDIM schedulers whose grids meet: inversion ends where denoising starts.
@@ -375,7 +404,7 @@ def ddim_grids(scheduler, inversion_steps, denoise_steps, strength=1.0):
     return inverse, forward
 
 
-def invert_and_denoise(unet, latents, context, inverse, forward, store=None, capture_steps="all"):
+def invert_and_denoise(unet, latents, context, inverse, forward, store=None, capture_steps="denoise"):
     """Run the inversion then the denoising; with a store, capture attention at the chosen steps."""
     dtype = unet.dtype
     for phase, scheduler in (("inversion", inverse), ("denoise", forward)):
@@ -390,7 +419,7 @@ def invert_and_denoise(unet, latents, context, inverse, forward, store=None, cap
 
 
 @torch.no_grad()
-def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10, capture_steps="all", layers=None,
+def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10, capture_steps="denoise", layers=None,
                  strength=1.0):
     """Mean cross-attention (B, columns, h, w) over heads, the chosen layers and steps.
 
@@ -420,21 +449,16 @@ def word_maps(attention, W):
     return min_max(maps)
 
 
-def min_max(maps):
-    """Each map of (n, h, w) scaled to [0, 1] over its pixels; a constant map becomes all zeros."""
-    lo, hi = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
-    return ((maps - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+# ---- images ----
 
-
-# ---- images (issue step 1) ----
-
-def load_image(path, res):
-    """(3, res, res) float tensor in [-1, 1] from an image file of any mode, squashed to a square.
+def open_image(path):
+    """The image file as a fully decoded PIL RGB image: the one loader of extract.py (the DM's
+    pixels) and data.collate (the VLM's), so both models see the same picture.
 
     Modes: integer grey (I;16, I) is read as 16-bit when any value exceeds 255 (else as 8-bit),
     float grey (F) as [0, 1] when it stays within it; anything with transparency (RGBA, LA, or a
     transparent palette colour) is composited on white; CMYK, YCbCr, P, L, 1 convert with PIL.
-    The square resize matches the VLM side, whose maps also cover the whole image.
+    Decoding every pixel here (img.load) is what finds a truncated file; PIL's verify() does not.
     """
     with Image.open(path) as img:
         img.load()
@@ -446,14 +470,20 @@ def load_image(path, res):
             rgba = img.convert("RGBA")
             img = Image.new("RGB", rgba.size, (255, 255, 255))
             img.paste(rgba, mask=rgba.getchannel("A"))
-        img = img.convert("RGB").resize((res, res), Image.BICUBIC)
+        return img.convert("RGB")
+
+
+def load_image(path, res):
+    """(3, res, res) float tensor in [-1, 1] from an image file of any mode (open_image), squashed
+    to a square. The square resize matches the VLM side, whose maps also cover the whole image."""
+    img = open_image(path).resize((res, res), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, res, res) 0..255
     return x / 127.5 - 1.0
 
 
 # ---- extraction: items -> attn/<id>.safetensors, sharded by rank, resumable ----
 
-def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_steps="all", layers=None,
+def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_steps="denoise", layers=None,
             batch_size=1, rank=0, world_size=1, progress=None, strength=1.0):
     """Write <out_dir>/<id>.safetensors for this rank's share of items; returns a summary dict.
 
@@ -541,34 +571,52 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
     return summary
 
 
-# ---- the authors' JPEG layout: <root>/<image stem>/attention_<word>.jpg, 32x32, 8-bit grey ----
+# ---- the authors' JPEG layout: <root>/<image file name>/lpm_attention/<image stem>/attention_<word>.jpg ----
+# The layout their training code reads (load_sd_attn in the release's diffag_utils.py): one folder
+# per image FILE NAME, maps of 32x32 8-bit grey JPEGs named by word, in any subfolder of
+# lpm_attention/ (the image stem here). Maps are per image: items that share an image share a folder.
+
+def jpeg_folder(jpeg_dir, item):
+    """<jpeg_dir>/<image file name>/lpm_attention: the folder of an item's image."""
+    return Path(jpeg_dir) / Path(item["image"]).name / "lpm_attention"
+
 
 def export_jpeg(items, attn_dir, jpeg_dir):
-    """Write our maps in the authors' layout (keyed by image stem: a repeated stem is skipped, with a warning)."""
-    stems = {}
+    """Write our maps in the authors' layout; returns (items exported, maps written).
+
+    An image's folder collects the words of every item on that image; a word already written for
+    the image by an earlier item keeps that item's map (with a warning naming both items).
+    """
+    owner, items_done, maps_done = {}, 0, 0  # (image file name, word) -> item id
     for item in items:
-        path, stem = maps_path(attn_dir, item["id"]), Path(item["image"]).stem
+        path = maps_path(attn_dir, item["id"])
         if not is_complete(path):
             continue
-        if stem in stems:
-            warnings.warn(f"item {item['id']!r}: image stem {stem!r} already exported for item {stems[stem]!r}; skipped")
-            continue
-        stems[stem] = item["id"]
         maps, words, _ = load_maps(path)
-        (Path(jpeg_dir) / stem).mkdir(parents=True, exist_ok=True)
+        folder = jpeg_folder(jpeg_dir, item) / Path(item["image"]).stem
+        folder.mkdir(parents=True, exist_ok=True)
         for word, m in zip(words, maps):
+            key = (Path(item["image"]).name, word)
+            if key in owner:
+                warnings.warn(f"item {item['id']!r}: image {key[0]!r} already has a map of {word!r} from item "
+                              f"{owner[key]!r}; the layout holds one map per image and word, kept that one")
+                continue
+            owner[key] = item["id"]
             grey = (m.clamp(0, 1) * 255).round().to(torch.uint8).numpy()          # (32, 32) 8-bit
-            Image.fromarray(grey, "L").save(Path(jpeg_dir) / stem / f"attention_{word}.jpg", quality=95)
-    return len(stems)
+            Image.fromarray(grey, "L").save(folder / f"attention_{word}.jpg", quality=95)
+            maps_done += 1
+        items_done += 1
+    return items_done, maps_done
 
 
 def read_jpeg_maps(folder, words=None):
-    """(maps float32 (n, 32, 32) in [0, 1], words) from a folder of attention_<word>.jpg files.
+    """(maps float32 (n, 32, 32) in [0, 1], words) from the attention_<word>.jpg files anywhere
+    under folder (the release reads every subfolder of lpm_attention/).
 
     words: the order to return (missing files are left out); default: every file, sorted by word.
     JPEG ringing moves the extremes a little, so each map is min-max normalised again.
     """
-    files = {p.name[len("attention_"):-len(".jpg")]: p for p in Path(folder).glob("attention_*.jpg")}
+    files = {p.name[len("attention_"):-len(".jpg")]: p for p in sorted(Path(folder).glob("**/attention_*.jpg"))}
     words = sorted(files) if words is None else [w for w in words if w in files]
     maps = torch.zeros(len(words), MAP_SIZE, MAP_SIZE)                          # (n, 32, 32)
     for i, word in enumerate(words):
@@ -578,26 +626,27 @@ def read_jpeg_maps(folder, words=None):
 
 
 def import_jpeg(items, jpeg_dir, attn_dir, dm_name="authors-jpeg"):
-    """Convert the authors' JPEG maps of items into our store; returns the number of items written.
-
-    Words in order of first appearance in the answer (lower-cased, punctuation stripped), then any
-    other word that has a file, sorted.
-    """
-    written = 0
+    """Convert the authors' JPEG maps into our store: for each item, the maps of its answer's
+    words (split_words, in order) found in its image's folder. Returns (items written, words
+    found, answer words in all); an item none of whose words has a map is not written."""
+    written, found, total = 0, 0, 0
     for item in items:
-        folder = Path(jpeg_dir) / Path(item["image"]).stem
-        in_text = list(dict.fromkeys(w.strip(".,;:!?\"'()").lower() for w in item["answer"].split()))
-        maps, words = read_jpeg_maps(folder, in_text + sorted(set(read_jpeg_maps(folder)[1]) - set(in_text)))
-        if words:
-            save_maps(maps_path(attn_dir, item["id"]), maps, words, {"text": item["answer"], "dm": dm_name})
+        words = list(dict.fromkeys(w for w, _, _ in split_words(item["answer"])))
+        maps, words_found = read_jpeg_maps(jpeg_folder(jpeg_dir, item), words)
+        total, found = total + len(words), found + len(words_found)
+        if words_found:
+            save_maps(maps_path(attn_dir, item["id"]), maps, words_found, {"text": item["answer"], "dm": dm_name})
             written += 1
-    return written
+    return written, found, total
 
 
 # ---- command line ----
 
-def parse_layers(text):
-    """"all" -> None; "2,4" -> {2, 4} (downsampling factors of the latent grid)."""
+def parse_layers(text, preset=None):
+    """"all" -> None; "2,4" -> {2, 4} (downsampling factors of the latent grid); "preset" -> the
+    --dm preset's default (DM_PRESETS)."""
+    if text == "preset":
+        return DM_PRESETS[preset]["layers"]
     if text == "all":
         return None
     factors = {int(f) for f in text.split(",") if f.strip().isdigit()}
@@ -619,18 +668,22 @@ def build_parser():
     p.add_argument("--denoise-steps", type=int, default=10, help="DDIM denoising steps (>= 1) from the inverted latent")
     p.add_argument("--strength", type=float, default=1.0, help="share of the noise range inverted: 1 = up to "
                    "t=999; 0.5 = up to t=499 (steps / strength must be whole numbers)")
-    p.add_argument("--capture-steps", default="all", choices=["all", "inversion", "denoise"],
-                   help="which steps' attention is averaged (§5(1): maps are collected at each step)")
-    p.add_argument("--layers", default="all", help="attn2 layers averaged: 'all' or downsampling factors of the latent "
-                   "grid, e.g. '2,4' (sd14 at 512 px: 1 = 64x64, 2 = 32x32, 4 = 16x16, 8 = 8x8)")
+    p.add_argument("--capture-steps", default="denoise", choices=["denoise", "inversion", "all"],
+                   help="which steps' attention is averaged: denoise (§5(1): 'attention maps are collected at each "
+                   "denoising step'), inversion, or all")
+    p.add_argument("--layers", default="preset", help="attn2 layers averaged: 'preset' (sd14: 16x16, as "
+                   "Prompt-to-Prompt; toy-sd: all), 'all', or downsampling factors of the latent grid, e.g. '2,4' "
+                   "(sd14 at 512 px: 1 = 64x64, 2 = 32x32, 4 = 16x16, 8 = 8x8)")
     # ---- performance ----
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet call (raise it on a GPU)")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:0, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="DM weights; auto: float16 on GPU, float32 on CPU (attention is accumulated in float32 either way)")
     # ---- the authors' layout ----
-    p.add_argument("--export-jpeg", default=None, metavar="DIR", help="write <DIR>/<image stem>/attention_<word>.jpg from --out, then stop")
-    p.add_argument("--import-jpeg", default=None, metavar="DIR", help="read <DIR>/<image stem>/attention_<word>.jpg into --out, then stop")
+    p.add_argument("--export-jpeg", default=None, metavar="DIR", help="write --out's maps in the authors' layout, "
+                   "<DIR>/<image file name>/lpm_attention/<image stem>/attention_<word>.jpg, then stop")
+    p.add_argument("--import-jpeg", default=None, metavar="DIR", help="read maps in the authors' layout "
+                   "(<DIR>/<image file name>/lpm_attention/*/attention_<word>.jpg) into --out, then stop")
     return p
 
 
@@ -639,9 +692,13 @@ def main(argv=None):
     if not args.data:
         raise SystemExit("--data is required: a JSONL of {id, image, question, answer} lines")
     items = read_items(args.data)[:args.limit]
-    if args.export_jpeg or args.import_jpeg:
-        n = export_jpeg(items, args.out, args.export_jpeg) if args.export_jpeg else import_jpeg(items, args.import_jpeg, args.out)
-        return print(f"{'exported' if args.export_jpeg else 'imported'} {n} items")
+    if args.export_jpeg:
+        n_items, n_maps = export_jpeg(items, args.out, args.export_jpeg)
+        return print(f"exported {n_maps} maps of {n_items} items to {args.export_jpeg}")
+    if args.import_jpeg:
+        n_items, found, total = import_jpeg(items, args.import_jpeg, args.out)
+        return print(f"imported {n_items} of {len(items)} items into {args.out}: {found} of their {total} answer "
+                     f"words have a map in {args.import_jpeg}")
     # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1. No process group:
     # ranks share nothing but the output folder.
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -651,7 +708,7 @@ def main(argv=None):
              "auto": torch.float16 if device.startswith("cuda") else torch.float32}[args.dtype]
     dm = load_dm(args.dm, args.dm_path, device, dtype)
     s = extract(items, dm, args.out, args.inversion_steps, args.denoise_steps, args.capture_steps,
-                parse_layers(args.layers), args.batch_size, rank, world_size, strength=args.strength)
+                parse_layers(args.layers, args.dm), args.batch_size, rank, world_size, strength=args.strength)
     # one line per rank (no collectives to merge them); items of other ranks are not counted here
     print(f"extract rank {rank}/{world_size}: {s['done']} done, {s['skipped']} skipped as complete, "
           f"{s['failed']} failed (reasons in {Path(args.out) / 'failures.jsonl'}), {s['seconds']:.1f} s")

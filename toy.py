@@ -480,11 +480,12 @@ def save_sd(out_dir, unet, vae, text_encoder, tokenizer, scheduler):
 def dm_pointing(items, attn_dir):
     """Pointing accuracy of extracted DM maps: the share of (item, word) with a mask whose map's
     argmax falls inside the word's object (evaluate.pointing_hit). Returns dict(accuracy, hits, n,
-    colour, shape): the last two are the accuracies over colour words and over shape words alone
-    (they can differ a lot; toy_report.md has the history)."""
+    colour, shape, entropy): colour and shape are the accuracies over colour words and over shape
+    words alone (they can differ a lot; toy_report.md has the history), entropy the mean of the
+    maps' entropies (evaluate.attention_entropy, App. B eq. 23)."""
     import evaluate
     import extract
-    hits = []                                                       # (hit, the word)
+    hits = []                                                       # (hit, the word, entropy of its map)
     for it in items:
         path = extract.maps_path(attn_dir, it["id"])
         if not it.get("masks") or not path.exists():
@@ -493,17 +494,20 @@ def dm_pointing(items, attn_dir):
         regions = evaluate.item_regions(it, Path(it["image_path"]).parent.parent, lambda w: w)
         for word, region in regions.items():
             if word in words:
-                hits.append((evaluate.pointing_hit(maps[words.index(word)], region), word))
+                m = maps[words.index(word)]
+                hits.append((evaluate.pointing_hit(m, region), word, float(evaluate.attention_entropy(m))))
     share = lambda hs: round(float(np.mean(hs)), 4) if hs else float("nan")             # noqa: E731
-    return {"accuracy": share([h for h, _ in hits]), "hits": int(sum(h for h, _ in hits)), "n": len(hits),
-            "colour": share([h for h, w in hits if w in COLOURS]), "shape": share([h for h, w in hits if w in SHAPES])}
+    return {"accuracy": share([h for h, _, _ in hits]), "hits": int(sum(h for h, _, _ in hits)), "n": len(hits),
+            "colour": share([h for h, w, _ in hits if w in COLOURS]),
+            "shape": share([h for h, w, _ in hits if w in SHAPES]), "entropy": share([e for _, _, e in hits])}
 
 
-def measure_sd(dm_path, world_dir, out_dir, n=None, **extract_kwargs):
+def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, **extract_kwargs):
     """Extract toy-sd maps (extract.extract, the sd14 code path) for held-out captions and for the
-    test-id answers, and return their pointing accuracy: {"captions": {...}, "answers": {...}}."""
+    test-id answers of the world drawn with `seed`, and return their pointing accuracy:
+    {"captions": {...}, "answers": {...}}."""
     import extract
-    paths = build_world(world_dir)
+    paths = build_world(world_dir, seed)
     dm = extract.load_dm("toy-sd", path=dm_path)
     result = {}
     for name, split in (("captions", "test-captions"), ("answers", "test-id")):
@@ -621,8 +625,10 @@ def train_args(data, attn, out, loss, seed, args):
     argv = ["--model", "toy", "--model-path", str(args.vlm_path), "--data", str(data), "--attn", str(attn),
             "--out", str(out), "--loss", loss, "--seed", str(seed), "--max-steps", str(args.steps),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lam", str(args.lam),
-            "--aggregate", args.aggregate, "--aligner", args.aligner, "--peft", args.peft,
+            "--aggregate", args.aggregate, "--aligner", args.aligner, "--aligner-mode", args.aligner_mode,
+            "--align-words", args.align_words, "--peft", args.peft,
             "--pretrain-aligner-steps", str(args.pretrain_aligner_steps if loss == "lavender" else 0),
+            "--overwrite",  # a run with other settings in the same folder is replaced (finetune() reuses a same one)
             "--no-progress" if args.quiet else "--progress"]
     return train.build_parser().parse_args(argv)
 
@@ -644,6 +650,7 @@ def demo_table(reports, seeds):
     def column(kind, pick, split="test-id"):
         return [pick(r) for r in runs_of(split, kind)]
     acc = lambda r: r["accuracy"]["all"]["accuracy"]                                       # noqa: E731
+    kinds = ("base", "ar", "lavender")
     rows = []
     for split in ("test-id", "test-ood"):
         rows.append((f"accuracy {split}", *[mean_spread(column(k, acc, split)) for k in ("base", "ar", "lavender")]))
@@ -655,11 +662,16 @@ def demo_table(reports, seeds):
     ent = lambda r: (r.get("vlm_entropy") or {}).get("mean")                               # noqa: E731
     point = lambda r: (r.get("pointing") or {}).get("accuracy")                            # noqa: E731
     mse = lambda r: (r.get("alignment_mse") or {}).get("mean")                             # noqa: E731
-    rows.append(("VLM attention entropy (nats, test-id)", *[mean_spread(column(k, ent)) for k in ("base", "ar", "lavender")]))
-    rows.append(("DM attention entropy (nats, test-id)", f"{dm['entropy']['mean']:.3f}" if dm else "-", "", ""))
-    rows.append(("VLM pointing (test-id)", *[mean_spread(column(k, point)) for k in ("base", "ar", "lavender")]))
-    rows.append(("DM pointing (test-id answers)", f"{dm['pointing']['accuracy']:.3f}" if dm.get("pointing") else "-", "", ""))
-    rows.append(("alignment MSE (test-id)", *[mean_spread(column(k, mse)) for k in ("base", "ar", "lavender")]))
+    head = lambda pick: lambda r: pick({"vlm_entropy": r["head"]["entropy"], "pointing": r["head"]["pointing"],  # noqa: E731
+                                        "alignment_mse": r["head"]["alignment_mse"]}) if r.get("head") else None
+    rows.append(("VLM's own attention: entropy (nats, test-id)", *[mean_spread(column(k, ent)) for k in kinds]))
+    rows.append(("VLM's own attention: pointing (test-id)", *[mean_spread(column(k, point)) for k in kinds]))
+    rows.append(("VLM's own attention: MSE to the DM map (test-id)", *[mean_spread(column(k, mse)) for k in kinds]))
+    rows.append(("Aligner head: entropy (test-id)", "", "", mean_spread(column("lavender", head(ent)))))
+    rows.append(("Aligner head: pointing (test-id)", "", "", mean_spread(column("lavender", head(point)))))
+    rows.append(("Aligner head: MSE to the DM map (test-id)", "", "", mean_spread(column("lavender", head(mse)))))
+    rows.append(("DM maps of the same words: entropy, pointing (test-id)",
+                 f"{dm['entropy']['mean']:.3f}, {dm['pointing']['accuracy']:.3f}" if dm.get("pointing") else "-", "", ""))
     return rows
 
 
@@ -668,58 +680,80 @@ def markdown_table(rows, header=("measure", "base (toy)", "AR", "Lavender")):
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def demo(args):
-    """The README's main command: the whole method on the miniature world; returns the table rows."""
-    import evaluate
+def prepare_world(args, world_seed, world_dir, out, stage):
+    """Draw the world of `world_seed` (cached) and extract its DM maps (extract.py, the sd14 code
+    path) for every item whose answer names an object; yes/no answers name none: those items train
+    with L_VLM alone (train.py counts them). Returns (paths {split: jsonl}, {split: attention dir})."""
     import extract
-    import train
-    t0 = time.time()
-    out = Path(args.out or ROOT / "toy_out")
-    stage = lambda text: print(f"[toy {time.time() - t0:5.0f}s] {text}", flush=True)        # noqa: E731
-    # ---- 1. the world (cached) ----
-    stage(f"world: {args.world}")
-    paths = build_world(args.world, args.seed, args.finetune_items)
-    # ---- 2. DM maps (extract.py, the sd14 code path) for every item whose answer names an object;
-    #         yes/no answers name none: those items train with L_VLM alone (train.py logs how many) ----
+    stage(f"world {world_seed}: {world_dir}")
+    paths = build_world(world_dir, world_seed, args.finetune_items)
     dm = extract.load_dm("toy-sd", path=args.dm_path)
     # extract.py skips complete map files (resume), so key the cache on the DM's weights, the
     # extraction settings and the world (its seed and splits): a retrained toy-sd, other steps or
     # another world's items under the same ids must never reuse stale maps
     key = hashlib.sha256(b"".join(Path(args.dm_path, part).read_bytes() for part in (
         "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"))
-        + (Path(args.world) / "world.json").read_bytes()
+        + (Path(world_dir) / "world.json").read_bytes()
         + f"{args.inversion_steps}/{args.denoise_steps}/{args.capture_steps}".encode()).hexdigest()[:10]
-    attn = out / "attn" / key
     # fine-tuning maps only for the answers of --dm-categories (a folder per choice, so that a cached
     # folder never holds maps of other categories); the test splits always get every map
-    folders = {"finetune": f"finetune-{'+'.join(sorted(args.dm_categories))}", "test-id": "test-id", "test-ood": "test-ood"}
-    for split, folder in folders.items():
+    attn = {"finetune": out / "attn" / key / f"finetune-{'+'.join(sorted(args.dm_categories))}",
+            "test-id": out / "attn" / key / "test-id", "test-ood": out / "attn" / key / "test-ood"}
+    for split, folder in attn.items():
         items = [it for it in extract.read_items(paths[split]) if it.get("masks")][:args.limit or None]
         if split == "finetune":
             items = [it for it in items if it["category"] in args.dm_categories]
         stage(f"extract {split}: {len(items)} items")
-        extract.extract(items, dm, attn / folder, inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
+        extract.extract(items, dm, folder, inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
                         capture_steps=args.capture_steps, batch_size=64, progress=not args.quiet)
-    del dm
-    # ---- 3. fine-tune: AR and Lavender, the same budget, data and seeds ----
-    data = paths["finetune"]
-    runs = []
-    for seed in args.seeds:
-        for loss in ("ar", "lavender"):
-            stage(f"fine-tune {loss}, seed {seed}: {args.steps} steps of {args.batch_size}")
-            runs.append(train.train(train_args(data, attn / folders["finetune"], out / "runs" / f"{loss}-s{seed}",
-                                               loss, seed, args)))
-    # ---- 4. evaluate: base, every run, in- and out-of-distribution ----
+    return paths, attn
+
+
+def finetune(args, data, attn, run_dir, loss, seed, overrides=None):
+    """One fine-tuning run (train.train) with the demo's settings and an arm's `overrides` (train.py
+    options by their dest name); a finished run of the same settings is reused, not retrained."""
+    import train
+    config = train_args(data, attn, run_dir, loss, seed, args)
+    for name, value in (overrides or {}).items():
+        setattr(config, name, value)
+    done = Path(run_dir) / "config.json"
+    if done.exists() and (Path(run_dir) / ("adapter" if config.peft == "lora" else "model")).is_dir():
+        saved = json.loads(done.read_text())
+        same = all(saved.get(k) == v for k, v in vars(config).items() if k not in ("overwrite", "progress", "resume"))
+        if same and saved.get("data_sha256") == train.file_sha256(data):  # the same world's items too
+            return str(run_dir)
+    return train.train(config)
+
+
+def evaluate_runs(args, paths, attn, runs, out, stage):
+    """evaluate.py on test-id and test-ood: the base model and every run; {split: report}."""
+    import evaluate
     reports = {}
     for split in ("test-id", "test-ood"):
         stage(f"evaluate {split}: base + {len(runs)} runs")
         argv = ["--model", "toy", "--model-path", str(args.vlm_path), "--base", "--data", str(paths[split]),
-                "--attn", str(attn / split), "--out", str(out / f"eval-{split}"), "--batch-size", "50",
+                "--attn", str(attn[split]), "--out", str(out / f"eval-{split}"), "--batch-size", "50",
                 "--figures", "3", "--max-new-tokens", "4"] + [x for r in runs for x in ("--run-dir", r)]
         argv += ["--limit", str(args.limit)] if args.limit else []
         argv += ["--quiet"] if args.quiet else []
         reports[split] = evaluate.evaluate(evaluate.build_parser().parse_args(argv))
-    # ---- 5. one table, and toy_report.md ----
+    return reports
+
+
+def demo(args):
+    """The README's main command: the whole method on the miniature world; returns the table rows."""
+    t0 = time.time()
+    out = Path(args.out or ROOT / "toy_out")
+    stage = lambda text: print(f"[toy {time.time() - t0:5.0f}s] {text}", flush=True)        # noqa: E731
+    paths, attn = prepare_world(args, args.seed, args.world, out, stage)
+    # ---- fine-tune: AR and Lavender, the same budget, data and seeds ----
+    runs = []
+    for seed in args.seeds:
+        for loss in ("ar", "lavender"):
+            stage(f"fine-tune {loss}, seed {seed}: {args.steps} steps of {args.batch_size}")
+            runs.append(finetune(args, paths["finetune"], attn["finetune"], out / "runs" / f"{loss}-s{seed}", loss, seed))
+    reports = evaluate_runs(args, paths, attn, runs, out, stage)
+    # ---- one table, and toy_report.md ----
     minutes = (time.time() - t0) / 60
     rows = demo_table(reports, args.seeds)
     table = markdown_table(rows)
@@ -729,6 +763,138 @@ def demo(args):
         write_report(Path(args.report), table, reports, args, minutes, out)
         stage(f"wrote {args.report}")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the protocol: several worlds x several seeds, every Lavender arm paired with AR of the same world
+# and seed, fixed before looking (README, toy_report.md)
+# ---------------------------------------------------------------------------------------------
+
+# Lavender arms, one train.py option each against the defaults (§8's ablations: aggregation Fig.
+# 19-20, Aligner pre-training Fig. 21, layers Fig. 22, λ, word sampling §6 (5)); the toy VLM has
+# cross-attention at layers 1 and 3, so "first" is [1] and "last" is [3]
+ARMS = {"lavender": {}, "mean-mean": {"aggregate": "mean-mean"}, "mean-max": {"aggregate": "mean-max"},
+        "max-max": {"aggregate": "max-max"}, "flow-sum": {"aggregate": "flow-sum"},
+        "flow-multi": {"aggregate": "flow-multi"}, "pretrain-20": {"pretrain_aligner_steps": 20},
+        "layers-first": {"layers": "first"}, "layers-last": {"layers": "last"}, "lam-1": {"lam": 1.0},
+        "lam-100": {"lam": 100.0}, "root": {"match": "root"}, "label-words": {"align_words": "label"}}
+DATA_SIZES = (40, 80)  # smaller finetune splits (the first N items), AR and Lavender each (§7.4, Fig. 27)
+MEASURES = {  # name: (split, how a run report gives it)
+    "accuracy test-id": ("test-id", lambda r: r["accuracy"]["all"]["accuracy"]),
+    "accuracy test-ood": ("test-ood", lambda r: r["accuracy"]["all"]["accuracy"]),
+    "own pointing test-id": ("test-id", lambda r: (r.get("pointing") or {}).get("accuracy")),
+    "own MSE to DM test-id": ("test-id", lambda r: (r.get("alignment_mse") or {}).get("mean")),
+    "own entropy test-id": ("test-id", lambda r: (r.get("vlm_entropy") or {}).get("mean")),
+}
+
+
+def protocol_runs(args, paths, attn, world_out, stage):
+    """Every fine-tuning run of one world: {(arm, seed): run dir}; "ar" and the ARMS at the full
+    finetune split, "ar-nN" and "lavender-nN" on its first N items (DATA_SIZES)."""
+    runs = {}
+    for n in DATA_SIZES:  # the first n items: a larger split begins with a smaller one (build_split)
+        lines = Path(paths["finetune"]).read_text().splitlines()[:n]
+        (Path(paths["finetune"]).parent / f"finetune-{n}.jsonl").write_text("\n".join(lines) + "\n")
+    jobs = [("ar", "ar", {}, paths["finetune"])] + [(a, "lavender", o, paths["finetune"]) for a, o in ARMS.items()]
+    jobs += [(f"{loss}-n{n}", loss, {}, Path(paths["finetune"]).parent / f"finetune-{n}.jsonl")
+             for n in DATA_SIZES for loss in ("ar", "lavender")]
+    for seed in args.seeds:
+        for arm, loss, overrides, data in jobs:
+            stage(f"fine-tune {arm}, seed {seed}")
+            runs[arm, seed] = finetune(args, data, attn["finetune"], world_out / "runs" / f"{arm}-s{seed}", loss,
+                                       seed, overrides)
+    return runs
+
+
+def as_run(head):
+    """A Lavender run's Aligner-head measures (evaluate.py's report["head"]) in a run report's keys."""
+    head = head or {}
+    return {"accuracy": {"all": {"accuracy": None}}, "pointing": head.get("pointing"),
+            "alignment_mse": head.get("alignment_mse"), "vlm_entropy": head.get("entropy")}
+
+
+def paired(values, arm, base="ar"):
+    """Paired differences arm - base over (world, seed): dict(mean, ci95, n, wins) (t interval)."""
+    from metrics import t_interval
+    diffs = [v[arm] - v[base] for v in values if v.get(arm) is not None and v.get(base) is not None]
+    if not diffs:
+        return None
+    lo, hi = t_interval(diffs, low=-math.inf, high=math.inf)
+    return {"mean": float(np.mean(diffs)), "ci95": [lo, hi], "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
+
+
+def protocol(args):
+    """`python toy.py protocol`: every arm in every world and seed; writes <out>/protocol.json and
+    prints the paired differences of each measure (arm - AR, same world and seed)."""
+    t0 = time.time()
+    out = Path(args.out or ROOT / "toy_out" / "protocol")
+    stage = lambda text: print(f"[protocol {time.time() - t0:6.0f}s] {text}", flush=True)  # noqa: E731
+    rows = []  # one per (world, seed): {"world", "seed", measure: {arm: value}}, plus the DM's
+    for world in args.worlds:
+        world_out = out / f"world-{world}"
+        paths, attn = prepare_world(args, world, world_out / "world", world_out, stage)
+        runs = protocol_runs(args, paths, attn, world_out, stage)
+        order = list(runs)
+        reports = evaluate_runs(args, paths, attn, [runs[k] for k in order], world_out, stage)
+        by_run = {split: dict(zip([("base", None)] + order, reports[split]["runs"])) for split in reports}
+        dm = reports["test-id"]["dm"]
+        for seed in args.seeds:
+            row = {"world": world, "seed": seed, "dm pointing test-id": dm["pointing"]["accuracy"],
+                   "dm entropy test-id": dm["entropy"]["mean"]}
+            for name, (split, pick) in MEASURES.items():
+                row[name] = {arm: pick(by_run[split][arm, seed]) for arm, s in order if s == seed}
+                row[name]["base"] = pick(by_run[split]["base", None])
+                row[name]["lavender head"] = pick(as_run(by_run[split]["lavender", seed].get("head")))
+            rows.append(row)
+    result = {"settings": {k: str(v) for k, v in vars(args).items()}, "minutes": (time.time() - t0) / 60,
+              "rows": rows, "paired": protocol_table(rows)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "protocol.json").write_text(json.dumps(result, indent=1))
+    (out / "protocol.md").write_text(protocol_markdown(result))
+    print(protocol_markdown(result))
+    stage(f"wrote {out / 'protocol.json'} and protocol.md")
+    return result
+
+
+def protocol_markdown(result):
+    """The protocol's tables: per measure, each arm's paired difference against AR (mean [95% t
+    interval], arm ahead in k of n pairs), the raw means, and the links of the paper's argument."""
+    fmt = lambda d: "-" if not d else f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] {d['wins']}/{d['n']}"  # noqa: E731
+    mean = lambda rows, name, arm: np.mean([r[name][arm] for r in rows if r[name].get(arm) is not None])  # noqa: E731
+    rows, paired_ = result["rows"], result["paired"]
+    names = list(MEASURES)
+    lines = [f"{len({r['world'] for r in rows})} worlds x {len({r['seed'] for r in rows})} seeds; cells: mean "
+             "difference against AR of the same world and seed [95% t interval], and in how many pairs the "
+             "arm's value is the higher", "",
+             "| arm | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for arm in paired_[names[0]]:
+        lines.append(f"| {arm} | " + " | ".join(fmt(paired_[n].get(arm)) for n in names) + " |")
+    lines += ["", "Means over every world and seed:", "", "| model | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names)]
+    for arm in ("base", "ar", "lavender", "lavender head", *[f"{k}-n{n}" for n in DATA_SIZES for k in ("ar", "lavender")]):
+        lines.append(f"| {arm} | " + " | ".join(f"{mean(rows, n, arm):.3f}" for n in names) + " |")
+    lines += ["", f"DM maps (test-id answer words): pointing {np.mean([r['dm pointing test-id'] for r in rows]):.3f}, "
+              f"entropy {np.mean([r['dm entropy test-id'] for r in rows]):.3f}", ""]
+    lines += [f"- {name}: {fmt(d)}" for name, d in paired_["links"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def protocol_table(rows):
+    """{measure: {arm: paired difference vs AR}}, and the links of the paper's argument."""
+    table = {}
+    for name in MEASURES:
+        values = [r[name] for r in rows]
+        arms = [a for a in values[0] if a not in ("ar", "base", "lavender head") and not a.startswith(("ar-", "lavender-n"))]
+        table[name] = {arm: paired(values, arm) for arm in arms}
+        table[name]["base"] = paired(values, "base")
+        for n in DATA_SIZES:
+            table[name][f"lavender-n{n}"] = paired(values, f"lavender-n{n}", f"ar-n{n}")
+    pointing = [dict(r["own pointing test-id"], dm=r["dm pointing test-id"]) for r in rows]
+    per_world = list({r["world"]: p for r, p in zip(rows, pointing)}.values())  # base and DM: one value a world
+    table["links"] = {"(a) DM - base own pointing (per world)": paired(per_world, "dm", "base"),
+                      "(a) DM - Lavender own pointing": paired(pointing, "dm", "lavender"),
+                      "(b) Lavender - base own pointing": paired(pointing, "lavender", "base")}
+    return table
 
 
 def write_report(path, table, reports, args, minutes, out):
@@ -742,7 +908,11 @@ def write_report(path, table, reports, args, minutes, out):
             name = f"{split}-{Path(fig).name}"
             shutil.copy(out / f"eval-{split}" / fig, pictures / name)
             shown.append(f"![{split} {fig}](toy_report/{name})")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    def relative(v):  # paths inside the repository as the README's commands write them
+        if isinstance(v, (str, Path)) and Path(v).is_absolute() and Path(v).resolve().is_relative_to(ROOT):
+            return str(Path(v).resolve().relative_to(ROOT))
+        return str(v) if isinstance(v, Path) else v
+    settings = {k: relative(v) for k, v in vars(args).items()}
     # hand-written notes below the marker (what was tried, by hand) survive a re-run of the demo
     marker = "<!-- notes: kept when the demo rewrites this file -->"
     notes = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
@@ -763,8 +933,10 @@ def write_report(path, table, reports, args, minutes, out):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="demo", choices=("demo", "build", "train-sd", "train-vlm", "measure-sd"),
+    p.add_argument("command", nargs="?", default="demo",
+                   choices=("demo", "protocol", "build", "train-sd", "train-vlm", "measure-sd"),
                    help="demo (default): the whole method end to end; build: draw the world only; "
+                        "protocol: every arm over --worlds x --seeds, paired against AR; "
                         "train-sd / train-vlm: retrain the shipped base models; measure-sd: toy-sd pointing accuracy")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of the base models' training")
     p.add_argument("--world", default=str(ROOT / "toy_out" / "world"), help="where the world is drawn (a cache)")
@@ -781,10 +953,11 @@ def build_parser():
     # ---- extraction (extract.py) ----
     p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (extract.py)")
     p.add_argument("--denoise-steps", type=int, default=5, help="denoising steps after the inversion (extract.py)")
-    p.add_argument("--capture-steps", default="all", choices=("all", "inversion", "denoise"),
+    p.add_argument("--capture-steps", default="denoise", choices=("denoise", "inversion", "all"),
                    help="steps whose cross-attention is averaged (extract.py)")
     # ---- fine-tuning (train.py): the same for AR and Lavender ----
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (each runs AR and Lavender)")
+    p.add_argument("--worlds", type=int, nargs="+", default=[0, 1, 2], help="protocol: the world seeds")
     p.add_argument("--finetune-items", type=int, default=None,
                    help="size of the world's finetune split (default 160; another size draws another world: use its own --world)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per fine-tuning run")
@@ -794,6 +967,8 @@ def build_parser():
     p.add_argument("--lam", type=float, default=10.0, help="λ of eq. 10")
     p.add_argument("--aggregate", default="learn", help="train.py --aggregate (learn, mean-mean, ...)")
     p.add_argument("--aligner", default="sim", help="train.py --aligner (sim, light, deep, mlp, none)")
+    p.add_argument("--aligner-mode", default="auto", help="train.py --aligner-mode (auto, per-layer, after)")
+    p.add_argument("--align-words", default="predicted", help="train.py --align-words (predicted, label)")
     p.add_argument("--pretrain-aligner-steps", type=int, default=0, help="Lavender runs: Aligner pre-training steps")
     p.add_argument("--dm-categories", nargs="+", default=["colour", "shape"], choices=("colour", "shape"),
                    help="fine-tuning items whose answer gets a DM map; the others train with L_VLM alone. 'colour' "
@@ -817,10 +992,12 @@ def main(argv=None):
     elif args.command == "train-vlm":
         train_vlm(args.out or TOY_MODELS / "toy-vlm", args.world, seed=args.seed, steps=args.base_steps or 1200)
     elif args.command == "measure-sd":
-        result = measure_sd(args.dm_path, args.world, args.out or ROOT / "toy_out" / "measure-sd",
+        result = measure_sd(args.dm_path, args.world, args.out or ROOT / "toy_out" / "measure-sd", seed=args.seed,
                             inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
                             capture_steps=args.capture_steps)
         print(f"toy-sd pointing: {json.dumps(result)}")
+    elif args.command == "protocol":
+        return protocol(args)
     else:
         return demo(args)
 

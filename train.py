@@ -15,18 +15,28 @@ attention capture -> activation checkpointing -> fully_shard every decoder/encod
 root -> optimizer. Plain `python train.py` is one rank with no process group and no sharding.
 Batches (chat template, answer-only labels, data order) come from data.py.
 
+Before step 1 every item is checked (data.check_item); checkpoints are written new, renamed,
+then the old one deleted; --resume refuses a changed experiment; SIGTERM/SIGINT save at the next
+step boundary. README, "The run folder, resume and pre-emption", says what a run folder holds.
+
+    torchrun --nproc_per_node 8 train.py --model llama32   # reads data/train.jsonl, data/attn/
     python train.py --model tiny --data data.jsonl --attn attn/ --out runs/lav --max-steps 10
-    torchrun --nproc_per_node 8 train.py --model llama32 --data data.jsonl --attn attn/ --out runs/lav
     python bench.py train      # CPU: Lavender step vs autoregressive step, time and peak memory
 """
 import argparse
+import contextlib
+import hashlib
+import io
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -46,7 +56,8 @@ from transformers import (MllamaConfig, MllamaForConditionalGeneration, MllamaIm
 import aggregate
 import aligner as aligner_lib
 import extract
-from data import check_images, collate, epoch_order, micro_batches, model_inputs, read_dm_maps  # collate: public API
+from data import (check_item, collate, duplicate_ids, epoch_order, micro_batches,  # collate: public API
+                  model_inputs, read_dm_maps)
 
 
 # ---- model presets: --model NAME picks one; --model-path points at a local copy ----
@@ -144,20 +155,23 @@ def load_vlm(name, path=None, dtype=torch.float32):
 
 # ---- distributed set-up: plain and visible (nanoGPT style) ----
 
-def setup_distributed():
+def setup_distributed(timeout_minutes=10):
     """(rank, world, device, mesh). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0
     of 1 with no process group at all (FSDP over one rank shards nothing, and the toy demo runs
-    many small trainings on 2 CPU cores: no group, no collectives, no overhead)."""
+    many small trainings on 2 CPU cores: no group, no collectives, no overhead).
+    timeout_minutes: how long a collective waits for a stalled rank before the job fails (gloo's
+    own default is 30 minutes, NCCL's 10)."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))  # 1-D: pure data parallel
     return rank, world, device, mesh
@@ -183,6 +197,15 @@ def gather_objects(values, world):
 def barrier(world):
     if world > 1:
         dist.barrier()
+
+
+def any_rank(value, world):
+    """The largest of a number over ranks (every rank must call it): e.g. a signal seen by one rank."""
+    on_gpu = world > 1 and dist.get_backend() == "nccl"
+    t = torch.tensor([float(value)], device="cuda" if on_gpu else "cpu")
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def shard(model, aligner, mesh, device):
@@ -237,6 +260,11 @@ def apply_peft(model, args):
 
 def build(args, device, mesh):
     """Model, processor, aligner, capture and aligned layers, in the order the set-up needs."""
+    if args.loss == "lavender" and args.aligner != "none":  # refuse a placement it cannot honour, before loading
+        try:
+            aggregate.aligner_placement(args.aggregate, args.aligner_mode)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     frozen = args.frozen_dtype  # the frozen base weights' dtype; auto: bf16 on a GPU with LoRA, else fp32
     if frozen == "auto":
         frozen = "bfloat16" if device.type == "cuda" and args.peft == "lora" else "float32"
@@ -251,8 +279,8 @@ def build(args, device, mesh):
         if args.aligner != "none":
             torch.manual_seed(args.seed + 2)
             heads = base_model(model).config.text_config.num_attention_heads
-            channels = aligner_lib.aligner_channels(args.aggregate, args.aligner_mode, heads)
-            aligner = aligner_lib.Aligner(args.aligner, channels, norm=args.aligner_norm)
+            aligner = aligner_lib.Aligner(args.aligner, aligner_lib.aligner_channels(args.aggregate, heads),
+                                          norm=args.aligner_norm, act=args.aligner_act)
         capture = aggregate.AttentionCapture(model, layers, learned=args.aggregate == "learn")
     trainable_in_float32(model)
     if args.activation_checkpointing:  # recompute each layer in backward; non-reentrant works with FSDP2
@@ -285,28 +313,39 @@ def trainable_in_float32(model):
             p.data = p.data.float()
 
 
-def micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, device):
-    """(ce_sum, att_mean, n_aligned) for one micro-batch: the pieces of eq. 10, unweighted."""
+def micro_batch_losses(args, model, aligner, capture, batch, dm, device, tokenizer):
+    """(ce_sum, att, n_aligned) for one micro-batch: the pieces of eq. 10. att is eq. 9/17 as
+    aligner.attention_loss takes it (the mean over samples of each sample's mean word MSE)."""
     inputs = model_inputs(batch, device)
+    labels = batch["labels"].to(device)
     if capture is None:  # --loss ar: no hooks, no maps
-        logits = model(**inputs).logits  # (B, T, V)
-        return vlm_loss_sum(logits, batch["labels"].to(device)), None, 0
-    if plan["rows"].shape[1] == 0 or plan["dm_index"].shape[1] == 0:
-        # no word to align in this micro-batch (no attention file, no matching word): run the very
-        # same capture -> maps -> Aligner graph on one padding row and word, which the loss weights
-        # by 0. Under FSDP every rank must run the same graph: collectives follow autograd's order
-        B = plan["rows"].shape[0]
-        pad = torch.full((B, 1), -1, dtype=torch.long)
-        plan = {**plan, "rows": pad, "row_word": pad, "dm_index": pad}
-    mask = plan["dm_index"] >= 0  # (B, W) words aligned with a DM map
-    capture.set_rows(plan["rows"].to(device))  # (B, R) text positions whose attention is aligned
+        return vlm_loss_sum(model(**inputs).logits, labels), None, 0
+    rows = aggregate.answer_rows(batch["labels"])  # (B, R): every row that predicts an answer token
+    capture.set_rows(rows.to(device))
     logits = model(**inputs).logits  # (B, T, V); the hooks filled capture.probs
-    vlm_maps = aggregate.vlm_word_maps(capture, plan, {**batch, **inputs}, aggregation=args.aggregate,
-                                       aligner=aligner, aligner_mode=args.aligner_mode,
-                                       recompute=args.recompute_aligner and args.aligner_norm != "batch")  # (B, W, 32, 32) in [0, 1]
+    tokens = aggregate.row_tokens(rows, batch["input_ids"], logits, args.align_words)  # §6 (5)
+    plan = aggregate.plan_words(tokenizer, rows, tokens, [words for _, words in dm], match=args.match)
+    att, n_aligned = alignment_loss(args, capture, aligner, plan, [maps for maps, _ in dm], {**batch, **inputs}, device)
+    return vlm_loss_sum(logits, labels), att, n_aligned
+
+
+def alignment_loss(args, capture, aligner, plan, dm_maps, batch, device, recompute=True):
+    """(att, n_aligned): eq. 9/17 between the VLM's word maps (capture -> aggregate -> Aligner) and
+    the DM maps of the words `plan` aligns, after the forward that filled `capture`. recompute: a
+    per-layer Aligner runs under checkpoint (less memory, the same result; not with BatchNorm)."""
+    if plan["dm_index"].shape[1] == 0:
+        # no word to align (no attention file, no matching word): run the very same maps -> Aligner
+        # graph on one captured row as a word that the loss weights by 0. Under FSDP every rank must
+        # run the same graph: collectives follow autograd's order
+        row_word = torch.full_like(plan["rows"], -1)
+        row_word[:, 0] = 0
+        plan = {**plan, "row_word": row_word, "dm_index": torch.full((row_word.shape[0], 1), -1, dtype=torch.long)}
+    mask = plan["dm_index"] >= 0  # (B, W) words aligned with a DM map
+    vlm_maps = aggregate.vlm_word_maps(capture, plan, batch, aggregation=args.aggregate, aligner=aligner,
+                                       aligner_mode=args.aligner_mode,
+                                       recompute=recompute and args.aligner_norm != "batch")  # (B, W, 32, 32)
     target = aggregate.dm_targets(dm_maps, plan["dm_index"]).to(device)  # (B, W, 32, 32)
-    att = aligner_lib.attention_loss(vlm_maps, target, mask.to(device))  # eq. 9/17
-    return vlm_loss_sum(logits, batch["labels"].to(device)), att, int(mask.sum())
+    return aligner_lib.attention_loss(vlm_maps, target, mask.to(device)), int(mask.sum())  # eq. 9/17
 
 
 # ---- checkpoints (resume) and the run directory's outputs ----
@@ -316,67 +355,177 @@ def trainable_modules(model, aligner):
     return nn.ModuleDict({"vlm": model, **({"aligner": aligner} if aligner is not None else {})})
 
 
+# A checkpoint is a folder: the DCP shards of everything trained (LoRA or all weights, parallel
+# projections, Aligner; never the frozen base weights, which --model-path already holds), the
+# optimizer, each rank's RNG state, train_state.json (step, scheduler, the run's
+# config) and, written last, complete.json listing the files: a folder without it is unfinished.
+CHECKPOINT, NEW, OLD, COMPLETE = "checkpoint", "checkpoint.tmp", "checkpoint.old", "complete.json"
+
+
+def write_durably(path, data):
+    """Write bytes and fsync them: once this returns, a power loss keeps the file."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path, text):
+    """Replace a text file at once (temp file, fsync, rename): a reader sees the old or the new one."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    write_durably(tmp, text.encode("utf-8"))
+    os.replace(tmp, path)
+
+
+def fsync_dir(path):
+    """Make a rename or delete inside a folder durable (fsync of the folder itself)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_checkpoint(path):
+    """Delete a checkpoint folder, complete.json first: a kill halfway leaves an unfinished folder,
+    never one that looks complete without its shards."""
+    if not path.exists():
+        return
+    (path / COMPLETE).unlink(missing_ok=True)
+    fsync_dir(path)
+    shutil.rmtree(path)
+
+
+def checkpoint_state(path):
+    """train_state.json of a complete checkpoint folder (complete.json and every file it lists),
+    else None."""
+    try:
+        listed = json.loads((path / COMPLETE).read_text())["files"]
+        if all((path / name).is_file() for name in listed):
+            return json.loads((path / "train_state.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def recover_checkpoint(out):
+    """Make <out>/checkpoint the newest complete checkpoint and delete the other folders: this
+    finishes a save that was killed (see save_checkpoint). Rank 0 only. Each operation leaves the
+    newest complete checkpoint in place, so a kill in here is recovered by the next call."""
+    folders = [out / name for name in (CHECKPOINT, NEW, OLD)]
+    steps = {f: state["step"] for f in folders if (state := checkpoint_state(f)) is not None}
+    if not steps:
+        return
+    newest = max(steps, key=lambda f: (steps[f], f.name == CHECKPOINT))  # a tie: keep checkpoint/
+    for folder in folders:
+        if folder != newest:  # unfinished, or older than the newest
+            remove_checkpoint(folder)
+    if newest.name != CHECKPOINT:
+        os.replace(newest, out / CHECKPOINT)
+        fsync_dir(out)
+
+
+def checkpoint_tensors(modules, optimizer):
+    """What a checkpoint holds as tensors: the trained parameters and the optimizer state (sharded
+    under FSDP). ignore_frozen_params: frozen base weights are left out (LoRA); with --peft full
+    every weight is trained, so every weight is in."""
+    trained = StateDictOptions(ignore_frozen_params=True)
+    return {"model": get_model_state_dict(modules, options=trained),
+            "optim": get_optimizer_state_dict(modules, optimizer)}
+
+
 def save_checkpoint(out, modules, optimizer, scheduler, state, rank, world):
-    """Sharded checkpoint for --resume: every rank writes its own shards (torch.distributed.checkpoint)
-    and its own RNG state; rank 0 writes the step, epoch and data order. Written to checkpoint.tmp
-    and renamed only when complete, so an interrupted save never leaves a corrupt checkpoint/."""
-    tmp, final = Path(out) / "checkpoint.tmp", Path(out) / "checkpoint"
-    if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)
+    """Write new, rename, then delete. Every rank writes its DCP shards and its RNG state into
+    checkpoint.tmp/; rank 0 adds train_state.json and, last, complete.json; then checkpoint/
+    becomes checkpoint.old/, checkpoint.tmp/ becomes checkpoint/, and checkpoint.old/ is deleted.
+    Killed before any of these operations, the folder still holds a complete checkpoint (the new
+    or the previous one), and --resume takes the newest (recover_checkpoint)."""
+    out = Path(out)
+    new, final, old = out / NEW, out / CHECKPOINT, out / OLD
+    if rank == 0:  # leftovers of a killed save; --resume made checkpoint/ the newest complete one
+        remove_checkpoint(new)
+        remove_checkpoint(old)
     barrier(world)
-    sd = {"model": get_model_state_dict(modules), "optim": get_optimizer_state_dict(modules, optimizer)}
-    dcp.save(sd, checkpoint_id=str(tmp))  # a collective: every rank calls it
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+    dcp.save(checkpoint_tensors(modules, optimizer), checkpoint_id=str(new))  # a collective; fsyncs files
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),  # weights_only loads tensors, ints
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        (tmp / "train_state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}))
+    buffer = io.BytesIO()
+    torch.save(rng, buffer)
+    write_durably(new / f"rng_rank{rank}.pt", buffer.getvalue())
     barrier(world)
     if rank == 0:
+        record = {**state, "scheduler": scheduler.state_dict()}
+        write_durably(new / "train_state.json", json.dumps(record).encode())
+        files = sorted(p.name for p in new.iterdir())
+        write_durably(new / COMPLETE, json.dumps({"step": state["step"], "files": files}).encode())
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            os.replace(final, old)
+            fsync_dir(out)
+        os.replace(new, final)
+        fsync_dir(out)
+        remove_checkpoint(old)
     barrier(world)
 
 
-def load_checkpoint(out, modules, optimizer, scheduler, rank, world, global_batch, seed):
-    """Restore what save_checkpoint wrote; returns the train state (step, epoch, order, ...).
+def resume_state(out, rank, world):
+    """The train state of <out>/checkpoint after recover_checkpoint; every rank reads it."""
+    if rank == 0:
+        recover_checkpoint(out)
+    barrier(world)  # rank 0 may have renamed folders: the others read after it
+    state = checkpoint_state(out / CHECKPOINT)
+    if state is None:
+        raise SystemExit(f"--resume: no complete checkpoint in {out} (looked for {out / CHECKPOINT} with "
+                         f"its {COMPLETE}); start the run without --resume (with --overwrite if {out} "
+                         f"is not empty)")
+    if "config" not in state:
+        raise SystemExit(f"--resume: {out / CHECKPOINT} records no run config, so this run cannot be checked "
+                         f"against it; start a new run with --overwrite")
+    return state
+
+
+def load_checkpoint(out, modules, optimizer, scheduler, state, rank, world, seed):
+    """Restore what save_checkpoint wrote into <out>/checkpoint (state: its train_state.json).
 
     Another rank count works when the global batch (ranks x --grad-accum x --batch-size) is the same,
     say 8 x 1 x 4 resumed as 4 x 2 x 4: every step then sees the same items (data.micro_batches),
     the losses are normalised by global counts, and DCP reshards model and optimizer onto the new
     ranks. Only the random streams (dropout) cannot carry over: each rank is then seeded from
     (--seed, step, rank)."""
-    ckpt = Path(out) / "checkpoint"
-    if not (ckpt / "train_state.json").exists():
-        raise SystemExit(f"--resume: no complete checkpoint in {ckpt}; train without --resume first")
-    state = json.loads((ckpt / "train_state.json").read_text())
-    saved_batch = state.get("global_batch")  # None in checkpoints written before it was recorded
-    same_batch = saved_batch == global_batch if saved_batch is not None else state["world"] == world
-    if not same_batch:
-        raise SystemExit(f"--resume: the checkpoint was written by {state['world']} ranks with a global batch of "
-                         f"{saved_batch or 'unknown size'}; this run has {world} ranks and a global batch of "
-                         f"{global_batch} (ranks x --grad-accum x --batch-size). Keep the global batch: the data "
-                         f"order per step depends on it")
-    sd = {"model": get_model_state_dict(modules), "optim": get_optimizer_state_dict(modules, optimizer)}
+    ckpt = Path(out) / CHECKPOINT
+    sd = checkpoint_tensors(modules, optimizer)
     dcp.load(sd, checkpoint_id=str(ckpt))  # every rank reads the shards it needs (resharded if ranks differ)
-    set_model_state_dict(modules, sd["model"])
+    trained = StateDictOptions(ignore_frozen_params=True, strict=False)
+    keys = set_model_state_dict(modules, sd["model"], options=trained)
+    missing = set(keys.missing_keys) - {n for n, p in modules.named_parameters() if not p.requires_grad}
+    if missing or keys.unexpected_keys:  # only frozen weights may be absent
+        raise SystemExit(f"--resume: {ckpt} does not fit this model (missing {sorted(missing)[:3]}, "
+                         f"unexpected {keys.unexpected_keys[:3]})")
     set_optimizer_state_dict(modules, optimizer, sd["optim"])
-    scheduler.load_state_dict(state.pop("scheduler"))
+    scheduler.load_state_dict(state["scheduler"])
     if state["world"] == world:
-        rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        restore_rng(ckpt / f"rng_rank{rank}.pt")
     else:
         stream = seed * 1_000_003 + state["step"] * 1_009 + rank  # one stream per (seed, step, rank)
         torch.manual_seed(stream)
         random.seed(stream)
         if rank == 0:
-            print(f"--resume: {state['world']} ranks -> {world}, same global batch {global_batch}: the same items "
-                  f"per step; dropout draws new random numbers")
-    return state
+            print(f"--resume: {state['world']} ranks -> {world}, same global batch {state['global_batch']}: "
+                  f"the same items per step; dropout draws new random numbers")
+
+
+def restore_rng(path):
+    """Set the RNG states saved by save_checkpoint. weights_only=True: the file may hold tensors and
+    plain numbers only, so a planted pickle cannot run code."""
+    try:
+        rng = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- unpickling errors come in several types
+        raise SystemExit(f"--resume: {path} is not an RNG state written by train.py "
+                         f"({type(err).__name__}: {str(err)[:200]}); it was not loaded. Restore the "
+                         f"checkpoint or start anew") from None
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def save_outputs(args, out, model, aligner, processor, rank):
@@ -405,7 +554,7 @@ def load_run(run_dir, device="cpu", dtype=torch.float32):
     The base preset comes from config.json; LoRA runs load adapter/ exactly as the authors' README
     does (PeftModel.from_pretrained(base_model, adapter)), full runs load model/; the VLM in `dtype`
     (bf16 halves the memory: an 11B model then fits a 24 GB GPU), the Aligner in fp32. lavender =
-    dict(aligner=nn.Module or None, layers=, aggregation=, aligner_mode=, match=, learned=).
+    dict(aligner=nn.Module or None, layers=, aggregation=, aligner_mode=, match=, align_words=, learned=).
     """
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
@@ -416,7 +565,7 @@ def load_run(run_dir, device="cpu", dtype=torch.float32):
     else:
         model, processor = load_vlm(config["model"], str(run_dir / "model"), dtype=dtype)
     lavender = dict(aligner=None, layers=config.get("aligned_layers", []), aggregation=config["aggregate"],
-                    aligner_mode=config["aligner_mode"], match=config["match"],
+                    aligner_mode=config["aligner_mode"], match=config["match"], align_words=config["align_words"],
                     learned=config["loss"] == "lavender" and config["aggregate"] == "learn")
     path = run_dir / "lavender.safetensors"
     if path.exists():
@@ -430,74 +579,273 @@ def load_run(run_dir, device="cpu", dtype=torch.float32):
             model.load_state_dict(own, strict=False)
         if config["aligner"] != "none":
             heads = base_model(model).config.text_config.num_attention_heads
-            channels = aligner_lib.aligner_channels(config["aggregate"], config["aligner_mode"], heads)
-            lavender["aligner"] = aligner_lib.Aligner(config["aligner"], channels, norm=config["aligner_norm"])
+            channels = aligner_lib.aligner_channels(config["aggregate"], heads)
+            lavender["aligner"] = aligner_lib.Aligner(config["aligner"], channels, norm=config["aligner_norm"],
+                                                      act=config["aligner_act"])
             lavender["aligner"].load_state_dict({k[len("aligner."):]: v for k, v in sd.items()
                                                  if k.startswith("aligner.")})
             lavender["aligner"].to(device).eval()
     return model.to(device).eval(), processor, lavender, config
 
 
+# ---- before step 1: the run folder, the data and the run's config, each checked ----
+
+# What a run writes into --out; --overwrite deletes these (and nothing else) before writing anew.
+RUN_FILES = ("config.json", "log.jsonl", "skipped.jsonl", CHECKPOINT, NEW, OLD, "adapter", "model",
+             "lavender.safetensors")
+
+# Settings that may change on --resume: they change when or how the run is computed, not what it
+# learns (the data order per step depends on the global batch, which is compared instead; --data
+# and --attn as paths: the data file is compared by its sha256, the attention folder resolved).
+RESUME_MAY_CHANGE = {"max_steps", "epochs", "total_steps", "save_every", "progress", "resume", "overwrite",
+                     "out", "dist_timeout", "activation_checkpointing", "world",
+                     "batch_size", "grad_accum", "skip_bad_items", "max_length", "data", "attn"}
+
+
+def may_change_flags():
+    """RESUME_MAY_CHANGE as flags, for messages and --help."""
+    return ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_MAY_CHANGE - {"world", "total_steps"}))
+
+
+def extract_command(data, attn):
+    return f"torchrun --nproc_per_node 8 extract.py --dm sd14 --data {data} --out {attn}"
+
+
+def open_run_dir(args, out, rank, world):
+    """The checkpoint's train state with --resume, else None. Without --resume a non-empty --out is
+    refused unless --overwrite: a finished run is never replaced by accident."""
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume continues the run in --out, --overwrite replaces it: give one of them")
+    if args.resume:
+        return resume_state(out, rank, world)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:6])
+        raise SystemExit(f"--out {out} is not empty ({held}): pass --resume to continue the run in it, "
+                         f"--overwrite to replace it, or another --out")
+    return None
+
+
+def read_data(args):
+    """(items, attention folder or None): --data read, and for --loss lavender the attention store
+    found; what is missing is named, with where it was looked for and how to make it."""
+    data = Path(args.data)
+    attn = Path(args.attn) if args.attn else data.parent / "attn"
+    if not data.is_file():
+        raise SystemExit(f"--data {data}: no such file (looked for {data.resolve()}). Write the training "
+                         f"set there as a JSONL of {{\"id\", \"image\", \"question\", \"answer\"}} lines "
+                         f"(README, 'Data'), then make the attention targets: {extract_command(data, attn)}")
+    try:
+        items = extract.read_items(data)
+    except (OSError, ValueError) as err:  # a line that is not UTF-8 or not JSON: the message names it
+        raise SystemExit(f"--data: {err}") from None
+    if args.loss == "ar":
+        return items, None
+    if not attn.is_dir():
+        where = "--attn" if args.attn else "the default --attn, attn/ beside --data"
+        raise SystemExit(f"--loss lavender needs the attention store of extract.py: {where} {attn} does "
+                         f"not exist (looked for {attn.resolve()}). Make it with "
+                         f"`{extract_command(data, attn)}`, pass --attn DIR, or train without it: --loss ar")
+    return items, attn
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def max_length(args, model):
+    """--max-length, or by default 2048 tokens (the model's context if shorter)."""
+    context = base_model(model).config.text_config.max_position_embeddings
+    if args.max_length is not None and args.max_length > context:
+        raise SystemExit(f"--max-length {args.max_length} exceeds --model {args.model}'s context of "
+                         f"{context} tokens")
+    return args.max_length or min(2048, context)
+
+
+def checked_items(args, items, attn_dir, processor, limit, rank, world, out):
+    """(items to train on, skipped, counts): every item checked before step 1 (data.check_item and
+    repeated ids), each rank a share, the results gathered so that every rank, and the message,
+    see every bad item. Bad items stop the run with their list, or with --skip-bad-items are left
+    out and recorded in <out>/skipped.jsonl. A Lavender run with no word to align is refused."""
+    share = tqdm(range(rank, len(items), world), desc="check data", disable=rank != 0 or not args.progress,
+                 leave=False)
+    checked = dict(gather_objects([(i, check_item(items[i], processor, attn_dir, limit, args.match))
+                                   for i in share], world))
+    problems = {i: c["problem"] for i, c in checked.items() if c["problem"]}
+    problems.update(duplicate_ids(items))  # a repeated id also fails its maps' text check: say why
+    if problems and not args.skip_bad_items:
+        listed = "\n  ".join(problems[i] for i in sorted(problems)[:20])
+        raise SystemExit(f"{len(problems)} of {len(items)} items in {args.data} cannot be trained on "
+                         f"(nothing was trained):\n  {listed}\nFix or remove them, or pass "
+                         f"--skip-bad-items to train without them (listed then in {out / 'skipped.jsonl'})")
+    good = [i for i in range(len(items)) if i not in problems]
+    with_maps = sum(checked[i]["has_maps"] for i in good)
+    counts = {"items": len(good), "skipped_items": len(problems),
+              "items_without_attention": len(good) - with_maps,
+              "items_with_aligned_words": sum(checked[i]["aligned"] > 0 for i in good)}
+    if attn_dir is not None and counts["items_with_aligned_words"] == 0:
+        raise SystemExit(f"--loss lavender would align nothing: of {len(good)} items, {with_maps} have an "
+                         f"attention file in {attn_dir} and none has an answer word among its file's words "
+                         f"(--match {args.match}). Make the store for this --data with "
+                         f"`{extract_command(args.data, attn_dir)}`, or use --loss ar")
+    skipped = [{"id": items[i]["id"], "line": items[i].get("line"), "reason": problems[i]}
+               for i in sorted(problems)]
+    return [items[i] for i in good], skipped, counts
+
+
+def refuse_changes(saved, config, only_given=False):
+    """--resume: refuse every setting that differs from the checkpoint's run config, except those
+    in RESUME_MAY_CHANGE, naming each with both values. only_given: compare only the keys of
+    `config` (a first check on the command line alone, before the model is loaded)."""
+    if saved["global_batch"] != config["global_batch"]:
+        raise SystemExit(f"--resume: the checkpoint was written by {saved['world']} ranks with a global "
+                         f"batch of {saved['global_batch']}; this run has {config['world']} ranks and a "
+                         f"global batch of {config['global_batch']} (ranks x --grad-accum x --batch-size). "
+                         f"Keep the global batch: the data order per step depends on it")
+    config = json.loads(json.dumps(config))  # tuples -> lists, as in the saved JSON
+    flags = vars(build_parser().parse_args([]))
+    name = lambda k: "--" + k.replace("_", "-") if k in flags else k  # noqa: E731
+    keys = config.keys() if only_given else saved.keys() | config.keys()
+    changed = [f"  {name(k)}: {saved.get(k, '(not recorded)')!r} in the checkpoint, "
+               f"{config.get(k, '(not recorded)')!r} now"
+               for k in sorted(keys - RESUME_MAY_CHANGE) if saved.get(k) != config.get(k)]
+    if changed:
+        raise SystemExit("--resume would change the experiment; these settings differ from the checkpoint's "
+                         "run:\n" + "\n".join(changed) + "\nResume with the checkpoint's settings, or start a "
+                         "new run (another --out, or --overwrite). May differ: " + may_change_flags())
+
+
+def start_run_dir(args, out, config, skipped, step):
+    """Rank 0, once every check passed: --overwrite clears the old run's files, config.json and
+    skipped.jsonl are written, and on --resume log.jsonl keeps the checkpoint's steps only.
+    Returns log.jsonl, open for appending one line per step."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES if args.overwrite else ():
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    write_atomic(out / "config.json", json.dumps(config, indent=1))
+    (out / "skipped.jsonl").unlink(missing_ok=True)
+    if skipped:
+        write_atomic(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
+        print(f"--skip-bad-items: {len(skipped)} item(s) left out, listed in {out / 'skipped.jsonl'}")
+    if args.resume:
+        trim_log(out / "log.jsonl", step)
+    return open(out / "log.jsonl", "a" if args.resume else "w")  # noqa: SIM115 -- one line per step
+
+
+def trim_log(path, step):
+    """Keep the log lines of steps 1..step: steps after the checkpoint are trained again, and a
+    cut-off line (a full disk, a power loss) is dropped rather than read."""
+    rows = []
+    for line in (path.read_text(encoding="utf-8", errors="replace") if path.exists() else "").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line).get("step", step + 1) <= step:
+                rows.append(line + "\n")
+    write_atomic(path, "".join(rows))
+
+
+# ---- stopping on a signal: pre-emption (SIGTERM) and Ctrl-C (SIGINT) ----
+
+class Stopped(Exception):
+    """A signal stopped training at a step boundary, after its checkpoint was written."""
+
+    def __init__(self, signum, step, out):
+        self.signum, self.step = int(signum), step
+        super().__init__(f"stopped by {signal.Signals(self.signum).name} after step {step}; the checkpoint "
+                         f"is in {out / CHECKPOINT}: continue with the same command and --resume")
+
+
+@contextlib.contextmanager
+def signals_to_flag():
+    """While training, SIGTERM (how schedulers pre-empt) and SIGINT (Ctrl-C) only set flag["signal"]:
+    the loop saves a checkpoint at the next step boundary and stops. A second Ctrl-C stops at once.
+    (Signal handlers can only be set in the main thread; elsewhere signals keep their behaviour.)"""
+    flag = {"signal": 0}
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and flag["signal"] == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def read_batch(processor, items, attn_dir, rank):
+    """(batch, [(DM maps, words) or (None, None)]) of a micro-batch. Every item passed the checks
+    before step 1; a failure now (a file changed during training) names the items and the rank."""
+    try:
+        return collate(processor, items), [read_dm_maps(attn_dir, it["id"]) for it in items]
+    except Exception as err:
+        raise RuntimeError(f"rank {rank}: items {[it['id'] for it in items]} could not be read "
+                           f"({type(err).__name__}: {err}); they passed the checks before step 1, so a "
+                           f"file changed since") from err
+
+
 # ---- the training loop ----
 
 def train(args):
-    """Fine-tune with --loss ar or lavender; returns the run directory (the library entry of toy.py)."""
-    rank, world, device, mesh = setup_distributed()
+    """Fine-tune with --loss ar or lavender; returns the run directory (the library entry of toy.py).
+    Raises Stopped after saving a checkpoint when SIGTERM or SIGINT arrives."""
+    args.out = args.out or f"runs/{args.model}-{args.loss}"
+    rank, world, device, mesh = setup_distributed(args.dist_timeout)
     try:
-        return fit(args, rank, world, device, mesh)
+        with signals_to_flag() as stop:  # from here on, SIGTERM/SIGINT stop at the next step boundary
+            return fit(args, rank, world, device, mesh, stop)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def fit(args, rank, world, device, mesh):
+def fit(args, rank, world, device, mesh, stop):
     master, out = rank == 0, Path(args.out)  # only rank 0 prints and writes; every rank runs every collective
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    # ---- data, checked up front ----
-    items = extract.read_items(args.data)
-    problems = gather_objects(check_images(items[rank::world]), world)  # each rank checks a share
-    if problems:
-        raise SystemExit(f"{len(problems)} image(s) cannot be used; fix or remove these items:\n  "
-                         + "\n  ".join(problems[:20]))
-    attn_dir = (Path(args.attn) if args.attn else Path(args.data).parent / "attn") if args.loss == "lavender" else None
-    no_attn = sum(not extract.maps_path(attn_dir, it["id"]).exists() for it in items) if attn_dir else len(items)
-    steps_per_epoch = len(items) // (world * args.grad_accum * args.batch_size)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{args.data} has {len(items)} items, fewer than one step needs ({world} ranks x --grad-accum "
-                         f"{args.grad_accum} x --batch-size {args.batch_size}); lower --batch-size or add data")
-    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    # ---- before step 1: run folder, data, model, every item, the run's config ----
+    saved = open_run_dir(args, out, rank, world)  # the checkpoint's train state (--resume) or None
     global_batch = world * args.grad_accum * args.batch_size  # items per optimizer step, over all ranks
-    # ---- model, optimizer, schedule ----
+    if saved:  # a changed setting is refused now, before the model is loaded
+        given = {**vars(args), "world": world, "global_batch": global_batch}
+        refuse_changes(saved["config"], given, only_given=True)
+    items, attn_dir = read_data(args)
     model, processor, aligner, capture, layers = build(args, device, mesh)
+    limit = max_length(args, model)
+    items, skipped, counts = checked_items(args, items, attn_dir, processor, limit, rank, world, out)
+    steps_per_epoch = len(items) // global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{args.data} has {len(items)} usable items, fewer than one step needs ({world} "
+                         f"ranks x --grad-accum {args.grad_accum} x --batch-size {args.batch_size}); lower "
+                         f"--batch-size or add data")
+    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    config = {**vars(args), "world": world, "global_batch": global_batch, "aligned_layers": layers, **counts,
+              "data_sha256": file_sha256(args.data), "max_length_tokens": limit,
+              "attn_dir": str(attn_dir.resolve()) if attn_dir else None,
+              "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+    # ---- optimizer, schedule, and with --resume their state ----
     modules = trainable_modules(model, aligner)
-    is_lavender = lambda n: "lavender_" in n or n.startswith("aligner.")  # Aligner + parallel projections
-    lavender_params = [p for n, p in modules.named_parameters() if p.requires_grad and is_lavender(n)]
-    vlm_params = [p for n, p in modules.named_parameters() if p.requires_grad and not is_lavender(n)]
-    optimizer = torch.optim.AdamW([{"params": vlm_params}, {"params": lavender_params}], lr=args.lr,
-                                  weight_decay=args.weight_decay)
-    # decay per epoch, like the authors' StepLR (gamma 0.85), after an optional linear warm-up (none in
-    # the release): a function of the step alone, not of the total number of steps, so a run cut
-    # short and resumed follows the same schedule as an uninterrupted one
-    warmup = lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup(s) * args.lr_gamma ** (s // steps_per_epoch))
+    optimizer, scheduler, vlm_params, lavender_params = optimizer_and_schedule(args, modules, steps_per_epoch)
     step = 0
-    if args.resume:
-        state = load_checkpoint(out, modules, optimizer, scheduler, rank, world, global_batch, args.seed)
-        step = state["step"]
-        if state["order"] != epoch_order(len(items), args.seed, state["epoch"]):
-            raise SystemExit(f"--resume: {args.data} or --seed changed since the checkpoint (the data order differs)")
-        if master:  # forget log lines written after the checkpoint (a crash after --save-every)
-            lines = (out / "log.jsonl").read_text().splitlines()
-            (out / "log.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+    if saved:
+        refuse_changes(saved["config"], config)
+        load_checkpoint(out, modules, optimizer, scheduler, saved, rank, world, args.seed)
+        step = saved["step"]
+    save = lambda step: save_checkpoint(  # noqa: E731 -- every rank calls it (DCP is a collective)
+        out, modules, optimizer, scheduler, train_state(step, config), rank, world)
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        config = {**vars(args), "world": world, "aligned_layers": layers, "items": len(items),
-                  "items_without_attention": no_attn, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
-        (out / "config.json").write_text(json.dumps(config, indent=1))
-        if args.loss == "lavender" and no_attn:
-            print(f"{no_attn} of {len(items)} items have no attention file in {attn_dir}: they train with L_VLM alone")
-        log = open(out / "log.jsonl", "a" if args.resume else "w")  # noqa: SIM115 -- one line per step
+        log = start_run_dir(args, out, config, skipped, step)
+        if args.loss == "lavender" and counts["items_without_attention"]:
+            print(f"{counts['items_without_attention']} of {len(items)} items have no attention file in "
+                  f"{attn_dir}: they train with L_VLM alone")
     modules.train()
     bar = tqdm(total=total_steps, initial=step, desc=f"train {args.loss}", disable=not master or not args.progress)
     t_start, last = time.time(), {}
@@ -509,31 +857,29 @@ def fit(args, rank, world, device, mesh):
         # ---- every micro-batch of the step first, so that losses can be weighted by global counts ----
         micro = []
         for idx in micro_batches(order, in_epoch, args.batch_size, args.grad_accum, rank, world):
-            batch = collate(processor, [items[i] for i in idx])
-            dm = [read_dm_maps(attn_dir, items[i]["id"]) for i in idx]  # [(maps, words) or (None, None)]
-            plan = aggregate.plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], [w for _, w in dm],
-                                        match=args.match) if capture is not None else None  # aligned rows, words
-            micro.append((batch, plan, [m for m, _ in dm]))
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _, _ in micro)
-        n_words = sum(int((p["dm_index"] >= 0).sum()) for _, p, _ in micro) if capture is not None else 0
-        n_tokens, n_words = all_reduce_sum([n_tokens, n_words], world)
-        sums = [0.0, 0.0]  # this rank's summed CE and summed per-word MSE
-        for m, (batch, plan, dm_maps) in enumerate(micro):
+            batch, dm = read_batch(processor, [items[i] for i in idx], attn_dir, rank)  # dm: [(maps, words)]
+            micro.append((batch, dm))
+        n_tokens = all_reduce_sum([sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in micro)], world)[0]
+        sums = [0.0, 0.0, 0.0]  # this rank's summed CE, summed per-sample word MSE, aligned words
+        for m, (batch, dm) in enumerate(micro):
             if mesh is not None:  # reduce-scatter gradients only after the last micro-batch
                 for module in modules.values():
                     module.set_requires_gradient_sync(m == len(micro) - 1)
-            ce_sum, att, n_aligned = micro_batch_losses(args, model, aligner, capture, batch, plan, dm_maps, device)
+            ce_sum, att, n_aligned = micro_batch_losses(args, model, aligner, capture, batch, dm, device,
+                                                        processor.tokenizer)
             # this rank's share of the global means; FSDP averages gradients over ranks, hence * world
             loss_vlm = ce_sum / max(n_tokens, 1) * world  # eq. 6, per answer token of the global batch
-            loss_att = att * n_aligned / max(n_words, 1) * world if att is not None else 0.0  # eq. 9, per word
+            share = len(batch["ids"]) / global_batch * world  # eq. 9: per sample of the global batch
+            loss_att = att * share if att is not None else 0.0
             aligner_lib.total_loss(loss_vlm, loss_att, args.lam).backward()  # eq. 10/12
             sums[0] += ce_sum.item()
-            sums[1] += att.item() * n_aligned if att is not None else 0.0
-        ce, att_sum = all_reduce_sum(sums, world)
-        loss_vlm, loss_att = ce / max(n_tokens, 1), att_sum / max(n_words, 1)
+            sums[1] += att.item() * len(batch["ids"]) if att is not None else 0.0
+            sums[2] += n_aligned
+        ce, att_sum, n_words = all_reduce_sum(sums, world)
+        loss_vlm, loss_att = ce / max(n_tokens, 1), att_sum / global_batch
         total = loss_vlm + args.lam * loss_att
         if not math.isfinite(total):  # every rank sees the same reduced value, so all stop together
-            ids = gather_objects([i for b, _, _ in micro for i in b["ids"]], world)
+            ids = gather_objects([i for b, _ in micro for i in b["ids"]], world)
             raise FloatingPointError(f"non-finite loss at step {step + 1} (loss_vlm {loss_vlm}, loss_att {loss_att}); "
                                      f"items of this step: {ids}. Nothing was saved from this step on; check these "
                                      f"items or lower --lr")
@@ -556,15 +902,17 @@ def fit(args, rank, world, device, mesh):
             log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}")
-        if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(out, modules, optimizer, scheduler, dict(step=step, world=world, global_batch=global_batch,
-                                                                     epoch=epoch, order=order), rank, world)
+        signum = any_rank(stop["signal"], world) if step < total_steps else 0  # one rank's signal stops all
+        if signum or (args.save_every and step % args.save_every == 0 and step < total_steps):
+            save(step)
+        if signum:
+            bar.close()
+            if master:
+                log.close()
+            raise Stopped(signum, step, out)
     bar.close()
     # ---- outputs: checkpoint for --resume, adapter/ or model/, lavender.safetensors ----
-    epoch = step // steps_per_epoch
-    save_checkpoint(out, modules, optimizer, scheduler,
-                    dict(step=step, world=world, global_batch=global_batch, epoch=epoch,
-                         order=epoch_order(len(items), args.seed, epoch)), rank, world)
+    save(step)
     save_outputs(args, out, model, aligner, processor, rank)
     if capture is not None:
         capture.remove()
@@ -576,6 +924,30 @@ def fit(args, rank, world, device, mesh):
     return str(out)
 
 
+def optimizer_and_schedule(args, modules, steps_per_epoch):
+    """(AdamW, its schedule, VLM parameters, Lavender parameters): one AdamW over two groups, so
+    that Aligner pre-training (§6 (1)) can step the Lavender group (Aligner, parallel projections)
+    alone."""
+    is_lavender = lambda n: "lavender_" in n or n.startswith("aligner.")  # noqa: E731
+    lavender_params = [p for n, p in modules.named_parameters() if p.requires_grad and is_lavender(n)]
+    vlm_params = [p for n, p in modules.named_parameters() if p.requires_grad and not is_lavender(n)]
+    optimizer = torch.optim.AdamW([{"params": vlm_params}, {"params": lavender_params}], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    # decay per epoch, like the authors' StepLR (gamma 0.85), after an optional linear warm-up (none in
+    # the release): a function of the step alone, not of the total number of steps, so a run cut
+    # short and resumed follows the same schedule as an uninterrupted one
+    warmup = lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps else 1.0  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup(s) * args.lr_gamma ** (s // steps_per_epoch))
+    return optimizer, scheduler, vlm_params, lavender_params
+
+
+def train_state(step, config):
+    """train_state.json of a checkpoint: the step reached and the run's config, against which
+    --resume checks its own (the data order follows from --seed, the items and the global batch)."""
+    return dict(step=step, world=config["world"], global_batch=config["global_batch"], config=config)
+
+
 # ---- command line ----
 
 def build_parser():
@@ -584,9 +956,15 @@ def build_parser():
     # ---- model and data ----
     add("--model", default="tiny", choices=sorted(VLM_PRESETS), help="VLM preset")
     add("--model-path", default=None, help="local copy of the preset (a save_pretrained folder)")
-    add("--data", help="dataset JSONL (DESIGN.md format)")
-    add("--attn", default=None, help="attention store of extract.py (default: attn/ beside --data)")
-    add("--out", default="runs/run", help="run directory to write")
+    add("--data", default="data/train.jsonl", help="dataset JSONL (DESIGN.md format)")
+    add("--attn", default=None, help="attention store of extract.py (default: attn/ beside --data: data/attn/)")
+    add("--out", default=None, help="run directory to write (default: runs/<model>-<loss>)")
+    add("--max-length", type=int, default=None,
+        help="longest item in tokens (prompt + answer); a longer one is a bad item. Default: 2048, or the "
+             "model's context if shorter")
+    add("--skip-bad-items", action=argparse.BooleanOptionalAction, default=False,
+        help="train without the items that fail the checks before step 1 (listed in <out>/skipped.jsonl); "
+             "default: stop before step 1 and name them")
     # ---- method ----
     add("--loss", default="lavender", choices=["ar", "lavender"], help="ar: eq. 6 only; lavender: + λ·L_att (eq. 10)")
     add("--lam", type=float, default=10.0, help="λ of eq. 10 (= 1/σ², eq. 8); 10 as in the authors' release")
@@ -596,10 +974,16 @@ def build_parser():
         help="learn: W_Qd, W_Kd start as copies of W_Q, W_K (A_d = A) or random (the authors' release)")
     add("--layers", default="all", choices=aggregate.LAYER_SUBSETS, help="cross-attention layers aligned (Fig. 22)")
     add("--aligner", default="sim", choices=["none", *aligner_lib.VARIANTS], help="Aligner variant (§4.3)")
-    add("--aligner-mode", default="per-layer", choices=["per-layer", "after"],
-        help="Aligner on each layer's heads then combined (the release), or after aggregation")
-    add("--aligner-norm", default="instance", choices=sorted(aligner_lib.NORMS), help="Aligner normalisation")
+    add("--aligner-mode", default="auto", choices=aggregate.ALIGNER_MODES,
+        help="auto: the release's placement (per layer for mean-mean, mean-max, learn; after the layers are "
+             "combined for max-*, flow-*); per-layer; after (aggregate.aligner_placement)")
+    add("--aligner-norm", default="instance", choices=sorted(aligner_lib.NORMS),
+        help="Aligner normalisation (instance: no affine, the release's default)")
+    add("--aligner-act", default="relu6", choices=sorted(aligner_lib.ACTIVATIONS),
+        help="Aligner activation (the release: ReLU6, or LeakyReLU 0.1 for flow)")
     add("--match", default="exact", choices=["exact", "root"], help="word sampling (§6 (5)): same word or same stem")
+    add("--align-words", default="predicted", choices=aggregate.ALIGN_WORDS,
+        help="§6 (5): align the word the model predicts at a row (the paper and the release), or the label word")
     add("--pretrain-aligner-steps", type=int, default=0,
         help="first N steps train only the Aligner and parallel projections, VLM frozen (§6 (1), Fig. 21)")
     # ---- fine-tuning and optimisation ----
@@ -621,33 +1005,43 @@ def build_parser():
     add("--seed", type=int, default=42, help="seed of LoRA/Aligner init, data order and dropout")
     add("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
         help="recompute layer activations in backward (non-reentrant)")
-    add("--recompute-aligner", action=argparse.BooleanOptionalAction, default=True,
-        help="per-layer Aligner: run each layer's maps + Aligner under checkpoint, recomputed in backward "
-             "(less peak memory; measured no slower on CPU, BENCHMARKS.md); off with --aligner-norm batch")
     # ---- checkpoints and output ----
-    add("--save-every", type=int, default=0, help="write checkpoint/ every N steps (0: at the end only)")
+    add("--save-every", type=int, default=500,
+        help="write checkpoint/ every N steps (0: only at the end and on SIGTERM/SIGINT); a SIGKILL loses "
+             "at most N steps")
     add("--resume", action=argparse.BooleanOptionalAction, default=False,
-        help="continue from <out>/checkpoint (any rank count with the same ranks x --grad-accum x --batch-size)")
+        help="continue the run in --out from its newest complete checkpoint; every setting must be the "
+             "checkpoint's except " + may_change_flags() + "; the rank count may change when ranks x "
+             "--grad-accum x --batch-size stays the same; --data and --attn may be spelled differently, "
+             "but the data file's sha256 and the attention folder (resolved) must be the same")
+    add("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+        help="replace the run in a non-empty --out (its run files are deleted once the checks pass)")
+    add("--dist-timeout", type=float, default=10,
+        help="minutes a collective waits for a stalled rank before the job fails")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
     return p
 
 
 def main():
     args = build_parser().parse_args()
-    if not args.data:
-        raise SystemExit("--data is required (a JSONL file, see DESIGN.md)")
-    train(args)
+    try:
+        train(args)
+    except Stopped as stopped:  # the checkpoint is written; 128 + signal, as a process killed by it
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(stopped, file=sys.stderr)
+        exit_if_torchrun(128 + stopped.signum)
+        raise SystemExit(128 + stopped.signum) from None
     exit_if_torchrun()
 
 
-def exit_if_torchrun():
+def exit_if_torchrun(code=0):
     """Under torchrun, end the process at once. Call it after everything is saved and every rank has
     left the process group. On CPU/gloo we saw a rank abort during interpreter teardown ("terminate
     called without an active exception", about 1 run in 20), which turned a finished run into a
     failed torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush(), sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,12 @@ def model_inputs(batch):
     return {k: v for k, v in batch.items() if k not in ("labels", "image_sizes")}
 
 
+def label_plan(tokenizer, batch, dm_words, match="exact"):
+    """The plan of the label words: every answer row captured, each read for the token it predicts."""
+    rows = ag.answer_rows(batch["labels"])
+    return ag.plan_words(tokenizer, rows, ag.row_tokens(rows, batch["input_ids"], align_words="label"), dm_words, match)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model, processor = train.tiny_vlm()
@@ -132,9 +138,12 @@ def test_flow_worked_example():
     maps = torch.stack([a1, a2])  # (L=2, h=1, w=2)
     assert torch.allclose(ag.flow(maps, multiply=True), torch.tensor([[0.8, 0.2]]))
     assert torch.allclose(ag.flow(maps, multiply=False), torch.tensor([[0.65, 0.35]]))
-    # flow-* average the heads first: two heads [1, 0] and [0, 1] on layer 1 -> [.5, .5]
+    # flow-* flow each head over the layers, then average the heads (the release keeps a flow per
+    # head): heads [1, 0] and [0, 1] on layer 1, both [.8, .2] on layer 2 -> multi [1, 0] and [0, 1]
+    # -> [.5, .5]; sum [.9, .1] and [.4, .6] -> [.65, .35]
     heads = torch.stack([torch.stack([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]), torch.stack([a2, a2])])
-    assert torch.allclose(ag.aggregate(heads, "flow-multi"), torch.tensor([[0.8, 0.2]]))
+    assert torch.allclose(ag.aggregate(heads, "flow-multi"), torch.tensor([[0.5, 0.5]]))
+    assert torch.allclose(ag.aggregate(heads, "flow-sum"), torch.tensor([[0.65, 0.35]]))
     # no underflow over 8 layers of near-uniform maps over 6400 patches
     many = torch.full((8, 80, 80), 1 / 6400)
     many[:, 3, 4] *= 2
@@ -166,38 +175,94 @@ def test_match_exact_vs_root():
 def test_plan_words_multi_token_and_positions(tiny):
     _, processor, batch = tiny
     tok = processor.tokenizer
-    plan = ag.plan_words(tok, batch["input_ids"], batch["labels"], [["a", "red", "circle"], ["circle"]], "exact")
+    plan = label_plan(tok, batch, [["a", "red", "circle"], ["circle"]], "exact")
     ids = batch["input_ids"][0]
+    rows = plan["rows"]
+    # every answer token's row is captured: t - 1 for each answer token t (and the closing <|eot_id|>)
+    assert rows[0][rows[0] >= 0].tolist() == [t - 1 for t in (batch["labels"][0] != -100).nonzero().flatten().tolist()]
     # sample 0, "a red circle": "red" and "circle" are two tokens each in the tiny BPE -> rows merged
     assert plan["words"][0] == ["a", "red", "circle"]
     assert plan["dm_index"][0].tolist() == [0, 1, 2]
     for w, word in enumerate(["a", "red", "circle"]):
-        rows = plan["rows"][0][plan["row_word"][0] == w]
+        word_rows = rows[0][plan["row_word"][0] == w]
         # the rows are the positions before the word's tokens (teacher forcing: row t-1 predicts token t)
-        assert tok.decode(ids[rows + 1]).strip() == word
+        assert tok.decode(ids[word_rows + 1]).strip() == word
     assert int((plan["row_word"][0] == 1).sum()) == 2  # "re" "d"
     # sample 1, "two circles" vs DM word "circle": no exact match, a root match
     assert plan["words"][1] == [] and (plan["dm_index"][1] == -1).all() and (plan["row_word"][1] == -1).all()
-    root = ag.plan_words(tok, batch["input_ids"], batch["labels"], [None, ["circle"]], "root")
+    root = label_plan(tok, batch, [None, ["circle"]], "root")
     assert root["words"] == [[], ["circles"]] and root["dm_index"][1].tolist() == [0]
-    rows = root["rows"][1][root["row_word"][1] == 0]
-    assert tok.decode(batch["input_ids"][1][rows + 1]).strip() == "circles"
+    word_rows = rows[1][root["row_word"][1] == 0]
+    assert tok.decode(batch["input_ids"][1][word_rows + 1]).strip() == "circles"
+
+
+def test_predicted_words_follow_the_argmax(tiny):
+    """§6 (5): a row is read for the word the model predicts there. Logits that predict the label
+    everywhere give the label plan; predicting "blue" where the label says "red" leaves "red" out,
+    and "blue" is aligned only if the DM has a map for it."""
+    _, processor, batch = tiny
+    tok = processor.tokenizer
+    rows = ag.answer_rows(batch["labels"])
+    T, V = batch["input_ids"].shape[1], len(tok)
+    logits = torch.zeros(2, T, V)
+    logits[:, :-1].scatter_(2, batch["input_ids"][:, 1:, None], 1.0)  # each position predicts the next token
+    dm_words = [["a", "red", "circle", "blue"], None]
+    predicted = ag.plan_words(tok, rows, ag.row_tokens(rows, batch["input_ids"], logits), dm_words)
+    label = label_plan(tok, batch, dm_words)
+    assert predicted["words"] == label["words"] == [["a", "red", "circle"], []]
+    assert torch.equal(predicted["row_word"], label["row_word"])
+    red = rows[0][label["row_word"][0] == 1]  # the two rows that predict "re" "d"
+    blue = tok("blue", add_special_tokens=False)["input_ids"]
+    wrong = logits.clone()
+    wrong[0, red] = 0.0
+    for r, t in zip(red.tolist(), (blue + blue)[:len(red)]):
+        wrong[0, r, t] = 1.0
+    plan = ag.plan_words(tok, rows, ag.row_tokens(rows, batch["input_ids"], wrong), dm_words)
+    assert "red" not in plan["words"][0] and "circle" in plan["words"][0]
+    with pytest.raises(ValueError, match="align_words"):
+        ag.row_tokens(rows, batch["input_ids"], logits, "both")
 
 
 def test_plan_words_repeated_word_is_one_word(tiny):
     _, processor, _ = tiny
     img = Image.new("RGB", (56, 56))
     batch = make_batch(processor, [(img, "what shape is red?", "a circle and a square")])
-    plan = ag.plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], [["a", "square"]])
+    plan = label_plan(processor.tokenizer, batch, [["a", "square"]])
     assert plan["words"] == [["a", "square"]]
     assert int((plan["row_word"][0] == 0).sum()) == 2  # both "a" occurrences, merged
+
+
+@pytest.mark.parametrize("text", ["naïve café", "dog's bowl, don't", "über 25 mp3s", "t-shirt_blue"])
+def test_both_sides_reach_the_same_words(tiny, text):
+    """The VLM side (byte-level BPE ids -> answer_words) and the DM side (CLIP -> extract.text_words)
+    split a text into the same words, also where a byte-level token ends inside a UTF-8 character
+    and where CLIP splits clitics off; every token of a word's characters belongs to it."""
+    import extract
+    _, processor, _ = tiny
+    tok = processor.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    vlm = ag.answer_words(tok, ids)
+    dm = extract.text_words(extract.tiny_sd()["tokenizer"], text)[0]
+    assert [w for w, _ in vlm] == [w for w, _, _ in extract.split_words(text)]
+    assert list(dict.fromkeys(w.lower() for w, _ in vlm)) == dm
+    for word, toks in vlm:  # the word's tokens decode to exactly the word (no byte left out)
+        assert tok.decode([ids[t] for t in toks]).strip().lower() == word
+
+
+def test_token_spans_keep_partial_characters_with_their_word(tiny):
+    _, processor, _ = tiny
+    tok = processor.tokenizer
+    ids = tok("naïve", add_special_tokens=False)["input_ids"]
+    text, spans = ag.token_spans(tok, ids)
+    assert text == "naïve" and len(ids) > 2  # "ï" is two bytes, split over tokens in the tiny BPE
+    assert spans[0][0] == 0 and spans[-1][1] == len(text) and all(a < b for a, b in spans)
 
 
 # ---- capture ----
 
 def test_hooks_leave_logits_bit_identical(tiny):
     model, processor, batch = tiny
-    plan = ag.plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], [["a", "red", "circle"], ["circle"]])
+    plan = label_plan(processor.tokenizer, batch, [["a", "red", "circle"], ["circle"]])
     with torch.no_grad():
         ref = model(**model_inputs(batch)).logits
         with ag.AttentionCapture(model, ag.aligned_layers(model)) as capture:
@@ -256,7 +321,7 @@ def test_learned_copy_equals_pretrained_at_init(tiny):
 
 
 def _att_loss(model, processor, batch, capture, aggregation, aligner, mode):
-    plan = ag.plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], [["a", "red", "circle"], ["circle"]])
+    plan = label_plan(processor.tokenizer, batch, [["a", "red", "circle"], ["circle"]])
     capture.set_rows(plan["rows"])
     out = model(**model_inputs(batch), labels=batch["labels"])
     maps = ag.vlm_word_maps(capture, plan, batch, aggregation, aligner, mode)  # (B, W, 32, 32)
@@ -275,7 +340,7 @@ def test_gradients_reach_aligner_lora_and_parallel_projections():
             torch.nn.init.normal_(module.lora_B["default"].weight, std=0.1)
     layers = ag.aligned_layers(model)
     ag.add_parallel_projections(model, layers, init="copy")
-    aligner = Aligner("sim", aligner_channels("mean-mean", "per-layer", 4))
+    aligner = Aligner("sim", aligner_channels("mean-mean", 4))
     # the pretrained-attention path: the attention loss alone reaches the Aligner and LoRA on q_proj
     with ag.AttentionCapture(model, layers) as capture:
         _, loss_att, maps = _att_loss(model, processor, batch, capture, "mean-mean", aligner, "per-layer")
@@ -332,7 +397,8 @@ def test_gradient_checkpointing_gives_the_same_maps_and_gradients(learned):
         calls = []  # cross-attention forwards: twice per layer when checkpointing recomputes in backward
         counter = ag.cross_attention(model, layers[0]).register_forward_hook(lambda *a: calls.append(1))
         with ag.AttentionCapture(model, layers, learned=learned) as capture:
-            loss_vlm, loss_att, m = _att_loss(model, processor, batch, capture, "learn" if learned else "max-mean", None, None)
+            loss_vlm, loss_att, m = _att_loss(model, processor, batch, capture, "learn" if learned else "max-mean", None,
+                                              "auto")
             (loss_vlm + 10 * loss_att).backward()
             maps.append(m.detach())
         counter.remove()
@@ -348,11 +414,11 @@ def test_aligner_after_mode_and_no_aligned_word(tiny):
     layers = ag.aligned_layers(model, "last")
     assert layers == [3] and ag.aligned_layers(model, "first") == [1]
     with ag.AttentionCapture(model, layers) as capture:
-        plan = ag.plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], [["zebra"], None])
-        assert plan["rows"].shape == (2, 0)
+        plan = label_plan(processor.tokenizer, batch, [["zebra"], None])
+        assert plan["dm_index"].shape == (2, 0) and (plan["row_word"] == -1).all()
         capture.set_rows(plan["rows"])
         model(**model_inputs(batch))
-        aligner = Aligner("light", aligner_channels("flow-sum", "after", 4))
+        aligner = Aligner("light", aligner_channels("flow-sum", 4))
         maps = ag.vlm_word_maps(capture, plan, batch, "flow-sum", aligner, "after")
         assert maps.shape == (2, 0, 32, 32)
         loss = attention_loss(maps, torch.zeros_like(maps), plan["dm_index"] >= 0)
@@ -367,7 +433,7 @@ from torch.distributed.fsdp import fully_shard
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 import aggregate as ag, train
-from test_aggregate import make_batch, model_inputs
+from test_aggregate import label_plan, make_batch, model_inputs
 dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1)
 mesh = init_device_mesh("cpu", (1,))
 results = []
@@ -386,7 +452,7 @@ for shard in (False, True):
                 fully_shard(m, mesh=mesh)
         fully_shard(model, mesh=mesh)
     model.train()
-    plan = ag.plan_words(processor.tokenizer, batch["input_ids"], batch["labels"], [["a", "red", "circle"]])
+    plan = label_plan(processor.tokenizer, batch, [["a", "red", "circle"]])
     with ag.AttentionCapture(model, layers, learned=True) as capture:
         capture.set_rows(plan["rows"])
         out = model(**model_inputs(batch), labels=batch["labels"])
@@ -414,74 +480,140 @@ def test_capture_under_fsdp2_lora_and_checkpointing(tmp_path):
     assert run.returncode == 0 and "FSDP2 OK" in run.stdout, run.stderr[-3000:]
 
 
-def _tiles_first_reference(probs, plan, batch, geometry, aggregation, aligner, mode):
-    """The pipeline in its textbook order: every row's and head's tiles rebuilt, then rows merged,
-    then aggregated (or the Aligner per layer / after), as vlm_word_maps did before it merged first."""
-    maps = ag.image_maps(probs, batch, geometry)  # (B, L, H, R, 32, 32)
-    weights = ag.flow_weights(plan["rows"], batch["attention_mask"]) if aggregation.startswith("flow") else None
-    words = ag.merge_rows(maps, plan["row_word"], plan["dm_index"].shape[1], weights)  # (B, L, H, W, 32, 32)
-    B, L, H, W = words.shape[:4]
-    if aligner is not None and mode == "per-layer":
-        y = aligner(words.transpose(2, 3).reshape(B * L * W, H, 32, 32)).view(B, L, W, 32, 32)
-        return ag.min_max(ag.combine_layers(y.transpose(1, 2), aggregation))
-    out = ag.aggregate(words.permute(0, 3, 1, 2, 4, 5), aggregation)  # (B, W, 32, 32)
-    if aligner is not None:
-        out = aligner(out.reshape(B * W, 1, 32, 32)).view(B, W, 32, 32)
-    return ag.min_max(out)
+GEOMETRY = (56, 14, 4, [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)])
 
 
-@pytest.mark.parametrize("mode", ["none", "per-layer", "after"])
-def test_merge_and_head_mean_before_tiles_equal_tiles_first(mode, monkeypatch):
-    """vlm_word_maps merges rows (and averages heads for mean-over-heads aggregations) on the image-
-    token probabilities before rebuilding tiles; the maps and gradients equal the tiles-first order,
-    for every aggregation, two layouts with padding, multi-row words, a padding row."""
-    geometry = (56, 14, 4, [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)])
-    monkeypatch.setattr(ag, "vision_geometry", lambda model: geometry)
-    batch = dict(aspect_ratio_ids=torch.tensor([[6], [2]]), image_sizes=torch.tensor([[100, 90], [40, 100]]),
-                 attention_mask=torch.ones(2, 12, dtype=torch.long))
-    plan = dict(rows=torch.tensor([[3, 4, 5, 6, 7, -1], [2, 3, 4, 5, 6, 7]]),
-                row_word=torch.tensor([[0, 0, 1, 2, 1, -1], [0, 1, 1, 0, 2, 2]]), dm_index=torch.tensor([[0, 1, 2]] * 2))
-    B, L, H, R, N = 2, 3, 4, 6, 4 * 17
+def _textbook(probs, plan, batch, aggregation, aligner, placement):
+    """§4.2 in its textbook order, with no shortcut: every captured row's and head's tiles rebuilt;
+    per token the heads and layers aggregated (aggregate()) or the Aligner at its placement; each
+    token's map min-max normalised; a word's token maps averaged (flow: weighted); normalised."""
+    maps = ag.image_maps(probs, batch, GEOMETRY).permute(0, 3, 1, 2, 4, 5)  # (B, R, L, H, 32, 32)
+    B, R, L, H = maps.shape[:4]
+    heads, layers = ag.rules(aggregation)
+    if aligner is None:
+        tokens = ag.aggregate(maps, aggregation)  # (B, R, 32, 32)
+    elif placement == "per-layer":  # each layer's heads as channels, raw outputs combined over layers
+        y = aligner(maps.reshape(B * R * L, H, 32, 32)).view(B, R, L, 32, 32)
+        tokens = y.amax(dim=2) if layers == "max" else y.mean(dim=2)
+    else:
+        x = maps.amax(dim=3, keepdim=True) if heads == "max" else maps  # (B, R, L, C, 32, 32)
+        if layers.startswith("flow"):
+            x = ag.flow(x.transpose(2, 3), multiply=layers == "flow-multi")  # (B, R, C, 32, 32)
+        else:
+            x = x.amax(dim=2) if layers == "max" else x.mean(dim=2)
+        tokens = aligner(x.reshape(B * R, x.shape[2], 32, 32)).view(B, R, 32, 32)
+    weights = ag.flow_weights(plan["rows"], batch["attention_mask"]) if layers.startswith("flow") else None
+    words = ag.merge_rows(ag.min_max(tokens), plan["row_word"], plan["dm_index"].shape[1], weights)
+    return ag.min_max(words)
+
+
+def _capture(probs, aggregation):
+    return type("Capture", (), dict(probs=probs, learned=aggregation == "learn", model=None))()
+
+
+PLAN = dict(rows=torch.tensor([[3, 4, 5, 6, 7, 8, -1], [2, 3, 4, 5, 6, 7, 8]]),  # a padding row; rows of no word
+            row_word=torch.tensor([[0, 0, 1, -1, 2, 1, -1], [0, 1, 1, 0, 2, 2, -1]]),
+            dm_index=torch.tensor([[0, 1, 2]] * 2))
+BATCH = dict(aspect_ratio_ids=torch.tensor([[6], [2]]), image_sizes=torch.tensor([[100, 90], [40, 100]]),
+             attention_mask=torch.ones(2, 12, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["none", "per-layer", "after", "auto"])
+def test_vlm_word_maps_equal_the_textbook_order(mode, monkeypatch):
+    """vlm_word_maps (aligned rows packed, head and layer means before the tile rebuild, per-layer
+    Aligner under checkpoint) = _textbook, maps and gradients, for every aggregation the mode
+    accepts; two layouts with padding, multi-token words, repeated words, a padding row."""
+    monkeypatch.setattr(ag, "vision_geometry", lambda model: GEOMETRY)
+    B, L, H, R, N = 2, 3, 4, 7, 4 * 17
     for aggregation in ag.AGGREGATIONS:
         torch.manual_seed(0)
-        aligner = None if mode == "none" else Aligner("sim", aligner_channels(aggregation, mode, H))
+        aligner = None if mode == "none" else Aligner("sim", aligner_channels(aggregation, H))
+        if aligner is not None and aggregation.startswith(("max", "flow")) and mode == "per-layer":
+            with pytest.raises(ValueError, match="--aligner-mode after"):
+                ag.aligner_placement(aggregation, mode)
+            continue
+        placement = None if aligner is None else ag.aligner_placement(aggregation, mode)
         scores = torch.randn(B, L, H, R, N, requires_grad=True)
-        probs = torch.softmax(scores, dim=-1) * (plan["rows"] >= 0)[:, None, None, :, None]
-        capture = type("Capture", (), dict(probs=probs, learned=aggregation == "learn", model=None))()
-        ours = ag.vlm_word_maps(capture, plan, batch, aggregation, aligner, "per-layer" if mode == "none" else mode)
-        ref = _tiles_first_reference(probs, plan, batch, geometry, aggregation, aligner, mode)
-        assert ours.shape == (B, 3, 32, 32) and torch.allclose(ours, ref, atol=1e-5), aggregation
+        probs = torch.softmax(scores, dim=-1) * (PLAN["rows"] >= 0)[:, None, None, :, None]
+        ours = ag.vlm_word_maps(_capture(probs, aggregation), PLAN, BATCH, aggregation, aligner, mode, recompute=True)
+        ref = _textbook(probs, PLAN, BATCH, aggregation, aligner, placement)
+        assert ours.shape == (B, 3, 32, 32) and torch.allclose(ours, ref, atol=1e-5), (aggregation, mode)
         w = torch.rand(B, 3, 32, 32)
         g_ours, = torch.autograd.grad((ours * w).sum(), scores, retain_graph=True)  # probs is shared
         g_ref, = torch.autograd.grad((ref * w).sum(), scores)
-        assert torch.allclose(g_ours, g_ref, atol=1e-5 * g_ref.abs().max()), aggregation
+        assert torch.allclose(g_ours, g_ref, atol=1e-5 * g_ref.abs().max()), (aggregation, mode)
 
 
-def test_recompute_gives_the_same_maps_and_gradients(monkeypatch):
-    """recompute=True (per-layer Aligner under checkpoint, layer by layer) = recompute=False."""
-    geometry = (56, 14, 4, [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)])
-    monkeypatch.setattr(ag, "vision_geometry", lambda model: geometry)
-    batch = dict(aspect_ratio_ids=torch.tensor([[7]]), image_sizes=torch.tensor([[150, 40]]),
-                 attention_mask=torch.ones(1, 9, dtype=torch.long))
-    plan = dict(rows=torch.tensor([[2, 3, 5, 6]]), row_word=torch.tensor([[0, 0, 1, 1]]), dm_index=torch.tensor([[0, 1]]))
+@pytest.mark.parametrize("mode", ["none", "per-layer", "after", "auto"])
+def test_every_two_aggregations_differ_or_one_is_refused(mode, monkeypatch):
+    """The Fig. 19 ablation compares different things: with the same attention (and Aligners of
+    the same seed), every two aggregations give different maps, or the mode refuses one of them."""
+    monkeypatch.setattr(ag, "vision_geometry", lambda model: GEOMETRY)
+    torch.manual_seed(1)
+    probs = torch.softmax(3 * torch.randn(2, 3, 4, 7, 4 * 17), dim=-1)
+    maps = {}
+    for aggregation in ag.AGGREGATIONS:
+        torch.manual_seed(0)
+        aligner = None if mode == "none" else Aligner("sim", aligner_channels(aggregation, 4))
+        try:
+            with torch.no_grad():
+                maps[aggregation] = ag.vlm_word_maps(_capture(probs, aggregation), PLAN, BATCH, aggregation, aligner, mode)
+        except ValueError as err:
+            assert mode == "per-layer" and "mean-mean, mean-max or learn" in str(err)
+    names = sorted(maps)
+    assert len(names) == (3 if mode == "per-layer" else 7)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if {a, b} != {"mean-mean", "learn"}:  # learn's difference is the capture (A_d), not the maps
+                assert (maps[a] - maps[b]).abs().max() > 1e-3, (mode, a, b)
+
+
+def test_per_token_normalisation_comes_before_the_word_mean(monkeypatch):
+    """§4.2 and the release: each token's map is normalised, then a word's token maps are averaged.
+    A two-token word whose tokens attend with very different mass: the word's map is the mean of
+    the two normalised maps, not the normalised mean of the raw ones."""
+    monkeypatch.setattr(ag, "vision_geometry", lambda model: GEOMETRY)
+    batch = dict(aspect_ratio_ids=torch.tensor([[1]]), image_sizes=torch.tensor([[56, 56]]),
+                 attention_mask=torch.ones(1, 4, dtype=torch.long))
+    plan = dict(rows=torch.tensor([[1, 2]]), row_word=torch.tensor([[0, 0]]), dm_index=torch.tensor([[0]]))
+    probs = torch.zeros(1, 1, 1, 2, 4 * 17)
+    probs[0, 0, 0, 0, 1], probs[0, 0, 0, 0, 2] = 0.9, 0.1    # token 0: patches 0 and 1 (tile's CLS at 0)
+    probs[0, 0, 0, 1, 16] = 0.05                             # token 1: little mass, on the last patch
+    out = ag.vlm_word_maps(_capture(probs, "mean-mean"), plan, batch, "mean-mean")[0, 0]  # (32, 32)
+    tokens = ag.min_max(ag.image_maps(probs, batch, GEOMETRY)[0, 0, 0])  # (2, 32, 32)
+    assert torch.allclose(out, ag.min_max(tokens.mean(dim=0)), atol=1e-6)
+    assert out[-1, -1] > 0.9  # the small token's patch counts as much as the big one's
+    raw_first = ag.min_max(ag.image_maps(probs.sum(dim=3, keepdim=True), batch, GEOMETRY)[0, 0, 0, 0])
+    assert (out - raw_first).abs().max() > 0.3
+
+
+def test_recompute_and_batch_norm(monkeypatch):
+    """recompute=True (per-layer Aligner under checkpoint, layer by layer) = recompute=False; a
+    BatchNorm Aligner runs once over every layer's maps (statistics across layers)."""
+    monkeypatch.setattr(ag, "vision_geometry", lambda model: GEOMETRY)
     torch.manual_seed(0)
     aligner = Aligner("sim", 4)
-    scores = torch.randn(1, 3, 4, 4, 4 * 17, requires_grad=True)
+    scores = torch.randn(2, 3, 4, 7, 4 * 17, requires_grad=True)
     outs, grads = [], []
     for recompute in (False, True):
-        capture = type("Capture", (), dict(probs=torch.softmax(scores, dim=-1), learned=False, model=None))()
-        out = ag.vlm_word_maps(capture, plan, batch, "mean-max", aligner, "per-layer", recompute=recompute)
+        out = ag.vlm_word_maps(_capture(torch.softmax(scores, dim=-1), "mean-max"), PLAN, BATCH, "mean-max", aligner,
+                               "per-layer", recompute=recompute)
         outs.append(out)
         grads.append(torch.autograd.grad((out * torch.linspace(0, 1, out.numel()).view(out.shape)).sum(),
                                          [scores, *aligner.parameters()]))
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
     for a, b in zip(*grads):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max()) and b.abs().sum() > 0
-    # BatchNorm: one call over every layer's maps (statistics across layers), as the textbook order
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max())
     bn = Aligner("sim", 4, norm="batch")
-    capture = type("Capture", (), dict(probs=torch.softmax(scores, dim=-1), learned=False, model=None))()
-    ours = ag.vlm_word_maps(capture, plan, batch, "mean-max", bn, "per-layer")
-    ref = _tiles_first_reference(capture.probs, plan, batch, geometry, "mean-max", bn, "per-layer")
+    probs = torch.softmax(scores, dim=-1).detach()
+    ours = ag.vlm_word_maps(_capture(probs, "mean-max"), PLAN, BATCH, "mean-max", bn, "per-layer")
+    # BatchNorm's statistics depend on which maps share the call: the packed aligned rows of every layer
+    take, token_word = ag.aligned_tokens(PLAN)
+    packed = probs.gather(3, take.clamp(min=0)[:, None, None, :, None].expand(2, 3, 4, -1, 4 * 17))
+    packed = packed * (take >= 0)[:, None, None, :, None]
+    maps = ag.image_maps(packed, BATCH, GEOMETRY).permute(0, 1, 3, 2, 4, 5)  # (B, L, K, H, 32, 32)
+    y = bn(maps.reshape(-1, 4, 32, 32)).view(2, 3, take.shape[1], 32, 32).amax(dim=1)
+    ref = ag.min_max(ag.merge_rows(ag.min_max(y), token_word, 3))
     assert torch.allclose(ours, ref, atol=1e-5)
-    with pytest.raises(ValueError, match="norm='instance'"):
-        ag.vlm_word_maps(capture, plan, batch, "mean-max", Aligner("sim", 4, norm="batch"), "per-layer", recompute=True)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        ag.vlm_word_maps(_capture(probs, "mean-max"), PLAN, BATCH, "mean-max", bn, "per-layer", recompute=True)

@@ -4,36 +4,98 @@
 """
 import pytest
 import torch
+import torch.nn as nn
 
-from aligner import VARIANTS, Aligner, aligner_channels, attention_loss, min_max, total_loss
+from aligner import NORMS, VARIANTS, Aligner, aligner_channels, attention_loss, min_max, total_loss
+
+# The release's DiffagFovProjection with 32 heads in and hidden 32, layer by layer (REFERENCE.md):
+# "E" = conv 3x3 no bias, "N" = InstanceNorm2d without affine, "A" = ReLU6, "S" = the squeeze conv
+# 3x3 back to the input width, "O" = the 1x1 output conv with bias.
+RELEASE = {"light": "ENA" + "SNA" + "O", "sim": "ENA" + "ENA" + "SNA" + "O",
+           "deep": "ENA" + "ENA" + "EA" + "EA" + "SNA" + "O"}
+RELEASE_PARAMETERS = {"light": 18_465, "sim": 27_681, "deep": 46_113}
+
+
+def release_aligner(variant, channels, hidden=32):
+    """The release's layer order written out with the textbook modules (InstanceNorm2d, out-of-place
+    ReLU6): an independent statement of the structure to compare ours with."""
+    layers, c = [], channels
+    for code in RELEASE[variant]:
+        if code in "ES":
+            out = hidden if code == "E" else channels
+            layers.append(nn.Conv2d(c, out, 3, padding=1, bias=False))
+            c = out
+        elif code == "N":
+            layers.append(nn.InstanceNorm2d(c))
+        elif code == "A":
+            layers.append(nn.ReLU6())
+        else:
+            layers.append(nn.Conv2d(c, 1, 1))
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("variant", sorted(RELEASE))
+def test_layer_order_and_parameter_counts_are_the_releases(variant):
+    ours = Aligner(variant, in_channels=3)
+    convs = [i for i, m in enumerate(ours.net) if isinstance(m, nn.Conv2d)]
+    kinds = ["O" if i == convs[-1] else "S" if i == convs[-2] else "E" if i in convs
+             else "N" if isinstance(m, nn.GroupNorm) else "A" for i, m in enumerate(ours.net)]
+    assert "".join(kinds) == RELEASE[variant]
+    widths = [(ours.net[i].in_channels, ours.net[i].out_channels) for i in convs]  # 3 channels in, hidden 32
+    assert widths == [(3, 32)] + [(32, 32)] * (VARIANTS[variant] - 1) + [(32, 3), (3, 1)]
+    ours = Aligner(variant, in_channels=32)
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == RELEASE_PARAMETERS[variant]
+    assert sum(p.numel() for p in release_aligner(variant, 32).parameters()) == RELEASE_PARAMETERS[variant]
+    convs = [m for m in ours.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.bias is None for c in convs[:-1]) and convs[-1].bias is not None and convs[-1].kernel_size == (1, 1)
+    assert all(not m.affine for m in ours.modules() if isinstance(m, nn.GroupNorm))  # InstanceNorm: no affine
+
+
+@pytest.mark.parametrize("variant", sorted(RELEASE))
+def test_same_weights_give_the_releases_map_and_gradients(variant):
+    """With the release's conv weights, our Aligner (GroupNorm without affine, in-place ReLU6) gives
+    the same min-max-normalised map and the same gradients as the textbook layers."""
+    torch.manual_seed(0)
+    channels = 4
+    ours, ref = Aligner(variant, in_channels=channels), release_aligner(variant, channels)
+    ref_convs = [m for m in ref if isinstance(m, nn.Conv2d)]
+    our_convs = [m for m in ours.net if isinstance(m, nn.Conv2d)]
+    for a, b in zip(our_convs, ref_convs, strict=True):
+        b.load_state_dict(a.state_dict())
+    x = (3 * torch.randn(5, channels, 32, 32)).requires_grad_(True)  # large enough to hit both ReLU6 bounds
+    w = torch.rand(5, 32, 32)
+    mine, theirs = min_max(ours(x)), min_max(ref(x).squeeze(1))
+    assert (mine - theirs).abs().max() < 1e-4
+    # the same parameter order; the output bias cancels in min-max normalisation (gradient ~0 in both)
+    g_ours = torch.autograd.grad((mine * w).sum(), [x, *ours.parameters()])[:-1]
+    g_ref = torch.autograd.grad((theirs * w).sum(), [x, *ref.parameters()])[:-1]
+    for a, b in zip(g_ours, g_ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * b.abs().max())
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("norm", ["instance", "batch"])
-def test_aligner_shapes_and_range(variant, norm):
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_every_variant_and_norm_gives_one_raw_map(variant, norm):
     torch.manual_seed(0)
     aligner = Aligner(variant, in_channels=4, norm=norm)
-    y = aligner(torch.rand(3, 4, 32, 32))
-    assert y.shape == (3, 32, 32)
+    y = aligner(torch.rand(3, 4, 32, 32))  # raw: the caller normalises after combining layers and words
+    assert y.shape == (3, 32, 32) and y.dtype == torch.float32
+    y = min_max(y)
     assert torch.allclose(y.amin(dim=(1, 2)), torch.zeros(3)) and torch.allclose(y.amax(dim=(1, 2)), torch.ones(3), atol=1e-6)
-    # 3x3 convolutions without bias, hidden 32, a final 1x1 conv to one channel
-    convs = [m for m in aligner.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len(convs) == VARIANTS[variant] + 1 and all(c.bias is None for c in convs)
-    assert convs[0].kernel_size == ((1, 1) if variant == "mlp" else (3, 3)) and convs[0].out_channels == 32
-    assert convs[-1].kernel_size == (1, 1) and convs[-1].out_channels == 1
-    assert sum(isinstance(m, torch.nn.ReLU6) for m in aligner.modules()) == VARIANTS[variant]
+    kernel = (1, 1) if variant == "mlp" else (3, 3)
+    assert all(m.kernel_size == kernel for m in aligner.net[:-1] if isinstance(m, nn.Conv2d))
 
 
-def test_aligner_depths_and_errors():
-    sizes = {v: sum(p.numel() for p in Aligner(v, 32).parameters()) for v in VARIANTS}
-    assert sizes["light"] < sizes["sim"] < sizes["deep"] and sizes["mlp"] < sizes["sim"]
+def test_errors_and_channels():
     with pytest.raises(ValueError, match="in_channels"):
         Aligner("sim", 4)(torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="variant"):
         Aligner("huge")
-    assert aligner_channels("mean-mean", "per-layer", 32) == 32 and aligner_channels("learn", "after", 32) == 1
-    with pytest.raises(ValueError, match="aligner_mode"):
-        aligner_channels("mean-mean", "before", 32)
+    with pytest.raises(ValueError, match="act"):
+        Aligner("sim", act="gelu")
+    # a max over heads leaves one channel (max-max, max-mean); every other aggregation gives the heads
+    assert aligner_channels("max-max", 32) == aligner_channels("max-mean", 32) == 1
+    assert {aligner_channels(a, 32) for a in ("mean-mean", "mean-max", "flow-sum", "flow-multi", "learn")} == {32}
 
 
 def test_min_max_worked_example():
@@ -45,14 +107,18 @@ def test_attention_loss_worked_examples():
     pred = torch.rand(2, 3, 32, 32, requires_grad=True)
     mask = torch.tensor([[True, True, False], [True, False, False]])
     assert float(attention_loss(pred, pred.detach().clone(), mask).detach()) == 0.0  # identical maps
-    # per-word MSE, mean over aligned words: words with MSE 1, 4 (aligned) and 9 (not aligned) -> 2.5
+    # per-word MSE; sample 0 aligns words with MSE 1 and 4 (and not the 9), sample 1 one word with
+    # MSE 4: per-sample means 2.5 and 4, their mean over the 2 samples 3.25
     target = pred.detach().clone()
     target[0, 0] += 1.0
     target[0, 1] += 2.0
     target[0, 2] += 3.0
     target[1, 0] += 2.0
-    assert torch.allclose(attention_loss(pred, target, mask), torch.tensor((1.0 + 4.0 + 4.0) / 3))
-    # no aligned word: exactly zero, not NaN, and backward still runs
+    assert torch.allclose(attention_loss(pred, target, mask), torch.tensor(3.25))
+    # a sample with no aligned word counts as 0 in the mean over samples: (2.5 + 0) / 2
+    assert torch.allclose(attention_loss(pred, target, torch.tensor([[True, True, False], [False] * 3])),
+                          torch.tensor(1.25))
+    # no aligned word at all: exactly zero, not NaN, and backward still runs
     loss = attention_loss(pred, target, torch.zeros(2, 3, dtype=torch.bool))
     assert float(loss.detach()) == 0.0 and not torch.isnan(loss)
     loss.backward()
@@ -64,39 +130,12 @@ def test_attention_loss_worked_examples():
 def test_total_loss_and_gradient_to_aligner():
     torch.manual_seed(0)
     aligner = Aligner("sim", 2)
-    pred = aligner(torch.rand(4, 2, 32, 32)).view(2, 2, 32, 32)
+    pred = min_max(aligner(torch.rand(4, 2, 32, 32))).view(2, 2, 32, 32)
     loss_att = attention_loss(pred, torch.rand(2, 2, 32, 32), torch.ones(2, 2, dtype=torch.bool))
     loss = total_loss(torch.tensor(2.0), loss_att)  # default λ = 10 (eq. 10/12)
     assert torch.allclose(loss, 2.0 + 10 * loss_att)
     assert float(total_loss(torch.tensor(2.0), torch.tensor(0.5), lam=1.0)) == 2.5
     loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aligner.parameters())
-
-
-def test_instance_norm_and_in_place_relu6_match_the_plain_layers():
-    """The "instance" norm is GroupNorm(C, C) (faster on CPU) and ReLU6 runs in place (saves two
-    activations): the same outputs and gradients as InstanceNorm2d(affine) + out-of-place ReLU6."""
-    torch.manual_seed(0)
-    aligner = Aligner("deep", in_channels=4)
-    with torch.no_grad():
-        for m in aligner.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.uniform_(0.5, 2.0), m.bias.uniform_(-1.0, 1.0)
-    plain = []
-    for m in aligner.net:  # the same weights in the textbook layers
-        if isinstance(m, torch.nn.GroupNorm):
-            norm = torch.nn.InstanceNorm2d(m.num_channels, affine=True)
-            norm.load_state_dict(m.state_dict())
-            plain.append(norm)
-        else:
-            plain.append(torch.nn.ReLU6() if isinstance(m, torch.nn.ReLU6) else m)
-    plain = torch.nn.Sequential(*plain)
-    x = (3 * torch.randn(5, 4, 32, 32)).requires_grad_(True)  # large enough to hit both ReLU6 bounds
-    w = torch.rand(5, 32, 32)
-    ours = aligner(x)
-    ref = min_max(plain(x).squeeze(1))
-    assert torch.allclose(ours, ref, atol=1e-5)
-    g_ours = torch.autograd.grad((ours * w).sum(), [x, *aligner.parameters()])
-    g_ref = torch.autograd.grad((ref * w).sum(), [x, *plain.parameters()])  # same order
-    for a, b in zip(g_ours, g_ref):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max())
+    # the output conv's bias cancels in min-max normalisation: every other parameter gets a gradient
+    bias = aligner.net[-1].bias
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aligner.parameters() if p is not bias)

@@ -76,16 +76,18 @@ def test_release_attention_equals_capture_and_leaves_logits():
 def test_bench_train_arms_step_and_count_the_aligner_flops():
     """bench.py's train benchmark builds and steps each arm at its real geometry (so it keeps up with
     train.py's internals), and its FLOP count is the formula worked by hand for one word, one layer,
-    one head: convs 1->32 3x3, 32->32 3x3, 32->1 1x1 on 32x32, forward + recompute + two backward."""
+    one head: convs 1->32 3x3, 32->32 3x3, the squeeze 32->1 3x3 and 1->1 1x1 on 32x32, forward +
+    recompute + two backward."""
     for arm in ("ar", "lavender"):
         bench.step_setup(arm, words=1)()
     # the train-gpu geometry's code path (one tile, a batch, bf16 frozen weights), on the CPU
     bench.step_setup("lavender", words=1, tiles=1, tile=56, dtype=torch.bfloat16, batch_size=2)()
     step, gflop = bench.aligner_alone_setup(words=1, layers=1, heads=1)
     step()
-    per_pass = 2 * 1024 * (32 * 1 * 9 + 32 * 32 * 9 + 1 * 32 * 1)  # 2·h·w·C_out·C_in·k² per conv
+    per_pass = 2 * 1024 * (32 * 1 * 9 + 32 * 32 * 9 + 1 * 32 * 9 + 1 * 1 * 1)  # 2·h·w·C_out·C_in·k² per conv
     assert gflop == pytest.approx(4 * per_pass / 1e9)
-    assert bench.aligner_alone_setup(words=16)[1] == pytest.approx(19.36, abs=0.01)  # the default arm's 19.4 GFLOP
+    # the default arm: 32 heads in, 16 words, 8 layers: (3 · 32·32·9 + 32) per pixel, 4 passes
+    assert bench.aligner_alone_setup(words=16)[1] == pytest.approx(2 * 1024 * (3 * 9216 + 32) * 16 * 8 * 4 / 1e9)
 
 
 # ---- python bench.py gpu ----

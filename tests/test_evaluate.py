@@ -129,14 +129,19 @@ def fake_run(name, acc_flags, mse):
 def test_report_files_one_row_per_run(tmp_path):
     report = {"data": "test.jsonl", "items": 3, "out": str(tmp_path), "figures": ["entropy.png"],
               "dm": {"entropy": E.summarize([3.0]), "pointing": None},
-              "runs": [fake_run("ar", [True, False, False], 0.2), fake_run("lavender", [True, True, False], 0.1)]}
+              "runs": [fake_run("ar", [True, False, False], 0.2),
+                       dict(fake_run("lavender", [True, True, False], 0.1),
+                            head={"entropy": E.summarize([5.0]), "alignment_mse": E.summarize([0.05]),
+                                  "pointing": None, "matched_words": 1})]}
     E.write_report(report, tmp_path)
     assert json.loads((tmp_path / "report.json").read_text())["runs"][1]["name"] == "lavender"
     md = (tmp_path / "report.md").read_text()
-    table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| run")]
-    first = [line for line in table if line.count("|") == 8]          # the main table: 7 columns
-    assert [line.split("|")[1].strip() for line in first] == ["ar", "lavender"]
-    assert "33.3 [" in first[0] and "66.7 [" in first[1] and "0.1000" in first[1]
+    table = [line.split("|") for line in md.splitlines() if line.count("|") == 8]  # the main table: 7 columns
+    own = [cells for cells in table if cells[2].strip() == "own"]
+    assert [cells[1].strip() for cells in own] == ["ar", "lavender"]
+    assert "33.3 [" in own[0][3] and "66.7 [" in own[1][3] and "0.1000" in own[1][5]
+    assert [cells[1].strip() for cells in table if cells[2].strip() == "head"] == ["lavender"]
+    assert any(cells[1].strip() == "DM (the target)" for cells in table)
     assert "## Accuracy per category" in md
 
 
@@ -213,17 +218,22 @@ def test_end_to_end_two_runs_and_base(two_runs, capsys):
         assert r["matched_words"] == r["vlm_entropy"]["n"] == r["alignment_mse"]["n"] > 0
         assert 0 < r["vlm_entropy"]["mean"] <= math.log(1024) + 1e-4
         assert r["pointing"]["n"] == 3
-    # each run's maps are made as it was trained
+    # one ruler: every model's own maps are read the same way; a Lavender run's head as it was trained
     settings = {r["name"]: r["settings"] for r in report["runs"]}
-    assert settings["lavender"]["aggregation"] == "learn" and settings["lavender"]["aligner"] == "Aligner"
-    assert settings["ar"]["aggregation"] != "learn" and settings["base"]["aligner"] is None
+    assert settings["base"] == settings["ar"] == settings["lavender"]
+    assert settings["lavender"]["aggregation"] == "mean-mean" and settings["lavender"]["aligner"] is None
+    head = report["runs"][2]["head"]
+    assert head["settings"]["aggregation"] == "learn" and head["settings"]["aligner"] == "Aligner"
+    assert head["matched_words"] == report["runs"][2]["matched_words"] and head["pointing"]["n"] == 3
+    assert report["runs"][0]["head"] is None and report["runs"][1]["head"] is None
     assert report["items_with_attention"] == 6
-    assert report["dm"]["entropy"]["n"] == 14 and report["dm"]["pointing"]["n"] == 3
-    # files: the table has one row per model, the pictures exist
+    # the DM's maps of the same matched words
+    assert report["dm"]["entropy"]["n"] == report["runs"][0]["matched_words"] and report["dm"]["pointing"]["n"] == 3
+    # files: the table has one row per model's own maps and one for the Lavender run's head
     md = (out / "report.md").read_text()
-    rows = [line.split("|")[1].strip() for line in md.splitlines() if line.count("|") == 8 and not line.startswith("| run")
-            and not line.startswith("|---")]
-    assert rows == ["base", "ar", "lavender"]
+    table = [line.split("|") for line in md.splitlines() if line.count("|") == 8 and not line.startswith("|---")]
+    assert [c[1].strip() for c in table if c[2].strip() == "own"] == ["base", "ar", "lavender"]
+    assert [c[1].strip() for c in table if c[2].strip() == "head"] == ["lavender"]
     assert json.loads((out / "report.json").read_text())["runs"][2]["name"] == "lavender"
     assert Image.open(out / "entropy.png").size[1] > 3 * 150
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["item000.png", "item001.png"]
@@ -254,8 +264,11 @@ def test_two_ranks_write_the_one_process_report(two_runs, tmp_path):
         assert (tmp_path / "one" / a["name"] / "predictions.jsonl").read_text() == \
             (tmp_path / "two" / b["name"] / "predictions.jsonl").read_text()
         assert a["matched_words"] == b["matched_words"] > 0 and a["pointing"] == b["pointing"]
-        for key in ("alignment_mse", "vlm_entropy", "aligned_entropy"):
+        for key in ("alignment_mse", "vlm_entropy"):
             assert b[key]["mean"] == pytest.approx(a[key]["mean"], abs=1e-5)
+        if a["head"]:
+            assert b["head"]["pointing"] == a["head"]["pointing"]
+            assert b["head"]["entropy"]["mean"] == pytest.approx(a["head"]["entropy"]["mean"], abs=1e-5)
     assert sorted(p.name for p in (tmp_path / "two" / "overlays").iterdir()) == ["item000.png", "item001.png"]
     assert E.build_parser().parse_args(["--data", "d", "--out", "o", "--run", "x"]).run == ["x"]  # the short alias
 
@@ -287,15 +300,17 @@ def test_own_maps_as_targets_give_zero_mse_and_full_pointing(tmp_path, tiny_data
     model, processor = train.tiny_vlm()
     items = read_items(tiny_dataset)
     args = E.build_parser().parse_args(["--model", "tiny", "--data", tiny_dataset, "--out", str(tmp_path), "--quiet"])
-    settings = E.capture_settings(None, model, args)
+    own, head = E.capture_settings(None, model, args)
+    assert head is None
     dm_store = {it["id"]: E.load_maps(E.maps_path(Path(tiny_dataset).parent / "attn", it["id"]))[:2] for it in items}
-    maps = E.answer_maps(model.eval(), processor, items, dm_store, settings, batch_size=3, show=False)
+    maps = E.answer_maps(model.eval(), processor, items, dm_store, own, batch_size=3, show=False)
     boxes = {}
     for it, m in zip(items, maps):
-        save_maps(tmp_path / "own" / f"{it['id']}.safetensors", m["aligned"], m["words"], {"dm": "own"})
+        save_maps(tmp_path / "own" / f"{it['id']}.safetensors", m["own"], m["words"],
+                  {"dm": "own", "text": it["answer"]})  # the store's text is the item's answer (DESIGN.md)
         w, h = Image.open(it["image_path"]).size
         boxes[it["id"]] = {}
-        for word, vlm_map in zip(m["words"], m["aligned"]):
+        for word, vlm_map in zip(m["words"], m["own"]):
             y, x = E.argmax_pixel(vlm_map, h, w)
             boxes[it["id"]][word] = [x, y, x + 1, y + 1]
     add_fields(tiny_dataset, boxes)
@@ -316,3 +331,78 @@ def test_clear_errors(tmp_path, tiny_dataset):
     (tmp_path / "images" / "item002.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit, match="item002"):
         E.evaluate(parse(["--model", "tiny", "--data", tiny_dataset, "--out", str(tmp_path / "o")]))
+
+
+def test_broken_run_folders_and_items_are_named(tmp_path, tiny_dataset):
+    """A run folder without config.json, with a config.json that is not JSON, or without its adapter,
+    and an item with a truncated attention file or a missing mask: each is named in one message, before
+    any model is loaded or any file written."""
+    parse = E.build_parser().parse_args
+    runs = {name: tmp_path / name for name in ("empty", "bad-json", "no-adapter")}
+    for folder in runs.values():
+        folder.mkdir()
+    (runs["bad-json"] / "config.json").write_text('{"model": "tiny", ')
+    config = {"model": "tiny", "model_path": None, "peft": "lora", "loss": "ar", "aggregate": "learn",
+              "aligner": "sim", "aligner_mode": "per-layer", "match": "exact"}
+    (runs["no-adapter"] / "config.json").write_text(json.dumps(config))
+    flags = ["--data", tiny_dataset, "--out", str(tmp_path / "o")] + [x for r in runs.values() for x in ("--run-dir", str(r))]
+    with pytest.raises(SystemExit) as caught:
+        E.evaluate(parse(flags))
+    said = str(caught.value)
+    assert f"--run-dir {runs['empty']}: config.json cannot be read" in said
+    assert f"--run-dir {runs['bad-json']}: config.json cannot be read (JSONDecodeError" in said
+    assert f"--run-dir {runs['no-adapter']}: adapter/adapter_config.json is missing" in said
+    attn = Path(tiny_dataset).parent / "attn"
+    data = (attn / "item001.safetensors").read_bytes()
+    (attn / "item001.safetensors").write_bytes(data[:len(data) // 2])
+    add_fields(tiny_dataset)
+    items = [json.loads(line) for line in open(tiny_dataset)]
+    items[3]["masks"] = {"yes": "masks/none.png"}
+    Path(tiny_dataset).write_text("".join(json.dumps(it) + "\n" for it in items))
+    with pytest.raises(SystemExit) as caught:
+        E.evaluate(parse(["--model", "tiny", "--data", tiny_dataset, "--attn", str(attn), "--out", str(tmp_path / "o")]))
+    said = str(caught.value)
+    assert "item 'item001' (line 2): attention file" in said and "cannot be read" in said
+    assert "item 'item003' (line 4): masks/boxes cannot be read (FileNotFoundError" in said
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_id_cannot_write_outside_the_output_folder(tmp_path, tiny_dataset):
+    """An item id like '../../x' is refused before anything is drawn: overlays/<id>.png would land
+    outside --out."""
+    items = [json.loads(line) for line in open(tiny_dataset)]
+    items[0]["id"] = "../../escaped"
+    Path(tiny_dataset).write_text("".join(json.dumps(it) + "\n" for it in items))
+    attn = Path(tiny_dataset).parent / "attn"
+    out = tmp_path / "deep" / "er" / "out"
+    with pytest.raises(SystemExit, match=r"item '\.\./\.\./escaped' \(line 1\): id cannot be a file name"):
+        E.evaluate(E.build_parser().parse_args(["--model", "tiny", "--data", tiny_dataset, "--attn", str(attn),
+                                                "--out", str(out), "--quiet"]))
+    assert not list(tmp_path.rglob("escaped*"))
+    with pytest.raises(ValueError, match="would leave"):
+        E.overlay_path(out, "../../escaped")
+
+
+def test_own_maps_are_the_pretrained_attention_whatever_the_head(two_runs):
+    """The one ruler: a Lavender run's own maps come from its pretrained attention A (the same layers
+    and aggregation as any model's), untouched by its parallel projections and Aligner; its head
+    maps come from them. Changing the projections changes the head and leaves the own maps."""
+    import train
+    root, data, (_, lavender_dir) = two_runs
+    model, processor, lavender, _ = train.load_run(lavender_dir)
+    args = E.build_parser().parse_args(["--model", "tiny", "--data", data, "--out", str(root / "x")])
+    own, head = E.capture_settings(lavender, model, args)
+    assert head["learned"] and own["aggregation"] == "mean-mean" and own["aligner"] is None
+    items = E.read_items(data)
+    store = E.read_dm_store(items, root / "attn")
+    alone = E.answer_maps(model, processor, items, store, own, None, show=False)
+    both = E.answer_maps(model, processor, items, store, own, head, show=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lavender_q_proj" in name:
+                p.add_(torch.randn_like(p))
+    moved = E.answer_maps(model, processor, items, store, own, head, show=False)
+    assert sum(len(m["words"]) for m in both) > 0
+    for a, b, c in zip(alone, both, moved):
+        assert torch.equal(a["own"], b["own"]) and torch.equal(b["own"], c["own"])
+    assert any(not torch.allclose(b["head"], c["head"]) for b, c in zip(both, moved) if b["words"])

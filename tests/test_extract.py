@@ -325,16 +325,48 @@ def test_sixteen_bit_white_and_transparent_pixels_become_white(tmp_path):
         assert torch.allclose(extract.load_image(tmp_path / name, 8), torch.ones(3, 8, 8))
 
 
+def release_reader(root, image_name):
+    """The authors' training-time reader of their published maps, as REFERENCE.md describes it (not
+    their code): every attention_<word>.jpg in any subfolder of <root>/<image file name>/lpm_attention/,
+    the word cut out of the file name at "_" and ".", pixels / 255."""
+    maps = {}
+    for sub in sorted((Path(root) / image_name / "lpm_attention").iterdir()):
+        for jpg in sorted(sub.glob("attention_*.jpg")):
+            word = jpg.name.split("_")[1].split(".")[0]
+            maps[word] = torch.from_numpy(np.asarray(Image.open(jpg).convert("L"), dtype=np.float32) / 255)
+    return maps
+
+
 def test_authors_jpeg_layout_round_trip(tiny_dataset, tmp_path):
     items = extract.read_items(tiny_dataset)
     attn = Path(tiny_dataset).parent / "attn"
-    assert extract.export_jpeg(items, attn, tmp_path / "jpeg") == 6
-    jpg = tmp_path / "jpeg" / "item004" / "attention_circle.jpg"
+    n_maps = sum(len(extract.load_maps(extract.maps_path(attn, it["id"]))[1]) for it in items)  # 14
+    assert extract.export_jpeg(items, attn, tmp_path / "jpeg") == (6, n_maps)
+    jpg = tmp_path / "jpeg" / "item004.png" / "lpm_attention" / "item004" / "attention_circle.jpg"
     with Image.open(jpg) as img:
         assert (img.mode, img.size) == ("L", (32, 32))
-    assert extract.import_jpeg(items, tmp_path / "jpeg", tmp_path / "back") == 6
+    # the release's reader finds our maps, by word
+    ours, words, _ = extract.load_maps(extract.maps_path(attn, "item004"))
+    theirs = release_reader(tmp_path / "jpeg", "item004.png")
+    assert sorted(theirs) == sorted(words)
+    assert all((theirs[w] - m).abs().mean() < 0.05 for w, m in zip(words, ours))
+    assert extract.import_jpeg(items, tmp_path / "jpeg", tmp_path / "back") == (6, n_maps, n_maps)
     for item in items:
         a, wa, _ = extract.load_maps(extract.maps_path(attn, item["id"]))
         b, wb, _ = extract.load_maps(extract.maps_path(tmp_path / "back", item["id"]))
         assert wa == wb  # text order survives the trip
         assert (a - b).abs().mean() < 0.05  # 8-bit JPEG of random maps: a small, bounded error
+
+
+def test_authors_layout_is_per_image(tiny_dataset, tmp_path):
+    """Two items on one image share its folder: the second's new words join it, a word the first
+    already wrote keeps the first's map (with a warning), and each item imports its own words."""
+    items = extract.read_items(tiny_dataset)[:2]
+    items[1] = dict(items[1], image=items[0]["image"], image_path=items[0]["image_path"])
+    attn = Path(tiny_dataset).parent / "attn"
+    with pytest.warns(UserWarning, match="already has a map"):
+        n_items, n_maps = extract.export_jpeg(items, attn, tmp_path / "jpeg")
+    words = [extract.load_maps(extract.maps_path(attn, it["id"]))[1] for it in items]
+    assert n_items == 2 and n_maps == len(set(words[0]) | set(words[1]))
+    assert extract.import_jpeg(items, tmp_path / "jpeg", tmp_path / "back")[0] == 2
+    assert [extract.load_maps(extract.maps_path(tmp_path / "back", it["id"]))[1] for it in items] == words

@@ -25,7 +25,9 @@ import extract
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--no-progress", "--lr-gamma", "1.0"]
+# the random tiny model predicts no answer word, so these runs align the label words (§6 (5)'s
+# predicted words are tested in test_aggregate.py and in the toy demo, whose VLM is trained)
+FAST = ["--no-progress", "--lr-gamma", "1.0", "--align-words", "label"]
 
 
 @pytest.fixture(autouse=True)
@@ -44,13 +46,16 @@ def run(data, out, *flags):
     return run_dir, [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-def torchrun(data, out, *flags):
-    """The same through `torchrun --nproc_per_node 2` (gloo, FSDP2); returns the log rows."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def torchrun(data, out, *flags, script=ROOT / "train.py", env=(), fails=False):
+    """The same through `torchrun --nproc_per_node 2` (gloo, FSDP2); returns the log rows (or, with
+    fails=True, checks that it failed and returns its output)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **dict(env)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train.py"), "--model", "tiny", "--data", str(data), "--out", str(out), *FAST, *flags]
+           str(script), "--model", "tiny", "--data", str(data), "--out", str(out), *FAST, *flags]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (done.returncode != 0) == fails, done.stdout[-3000:] + done.stderr[-3000:]
+    if fails:
+        return done.stdout + done.stderr
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
@@ -76,8 +81,9 @@ def image_size(item):
 
 def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
     """torchrun 2 ranks x batch 1 (FSDP2, activation checkpointing) == 1 rank x 2 accumulated
-    micro-batches of 1 (same global batch, no dropout) at steps 1-3, where the 2-rank run stops
-    after 2 steps and resumes from its sharded checkpoint for step 3; the adapter loads with
+    micro-batches of 1 (same global batch, no dropout) at steps 1-3, where the 2-rank run is
+    pre-empted during step 2 by a SIGTERM that reaches rank 1 alone (both ranks stop after step 2
+    and save) and resumes from its sharded checkpoint for step 3; the adapter loads with
     PeftModel.from_pretrained, and load_run gives the same logits as the checkpoint. The first item
     has no attention file, so at step 1 rank 0 aligns no word while rank 1 does (a hang if the
     ranks' backward graphs differed)."""
@@ -87,7 +93,11 @@ def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
     flags = ["--lora-dropout", "0", "--lr", "1e-3", "--batch-size", "1"]
     _, one = run(tiny_dataset, tmp_path / "one", "--grad-accum", "2", "--max-steps", "3", *flags)
     two = tmp_path / "two"
-    torchrun(tiny_dataset, two, "--max-steps", "2", "--activation-checkpointing", *flags)
+    said = torchrun(tiny_dataset, two, "--max-steps", "3", "--activation-checkpointing", *flags, fails=True,
+                    script=ROOT / "tests" / "preempted_train.py", env={"PREEMPT_RANK": "1", "PREEMPT_STEP": "2"})
+    assert "stopped by SIGTERM after step 2" in said and "exitcode  : 143" in said
+    assert json.loads((two / "checkpoint" / "train_state.json").read_text())["step"] == 2
+    assert [p.name for p in two.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint"]
     shutil.copytree(two, tmp_path / "two-then-one")
     resumed = torchrun(tiny_dataset, two, "--max-steps", "3", "--resume", "--activation-checkpointing", *flags)
     assert [r["step"] for r in resumed] == [1, 2, 3]  # the log continues where it stopped
@@ -110,9 +120,10 @@ def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
     model, processor, lavender, config = train.load_run(two)
     args = train.build_parser().parse_args(["--data", str(tiny_dataset), *flags])
     ref = train.apply_peft(train.tiny_vlm()[0], args)
-    sd = {"model": {f"vlm.{k}": v for k, v in ref.state_dict().items()}}
+    trained = {f"vlm.{k}": v for k, v in ref.state_dict().items() if "lora_" in k}  # frozen weights: not saved
+    sd = {"model": trained}
     dcp.load(sd, checkpoint_id=str(two / "checkpoint"))
-    ref.load_state_dict({k[len("vlm."):]: v for k, v in sd["model"].items()})
+    assert ref.load_state_dict({k[len("vlm."):]: v for k, v in sd["model"].items()}, strict=False).unexpected_keys == []
     batch = train.collate(processor, extract.read_items(tiny_dataset)[:2])
     with torch.no_grad():
         assert torch.equal(model(**train.model_inputs(batch)).logits, ref.eval()(**train.model_inputs(batch)).logits)
@@ -178,7 +189,7 @@ def test_aligner_pretraining_leaves_the_vlm_unchanged(tmp_path, tiny_dataset):
         assert torch.equal(adapter[k.replace(".default", "")], v), k
     lavender = load_file(run_dir / "lavender.safetensors")
     torch.manual_seed(args.seed + 2)  # as train.build() seeds the Aligner
-    fresh_aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", "per-layer", 4))  # tiny: 4 heads
+    fresh_aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", 4))  # tiny: 4 heads
     changed = [not torch.equal(lavender[f"aligner.{k}"], v) for k, v in fresh_aligner.state_dict().items()
                if v.dtype.is_floating_point]
     assert any(changed)  # ... while the Aligner did learn
@@ -214,6 +225,7 @@ def test_micro_batches_split_one_global_batch():
 
 @pytest.mark.parametrize("flags", [["--aggregate", "mean-mean", "--aligner", "none"],
                                    ["--aggregate", "flow-sum", "--aligner-mode", "after", "--layers", "last"],
+                                   ["--aggregate", "max-max", "--aligner-act", "leakyrelu"],
                                    ["--match", "root", "--aligner", "light", "--projection-init", "random"]])
 def test_method_flags_train_and_reload(tmp_path, tiny_dataset, flags):
     run_dir, log = run(tiny_dataset, tmp_path / "r", "--batch-size", "3", "--max-steps", "1", *flags)
@@ -223,3 +235,12 @@ def test_method_flags_train_and_reload(tmp_path, tiny_dataset, flags):
     assert lavender["aggregation"] == config["aggregate"] == expected
     assert (lavender["aligner"] is None) == ("none" in flags)
     assert lavender["layers"] == ([3] if "last" in flags else [1, 3])  # tiny: cross-attention at 1 and 3
+
+
+def test_placements_the_release_does_not_have_are_refused_before_loading(tmp_path, tiny_dataset, monkeypatch):
+    """A per-layer Aligner cannot honour max-* (one channel) or flow-* (a flow of probabilities):
+    refused with the working alternatives named, before the model is loaded."""
+    monkeypatch.setattr(train, "load_vlm", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    for aggregation in ("max-max", "max-mean", "flow-multi"):
+        with pytest.raises(SystemExit, match="--aligner-mode after.*mean-mean, mean-max or learn"):
+            run(tiny_dataset, tmp_path / aggregation, "--aggregate", aggregation, "--aligner-mode", "per-layer")
