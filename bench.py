@@ -181,7 +181,8 @@ def bench_extract(res=256, inversion_steps=5, denoise_steps=10, repeats=3, colum
     with torch.no_grad():
         unet(torch.randn(1, 4, res // 8, res // 8), 1, encoder_hidden_states=context)  # warm-up
         for r in tqdm(range(repeats), desc=f"extract {res} px"):
-            latents = torch.randn(1, 4, res // 8, res // 8, generator=torch.Generator().manual_seed(0))  # (1, 4, 32, 32)
+            seed = torch.Generator().manual_seed(0)
+            latents = torch.randn(1, 4, res // 8, res // 8, generator=seed)  # (1, 4, 32, 32) at 256 px
             arms = {arm: arm_processors(arm, plain, latents.shape[-2:], columns) for arm in EXTRACT_ARMS}
             for i, t in enumerate(torch.cat([inverse.timesteps, forward.timesteps])):
                 k = (r + i) % len(EXTRACT_ARMS)
@@ -208,7 +209,8 @@ def bench_extract(res=256, inversion_steps=5, denoise_steps=10, repeats=3, colum
         print(f"{arm:5s}: {total[arm]:.2f} CPU s in all, best of {repeats} per call {best[arm]:.2f} CPU s "
               f"({best[arm] / n:.3f} per UNet call); peak RSS {m['peak_kb'] / 2 ** 20:.2f} GiB, "
               f"{(m['peak_kb'] - m['loaded_kb']) / 1024:.0f} MiB over the loaded UNet")
-    print(f"ratios, total time: ours/plain {total['ours'] / total['plain']:.3f}, p2p/ours {total['p2p'] / total['ours']:.3f}")
+    print(f"ratios, total time: ours/plain {total['ours'] / total['plain']:.3f}, "
+          f"p2p/ours {total['p2p'] / total['ours']:.3f}")
     ratio = {key: (best[a] / best[b], mem[a]["peak_kb"] / mem[b]["peak_kb"])
              for key, a, b in (("ours/plain", "ours", "plain"), ("p2p/ours", "p2p", "ours"))}
     print("ratios (time best-of, peak memory): " + "; ".join(f"{k} {t:.3f}, {m:.3f}" for k, (t, m) in ratio.items()))
@@ -503,7 +505,8 @@ def print_step_ratios(med, peak_kb, aligner_gflop, label, med_wall=None):
 # table is printed and written to --out. --smoke runs the very same parts at tiny sizes on the CPU
 # (the test suite does), so the command is known to work before a GPU is ever lent.
 
-GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "fsdp": 75}  # name: timeout (s); 7.5 min
+# name: timeout in seconds (7.5 minutes in all, under the 8 an H100 session is planned for)
+GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "fsdp": 75}
 
 
 def measure(fn, device, reps):
@@ -543,8 +546,9 @@ def sd14_parts(device, dtype):
     with torch.device(device):
         vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                            num_attention_heads=12, max_position_embeddings=77, projection_dim=768))
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12,
+                                            max_position_embeddings=77, projection_dim=768))
     if dtype != torch.float32:
         vae.to(dtype), text.to(dtype)
     return dict(unet=sd14_unet(device, dtype), vae=vae.eval(), text_encoder=text.eval(),
@@ -585,7 +589,8 @@ def part_extract(batch, smoke):
         out[arm] = measure(lambda: extraction(dm, images, texts, arm, steps), device, 1 if smoke else 3)
     about = {"plain": "plain: SDPA everywhere, no capture", "ours": "ours: attn2 rows captured, SDPA in attn1",
              "p2p": "Prompt-to-Prompt: every layer explicit, AttentionStore"}
-    ratio = {"ours": f"{out['ours'][0] / out['plain'][0]:.3f} of plain", "p2p": f"{out['p2p'][0] / out['ours'][0]:.3f} of ours"}
+    ratio = {"ours": f"{out['ours'][0] / out['plain'][0]:.3f} of plain",
+             "p2p": f"{out['p2p'][0] / out['ours'][0]:.3f} of ours"}
     note = {"ours": "paper: 20 s per image on a V100", "p2p": f"memory {out['p2p'][1] / out['ours'][1]:.3f} of ours"}
     return [row(part, about[arm], out[arm][0] / batch, "s/image", out[arm][1], ratio.get(arm, ""), note.get(arm, ""))
             for arm in EXTRACT_ARMS]
@@ -618,7 +623,8 @@ def part_aggregate(smoke):
             row(part, "ours: AttentionCapture hooks", out["capture"][0], "s", out["capture"][1],
                 f"{out['capture'][0] / out['plain'][0]:.3f} of plain", note("capture")),
             row(part, "the release: eager + output_attentions", out["eager"][0], "s", out["eager"][1],
-                f"{out['eager'][0] / out['capture'][0]:.3f} of ours", note("eager") + f", {inc['eager'] / inc['capture']:.2f}x ours")]
+                f"{out['eager'][0] / out['capture'][0]:.3f} of ours",
+                note("eager") + f", {inc['eager'] / inc['capture']:.2f}x ours")]
 
 
 def write_items(root, n=8):
@@ -695,7 +701,8 @@ def bench_gpu(smoke=False, out=None, parts=tuple(GPU_PARTS)):
         rows += run_part(name, smoke, GPU_PARTS[name])
         print(f"[{i + 1}/{len(parts)}] {name}: {time.perf_counter() - t1:.0f} s", flush=True)
     if smoke:
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name")), "")
         device = f"CPU {cpu} (--smoke: tiny sizes; the figures check the code, they measure nothing)"
     else:
         device = f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
@@ -752,7 +759,8 @@ def main(argv=None):
     g.add_argument("--batch-size", type=int, default=1, help="samples per step")
     g.add_argument("--device", default="cuda", help="cuda (or cpu, to check this code path on a small --width)")
     g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="frozen weights' dtype")
-    u = sub.add_parser("gpu", help="everything that needs a GPU, one part per process, one table (under 8 min on an H100)")
+    u = sub.add_parser("gpu", help="everything that needs a GPU, one part per process, one table "
+                                   "(under 8 min on an H100)")
     u.add_argument("--smoke", action="store_true", help="the same parts at tiny sizes on the CPU (a check of the code)")
     u.add_argument("--out", default=None, help="where the table goes (default bench_gpu.md, bench_gpu_smoke.md)")
     u.add_argument("--parts", default=",".join(GPU_PARTS), help=f"comma-separated subset of {', '.join(GPU_PARTS)}")
