@@ -408,30 +408,37 @@ def _num(summary, digits=3):
     return "-" if not summary or summary.get("mean") is None else f"{summary['mean']:.{digits}f}"
 
 
-def report_markdown(report):
-    """report.md: one row per model (its own attention) and one per Lavender run's Aligner head, one
-    column per measure; per-category accuracy below when present."""
-    runs = report["runs"]
-    lines = [f"# Evaluation on {report['data']} ({report['items']} items)", "",
-             f"Accuracy: {report.get('metric')}; in % (CIDEr-D x 100, as papers print it). "
-             "Attention columns, per answer word with a DM map: 'own' is each model's own cross-attention, "
-             "read the same way for every model; 'head' is a Lavender run's map through its Aligner (what its "
-             "loss compares). Entropy: App. B eq. 23, nats (uniform 32x32 = 6.931). MSE: against the DM map. "
-             "Pointing: the map's argmax inside the named object.", "",
-             "| model | maps | accuracy % [95% CI] | entropy | alignment MSE | matched words | pointing % [95% CI] |",
-             "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        lines.append(f"| {r['name']} | own | {_pct(r['accuracy']['all'])} | {_num(r.get('vlm_entropy'))} | "
-                     f"{_num(r.get('alignment_mse'), 4)} | {r.get('matched_words', '-')} | {_pct(r.get('pointing'))} |")
-    for r in runs:
-        if r.get("head"):
-            h = r["head"]
-            lines.append(f"| {r['name']} | head | | {_num(h['entropy'])} | {_num(h['alignment_mse'], 4)} | "
-                         f"{h['matched_words']} | {_pct(h['pointing'])} |")
+def attention_rows(report):
+    """The main table's rows with attention measures: each model's own maps, each Lavender run's
+    Aligner head, the DM's maps of the same words."""
+    rows = [f"| {r['name']} | own | {_pct(r['accuracy']['all'])} | {_num(r.get('vlm_entropy'))} | "
+            f"{_num(r.get('alignment_mse'), 4)} | {r.get('matched_words', '-')} | {_pct(r.get('pointing'))} |"
+            for r in report["runs"]]
+    rows += [f"| {r['name']} | head | | {_num(r['head']['entropy'])} | {_num(r['head']['alignment_mse'], 4)} | "
+             f"{r['head']['matched_words']} | {_pct(r['head']['pointing'])} |" for r in report["runs"] if r.get("head")]
     dm = report.get("dm") or {}
     if dm:
-        lines.append(f"| DM (the target) | | | {_num(dm.get('entropy'))} | | {dm.get('matched_words', '-')} | "
-                     f"{_pct(dm.get('pointing'))} |")
+        rows.append(f"| DM (the target) | | | {_num(dm.get('entropy'))} | | {dm.get('matched_words', '-')} | "
+                    f"{_pct(dm.get('pointing'))} |")
+    return rows
+
+
+def report_markdown(report):
+    """report.md: one row per model (with --attn: its own attention, and a row per Lavender run's
+    Aligner head), one column per measure; per-category accuracy below when present."""
+    runs = report["runs"]
+    lines = [f"# Evaluation on {report['data']} ({report['items']} items)", "",
+             f"Accuracy: {report.get('metric')}; in % (CIDEr-D x 100, as papers print it).", ""]
+    if any(r.get("vlm_entropy") for r in runs):
+        lines[-1:] = ["Attention columns, per answer word with a DM map: 'own' is each model's own cross-attention, "
+                      "read the same way for every model; 'head' is a Lavender run's map through its Aligner (what "
+                      "its loss compares). Entropy: App. B eq. 23, nats (uniform 32x32 = 6.931). MSE: against the "
+                      "DM map. Pointing: the map's argmax inside the named object.", "",
+                      "| model | maps | accuracy % [95% CI] | entropy | alignment MSE | matched words | "
+                      "pointing % [95% CI] |", "|---|---|---|---|---|---|---|", *attention_rows(report)]
+    else:  # no attention measured (no --attn, or --score): accuracy alone
+        lines += ["| model | accuracy % [95% CI] |", "|---|---|", *[f"| {r['name']} | {_pct(r['accuracy']['all'])} |"
+                                                              for r in runs]]
     categories = sorted({c for r in runs for c in r["accuracy"] if c != "all"})
     if categories:
         lines += ["", "## Accuracy per category", "", "| run | " + " | ".join(categories) + " |",

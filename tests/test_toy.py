@@ -203,7 +203,12 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
     for split in ("test-id", "test-ood"):
         for value in table[f"accuracy {split}"]:                     # base, AR, Lavender: all measured
             assert 0.0 <= float(value.split(" ± ")[0]) <= 1.0
-    assert float(table["DM pointing (test-id answers)"][0]) >= 0.0
+    entropy, pointing = table["DM maps of the same words: entropy, pointing (test-id)"][0].split(", ")
+    assert 0.0 < float(entropy) <= 6.932 and 0.0 <= float(pointing) <= 1.0
+    for value in table["VLM's own attention: pointing (test-id)"]:  # one ruler: base, AR and Lavender
+        assert 0.0 <= float(value.split(" ± ")[0]) <= 1.0
+    assert table["Aligner head: pointing (test-id)"][:2] == ("", "")  # a head is Lavender's alone
+    assert 0.0 <= float(table["Aligner head: pointing (test-id)"][2].split(" ± ")[0]) <= 1.0
     for loss in ("ar", "lavender"):
         config = json.loads((tmp_path / "demo" / "runs" / f"{loss}-s0" / "config.json").read_text())
         assert config["loss"] == loss and config["max_steps"] == 2 and config["model"] == "toy"
