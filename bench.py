@@ -14,6 +14,7 @@ output_attentions) for aggregate.py. Results, with the machine they came from: B
     python bench.py aggregate                   # aggregate.py vs plain vs the release's eager attention
     python bench.py train                       # train.py: Lavender step vs autoregressive step (<= 1.15, <= 1.10)
     python bench.py train --words 4 --width 8   #   fewer aligned words; a model twice as wide
+    python bench.py train --tokens-per-word 2   #   two-token words: each token's map goes through the Aligner
     python bench.py train-gpu --batch-size 2    # one GPU: Llama-3.2-11B geometry (random bf16 weights, one 560 px tile)
     python bench.py gpu                         # one GPU, under 8 minutes: every GPU figure, one table (bench_gpu.md)
     python bench.py gpu --smoke                 # the same parts at tiny sizes on the CPU (about a minute)
@@ -355,18 +356,20 @@ def bench_aggregate(reps=7):
 STEP_ARMS = ("ar", "lavender", "lavender-no-recompute", "lavender-after")
 
 
-def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=torch.float32, batch_size=1):
+def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=torch.float32, batch_size=1,
+               tokens=1):
     """One optimizer step at bench_model()'s geometry (llama32's 40 text layers, cross-attention at
     3, 8, ..., 38, 32/8 heads, at 1/`width` width, 16 being the issue's; one image of `tiles` tiles;
     256 text tokens, the last 33 the answer; `batch_size` samples) with LoRA; "lavender" adds
     parallel projections, the sim Aligner (per layer, recomputed in backward as by default;
     "lavender-no-recompute": kept; "lavender-after": after aggregation) and the capture of `words`
-    two-token words (the last 2 x words rows, at most 16). Frozen weights in `dtype`, trained ones
-    in float32, as train.build sets them up. Returns a step function."""
-    if not 1 <= words <= 16:
-        raise ValueError(f"--words {words}: choose 1 to 16 (the answer has 33 tokens)")
+    aligned words of `tokens` tokens each (the answer's last words x tokens rows; each token's map
+    goes through the Aligner, §4.2's order). Frozen weights in `dtype`, trained ones in float32, as
+    train.build sets them up. Returns a step function."""
+    if not 1 <= words * tokens <= 32:
+        raise ValueError(f"--words {words} x --tokens-per-word {tokens}: at most 32 rows (the answer has 33 tokens)")
     model, batch, rows = bench_model(tile, width, tiles, device, dtype, batch_size)
-    rows = rows[:, rows.shape[1] - 2 * words:]  # (B, 2 * words): the answer's last positions
+    rows = rows[:, rows.shape[1] - tokens * words:]  # (B, tokens * words): the answer's last positions
     mode = "after" if arm == "lavender-after" else "per-layer"
     args = train.build_parser().parse_args(["--loss", "ar" if arm == "ar" else "lavender", "--aligner-mode", mode])
     model = train.apply_peft(model, args).train()
@@ -380,7 +383,7 @@ def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=t
         aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", 32)).to(device)
         capture = aggregate.AttentionCapture(model, layers, learned=True)
     train.trainable_in_float32(model)
-    row_word = (torch.arange(rows.shape[1]) // 2).repeat(batch_size, 1)
+    row_word = (torch.arange(rows.shape[1]) // tokens).repeat(batch_size, 1)
     plan = dict(rows=rows, row_word=row_word, dm_index=torch.arange(words).repeat(batch_size, 1))
     modules = train.trainable_modules(model, aligner)
     optimizer = torch.optim.AdamW([p for p in modules.parameters() if p.requires_grad], lr=1e-5)
@@ -419,12 +422,12 @@ def aligner_alone_setup(words=16, layers=8, heads=32, device="cpu"):
     return step, flop / 1e9
 
 
-def bench_train(reps=7, words=16, width=16):
+def bench_train(reps=7, words=16, width=16, tokens=1):
     """Step time (one process, one thread, arms interleaved, median of reps; default allocator) and
     peak memory (a fresh process per arm, freed memory handed back: child_peak_rss)."""
     torch.set_num_threads(1)  # a second thread on a loaded 2-core machine mostly waits
-    steps = {arm: step_setup(arm, words, width) for arm in STEP_ARMS}
-    steps["aligner-alone"], aligner_gflop = aligner_alone_setup(words)
+    steps = {arm: step_setup(arm, words, width, tokens=tokens) for arm in STEP_ARMS}
+    steps["aligner-alone"], aligner_gflop = aligner_alone_setup(words * tokens)  # one Aligner map per token
     cpu, wall = {arm: [] for arm in steps}, {arm: [] for arm in steps}
     for _ in tqdm(range(reps + 1), desc="step time"):
         for arm, step in steps.items():
@@ -434,13 +437,13 @@ def bench_train(reps=7, words=16, width=16):
             wall[arm].append(time.perf_counter() - t0)
     med = {arm: sorted(t[1:])[reps // 2] for arm, t in cpu.items()}  # the first rep is a warm-up
     med_wall = {arm: sorted(t[1:])[reps // 2] for arm, t in wall.items()}
-    mem = {arm: child_peak_rss(["train", "--memory-arm", arm, "--words", str(words), "--width", str(width)])
-           for arm in STEP_ARMS}
+    mem = {arm: child_peak_rss(["train", "--memory-arm", arm, "--words", str(words), "--width", str(width),
+                                "--tokens-per-word", str(tokens)]) for arm in STEP_ARMS}
     for arm, m in mem.items():
         print(f"{arm:21s} step {med[arm]:.3f} s CPU, {med_wall[arm]:.3f} s wall (medians of {reps}); peak RSS "
               f"{m['peak_kb'] / 1024:.0f} MiB, {(m['peak_kb'] - m['base_kb']) / 1024:.0f} MiB over the loaded model")
     print_step_ratios(med, {arm: m["peak_kb"] for arm, m in mem.items()}, aligner_gflop,
-                      f"{words} words, 1/{width} width", med_wall)
+                      f"{words} words of {tokens} token(s), 1/{width} width", med_wall)
 
 
 def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, device="cuda", dtype="bfloat16",
@@ -746,13 +749,15 @@ def main(argv=None):
     a.add_argument("--memory-arm", choices=CAPTURE_ARMS, help="internal: one arm's peak memory in this process")
     t = sub.add_parser("train", help="train.py: Lavender step vs autoregressive step, time and peak memory")
     t.add_argument("--reps", type=int, default=7, help="timed steps per arm (median reported)")
-    t.add_argument("--words", type=int, default=16, help="aligned two-token words per item (1-16)")
+    t.add_argument("--words", type=int, default=16, help="aligned words per item")
+    t.add_argument("--tokens-per-word", type=int, default=1, choices=(1, 2),
+                   help="tokens of each aligned word (Llama 3's 128k vocabulary keeps most words whole)")
     t.add_argument("--width", type=int, default=16, choices=(16, 8, 4),
                    help="the model is llama32 at 1/N width (16: the issue's geometry; 8, 4: wider, slower)")
     t.add_argument("--memory-arm", choices=STEP_ARMS, help="internal: one arm's peak memory in this process")
     g = sub.add_parser("train-gpu", help="the train benchmark one arm at a time on a GPU, default Llama-3.2-11B's geometry")
     g.add_argument("--reps", type=int, default=7, help="timed steps per arm (median reported)")
-    g.add_argument("--words", type=int, default=16, help="aligned two-token words per item (1-16)")
+    g.add_argument("--words", type=int, default=16, help="aligned one-token words per item")
     g.add_argument("--width", type=int, default=1, choices=(1, 2, 4, 8, 16), help="llama32 at 1/N width (1: full size)")
     g.add_argument("--tiles", type=int, default=1, choices=(1, 4), help="image tiles: 1 (1x1) or 4 (2x2)")
     g.add_argument("--tile", type=int, default=560, help="tile size in pixels (llama32: 560)")
@@ -794,8 +799,9 @@ def main(argv=None):
         return bench_aggregate(args.reps)
     if args.memory_arm:
         torch.set_num_threads(1)
-        return print(json.dumps(peak_rss(step_setup(args.memory_arm, args.words, args.width))))
-    return bench_train(args.reps, args.words, args.width)
+        return print(json.dumps(peak_rss(step_setup(args.memory_arm, args.words, args.width,
+                                                    tokens=args.tokens_per_word))))
+    return bench_train(args.reps, args.words, args.width, args.tokens_per_word)
 
 
 if __name__ == "__main__":
