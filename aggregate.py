@@ -22,49 +22,30 @@ What this file does, in the order the data flows:
    forcing the row aligned for an answer token at position t is t - 1, the position whose
    output predicts it (plan_words).
 
-The shared contract's signatures are kept as they are. Choices: parallel projections start as a
-copy of the pretrained ones (init="copy", A_d = A at step 0); the flow regularisation is
-r_t = (t + 1) / T (flow_weights); only the first image of a sample is mapped.
+Where the model family keeps its language model, cross-attention layers and image geometry is
+models.py's part. Choices: parallel projections start as a copy of the pretrained ones
+(init="copy", A_d = A at step 0); the flow regularisation is r_t = (t + 1) / T (flow_weights);
+only the first image of a sample is mapped.
 
     python bench.py aggregate     # capture overhead at a scaled-down llama32 geometry (CPU)
 """
 import functools
-import re
 
-import snowballstemmer
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from transformers.models.mllama.image_processing_pil_mllama import get_image_size_fit_to_canvas
 
 from aligner import MAP_SIZE, min_max
-from extract import split_words
+from data import answer_words, match_words
+from models import cross_attention, cross_attention_layers, language_model, vision_geometry
 
 AGGREGATIONS = ("max-max", "max-mean", "mean-max", "mean-mean", "flow-multi", "flow-sum", "learn")
 LAYER_SUBSETS = ("all", "first", "mid", "last")
 
 # ---------------------------------------------------------------------------------------------
-# the model: where the cross-attention layers are
+# the layers aligned (the model family's layers: models.py) and the parallel projections
 # ---------------------------------------------------------------------------------------------
-
-
-def language_model(model):
-    """The Mllama text decoder inside `model` (plain, PEFT-wrapped or FSDP-sharded)."""
-    for module in model.modules():
-        if hasattr(module, "cross_attention_layers") and hasattr(module, "layers"):
-            return module
-    raise ValueError(f"{type(model).__name__} has no Mllama text model (a module with .layers and "
-                     f".cross_attention_layers); aggregate.py supports the Mllama presets only")
-
-
-def vision_geometry(model):
-    """(tile_size px, patch_size px, max_num_tiles, supported_aspect_ratios) from the model config."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "vision_config"):
-            v = config.vision_config
-            return v.image_size, v.patch_size, v.max_num_tiles, [tuple(r) for r in v.supported_aspect_ratios]
-    raise ValueError(f"{type(model).__name__} has no config.vision_config")
 
 
 def aligned_layers(model, subset="all"):
@@ -74,21 +55,12 @@ def aligned_layers(model, subset="all"):
     middle or end. llama32 (cross-attention at 3, 8, ..., 38): all -> 8 layers, first -> [3, 8],
     mid -> [18, 23], last -> [33, 38]. The paper names the subsets but not their size.
     """
-    cross = sorted(language_model(model).cross_attention_layers)
+    cross = cross_attention_layers(model)
     if subset not in LAYER_SUBSETS:
         raise ValueError(f"unknown layer subset {subset!r}; choose one of {LAYER_SUBSETS}")
     k = max(1, len(cross) // 4)
     start = {"all": 0, "first": 0, "mid": (len(cross) - k) // 2, "last": len(cross) - k}[subset]
     return cross if subset == "all" else cross[start:start + k]
-
-
-def cross_attention(model, layer):
-    """The MllamaTextCrossAttention module of decoder layer `layer`."""
-    block = language_model(model).layers[layer]
-    if not hasattr(block, "cross_attn"):
-        raise ValueError(f"language_model.layers[{layer}] is not a cross-attention layer; "
-                         f"use aligned_layers(model) to list them")
-    return block.cross_attn
 
 
 def add_parallel_projections(model, layers, init="copy"):
@@ -537,79 +509,10 @@ def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, a
 
 
 # ---------------------------------------------------------------------------------------------
-# words: which text positions are aligned, and with which DM word
+# words: which text positions are aligned, and with which DM word (data.py: what a word is)
 # ---------------------------------------------------------------------------------------------
 
-_STEMMER = snowballstemmer.stemmer("english")
 ALIGN_WORDS = ("predicted", "label")
-
-
-def normalize_word(w):
-    """Lower-case, strip surrounding punctuation: "Circle," -> "circle", "'s" -> "s"."""
-    return re.sub(r"^\W+|\W+$", "", w.lower())
-
-
-def match_words(vlm_words, dm_words, mode="exact"):
-    """For each VLM word, the index of the first DM word it matches, else None.
-
-    exact: equal after normalize_word; root: same Snowball (Porter 2) stem, e.g.
-    match_words(["circles", "Red"], ["red", "circle"], "exact") -> [None, 0]
-    match_words(["circles", "Red"], ["red", "circle"], "root")  -> [1, 0]
-    """
-    if mode not in ("exact", "root"):
-        raise ValueError(f"unknown word match {mode!r}; choose 'exact' or 'root'")
-    key = normalize_word if mode == "exact" else (lambda w: _STEMMER.stemWord(normalize_word(w)))
-    dm_keys = {}
-    for j, w in enumerate(dm_words):
-        if normalize_word(w):
-            dm_keys.setdefault(key(w), j)
-    return [dm_keys.get(key(w)) if normalize_word(w) else None for w in vlm_words]
-
-
-def token_spans(tokenizer, ids):
-    """(text, spans): the decoded text of token ids and each token's [start, end) characters in it.
-
-    Tokens are decoded as growing prefixes (so merges and leading spaces come out as the whole
-    text has them), without clean-up of spaces. A byte-level token that ends inside a UTF-8
-    character decodes to U+FFFD until the character is complete: such a token shares the span of
-    the token that completes it, so "naïve" cut inside "ï" stays one word with both tokens.
-    Special tokens get an empty span.
-    """
-    special = set(tokenizer.all_special_ids)
-    text, spans, pending, kept = "", [], [], []
-    for tok in ids:
-        if tok in special:
-            spans.append((len(text), len(text)))
-            continue
-        kept.append(tok)
-        pending.append(len(spans))
-        spans.append(None)
-        full = tokenizer.decode(kept, clean_up_tokenization_spaces=False)
-        if full.endswith("\ufffd"):
-            continue  # inside a character: the span is set by the token that completes it
-        for m in pending:
-            spans[m] = (len(text), len(full))
-        text, pending = full, []
-    if pending:  # the ids end inside a character: it stays U+FFFD
-        full = tokenizer.decode(kept, clean_up_tokenization_spaces=False)
-        spans = [(len(text), len(full)) if s is None else s for s in spans]
-        text = full
-    return text, spans
-
-
-def answer_words(tokenizer, ids):
-    """Group token ids into words: [(word, [token offsets in ids]), ...] in text order.
-
-    The words are extract.split_words of the decoded text, the rule that makes the DM store's
-    words, so both sides reach the same words ("dog's" -> "dog", "'s"; "naïve" -> "naïve"). A
-    token belongs to every word its characters overlap ("re" "d" -> ("red", [0, 1])); tokens of
-    spaces, punctuation or special tokens belong to no word.
-    """
-    text, spans = token_spans(tokenizer, ids)
-    words = []
-    for word, start, end in split_words(text):
-        words.append((word, [n for n, (a, b) in enumerate(spans) if a < end and b > start]))
-    return words
 
 
 def answer_rows(labels):
@@ -669,6 +572,14 @@ def plan_words(tokenizer, rows, tokens, dm_words, match="exact"):
     for b, (indices, _) in enumerate(per_sample):
         dm_index[b, :len(indices)] = torch.tensor(indices, dtype=torch.long)
     return dict(rows=rows, row_word=row_word, dm_index=dm_index, words=[s[1] for s in per_sample])
+
+
+def label_plan(tokenizer, input_ids, labels, dm_words, match="exact"):
+    """(rows, plan) of the label words, known before any forward: the captured rows (answer_rows)
+    and plan_words on the answer tokens themselves (row_tokens "label"). evaluate.py measures these
+    words, and train.py counts them before step 1."""
+    rows = answer_rows(labels)  # (B, R)
+    return rows, plan_words(tokenizer, rows, row_tokens(rows, input_ids, align_words="label"), dm_words, match)
 
 
 def dm_targets(dm_maps, dm_index):

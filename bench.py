@@ -1,5 +1,5 @@
 """Benchmarks: what Lavender's extra work costs, and how it compares with its peers, as ratios
-measured in one run (CPU, random weights); and one command for a lent GPU.
+measured in one run (CPU, random weights). bench_gpu.py is the one command for a lent GPU.
 
 Each CPU benchmark times the arms (one doing the extra work, one not, and a peer doing the same
 work its way) in one process on the same inputs, arms interleaved, and prints the ratios, the
@@ -16,18 +16,15 @@ output_attentions) for aggregate.py. Results, with the machine they came from: B
     python bench.py train --words 4 --width 8   #   fewer aligned words; a model twice as wide
     python bench.py train --tokens-per-word 2   #   two-token words: each token's map goes through the Aligner
     python bench.py train-gpu --batch-size 2    # one GPU: Llama-3.2-11B geometry (random bf16 weights, one 560 px tile)
-    python bench.py gpu                         # one GPU, under 8 minutes: every GPU figure, one table (bench_gpu.md)
-    python bench.py gpu --smoke                 # the same parts at tiny sizes on the CPU (about a minute)
+    python bench_gpu.py                         # one GPU, under 8 minutes: every GPU figure, one table (bench_gpu.md)
 """
 import argparse
 import gc
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -36,7 +33,9 @@ from tqdm import tqdm
 
 import aggregate
 import aligner as aligner_lib
+import data
 import extract
+import models
 import train
 
 
@@ -137,14 +136,9 @@ EXTRACT_ARMS = ("plain", "ours", "p2p")  # SDPA, no capture; extract.py's captur
 
 
 def sd14_unet(device="cpu", dtype=torch.float32):
-    """SD-v1.4's UNet geometry (320/640/1280/1280, 768-d context, 8 heads, 860M parameters), random
-    weights, built on `device`."""
-    from diffusers import UNet2DConditionModel
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    if dtype != torch.float32:  # (diffusers warns on any dtype .to(), even a no-op one)
-        unet.to(dtype)
+    """SD-v1.4's UNet geometry (models.SD_SIZES["sd14"]: 320/640/1280/1280, 768-d context, 8 heads,
+    860M parameters), random weights, built on `device`."""
+    unet = models.stable_diffusion("sd14", device=device, dtype=dtype, parts=("unet",))["unet"]
     return unet.eval().requires_grad_(False)
 
 
@@ -175,7 +169,7 @@ def bench_extract(res=256, inversion_steps=5, denoise_steps=10, repeats=3, colum
     rotates from step to step; each arm keeps its own store over the steps of a pass.
     """
     unet = sd14_unet()
-    inverse, forward = extract.ddim_grids(extract.sd_scheduler(), inversion_steps, denoise_steps)
+    inverse, forward = extract.ddim_grids(models.sd_scheduler(), inversion_steps, denoise_steps)
     context = torch.randn(1, 77, 768)                                          # a CLIP text embedding's shape
     plain, n = dict(unet.attn_processors), inversion_steps + denoise_steps
     seconds = {arm: [] for arm in EXTRACT_ARMS}                                # per UNet call
@@ -233,36 +227,23 @@ def extract_memory(arm, res, columns=77):
 # ---- the VLM: llama32's proportions, scaled down ----
 
 def bench_model(tile_size=112, width=16, tiles=4, device="cpu", dtype=torch.float32, batch_size=1):
-    """llama32's proportions at 1/`width` width (default 1/16), random weights: the model and inputs of
-    the aggregate and train benchmarks. width=1, tile_size=560, tiles=1, dtype=bfloat16 on a GPU is
-    Llama-3.2-11B-Vision's own geometry with one 560 px tile (the model is built on `device`).
+    """llama32's proportions at 1/`width` width (models.llama32_size; default 1/16), random weights:
+    the model and inputs of the aggregate and train benchmarks. width=1, tile_size=560, tiles=1,
+    dtype=bfloat16 on a GPU is Llama-3.2-11B-Vision's own geometry with one 560 px tile (the model
+    is built on `device`).
 
-    Text: all 40 layers, cross-attention at 3, 8, ..., 38, 32 heads / 8 KV heads; at width 16 head
-    dim 8 (hidden 256 = 4096 / 16, MLP 896 = 3.5x, vocab 8016 = 128256 / 16). Vision: 32 + 8 global
-    layers of hidden 80 at width 16 (1280 / 16, 16 heads), 112 px tiles of 14 px patches (8x8 + CLS = 65 tokens;
+    At width 16: 40 text layers of hidden 256, cross-attention at 3, 8, ..., 38, 32 heads / 8 KV
+    heads of dim 8, vocab 8016 = 128256 / 16; 112 px tiles of 14 px patches (8x8 + CLS = 65 tokens;
     llama32: 560 px, 1601), 4 tiles. One image in the 2x2 layout (260 image tokens), 256 text
     tokens, 32 captured rows in all 8 cross-attention layers. A narrower model makes the capture
     relatively MORE expensive (its cost grows with heads x rows x image tokens x head dim, the
     model's with tokens x hidden²), so these ratios are conservative for the full size.
     """
-    from transformers import MllamaConfig, MllamaForConditionalGeneration
-    if width not in (1, 2, 4, 8, 16):
-        raise ValueError(f"bench_model width {width}: choose 1, 2, 4, 8 or 16 (llama32's widths divided by it)")
     if tiles not in (1, 4):
         raise ValueError(f"bench_model tiles {tiles}: choose 1 (the 1x1 layout) or 4 (2x2)")
-    hidden, vision, vocab = 4096 // width, 1280 // width, 128256 // width  # width 16: 256, 80, 8016
-    config = MllamaConfig(
-        vision_config=dict(hidden_size=vision, num_hidden_layers=32, num_global_layers=8, attention_heads=16,
-                           intermediate_size=4 * vision, vision_output_dim=vision * 6, image_size=tile_size,
-                           patch_size=14, max_num_tiles=4, intermediate_layers_indices=[3, 7, 15, 23, 30]),
-        text_config=dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=40, num_attention_heads=32,
-                         num_key_value_heads=8, intermediate_size=hidden * 7 // 2,
-                         cross_attention_layers=list(range(3, 40, 5)),
-                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        image_token_index=vocab - 16)
-    torch.manual_seed(0)
-    with torch.device(device):  # built where it runs: 11B parameters are not initialised on a CPU
-        model = MllamaForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    vocab = 128256 // width
+    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, image_token_index=vocab - 16)
+    model = models.mllama(models.llama32_size(width, tile_size), ids, seed=0, device=device, dtype=dtype).eval()
     T, R, B = 256, 32, batch_size
     input_ids = torch.randint(3, vocab - 17, (1, T)).repeat(B, 1)  # (B, T): the same sample B times
     input_ids[:, 1] = vocab - 16  # the image token
@@ -359,7 +340,7 @@ STEP_ARMS = ("ar", "lavender", "lavender-no-recompute", "lavender-after")
 def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=torch.float32, batch_size=1,
                tokens=1):
     """One optimizer step at bench_model()'s geometry (llama32's 40 text layers, cross-attention at
-    3, 8, ..., 38, 32/8 heads, at 1/`width` width, 16 being the issue's; one image of `tiles` tiles;
+    3, 8, ..., 38, 32/8 heads, at 1/`width` width; one image of `tiles` tiles;
     256 text tokens, the last 33 the answer; `batch_size` samples) with LoRA; "lavender" adds
     parallel projections, the sim Aligner (per layer, recomputed in backward as by default;
     "lavender-no-recompute": kept; "lavender-after": after aggregation) and the capture of `words`
@@ -390,7 +371,7 @@ def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=t
     dm_maps = [torch.rand(words, 32, 32) for _ in range(batch_size)]
 
     def step():
-        inputs = train.model_inputs(batch, device)
+        inputs = data.model_inputs(batch, device)
         if capture is not None:
             capture.set_rows(rows.to(device))
         ce = train.vlm_loss_sum(model(**inputs).logits, batch["labels"].to(device))
@@ -449,13 +430,11 @@ def bench_train(reps=7, words=16, width=16, tokens=1):
 def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, device="cuda", dtype="bfloat16",
                     arms=(*STEP_ARMS, "aligner-alone")):
     """The same arms one at a time on a GPU (a full-size model per arm fills it; a GPU of its own
-    needs no interleaving): build, one warm-up step, `reps` timed steps (synchronised wall clock,
-    median), then the peak of torch.cuda.max_memory_allocated over one more step. With width=1,
-    tile=560, tiles=1, bf16: Llama-3.2-11B-Vision's geometry, random weights. On a CPU device
-    (a check of this code path only) the memory is the process's peak RSS. Returns (median
-    seconds, peak kB, the Aligner's GFLOP a step), each arm's by name."""
+    needs no interleaving), each timed and measured by `measure`. With width=1, tile=560, tiles=1,
+    bf16: Llama-3.2-11B-Vision's geometry, random weights. On a CPU device (a check of this code
+    path only) the memory is the process's peak RSS. Returns (median seconds, peak GiB, the
+    Aligner's GFLOP a step), each arm's by name."""
     cuda = torch.device(device).type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     geometry = dict(words=words, width=width, tiles=tiles, tile=tile, device=device, dtype=getattr(torch, dtype),
                     batch_size=batch_size)
     med, peak, aligner_gflop = {}, {}, None
@@ -464,52 +443,13 @@ def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, 
             step, aligner_gflop = aligner_alone_setup(words * batch_size, device=device)
         else:
             step = step_setup(arm, **geometry)
-        step()  # warm-up
-        sync()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-        med[arm] = sorted(times)[reps // 2]
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            sync()
-            peak[arm] = torch.cuda.max_memory_allocated() / 1024  # kB, as peak RSS is
-        else:
-            peak[arm] = peak_rss(step, warm_up=False)["peak_kb"]
+        med[arm], peak[arm], _ = measure(step, "cuda" if cuda else "cpu", reps)
         del step
         gc.collect()  # the capture's hooks and the model reference each other: free the arm's model now
         if cuda:
             torch.cuda.empty_cache()
-        print(f"{arm:21s} step {med[arm]:.4f} s (median of {reps}); peak {peak[arm] / 2 ** 20:.2f} GiB")
+        print(f"{arm:21s} step {med[arm]:.4f} s (median of {reps}); peak {peak[arm]:.2f} GiB")
     return med, peak, aligner_gflop
-
-
-def print_step_ratios(med, peak_kb, aligner_gflop, label, med_wall=None):
-    """The train benchmark's summary; the last line carries the issue's two ratios."""
-    print(f"aligner-alone         step {med['aligner-alone']:.3f} s = {med['aligner-alone'] / med['ar']:.3f} of the "
-          f"ar step ({aligner_gflop:.1f} GFLOP of convolutions, {aligner_gflop / med['aligner-alone']:.0f} GFLOP/s): "
-          f"the default arm's Aligner work, a floor under its time ratio of 1 + that")
-    wall = lambda arm: f" (wall {med_wall[arm] / med_wall['ar']:.3f})" if med_wall else ""  # noqa: E731
-    ratio = lambda arm: (f"step time {med[arm] / med['ar']:.3f}{wall(arm)}, "  # noqa: E731
-                         f"peak memory {peak_kb[arm] / peak_kb['ar']:.3f}")
-    print(f"lavender-after/ar: {ratio('lavender-after')}")
-    print(f"lavender-no-recompute/ar: {ratio('lavender-no-recompute')}")
-    print(f"ratios lavender/ar (default: per-layer Aligner, recomputed; {label}): {ratio('lavender')}; "
-          f"targets <= 1.15, <= 1.10")
-
-
-# ---- one GPU: every figure a CPU cannot give, one command (python bench.py gpu) ----
-# A lent GPU is there for minutes. Each part runs in a process of its own under its own timeout, so
-# a part that fails or hangs costs only its own minutes and its row says why; the rest go on. The
-# table is printed and written to --out. --smoke runs the very same parts at tiny sizes on the CPU
-# (the test suite does), so the command is known to work before a GPU is ever lent.
-
-# name: timeout in seconds (7.5 minutes in all, under the 8 an H100 session is planned for)
-GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "fsdp": 75}
 
 
 def measure(fn, device, reps):
@@ -536,206 +476,25 @@ def measure(fn, device, reps):
     return sorted(times)[reps // 2], torch.cuda.max_memory_allocated() / 2 ** 30, base / 2 ** 30
 
 
-def row(part, arm, seconds, unit, peak_gib, ratio="", note=""):
-    return dict(part=part, arm=arm, time=f"{seconds:.4g} {unit}", memory=f"{peak_gib:.2f} GiB", ratio=ratio, note=note)
 
-
-def sd14_parts(device, dtype):
-    """An extract.py dm dict at SD-v1.4's geometry, random weights: UNet, VAE (128/256/512/512, 4
-    latent channels), CLIP ViT-L/14 text encoder (768 wide, 12 layers); tiny-sd's tokenizer (its ids
-    fit CLIP's vocabulary; the tokens do not matter to the timing)."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-    with torch.device(device):
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                            num_hidden_layers=12, num_attention_heads=12,
-                                            max_position_embeddings=77, projection_dim=768))
-    if dtype != torch.float32:
-        vae.to(dtype), text.to(dtype)
-    return dict(unet=sd14_unet(device, dtype), vae=vae.eval(), text_encoder=text.eval(),
-                tokenizer=extract.tiny_sd()["tokenizer"], scheduler=extract.sd_scheduler())
-
-
-@torch.no_grad()
-def extraction(dm, images, texts, arm, steps):
-    """One batch through an arm: VAE and text encoder, inversion + denoising, the arm's mean maps.
-    ours is extract.dm_attention itself, capturing every step, layer and column (its worst case,
-    as Prompt-to-Prompt's store sees every step); the other arms repeat its encoding and swap the
-    processors."""
-    if arm == "ours":
-        return extract.dm_attention(dm, images, texts, 77, *steps, capture_steps="all", layers=None)
-    unet, vae = dm["unet"], dm["vae"]
-    latents = vae.encode(images.to(unet.device, unet.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
-    ids = dm["tokenizer"](texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    context = dm["text_encoder"](ids.to(unet.device))[0].to(unet.dtype)      # (B, 77, 768)
-    plain = dict(unet.attn_processors)
-    processors, store = arm_processors(arm, plain, latents.shape[-2:])
-    unet.set_attn_processor(processors)
-    try:
-        extract.invert_and_denoise(unet, latents, context, *extract.ddim_grids(dm["scheduler"], *steps))
-    finally:
-        unet.set_attn_processor(plain)
-    return finish(arm, store)
-
-
-def part_extract(batch, smoke):
-    """Extraction seconds per image, 512 px, SD-v1.4 geometry in fp16, 5 + 10 steps: plain, ours, P2P."""
-    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.float16)
-    dm = extract.tiny_sd() if smoke else sd14_parts(device, dtype)           # tiny-sd: 32 px, 16x16 latents
-    res, steps, batch = (32, (1, 2), min(batch, 2)) if smoke else (512, (5, 10), batch)
-    images = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    texts = ["a red circle left of a blue square"] * batch
-    part, out = f"extract {res} px, {steps[0]} + {steps[1]} steps, batch {batch}", {}
-    for arm in EXTRACT_ARMS:
-        out[arm] = measure(lambda: extraction(dm, images, texts, arm, steps), device, 1 if smoke else 3)
-    about = {"plain": "plain: SDPA everywhere, no capture", "ours": "ours: attn2 rows captured, SDPA in attn1",
-             "p2p": "Prompt-to-Prompt: every layer explicit, AttentionStore"}
-    ratio = {"ours": f"{out['ours'][0] / out['plain'][0]:.3f} of plain",
-             "p2p": f"{out['p2p'][0] / out['ours'][0]:.3f} of ours"}
-    note = {"ours": "paper: 20 s per image on a V100", "p2p": f"memory {out['p2p'][1] / out['ours'][1]:.3f} of ours"}
-    return [row(part, about[arm], out[arm][0] / batch, "s/image", out[arm][1], ratio.get(arm, ""), note.get(arm, ""))
-            for arm in EXTRACT_ARMS]
-
-
-def part_train(smoke):
-    """The Lavender vs AR step at Llama-3.2-11B geometry (random bf16 weights, one 560 px tile, 16 words)."""
-    geometry = dict(width=16, tile=56, device="cpu") if smoke else dict(width=1, tile=560, device="cuda")
-    words = 2 if smoke else 16
-    med, peak, _ = bench_train_gpu(reps=1 if smoke else 5, words=words, tiles=1, batch_size=1, dtype="bfloat16",
-                                   arms=("ar", "lavender"), **geometry)
-    part = f"train step, llama32 at 1/{geometry['width']} width, {geometry['tile']} px tile, batch 1, {words} words"
-    return [row(part, "ar", med["ar"], "s/step", peak["ar"] / 2 ** 20),
-            row(part, "lavender (learn, sim Aligner per layer, recomputed)", med["lavender"], "s/step",
-                peak["lavender"] / 2 ** 20, f"{med['lavender'] / med['ar']:.3f} of ar",
-                f"memory {peak['lavender'] / peak['ar']:.3f} of ar")]
-
-
-def part_aggregate(smoke):
-    """One forward (autograd on) at Llama-3.2-11B geometry: plain, our capture, the release's eager attention."""
-    device = "cpu" if smoke else "cuda"
-    model, batch, rows = bench_model(56 if smoke else 560, 16 if smoke else 1, 1, device, torch.bfloat16)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    out = {arm: measure(lambda: capture_forward(model, batch, rows, arm), device, 1 if smoke else 3)
-           for arm in ("plain", "capture", "eager")}
-    part = f"VLM forward, llama32 at 1/{16 if smoke else 1} width, one tile, 32 rows"
-    inc = {arm: out[arm][1] - out[arm][2] for arm in out}
-    note = lambda arm: f"forward's increment {inc[arm]:.2f} GiB"  # noqa: E731
-    return [row(part, "plain (SDPA, no capture)", out["plain"][0], "s", out["plain"][1], "", note("plain")),
-            row(part, "ours: AttentionCapture hooks", out["capture"][0], "s", out["capture"][1],
-                f"{out['capture'][0] / out['plain'][0]:.3f} of plain", note("capture")),
-            row(part, "the release: eager + output_attentions", out["eager"][0], "s", out["eager"][1],
-                f"{out['eager'][0] / out['capture'][0]:.3f} of ours",
-                note("eager") + f", {inc['eager'] / inc['capture']:.2f}x ours")]
-
-
-def write_items(root, n=8):
-    """n items with images of four tile layouts, data.jsonl, and attention maps for every answer word."""
-    from PIL import Image
-    root, rng = Path(root), torch.Generator().manual_seed(0)
-    answers = ["a red circle left of a blue square", "two", "a circle", "yes"]
-    with open(root / "data.jsonl", "w") as f:
-        for i in range(n):
-            w, h = [(56, 56), (112, 50), (50, 112), (100, 100)][i % 4]
-            pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=rng).numpy()
-            Image.fromarray(pixels).save(root / f"{i}.png")
-            answer = answers[i % len(answers)]
-            f.write(json.dumps(dict(id=f"item{i}", image=f"{i}.png", question="what is there?", answer=answer)) + "\n")
-            words = list(dict.fromkeys(answer.split()))
-            extract.save_maps(root / "attn" / f"item{i}.safetensors", torch.rand(len(words), 32, 32, generator=rng),
-                              words, {"text": answer})
-    return root / "data.jsonl"
-
-
-def part_fsdp(smoke):
-    """torchrun --nproc_per_node 1 train.py --model tiny: NCCL (gloo on a CPU) and FSDP2, Lavender loss."""
-    import resource
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        data, run = write_items(tmp), Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--model", "tiny",
-               "--data", str(data), "--out", str(run), "--max-steps", "2" if smoke else "5", "--batch-size", "2",
-               "--no-progress"]
-        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - t0
-        if done.returncode != 0:
-            raise RuntimeError(f"torchrun exited {done.returncode}: {(done.stderr or done.stdout).strip()[-400:]}")
-        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-        saved = sorted(p.name for p in run.iterdir())
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20  # kB -> GiB: the largest process
-    backend = "nccl" if torch.cuda.is_available() and not smoke else "gloo"  # as train.setup_distributed picks
-    steps = sorted(entry["seconds"] for entry in log)
-    return [dict(row("torchrun, 1 rank, FSDP2, tiny preset, lavender", f"{backend}", steps[len(steps) // 2],
-                     "s/step", rss), memory=f"{rss:.2f} GiB host RSS",
-                 note=f"{len(log)} steps, loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, "
-                      f"{log[-1]['aligned_words']} words aligned, {wall:.0f} s in all; wrote {', '.join(saved)}")]
-
-
-def run_part(name, smoke, timeout):
-    """One part in a fresh process (its own session: a timeout kills it and what it started)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "gpu-part", name] + (["--smoke"] if smoke else [])
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if smoke else None  # CPU: RSS tracks live tensors
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return [dict(part=name, arm="TIMEOUT", note=f"no result within {timeout} s (GPU_PARTS in bench.py)")]
-    if proc.returncode != 0:
-        lines = [line for line in err.splitlines() if line.strip()] or ["(no output)"]
-        return [dict(part=name, arm="FAILED", note=f"exit {proc.returncode}: {lines[-1][-300:]}")]
-    return json.loads(out.splitlines()[-1])
-
-
-def bench_gpu(smoke=False, out=None, parts=tuple(GPU_PARTS)):
-    """Run the parts one after another; print the table and write it to `out`. Returns the rows."""
-    if not smoke and not torch.cuda.is_available():
-        raise SystemExit("bench.py gpu: no CUDA device here; `python bench.py gpu --smoke` runs the same parts "
-                         "at tiny sizes on the CPU")
-    rows, t0 = [], time.perf_counter()
-    for i, name in enumerate(parts):
-        t1 = time.perf_counter()
-        rows += run_part(name, smoke, GPU_PARTS[name])
-        print(f"[{i + 1}/{len(parts)}] {name}: {time.perf_counter() - t1:.0f} s", flush=True)
-    if smoke:
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                    if line.startswith("model name")), "")
-        device = f"CPU {cpu} (--smoke: tiny sizes; the figures check the code, they measure nothing)"
-    else:
-        device = f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
-    table = [f"## python bench.py gpu{' --smoke' if smoke else ''}", "",
-             f"Device: {device}. torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; "
-             f"{time.perf_counter() - t0:.0f} s in all.", "",
-             "| part | arm | time | peak memory | ratio | note |", "|---|---|---|---|---|---|"]
-    table += ["| " + " | ".join(r.get(k, "") for k in ("part", "arm", "time", "memory", "ratio", "note")) + " |"
-              for r in rows]
-    text = "\n".join(table) + "\n"
-    print(text)
-    out = out or ("bench_gpu_smoke.md" if smoke else "bench_gpu.md")
-    Path(out).write_text(text)
-    print(f"written to {out}")
-    return rows
-
-
-def gpu_part(name, smoke):
-    """One part's rows (the JSON line run_part reads)."""
-    torch.manual_seed(0)
-    if smoke:
-        torch.set_num_threads(1)
-    if name.startswith("extract-b"):
-        return part_extract(int(name.removeprefix("extract-b")), smoke)
-    return {"train": part_train, "aggregate": part_aggregate, "fsdp": part_fsdp}[name](smoke)
+def print_step_ratios(med, peak, aligner_gflop, label, med_wall=None):
+    """The train benchmark's summary (peak: each arm's peak memory, any unit); the last line carries
+    the two ratios and their targets."""
+    print(f"aligner-alone         step {med['aligner-alone']:.3f} s = {med['aligner-alone'] / med['ar']:.3f} of the "
+          f"ar step ({aligner_gflop:.1f} GFLOP of convolutions, {aligner_gflop / med['aligner-alone']:.0f} GFLOP/s): "
+          f"the default arm's Aligner work, a floor under its time ratio of 1 + that")
+    wall = lambda arm: f" (wall {med_wall[arm] / med_wall['ar']:.3f})" if med_wall else ""  # noqa: E731
+    ratio = lambda arm: (f"step time {med[arm] / med['ar']:.3f}{wall(arm)}, "  # noqa: E731
+                         f"peak memory {peak[arm] / peak['ar']:.3f}")
+    print(f"lavender-after/ar: {ratio('lavender-after')}")
+    print(f"lavender-no-recompute/ar: {ratio('lavender-no-recompute')}")
+    print(f"ratios lavender/ar (default: per-layer Aligner, recomputed; {label}): {ratio('lavender')}; "
+          f"targets <= 1.15, <= 1.10")
 
 
 # ---- command line ----
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Lavender's benchmarks (see the module docstring; results in BENCHMARKS.md).")
     sub = p.add_subparsers(dest="which", required=True)
     e = sub.add_parser("extract", help="extract.py: SD capture overhead at SD-v1.4 geometry (a few minutes)")
@@ -753,7 +512,7 @@ def main(argv=None):
     t.add_argument("--tokens-per-word", type=int, default=1, choices=(1, 2),
                    help="tokens of each aligned word (Llama 3's 128k vocabulary keeps most words whole)")
     t.add_argument("--width", type=int, default=16, choices=(16, 8, 4),
-                   help="the model is llama32 at 1/N width (16: the issue's geometry; 8, 4: wider, slower)")
+                   help="the model is llama32 at 1/N width (16: the benchmarks' geometry; 8, 4: wider, slower)")
     t.add_argument("--memory-arm", choices=STEP_ARMS, help="internal: one arm's peak memory in this process")
     g = sub.add_parser("train-gpu", help="the train benchmark one arm at a time on a GPU, default Llama-3.2-11B's geometry")
     g.add_argument("--reps", type=int, default=7, help="timed steps per arm (median reported)")
@@ -764,22 +523,11 @@ def main(argv=None):
     g.add_argument("--batch-size", type=int, default=1, help="samples per step")
     g.add_argument("--device", default="cuda", help="cuda (or cpu, to check this code path on a small --width)")
     g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="frozen weights' dtype")
-    u = sub.add_parser("gpu", help="everything that needs a GPU, one part per process, one table "
-                                   "(under 8 min on an H100)")
-    u.add_argument("--smoke", action="store_true", help="the same parts at tiny sizes on the CPU (a check of the code)")
-    u.add_argument("--out", default=None, help="where the table goes (default bench_gpu.md, bench_gpu_smoke.md)")
-    u.add_argument("--parts", default=",".join(GPU_PARTS), help=f"comma-separated subset of {', '.join(GPU_PARTS)}")
-    q = sub.add_parser("gpu-part", help="internal: one part of `gpu`, its rows as a JSON line")
-    q.add_argument("name", choices=GPU_PARTS, help="the part")
-    q.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
-    args = p.parse_args(argv)
-    if args.which == "gpu":
-        unknown = set(args.parts.split(",")) - set(GPU_PARTS)
-        if unknown:
-            raise SystemExit(f"--parts {args.parts}: unknown {sorted(unknown)}; choose from {', '.join(GPU_PARTS)}")
-        return bench_gpu(args.smoke, args.out, args.parts.split(","))
-    if args.which == "gpu-part":
-        return print(json.dumps(gpu_part(args.name, args.smoke)))
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.which == "train-gpu":
         med, peak, gflop = bench_train_gpu(args.reps, args.words, args.width, args.tiles, args.tile, args.batch_size,
                                            args.device, args.dtype)

@@ -1,45 +1,134 @@
-"""Data for train.py and evaluate.py: items and DM maps -> batches built by the VLM's processor (§5, §6).
+"""The formats of DESIGN.md and the batches made from them: items, the attention store, images,
+words, the checks before step 1, and batches built by the VLM's own processor (§5, §6).
 
-The dataset is the JSONL of DESIGN.md, read by extract.read_items; the DM attention store
-(attn/<id>.safetensors) is read by extract.load_maps; images by extract.open_image, the same
-pixels the DM saw. check_item looks at one item the way training will, before step 1. A batch is
-the processor's own output for prompts written with the model's chat template, plus the labels
-of eq. 6 (answer tokens only), the original image sizes that aggregate.py needs to crop the
-tiles' padding, and the item ids.
-The data order is a pure function of (seed, epoch), so every rank, and a resumed run, agree on it.
-The converters at the end write that JSONL from the official release files of the datasets the
-paper trains and evaluates on (LLaVA, VQAv2, OK-VQA, TextVQA, VizWiz, DocVQA, InfoVQA, ChartQA,
-COCO and Flickr30k captions), keeping every reference answer for evaluate.py's metrics.
+Items are the lines of the dataset JSONL; the attention store holds extract.py's DM maps, one
+safetensors file per item (attn/<id>.safetensors); open_image is the one image loader of both
+models, so the VLM sees the pixels the DM saw; split_words is the one word rule of both sides.
+check_item looks at one item the way training will, before step 1. A batch is the processor's own
+output for prompts written with the model's chat template, plus the labels of eq. 6 (answer tokens
+only), the original image sizes that aggregate.py needs to crop the tiles' padding, and the item
+ids. The data order is a pure function of (seed, epoch), so every rank, and a resumed run, agree on it.
+Dataset converters (VQAv2, TextVQA, ... -> this JSONL) are in prepare.py.
 
-    python -c "import data, extract, train; print(data.collate(train.tiny_vlm()[1], extract.read_items('d.jsonl')))"
-    python data.py convert textvqa TextVQA_0.5.1_val.json --images train_images/ --out textvqa_val.jsonl
+    python -c "import data, models; print(data.collate(models.tiny_vlm()[1], data.read_items('d.jsonl')))"
 """
-import argparse
 import json
+import math
 import os
 import re
-from collections import Counter
+import unicodedata
 from pathlib import Path
 
+import numpy as np
+import snowballstemmer
 import torch
+from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-import aggregate
-import extract
+from aligner import MAP_SIZE  # the one map size of DM and VLM maps
+
+# ---- items: the dataset JSONL ----
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")  # ids become file names
 
 
-# ---- checks: every item before step 1, so that a bad file among 130k is named, not met at step 8 ----
+def read_items(jsonl_path):
+    """Items of a dataset JSONL, each as in the file plus "image_path" (absolute).
 
-def duplicate_ids(items):
-    """{index: problem} for every repeat of an id after its first item (as extract.py keeps the
-    first item's maps, the later ones would train on them): [a, b, a] -> {2: "...'a'..."}."""
-    first, problems = {}, {}
-    for i, item in enumerate(items):
-        j = first.setdefault(item["id"], i)
-        if j != i:
-            problems[i] = (f"item {item['id']!r} (line {item.get('line', '?')}): duplicate id, already "
-                           f"used by line {items[j].get('line', '?')}; each item needs its own id")
-    return problems
+    A missing file raises FileNotFoundError, a malformed line (not UTF-8, not a JSON object, a
+    missing or non-string id/image/question/answer) ValueError, each naming the file (and line);
+    unsafe ids are left to the callers (extract() records them in failures.jsonl, train.py and
+    evaluate.py refuse them: check_item), which check them with ID_PATTERN.
+    """
+    if not Path(jsonl_path).is_file():
+        raise FileNotFoundError(f"{jsonl_path}: no such data file (resolved: {Path(jsonl_path).resolve()})")
+    root = Path(jsonl_path).resolve().parent
+    items = []
+    for n, line, item in jsonl_lines(jsonl_path):
+        for key in ("id", "image", "question", "answer"):
+            if not isinstance(item, dict) or not isinstance(item.get(key), str):
+                raise ValueError(f"{jsonl_path} line {n}: field {key!r} must be a string in a JSON object: {line.strip()[:100]}")
+        item["image_path"] = str(root / item["image"])
+        item["line"] = n  # for messages about the item
+        items.append(item)
+    return items
+
+
+def jsonl_lines(path):
+    """(line number, text, parsed object) of every non-blank line of a JSONL file (the dataset,
+    prediction files); ValueError naming the file and the line when one is not UTF-8 or not JSON."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                row = json.loads(line) if line.strip() else None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} line {n}: not UTF-8 ({e}); save the file as UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({e}); each line must be one JSON object") from None
+            if line.strip():
+                yield n, line, row
+
+
+# ---- the attention store: <attn>/<id>.safetensors (DESIGN.md, "Formats") ----
+
+def maps_path(attn_dir, item_id):
+    """<attn_dir>/<id>.safetensors"""
+    return Path(attn_dir) / f"{item_id}.safetensors"
+
+
+def save_maps(path, maps, words, meta):
+    """Write maps (n_words, 32, 32) in [0, 1] as float16 'maps' with the DESIGN.md metadata.
+
+    Atomic: a hidden temp file in the same folder, then os.replace, so a kill at any moment leaves
+    either no file or a complete one (resume trusts any <id>.safetensors it can read).
+    """
+    path = Path(path)
+    if maps.dim() != 3 or maps.shape[0] != len(words) or tuple(maps.shape[1:]) != (MAP_SIZE, MAP_SIZE):
+        raise ValueError(f"save_maps({path}): maps {tuple(maps.shape)} must be ({len(words)}, 32, 32), one per word of {words}")
+    metadata = dict({k: "" for k in ("text", "dm", "inversion_steps", "denoise_steps", "res")},
+                    **{k: str(v) for k, v in meta.items()}, words=json.dumps(list(words)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        save_file({"maps": maps.detach().to("cpu", torch.float16).contiguous()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_maps(path):
+    """(maps float32 (n_words, 32, 32), words list[str], meta dict) of one attention file.
+
+    meta holds every metadata string; inversion_steps, denoise_steps and res as int when numeric.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        maps = f.get_tensor("maps").float()  # (n_words, 32, 32)
+    words = json.loads(meta.pop("words"))
+    meta.update({k: int(meta[k]) for k in ("inversion_steps", "denoise_steps", "res") if meta.get(k, "").isdigit()})
+    return maps, words, meta
+
+
+def is_complete(path):
+    """True when path is a readable attention file with one 32x32 map per word (resume check)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            words = json.loads((f.metadata() or {})["words"])
+            shape = f.get_slice("maps").get_shape()
+        return list(shape) == [len(words), MAP_SIZE, MAP_SIZE]
+    except Exception:  # a missing, truncated or foreign file is simply not complete
+        return False
+
+
+
+def read_maps(attn_dir, item_id):
+    """(maps (n_words, 32, 32), words) of an item from the attention store: what train.py and
+    evaluate.py read; (None, None) when the item has no file (or there is no store)."""
+    path = maps_path(attn_dir, item_id) if attn_dir is not None else None
+    return load_maps(path)[:2] if path is not None and path.exists() else (None, None)
 
 
 def check_maps(path, answer):
@@ -60,7 +149,7 @@ def check_maps(path, answer):
         return None, f"attention file {path} cannot be read ({type(err).__name__}: {err})"
     if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
         return None, f"attention file {path}: metadata 'words' {meta.get('words')!r} is not a list of words"
-    if tuple(maps.shape) != (len(words), extract.MAP_SIZE, extract.MAP_SIZE):
+    if tuple(maps.shape) != (len(words), MAP_SIZE, MAP_SIZE):
         return None, f"attention file {path}: maps {tuple(maps.shape)}, expected ({len(words)}, 32, 32)"
     if not maps.dtype.is_floating_point:
         return None, f"attention file {path}: maps are {maps.dtype}, expected float16 values in [0, 1]"
@@ -76,58 +165,199 @@ def check_maps(path, answer):
     return words, None
 
 
-def check_item(item, processor, attn_dir=None, max_length=None, match="exact"):
-    """dict(problem=None or 'item ...: what is wrong', has_maps=bool, aligned=words alignable).
+# ---- images: the one loader of the DM's pixels and the VLM's ----
 
-    In order: the id can name a file inside its folder (extract.ID_PATTERN: no '/', no '..'); the
-    image decodes fully (extract.open_image, the loader training uses); prompt + answer fit in
-    max_length tokens; with attn_dir, the item's attention file, when it has one, is usable
-    (check_maps) and `aligned` counts its words that the answer's words match (aggregate.plan_words
-    on the label words; with --align-words predicted, training aligns those the model predicts).
-    An item without an attention file trains with L_VLM alone.
+def open_image(path):
+    """The image file as a fully decoded PIL RGB image: the one loader of extract.py (the DM's
+    pixels) and collate (the VLM's), so both models see the same picture.
+
+    Modes: integer grey (I;16, I) is read as 16-bit when any value exceeds 255 (else as 8-bit),
+    float grey (F) as [0, 1] when it stays within it; anything with transparency (RGBA, LA, or a
+    transparent palette colour) is composited on white; CMYK, YCbCr, P, L, 1 convert with PIL.
+    Decoding every pixel here (img.load) is what finds a truncated file; PIL's verify() does not.
     """
-    name = f"item {item['id']!r} (line {item.get('line', '?')})"
-    result = {"problem": None, "has_maps": False, "aligned": 0}
-    if not extract.ID_PATTERN.match(item["id"]):
-        return {**result, "problem": f"{name}: id cannot be a file name (use only A-Z a-z 0-9 . _ -)"}
-    try:
-        extract.open_image(item["image_path"])
-    except Exception as err:  # noqa: BLE001 -- missing, truncated or not an image
-        reason = f"image {item['image_path']} cannot be read ({type(err).__name__}: {err})"
-        return {**result, "problem": f"{name}: {reason}"}
-    input_ids, labels = encode(processor, item)  # (1, T) each
-    if max_length is not None and input_ids.shape[1] > max_length:
-        reason = (f"{input_ids.shape[1]} tokens (prompt + answer) exceed --max-length {max_length}; shorten "
-                  f"the answer or raise --max-length")
-        return {**result, "problem": f"{name}: {reason}"}
-    path = extract.maps_path(attn_dir, item["id"]) if attn_dir is not None else None
-    if path is None or not path.exists():
-        return result
-    words, problem = check_maps(path, item["answer"])
-    if problem:
-        return {**result, "problem": f"{name}: {problem}"}
-    rows = aggregate.answer_rows(labels)  # (1, R)
-    tokens = aggregate.row_tokens(rows, input_ids, align_words="label")
-    plan = aggregate.plan_words(processor.tokenizer, rows, tokens, [words], match=match)
-    return {**result, "has_maps": True, "aligned": int((plan["dm_index"] >= 0).sum())}
+    with Image.open(path) as img:
+        img.load()
+        if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float grey
+            arr = np.asarray(img, dtype=np.float32)
+            arr = arr / 257.0 if arr.max() > 255 else arr * 255.0 if img.mode == "F" and arr.max() <= 1 else arr
+            img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            img = Image.new("RGB", rgba.size, (255, 255, 255))
+            img.paste(rgba, mask=rgba.getchannel("A"))
+        return img.convert("RGB")
 
 
-def check_images(items):
-    """'item ...: problem' for every item whose image cannot be fully decoded (evaluate.py's check)."""
-    problems = []
-    for item in items:
-        try:
-            extract.open_image(item["image_path"])
-        except Exception as err:  # noqa: BLE001 -- any failure to decode is the item's problem
-            problems.append(f"item {item['id']!r}: image {item['image_path']} cannot be read "
-                            f"({type(err).__name__}: {err})")
+def load_image(path, res):
+    """(3, res, res) float tensor in [-1, 1] from an image file of any mode (open_image), squashed
+    to a square. The square resize matches the VLM side, whose maps also cover the whole image."""
+    img = open_image(path).resize((res, res), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, res, res) 0..255
+    return x / 127.5 - 1.0
+
+
+def item_regions(item, root, normalize):
+    """{normalised word: (H, W) bool array} from an item's "masks" (binary PNG, same size as the image)
+    and "boxes" ([x0, y0, x1, y1] in pixels, x1/y1 exclusive) entries, where the words of its answer
+    are in the image (evaluate.py's pointing); {} when it has neither."""
+    regions = {}
+    width, height = Image.open(item["image_path"]).size
+    for word, rel in (item.get("masks") or {}).items():
+        mask = Image.open(Path(root) / rel).convert("L")
+        if mask.size != (width, height):
+            raise ValueError(f"item {item['id']!r}: mask for {word!r} is {mask.size}, image is {(width, height)}; "
+                             "masks must have the image's size")
+        regions[normalize(word)] = np.asarray(mask) > 127
+    for word, (x0, y0, x1, y1) in (item.get("boxes") or {}).items():
+        box = np.zeros((height, width), dtype=bool)
+        box[max(0, int(y0)):max(0, math.ceil(y1)), max(0, int(x0)):max(0, math.ceil(x1))] = True
+        regions[normalize(word)] = box
+    return regions
+
+
+
+# ---- words: the one rule of both sides (the DM's: extract.text_words; the VLM's: answer_words), and
+# when two words are the same (§6 (5): exact or root) ----
+
+# CLIP's pre-tokenizer pattern (case-insensitive): English clitics, runs of letters, single
+# digits, runs of other symbols. Llama 3's splits the same clitics off.
+PIECE = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
+
+
+def split_words(text):
+    """The words of a text: [(word, start, end), ...] in order, lower-cased, with their characters.
+
+    Pieces as CLIP's pre-tokenizer cuts them (clitics, letter runs, single digits, symbols), then
+    touching letter/digit pieces glued back together (CLIP cuts "25" into "2" "5" and "mp3" into
+    "mp" "3"); pieces without a letter or digit are dropped. Both sides of the alignment use this
+    rule (the DM store's words and the VLM's answer words), so they reach the same words:
+
+        "A dog's toy, don't!" -> [("a", 0, 1), ("dog", 2, 5), ("'s", 5, 7), ("toy", 8, 11),
+                                   ("don", 13, 16), ("'t", 16, 18)]
+        "naïve café, 25 mp3s" -> [("naïve", 0, 5), ("café", 6, 10), ("25", 12, 14), ("mp3s", 15, 19)]
+    """
+    spans = []
+    for m in PIECE.finditer(text):
+        start, end = m.span()
+        if spans and spans[-1][1] == start and text[spans[-1][0]:end].isalnum():
+            spans[-1][1] = end  # "2" "5" -> "25"
+        else:
+            spans.append([start, end])
+    return [(text[a:b].lower(), a, b) for a, b in spans
+            if any(unicodedata.category(c)[0] in "LN" for c in text[a:b])]
+
+
+_STEMMER = snowballstemmer.stemmer("english")
+
+
+def normalize_word(w):
+    """Lower-case, strip surrounding punctuation: "Circle," -> "circle", "'s" -> "s"."""
+    return re.sub(r"^\W+|\W+$", "", w.lower())
+
+
+def match_words(vlm_words, dm_words, mode="exact"):
+    """For each VLM word, the index of the first DM word it matches, else None.
+
+    exact: equal after normalize_word; root: same Snowball (Porter 2) stem, e.g.
+    match_words(["circles", "Red"], ["red", "circle"], "exact") -> [None, 0]
+    match_words(["circles", "Red"], ["red", "circle"], "root")  -> [1, 0]
+    """
+    if mode not in ("exact", "root"):
+        raise ValueError(f"unknown word match {mode!r}; choose 'exact' or 'root'")
+    key = normalize_word if mode == "exact" else (lambda w: _STEMMER.stemWord(normalize_word(w)))
+    dm_keys = {}
+    for j, w in enumerate(dm_words):
+        if normalize_word(w):
+            dm_keys.setdefault(key(w), j)
+    return [dm_keys.get(key(w)) if normalize_word(w) else None for w in vlm_words]
+
+
+def token_spans(tokenizer, ids):
+    """(text, spans): the decoded text of token ids and each token's [start, end) characters in it.
+
+    Tokens are decoded as growing prefixes (so merges and leading spaces come out as the whole
+    text has them), without clean-up of spaces. A byte-level token that ends inside a UTF-8
+    character decodes to U+FFFD until the character is complete: such a token shares the span of
+    the token that completes it, so "naïve" cut inside "ï" stays one word with both tokens.
+    Special tokens get an empty span.
+    """
+    special = set(tokenizer.all_special_ids)
+    text, spans, pending, kept = "", [], [], []
+    for tok in ids:
+        if tok in special:
+            spans.append((len(text), len(text)))
+            continue
+        kept.append(tok)
+        pending.append(len(spans))
+        spans.append(None)
+        full = tokenizer.decode(kept, clean_up_tokenization_spaces=False)
+        if full.endswith("\ufffd"):
+            continue  # inside a character: the span is set by the token that completes it
+        for m in pending:
+            spans[m] = (len(text), len(full))
+        text, pending = full, []
+    if pending:  # the ids end inside a character: it stays U+FFFD
+        full = tokenizer.decode(kept, clean_up_tokenization_spaces=False)
+        spans = [(len(text), len(full)) if s is None else s for s in spans]
+        text = full
+    return text, spans
+
+
+def answer_words(tokenizer, ids):
+    """Group token ids into words: [(word, [token offsets in ids]), ...] in text order.
+
+    The words are split_words of the decoded text, the rule that makes the DM store's
+    words, so both sides reach the same words ("dog's" -> "dog", "'s"; "naïve" -> "naïve"). A
+    token belongs to every word its characters overlap ("re" "d" -> ("red", [0, 1])); tokens of
+    spaces, punctuation or special tokens belong to no word.
+    """
+    text, spans = token_spans(tokenizer, ids)
+    words = []
+    for word, start, end in split_words(text):
+        words.append((word, [n for n, (a, b) in enumerate(spans) if a < end and b > start]))
+    return words
+
+
+# ---- checks: every item before step 1, so that a bad file among 130k is named, not met at step 8 ----
+
+def duplicate_ids(items):
+    """{index: problem} for every repeat of an id after its first item (as extract.py keeps the
+    first item's maps, the later ones would train on them): [a, b, a] -> {2: "...'a'..."}."""
+    first, problems = {}, {}
+    for i, item in enumerate(items):
+        j = first.setdefault(item["id"], i)
+        if j != i:
+            problems[i] = (f"item {item['id']!r} (line {item.get('line', '?')}): duplicate id, already "
+                           f"used by line {items[j].get('line', '?')}; each item needs its own id")
     return problems
 
 
-def read_dm_maps(attn_dir, item_id):
-    """(maps (n_words, 32, 32), words) from the attention store; (None, None) if the item has no file."""
-    path = extract.maps_path(attn_dir, item_id) if attn_dir is not None else None
-    return extract.load_maps(path)[:2] if path is not None and path.exists() else (None, None)
+def check_item(item, processor=None, attn_dir=None, max_length=None):
+    """(problem, words): 'item ...: what is wrong' or None, and the DM words of the item's
+    attention file (None when it has none: it trains with L_VLM alone).
+
+    In order: the id can name a file inside its folder (ID_PATTERN: no '/', no '..'); the image
+    decodes fully (open_image, the loader training uses); with a processor, prompt + answer fit in
+    max_length tokens; with attn_dir, the item's attention file, when it has one, is usable
+    (check_maps). Which of the words the answer aligns is train.py's count (aggregate.label_plan).
+    """
+    name = f"item {item['id']!r} (line {item.get('line', '?')})"
+    if not ID_PATTERN.match(item["id"]):
+        return f"{name}: id cannot be a file name (use only A-Z a-z 0-9 . _ -)", None
+    try:
+        open_image(item["image_path"])
+    except Exception as err:  # noqa: BLE001 -- missing, truncated or not an image
+        return f"{name}: image {item['image_path']} cannot be read ({type(err).__name__}: {err})", None
+    n_tokens = encode(processor, item)[0].shape[1] if processor is not None else 0
+    if max_length is not None and n_tokens > max_length:
+        return (f"{name}: {n_tokens} tokens (prompt + answer) exceed --max-length {max_length}; shorten the "
+                f"answer or raise --max-length"), None
+    path = maps_path(attn_dir, item["id"]) if attn_dir is not None else None
+    if path is None or not path.exists():
+        return None, None
+    words, problem = check_maps(path, item["answer"])
+    return (f"{name}: {problem}" if problem else None), words
 
 
 # ---- batches ----
@@ -161,7 +391,7 @@ def collate(processor, items, with_answer=True):
     (eq. 6) are the answer's tokens and the closing <|eot_id|> (so the model learns to stop), -100
     on the prompt and on padding. Training pads on the right; with_answer=False builds generation
     prompts (no labels), padded on the left so that batched generate() continues every row.
-    Images go through extract.open_image, the loader that made the DM maps (16-bit, transparency).
+    Images go through open_image, the loader that made the DM maps (16-bit, transparency).
     image_sizes: (B, 2) original (height, width), which aggregate.py needs to crop the tiles' padding.
     """
     texts, prompt_lens, images = [], [], []
@@ -171,7 +401,7 @@ def collate(processor, items, with_answer=True):
         texts.append(text)
         if with_answer:
             prompt_lens.append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
-        images.append([extract.open_image(item["image_path"])])
+        images.append([open_image(item["image_path"])])
     # the chat template already starts with <|begin_of_text|>: add no second one
     batch = processor(images=images, text=texts, padding=True, add_special_tokens=False, return_tensors="pt",
                       padding_side="right" if with_answer else "left")
@@ -206,341 +436,3 @@ def micro_batches(order, step, batch_size, grad_accum, rank, world):
     start = step * world * grad_accum * batch_size
     return [order[start + (m * world + rank) * batch_size:][:batch_size] for m in range(grad_accum)]
 
-
-# ---------------------------------------------------------------------------------------------
-# converters: a dataset's official release files -> the JSONL of DESIGN.md
-# ---------------------------------------------------------------------------------------------
-# python data.py convert FORMAT FILE... [--images DIR] --out data.jsonl
-# Each convert_* reads the files as the dataset's authors publish them (its docstring names the
-# files and fields), written from the formats' documentation, and yields one item per question
-# (per image for captions) with the image's absolute path, or a string saying why an entry is
-# skipped; write_converted makes ids safe file names, writes image paths relative to the output,
-# skips items whose image file is missing, and returns the counts for the summary line.
-# Items keep every reference answer in "answers" and the benchmark's metric in "metric" (read by
-# evaluate.py --metric auto); "answer", the label trained on and the text the DM is conditioned
-# on, is the dataset's own pick where it has one (VQAv2's multiple_choice_answer), else the most
-# common reference (ties: the first given).
-
-CAPTION_PROMPT = "Describe the image in one sentence."
-KINDS = {str: "a string", int: "an integer", list: "a list", dict: "an object", float: "a number"}
-
-
-def load_json(path, top):
-    """The parsed JSON of an official file; ValueError naming the file if it is not JSON or not a `top`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, top):
-        raise ValueError(f"{path}: expected {KINDS[top]} at the top level, got {type(data).__name__}")
-    return data
-
-
-def need(entry, key, kinds, where):
-    """entry[key] when it is one of `kinds`; else ValueError naming the file and entry (where) and the field."""
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected an object, got {str(entry)[:80]}")
-    value = entry.get(key)
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        raise ValueError(f"{where}: field {key!r} must be {' or '.join(KINDS[k] for k in kinds)}, "
-                         f"got {'nothing' if key not in entry else repr(value)[:80]}")
-    return value
-
-
-def need_strings(entry, key, where):
-    """entry[key] when it is a list of strings; else ValueError naming where, the field and the element."""
-    values = need(entry, key, list, where)
-    for j, value in enumerate(values):
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: field {key!r} must be a list of strings, but {key}[{j}] is {value!r:.80}")
-    return values
-
-
-def most_common(answers):
-    """The most frequent answer, the first given on ties: ["b", "a", "a", "b", "c"] -> "b"."""
-    return Counter(answers).most_common(1)[0][0]
-
-
-def safe_id(raw):
-    """A file-name-safe id (A-Z a-z 0-9 . _ -; it names attn/<id>.safetensors): every other character
-    becomes "_", leading dots too (no hidden files), at most 100 characters.
-    "COCO 2014/391895" -> "COCO_2014_391895";  "../x" -> "___x";  123 -> "123"."""
-    text = re.sub(r"[^A-Za-z0-9._-]", "_", str(raw))[:100]
-    return re.sub(r"^\.+", lambda m: "_" * len(m.group()), text) or "_"
-
-
-def write_converted(entries, out_path, limit=0, suffix=""):
-    """Write the converted items to out_path (atomically); returns (items written, Counter of skip
-    reasons, {reason: first example}). Ids are made safe and unique (-2, -3, ... on repeats); image
-    paths are written relative to the output's folder; a suffix goes on a new line after each question."""
-    out_path = Path(out_path)
-    out_dir = out_path.resolve().parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, skipped, examples, used = 0, Counter(), {}, set()
-    tmp = out_dir / f".{out_path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for entry in entries:
-                if isinstance(entry, str) or not Path(entry["image"]).is_file():
-                    reason = entry if isinstance(entry, str) else "image file missing"
-                    skipped[reason] += 1
-                    examples.setdefault(reason, None if isinstance(entry, str) else str(entry["image"]))
-                    continue
-                item_id, n = safe_id(entry["id"]), 1
-                while item_id in used:
-                    n += 1
-                    item_id = f"{safe_id(entry['id'])}-{n}"
-                used.add(item_id)
-                # relative between resolved paths: extract.read_items resolves the JSONL's folder too
-                image = Path(os.path.relpath(Path(entry["image"]).resolve(), out_dir)).as_posix()
-                fields = {k: v for k, v in entry.items() if v is not None}   # (an absent category)
-                if suffix:
-                    fields["question"] = f"{fields['question']}\n{suffix}"
-                f.write(json.dumps({**fields, "id": item_id, "image": image}) + "\n")
-                written += 1
-                if written == limit:
-                    break
-        if written:
-            os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return written, skipped, examples
-
-
-def convert_llava(paths, images, args):
-    """LLaVA's instruction JSON (llava_v1_5_mix665k.json, llava_instruct_150k.json, ...): a list of
-    {"id", "image": path under the image folder, "conversations": [{"from": "human", "value":
-    "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "..."}, ...]}. One item per human-gpt turn
-    pair, id <id>_<turn>, the <image> marker removed. Entries without an image (text-only) or with
-    several images are skipped. --images: the folder the "image" paths start from."""
-    for path in paths:
-        for i, entry in enumerate(load_json(path, list)):
-            where = f"{path}, entry {i}"
-            if isinstance(entry, dict) and "image" not in entry:
-                yield "no image (a text-only conversation)"
-                continue
-            if isinstance(entry, dict) and isinstance(entry["image"], list):
-                yield "several images"
-                continue
-            entry_id, image = need(entry, "id", (str, int), where), need(entry, "image", str, where)
-            turns = need(entry, "conversations", list, where)
-            for t in range(0, len(turns), 2):
-                if t + 1 == len(turns):
-                    yield "a last question without an answer"
-                    break
-                human, gpt = (need(turns[t + k], "value", str, f"{where}, conversations[{t + k}]")
-                              for k in (0, 1))
-                roles = (turns[t].get("from"), turns[t + 1].get("from"))
-                if roles != ("human", "gpt"):
-                    raise ValueError(f"{where}, conversations[{t}:{t + 2}]: field 'from' must be 'human' then 'gpt', "
-                                     f"got {roles}")
-                yield {"id": f"{entry_id}_{t // 2}", "image": images / image,
-                       "question": human.replace("<image>", "").strip(), "answer": gpt.strip()}
-
-
-def coco_image(images, image_id, subtype):
-    """A COCO image's path: <images>/COCO_<subtype>_<id:012d>.jpg (2014 names), else 2017's <id:012d>.jpg."""
-    names = [f"COCO_{s}_{image_id:012d}.jpg" for s in ([subtype] if subtype else ["val2014", "train2014"])]
-    paths = [images / n for n in names + [f"{image_id:012d}.jpg"]]
-    return next((p for p in paths if p.is_file()), paths[0])
-
-
-def convert_vqav2(paths, images, args):
-    """VQAv2 and OK-VQA (visualqa.org, okvqa.allenai.org), two files in either order: the questions
-    (v2_OpenEnded_mscoco_val2014_questions.json; OK-VQA's OpenEnded_mscoco_val2014_questions.json),
-    {"data_subtype": "val2014", "questions": [{"question_id", "image_id", "question"}]}, and the
-    annotations (v2_mscoco_val2014_annotations.json; OK-VQA's mscoco_val2014_annotations.json),
-    {"annotations": [{"question_id", "multiple_choice_answer", "answers": [{"answer", ...} x 10],
-    "answer_type", ...}]}. --images: the COCO image folder (val2014/). category: the answer type
-    (yes/no, number, other), as the official evaluation reports it; metric vqa."""
-    files = {}
-    for path in paths:
-        data = load_json(path, dict)
-        kind = "questions" if "questions" in data else "annotations" if "annotations" in data else None
-        if kind is None:
-            raise ValueError(f"{path}: field 'questions' (questions file) or 'annotations' (annotations file) missing")
-        files[kind] = (path, data)
-    if len(files) != 2:
-        raise ValueError(f"vqav2 needs a questions file and an annotations file, got: {', '.join(map(str, paths))}")
-    path, data = files["annotations"]
-    annotations = {}
-    for i, a in enumerate(need(data, "annotations", list, str(path))):
-        where = f"{path}, entry {i}"
-        answers = [need(x, "answer", str, f"{where}, answers[{j}]")
-                   for j, x in enumerate(need(a, "answers", list, where))]
-        annotations[need(a, "question_id", int, where)] = (answers, a)
-    path, data = files["questions"]
-    subtype = data.get("data_subtype")
-    for i, q in enumerate(need(data, "questions", list, str(path))):
-        where = f"{path}, entry {i}"
-        qid, image_id = need(q, "question_id", int, where), need(q, "image_id", int, where)
-        question = need(q, "question", str, where)
-        if qid not in annotations or not annotations[qid][0]:
-            yield "no annotated answers (a test split?)"
-            continue
-        answers, a = annotations[qid]
-        answer = a.get("multiple_choice_answer")   # the dataset's own pick, the most common answer
-        answer = answer if isinstance(answer, str) else most_common(answers)
-        yield {"id": qid, "image": coco_image(images, image_id, subtype), "question": question, "answer": answer,
-               "answers": answers, "metric": "vqa", "category": a.get("answer_type")}
-
-
-def convert_textvqa(paths, images, args):
-    """TextVQA (textvqa.org): TextVQA_0.5.1_val.json, {"dataset_name": "textvqa", "data":
-    [{"question_id", "question", "image_id", "answers": [10 strings], ...}]}. --images: the image
-    folder (train_images/, which holds the val images too): <image_id>.jpg. metric vqa."""
-    for path in paths:
-        for i, entry in enumerate(need(load_json(path, dict), "data", list, str(path))):
-            where = f"{path}, entry {i}"
-            qid, question = need(entry, "question_id", (int, str), where), need(entry, "question", str, where)
-            image_id = need(entry, "image_id", str, where)
-            if not entry.get("answers"):
-                yield "no answers (the test split?)"
-                continue
-            answers = need_strings(entry, "answers", where)
-            yield {"id": qid, "image": images / f"{image_id}.jpg", "question": question,
-                   "answer": most_common(answers), "answers": answers, "metric": "vqa"}
-
-
-def convert_vizwiz(paths, images, args):
-    """VizWiz VQA (vizwiz.org): val.json / train.json, a list of {"image": "VizWiz_val_00000000.jpg",
-    "question", "answers": [{"answer", "answer_confidence"} x 10], "answer_type", "answerable"}.
-    --images: the split's image folder (val/). id: the image's name (one question per image);
-    category: the answer type (yes/no, number, other, unanswerable); metric vqa."""
-    for path in paths:
-        for i, entry in enumerate(load_json(path, list)):
-            where = f"{path}, entry {i}"
-            image, question = need(entry, "image", str, where), need(entry, "question", str, where)
-            if not entry.get("answers"):
-                yield "no answers (the test split?)"
-                continue
-            answers = [need(a, "answer", str, f"{where}, answers[{j}]")
-                       for j, a in enumerate(need(entry, "answers", list, where))]
-            yield {"id": Path(image).stem, "image": images / image, "question": question,
-                   "answer": most_common(answers), "answers": answers, "metric": "vqa",
-                   "category": entry.get("answer_type")}
-
-
-def convert_docvqa(paths, images, args):
-    """DocVQA (rrc.cvc.uab.es, single page): val_v1.0.json or val_v1.0_withQT.json, {"dataset_name":
-    "docvqa", "data": [{"questionId", "question", "image": "documents/<page>.png", "answers": [...],
-    ...}]}; InfoVQA's infographicsVQA_val_v1.0_withQT.json names the image "image_local_name".
-    --images: the folder the image names start from (default: the JSON's own folder, as released).
-    metric anls."""
-    for path in paths:
-        for i, entry in enumerate(need(load_json(path, dict), "data", list, str(path))):
-            where = f"{path}, entry {i}"
-            qid, question = need(entry, "questionId", (int, str), where), need(entry, "question", str, where)
-            image = need(entry, "image_local_name" if "image_local_name" in entry else "image", str, where)
-            if not entry.get("answers"):
-                yield "no answers (the test split?)"
-                continue
-            answers = need_strings(entry, "answers", where)
-            yield {"id": qid, "image": images / image, "question": question, "answer": most_common(answers),
-                   "answers": answers, "metric": "anls"}
-
-
-def convert_chartqa(paths, images, args):
-    """ChartQA (github.com/vis-nlp/ChartQA, "ChartQA Dataset/test/"): test_human.json and
-    test_augmented.json, each a list of {"imgname": "<chart>.png", "query", "label"}. --images: the
-    chart folder (default: png/ beside the JSON, as released). id <file>_<n>; category: the file's
-    half (human, augmented), the two ChartQA reports; metric relaxed."""
-    for path in paths:
-        half = Path(path).stem.split("_")[-1]
-        for i, entry in enumerate(load_json(path, list)):
-            where = f"{path}, entry {i}"
-            image, question = need(entry, "imgname", str, where), need(entry, "query", str, where)
-            label = str(need(entry, "label", (str, int, float), where))
-            yield {"id": f"{Path(path).stem}_{i}", "image": images / image, "question": question, "answer": label,
-                   "answers": [label], "metric": "relaxed", "category": half}
-
-
-def convert_captions(paths, images, args):
-    """COCO and Flickr30k captions in Karpathy's split (dataset_coco.json, dataset_flickr30k.json):
-    {"dataset", "images": [{"filepath": "val2014" (COCO only), "filename", "split": "train" | "val" |
-    "test" | "restval", "cocoid" (COCO only), "sentences": [{"raw", "tokens", ...}]}]}. --images:
-    the folder of filepath/filename (COCO: the one holding val2014/; Flickr30k: flickr30k-images/).
-    Items of --split (test by default; all: every split): one per image, question --prompt, answer
-    the first caption, answers all of them, metric cider; --per-caption: one item per caption (for
-    training, as the paper trains on Flickr30k)."""
-    for path in paths:
-        for i, entry in enumerate(need(load_json(path, dict), "images", list, str(path))):
-            where = f"{path}, entry {i}"
-            name, split = need(entry, "filename", str, where), need(entry, "split", str, where)
-            captions = [need(s, "raw", str, f"{where}, sentences[{j}]").strip()
-                        for j, s in enumerate(need(entry, "sentences", list, where))]
-            if args.split not in ("all", split):
-                yield f"not in split {args.split}"
-                continue
-            image = images / (need(entry, "filepath", str, where) if "filepath" in entry else "") / name
-            image_id = entry["cocoid"] if isinstance(entry.get("cocoid"), int) else Path(name).stem
-            if not captions:
-                yield "no captions"
-            elif args.per_caption:
-                yield from ({"id": f"{image_id}_{k}", "image": image, "question": args.prompt, "answer": c}
-                            for k, c in enumerate(captions))
-            else:
-                yield {"id": image_id, "image": image, "question": args.prompt, "answer": captions[0],
-                       "answers": captions, "metric": "cider"}
-
-
-CONVERTERS = {"llava": convert_llava, "vqav2": convert_vqav2, "okvqa": convert_vqav2, "textvqa": convert_textvqa,
-              "vizwiz": convert_vizwiz, "docvqa": convert_docvqa, "infovqa": convert_docvqa,
-              "chartqa": convert_chartqa, "coco-captions": convert_captions, "flickr30k": convert_captions}
-
-
-def convert(args):
-    """Run one converter (args from build_parser) and print the summary line; returns items written."""
-    images = Path(args.images) if args.images else Path(args.files[0]).resolve().parent
-    if args.images is None and args.format == "chartqa":
-        images = images / "png"
-    try:
-        written, skipped, examples = write_converted(CONVERTERS[args.format](args.files, images, args),
-                                                     args.out, args.limit, args.suffix)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"convert {args.format}: {err}") from None
-    why = "; ".join(f"{reason}: {n}" + (f", e.g. {examples[reason]}" if examples[reason] else "")
-                    for reason, n in skipped.most_common())
-    line = (f"convert {args.format}: wrote {written} items to {args.out}; skipped {sum(skipped.values())}"
-            + (f" ({why})" if why else ""))
-    if not written:
-        raise SystemExit(line + " -- nothing written: check the files and --images")
-    print(line)
-    return written
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description="Dataset tools: convert a dataset's official release files into "
-                                "the JSONL that extract.py, train.py and evaluate.py read (DESIGN.md)")
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="official release files -> data.jsonl",
-                       description="convert FORMAT FILE... --out data.jsonl; each format's files and fields are in "
-                                   "the docstring of data.convert_<format>")
-    c.add_argument("format", choices=CONVERTERS, help="the dataset's format (okvqa reads as vqav2, infovqa as "
-                   "docvqa, flickr30k as coco-captions)")
-    c.add_argument("files", nargs="+", help="the official JSON file(s): vqav2/okvqa a questions and an "
-                   "annotations file; chartqa test_human.json and/or test_augmented.json; the others one file")
-    c.add_argument("--images", default=None, help="the image folder the dataset's image names start from "
-                   "(default: the first file's folder; chartqa: its png/)")
-    c.add_argument("--out", required=True, help="the JSONL to write (image paths are written relative to it)")
-    c.add_argument("--split", default="test", choices=["train", "val", "test", "restval", "all"],
-                   help="captions: the Karpathy split to keep")
-    c.add_argument("--prompt", default=CAPTION_PROMPT, help="captions: the question of every item")
-    c.add_argument("--per-caption", action=argparse.BooleanOptionalAction, default=False,
-                   help="captions: one item per caption (training data) instead of one per image with all captions")
-    c.add_argument("--suffix", default="", help="a line added after every question, e.g. \"Answer the question "
-                   "using a single word or phrase.\" (the short-answer prompt of LLaVA-1.5's VQA evaluation)")
-    c.add_argument("--limit", type=int, default=0, help="stop after N items (0: all)")
-    return p
-
-
-def main():
-    args = build_parser().parse_args()
-    if args.command == "convert":
-        convert(args)
-
-
-if __name__ == "__main__":
-    main()

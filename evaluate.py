@@ -26,39 +26,34 @@ For every run (and/or the base model) this script
        - overlay pictures for a few items (Fig. 8/17): image, DM map, each model's own map and
          each Lavender run's head map, per DM word;
   3. writes report.json (every figure), report.md (one row per run), <run>/predictions.jsonl,
-     entropy.png, overlays/<id>.png, and prints a one-line summary.
+     entropy.png and overlays/<id>.png (figures.py), and prints a one-line summary.
 
 Usage:
     python evaluate.py --model tiny --run-dir runs/ar --run-dir runs/lavender --data test.jsonl --attn attn/ --out eval/
     python evaluate.py --model llama32 --model-path ~/llama32 --data test.jsonl --out eval/base   # base model only
     torchrun --nproc_per_node 8 evaluate.py --model llama32 --run-dir runs/lavender --data test.jsonl --out eval/
     python evaluate.py --score other_model.jsonl --data textvqa.jsonl --out eval/other   # any model's answers, no model
-A run trained under FSDP is loaded whole (train.load_run). Under torchrun every rank loads the model on its
+A run trained under FSDP is loaded whole (runs.load_run). Under torchrun every rank loads the model on its
 own GPU and evaluates every world-th item; rank 0 gathers the per-item results and writes the same
 report as one process would.
 """
 import argparse
 import gc
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import train  # load_vlm (the base presets), load_run (a run directory), collate (teacher-forcing batches)
-from aggregate import (AGGREGATIONS, LAYER_SUBSETS, AttentionCapture, aligned_layers, answer_rows, normalize_word,
-                       plan_words, row_tokens, vlm_word_maps)
-from data import check_images, check_maps, duplicate_ids
-from extract import ID_PATTERN, load_maps, maps_path, open_image, read_items
-# the benchmarks' metrics; accuracy_table, extract_choice, normalize_answer, parse_choices,
-# score_prediction and wilson_interval are also read from here by toy.py and the tests
-from metrics import (METRICS, accuracy_summary, accuracy_table, check_items, describe_metric,  # noqa: F401
-                     extract_choice, normalize_answer, parse_choices, read_predictions, run_scores, score_items,
-                     score_prediction, wilson_interval, write_predictions)
+import data
+from aggregate import AGGREGATIONS, LAYER_SUBSETS, AttentionCapture, aligned_layers, label_plan, vlm_word_maps
+from distributed import exit_if_torchrun, gather_objects, setup_distributed, teardown
+from figures import draw_entropy_histograms, draw_overlays
+from metrics import (METRICS, accuracy_summary, check_items, describe_metric, read_predictions, run_scores,
+                     score_items, write_predictions)
+from models import load_vlm
+from runs import load_run, run_problem
 
 # ---------------------------------------------------------------------------------------------
 # attention measures: entropy (App. B eq. 23), alignment MSE (eq. 9), pointing
@@ -97,24 +92,6 @@ def pointing_hit(attn_map, region):
     return bool(region[y, x])
 
 
-def item_regions(item, root, normalize):
-    """{normalised word: (H, W) bool array} from an item's "masks" (binary PNG, same size as the image)
-    and "boxes" ([x0, y0, x1, y1] in pixels, x1/y1 exclusive) entries; {} when it has neither."""
-    regions = {}
-    width, height = Image.open(item["image_path"]).size
-    for word, rel in (item.get("masks") or {}).items():
-        mask = Image.open(Path(root) / rel).convert("L")
-        if mask.size != (width, height):
-            raise ValueError(f"item {item['id']!r}: mask for {word!r} is {mask.size}, image is {(width, height)}; "
-                             "masks must have the image's size")
-        regions[normalize(word)] = np.asarray(mask) > 127
-    for word, (x0, y0, x1, y1) in (item.get("boxes") or {}).items():
-        box = np.zeros((height, width), dtype=bool)
-        box[max(0, int(y0)):max(0, math.ceil(y1)), max(0, int(x0)):max(0, math.ceil(x1))] = True
-        regions[normalize(word)] = box
-    return regions
-
-
 def summarize(values):
     """dict(mean, std, median, n) of a list of floats (None-valued when empty)."""
     if not values:
@@ -124,91 +101,12 @@ def summarize(values):
 
 
 # ---------------------------------------------------------------------------------------------
-# pictures (PIL only, no plotting dependency): entropy histograms (Fig. 7/25), overlays (Fig. 8/17)
-# ---------------------------------------------------------------------------------------------
-
-def heat_colors(values):
-    """A jet-like colour map: values (h, w) in [0, 1] -> uint8 RGB (h, w, 3), blue (low) to red (high)."""
-    v = np.clip(values, 0, 1)[..., None]
-    rgb = np.clip(1.5 - np.abs(4 * v - np.array([3.0, 2.0, 1.0])), 0, 1)
-    return (rgb * 255).astype(np.uint8)
-
-
-def heat_overlay(image, attn_map, alpha=0.5):
-    """The image with a 32x32 map stretched over it (bilinear) in heat colours; both cover the whole image."""
-    values = Image.fromarray(attn_map.float().numpy()).resize(image.size, Image.BILINEAR)
-    heat = Image.fromarray(heat_colors(np.asarray(values)))
-    return Image.blend(image.convert("RGB"), heat, alpha)
-
-
-def overlay_path(out_dir, item_id):
-    """<out>/overlays/<id>.png, refused for an id that is not a plain file name (it would leave the folder)."""
-    if not ID_PATTERN.match(item_id):
-        raise ValueError(f"item id {item_id!r} cannot be a file name: overlays/<id>.png would leave {out_dir}")
-    return Path(out_dir) / "overlays" / f"{item_id}.png"
-
-
-def draw_overlay_grid(path, image, words, dm_maps, run_maps, cell=128):
-    """One PNG per item (Fig. 8/17): a row per word; columns image, DM map, then each run's VLM map,
-    overlaid on the image. run_maps {run name: list (one per word) of (32, 32) maps or None (not matched)}."""
-    scale = cell / max(image.size)
-    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
-    thumb = image.convert("RGB").resize(size, Image.BILINEAR)
-    columns = ["image", "DM"] + list(run_maps)
-    label_w, head_h = 90, 18
-    sheet = Image.new("RGB", (label_w + len(columns) * (size[0] + 4), head_h + len(words) * (size[1] + 4)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for c, name in enumerate(columns):
-        draw.text((label_w + c * (size[0] + 4) + 2, 3), name[:18], fill="black")
-    for r, word in enumerate(words):
-        y = head_h + r * (size[1] + 4)
-        draw.text((4, y + size[1] // 2 - 6), word[:14], fill="black")
-        tiles = [thumb, heat_overlay(thumb, dm_maps[r])]
-        for name in run_maps:
-            m = run_maps[name][r]
-            tiles.append(heat_overlay(thumb, m) if m is not None else Image.new("RGB", size, (200, 200, 200)))
-        for c, tile in enumerate(tiles):
-            sheet.paste(tile, (label_w + c * (size[0] + 4), y))
-    sheet.save(path)
-
-
-def draw_entropy_histograms(path, dm_entropy, run_entropy, bins=28, width=420, height=150):
-    """Fig. 7/25 as a PNG: one panel per run, the DM's entropies (blue) against that run's VLM entropies
-    (orange), as fractions per bin over [0, log 1024] nats (the range for 32x32 maps); a vertical
-    line marks each mean."""
-    top = math.log(32 * 32)
-    edges = np.linspace(0, top, bins + 1)
-    margin = 34
-    sheet = Image.new("RGB", (width + 20, max(1, len(run_entropy)) * (height + margin) + margin), "white")
-    draw = ImageDraw.Draw(sheet, "RGBA")
-    for p, (name, values) in enumerate(run_entropy.items()):
-        x0, y0 = 10, margin + p * (height + margin) - 12
-        draw.text((x0, y0 - 16), f"{name}: DM (blue) vs VLM (orange)", fill="black")
-        draw.rectangle([x0, y0, x0 + width, y0 + height], outline="black")
-        draw.text((x0, y0 + height + 2), "0", fill="black")
-        draw.text((x0 + width // 2 - 40, y0 + height + 2), "entropy (nats)", fill="black")
-        draw.text((x0 + width - 24, y0 + height + 2), f"{top:.2f}", fill="black")
-        for series, colour in ((dm_entropy, (40, 90, 220)), (values, (240, 130, 20))):
-            if not len(series):
-                continue
-            series = np.clip(np.asarray(series, dtype=np.float64), 0, top)
-            frac = np.histogram(series, bins=edges)[0] / len(series)
-            for b, f in enumerate(frac):
-                left = x0 + b * width / bins
-                draw.rectangle([left + 1, y0 + height - f * (height - 4), left + width / bins - 1, y0 + height],
-                               fill=colour + (120,))
-            mean_x = x0 + series.mean() / top * width
-            draw.line([mean_x, y0, mean_x, y0 + height], fill=colour + (255,), width=2)
-    sheet.save(path)
-
-
-# ---------------------------------------------------------------------------------------------
 # the models: generation and teacher-forced attention maps
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, device="cpu", show=True):
-    """Greedy answers. Prompts come from train.collate(with_answer=False): the training chat template
+    """Greedy answers. Prompts come from data.collate(with_answer=False): the training chat template
     (user [image, question] + the assistant header), LEFT padded so that every row's first new token
     follows its own prompt. Mllama's generate takes pixel_values, aspect_ratio_ids,
     aspect_ratio_mask and cross_attention_mask beside the text."""
@@ -219,7 +117,7 @@ def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, d
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     answers = []
     for start in tqdm(range(0, len(items), batch_size), desc="generate", disable=not show, leave=False):
-        batch = train.model_inputs(train.collate(processor, items[start:start + batch_size], with_answer=False), device)
+        batch = data.model_inputs(data.collate(processor, items[start:start + batch_size], with_answer=False), device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
         new = out[:, batch["input_ids"].shape[1]:]                       # (B, new tokens)
         answers += [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]
@@ -229,7 +127,7 @@ def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, d
 def capture_settings(lavender, model, args):
     """(own, head): how a model's maps are made. own: the one ruler, the same for every model
     (--aggregate, --layers, --match on the pretrained attention, no Aligner); head: a Lavender run's
-    map as its loss saw it (train.load_run's lavender dict: aligner, layers, aggregation,
+    map as its loss saw it (runs.load_run's lavender dict: aligner, layers, aggregation,
     aligner_mode, learned), None for the base model and runs without an Aligner or projections."""
     own = {"aggregation": args.aggregate, "layers": aligned_layers(model, args.layers), "match": args.match,
            "aligner": None, "aligner_mode": "auto", "learned": False}
@@ -258,14 +156,12 @@ def answer_maps(model, processor, items, dm_store, own, head=None, batch_size=4,
     try:
         for start in tqdm(range(0, len(items), batch_size), desc="attention", disable=not show, leave=False):
             chunk = items[start:start + batch_size]
-            batch = train.collate(processor, chunk, with_answer=True)
+            batch = data.collate(processor, chunk, with_answer=True)
             dm_words = [dm_store[it["id"]][1] if it["id"] in dm_store else None for it in chunk]
-            rows = answer_rows(batch["labels"])  # (B, R) every row that predicts an answer token
+            rows, plan = label_plan(processor.tokenizer, batch["input_ids"], batch["labels"], dm_words, own["match"])
             for capture in captures:
-                capture.set_rows(rows.to(device))
-            model(**train.model_inputs(batch, device))
-            tokens = row_tokens(rows, batch["input_ids"], align_words="label")
-            plan = plan_words(processor.tokenizer, rows, tokens, dm_words, match=own["match"])
+                capture.set_rows(rows.to(device))  # (B, R) every row that predicts an answer token
+            model(**data.model_inputs(batch, device))
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             maps = [word_maps(c, plan, batch, s) for c, s in zip(captures, (own, head))]  # (B, W, 32, 32) each
             for b in range(len(chunk)):
@@ -283,7 +179,7 @@ def word_measures(maps, dm_maps, m, regions):
     measures = {"entropies": attention_entropy(maps).tolist(), "errors": [], "hits": []}
     for w, (word, j) in enumerate(zip(m["words"], m["dm_index"])):
         measures["errors"].append(float(alignment_mse(maps[w], dm_maps[j])))
-        region = regions.get(normalize_word(word))
+        region = regions.get(data.normalize_word(word))
         if region is not None:
             measures["hits"].append(pointing_hit(maps[w], region))
     return measures
@@ -305,7 +201,7 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
                    rank=0, world=1, device="cpu"):
     """Accuracy (and, with a DM store, attention measures) of one model; rank 0 writes
     <out>/<name>/predictions.jsonl. settings: capture_settings' (own, head). This rank measures
-    items rank, rank + world, ...; the per-item results are gathered (train.gather_objects) and put
+    items rank, rank + world, ...; the per-item results are gathered (distributed.gather_objects) and put
     back in item order, so the report does not depend on the number of ranks. Returns (run report
     dict, {item id: {"own" / "head": {dm word index: map}}} for the items in `drawn`)."""
     show = not args.quiet and rank == 0
@@ -331,7 +227,7 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
             if item_id in drawn:
                 result["picture"] = {kind: {j: m[kind][w] for w, j in enumerate(m["dm_index"])}
                                      for kind in ("own", "head") if m[kind] is not None}
-    results = sorted(train.gather_objects(results, world), key=lambda r: r["index"])  # every rank: all items
+    results = sorted(gather_objects(results, world), key=lambda r: r["index"])  # every rank: all items
     # scored once gathered: CIDEr-D's document frequencies are over the whole set
     records = score_items(items, [r["record"]["prediction"] for r in results], args.metric)
     if rank == 0:
@@ -356,7 +252,7 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
 
 def read_scored_items(args):
     """The --data items (the first --limit), checked against the metric before any model runs."""
-    items = read_items(args.data)[:args.limit or None]
+    items = data.read_items(args.data)[:args.limit or None]
     try:
         check_items(items, args.metric)
     except ValueError as err:
@@ -369,7 +265,7 @@ def score_files(args):
     loaded and no image opened. Each file is a run, named by its folder when it is called
     predictions.jsonl (a run folder of an earlier report), else by its file name."""
     out_dir = Path(args.out)
-    items, known = read_scored_items(args), {it["id"] for it in read_items(args.data)}
+    items, known = read_scored_items(args), {it["id"] for it in data.read_items(args.data)}
     names = [Path(p).parent.name if Path(p).name == "predictions.jsonl" else Path(p).stem for p in args.score]
     runs = []
     for i, path in enumerate(args.score):
@@ -473,37 +369,19 @@ def summary_line(report):
 # main
 # ---------------------------------------------------------------------------------------------
 
-def read_dm_store(items, attn_dir):
-    """{item id: (maps (n_words, 32, 32), words)} for the items that have a file in the attention store
-    (each checked by data.check_maps first: see read_test_data)."""
-    store = {}
-    for item in items if attn_dir else []:
-        path = maps_path(attn_dir, item["id"])
-        if path.exists():
-            maps, words, _ = load_maps(path)
-            store[item["id"]] = (maps, words)
-    return store
-
-
 def item_problems(items, attn_dir, root):
     """'item ...: what is wrong' for every item that cannot be evaluated: an id that is not a plain
     file name (overlays/<id>.png must stay in --out) or repeats another, an image that does not
-    decode, an unusable attention file (data.check_maps), a mask that cannot be read."""
-    problems = list(duplicate_ids(items).values())
+    decode, an unusable attention file (data.check_item), a mask that cannot be read."""
+    problems = list(data.duplicate_ids(items).values())
     for item in items:
-        name = f"item {item['id']!r} (line {item.get('line', '?')})"
-        if not ID_PATTERN.match(item["id"]):
-            problems.append(f"{name}: id cannot be a file name (use only A-Z a-z 0-9 . _ -)")
-            continue
-        problems += check_images([item])
-        path = maps_path(attn_dir, item["id"]) if attn_dir else None
-        if path is not None and path.exists():
-            problem = check_maps(path, item["answer"])[1]
-            problems += [f"{name}: {problem}"] if problem else []
+        problem = data.check_item(item, attn_dir=attn_dir)[0]
+        problems += [problem] if problem else []
         try:
-            item_regions(item, root, normalize_word)
+            data.item_regions(item, root, data.normalize_word)
         except Exception as err:  # noqa: BLE001 -- a missing or malformed mask or box
-            problems.append(f"{name}: masks/boxes cannot be read ({type(err).__name__}: {err})")
+            problems.append(f"item {item['id']!r} (line {item.get('line', '?')}): masks/boxes cannot be read "
+                            f"({type(err).__name__}: {err})")
     return problems
 
 
@@ -519,39 +397,21 @@ def read_test_data(args):
     if problems:
         raise SystemExit(f"{len(problems)} problem(s) in --data {args.data} / --attn {args.attn}; fix or "
                          f"remove these items:\n  " + "\n  ".join(problems[:20]))
-    dm_store = read_dm_store(items, args.attn)
+    dm_store = {it["id"]: maps for it in items if (maps := data.read_maps(args.attn, it["id"]))[0] is not None}
     if args.attn and not dm_store:
         raise SystemExit(f"--attn {args.attn}: no attention file for any of the {len(items)} items "
                          f"(expected <attn>/<id>.safetensors, written by extract.py)")
-    regions = {it["id"]: item_regions(it, root, normalize_word) for it in items
+    regions = {it["id"]: data.item_regions(it, root, data.normalize_word) for it in items
                if dm_store and (it.get("masks") or it.get("boxes"))}
     return items, dm_store, regions
 
 
-def run_problem(run_dir):
-    """None when run_dir looks like a finished train.py run, else what is missing or broken."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return "no such folder"
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        return f"config.json cannot be read ({type(err).__name__}: {err})"
-    needed = ("model", "peft", "loss", "aggregate", "aligner", "aligner_mode", "match")
-    if not isinstance(config, dict) or any(k not in config for k in needed):
-        return f"config.json lacks some of {needed}: not written by train.py"
-    weights = run_dir / ("adapter/adapter_config.json" if config["peft"] == "lora" else "model/config.json")
-    if not weights.is_file():
-        return f"{weights.relative_to(run_dir)} is missing: the run did not finish (train.py --resume)"
-    return None
-
-
-def load_run(run_dir, device, dtype):
-    """train.load_run, with a broken run folder turned into a message that names it."""
+def open_run(run_dir, device, dtype):
+    """runs.load_run, with a broken run folder turned into a message that names it."""
     problem = run_problem(run_dir)
     if problem is None:
         try:
-            return train.load_run(run_dir, device=device, dtype=dtype)
+            return load_run(run_dir, device=device, dtype=dtype)
         except Exception as err:  # noqa: BLE001 -- unreadable weights, a foreign adapter, ...
             problem = f"cannot be loaded ({type(err).__name__}: {str(err)[:300]})"
     raise SystemExit(f"--run-dir {run_dir}: {problem}")
@@ -571,18 +431,19 @@ def models_to_evaluate(args):
 
 
 def evaluate(args):
-    """Library entry (toy.py calls it with build_parser().parse_args([...])): returns the report dict.
+    """Library entry (toy.py calls it with build_parser()'s settings): returns the report dict.
     Under torchrun every rank runs it; rank 0 writes the files and prints the summary. With --score,
     no model: the prediction files are scored (score_files)."""
+    if not args.data or not args.out:
+        raise SystemExit("evaluate.py needs --data (the test JSONL) and --out (the report's folder)")
     if args.score:
         return score_files(args)
-    rank, world, device, _ = train.setup_distributed()
+    rank, world, device, _ = setup_distributed()
     device = str(device) if world > 1 else args.device  # under torchrun: this rank's GPU (or the CPU)
     try:
         return evaluate_ranks(args, rank, world, device)
     finally:
-        if world > 1:
-            dist.destroy_process_group()
+        teardown(world)
 
 
 def evaluate_ranks(args, rank, world, device):
@@ -598,10 +459,10 @@ def evaluate_ranks(args, rank, world, device):
     runs, pictures = [], {}
     for name, run_dir in models_to_evaluate(args):
         if run_dir is None:
-            model, processor = train.load_vlm(args.model, args.model_path, dtype=getattr(torch, args.dtype))
+            model, processor = load_vlm(args.model, args.model_path, dtype=getattr(torch, args.dtype))
             lavender = None
         else:  # a LoRA or full run, loaded whole on this one process (also one trained under FSDP)
-            model, processor, lavender, config = load_run(run_dir, device, getattr(torch, args.dtype))
+            model, processor, lavender, config = open_run(run_dir, device, getattr(torch, args.dtype))
             if args.model and config.get("model") != args.model:
                 raise SystemExit(f"--run-dir {run_dir} was trained from --model {config.get('model')}, not {args.model}")
         settings = capture_settings(lavender, model, args) if dm_store else None
@@ -627,16 +488,7 @@ def evaluate_ranks(args, rank, world, device):
         dm_entropy = [float(h) for it in items if it["id"] in dm_store for h in
                       attention_entropy(dm_store[it["id"]][0])]  # (every DM word, for the histogram)
         draw_entropy_histograms(out_dir / "entropy.png", dm_entropy, {r["name"]: r["_entropies"] for r in runs})
-        report["figures"].append("entropy.png")
-        (out_dir / "overlays").mkdir(exist_ok=True)
-        for item in drawn:
-            maps, words = dm_store[item["id"]]
-            run_maps = {(name if kind == "own" else f"{name} head"): [pictures[name][item["id"]][kind].get(j)
-                                                                      for j in range(len(words))]
-                        for name in pictures if item["id"] in pictures[name] for kind in pictures[name][item["id"]]}
-            draw_overlay_grid(overlay_path(out_dir, item["id"]), open_image(item["image_path"]), words, maps,
-                              run_maps)
-            report["figures"].append(f"overlays/{item['id']}.png")
+        report["figures"] += ["entropy.png"] + draw_overlays(out_dir, drawn, dm_store, pictures)
     for r in runs:
         r.pop("_entropies", None)
         r.pop("dm_on_matched", None)
@@ -648,7 +500,7 @@ def evaluate_ranks(args, rank, world, device):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to evaluate
-    p.add_argument("--model", default=None, help="VLM preset of train.py (llama32, tiny, toy): the base model, "
+    p.add_argument("--model", default=None, help="VLM preset (models.py: llama32, tiny, toy): the base model, "
                    "evaluated when no --run-dir is given or with --base")
     p.add_argument("--model-path", default=None, help="local copy of the --model preset (a save_pretrained folder)")
     p.add_argument("--run-dir", "--run", dest="run", action="append", default=[],
@@ -657,7 +509,7 @@ def build_parser():
     p.add_argument("--base", action=argparse.BooleanOptionalAction, default=False,
                    help="also evaluate the base --model beside the runs")
     # data
-    p.add_argument("--data", required=True, help="test JSONL (DESIGN.md format; optional category, masks, boxes)")
+    p.add_argument("--data", help="test JSONL (DESIGN.md format; optional category, masks, boxes)")
     p.add_argument("--attn", default=None, help="attention store of extract.py for the test items: enables entropy, "
                    "alignment MSE, pointing and pictures")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N items (0: all)")
@@ -675,7 +527,7 @@ def build_parser():
                    help="the VLM's dtype, base model and runs (bfloat16 on a GPU halves the memory)")
     # scoring
     p.add_argument("--metric", default="auto", choices=["auto", *METRICS],
-                   help="how answers are scored: auto (each item's \"metric\" field, written by data.py convert; "
+                   help="how answers are scored: auto (each item's \"metric\" field, written by prepare.py convert; "
                         "else choice for a question with lettered options, else exact), or one metric for every item: "
                         "exact, vqa (VQAv2/OK-VQA/TextVQA/VizWiz), anls (DocVQA/InfoVQA), relaxed (ChartQA), choice, "
                         "cider (CIDEr-D, captions); see metrics.py")
@@ -686,7 +538,7 @@ def build_parser():
                    help="write predictions.jsonl in VLMEvalKit's columns (index, question, answer, prediction, "
                         "category) and the same rows as predictions.tsv, the file VLMEvalKit reads back")
     # output
-    p.add_argument("--out", required=True, help="output directory (report.json, report.md, PNGs, predictions)")
+    p.add_argument("--out", help="output directory (report.json, report.md, PNGs, predictions)")
     p.add_argument("--figures", type=int, default=4, help="items drawn as overlay grids (Fig. 8/17)")
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress bars")
     return p
@@ -694,7 +546,7 @@ def build_parser():
 
 def main():
     evaluate(build_parser().parse_args())
-    train.exit_if_torchrun()  # (gloo teardown, see there)
+    exit_if_torchrun()  # (gloo teardown, see there)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,10 @@ in the DESIGN.md format (attn/<id>.safetensors). The authors never released this
 """
 import argparse
 import contextlib
-import inspect
 import json
 import math
 import os
-import re
 import time
-import unicodedata
 import warnings
 from pathlib import Path
 
@@ -30,231 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from aligner import MAP_SIZE, min_max  # the one map size and normalisation of DM and VLM maps
+from data import ID_PATTERN, is_complete, load_image, load_maps, maps_path, read_items, save_maps, split_words
+from models import DM_PRESETS, PRESETS, load_dm, scheduler_config
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")  # ids become file names
-
-# ---- the attention store: attn/<id>.safetensors (DESIGN.md, "Formats") ----
-
-def read_items(jsonl_path):
-    """Items of a dataset JSONL, each as in the file plus "image_path" (absolute).
-
-    A missing file raises FileNotFoundError, a malformed line (not UTF-8, not a JSON object, a
-    missing or non-string id/image/question/answer) ValueError, each naming the file (and line);
-    unsafe ids are left to the callers (extract() records them in failures.jsonl, train.py and
-    evaluate.py refuse them), which check them with ID_PATTERN.
-    """
-    if not Path(jsonl_path).is_file():
-        raise FileNotFoundError(f"{jsonl_path}: no such data file (resolved: {Path(jsonl_path).resolve()})")
-    root = Path(jsonl_path).resolve().parent
-    items = []
-    with open(jsonl_path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{jsonl_path} line {n}: not UTF-8 ({e}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{jsonl_path} line {n}: not valid JSON ({e}); each line must be one JSON object") from None
-            for key in ("id", "image", "question", "answer"):
-                if not isinstance(item, dict) or not isinstance(item.get(key), str):
-                    raise ValueError(f"{jsonl_path} line {n}: field {key!r} must be a string in a JSON object: {line.strip()[:100]}")
-            item["image_path"] = str(root / item["image"])
-            item["line"] = n  # for messages about the item
-            items.append(item)
-    return items
-
-
-def maps_path(attn_dir, item_id):
-    """<attn_dir>/<id>.safetensors"""
-    return Path(attn_dir) / f"{item_id}.safetensors"
-
-
-def save_maps(path, maps, words, meta):
-    """Write maps (n_words, 32, 32) in [0, 1] as float16 'maps' with the DESIGN.md metadata.
-
-    Atomic: a hidden temp file in the same folder, then os.replace, so a kill at any moment leaves
-    either no file or a complete one (resume trusts any <id>.safetensors it can read).
-    """
-    path = Path(path)
-    if maps.dim() != 3 or maps.shape[0] != len(words) or tuple(maps.shape[1:]) != (MAP_SIZE, MAP_SIZE):
-        raise ValueError(f"save_maps({path}): maps {tuple(maps.shape)} must be ({len(words)}, 32, 32), one per word of {words}")
-    metadata = dict({k: "" for k in ("text", "dm", "inversion_steps", "denoise_steps", "res")},
-                    **{k: str(v) for k, v in meta.items()}, words=json.dumps(list(words)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        save_file({"maps": maps.detach().to("cpu", torch.float16).contiguous()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def load_maps(path):
-    """(maps float32 (n_words, 32, 32), words list[str], meta dict) of one attention file.
-
-    meta holds every metadata string; inversion_steps, denoise_steps and res as int when numeric.
-    """
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        maps = f.get_tensor("maps").float()  # (n_words, 32, 32)
-    words = json.loads(meta.pop("words"))
-    meta.update({k: int(meta[k]) for k in ("inversion_steps", "denoise_steps", "res") if meta.get(k, "").isdigit()})
-    return maps, words, meta
-
-
-def is_complete(path):
-    """True when path is a readable attention file with one 32x32 map per word (resume check)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            words = json.loads((f.metadata() or {})["words"])
-            shape = f.get_slice("maps").get_shape()
-        return list(shape) == [len(words), MAP_SIZE, MAP_SIZE]
-    except Exception:  # a missing, truncated or foreign file is simply not complete
-        return False
-
-
-# ---- diffusion model presets: --dm NAME; --dm-path points at a local copy (diffusers layout) ----
-
-# layers: the attn2 layers averaged by default, as downsampling factors of the latent grid (None:
-# all). sd14 (512 px, attn2 at 64², 32², 16², 8²): the 16x16 layers of the down and up blocks
-# (factor 4), the maps Prompt-to-Prompt aggregates (Hertz et al. 2022, which eq. 13-14 cite) and
-# the first author's MCPL code with it; DAAM also drops 8x8. toy-sd: all layers, measured best
-# on it (held-out captions 0.84 pointing; its 16x16 layers alone 0.62, 8x8 alone 0.53).
-DM_PRESETS = {  # name: hub id (None: not on a hub), default local folder, default layers
-    "sd14": {"hub_id": "CompVis/stable-diffusion-v1-4", "path": None, "layers": {4}},
-    "tiny-sd": {"hub_id": None, "path": None, "layers": None},  # SD classes from tiny configs, random weights (tests)
-    "toy-sd": {"hub_id": None, "path": str(Path(__file__).resolve().parent / "toy_models" / "toy-sd"), "layers": None},
-}
-
-
-def _ddim_config(scheduler_config, cls):
-    """The keys of a pipeline's scheduler config (often PNDM for SD 1.x) that cls accepts."""
-    return {k: v for k, v in dict(scheduler_config).items() if k in inspect.signature(cls.__init__).parameters}
-
-
-def tiny_sd(seed=0):
-    """dict(vae, unet, text_encoder, tokenizer, scheduler) of SD classes at toy size, random weights,
-    deterministic by seed. 32 px -> VAE (factor 2) -> 16x16 latents; attn2 at 16x16 and 8x8."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    # A CLIP-style BPE vocabulary: every printable character alone and as a word end ("a</w>"),
-    # plus merges that make the words below single tokens; other words split into pieces.
-    vocab, merges = {"<|startoftext|>": 0, "<|endoftext|>": 1}, []
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&":
-        vocab.update({c: len(vocab), c + "</w>": len(vocab) + 1})
-    for word in ("a red blue green circle square triangle left right of the is two three yes no dog cat what "
-                 "colour shape how many there").split():
-        parts = list(word[:-1]) + [word[-1] + "</w>"]                      # "red" -> r e d</w>
-        for i in range(1, len(parts)):                                     # merges re, red</w>
-            pair = ("".join(parts[:i]), parts[i])
-            if pair not in merges:
-                merges.append(pair)
-                vocab.setdefault("".join(pair), len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=32)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=4, norm_num_groups=8)
-    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=sd_scheduler())
-
-
-def sd_scheduler():
-    """A DDIM scheduler with SD 1.x's noise schedule (scaled_linear 0.00085..0.012, 1000 steps)."""
-    from diffusers import DDIMScheduler
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         set_alpha_to_one=False, steps_offset=1, clip_sample=False)
-
-
-def save_dm(dm, folder):
-    """Write a dm dict in the diffusers component layout that load_dm reads (unet/, vae/, ...)."""
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        dm[part].save_pretrained(Path(folder) / part)
-
-
-def _load_folder(folder):
-    """dm parts from a folder (or hub id) in diffusers component layout."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-    scheduler_config = DDIMScheduler.load_config(folder, subfolder="scheduler")
-    return dict(vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"), unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-                text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-                tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-                scheduler=DDIMScheduler.from_config(_ddim_config(scheduler_config, DDIMScheduler)))
-
-
-def load_dm(name, path=None, device="cpu", dtype=torch.float32):
-    """dict(vae, unet, text_encoder, tokenizer, scheduler, res, name) for a --dm preset.
-
-    One code path for every preset given a folder in diffusers component layout; "tiny-sd"
-    without a path is built here. res = unet sample_size * the VAE's downsampling factor.
-    """
-    if name not in DM_PRESETS:
-        raise SystemExit(f"unknown --dm {name!r}; choose one of {sorted(DM_PRESETS)} or give --dm-path")
-    preset, dm = DM_PRESETS[name], tiny_sd() if name == "tiny-sd" and path is None else None
-    if dm is None:
-        source = path or preset["path"] or preset["hub_id"]
-        try:
-            dm = _load_folder(source)
-        except (OSError, ValueError) as e:
-            get = f"download {preset['hub_id']} (hf download {preset['hub_id']})" if preset["hub_id"] else "make it with toy.py"
-            raise SystemExit(f"--dm {name}: no diffusion model weights at {str(source)!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                             f"{get}, or point --dm-path at a folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/") from None
-    for part in ("vae", "unet", "text_encoder"):
-        if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op one)
-            dm[part].to(dtype=dtype)
-        dm[part].to(device=device).eval().requires_grad_(False)
-    sample = np.atleast_1d(dm["unet"].config.sample_size)[0]
-    scale = 2 ** (len(dm["vae"].config.block_out_channels) - 1)                # the VAE's downsampling
-    dm.update(res=int(sample * scale), name=name)
-    return dm
-
-
-# ---- words: one rule for the DM side (here) and the VLM side (aggregate.answer_words) ----
-
-# CLIP's pre-tokenizer pattern (case-insensitive): English clitics, runs of letters, single
-# digits, runs of other symbols. Llama 3's splits the same clitics off.
-PIECE = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
-
-
-def split_words(text):
-    """The words of a text: [(word, start, end), ...] in order, lower-cased, with their characters.
-
-    Pieces as CLIP's pre-tokenizer cuts them (clitics, letter runs, single digits, symbols), then
-    touching letter/digit pieces glued back together (CLIP cuts "25" into "2" "5" and "mp3" into
-    "mp" "3"); pieces without a letter or digit are dropped. Both sides of the alignment use this
-    rule (the DM store's words and the VLM's answer words), so they reach the same words:
-
-        "A dog's toy, don't!" -> [("a", 0, 1), ("dog", 2, 5), ("'s", 5, 7), ("toy", 8, 11),
-                                   ("don", 13, 16), ("'t", 16, 18)]
-        "naïve café, 25 mp3s" -> [("naïve", 0, 5), ("café", 6, 10), ("25", 12, 14), ("mp3s", 15, 19)]
-    """
-    spans = []
-    for m in PIECE.finditer(text):
-        start, end = m.span()
-        if spans and spans[-1][1] == start and text[spans[-1][0]:end].isalnum():
-            spans[-1][1] = end  # "2" "5" -> "25"
-        else:
-            spans.append([start, end])
-    return [(text[a:b].lower(), a, b) for a, b in spans
-            if any(unicodedata.category(c)[0] in "LN" for c in text[a:b])]
-
+# ---- words: data.split_words (the rule of both sides) located among CLIP's tokens ----
 
 def text_words(tokenizer, text, max_tokens=75, item_id=None):
     """(words, positions): the distinct words of text (split_words) and, per word, the CLIP token
@@ -377,30 +155,22 @@ def capturing(unet, store):
 
 # ---- DDIM inversion, then denoising ----
 
-def ddim_grids(scheduler, inversion_steps, denoise_steps, strength=1.0):
+def ddim_grids(scheduler, inversion_steps, denoise_steps):
     """(inverse, forward) DDIM schedulers whose grids meet: inversion ends where denoising starts.
 
     Both use "trailing" timestep spacing (Lin et al. 2024, Table 2), whose grids end at t = T-1 =
-    999 whatever the step count: with strength 1, inversion in 5 steps visits 199, 399, ..., 999
-    and leaves the latent at noise level 999; denoising in 10 steps starts from it at 999, 899,
-    ..., 99 and ends at level 0. (SD's own "leading" spacing would give inversion 1, 201, ...,
-    801 and denoising 901, ..., 1: grids that do not meet.) strength < 1 inverts only part way:
-    each grid is the lowest steps of a grid of steps / strength (5 steps at 0.5: 99, ..., 499;
-    10 steps: 499, 449, ..., 49), so both must be whole numbers. clip_sample=False: inversion must
-    not clamp the predicted clean latent. Guidance 1 (the answer only, no unconditional branch)
-    keeps DDIM inversion near-exact.
+    999 whatever the step count: inversion in 5 steps visits 199, 399, ..., 999 and leaves the
+    latent at noise level 999; denoising in 10 steps starts from it at 999, 899, ..., 99 and ends
+    at level 0. (SD's own "leading" spacing would give inversion 1, 201, ..., 801 and denoising
+    901, ..., 1: grids that do not meet.) clip_sample=False: inversion must not clamp the predicted
+    clean latent. Guidance 1 (the answer only, no unconditional branch) keeps DDIM inversion near-exact.
     """
     from diffusers import DDIMInverseScheduler, DDIMScheduler
     config = dict(scheduler.config, clip_sample=False, timestep_spacing="trailing")
-    inverse = DDIMInverseScheduler.from_config(_ddim_config(config, DDIMInverseScheduler))
-    forward = DDIMScheduler.from_config(_ddim_config(config, DDIMScheduler))
-    inverse.set_timesteps(round(inversion_steps / strength))
-    forward.set_timesteps(round(denoise_steps / strength))
-    # step() keeps the full grid's stride; only the noisiest steps are dropped
-    inverse.timesteps, forward.timesteps = inverse.timesteps[:inversion_steps], forward.timesteps[-denoise_steps:]
-    if inverse.timesteps[-1] != forward.timesteps[0]:
-        raise ValueError(f"--strength {strength}: inversion ends at t={int(inverse.timesteps[-1])} but denoising starts at "
-                         f"t={int(forward.timesteps[0])}; pick a strength that divides both step counts (1, 0.5, ...)")
+    inverse = DDIMInverseScheduler.from_config(scheduler_config(config, DDIMInverseScheduler))
+    forward = DDIMScheduler.from_config(scheduler_config(config, DDIMScheduler))
+    inverse.set_timesteps(inversion_steps)
+    forward.set_timesteps(denoise_steps)
     return inverse, forward
 
 
@@ -419,8 +189,8 @@ def invert_and_denoise(unet, latents, context, inverse, forward, store=None, cap
 
 
 @torch.no_grad()
-def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10, capture_steps="denoise", layers=None,
-                 strength=1.0):
+def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10, capture_steps="denoise",
+                 layers=None):
     """Mean cross-attention (B, columns, h, w) over heads, the chosen layers and steps.
 
     images (B, 3, res, res) in [-1, 1]; texts: the answers the DM is conditioned on (eq. 7: y).
@@ -432,7 +202,7 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     ids = dm["tokenizer"](texts, padding="max_length", max_length=dm["text_encoder"].config.max_position_embeddings,
               truncation=True, return_tensors="pt").input_ids.to(device)        # (B, 77)
     context = dm["text_encoder"](ids)[0].to(unet.dtype)                        # (B, 77, D)
-    inverse, forward = ddim_grids(dm["scheduler"], inversion_steps, denoise_steps, strength)
+    inverse, forward = ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)
     store = new_store(latents.shape[-2:], columns, layers)
     with capturing(unet, store):
         invert_and_denoise(unet, latents, context, inverse, forward, store, capture_steps)
@@ -449,42 +219,10 @@ def word_maps(attention, W):
     return min_max(maps)
 
 
-# ---- images ----
-
-def open_image(path):
-    """The image file as a fully decoded PIL RGB image: the one loader of extract.py (the DM's
-    pixels) and data.collate (the VLM's), so both models see the same picture.
-
-    Modes: integer grey (I;16, I) is read as 16-bit when any value exceeds 255 (else as 8-bit),
-    float grey (F) as [0, 1] when it stays within it; anything with transparency (RGBA, LA, or a
-    transparent palette colour) is composited on white; CMYK, YCbCr, P, L, 1 convert with PIL.
-    Decoding every pixel here (img.load) is what finds a truncated file; PIL's verify() does not.
-    """
-    with Image.open(path) as img:
-        img.load()
-        if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float grey
-            arr = np.asarray(img, dtype=np.float32)
-            arr = arr / 257.0 if arr.max() > 255 else arr * 255.0 if img.mode == "F" and arr.max() <= 1 else arr
-            img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-            rgba = img.convert("RGBA")
-            img = Image.new("RGB", rgba.size, (255, 255, 255))
-            img.paste(rgba, mask=rgba.getchannel("A"))
-        return img.convert("RGB")
-
-
-def load_image(path, res):
-    """(3, res, res) float tensor in [-1, 1] from an image file of any mode (open_image), squashed
-    to a square. The square resize matches the VLM side, whose maps also cover the whole image."""
-    img = open_image(path).resize((res, res), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, res, res) 0..255
-    return x / 127.5 - 1.0
-
-
 # ---- extraction: items -> attn/<id>.safetensors, sharded by rank, resumable ----
 
 def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_steps="denoise", layers=None,
-            batch_size=1, rank=0, world_size=1, progress=None, strength=1.0):
+            batch_size=1, rank=0, world_size=1, progress=None):
     """Write <out_dir>/<id>.safetensors for this rank's share of items; returns a summary dict.
 
     Rank r of world_size takes items r, r + world_size, ... (no collectives: a rank's crash stops
@@ -496,18 +234,15 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
     first in `items`, whichever rank each occurrence falls to.
     layers: None (all attn2 layers) or a set of downsampling factors of the latent grid
     (sd14 at 512 px: 1 = 64², 2 = 32², 4 = 16², 8 = 8²). capture_steps: "all", "inversion", "denoise".
-    strength: the share of the noise range the inversion covers (ddim_grids).
     Returns dict(done, skipped, failed, seconds, rank, world_size).
     """
     from tqdm import tqdm
     t0, out_dir = time.time(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps, "res": dm["res"],
-            "capture_steps": capture_steps, "layers": ",".join(map(str, sorted(layers))) if layers else "all",
-            "strength": strength}
-    ddim_grids(dm["scheduler"], inversion_steps, denoise_steps, strength)       # a bad grid fails now, not per batch
-    max_tokens = dm["text_encoder"].config.max_position_embeddings - 2           # 75 for CLIP
-    summary, todo = {"done": 0, "skipped": 0, "failed": 0}, []
+            "capture_steps": capture_steps, "layers": ",".join(map(str, sorted(layers))) if layers else "all"}
+    ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)  # bad step counts fail now, not per batch
+    summary = {"done": 0, "skipped": 0, "failed": 0}
     run = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
 
     def fail(item_id, reason):  # one short append per line: safe with several ranks writing
@@ -515,15 +250,46 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
         with open(out_dir / "failures.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"id": item_id, "reason": reason, "rank": rank, "run": run}) + "\n")
 
+    todo = items_to_do(items, dm, out_dir, rank, world_size, fail, summary)  # cheap checks: no UNet yet
+    # ---- the UNet work, batch_size items per call ----
+    show = progress if progress is not None else rank == 0  # tqdm on rank 0 only
+    bar = tqdm(total=len(todo), desc=f"extract {dm['name']}", disable=not show, unit="item")
+    for start in range(0, len(todo), batch_size):
+        batch, images = [], []
+        for item, words, positions in todo[start:start + batch_size]:
+            try:
+                images.append(load_image(item["image_path"], dm["res"]))
+                batch.append((item, words, positions))
+            except FileNotFoundError:
+                fail(item["id"], f"missing image: {item['image_path']}")
+            except Exception as e:  # PIL raises several types for unreadable files
+                fail(item["id"], f"corrupt image: {item['image_path']} ({type(e).__name__}: {e})")
+        if batch:
+            # context columns to keep: up to the last word piece of the batch (not CLIP's end/padding)
+            columns = 1 + max(occ[-1] for _, _, positions in batch for word in positions for occ in word)
+            attention = dm_attention(dm, torch.stack(images), [item["answer"] for item, _, _ in batch], columns,
+                                     inversion_steps, denoise_steps, capture_steps, layers)  # (B, columns, h, w)
+            for b, (item, words, positions) in enumerate(batch):
+                maps = word_maps(attention[b], word_weights(positions, columns))  # (n_words, 32, 32)
+                save_maps(maps_path(out_dir, item["id"]), maps, words, dict(meta, text=item["answer"]))
+                summary["done"] += 1
+        bar.update(len(todo[start:start + batch_size]))
+    bar.close()
+    summary.update(seconds=round(time.time() - t0, 2), rank=rank, world_size=world_size)
+    return summary
+
+
+def items_to_do(items, dm, out_dir, rank, world_size, fail, summary):
+    """[(item, words, positions)] of this rank's items that need the UNet; the others are skipped
+    as complete (counted in summary["skipped"]) or failed with their reason (fail)."""
+    max_tokens = dm["text_encoder"].config.max_position_embeddings - 2  # 75 for CLIP
     # every rank sees all items, so a repeated id is caught even when its twin went to another rank
     # (two ranks writing <id>.safetensors for two different items would leave one silently wrong map)
-    first = {}
+    first, todo = {}, []
     for i, item in enumerate(items):
         first.setdefault(item["id"], i)
-    # ---- cheap checks first: nothing here touches the UNet ----
     for i in range(rank, len(items), world_size):
-        item = items[i]
-        item_id, answer = item["id"], item["answer"]
+        item_id, answer = items[i]["id"], items[i]["answer"]
         if not ID_PATTERN.match(item_id):
             fail(item_id, f"bad id {item_id!r}: ids become file names, use only A-Z a-z 0-9 . _ -")
         elif first[item_id] != i:
@@ -535,40 +301,11 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
             fail(item_id, "empty answer: the DM is conditioned on the answer, nothing to map")
         else:
             words, positions = text_words(dm["tokenizer"], answer, max_tokens, item_id)
-            if not words:
-                fail(item_id, f"no mappable word in answer {answer!r} (only punctuation or symbols)")
+            if words:
+                todo.append((items[i], words, positions))
             else:
-                todo.append((item, words, positions))
-
-    # ---- the UNet work, batch_size items per call ----
-    show = progress if progress is not None else rank == 0                       # tqdm on rank 0 only
-    bar = tqdm(total=len(todo), desc=f"extract {dm['name']}", disable=not show, unit="item")
-    for start in range(0, len(todo), batch_size):
-        batch, images = [], []
-        for item, words, positions in todo[start:start + batch_size]:
-            try:
-                images.append(load_image(item["image_path"], dm["res"]))
-                batch.append((item, words, positions))
-            except FileNotFoundError:
-                fail(item["id"], f"missing image: {item['image_path']}")
-                bar.update(1)
-            except Exception as e:  # PIL raises several types for unreadable files
-                fail(item["id"], f"corrupt image: {item['image_path']} ({type(e).__name__}: {e})")
-                bar.update(1)
-        if not batch:
-            continue
-        # context columns to keep: up to the last word piece of the batch (not CLIP's end/padding)
-        columns = 1 + max(occ[-1] for _, _, positions in batch for word in positions for occ in word)
-        attention = dm_attention(dm, torch.stack(images), [item["answer"] for item, _, _ in batch], columns,
-                                 inversion_steps, denoise_steps, capture_steps, layers, strength)  # (B, columns, h, w)
-        for b, (item, words, positions) in enumerate(batch):
-            maps = word_maps(attention[b], word_weights(positions, columns))     # (n_words, 32, 32)
-            save_maps(maps_path(out_dir, item["id"]), maps, words, dict(meta, text=item["answer"]))
-            summary["done"] += 1
-        bar.update(len(batch))
-    bar.close()
-    summary.update(seconds=round(time.time() - t0, 2), rank=rank, world_size=world_size)
-    return summary
+                fail(item_id, f"no mappable word in answer {answer!r} (only punctuation or symbols)")
+    return todo
 
 
 # ---- the authors' JPEG layout: <root>/<image file name>/lpm_attention/<image stem>/attention_<word>.jpg ----
@@ -644,9 +381,9 @@ def import_jpeg(items, jpeg_dir, attn_dir, dm_name="authors-jpeg"):
 
 def parse_layers(text, preset=None):
     """"all" -> None; "2,4" -> {2, 4} (downsampling factors of the latent grid); "preset" -> the
-    --dm preset's default (DM_PRESETS)."""
+    --dm preset's default (models.PRESETS)."""
     if text == "preset":
-        return DM_PRESETS[preset]["layers"]
+        return PRESETS[preset]["layers"]
     if text == "all":
         return None
     factors = {int(f) for f in text.split(",") if f.strip().isdigit()}
@@ -658,7 +395,7 @@ def parse_layers(text, preset=None):
 def build_parser():
     p = argparse.ArgumentParser(description="Per-word Stable Diffusion cross-attention maps (Lavender §4.1).")
     # ---- data and model ----
-    p.add_argument("--dm", default="sd14", choices=sorted(DM_PRESETS), help="diffusion model preset")
+    p.add_argument("--dm", default="sd14", choices=DM_PRESETS, help="diffusion model preset (models.py)")
     p.add_argument("--dm-path", default=None, help="local folder in diffusers layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     p.add_argument("--data", help="dataset JSONL (id, image, question, answer); the DM is conditioned on the answer")
     p.add_argument("--out", default="attn", help="attention store folder: <out>/<id>.safetensors, <out>/failures.jsonl")
@@ -666,8 +403,6 @@ def build_parser():
     # ---- method (paper §5(1): 5 inversion + 10 denoising steps) ----
     p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (>= 1), guidance 1, conditioned on the answer")
     p.add_argument("--denoise-steps", type=int, default=10, help="DDIM denoising steps (>= 1) from the inverted latent")
-    p.add_argument("--strength", type=float, default=1.0, help="share of the noise range inverted: 1 = up to "
-                   "t=999; 0.5 = up to t=499 (steps / strength must be whole numbers)")
     p.add_argument("--capture-steps", default="denoise", choices=["denoise", "inversion", "all"],
                    help="which steps' attention is averaged: denoise (§5(1): 'attention maps are collected at each "
                    "denoising step'), inversion, or all")
@@ -708,7 +443,7 @@ def main(argv=None):
              "auto": torch.float16 if device.startswith("cuda") else torch.float32}[args.dtype]
     dm = load_dm(args.dm, args.dm_path, device, dtype)
     s = extract(items, dm, args.out, args.inversion_steps, args.denoise_steps, args.capture_steps,
-                parse_layers(args.layers, args.dm), args.batch_size, rank, world_size, strength=args.strength)
+                parse_layers(args.layers, args.dm), args.batch_size, rank, world_size)
     # one line per rank (no collectives to merge them); items of other ranks are not counted here
     print(f"extract rank {rank}/{world_size}: {s['done']} done, {s['skipped']} skipped as complete, "
           f"{s['failed']} failed (reasons in {Path(args.out) / 'failures.jsonl'}), {s['seconds']:.1f} s")

@@ -24,6 +24,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from data import jsonl_lines
+
 # ---------------------------------------------------------------------------------------------
 # exact match and multiple choice
 # ---------------------------------------------------------------------------------------------
@@ -538,19 +540,12 @@ def read_predictions(path):
     """{item id: prediction} of a JSONL file with one {"id", "prediction"} object per line (VLMEvalKit's
     "index" is read as the id), as written by any model; ValueError naming the line when malformed."""
     predictions = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {n}: not valid JSON ({err})") from None
-            key = "id" if isinstance(row, dict) and "id" in row else "index"
-            if not isinstance(row, dict) or key not in row or not isinstance(row.get("prediction"), str):
-                raise ValueError(f"{path} line {n}: expected {{\"id\": ..., \"prediction\": \"...\"}} "
-                                 f"(or VLMEvalKit's \"index\" for the id), got {line.strip()[:100]}")
-            if str(row[key]) in predictions:
-                raise ValueError(f"{path} line {n}: id {str(row[key])!r} is predicted twice")
-            predictions[str(row[key])] = row["prediction"]
+    for n, line, row in jsonl_lines(path):
+        key = "id" if isinstance(row, dict) and "id" in row else "index"
+        if not isinstance(row, dict) or key not in row or not isinstance(row.get("prediction"), str):
+            raise ValueError(f"{path} line {n}: expected {{\"id\": ..., \"prediction\": \"...\"}} "
+                             f"(or VLMEvalKit's \"index\" for the id), got {line.strip()[:100]}")
+        if str(row[key]) in predictions:
+            raise ValueError(f"{path} line {n}: id {str(row[key])!r} is predicted twice")
+        predictions[str(row[key])] = row["prediction"]
     return predictions

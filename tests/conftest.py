@@ -1,6 +1,6 @@
 """Shared test fixtures: a tiny dataset on disk in the DESIGN.md formats, written from the spec.
 
-The attention files are written here with safetensors directly (not through extract.save_maps),
+The attention files are written here with safetensors directly (not through data.save_maps),
 so that the readers are checked against the documented format rather than against the writer.
 """
 import json

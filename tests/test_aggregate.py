@@ -1,4 +1,4 @@
-"""aggregate.py: capture, tiles, aggregations, words. CPU, tiny Mllama from train.tiny_vlm(), no download.
+"""aggregate.py: capture, tiles, aggregations, words. CPU, tiny Mllama from models.tiny_vlm(), no download.
 
     python -m pytest -q tests/test_aggregate.py
 """
@@ -9,6 +9,8 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 import aggregate as ag
+import data
+import models
 import train
 from aligner import Aligner, aligner_channels, attention_loss
 
@@ -42,13 +44,12 @@ def model_inputs(batch):
 
 def label_plan(tokenizer, batch, dm_words, match="exact"):
     """The plan of the label words: every answer row captured, each read for the token it predicts."""
-    rows = ag.answer_rows(batch["labels"])
-    return ag.plan_words(tokenizer, rows, ag.row_tokens(rows, batch["input_ids"], align_words="label"), dm_words, match)
+    return ag.label_plan(tokenizer, batch["input_ids"], batch["labels"], dm_words, match)[1]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, processor = train.tiny_vlm()
+    model, processor = models.tiny_vlm()
     # non-zero gates so that the cross-attention layers change the logits (random init leaves them at 0)
     for layer in ag.aligned_layers(model):
         block = model.model.language_model.layers[layer]
@@ -165,11 +166,11 @@ def test_flow_weights_and_merge_rows():
 # ---- words ----
 
 def test_match_exact_vs_root():
-    assert ag.normalize_word("Circle,") == "circle"
-    assert ag.match_words(["circles", "Red", "the"], ["red", "circle"], "exact") == [None, 0, None]
-    assert ag.match_words(["circles", "Red", "the"], ["red", "circle"], "root") == [1, 0, None]
-    assert ag.match_words(["running"], ["runs"], "root") == [0]
-    assert ag.match_words(["running"], ["runs"], "exact") == [None]
+    assert data.normalize_word("Circle,") == "circle"
+    assert data.match_words(["circles", "Red", "the"], ["red", "circle"], "exact") == [None, 0, None]
+    assert data.match_words(["circles", "Red", "the"], ["red", "circle"], "root") == [1, 0, None]
+    assert data.match_words(["running"], ["runs"], "root") == [0]
+    assert data.match_words(["running"], ["runs"], "exact") == [None]
 
 
 def test_plan_words_multi_token_and_positions(tiny):
@@ -241,9 +242,9 @@ def test_both_sides_reach_the_same_words(tiny, text):
     _, processor, _ = tiny
     tok = processor.tokenizer
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    vlm = ag.answer_words(tok, ids)
-    dm = extract.text_words(extract.tiny_sd()["tokenizer"], text)[0]
-    assert [w for w, _ in vlm] == [w for w, _, _ in extract.split_words(text)]
+    vlm = data.answer_words(tok, ids)
+    dm = extract.text_words(models.tiny_sd()["tokenizer"], text)[0]
+    assert [w for w, _ in vlm] == [w for w, _, _ in data.split_words(text)]
     assert list(dict.fromkeys(w.lower() for w, _ in vlm)) == dm
     for word, toks in vlm:  # the word's tokens decode to exactly the word (no byte left out)
         assert tok.decode([ids[t] for t in toks]).strip().lower() == word
@@ -253,7 +254,7 @@ def test_token_spans_keep_partial_characters_with_their_word(tiny):
     _, processor, _ = tiny
     tok = processor.tokenizer
     ids = tok("naïve", add_special_tokens=False)["input_ids"]
-    text, spans = ag.token_spans(tok, ids)
+    text, spans = data.token_spans(tok, ids)
     assert text == "naïve" and len(ids) > 2  # "ï" is two bytes, split over tokens in the tiny BPE
     assert spans[0][0] == 0 and spans[-1][1] == len(text) and all(a < b for a, b in spans)
 
@@ -295,7 +296,7 @@ def test_capture_equals_eager_output_attentions(tiny):
 
 def test_learned_copy_equals_pretrained_at_init(tiny):
     model, processor, batch = tiny
-    model2, _ = train.tiny_vlm()
+    model2, _ = models.tiny_vlm()
     model2.load_state_dict(model.state_dict())
     layers = ag.aligned_layers(model2)
     new = ag.add_parallel_projections(model2, layers, init="copy")
@@ -330,7 +331,7 @@ def _att_loss(model, processor, batch, capture, aggregation, aligner, mode):
 
 
 def test_gradients_reach_aligner_lora_and_parallel_projections():
-    model, processor = train.tiny_vlm()
+    model, processor = models.tiny_vlm()
     batch = make_batch(processor, [(Image.new("RGB", (120, 40), (200, 10, 10)), "what colour is the circle?", "a red circle"),
                                    (Image.new("RGB", (56, 56)), "what shape is red?", "two circles")])
     config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)")
@@ -347,7 +348,7 @@ def test_gradients_reach_aligner_lora_and_parallel_projections():
         assert maps.shape == (2, 3, 32, 32) and maps.min() >= 0 and maps.max() <= 1
         loss_att.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aligner.parameters())
-    attn = ag.cross_attention(model, layers[0])
+    attn = models.cross_attention(model, layers[0])
     assert attn.q_proj.lora_A["default"].weight.grad.abs().sum() > 0
     assert attn.q_proj.lora_B["default"].weight.grad.abs().sum() > 0
     assert attn.lavender_q_proj.weight.grad is None  # not used by the pretrained path
@@ -357,7 +358,7 @@ def test_gradients_reach_aligner_lora_and_parallel_projections():
         _, loss_att, _ = _att_loss(model, processor, batch, capture, "learn", None, "per-layer")
         loss_att.backward()
     for layer in layers:
-        attn = ag.cross_attention(model, layer)
+        attn = models.cross_attention(model, layer)
         assert attn.lavender_q_proj.weight.grad.abs().sum() > 0
         assert attn.lavender_k_proj.weight.grad.abs().sum() > 0
 
@@ -366,13 +367,13 @@ def test_learned_capture_with_bf16_frozen_weights_and_fp32_projections():
     """One GPU without FSDP (python train.py on a GPU): frozen weights in bf16, trained ones (LoRA,
     parallel projections) in fp32, as train.build sets them up; the learned capture must take the
     bf16 hidden states into its fp32 projections, and the loss reach them. On the CPU here."""
-    model, processor = train.tiny_vlm()
+    model, processor = models.tiny_vlm()
     model = get_peft_model(model.to(torch.bfloat16),
                            LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
     layers = ag.aligned_layers(model)
     ag.add_parallel_projections(model, layers, init="copy")
     train.trainable_in_float32(model)
-    attn = ag.cross_attention(model, layers[0])
+    attn = models.cross_attention(model, layers[0])
     assert attn.lavender_q_proj.weight.dtype == torch.float32 and attn.q_proj.base_layer.weight.dtype == torch.bfloat16
     batch = make_batch(processor, [(Image.new("RGB", (56, 56), (200, 10, 10)), "what colour is the circle?", "a red circle")])
     batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
@@ -387,7 +388,7 @@ def test_learned_capture_with_bf16_frozen_weights_and_fp32_projections():
 def test_gradient_checkpointing_gives_the_same_maps_and_gradients(learned):
     grads, maps = [], []
     for checkpointing in (False, True):
-        model, processor = train.tiny_vlm()
+        model, processor = models.tiny_vlm()
         batch = make_batch(processor, [(Image.new("RGB", (120, 40), (200, 10, 10)), "what colour is the circle?", "a red circle")])
         layers = ag.aligned_layers(model)
         ag.add_parallel_projections(model, layers, init="copy")
@@ -395,7 +396,7 @@ def test_gradient_checkpointing_gives_the_same_maps_and_gradients(learned):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         calls = []  # cross-attention forwards: twice per layer when checkpointing recomputes in backward
-        counter = ag.cross_attention(model, layers[0]).register_forward_hook(lambda *a: calls.append(1))
+        counter = models.cross_attention(model, layers[0]).register_forward_hook(lambda *a: calls.append(1))
         with ag.AttentionCapture(model, layers, learned=learned) as capture:
             loss_vlm, loss_att, m = _att_loss(model, processor, batch, capture, "learn" if learned else "max-mean", None,
                                               "auto")
@@ -403,7 +404,7 @@ def test_gradient_checkpointing_gives_the_same_maps_and_gradients(learned):
             maps.append(m.detach())
         counter.remove()
         assert len(calls) == (2 if checkpointing else 1)
-        attn = ag.cross_attention(model, layers[0])
+        attn = models.cross_attention(model, layers[0])
         grads.append((attn.lavender_q_proj if learned else attn.q_proj).weight.grad.clone())
     assert torch.allclose(maps[0], maps[1], atol=1e-6)
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
@@ -432,16 +433,16 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-import aggregate as ag, train
+import aggregate as ag, models
 from test_aggregate import label_plan, make_batch, model_inputs
 dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1)
 mesh = init_device_mesh("cpu", (1,))
 results = []
 for shard in (False, True):
-    model, processor = train.tiny_vlm()
+    model, processor = models.tiny_vlm()
     batch = make_batch(processor, [(Image.new("RGB", (120, 40), (200, 10, 10)), "what colour is the circle?", "a red circle")])
     model = get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
-    assert hasattr(ag.cross_attention(model, 1).q_proj, "lora_A"), "LoRA did not wrap q_proj"
+    assert hasattr(models.cross_attention(model, 1).q_proj, "lora_A"), "LoRA did not wrap q_proj"
     layers = ag.aligned_layers(model)
     ag.add_parallel_projections(model, layers)  # after PEFT, before fully_shard
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -458,7 +459,7 @@ for shard in (False, True):
         out = model(**model_inputs(batch), labels=batch["labels"])
         maps = ag.vlm_word_maps(capture, plan, batch, "learn")
         (out.loss + 10 * ((maps - 0.5) ** 2).mean()).backward()
-    grad = ag.cross_attention(model, layers[0]).lavender_q_proj.weight.grad
+    grad = models.cross_attention(model, layers[0]).lavender_q_proj.weight.grad
     results.append((maps.detach(), grad.full_tensor() if hasattr(grad, "full_tensor") else grad))
 assert torch.allclose(results[0][0], results[1][0], atol=1e-6), "maps differ under FSDP2"
 assert torch.allclose(results[0][1], results[1][1], atol=1e-6) and results[0][1].abs().sum() > 0, "grads differ"

@@ -1,11 +1,10 @@
 """bench.py on CPU: the peer arms compute what their originals compute, the train arms step, and
-`python bench.py gpu --smoke` fills every row of its table.
+`python bench_gpu.py --smoke` fills every row of its table.
 
 Needs nothing downloaded (tiny SD, a 1/16-width llama32 from config). The smoke test starts
-`python bench.py gpu --smoke` (six processes, about a minute on 2 cores); the rest take seconds.
+`python bench_gpu.py --smoke` (six processes, about a minute on 2 cores); the rest take seconds.
 Run: python -m pytest -q tests/test_bench.py
 """
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,8 @@ import torch
 
 import aggregate
 import bench
-import extract
+import bench_gpu
+import models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_p2p_store_keeps_every_layer_up_to_32x32_summed_over_steps():
     maps) in down_blocks.0 and up_blocks.1, and at 20x20 (400: kept) in down_blocks.1, the mid block
     and up_blocks.0. Two UNet calls are two steps; the explicit-softmax processors leave the output
     as SDPA gives it; each kept map, self- or cross-attention, is a sum of two softmaxes."""
-    unet = extract.tiny_sd()["unet"]
+    unet = models.tiny_sd()["unet"]
     latents, context = torch.randn(1, 4, 40, 40), torch.randn(1, 77, 32)
     plain = dict(unet.attn_processors)
     expected = [unet(latents, t, encoder_hidden_states=context).sample for t in (1, 501)]
@@ -90,7 +90,7 @@ def test_bench_train_arms_step_and_count_the_aligner_flops():
     assert bench.aligner_alone_setup(words=16)[1] == pytest.approx(2 * 1024 * (3 * 9216 + 32) * 16 * 8 * 4 / 1e9)
 
 
-# ---- python bench.py gpu ----
+# ---- python bench_gpu.py ----
 
 FAKE_PART = """import json, sys, time
 name = sys.argv[2]
@@ -108,9 +108,9 @@ def test_gpu_parts_fail_and_time_out_alone(tmp_path, monkeypatch):
     (Each part is a stand-in script here, so that the test takes a second.)"""
     script = tmp_path / "fake_bench.py"
     script.write_text(FAKE_PART)
-    monkeypatch.setattr(bench, "__file__", str(script))
-    monkeypatch.setattr(bench, "GPU_PARTS", dict(bench.GPU_PARTS, train=1))
-    rows = bench.bench_gpu(smoke=True, out=tmp_path / "table.md")
+    monkeypatch.setattr(bench_gpu, "__file__", str(script))
+    monkeypatch.setattr(bench_gpu, "GPU_PARTS", dict(bench_gpu.GPU_PARTS, train=1))
+    rows = bench_gpu.bench_gpu(smoke=True, out=tmp_path / "table.md")
     by_part = {r["part"]: r for r in rows}
     assert by_part["extract-b1"]["arm"] == "FAILED" and "made-up failure" in by_part["extract-b1"]["note"]
     assert by_part["train"]["arm"] == "TIMEOUT" and "1 s" in by_part["train"]["note"]
@@ -119,11 +119,11 @@ def test_gpu_parts_fail_and_time_out_alone(tmp_path, monkeypatch):
 
 
 def test_gpu_smoke_fills_every_row(tmp_path):
-    """`python bench.py gpu --smoke`: the GPU command's code at tiny sizes on the CPU; every part
+    """`python bench_gpu.py --smoke`: the GPU command's code at tiny sizes on the CPU; every part
     succeeds and every row has a time and a peak memory."""
     out = tmp_path / "bench_gpu_smoke.md"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "gpu", "--smoke", "--out", str(out)],
+    done = subprocess.run([sys.executable, str(ROOT / "bench_gpu.py"), "--smoke", "--out", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = out.read_text()

@@ -1,4 +1,4 @@
-"""Tests of data.py convert: small files in each dataset's official layout (written here from the
+"""Tests of prepare.py convert: small files in each dataset's official layout (written here from the
 formats' documentation, never downloaded), converted to the JSONL of DESIGN.md, malformed ones
 included. Pure Python and tiny files in tmp_path. Run: python -m pytest -q tests/test_convert.py
 """
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import data
-from extract import read_items
+import prepare
+from data import read_items
 
 
 def images(folder, *names):
@@ -28,9 +28,9 @@ def dump(path, obj):
 
 
 def convert(*flags):
-    """Run `data.py convert FLAGS`; returns the written items read back as evaluate.py reads them."""
-    args = data.build_parser().parse_args(["convert", *map(str, flags)])
-    data.convert(args)
+    """Run `prepare.py convert FLAGS`; returns the written items read back as evaluate.py reads them."""
+    args = prepare.build_parser().parse_args(["convert", *map(str, flags)])
+    prepare.convert(args)
     return read_items(args.out)
 
 
@@ -38,10 +38,10 @@ def convert(*flags):
 
 
 def test_safe_id_and_most_common():
-    assert data.safe_id("COCO 2014/391895") == "COCO_2014_391895"
-    assert data.safe_id("../x") == "___x" and data.safe_id(123) == "123" and data.safe_id("") == "_"
-    assert len(data.safe_id("x" * 300)) == 100
-    assert data.most_common(["b", "a", "a", "b", "c"]) == "b"     # ties: the first given
+    assert prepare.safe_id("COCO 2014/391895") == "COCO_2014_391895"
+    assert prepare.safe_id("../x") == "___x" and prepare.safe_id(123) == "123" and prepare.safe_id("") == "_"
+    assert len(prepare.safe_id("x" * 300)) == 100
+    assert prepare.most_common(["b", "a", "a", "b", "c"]) == "b"     # ties: the first given
 
 
 # ---- each format ----
@@ -203,7 +203,7 @@ def test_coco_captions_karpathy_split(tmp_path, capsys):
     images(tmp_path / "coco", "val2014/COCO_val2014_000000391895.jpg", "train2014/COCO_train2014_000000057870.jpg")
     items = convert("coco-captions", src, "--images", tmp_path / "coco", "--out", tmp_path / "c.jsonl")
     assert len(items) == 1 and items[0]["id"] == "391895" and items[0]["metric"] == "cider"
-    assert items[0]["question"] == data.CAPTION_PROMPT
+    assert items[0]["question"] == prepare.CAPTION_PROMPT
     assert items[0]["answer"] == "A man with a red helmet on a small moped on a dirt road."
     assert len(items[0]["answers"]) == 2 and "not in split test: 1" in capsys.readouterr().out
     # training data: one item per caption, every split

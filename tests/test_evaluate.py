@@ -11,25 +11,30 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import evaluate as E
+import figures
+import metrics as M
+import models
+import runs
 
 # ---- scoring ----
 
 
 def test_normalize_answer():
-    assert E.normalize_answer("The answer: Two red circles.") == "answer 2 red circles"
-    assert E.normalize_answer("  A   RED circle!! ") == "red circle"
-    assert E.normalize_answer("3.5 cm.") == "3.5 cm"          # decimal point kept, final period dropped
-    assert E.normalize_answer("Yes.") == E.normalize_answer("yes")
-    assert E.normalize_answer("blue") != E.normalize_answer("red")
+    assert M.normalize_answer("The answer: Two red circles.") == "answer 2 red circles"
+    assert M.normalize_answer("  A   RED circle!! ") == "red circle"
+    assert M.normalize_answer("3.5 cm.") == "3.5 cm"          # decimal point kept, final period dropped
+    assert M.normalize_answer("Yes.") == M.normalize_answer("yes")
+    assert M.normalize_answer("blue") != M.normalize_answer("red")
 
 
 def test_parse_choices_and_extract_choice():
     q = "Which organ is shown? A. liver B. heart (C) lung D) brain"
-    choices = E.parse_choices(q)
+    choices = M.parse_choices(q)
     assert choices == {"A": "liver", "B": "heart", "C": "lung", "D": "brain"}
-    assert E.parse_choices("Which organ?\nA) liver\nB: heart") == {"A": "liver", "B": "heart"}
-    assert E.parse_choices("what colour is the circle?") == {}
+    assert M.parse_choices("Which organ?\nA) liver\nB: heart") == {"A": "liver", "B": "heart"}
+    assert M.parse_choices("what colour is the circle?") == {}
     cases = {"B": "B", "(B)": "B", "B.": "B", "B) heart": "B", "The answer is C": "C", "Answer: (D)": "D",
              "I think (A) is right": "A", "It is the heart.": "B", "lung": "C",
              "A red circle": None,            # the article, not a letter
@@ -37,37 +42,37 @@ def test_parse_choices_and_extract_choice():
              "heart or lung": None,           # two options named: undecided
              "no idea": None}
     for text, letter in cases.items():
-        assert E.extract_choice(text, choices) == letter, text
+        assert M.extract_choice(text, choices) == letter, text
 
 
 def test_score_prediction():
     q = "Which organ? A. liver B. heart C. lung D. brain"
-    assert E.score_prediction("B", "B", q) == {"correct": True, "kind": "choice", "letter": "B", "reference_letter": "B"}
-    assert E.score_prediction("The answer is (C).", "(B) heart", q)["correct"] is False
-    assert E.score_prediction("heart", "B. heart", q)["correct"] is True
+    assert M.score_prediction("B", "B", q) == {"correct": True, "kind": "choice", "letter": "B", "reference_letter": "B"}
+    assert M.score_prediction("The answer is (C).", "(B) heart", q)["correct"] is False
+    assert M.score_prediction("heart", "B. heart", q)["correct"] is True
     # no options listed: exact match after normalisation
-    assert E.score_prediction("Two.", "2", "how many objects are there?") == {"correct": True, "kind": "exact"}
-    assert E.score_prediction("a red circle", "red", "what colour?")["correct"] is False
+    assert M.score_prediction("Two.", "2", "how many objects are there?") == {"correct": True, "kind": "exact"}
+    assert M.score_prediction("a red circle", "red", "what colour?")["correct"] is False
 
 
 def test_wilson_interval_worked_example():
     # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38416 = 0.71674, half 1.96 * sqrt(0.016 + 0.009604) / 1.38416 = 0.22658
-    lo, hi = E.wilson_interval(8, 10)
+    lo, hi = M.wilson_interval(8, 10)
     assert lo == pytest.approx(0.49016, abs=1e-4) and hi == pytest.approx(0.94332, abs=1e-4)
-    assert E.wilson_interval(0, 0) == (0.0, 1.0)
-    lo, hi = E.wilson_interval(10, 10)
+    assert M.wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = M.wilson_interval(10, 10)
     assert hi == pytest.approx(1.0) and 0.6 < lo < 0.75     # never the degenerate [1, 1] of the normal interval
-    assert E.wilson_interval(50, 100)[0] == pytest.approx(1 - E.wilson_interval(50, 100)[1])   # symmetric at 1/2
+    assert M.wilson_interval(50, 100)[0] == pytest.approx(1 - M.wilson_interval(50, 100)[1])   # symmetric at 1/2
 
 
 def test_accuracy_table_per_category():
     records = [{"correct": True, "category": "colour"}, {"correct": False, "category": "colour"},
                {"correct": True, "category": "count"}, {"correct": True}]
-    table = E.accuracy_table(records)
+    table = M.accuracy_table(records)
     assert table["all"]["accuracy"] == 0.75 and table["all"]["n"] == 4 and table["all"]["correct"] == 3
     assert table["colour"]["accuracy"] == 0.5 and table["count"]["n"] == 1
     assert set(table) == {"all", "colour", "count"}
-    assert E.accuracy_table([])["all"]["accuracy"] is None
+    assert M.accuracy_table([])["all"]["accuracy"] is None
 
 
 # ---- attention measures ----
@@ -104,7 +109,7 @@ def test_pointing_on_a_hand_made_mask(tmp_path):
     Image.fromarray(mask).save(tmp_path / "mask.png")
     item = {"id": "x", "image_path": str(tmp_path / "img.png"), "masks": {"Circle": "mask.png"},
             "boxes": {"square": [0, 24, 16, 48]}}
-    regions = E.item_regions(item, tmp_path, lambda w: w.lower())
+    regions = data.item_regions(item, tmp_path, lambda w: w.lower())
     assert set(regions) == {"circle", "square"} and regions["circle"].shape == (h, w)
     inside = torch.zeros(32, 32)
     inside[3, 25] = 1.0      # cell centre (3.5 * 48/32, 25.5 * 64/32) = (5.25, 51) -> pixel (5, 51): inside
@@ -121,9 +126,9 @@ def test_pointing_on_a_hand_made_mask(tmp_path):
 
 
 def fake_run(name, acc_flags, mse):
-    return {"name": name, "accuracy": E.accuracy_table([{"correct": c, "category": "k"} for c in acc_flags]),
+    return {"name": name, "accuracy": M.accuracy_table([{"correct": c, "category": "k"} for c in acc_flags]),
             "vlm_entropy": E.summarize([6.0, 6.5]), "alignment_mse": E.summarize([mse]), "matched_words": 1,
-            "pointing": E.accuracy_summary([True, False])}
+            "pointing": M.accuracy_summary([True, False])}
 
 
 def test_report_files_one_row_per_run(tmp_path):
@@ -146,10 +151,10 @@ def test_report_files_one_row_per_run(tmp_path):
 
 
 def test_pictures_are_written(tmp_path):
-    E.draw_entropy_histograms(tmp_path / "h.png", [1.0, 2.0, 2.5], {"ar": [6.0, 6.5], "lavender": [3.0]})
+    figures.draw_entropy_histograms(tmp_path / "h.png", [1.0, 2.0, 2.5], {"ar": [6.0, 6.5], "lavender": [3.0]})
     assert Image.open(tmp_path / "h.png").size[1] > 2 * 150
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 100, 3), dtype=np.uint8))
-    E.draw_overlay_grid(tmp_path / "o.png", image, ["red", "circle"], torch.rand(2, 32, 32),
+    figures.draw_overlay_grid(tmp_path / "o.png", image, ["red", "circle"], torch.rand(2, 32, 32),
                         {"ar": [torch.rand(32, 32), None], "lavender": [torch.rand(32, 32)] * 2})
     w, h = Image.open(tmp_path / "o.png").size
     assert w > 4 * 128 and h > 2 * 64          # 4 columns of 128 px, 2 rows of 64 px (aspect kept)
@@ -160,9 +165,8 @@ def test_pictures_are_written(tmp_path):
 
 def test_batched_greedy_generation_equals_one_by_one(tiny_dataset):
     """Left padding must not change any item's greedy answer."""
-    import train
-    model, processor = train.tiny_vlm()
-    items = E.read_items(tiny_dataset)[:4]     # tile layouts 1x1, 1x2, 2x1, 2x2: prompts of different lengths
+    model, processor = models.tiny_vlm()
+    items = data.read_items(tiny_dataset)[:4]     # tile layouts 1x1, 1x2, 2x1, 2x2: prompts of different lengths
     batched = E.generate_answers(model.eval(), processor, items, batch_size=4, max_new_tokens=5, show=False)
     single = [E.generate_answers(model, processor, [it], batch_size=1, max_new_tokens=5, show=False)[0] for it in items]
     assert batched == single and any(batched)
@@ -211,7 +215,7 @@ def test_end_to_end_two_runs_and_base(two_runs, capsys):
     for r in report["runs"]:
         preds = [json.loads(line) for line in open(out / r["name"] / "predictions.jsonl")]
         assert [p["id"] for p in preds] == [it["id"] for it in items]
-        assert all(p["correct"] == E.score_prediction(p["prediction"], p["answer"], p["question"])["correct"] for p in preds)
+        assert all(p["correct"] == M.score_prediction(p["prediction"], p["answer"], p["question"])["correct"] for p in preds)
         assert r["accuracy"]["all"]["correct"] == sum(p["correct"] for p in preds)
         assert r["accuracy"]["colour"]["n"] + r["accuracy"]["other"]["n"] == 6
         # every matched word has an entropy and an MSE; the 3 boxed "circle"s are pointed at
@@ -284,8 +288,7 @@ def test_runs_evaluate_in_bfloat16(two_runs, tmp_path):
     for a, b in zip(fp32["runs"], bf16["runs"]):
         assert a["matched_words"] == b["matched_words"] > 0
         assert b["alignment_mse"]["mean"] == pytest.approx(a["alignment_mse"]["mean"], abs=0.01)
-    import train
-    model, _, lavender_settings, _ = train.load_run(lavender, dtype=torch.bfloat16)
+    model, _, lavender_settings, _ = runs.load_run(lavender, dtype=torch.bfloat16)
     attn = next(m for m in model.modules() if hasattr(m, "lavender_q_proj"))
     assert attn.lavender_q_proj.weight.dtype == torch.bfloat16
     assert next(lavender_settings["aligner"].parameters()).dtype == torch.float32
@@ -295,18 +298,16 @@ def test_own_maps_as_targets_give_zero_mse_and_full_pointing(tmp_path, tiny_data
     """Write the base model's own answer maps as the 'DM' store and a 1-pixel box at each map's argmax:
     the alignment MSE must be ~0 (float16 storage) and pointing 100%, which checks that words, maps,
     boxes and the argmax-to-pixel mapping are paired correctly end to end."""
-    import train
-    from extract import read_items, save_maps
-    model, processor = train.tiny_vlm()
-    items = read_items(tiny_dataset)
+    model, processor = models.tiny_vlm()
+    items = data.read_items(tiny_dataset)
     args = E.build_parser().parse_args(["--model", "tiny", "--data", tiny_dataset, "--out", str(tmp_path), "--quiet"])
     own, head = E.capture_settings(None, model, args)
     assert head is None
-    dm_store = {it["id"]: E.load_maps(E.maps_path(Path(tiny_dataset).parent / "attn", it["id"]))[:2] for it in items}
+    dm_store = {it["id"]: data.load_maps(data.maps_path(Path(tiny_dataset).parent / "attn", it["id"]))[:2] for it in items}
     maps = E.answer_maps(model.eval(), processor, items, dm_store, own, batch_size=3, show=False)
     boxes = {}
     for it, m in zip(items, maps):
-        save_maps(tmp_path / "own" / f"{it['id']}.safetensors", m["own"], m["words"],
+        data.save_maps(tmp_path / "own" / f"{it['id']}.safetensors", m["own"], m["words"],
                   {"dm": "own", "text": it["answer"]})  # the store's text is the item's answer (DESIGN.md)
         w, h = Image.open(it["image_path"]).size
         boxes[it["id"]] = {}
@@ -353,8 +354,8 @@ def test_broken_run_folders_and_items_are_named(tmp_path, tiny_dataset):
     assert f"--run-dir {runs['bad-json']}: config.json cannot be read (JSONDecodeError" in said
     assert f"--run-dir {runs['no-adapter']}: adapter/adapter_config.json is missing" in said
     attn = Path(tiny_dataset).parent / "attn"
-    data = (attn / "item001.safetensors").read_bytes()
-    (attn / "item001.safetensors").write_bytes(data[:len(data) // 2])
+    stored = (attn / "item001.safetensors").read_bytes()
+    (attn / "item001.safetensors").write_bytes(stored[:len(stored) // 2])
     add_fields(tiny_dataset)
     items = [json.loads(line) for line in open(tiny_dataset)]
     items[3]["masks"] = {"yes": "masks/none.png"}
@@ -380,21 +381,20 @@ def test_an_id_cannot_write_outside_the_output_folder(tmp_path, tiny_dataset):
                                                 "--out", str(out), "--quiet"]))
     assert not list(tmp_path.rglob("escaped*"))
     with pytest.raises(ValueError, match="would leave"):
-        E.overlay_path(out, "../../escaped")
+        figures.overlay_path(out, "../../escaped")
 
 
 def test_own_maps_are_the_pretrained_attention_whatever_the_head(two_runs):
     """The one ruler: a Lavender run's own maps come from its pretrained attention A (the same layers
     and aggregation as any model's), untouched by its parallel projections and Aligner; its head
     maps come from them. Changing the projections changes the head and leaves the own maps."""
-    import train
-    root, data, (_, lavender_dir) = two_runs
-    model, processor, lavender, _ = train.load_run(lavender_dir)
-    args = E.build_parser().parse_args(["--model", "tiny", "--data", data, "--out", str(root / "x")])
+    root, data_path, (_, lavender_dir) = two_runs
+    model, processor, lavender, _ = runs.load_run(lavender_dir)
+    args = E.build_parser().parse_args(["--model", "tiny", "--data", data_path, "--out", str(root / "x")])
     own, head = E.capture_settings(lavender, model, args)
     assert head["learned"] and own["aggregation"] == "mean-mean" and own["aligner"] is None
-    items = E.read_items(data)
-    store = E.read_dm_store(items, root / "attn")
+    items = data.read_items(data_path)
+    store = {it["id"]: m for it in items if (m := data.read_maps(root / "attn", it["id"]))[0] is not None}
     alone = E.answer_maps(model, processor, items, store, own, None, show=False)
     both = E.answer_maps(model, processor, items, store, own, head, show=False)
     with torch.no_grad():

@@ -3,11 +3,11 @@ import pytest
 import torch
 from PIL import Image
 
-import train
+import models
 
 
 def test_tiny_vlm_runs_forward_with_its_processor():
-    model, processor = train.tiny_vlm()
+    model, processor = models.tiny_vlm()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the circle?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
     text = processor.apply_chat_template(messages)
@@ -22,19 +22,19 @@ def test_tiny_vlm_runs_forward_with_its_processor():
 def test_llama32_without_weights_fails_with_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="--model-path"):
-        train.load_vlm("llama32")
+        models.load_vlm("llama32")
 
 
 def test_toy_without_its_folder_fails_with_a_clear_message(tmp_path):
     with pytest.raises(SystemExit, match="toy.py"):
-        train.load_vlm("toy", str(tmp_path / "missing"))
+        models.load_vlm("toy", str(tmp_path / "missing"))
 
 
 def test_presets_load_a_save_pretrained_folder(tmp_path):
-    model, processor = train.tiny_vlm()
+    model, processor = models.tiny_vlm()
     model.save_pretrained(tmp_path / "m")
     processor.save_pretrained(tmp_path / "m")
-    loaded, loaded_processor = train.load_vlm("toy", str(tmp_path / "m"))  # e.g. what toy.py writes
+    loaded, loaded_processor = models.load_vlm("toy", str(tmp_path / "m"))  # e.g. what toy.py writes
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     assert loaded_processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]) \
         == processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])

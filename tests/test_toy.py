@@ -12,7 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+import base_models
+import data
+import extract
+import models
 import toy
+import world
 
 SHIPPED_SD = toy.TOY_MODELS / "toy-sd"
 SHIPPED_VLM = toy.TOY_MODELS / "toy-vlm"
@@ -26,9 +31,9 @@ VQA_THRESHOLD = 0.5           # toy VLM, one-object colour/shape questions: 67% 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory, monkeypatch_module):
     """A world with small splits (the same generator, fewer images), drawn once for the module."""
-    monkeypatch_module.setattr(toy, "SPLITS", {k: (max(8, v[0] // 100), *v[1:]) for k, v in toy.SPLITS.items()})
+    monkeypatch_module.setattr(world, "SPLITS", {k: (max(8, v[0] // 100), *v[1:]) for k, v in world.SPLITS.items()})
     out = tmp_path_factory.mktemp("world")
-    return out, toy.build_world(out, seed=3)
+    return out, world.build_world(out, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +65,8 @@ def test_world_is_deterministic_by_seed(small_world, tmp_path):
     out, _ = small_world
     again = tmp_path / "again"
     other = tmp_path / "other"
-    toy.build_world(again, seed=3)
-    toy.build_world(other, seed=4)
+    world.build_world(again, seed=3)
+    world.build_world(other, seed=4)
     assert digest(again) == digest(out)
     assert digest(other) != digest(out)
 
@@ -70,7 +75,7 @@ def test_a_larger_finetune_split_extends_the_smaller_one(small_world, tmp_path):
     """--finetune-items draws more fine-tuning images from the same stream: the smaller split's items
     come first, unchanged; the other splits and their files are untouched; the stamp tells them apart."""
     out, paths = small_world
-    bigger = toy.build_world(tmp_path / "big", seed=3, finetune_items=12)
+    bigger = world.build_world(tmp_path / "big", seed=3, finetune_items=12)
     small, big = read(paths["finetune"]), read(bigger["finetune"])
     assert len(small) == 8 and len(big) == 12 and big[:8] == small
     for split in ("pretrain", "test-id", "test-ood", "test-captions"):
@@ -92,9 +97,9 @@ def test_masks_match_drawings(small_world):
                 k = int(Path(rel).stem.rsplit("-", 1)[1])
                 obj = item["objects"][k]
                 assert word in (obj["colour"], obj["shape"]), (item["id"], word, obj)
-                coloured = (pixels == toy.COLOURS[obj["colour"]]).all(-1)          # (32, 32)
+                coloured = (pixels == world.COLOURS[obj["colour"]]).all(-1)          # (32, 32)
                 assert mask.sum() >= 20 and np.array_equal(mask, coloured), (item["id"], word)
-                assert np.array_equal(mask, toy.shape_mask(obj["shape"], obj["cx"], obj["cy"], obj["r"]))
+                assert np.array_equal(mask, world.shape_mask(obj["shape"], obj["cx"], obj["cy"], obj["r"]))
                 checked += 1
     assert checked > 30
 
@@ -110,7 +115,7 @@ def test_answers_are_true_of_the_scene(small_world):
             elif item["category"] == "shape":
                 assert (q.split()[-2], a) in pairs
             elif item["category"] == "count":
-                assert a == toy.COUNT_WORDS[len(objs)]
+                assert a == world.COUNT_WORDS[len(objs)]
             elif item["category"] == "yesno":
                 c, s = q.rstrip("?").split()[-2:]
                 assert a == ("yes" if (c, s) in pairs else "no")
@@ -124,7 +129,7 @@ def test_splits_follow_the_design(small_world):
     for item in read(paths["pretrain"]):
         if item["category"] in ("colour", "shape", "yesno", "position", "caption"):
             assert len(item["objects"]) == 1
-    held = {tuple(p) for p in toy.HELD_OUT}
+    held = {tuple(p) for p in world.HELD_OUT}
     for item in read(paths["finetune"]):
         assert not {(o["colour"], o["shape"]) for o in item["objects"]} & held
         assert len(item["objects"]) >= 2
@@ -136,24 +141,22 @@ def test_splits_follow_the_design(small_world):
 
 
 def test_world_reads_through_the_project(small_world):
-    """The JSONL is the DESIGN.md format: extract.read_items and train.collate take it unchanged."""
-    import extract
-    import train
+    """The JSONL is the DESIGN.md format: data.read_items and data.collate take it unchanged."""
     _, paths = small_world
-    items = extract.read_items(paths["finetune"])
+    items = data.read_items(paths["finetune"])
     assert all(Path(it["image_path"]).exists() for it in items)
-    model, processor = toy.toy_vlm(seed=0)
-    batch = train.collate(processor, items[:3])
+    model, processor = base_models.toy_vlm(seed=0)
+    batch = data.collate(processor, items[:3])
     assert batch["pixel_values"].shape == (3, 1, 1, 3, 32, 32)
     # every world word is one token of each tokenizer
-    clip = toy.clip_tokenizer()
-    for word in toy.world_words():
+    clip = base_models.toy_sd_tokenizer()
+    for word in world.world_words():
         assert len(clip.tokenize(word)) == 1
         assert len(processor.tokenizer.tokenize(" " + word)) == 1
 
 
 def test_clip_tokenizer_worked_example():
-    tok = toy.clip_tokenizer()
+    tok = base_models.toy_sd_tokenizer()
     pieces = tok.convert_ids_to_tokens(tok("a red circle, left of a blue square? redd").input_ids)
     assert pieces == ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", ",</w>", "left</w>", "of</w>", "a</w>",
                       "blue</w>", "square</w>", "?</w>", "re", "d", "d</w>", "<|endoftext|>"]
@@ -166,28 +169,25 @@ def test_clip_tokenizer_worked_example():
 def test_shipped_toy_sd_points_at_objects(small_world, tmp_path):
     """Held-out captions: the argmax of a colour/shape word's map (extract.py, the sd14 path) falls
     inside the word's object. Measured on 150 held-out images: see toy_report.md; chance ~ 6%."""
-    import extract
     _, paths = small_world
-    dm = extract.load_dm("toy-sd", path=SHIPPED_SD)
+    dm = models.load_dm("toy-sd", path=SHIPPED_SD)
     assert dm["res"] == 32 and dm["vae"] is not None
-    items = extract.read_items(paths["test-captions"])[:12]
+    items = data.read_items(paths["test-captions"])[:12]
     summary = extract.extract(items, dm, tmp_path / "attn", inversion_steps=5, denoise_steps=5, batch_size=12,
                               progress=False)
     assert summary["done"] == len(items)
-    result = toy.dm_pointing(items, tmp_path / "attn")
+    result = base_models.dm_pointing(items, tmp_path / "attn")
     assert result["n"] >= 40
     assert result["accuracy"] >= POINTING_THRESHOLD, result
     assert result["colour"] >= COLOUR_POINTING_THRESHOLD and result["shape"] >= SHAPE_POINTING_THRESHOLD, result
 
 
 def test_shipped_toy_vlm_loads_through_train_and_answers(small_world):
-    import train
     _, paths = small_world
-    model, processor = train.load_vlm("toy", str(SHIPPED_VLM))
+    model, processor = models.load_vlm("toy", str(SHIPPED_VLM))
     assert processor.tokenizer.convert_tokens_to_ids("<|image|>") == model.config.image_token_index
-    import extract
-    items = [it for it in extract.read_items(paths["pretrain"]) if it["category"] in ("colour", "shape")][:20]
-    assert toy.vqa_accuracy(model, processor, items) >= VQA_THRESHOLD   # one-object scenes: the pre-training task
+    items = [it for it in data.read_items(paths["pretrain"]) if it["category"] in ("colour", "shape")][:20]
+    assert base_models.vqa_accuracy(model, processor, items) >= VQA_THRESHOLD   # one-object scenes: the pre-training task
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,13 +221,12 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
 def test_demo_dm_categories_limits_the_fine_tuning_maps(small_world, tmp_path):
     """--dm-categories colour: DM maps only for colour answers in fine-tuning (shape items then train
     with L_VLM alone); the test splits keep every map, so pointing and MSE are measured as before."""
-    import extract
     world, _ = small_world
     toy.main(["--world", str(world), "--out", str(tmp_path / "demo"), "--seeds", "0", "--steps", "2",
               "--batch-size", "4", "--limit", "8", "--inversion-steps", "2", "--denoise-steps", "1",
               "--report", "", "--quiet", "--dm-categories", "colour"])
     finetune = [p.name for p in (tmp_path / "demo" / "attn").glob("*/finetune-*/*.safetensors")]
-    expected = [it["id"] for it in extract.read_items(world / "finetune.jsonl") if it.get("masks")][:8]
+    expected = [it["id"] for it in data.read_items(world / "finetune.jsonl") if it.get("masks")][:8]
     assert finetune and all(p.split(".")[0].endswith("-colour") for p in finetune), finetune
     assert len(finetune) == sum(i.endswith("-colour") for i in expected)
     tests = [p.name for p in (tmp_path / "demo" / "attn").glob("*/test-id/*.safetensors")]
@@ -236,22 +235,21 @@ def test_demo_dm_categories_limits_the_fine_tuning_maps(small_world, tmp_path):
 
 def test_retraining_paths_write_loadable_models(small_world, tmp_path):
     """`toy.py train-sd` and `train-vlm` (a few steps here) write folders that load through the same
-    code as the shipped ones: extract.load_dm("toy-sd", path) and train.load_vlm("toy", path)."""
-    import extract
-    import train
+    code as the shipped ones: models.load_dm("toy-sd", path) and models.load_vlm("toy", path)."""
     world, _ = small_world
-    toy.train_sd(tmp_path / "sd", world, seed=3, steps=2, batch=4, vae_steps=2)
-    dm = extract.load_dm("toy-sd", path=tmp_path / "sd")
-    assert dm["res"] == 32 and dm["text_encoder"].config.max_position_embeddings == toy.TEXT_POSITIONS
+    base_models.train_sd(tmp_path / "sd", world, seed=3, steps=2, batch=4, vae_steps=2)
+    dm = models.load_dm("toy-sd", path=tmp_path / "sd")
+    positions = models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"]
+    assert dm["res"] == 32 and dm["text_encoder"].config.max_position_embeddings == positions
     # --init-from (how the shipped toy-sd was continued): the VAE and its scaling factor are kept
     # frozen, the UNet moves on from the loaded weights
-    toy.train_sd(tmp_path / "sd2", world, seed=3, steps=2, batch=4, init_from=tmp_path / "sd")
-    dm2 = extract.load_dm("toy-sd", path=tmp_path / "sd2")
+    base_models.train_sd(tmp_path / "sd2", world, seed=3, steps=2, batch=4, init_from=tmp_path / "sd")
+    dm2 = models.load_dm("toy-sd", path=tmp_path / "sd2")
     assert dm2["vae"].config.scaling_factor == dm["vae"].config.scaling_factor
     for (name, a), b in zip(dm["vae"].state_dict().items(), dm2["vae"].state_dict().values()):
         assert torch.equal(a, b), name
     moved = [not torch.equal(a, b) for a, b in zip(dm["unet"].state_dict().values(), dm2["unet"].state_dict().values())]
     assert any(moved)
-    toy.train_vlm(tmp_path / "vlm", world, seed=3, steps=2, batch=4)
-    model, processor = train.load_vlm("toy", str(tmp_path / "vlm"))
+    base_models.train_vlm(tmp_path / "vlm", world, seed=3, steps=2, batch=4)
+    model, processor = models.load_vlm("toy", str(tmp_path / "vlm"))
     assert json.loads((tmp_path / "vlm" / "training.json").read_text())["steps"] == 2

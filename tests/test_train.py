@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 
 import aggregate
 import aligner as aligner_lib
-import extract
+import data
+import models
+import runs
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +62,9 @@ def torchrun(data, out, *flags, script=ROOT / "train.py", env=(), fails=False):
 
 
 def test_collate_labels_only_the_answer_and_its_end(tiny_dataset):
-    _, processor = train.tiny_vlm()
-    items = extract.read_items(tiny_dataset)[:3]
-    batch = train.collate(processor, items)
+    _, processor = models.tiny_vlm()
+    items = data.read_items(tiny_dataset)[:3]
+    batch = data.collate(processor, items)
     tok = processor.tokenizer
     for b, item in enumerate(items):
         answer = batch["labels"][b][batch["labels"][b] != -100]
@@ -70,7 +72,7 @@ def test_collate_labels_only_the_answer_and_its_end(tiny_dataset):
         ids = batch["input_ids"][b][batch["attention_mask"][b] == 1]
         assert tok.decode(ids).startswith("<|begin_of_text|><|start_header_id|>user")  # one BOS, chat template
     assert batch["image_sizes"].tolist() == [image_size(it) for it in items]  # (height, width)
-    prompts = train.collate(processor, items, with_answer=False)
+    prompts = data.collate(processor, items, with_answer=False)
     assert "labels" not in prompts and (prompts["attention_mask"][:, -1] == 1).all()  # left padded for generate()
 
 
@@ -87,9 +89,9 @@ def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
     PeftModel.from_pretrained, and load_run gives the same logits as the checkpoint. The first item
     has no attention file, so at step 1 rank 0 aligns no word while rank 1 does (a hang if the
     ranks' backward graphs differed)."""
-    items = extract.read_items(tiny_dataset)
-    first = items[train.epoch_order(len(items), 42, 0)[0]]["id"]  # --seed 42: the default
-    os.remove(extract.maps_path(Path(tiny_dataset).parent / "attn", first))
+    items = data.read_items(tiny_dataset)
+    first = items[data.epoch_order(len(items), 42, 0)[0]]["id"]  # --seed 42: the default
+    os.remove(data.maps_path(Path(tiny_dataset).parent / "attn", first))
     flags = ["--lora-dropout", "0", "--lr", "1e-3", "--batch-size", "1"]
     _, one = run(tiny_dataset, tmp_path / "one", "--grad-accum", "2", "--max-steps", "3", *flags)
     two = tmp_path / "two"
@@ -114,19 +116,19 @@ def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
         run(tiny_dataset, tmp_path / "two-then-one", "--max-steps", "4", "--resume", *flags)
     # the authors' README way of loading a LoRA adapter
     from peft import PeftModel
-    peft_model = PeftModel.from_pretrained(train.tiny_vlm()[0], str(two / "adapter"))
+    peft_model = PeftModel.from_pretrained(models.tiny_vlm()[0], str(two / "adapter"))
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in peft_model.named_parameters())
     # load_run == the sharded training checkpoint, loaded on one process
-    model, processor, lavender, config = train.load_run(two)
+    model, processor, lavender, config = runs.load_run(two)
     args = train.build_parser().parse_args(["--data", str(tiny_dataset), *flags])
-    ref = train.apply_peft(train.tiny_vlm()[0], args)
+    ref = train.apply_peft(models.tiny_vlm()[0], args)
     trained = {f"vlm.{k}": v for k, v in ref.state_dict().items() if "lora_" in k}  # frozen weights: not saved
     sd = {"model": trained}
     dcp.load(sd, checkpoint_id=str(two / "checkpoint"))
     assert ref.load_state_dict({k[len("vlm."):]: v for k, v in sd["model"].items()}, strict=False).unexpected_keys == []
-    batch = train.collate(processor, extract.read_items(tiny_dataset)[:2])
+    batch = data.collate(processor, data.read_items(tiny_dataset)[:2])
     with torch.no_grad():
-        assert torch.equal(model(**train.model_inputs(batch)).logits, ref.eval()(**train.model_inputs(batch)).logits)
+        assert torch.equal(model(**data.model_inputs(batch)).logits, ref.eval()(**data.model_inputs(batch)).logits)
     assert lavender["aligner"] is not None and config["world"] == 2 and config["items_without_attention"] == 1
 
 
@@ -137,7 +139,7 @@ def test_bf16_frozen_weights_on_one_process(tmp_path, tiny_dataset):
     _, log = run(tiny_dataset, tmp_path / "bf16", "--frozen-dtype", "bfloat16", "--batch-size", "6", "--max-steps", "4",
                  "--lr", "3e-3", "--lora-dropout", "0")
     assert all(math.isfinite(r["loss"]) for r in log) and log[-1]["loss_att"] < log[0]["loss_att"]
-    model, _, lavender, config = train.load_run(tmp_path / "bf16")
+    model, _, lavender, config = runs.load_run(tmp_path / "bf16")
     assert config["frozen_dtype"] == "bfloat16" and lavender["aligner"] is not None
     assert any("lavender_q_proj" in n for n, _ in model.named_parameters())
 
@@ -169,9 +171,9 @@ def test_ar_never_calls_capture_hooks_and_full_finetuning_saves_model(tmp_path, 
                        "--max-steps", "2", "--lr", "1e-3")
     assert all(r["loss_att"] == 0 and r["aligned_words"] == 0 for r in log)
     assert (run_dir / "model").is_dir() and not (run_dir / "lavender.safetensors").exists()
-    model, processor, lavender, _ = train.load_run(run_dir)  # full weights: model/ is a save_pretrained folder
-    base = train.tiny_vlm()[0].eval()
-    batch = train.model_inputs(train.collate(processor, extract.read_items(tiny_dataset)[:1]))
+    model, processor, lavender, _ = runs.load_run(run_dir)  # full weights: model/ is a save_pretrained folder
+    base = models.tiny_vlm()[0].eval()
+    batch = data.model_inputs(data.collate(processor, data.read_items(tiny_dataset)[:1]))
     with torch.no_grad():
         assert not torch.allclose(model(**batch).logits, base(**batch).logits)  # trained weights were saved
     assert lavender["aligner"] is None
@@ -182,7 +184,7 @@ def test_aligner_pretraining_leaves_the_vlm_unchanged(tmp_path, tiny_dataset):
                        "--pretrain-aligner-steps", "2", "--lr", "1e-2")
     assert [r["phase"] for r in log] == ["aligner", "aligner"]
     args = train.build_parser().parse_args(["--data", str(tiny_dataset)])
-    fresh = {k: v for k, v in train.apply_peft(train.tiny_vlm()[0], args).state_dict().items() if "lora_" in k}
+    fresh = {k: v for k, v in train.apply_peft(models.tiny_vlm()[0], args).state_dict().items() if "lora_" in k}
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert len(adapter) == len(fresh) > 0
     for k, v in fresh.items():  # PEFT drops the adapter name ("default") when saving
@@ -217,10 +219,10 @@ def test_bad_input_stops_early_and_saves_nothing(tmp_path, monkeypatch):
 def test_micro_batches_split_one_global_batch():
     """Step 1 of an epoch with 2 ranks x 2 micro-batches x batch 2 takes items 8..15 of the order."""
     order = list(range(100, 116))
-    assert train.micro_batches(order, 1, 2, 2, 0, 2) == [[108, 109], [112, 113]]
-    assert train.micro_batches(order, 1, 2, 2, 1, 2) == [[110, 111], [114, 115]]
-    assert train.micro_batches(order, 0, 4, 1, 0, 1) == [[100, 101, 102, 103]]
-    assert train.epoch_order(16, 42, 0) == train.epoch_order(16, 42, 0) != train.epoch_order(16, 42, 1)
+    assert data.micro_batches(order, 1, 2, 2, 0, 2) == [[108, 109], [112, 113]]
+    assert data.micro_batches(order, 1, 2, 2, 1, 2) == [[110, 111], [114, 115]]
+    assert data.micro_batches(order, 0, 4, 1, 0, 1) == [[100, 101, 102, 103]]
+    assert data.epoch_order(16, 42, 0) == data.epoch_order(16, 42, 0) != data.epoch_order(16, 42, 1)
 
 
 @pytest.mark.parametrize("flags", [["--aggregate", "mean-mean", "--aligner", "none"],
@@ -230,7 +232,7 @@ def test_micro_batches_split_one_global_batch():
 def test_method_flags_train_and_reload(tmp_path, tiny_dataset, flags):
     run_dir, log = run(tiny_dataset, tmp_path / "r", "--batch-size", "3", "--max-steps", "1", *flags)
     assert log[0]["aligned_words"] > 0 and log[0]["loss_att"] > 0
-    _, _, lavender, config = train.load_run(run_dir)
+    _, _, lavender, config = runs.load_run(run_dir)
     expected = flags[1] if flags[0] == "--aggregate" else "learn"
     assert lavender["aggregation"] == config["aggregate"] == expected
     assert (lavender["aligner"] is None) == ("none" in flags)
@@ -240,7 +242,7 @@ def test_method_flags_train_and_reload(tmp_path, tiny_dataset, flags):
 def test_placements_the_release_does_not_have_are_refused_before_loading(tmp_path, tiny_dataset, monkeypatch):
     """A per-layer Aligner cannot honour max-* (one channel) or flow-* (a flow of probabilities):
     refused with the working alternatives named, before the model is loaded."""
-    monkeypatch.setattr(train, "load_vlm", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    monkeypatch.setattr(models, "load_vlm", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     for aggregation in ("max-max", "max-mean", "flow-multi"):
         with pytest.raises(SystemExit, match="--aligner-mode after.*mean-mean, mean-max or learn"):
             run(tiny_dataset, tmp_path / aggregation, "--aggregate", aggregation, "--aligner-mode", "per-layer")

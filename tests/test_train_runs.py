@@ -25,7 +25,10 @@ from safetensors.torch import save_file
 from test_train import run, torchrun
 from torch.distributed.checkpoint.api import CheckpointException
 
-import extract
+import data
+import distributed
+import models
+import runs
 import train
 
 
@@ -36,7 +39,7 @@ class Killed(BaseException):
 
 
 def kill_in_save(monkeypatch, save_number, kill_at=None):
-    """Count the file operations of train's `save_number`-th checkpoint save (DCP's write, each file
+    """Count the file operations of the `save_number`-th checkpoint save (DCP's write, each file
     opened for writing, each rename and delete, down to the files rmtree removes) and raise Killed
     before the `kill_at`-th. Returns the list of operations reached, by name."""
     reached, saves = [], {"n": 0, "active": False}
@@ -52,10 +55,10 @@ def kill_in_save(monkeypatch, save_number, kill_at=None):
             return operation(*args, **kwargs)
         return wrapper
 
-    for module, name in [(train.dcp, "save"), (builtins, "open"), (io, "open"), (os, "replace"), (os, "rename"),
+    for module, name in [(runs.dcp, "save"), (builtins, "open"), (io, "open"), (os, "replace"), (os, "rename"),
                          (os, "unlink"), (os, "rmdir"), (shutil, "rmtree")]:
         monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
-    save_checkpoint = train.save_checkpoint
+    save_checkpoint = runs.save_checkpoint
 
     def save(*args, **kwargs):
         saves["n"] += 1
@@ -64,7 +67,7 @@ def kill_in_save(monkeypatch, save_number, kill_at=None):
             return save_checkpoint(*args, **kwargs)
         finally:
             saves["active"] = False
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(runs, "save_checkpoint", save)
     return reached
 
 
@@ -215,11 +218,11 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
     seen = {}
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
     import torch.distributed.device_mesh as device_mesh
     monkeypatch.setattr(device_mesh, "init_device_mesh", lambda *a, **kw: "mesh")
     args = train.build_parser().parse_args(["--dist-timeout", "3"])
-    train.setup_distributed(args.dist_timeout)
+    distributed.setup_distributed(args.dist_timeout)
     assert seen["timeout"].total_seconds() == 180 and seen["backend"] == "gloo"
 
 
@@ -233,7 +236,7 @@ def truncate(path, keep=0.6):
 def rewrite_maps(root, item_id, maps=None, **meta):
     """Rewrite attn/<id>.safetensors with other maps and/or metadata (the rest as conftest wrote it)."""
     path = Path(root) / "attn" / f"{item_id}.safetensors"
-    old, words, old_meta = extract.load_maps(path)
+    old, words, old_meta = data.load_maps(path)
     metadata = {**{k: str(v) for k, v in old_meta.items()}, "words": json.dumps(words), **meta}
     save_file({"maps": old.half() if maps is None else maps(old)}, str(path), metadata=metadata)
 
@@ -324,17 +327,17 @@ def test_a_lavender_run_that_would_align_nothing_is_refused(tmp_path):
 
 
 def test_a_file_that_changes_during_training_is_named_with_its_rank(tmp_path, monkeypatch):
-    data = write_dataset(tmp_path / "d", n=6)
-    check_item = train.check_item
+    path = write_dataset(tmp_path / "d", n=6)
+    check_item = data.check_item
 
     def then_cut(item, *args):  # the attention file is cut after its check, as by another job
         result = check_item(item, *args)
         if item["id"] == "item003":
             truncate(tmp_path / "d" / "attn" / "item003.safetensors")
         return result
-    monkeypatch.setattr(train, "check_item", then_cut)
+    monkeypatch.setattr(data, "check_item", then_cut)
     with pytest.raises(RuntimeError, match=r"rank 0: items \[.*'item003'.*\] could not be read"):
-        run(data, tmp_path / "r", "--batch-size", "2", "--max-steps", "3")
+        run(path, tmp_path / "r", "--batch-size", "2", "--max-steps", "3")
 
 
 def test_data_file_problems_name_the_file_and_line(tmp_path):
@@ -359,7 +362,7 @@ def test_the_card_command_runs_as_written(tmp_path, monkeypatch, capsys):
         train.main()
     os.rename(write_dataset(tmp_path / "data", n=4), tmp_path / "data" / "train.jsonl")
     loaded = []
-    monkeypatch.setattr(train, "load_vlm", lambda name, path=None, dtype=None: loaded.append(name) or train.tiny_vlm())
+    monkeypatch.setattr(models, "load_vlm", lambda name, path=None, dtype=None: loaded.append(name) or models.tiny_vlm())
     train.main()
     run_dir = tmp_path / "runs" / "llama32-lavender"
     config = json.loads((run_dir / "config.json").read_text())
@@ -379,9 +382,9 @@ def test_the_vlm_sees_the_pixels_the_dm_saw(tmp_path):
     white = np.full((56, 56, 3), 255, dtype=np.uint8)
     white[:28] = (255, 0, 0)
     Image.fromarray(white, "RGB").save(tmp_path / "half_on_white.png")
-    _, processor = train.tiny_vlm()
-    pixels = {name: train.collate(processor, [{"id": name, "image_path": str(tmp_path / f"{name}.png"),
+    _, processor = models.tiny_vlm()
+    pixels = {name: data.collate(processor, [{"id": name, "image_path": str(tmp_path / f"{name}.png"),
                                                "question": "what colour is the circle?", "answer": "red"}])
               ["pixel_values"] for name in ("scan16", "scan8", "half", "half_on_white")}
     assert torch.equal(pixels["scan16"], pixels["scan8"]) and torch.equal(pixels["half"], pixels["half_on_white"])
-    assert extract.load_image(tmp_path / "scan16.png", 8).mean() < 0.5  # the DM's side: not white either
+    assert data.load_image(tmp_path / "scan16.png", 8).mean() < 0.5  # the DM's side: not white either

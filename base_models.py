@@ -1,0 +1,254 @@
+"""The miniature world's base models, pre-trained here because none can be downloaded: toy-sd
+(SD's diffusers parts at models.py's toy-sd size) and the toy VLM (the llama32 classes at the toy
+size), the stand-ins for Stable Diffusion and Llama-3.2-Vision, and the probes that measure them.
+The weights they write are the shipped toy_models/; toy.py's demo fine-tunes from them.
+
+  - toy-sd: a VAE fitted briefly, then the UNet and a CLIP text encoder trained together on the
+    pretrain split's whole captions; saved in the diffusers component layout, so that extract.py
+    runs the sd14 path. Probe: pointing of its extracted maps (measure_sd).
+  - toy VLM: every weight pre-trained on the pretrain split with the next-token loss: competent but
+    imperfect, the starting point of fine-tuning as Llama-3.2 is. Probe: VQA accuracy.
+
+    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (2400 steps, about 20 min on 2 cores)
+    python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
+    python toy.py measure-sd          # toy-sd pointing on held-out images (colour and shape words apart)
+"""
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import evaluate
+import extract
+import models
+import world
+from metrics import score_prediction
+
+# ---------------------------------------------------------------------------------------------
+# toy-sd: SD's diffusers parts at models.py's toy-sd size, trained on the world's captions
+# ---------------------------------------------------------------------------------------------
+
+def toy_sd_tokenizer():
+    """toy-sd's CLIPTokenizer (models.clip_tokenizer): the world's words one token each, any other
+    word in letters; texts padded with the end token, like SD 1.x, to its 16 positions (SD: 77)."""
+    return models.clip_tokenizer(world.world_words(), "abcdefghijklmnopqrstuvwxyz" + "".join(world.PUNCTUATION),
+                                 max_length=models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"])
+
+
+def fit_base(params, loss_of_step, steps, lr, desc, after_step=None):
+    """The base models' plain loop: AdamW (weight decay 0.01), a linear warm-up over 100 steps then a
+    cosine to 0 at `steps`, gradients clipped at norm 1. loss_of_step(step) -> the step's loss;
+    after_step(step) runs after each step (checkpoints). Returns the per-step losses."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    bar = tqdm(range(steps), desc=desc)
+    log = []
+    for step in bar:
+        loss = loss_of_step(step)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        log.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(log[-50:]):.4f}")
+        if after_step:
+            after_step(step)
+    return log
+
+
+def load_images(items, root):
+    """(N, 3, 32, 32) float in [-1, 1] for the distinct images of items (order of first appearance)."""
+    paths = list(dict.fromkeys(str(Path(root) / it["image"]) for it in items))
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])   # (N, 32, 32, 3)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1, paths
+
+
+@torch.no_grad()
+def vae_latents(vae, images):
+    """(latent means (N, 4, 32, 32), the L1 error of their reconstruction) of a VAE on the images."""
+    latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    recon = torch.cat([vae.decode(latents[i:i + 256]).sample for i in range(0, len(latents), 256)])
+    return latents, float(F.l1_loss(recon, images))
+
+
+def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0):
+    """Fit the VAE briefly: L1 reconstruction + a small KL term (as SD's VAE, without the GAN); then
+    frozen, with the scaling factor that gives unit-variance latents (as SD's 0.18215)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    bar = tqdm(range(steps), desc="toy-sd vae")
+    for _ in bar:
+        x = images[torch.randint(len(images), (batch,), generator=g)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=g)).sample
+        loss = F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    latents, l1 = vae_latents(vae, images)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return latents * vae.config.scaling_factor, l1
+
+
+def train_sd(out_dir, world_dir, seed=0, steps=2400, batch=32, lr=1e-3, vae_steps=300, save_every=400,
+             init_from=None):
+    """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir.
+
+    Whole captions (no one-word prompts) leave the binding of colour and shape as the only way to
+    denoise (models.SD_SIZES says why this recipe). init_from: a toy-sd folder to continue from (its
+    unet/, vae/, text_encoder/). Its VAE is kept frozen with its scaling factor, as the original
+    schedule freezes the VAE after its own phase, so no VAE step runs; the UNet and text encoder get
+    a fresh AdamW and warm-up + cosine over `steps`."""
+    torch.manual_seed(seed)
+    paths = world.build_world(world_dir, seed)
+    scenes = list({it["image"]: it for it in map(json.loads, open(paths["pretrain"]))}.values())  # one per image
+    images, _ = load_images(scenes, world_dir)
+    dm = models.stable_diffusion("toy-sd", toy_sd_tokenizer(), seed)
+    t0 = time.time()
+    if init_from:  # continue a shipped or earlier toy-sd
+        loaded = models.load_dm_folder(init_from)
+        dm.update(unet=loaded["unet"], text_encoder=loaded["text_encoder"], vae=loaded["vae"].eval().requires_grad_(False))
+        latents, vae_l1 = vae_latents(dm["vae"], images)
+        latents, vae_steps = latents * dm["vae"].config.scaling_factor, 0  # (N, 4, 32, 32), the saved factor
+    else:
+        latents, vae_l1 = train_vae(dm["vae"], images, steps=vae_steps, seed=seed)  # (N, 4, 32, 32)
+    log = fit_unet(dm, latents, [s["caption"] for s in scenes], steps, batch, lr, seed, save_every, out_dir)
+    models.save_dm(dm, out_dir)
+    summary = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "init_from": str(init_from) if init_from else None,
+               "vae_steps": vae_steps, "vae_l1": round(vae_l1, 4),
+               "final_loss": round(float(np.mean(log[-100:])), 4), "minutes": round((time.time() - t0) / 60, 1),
+               "unet_params": sum(p.numel() for p in dm["unet"].parameters()),
+               "text_params": sum(p.numel() for p in dm["text_encoder"].parameters())}
+    (Path(out_dir) / "training.json").write_text(json.dumps(summary, indent=2))
+    print(f"toy-sd: {summary}")
+    return Path(out_dir)
+
+
+def fit_unet(dm, latents, captions, steps, batch, lr, seed, save_every, out_dir):
+    """The UNet and the text encoder trained together (there is no pretrained CLIP here) on the
+    latents and their captions: DDPM noise, epsilon prediction, MSE. Every `save_every` steps a
+    step<N>/ folder is saved under out_dir. Returns the per-step losses."""
+    from diffusers import DDPMScheduler
+    unet, text_encoder, tokenizer = dm["unet"], dm["text_encoder"], dm["tokenizer"]
+    noise_scheduler = DDPMScheduler.from_config(dm["scheduler"].config)
+    params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
+    g = torch.Generator().manual_seed(seed)
+    unet.train()
+    text_encoder.train()
+
+    def loss_of_step(step):
+        idx = torch.randint(len(latents), (batch,), generator=g)
+        ids = tokenizer([captions[i] for i in idx.tolist()], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids  # (B, 16)
+        x0 = latents[idx]  # (B, 4, 32, 32)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
+        context = text_encoder(ids).last_hidden_state
+        return F.mse_loss(unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample,
+                          noise)  # epsilon prediction (DDPM)
+
+    def save(step):
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            models.save_dm(dm, Path(out_dir) / f"step{step + 1}")
+    return fit_base(params, loss_of_step, steps, lr, "toy-sd unet", save)
+
+
+def dm_pointing(items, attn_dir):
+    """Pointing accuracy of extracted DM maps: the share of (item, word) with a mask whose map's
+    argmax falls inside the word's object (evaluate.pointing_hit). Returns dict(accuracy, hits, n,
+    colour, shape, entropy): colour and shape are the accuracies over colour words and over shape
+    words alone (they can differ a lot: models.SD_SIZES), entropy the mean of the maps' entropies
+    (evaluate.attention_entropy, App. B eq. 23)."""
+    hits = []  # (hit, the word, entropy of its map)
+    for it in items:
+        maps, words = data.read_maps(attn_dir, it["id"]) if it.get("masks") else (None, None)  # (n_words, 32, 32)
+        if maps is None:
+            continue
+        regions = data.item_regions(it, Path(it["image_path"]).parent.parent, lambda w: w)
+        for word, region in regions.items():
+            if word in words:
+                m = maps[words.index(word)]
+                hits.append((evaluate.pointing_hit(m, region), word, float(evaluate.attention_entropy(m))))
+    share = lambda hs: round(float(np.mean(hs)), 4) if hs else float("nan")  # noqa: E731
+    return {"accuracy": share([h for h, _, _ in hits]), "hits": int(sum(h for h, _, _ in hits)), "n": len(hits),
+            "colour": share([h for h, w, _ in hits if w in world.COLOURS]),
+            "shape": share([h for h, w, _ in hits if w in world.SHAPES]), "entropy": share([e for _, _, e in hits])}
+
+
+def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, **extract_kwargs):
+    """Extract toy-sd maps (extract.extract, the sd14 code path) for held-out captions and for the
+    test-id answers of the world drawn with `seed`, and return their pointing accuracy:
+    {"captions": {...}, "answers": {...}}."""
+    paths = world.build_world(world_dir, seed)
+    dm = models.load_dm("toy-sd", path=dm_path)
+    result = {}
+    for name, split in (("captions", "test-captions"), ("answers", "test-id")):
+        items = [it for it in data.read_items(paths[split]) if it.get("masks")][:n]
+        extract.extract(items, dm, Path(out_dir) / split, batch_size=32, **extract_kwargs)
+        result[name] = dm_pointing(items, Path(out_dir) / split)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# toy: the llama32 classes at models.py's toy size, pre-trained on the world
+# ---------------------------------------------------------------------------------------------
+
+def toy_vlm_tokenizer():
+    """Byte-level BPE (as Llama 3's) with Llama-3.2-Vision's special tokens, over the world's words."""
+    tokenizer = models.bpe_tokenizer(world.world_corpus(), vocab_size=1000)
+    for word in world.world_words():
+        for form in (word, " " + word):
+            assert len(tokenizer.tokenize(form)) == 1, f"world word {form!r} is not one VLM token"
+    return tokenizer
+
+
+def toy_vlm(seed=0):
+    """(model, processor) at models.MLLAMA_SIZES["toy"] with the world's tokenizer, random weights."""
+    return models.small_vlm("toy", toy_vlm_tokenizer(), seed)
+
+
+def vqa_accuracy(model, processor, items, batch_size=64):
+    """Exact-match accuracy of greedy answers, scored as evaluate.py scores them."""
+    answers = evaluate.generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=12, show=False)
+    return float(np.mean([score_prediction(a, it["answer"], it["question"])["correct"] for a, it in zip(answers, items)]))
+
+
+def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3):
+    """Pre-train the toy Mllama on the pretrain split: every weight, next-token loss on the answers
+    (eq. 6), batches from data.collate (the fine-tuning data path), a plain loop (world-building)."""
+    paths = world.build_world(world_dir, seed)
+    items = data.read_items(paths["pretrain"])
+    tests = {s: data.read_items(paths[s]) for s in ("test-id", "test-ood")}
+    model, processor = toy_vlm(seed)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    model.train()
+
+    def loss_of_step(step):
+        picked = data.collate(processor, [items[i] for i in rng.integers(len(items), size=batch)])
+        return model(**data.model_inputs(picked), labels=picked["labels"]).loss
+    log = fit_base(list(model.parameters()), loss_of_step, steps, lr, "toy vlm")
+    model.eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)  # saved first: the probe below is extra
+    processor.save_pretrained(out_dir)
+    single = [it for it in items[-1000:] if it["category"] in ("colour", "shape")]  # seen scenes: a sanity check
+    summary = {"seed": seed, "steps": steps, "batch": batch, "final_loss": round(float(np.mean(log[-100:])), 4),
+               "params": sum(p.numel() for p in model.parameters()), "minutes": round((time.time() - t0) / 60, 1),
+               "acc_pretrain_one_object": vqa_accuracy(model, processor, single),
+               **{f"acc_{s}": vqa_accuracy(model, processor, v) for s, v in tests.items()}}
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
+    print(f"toy vlm: {summary}")
+    return out_dir

@@ -1,0 +1,240 @@
+"""One lent GPU, one command: every figure a CPU cannot give, in one table (BENCHMARKS.md).
+
+A lent GPU is there for minutes. Each part runs in a process of its own under its own timeout, so
+a part that fails or hangs costs only its own minutes and its row says why; the rest go on. The
+table is printed and written to --out. --smoke runs the very same parts at tiny sizes on the CPU
+(the test suite does), so the command is known to work before a GPU is ever lent. The parts:
+extraction seconds per image at 512 px (ours, plain SDPA, Prompt-to-Prompt's store), the Lavender
+vs AR train step and the VLM capture at Llama-3.2-11B geometry (bench.py's arms), and train.py
+under torchrun with FSDP2 on NCCL.
+
+    python bench_gpu.py --smoke                 # first, on any CPU: the same parts at tiny sizes (about a minute)
+    python bench_gpu.py --out bench_gpu.md      # on one GPU: under 8 minutes on an H100
+    python bench_gpu.py --parts train,fsdp      # some parts only
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import extract
+import models
+from bench import EXTRACT_ARMS, arm_processors, bench_model, bench_train_gpu, capture_forward, finish, measure
+
+GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "fsdp": 75}
+
+
+def row(part, arm, seconds, unit, peak_gib, ratio="", note=""):
+    return dict(part=part, arm=arm, time=f"{seconds:.4g} {unit}", memory=f"{peak_gib:.2f} GiB", ratio=ratio, note=note)
+
+
+def sd14_parts(device, dtype):
+    """An extract.py dm dict at SD-v1.4's geometry (models.SD_SIZES["sd14"]), random weights: UNet,
+    VAE, CLIP ViT-L/14 text encoder; tiny-sd's tokenizer (its ids fit CLIP's vocabulary; the tokens
+    do not matter to the timing)."""
+    tokenizer = models.clip_tokenizer(models.TINY_SD_WORDS, models.TINY_SD_ALPHABET)
+    dm = models.stable_diffusion("sd14", tokenizer, device=device, dtype=dtype)
+    for part in ("vae", "unet", "text_encoder"):
+        dm[part].eval().requires_grad_(False)
+    return dm
+
+
+@torch.no_grad()
+def extraction(dm, images, texts, arm, steps):
+    """One batch through an arm: VAE and text encoder, inversion + denoising, the arm's mean maps.
+    ours is extract.dm_attention itself, capturing every step, layer and column (its worst case,
+    as Prompt-to-Prompt's store sees every step); the other arms repeat its encoding and swap the
+    processors."""
+    if arm == "ours":
+        return extract.dm_attention(dm, images, texts, 77, *steps, capture_steps="all", layers=None)
+    unet, vae = dm["unet"], dm["vae"]
+    latents = vae.encode(images.to(unet.device, unet.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+    ids = dm["tokenizer"](texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    context = dm["text_encoder"](ids.to(unet.device))[0].to(unet.dtype)      # (B, 77, 768)
+    plain = dict(unet.attn_processors)
+    processors, store = arm_processors(arm, plain, latents.shape[-2:])
+    unet.set_attn_processor(processors)
+    try:
+        extract.invert_and_denoise(unet, latents, context, *extract.ddim_grids(dm["scheduler"], *steps))
+    finally:
+        unet.set_attn_processor(plain)
+    return finish(arm, store)
+
+
+def part_extract(batch, smoke):
+    """Extraction seconds per image, 512 px, SD-v1.4 geometry in fp16, 5 + 10 steps: plain, ours, P2P."""
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.float16)
+    dm = models.tiny_sd() if smoke else sd14_parts(device, dtype)           # tiny-sd: 32 px, 16x16 latents
+    res, steps, batch = (32, (1, 2), min(batch, 2)) if smoke else (512, (5, 10), batch)
+    images = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    texts = ["a red circle left of a blue square"] * batch
+    part, out = f"extract {res} px, {steps[0]} + {steps[1]} steps, batch {batch}", {}
+    for arm in EXTRACT_ARMS:
+        out[arm] = measure(lambda: extraction(dm, images, texts, arm, steps), device, 1 if smoke else 3)
+    about = {"plain": "plain: SDPA everywhere, no capture", "ours": "ours: attn2 rows captured, SDPA in attn1",
+             "p2p": "Prompt-to-Prompt: every layer explicit, AttentionStore"}
+    ratio = {"ours": f"{out['ours'][0] / out['plain'][0]:.3f} of plain",
+             "p2p": f"{out['p2p'][0] / out['ours'][0]:.3f} of ours"}
+    note = {"ours": "paper: 20 s per image on a V100", "p2p": f"memory {out['p2p'][1] / out['ours'][1]:.3f} of ours"}
+    return [row(part, about[arm], out[arm][0] / batch, "s/image", out[arm][1], ratio.get(arm, ""), note.get(arm, ""))
+            for arm in EXTRACT_ARMS]
+
+
+def part_train(smoke):
+    """The Lavender vs AR step at Llama-3.2-11B geometry (random bf16 weights, one 560 px tile, 16 words)."""
+    geometry = dict(width=16, tile=56, device="cpu") if smoke else dict(width=1, tile=560, device="cuda")
+    words = 2 if smoke else 16
+    med, peak, _ = bench_train_gpu(reps=1 if smoke else 5, words=words, tiles=1, batch_size=1, dtype="bfloat16",
+                                   arms=("ar", "lavender"), **geometry)
+    part = f"train step, llama32 at 1/{geometry['width']} width, {geometry['tile']} px tile, batch 1, {words} words"
+    return [row(part, "ar", med["ar"], "s/step", peak["ar"]),
+            row(part, "lavender (learn, sim Aligner per layer, recomputed)", med["lavender"], "s/step",
+                peak["lavender"], f"{med['lavender'] / med['ar']:.3f} of ar",
+                f"memory {peak['lavender'] / peak['ar']:.3f} of ar")]
+
+
+def part_aggregate(smoke):
+    """One forward (autograd on) at Llama-3.2-11B geometry: plain, our capture, the release's eager attention."""
+    device = "cpu" if smoke else "cuda"
+    model, batch, rows = bench_model(56 if smoke else 560, 16 if smoke else 1, 1, device, torch.bfloat16)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = {arm: measure(lambda: capture_forward(model, batch, rows, arm), device, 1 if smoke else 3)
+           for arm in ("plain", "capture", "eager")}
+    part = f"VLM forward, llama32 at 1/{16 if smoke else 1} width, one tile, 32 rows"
+    inc = {arm: out[arm][1] - out[arm][2] for arm in out}
+    note = lambda arm: f"forward's increment {inc[arm]:.2f} GiB"  # noqa: E731
+    return [row(part, "plain (SDPA, no capture)", out["plain"][0], "s", out["plain"][1], "", note("plain")),
+            row(part, "ours: AttentionCapture hooks", out["capture"][0], "s", out["capture"][1],
+                f"{out['capture'][0] / out['plain'][0]:.3f} of plain", note("capture")),
+            row(part, "the release: eager + output_attentions", out["eager"][0], "s", out["eager"][1],
+                f"{out['eager'][0] / out['capture'][0]:.3f} of ours",
+                note("eager") + f", {inc['eager'] / inc['capture']:.2f}x ours")]
+
+
+def write_items(root, n=8):
+    """n items with images of four tile layouts, data.jsonl, and attention maps for every answer word."""
+    from PIL import Image
+    root, rng = Path(root), torch.Generator().manual_seed(0)
+    answers = ["a red circle left of a blue square", "two", "a circle", "yes"]
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(n):
+            w, h = [(56, 56), (112, 50), (50, 112), (100, 100)][i % 4]
+            pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=rng).numpy()
+            Image.fromarray(pixels).save(root / f"{i}.png")
+            answer = answers[i % len(answers)]
+            f.write(json.dumps(dict(id=f"item{i}", image=f"{i}.png", question="what is there?", answer=answer)) + "\n")
+            words = list(dict.fromkeys(answer.split()))
+            data.save_maps(root / "attn" / f"item{i}.safetensors", torch.rand(len(words), 32, 32, generator=rng),
+                              words, {"text": answer})
+    return root / "data.jsonl"
+
+
+def part_fsdp(smoke):
+    """torchrun --nproc_per_node 1 train.py --model tiny: NCCL (gloo on a CPU) and FSDP2, Lavender loss."""
+    import resource
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        data, run = write_items(tmp), Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+               os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--model", "tiny",
+               "--data", str(data), "--out", str(run), "--max-steps", "2" if smoke else "5", "--batch-size", "2",
+               "--no-progress"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"torchrun exited {done.returncode}: {(done.stderr or done.stdout).strip()[-400:]}")
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        saved = sorted(p.name for p in run.iterdir())
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20  # kB -> GiB: the largest process
+    backend = "nccl" if torch.cuda.is_available() and not smoke else "gloo"  # as distributed.setup_distributed picks
+    steps = sorted(entry["seconds"] for entry in log)
+    return [dict(row("torchrun, 1 rank, FSDP2, tiny preset, lavender", f"{backend}", steps[len(steps) // 2],
+                     "s/step", rss), memory=f"{rss:.2f} GiB host RSS",
+                 note=f"{len(log)} steps, loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}, "
+                      f"{log[-1]['aligned_words']} words aligned, {wall:.0f} s in all; wrote {', '.join(saved)}")]
+
+
+def run_part(name, smoke, timeout):
+    """One part in a fresh process (its own session: a timeout kills it and what it started)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", name] + (["--smoke"] if smoke else [])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if smoke else None  # CPU: RSS tracks live tensors
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return [dict(part=name, arm="TIMEOUT", note=f"no result within {timeout} s (GPU_PARTS in bench_gpu.py)")]
+    if proc.returncode != 0:
+        lines = [line for line in err.splitlines() if line.strip()] or ["(no output)"]
+        return [dict(part=name, arm="FAILED", note=f"exit {proc.returncode}: {lines[-1][-300:]}")]
+    return json.loads(out.splitlines()[-1])
+
+
+def bench_gpu(smoke=False, out=None, parts=tuple(GPU_PARTS)):
+    """Run the parts one after another; print the table and write it to `out`. Returns the rows."""
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py: no CUDA device here; `python bench_gpu.py --smoke` runs the same parts "
+                         "at tiny sizes on the CPU")
+    rows, t0 = [], time.perf_counter()
+    for i, name in enumerate(parts):
+        t1 = time.perf_counter()
+        rows += run_part(name, smoke, GPU_PARTS[name])
+        print(f"[{i + 1}/{len(parts)}] {name}: {time.perf_counter() - t1:.0f} s", flush=True)
+    if smoke:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name")), "")
+        device = f"CPU {cpu} (--smoke: tiny sizes; the figures check the code, they measure nothing)"
+    else:
+        device = f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
+    table = [f"## python bench_gpu.py{' --smoke' if smoke else ''}", "",
+             f"Device: {device}. torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; "
+             f"{time.perf_counter() - t0:.0f} s in all.", "",
+             "| part | arm | time | peak memory | ratio | note |", "|---|---|---|---|---|---|"]
+    table += ["| " + " | ".join(r.get(k, "") for k in ("part", "arm", "time", "memory", "ratio", "note")) + " |"
+              for r in rows]
+    text = "\n".join(table) + "\n"
+    print(text)
+    out = out or ("bench_gpu_smoke.md" if smoke else "bench_gpu.md")
+    Path(out).write_text(text)
+    print(f"written to {out}")
+    return rows
+
+
+def gpu_part(name, smoke):
+    """One part's rows (the JSON line run_part reads)."""
+    torch.manual_seed(0)
+    if smoke:
+        torch.set_num_threads(1)
+    if name.startswith("extract-b"):
+        return part_extract(int(name.removeprefix("extract-b")), smoke)
+    return {"train": part_train, "aggregate": part_aggregate, "fsdp": part_fsdp}[name](smoke)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Every GPU figure, one part per process, one table (under 8 min on an H100).")
+    p.add_argument("--smoke", action="store_true", help="the same parts at tiny sizes on the CPU (a check of the code)")
+    p.add_argument("--out", default=None, help="where the table goes (default bench_gpu.md, bench_gpu_smoke.md)")
+    p.add_argument("--parts", default=",".join(GPU_PARTS), help=f"comma-separated subset of {', '.join(GPU_PARTS)}")
+    p.add_argument("--part", choices=GPU_PARTS, help="internal: run one part here, its rows as a JSON line")
+    args = p.parse_args(argv)
+    if args.part:
+        return print(json.dumps(gpu_part(args.part, args.smoke)))
+    unknown = set(args.parts.split(",")) - set(GPU_PARTS)
+    if unknown:
+        raise SystemExit(f"--parts {args.parts}: unknown {sorted(unknown)}; choose from {', '.join(GPU_PARTS)}")
+    return bench_gpu(args.smoke, args.out, args.parts.split(","))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""The models: every preset (VLM and DM) in one table, one builder per model class, the loaders,
+and per family where the language model, its attention layers and the image geometry are (§5, §6).
+
+A preset is a name (`--model llama32`, `--dm sd14`): a hub id, or a size built here from a config
+(random weights: the tiny presets of the tests, the benchmarks' scaled geometries), or a folder that
+toy.py trains. The same builder makes every size of a class: `mllama` the Llama-3.2-Vision classes
+(tiny, toy, llama32 at 1/16 width), `stable_diffusion` SD's diffusers parts (tiny-sd, toy-sd, sd14's
+geometry). With no network and no local copy, one error names the preset, the hub id and how to
+point at a local folder. The last part holds what differs between model families: adding a family
+(Qwen2-VL's self-attention, IDEFICS' gated cross-attention) adds a few functions there.
+
+    python -c "import models; model, processor = models.tiny_vlm(); print(models.cross_attention_layers(model))"
+"""
+import inspect
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as bpe_models
+from transformers import (MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor,
+                          PreTrainedTokenizerFast)
+
+ROOT = Path(__file__).resolve().parent
+
+# ---- the presets: --model NAME (a VLM) or --dm NAME (a diffusion model) ----
+
+# hub_id: the weights on the Hugging Face hub (None: built here or trained by toy.py); path: the
+# default local folder (relative to this file); layers (DMs): the attn2 layers extract.py averages
+# by default, as downsampling factors of the latent grid (None: all). sd14 (512 px, attn2 at 64²,
+# 32², 16², 8²): its 16x16 layers (factor 4), the maps Prompt-to-Prompt aggregates (Hertz et al.
+# 2022, which eq. 13-14 cite) and the first author's MCPL code with it; DAAM also drops 8x8. toy-sd:
+# all layers, measured best on it (held-out captions 0.84 pointing; 16x16 alone 0.62, 8x8 alone 0.53).
+PRESETS = {
+    "llama32": dict(kind="vlm", hub_id="meta-llama/Llama-3.2-11B-Vision-Instruct", path=None,
+                    about="Llama-3.2-11B-Vision-Instruct: 40 text layers, cross-attention at 3, 8, ..., 38"),
+    "tiny": dict(kind="vlm", hub_id=None, path=None, about="the llama32 classes at a tiny size, random weights (tests)"),
+    "toy": dict(kind="vlm", hub_id=None, path="toy_models/toy-vlm",
+                about="the llama32 classes at toy size, pre-trained by toy.py on the miniature world"),
+    "sd14": dict(kind="dm", hub_id="CompVis/stable-diffusion-v1-4", path=None, layers={4},
+                 about="Stable Diffusion v1.4: attn2 at 64², 32², 16², 8² (512 px)"),
+    "tiny-sd": dict(kind="dm", hub_id=None, path=None, layers=None,
+                    about="SD's classes at a tiny size, random weights (tests)"),
+    "toy-sd": dict(kind="dm", hub_id=None, path="toy_models/toy-sd", layers=None,
+                   about="SD's classes at toy size, trained by toy.py on the miniature world"),
+}
+VLM_PRESETS = [name for name, p in PRESETS.items() if p["kind"] == "vlm"]
+DM_PRESETS = [name for name, p in PRESETS.items() if p["kind"] == "dm"]
+
+
+def preset_path(name):
+    """A preset's default local folder (absolute), or None."""
+    return str(ROOT / PRESETS[name]["path"]) if PRESETS[name]["path"] else None
+
+
+# ---- tokenizers built in memory (nothing downloaded) ----
+
+# Special tokens of Llama-3.2-Vision that the chat template and the processor rely on.
+LLAMA_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|image|>", "<|start_header_id|>",
+                        "<|end_header_id|>", "<|eot_id|>", "<|finetune_right_pad_id|>"]
+
+# A chat template with the same shape as Llama-3.2-Vision-Instruct's (no system prompt):
+# <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>{question}<|eot_id|>
+# <|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+# Text the tiny byte-level BPE is trained on: small enough that common words are one token and
+# rarer ones split into pieces ("red" -> "re" "d"), as Llama's tokenizer splits rare words.
+TINY_CORPUS = [
+    "a red circle left of a blue square", "what colour is the circle?", "what shape is red?",
+    "how many objects are there?", "is there a green triangle?", "yes", "no", "two", "three",
+    "the photograph shows two dogs playing on the grass", "describe the image in one sentence.",
+    "a man riding a horse on a beach", "user", "assistant",
+]
+
+# tiny-sd's CLIP vocabulary: every character below alone and as a word end, and these words whole.
+TINY_SD_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&"
+TINY_SD_WORDS = ("a red blue green circle square triangle left right of the is two three yes no dog cat what "
+                 "colour shape how many there").split()
+
+
+def bpe_tokenizer(corpus=TINY_CORPUS, vocab_size=300):
+    """A byte-level BPE tokenizer (as Llama 3's) with Llama-3.2-Vision's special tokens, trained in
+    memory on `corpus` (the tiny preset's by default; toy.py passes the world's words)."""
+    bpe = Tokenizer(bpe_models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|finetune_right_pad_id|>")
+
+
+def clip_tokenizer(words, alphabet, max_length=None):
+    """A CLIPTokenizer built in memory: every character of `alphabet` alone and as a word end
+    ("r", "r</w>"), and each of `words` one token.
+
+    CLIP's BPE marks a word's last piece with "</w>"; each word gets the merges that build it from
+    what the earlier merges leave ("r"+"e" -> "re", "re"+"d</w>" -> "red</w>"), so it becomes one
+    token, and any other word falls back to pieces, as SD's tokenizer splits rare words.
+    max_length: the padded text length (SD 1.x: 77); CLIP pads with its end token.
+    """
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = []
+    for word in words:
+        # tokenize with the merges so far (lowest rank first, as BPE does), then add merges that
+        # join what is left; a new merge ranks after every earlier one, so no earlier word changes
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            ranks = [merges.index(p) if p in merges else len(merges) for p in zip(pieces, pieces[1:])]
+            k = int(np.argmin(ranks))
+            if ranks[k] == len(merges):
+                merges.append((pieces[k], pieces[k + 1]))
+            pieces[k:k + 2] = [pieces[k] + pieces[k + 1]]
+            vocab.setdefault(pieces[k], len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    if max_length is not None:
+        tokenizer.model_max_length = max_length
+    for word in words:
+        assert len(tokenizer.tokenize(word)) == 1, f"{word!r} is not one CLIP token"
+    return tokenizer
+
+
+# ---- Mllama (Llama-3.2-Vision's classes) at every size ----
+
+# (text, vision) config fields. tiny: hidden 64, 5 layers, cross-attention at 1 and 3, 4 heads (2
+# KV heads); vision hidden 32, 56 px tiles of 14 px patches (4x4 patches + CLS = 17 tokens a tile),
+# up to 4 tiles. toy: hidden 128; vision hidden 64, 4 + 1 layers, one 32 px tile of 4 px patches
+# (8x8 + CLS = 65 tokens), max_num_tiles 1 with the one aspect ratio 1x1, so no padding tiles are
+# encoded (4x less vision work).
+MLLAMA_SIZES = {
+    "tiny": (dict(hidden_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, cross_attention_layers=[1, 3], max_position_embeddings=1024),
+             dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2, intermediate_size=64,
+                  vision_output_dim=32 * 3, image_size=56, patch_size=14, max_num_tiles=4,
+                  intermediate_layers_indices=[0, 1])),
+    "toy": (dict(hidden_size=128, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256, cross_attention_layers=[1, 3], max_position_embeddings=256),
+            dict(hidden_size=64, num_hidden_layers=4, num_global_layers=1, attention_heads=4, intermediate_size=128,
+                 vision_output_dim=64 * 3, image_size=32, patch_size=4, max_num_tiles=1,
+                 supported_aspect_ratios=[[1, 1]], intermediate_layers_indices=[1, 3])),
+}
+
+
+def llama32_size(width=1, tile_size=560):
+    """(text, vision) fields of Llama-3.2-11B-Vision at 1/`width` width (1, 2, 4, 8 or 16), all
+    depths kept: 40 text layers, cross-attention at 3, 8, ..., 38, 32 heads / 8 KV heads (head dim
+    128 / width); vision 32 + 8 global layers, 16 heads, 14 px patches in up to 4 tiles. Width 16
+    (the benchmarks'): hidden 256 = 4096 / 16, MLP 896 = 3.5x, vision hidden 80 = 1280 / 16."""
+    if width not in (1, 2, 4, 8, 16):
+        raise ValueError(f"llama32 width {width}: choose 1, 2, 4, 8 or 16 (llama32's widths divided by it)")
+    hidden, vision = 4096 // width, 1280 // width
+    return (dict(hidden_size=hidden, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
+                 intermediate_size=hidden * 7 // 2, cross_attention_layers=list(range(3, 40, 5)),
+                 max_position_embeddings=1024),
+            dict(hidden_size=vision, num_hidden_layers=32, num_global_layers=8, attention_heads=16,
+                 intermediate_size=4 * vision, vision_output_dim=vision * 6, image_size=tile_size, patch_size=14,
+                 max_num_tiles=4, intermediate_layers_indices=[3, 7, 15, 23, 30]))
+
+
+def tokenizer_ids(tokenizer):
+    """The vocabulary size and special token ids an Mllama config takes, from its tokenizer."""
+    return dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
+
+
+def mllama(size, ids, seed=0, device="cpu", dtype=None):
+    """MllamaForConditionalGeneration at `size` ((text, vision) fields: MLLAMA_SIZES, llama32_size),
+    random weights, deterministic by seed, built on `device` (11B parameters are not initialised on
+    a CPU to be moved). ids: vocab_size, bos/eos/pad_token_id, image_token_index (tokenizer_ids)."""
+    text, vision = size
+    special = {k: v for k, v in ids.items() if k != "image_token_index"}
+    config = MllamaConfig(vision_config=vision, text_config={**text, **special},
+                          image_token_index=ids["image_token_index"])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return MllamaForConditionalGeneration._from_config(config, **({"dtype": dtype} if dtype else {}))
+
+
+def mllama_processor(tokenizer, size):
+    """The MllamaProcessor of a size: its tiles, its tokenizer, the chat template above."""
+    vision = size[1]
+    tiles = MllamaImageProcessorPil(size={"height": vision["image_size"], "width": vision["image_size"]},
+                                    max_image_tiles=vision["max_num_tiles"])
+    return MllamaProcessor(image_processor=tiles, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def small_vlm(size, tokenizer, seed=0):
+    """(model, processor) at MLLAMA_SIZES[size] with `tokenizer`, random weights, nothing downloaded."""
+    size = MLLAMA_SIZES[size]
+    return mllama(size, tokenizer_ids(tokenizer), seed), mllama_processor(tokenizer, size)
+
+
+def tiny_vlm(seed=0):
+    """(model, processor) of the tiny preset: MLLAMA_SIZES["tiny"] with the tiny BPE, random weights."""
+    return small_vlm("tiny", bpe_tokenizer(), seed)
+
+
+def load_vlm(name, path=None, dtype=torch.float32):
+    """(model, processor) for a preset name; `path` is a local copy (a save_pretrained folder)."""
+    if name not in VLM_PRESETS:
+        raise SystemExit(f"unknown --model {name!r}; choose one of {VLM_PRESETS}")
+    if name == "tiny" and path is None:
+        model, processor = tiny_vlm()
+        return model.to(dtype), processor
+    hub_id = PRESETS[name]["hub_id"]
+    source = path or preset_path(name) or hub_id
+    if hub_id is None and not Path(source).is_dir():
+        raise SystemExit(f"--model {name}: no model folder at {source!r}; for 'toy' run `python toy.py` first "
+                         f"(it writes toy_models/toy-vlm), or pass --model-path DIR (a save_pretrained folder)")
+    try:
+        processor = MllamaProcessor.from_pretrained(source)
+        model = MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype)
+    except OSError as err:
+        raise SystemExit(
+            f"could not load --model {name} from {source!r}: {err}\n"
+            f"Download {hub_id or 'the weights'} on a machine with network access "
+            f"(e.g. `hf download {hub_id} --local-dir DIR`) and pass --model-path DIR.") from None
+    return model, processor
+
+
+# ---- Stable Diffusion's parts at every size ----
+
+# Each part's config fields, in the order they are built (each part's random weights follow the
+# draws of the parts before it). tiny-sd: 32 px -> VAE (factor 2) -> 16x16 latents; attn2 at 16x16
+# and 8x8. sd14: SD-v1.4's geometry (UNet 320/640/1280/1280, 768-d context, 8 heads, 860M
+# parameters; VAE 128/256/512/512; CLIP ViT-L/14 text encoder, 768 wide, 12 layers).
+# toy-sd: a 1-level VAE (16 channels, no downsampling): 32 px images -> 4 x 32 x 32 latents, pixel
+# space in all but name, kept so that extraction runs SD's encode -> UNet path unchanged. UNet
+# blocks 32/32/64 at 32, 16 and 8 px; cross-attention at 16 and 8 px and in the mid block, none at
+# 32 px; 4-channel heads. Text encoder: hidden 64, two causal layers, 16 positions (SD: 77; with 77
+# the ~65 padding columns took ~70% of every pixel's attention, and the world's longest caption is
+# 14 tokens with the start and end tokens). Why this recipe (toy-sd pointing on 750 held-out
+# caption words, toy_report.md): a 2-level VAE (16x16 latents) with a position-free, layer-free
+# encoder (a bag of word vectors) pointed 46%: colour words 89%, shape words 2%. A bag of words
+# cannot tell which shape goes with which colour in "a red circle left of a blue square", so the
+# UNet learned to ignore shape words. This recipe points 84.5% (colour 91%, shape 78%); with one
+# causal layer it pointed 71% (colour 99%, shape 43%). Our reading: causal layers let "circle" read
+# the "red" before it, as SD's CLIP binds attributes; the full-resolution level gives the
+# cross-attention layers shape features to query with.
+SD_SIZES = {
+    "tiny-sd": {
+        "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=77),
+        "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                    norm_num_groups=8, sample_size=32),
+        "unet": dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                     attention_head_dim=4, norm_num_groups=8)},
+    "toy-sd": {
+        "vae": dict(block_out_channels=(16,), down_block_types=("DownEncoderBlock2D",),
+                    up_block_types=("UpDecoderBlock2D",), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                    sample_size=32, mid_block_add_attention=False),
+        "unet": dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64),
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16),
+        "text_encoder": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                             max_position_embeddings=16)},
+    "sd14": {
+        "unet": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+        "vae": dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                    block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
+        "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, max_position_embeddings=77, projection_dim=768)},
+}
+
+
+def sd_scheduler():
+    """A DDIM scheduler with SD 1.x's noise schedule (scaled_linear 0.00085..0.012, 1000 steps)."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+
+
+def scheduler_config(config, cls):
+    """The keys of a scheduler config (SD 1.x ships PNDM's) that scheduler class `cls` accepts."""
+    return {k: v for k, v in dict(config).items() if k in inspect.signature(cls.__init__).parameters}
+
+
+def stable_diffusion(size, tokenizer=None, seed=0, device="cpu", dtype=torch.float32, parts=None):
+    """dict(vae, unet, text_encoder, tokenizer, scheduler) of SD's classes at `size` (SD_SIZES),
+    random weights, deterministic by seed, on `device`; parts: which of vae, unet, text_encoder to
+    build (default all). The text encoder's vocabulary is the tokenizer's unless the size fixes it."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def text_encoder(**config):  # CLIP's start and end tokens are ids 0 and 1 in clip_tokenizer's vocabularies
+        ids = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1) if tokenizer else {}
+        return CLIPTextModel(CLIPTextConfig(**{**ids, **config}))
+    build = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": text_encoder}
+    dm = dict(tokenizer=tokenizer, scheduler=sd_scheduler())
+    torch.manual_seed(seed)
+    with torch.device(device):
+        for part, config in SD_SIZES[size].items():
+            if parts is None or part in parts:
+                dm[part] = build[part](**config)
+    for part in ("vae", "unet", "text_encoder"):
+        if part in dm and dtype != torch.float32:  # (diffusers warns on any dtype .to(), even a no-op one)
+            dm[part].to(dtype)
+    return dm
+
+
+def tiny_sd(seed=0):
+    """The tiny-sd preset: SD_SIZES["tiny-sd"] with a CLIP vocabulary of TINY_SD_WORDS, random weights."""
+    return stable_diffusion("tiny-sd", clip_tokenizer(TINY_SD_WORDS, TINY_SD_ALPHABET), seed)
+
+
+def save_dm(dm, folder):
+    """Write a dm dict in the diffusers component layout that load_dm reads (unet/, vae/, ...)."""
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        dm[part].save_pretrained(Path(folder) / part)
+
+
+def load_dm_folder(folder):
+    """dm parts from a folder (or hub id) in diffusers component layout, with a DDIM scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    schedule = DDIMScheduler.load_config(folder, subfolder="scheduler")
+    return dict(vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+                unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+                text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+                tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+                scheduler=DDIMScheduler.from_config(scheduler_config(schedule, DDIMScheduler)))
+
+
+def load_dm(name, path=None, device="cpu", dtype=torch.float32):
+    """dict(vae, unet, text_encoder, tokenizer, scheduler, res, name) for a --dm preset, frozen, in eval mode.
+
+    One code path for every preset given a folder in diffusers component layout; "tiny-sd"
+    without a path is built here. res = unet sample_size * the VAE's downsampling factor.
+    """
+    if name not in DM_PRESETS:
+        raise SystemExit(f"unknown --dm {name!r}; choose one of {DM_PRESETS} or give --dm-path")
+    hub_id, dm = PRESETS[name]["hub_id"], tiny_sd() if name == "tiny-sd" and path is None else None
+    if dm is None:
+        source = path or preset_path(name) or hub_id
+        try:
+            dm = load_dm_folder(source)
+        except (OSError, ValueError) as e:
+            get = f"download {hub_id} (hf download {hub_id})" if hub_id else "make it with toy.py"
+            raise SystemExit(f"--dm {name}: no diffusion model weights at {str(source)!r} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}); {get}, or point --dm-path at a folder with unet/ vae/ "
+                             f"text_encoder/ tokenizer/ scheduler/") from None
+    for part in ("vae", "unet", "text_encoder"):
+        if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op one)
+            dm[part].to(dtype=dtype)
+        dm[part].to(device=device).eval().requires_grad_(False)
+    sample = np.atleast_1d(dm["unet"].config.sample_size)[0]
+    scale = 2 ** (len(dm["vae"].config.block_out_channels) - 1)  # the VAE's downsampling
+    dm.update(res=int(sample * scale), name=name)
+    return dm
+
+
+# ---- per family: where the language model, its attention layers and the image geometry are ----
+# Mllama (llama32, tiny, toy): cross-attention decoder layers (`cross_attn`, with q_norm / k_norm)
+# between self-attention layers; images in tiles of 1 CLS + P² patch tokens, placed on a canvas by
+# aspect_ratio_ids. PEFT, FSDP and activation checkpointing wrap the model: each function here
+# finds its piece inside any of them.
+
+# LoRA targets (§6 (4)): q/v projections of the LANGUAGE model only. "q_proj" alone would also
+# match the vision encoder's attention (the authors' release adapts both, see REFERENCE.md).
+LORA_TARGETS = r".*language_model\..*\.(q_proj|v_proj)"
+
+
+def base_model(model):
+    """The model inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def text_config(model):
+    """The language model's config: heads (num_attention_heads), context (max_position_embeddings)."""
+    return base_model(model).config.text_config
+
+
+def language_model(model):
+    """The text decoder inside `model` (plain, PEFT-wrapped or FSDP-sharded)."""
+    for module in model.modules():
+        if hasattr(module, "cross_attention_layers") and hasattr(module, "layers"):
+            return module
+    raise ValueError(f"{type(model).__name__} has no Mllama text model (a module with .layers and "
+                     f".cross_attention_layers); the Mllama presets are the ones supported")
+
+
+def cross_attention_layers(model):
+    """Indices (in language_model(model).layers) of the text-to-image attention layers, in order."""
+    return sorted(language_model(model).cross_attention_layers)
+
+
+def cross_attention(model, layer):
+    """The text-to-image attention module of decoder layer `layer` (MllamaTextCrossAttention)."""
+    block = language_model(model).layers[layer]
+    if not hasattr(block, "cross_attn"):
+        raise ValueError(f"language_model.layers[{layer}] is not a cross-attention layer; "
+                         f"use cross_attention_layers(model) to list them")
+    return block.cross_attn
+
+
+def vision_geometry(model):
+    """(tile_size px, patch_size px, max_num_tiles, supported_aspect_ratios) from the model config."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "vision_config"):
+            v = config.vision_config
+            return v.image_size, v.patch_size, v.max_num_tiles, [tuple(r) for r in v.supported_aspect_ratios]
+    raise ValueError(f"{type(model).__name__} has no config.vision_config")
+
