@@ -9,7 +9,7 @@ geometry). With no network and no local copy, one error names the preset, the hu
 point at a local folder. The last part holds what differs between model families: adding a family
 (Qwen2-VL's self-attention, IDEFICS' gated cross-attention) adds a few functions there.
 
-    python -c "import models; model, processor = models.tiny_vlm(); print(models.cross_attention_layers(model))"
+    python -c "import models; m, p = models.tiny_vlm(); print(models.cross_attention_layers(m))"
 """
 import inspect
 from pathlib import Path
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
-from transformers import (MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor,
-                          PreTrainedTokenizerFast)
+from transformers import (MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil,
+                          MllamaProcessor, PreTrainedTokenizerFast)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -29,20 +29,22 @@ ROOT = Path(__file__).resolve().parent
 # default local folder (relative to this file); layers (DMs): the attn2 layers extract.py averages
 # by default, as downsampling factors of the latent grid (None: all). sd14 (512 px, attn2 at 64²,
 # 32², 16², 8²): its 16x16 layers (factor 4), the maps Prompt-to-Prompt aggregates (Hertz et al.
-# 2022, which eq. 13-14 cite) and the first author's MCPL code with it; DAAM also drops 8x8. toy-sd:
-# all layers, measured best on it (held-out captions 0.84 pointing; 16x16 alone 0.62, 8x8 alone 0.53).
+# 2022, which eq. 13-14 cite) and the first author's MCPL code with it; DAAM also drops 8x8.
+# toy-sd: all layers, measured best on it (held-out captions 0.84 pointing; 16x16 alone 0.62, 8x8
+# alone 0.53).
 PRESETS = {
     "llama32": dict(kind="vlm", hub_id="meta-llama/Llama-3.2-11B-Vision-Instruct", path=None,
-                    about="Llama-3.2-11B-Vision-Instruct: 40 text layers, cross-attention at 3, 8, ..., 38"),
-    "tiny": dict(kind="vlm", hub_id=None, path=None, about="the llama32 classes at a tiny size, random weights (tests)"),
+                    about="40 text layers, cross-attention at 3, 8, ..., 38; 560 px tiles"),
+    "tiny": dict(kind="vlm", hub_id=None, path=None,
+                 about="the llama32 classes at a tiny size, random weights (tests)"),
     "toy": dict(kind="vlm", hub_id=None, path="toy_models/toy-vlm",
-                about="the llama32 classes at toy size, pre-trained by toy.py on the miniature world"),
+                about="the llama32 classes at toy size, pre-trained on the miniature world"),
     "sd14": dict(kind="dm", hub_id="CompVis/stable-diffusion-v1-4", path=None, layers={4},
                  about="Stable Diffusion v1.4: attn2 at 64², 32², 16², 8² (512 px)"),
     "tiny-sd": dict(kind="dm", hub_id=None, path=None, layers=None,
                     about="SD's classes at a tiny size, random weights (tests)"),
     "toy-sd": dict(kind="dm", hub_id=None, path="toy_models/toy-sd", layers=None,
-                   about="SD's classes at toy size, trained by toy.py on the miniature world"),
+                   about="SD's classes at toy size, trained on the miniature world"),
 }
 VLM_PRESETS = [name for name, p in PRESETS.items() if p["kind"] == "vlm"]
 DM_PRESETS = [name for name, p in PRESETS.items() if p["kind"] == "dm"]
@@ -64,7 +66,8 @@ LLAMA_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|image|>", "<|
 # <|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|image|>{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
@@ -79,8 +82,8 @@ TINY_CORPUS = [
 
 # tiny-sd's CLIP vocabulary: every character below alone and as a word end, and these words whole.
 TINY_SD_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&"
-TINY_SD_WORDS = ("a red blue green circle square triangle left right of the is two three yes no dog cat what "
-                 "colour shape how many there").split()
+TINY_SD_WORDS = ("a red blue green circle square triangle left right of the is two three yes no "
+                 "dog cat what colour shape how many there").split()
 
 
 def bpe_tokenizer(corpus=TINY_CORPUS, vocab_size=300):
@@ -89,11 +92,11 @@ def bpe_tokenizer(corpus=TINY_CORPUS, vocab_size=300):
     bpe = Tokenizer(bpe_models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA_SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                   pad_token="<|finetune_right_pad_id|>")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>",
+                                   eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
 
 
 def clip_tokenizer(words, alphabet, max_length=None):
@@ -116,7 +119,8 @@ def clip_tokenizer(words, alphabet, max_length=None):
         # join what is left; a new merge ranks after every earlier one, so no earlier word changes
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
-            ranks = [merges.index(p) if p in merges else len(merges) for p in zip(pieces, pieces[1:])]
+            pairs = list(zip(pieces, pieces[1:]))
+            ranks = [merges.index(p) if p in merges else len(merges) for p in pairs]
             k = int(np.argmin(ranks))
             if ranks[k] == len(merges):
                 merges.append((pieces[k], pieces[k + 1]))
@@ -140,14 +144,14 @@ def clip_tokenizer(words, alphabet, max_length=None):
 MLLAMA_SIZES = {
     "tiny": (dict(hidden_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128, cross_attention_layers=[1, 3], max_position_embeddings=1024),
-             dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2, intermediate_size=64,
-                  vision_output_dim=32 * 3, image_size=56, patch_size=14, max_num_tiles=4,
-                  intermediate_layers_indices=[0, 1])),
+             dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  intermediate_size=64, vision_output_dim=32 * 3, image_size=56, patch_size=14,
+                  max_num_tiles=4, intermediate_layers_indices=[0, 1])),
     "toy": (dict(hidden_size=128, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=256, cross_attention_layers=[1, 3], max_position_embeddings=256),
-            dict(hidden_size=64, num_hidden_layers=4, num_global_layers=1, attention_heads=4, intermediate_size=128,
-                 vision_output_dim=64 * 3, image_size=32, patch_size=4, max_num_tiles=1,
-                 supported_aspect_ratios=[[1, 1]], intermediate_layers_indices=[1, 3])),
+            dict(hidden_size=64, num_hidden_layers=4, num_global_layers=1, attention_heads=4,
+                 intermediate_size=128, vision_output_dim=64 * 3, image_size=32, patch_size=4,
+                 max_num_tiles=1, supported_aspect_ratios=[[1, 1]], intermediate_layers_indices=[1, 3])),
 }
 
 
@@ -157,20 +161,21 @@ def llama32_size(width=1, tile_size=560):
     128 / width); vision 32 + 8 global layers, 16 heads, 14 px patches in up to 4 tiles. Width 16
     (the benchmarks'): hidden 256 = 4096 / 16, MLP 896 = 3.5x, vision hidden 80 = 1280 / 16."""
     if width not in (1, 2, 4, 8, 16):
-        raise ValueError(f"llama32 width {width}: choose 1, 2, 4, 8 or 16 (llama32's widths divided by it)")
+        raise ValueError(f"llama32 width {width}: choose 1, 2, 4, 8 or 16 (its widths divided by it)")
     hidden, vision = 4096 // width, 1280 // width
     return (dict(hidden_size=hidden, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
                  intermediate_size=hidden * 7 // 2, cross_attention_layers=list(range(3, 40, 5)),
                  max_position_embeddings=1024),
             dict(hidden_size=vision, num_hidden_layers=32, num_global_layers=8, attention_heads=16,
-                 intermediate_size=4 * vision, vision_output_dim=vision * 6, image_size=tile_size, patch_size=14,
-                 max_num_tiles=4, intermediate_layers_indices=[3, 7, 15, 23, 30]))
+                 intermediate_size=4 * vision, vision_output_dim=vision * 6, image_size=tile_size,
+                 patch_size=14, max_num_tiles=4, intermediate_layers_indices=[3, 7, 15, 23, 30]))
 
 
 def tokenizer_ids(tokenizer):
     """The vocabulary size and special token ids an Mllama config takes, from its tokenizer."""
-    return dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
+    return dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
 
 
 def mllama(size, ids, seed=0, device="cpu", dtype=None):
@@ -183,13 +188,15 @@ def mllama(size, ids, seed=0, device="cpu", dtype=None):
                           image_token_index=ids["image_token_index"])
     torch.manual_seed(seed)
     with torch.device(device):
-        return MllamaForConditionalGeneration._from_config(config, **({"dtype": dtype} if dtype else {}))
+        dtypes = {"dtype": dtype} if dtype else {}  # none given: the config's default (fp32)
+        return MllamaForConditionalGeneration._from_config(config, **dtypes)
 
 
 def mllama_processor(tokenizer, size):
     """The MllamaProcessor of a size: its tiles, its tokenizer, the chat template above."""
     vision = size[1]
-    tiles = MllamaImageProcessorPil(size={"height": vision["image_size"], "width": vision["image_size"]},
+    side = vision["image_size"]
+    tiles = MllamaImageProcessorPil(size={"height": side, "width": side},
                                     max_image_tiles=vision["max_num_tiles"])
     return MllamaProcessor(image_processor=tiles, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
@@ -201,7 +208,7 @@ def small_vlm(size, tokenizer, seed=0):
 
 
 def tiny_vlm(seed=0):
-    """(model, processor) of the tiny preset: MLLAMA_SIZES["tiny"] with the tiny BPE, random weights."""
+    """(model, processor) of the tiny preset: MLLAMA_SIZES["tiny"], the tiny BPE, random weights."""
     return small_vlm("tiny", bpe_tokenizer(), seed)
 
 
@@ -215,8 +222,9 @@ def load_vlm(name, path=None, dtype=torch.float32):
     hub_id = PRESETS[name]["hub_id"]
     source = path or preset_path(name) or hub_id
     if hub_id is None and not Path(source).is_dir():
-        raise SystemExit(f"--model {name}: no model folder at {source!r}; for 'toy' run `python toy.py` first "
-                         f"(it writes toy_models/toy-vlm), or pass --model-path DIR (a save_pretrained folder)")
+        raise SystemExit(f"--model {name}: no model folder at {source!r}; for 'toy' run `python toy.py` "
+                         f"first (it writes toy_models/toy-vlm), or pass --model-path DIR (a "
+                         f"save_pretrained folder)")
     try:
         processor = MllamaProcessor.from_pretrained(source)
         model = MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype)
@@ -249,31 +257,34 @@ def load_vlm(name, path=None, dtype=torch.float32):
 # cross-attention layers shape features to query with.
 SD_SIZES = {
     "tiny-sd": {
-        "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             max_position_embeddings=77),
+        "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=77),
         "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                    norm_num_groups=8, sample_size=32),
-        "unet": dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                    down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=32),
+        "unet": dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                     layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 2,
+                     up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32,
                      attention_head_dim=4, norm_num_groups=8)},
     "toy-sd": {
         "vae": dict(block_out_channels=(16,), down_block_types=("DownEncoderBlock2D",),
-                    up_block_types=("UpDecoderBlock2D",), latent_channels=4, layers_per_block=1, norm_num_groups=8,
-                    sample_size=32, mid_block_add_attention=False),
-        "unet": dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64),
+                    up_block_types=("UpDecoderBlock2D",), latent_channels=4, layers_per_block=1,
+                    norm_num_groups=8, sample_size=32, mid_block_add_attention=False),
+        "unet": dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+                     block_out_channels=(32, 32, 64),
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                      cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16),
-        "text_encoder": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                             max_position_embeddings=16)},
+        "text_encoder": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=2, max_position_embeddings=16)},
     "sd14": {
         "unet": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
-        "vae": dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                    block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
-        "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                             num_attention_heads=12, max_position_embeddings=77, projection_dim=768)},
+        "vae": dict(down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                    layers_per_block=2, sample_size=512),
+        "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                             num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                             projection_dim=768)},
 }
 
 
@@ -286,18 +297,21 @@ def sd_scheduler():
 
 def scheduler_config(config, cls):
     """The keys of a scheduler config (SD 1.x ships PNDM's) that scheduler class `cls` accepts."""
-    return {k: v for k, v in dict(config).items() if k in inspect.signature(cls.__init__).parameters}
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in dict(config).items() if k in accepted}
 
 
 def stable_diffusion(size, tokenizer=None, seed=0, device="cpu", dtype=torch.float32, parts=None):
     """dict(vae, unet, text_encoder, tokenizer, scheduler) of SD's classes at `size` (SD_SIZES),
     random weights, deterministic by seed, on `device`; parts: which of vae, unet, text_encoder to
-    build (default all). The text encoder's vocabulary is the tokenizer's unless the size fixes it."""
+    build (default all). The text encoder's vocabulary is the tokenizer's unless the size fixes
+    it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    def text_encoder(**config):  # CLIP's start and end tokens are ids 0 and 1 in clip_tokenizer's vocabularies
-        ids = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1) if tokenizer else {}
+    def text_encoder(**config):  # clip_tokenizer's start and end tokens are ids 0 and 1
+        ids = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1) \
+            if tokenizer else {}
         return CLIPTextModel(CLIPTextConfig(**{**ids, **config}))
     build = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": text_encoder}
     dm = dict(tokenizer=tokenizer, scheduler=sd_scheduler())
@@ -307,13 +321,13 @@ def stable_diffusion(size, tokenizer=None, seed=0, device="cpu", dtype=torch.flo
             if parts is None or part in parts:
                 dm[part] = build[part](**config)
     for part in ("vae", "unet", "text_encoder"):
-        if part in dm and dtype != torch.float32:  # (diffusers warns on any dtype .to(), even a no-op one)
+        if part in dm and dtype != torch.float32:  # (diffusers warns on any dtype .to(), even a no-op)
             dm[part].to(dtype)
     return dm
 
 
 def tiny_sd(seed=0):
-    """The tiny-sd preset: SD_SIZES["tiny-sd"] with a CLIP vocabulary of TINY_SD_WORDS, random weights."""
+    """The tiny-sd preset: SD_SIZES["tiny-sd"], a CLIP vocabulary of TINY_SD_WORDS, random weights."""
     return stable_diffusion("tiny-sd", clip_tokenizer(TINY_SD_WORDS, TINY_SD_ALPHABET), seed)
 
 
@@ -336,7 +350,8 @@ def load_dm_folder(folder):
 
 
 def load_dm(name, path=None, device="cpu", dtype=torch.float32):
-    """dict(vae, unet, text_encoder, tokenizer, scheduler, res, name) for a --dm preset, frozen, in eval mode.
+    """dict(vae, unet, text_encoder, tokenizer, scheduler, res, name) of a --dm preset, frozen, in
+    eval mode.
 
     One code path for every preset given a folder in diffusers component layout; "tiny-sd"
     without a path is built here. res = unet sample_size * the VAE's downsampling factor.
@@ -350,9 +365,9 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
             dm = load_dm_folder(source)
         except (OSError, ValueError) as e:
             get = f"download {hub_id} (hf download {hub_id})" if hub_id else "make it with toy.py"
-            raise SystemExit(f"--dm {name}: no diffusion model weights at {str(source)!r} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0]}); {get}, or point --dm-path at a folder with unet/ vae/ "
-                             f"text_encoder/ tokenizer/ scheduler/") from None
+            raise SystemExit(f"--dm {name}: no diffusion model weights at {str(source)!r} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]}); {get}, or point --dm-path "
+                             f"at a folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/") from None
     for part in ("vae", "unet", "text_encoder"):
         if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op one)
             dm[part].to(dtype=dtype)
@@ -380,7 +395,8 @@ def base_model(model):
 
 
 def text_config(model):
-    """The language model's config: heads (num_attention_heads), context (max_position_embeddings)."""
+    """The language model's config: its heads (num_attention_heads), its context
+    (max_position_embeddings)."""
     return base_model(model).config.text_config
 
 
@@ -408,11 +424,12 @@ def cross_attention(model, layer):
 
 
 def vision_geometry(model):
-    """(tile_size px, patch_size px, max_num_tiles, supported_aspect_ratios) from the model config."""
+    """(tile_size px, patch_size px, max_num_tiles, supported_aspect_ratios) of the model's tiles."""
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "vision_config"):
             v = config.vision_config
-            return v.image_size, v.patch_size, v.max_num_tiles, [tuple(r) for r in v.supported_aspect_ratios]
+            ratios = [tuple(r) for r in v.supported_aspect_ratios]
+            return v.image_size, v.patch_size, v.max_num_tiles, ratios
     raise ValueError(f"{type(model).__name__} has no config.vision_config")
 
