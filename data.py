@@ -3,7 +3,8 @@ words, the checks before step 1, and batches built by the VLM's own processor (Â
 
 Items are the lines of the dataset JSONL; the attention store holds extract.py's DM maps, one
 safetensors file per item (attn/<id>.safetensors); open_image is the one image loader of both
-models, so the VLM sees the pixels the DM saw; split_words is the one word rule of both sides.
+models, so the VLM sees the pixels the DM saw; split_words is the one word rule of both sides;
+item_regions reads the objects an item's words name (its masks and boxes, for pointing).
 check_item looks at one item the way training will, before step 1. A batch is the processor's own
 output for prompts written with the model's chat template, plus the labels of eq. 6 (answer tokens
 only), the original image sizes that aggregate.py needs to crop the tiles' padding, and the item

@@ -1,13 +1,14 @@
 """The miniature world: 32x32 images of 1-3 coloured shapes, their captions, VQA pairs about them,
-and the mask of the object every answer word names (not in the paper: toy.py trains its models and
-runs the method on it).
+and the mask of the object every answer word names (not in the paper: base_models.py trains the
+toy models on it, toy.py runs the method on it).
 
 build_world() draws every split, deterministic by seed, in the DESIGN.md JSONL format, so every
-script reads it unchanged: images "a red circle left of a blue square", questions about the colour
-of a shape, the shape of a colour, a position, a count, yes/no. Splits: pretrain (the base models'
-training; one object per image for VQA, so the VLM never needs to localise), finetune (small, 2-3
-objects, where it must: "what colour is the circle?"), test-id, and test-ood (colour-shape pairs
-never seen in fine-tuning), plus test-captions (one caption per test-id image, with every word's mask).
+script reads it unchanged: captions such as "a red circle left of a blue square", questions about
+the colour of a shape, the shape of a colour, a position, a count, yes/no. Splits: pretrain (the
+base models' training; one object per image for VQA, so the VLM never needs to localise), finetune
+(small, 2-3 objects, where it must: "what colour is the circle?"), test-id, and test-ood
+(colour-shape pairs never seen in fine-tuning), plus test-captions (a caption per test-id image,
+every colour and shape word with its mask).
 
     python toy.py build --world toy_out/world      # draw the world alone
 """

@@ -220,7 +220,7 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
 
 def test_demo_dm_categories_limits_the_fine_tuning_maps(small_world, tmp_path):
     """--dm-categories colour: DM maps only for colour answers in fine-tuning (shape items then train
-    with L_VLM alone); the test splits keep every map, so pointing and MSE are measured as before."""
+    with L_VLM alone); the test splits keep every map, so pointing and MSE are measured on every category."""
     world, _ = small_world
     toy.main(["--world", str(world), "--out", str(tmp_path / "demo"), "--seeds", "0", "--steps", "2",
               "--batch-size", "4", "--limit", "8", "--inversion-steps", "2", "--denoise-steps", "1",
