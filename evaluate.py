@@ -230,6 +230,9 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
     results = sorted(gather_objects(results, world), key=lambda r: r["index"])  # every rank: all items
     # scored once gathered: CIDEr-D's document frequencies are over the whole set
     records = score_items(items, [r["record"]["prediction"] for r in results], args.metric)
+    for record, r in zip(records, results):  # per item: did the own map of each answer word point at its object
+        if "own" in r:
+            record["own_pointing"] = r["own"]["hits"]
     if rank == 0:
         write_predictions(out_dir / name, records, args.vlmevalkit)
     report = {"name": name, **run_scores(records)}

@@ -205,6 +205,9 @@ ARMS = {"lavender": {}, "mean-mean": {"aggregate": "mean-mean"}, "mean-max": {"a
         "layers-first": {"layers": "first"}, "layers-last": {"layers": "last"}, "lam-1": {"lam": 1.0},
         "lam-100": {"lam": 100.0}, "root": {"match": "root"}, "label-words": {"align_words": "label"}}
 DATA_SIZES = (40, 80)  # smaller finetune splits (the first N items), AR and Lavender each (§7.4, Fig. 27)
+# Chosen after the protocol's first results (toy_report.md), aimed at its failing link (b): the
+# model's own attention aligned directly, with no parallel head and no Aligner in between
+FOLLOW_UPS = {"own-direct": {"aggregate": "mean-mean", "aligner": "none"}}
 MEASURES = {  # name: (split, how a run report gives it)
     "accuracy test-id": ("test-id", lambda r: r["accuracy"]["all"]["accuracy"]),
     "accuracy test-ood": ("test-ood", lambda r: r["accuracy"]["all"]["accuracy"]),
@@ -221,7 +224,8 @@ def protocol_runs(args, paths, attn, world_out, stage):
     for n in DATA_SIZES:  # the first n items: a larger split begins with a smaller one (build_split)
         lines = Path(paths["finetune"]).read_text().splitlines()[:n]
         (Path(paths["finetune"]).parent / f"finetune-{n}.jsonl").write_text("\n".join(lines) + "\n")
-    jobs = [("ar", "ar", {}, paths["finetune"])] + [(a, "lavender", o, paths["finetune"]) for a, o in ARMS.items()]
+    arms = {**ARMS, **(FOLLOW_UPS if args.follow_ups else {})}
+    jobs = [("ar", "ar", {}, paths["finetune"])] + [(a, "lavender", o, paths["finetune"]) for a, o in arms.items()]
     jobs += [(f"{loss}-n{n}", loss, {}, Path(paths["finetune"]).parent / f"finetune-{n}.jsonl")
              for n in DATA_SIZES for loss in ("ar", "lavender")]
     for seed in args.seeds:
@@ -230,6 +234,15 @@ def protocol_runs(args, paths, attn, world_out, stage):
             runs[arm, seed] = finetune(args, data_path, attn["finetune"], world_out / "runs" / f"{arm}-s{seed}", loss,
                                        seed, overrides)
     return runs
+
+
+def pointing_split(eval_dir):
+    """(accuracy on the items whose answer word's own map points at its object, accuracy on the
+    items where it misses) from evaluate.py's predictions.jsonl: is a grounded answer a better one?"""
+    records = [json.loads(line) for line in (Path(eval_dir) / "predictions.jsonl").read_text().splitlines()]
+    hit = [r["correct"] for r in records if r.get("own_pointing") and all(r["own_pointing"])]
+    miss = [r["correct"] for r in records if r.get("own_pointing") and not all(r["own_pointing"])]
+    return (float(np.mean(hit)) if hit else None, float(np.mean(miss)) if miss else None, len(hit), len(miss))
 
 
 def as_run(head):
@@ -270,6 +283,11 @@ def protocol(args):
                 row[name] = {arm: pick(by_run[split][arm, seed]) for arm, s in order if s == seed}
                 row[name]["base"] = pick(by_run[split]["base", None])
                 row[name]["lavender head"] = pick(as_run(by_run[split]["lavender", seed].get("head")))
+            row["accuracy when own map points / misses (test-id)"] = {
+                arm: pointing_split(world_out / "eval-test-id" / Path(runs[arm, seed]).name) for arm, s in order
+                if s == seed and arm in ("ar", "lavender")}
+            row["accuracy when own map points / misses (test-id)"]["base"] = pointing_split(
+                world_out / "eval-test-id" / "base")
             rows.append(row)
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "minutes": (time.time() - t0) / 60,
               "rows": rows, "paired": protocol_table(rows)}
@@ -301,6 +319,16 @@ def protocol_markdown(result):
     lines += ["", f"DM maps (test-id answer words): pointing {np.mean([r['dm pointing test-id'] for r in rows]):.3f}, "
               f"entropy {np.mean([r['dm entropy test-id'] for r in rows]):.3f}", ""]
     lines += [f"- {name}: {fmt(d)}" for name, d in paired_["links"].items()]
+    lines += ["", "Is a grounded answer a better one? Test-id accuracy on the items whose answer word's own map "
+              "points at its object against the items where it misses (mean over worlds and seeds; the "
+              "difference paired by world and seed, base by world):", "",
+              "| model | accuracy, map points | accuracy, map misses | items pointing / missing | points - misses |",
+              "|---|---|---|---|---|"]
+    for model, d in paired_["grounded answers"].items():
+        splits = [r["accuracy when own map points / misses (test-id)"][model] for r in rows]
+        lines.append(f"| {model} | {np.mean([x[0] for x in splits if x[0] is not None]):.3f} | "
+                     f"{np.mean([x[1] for x in splits if x[1] is not None]):.3f} | "
+                     f"{np.mean([x[2] for x in splits]):.0f} / {np.mean([x[3] for x in splits]):.0f} | {fmt(d)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -316,6 +344,12 @@ def protocol_table(rows):
             table[name][f"lavender-n{n}"] = paired(values, f"lavender-n{n}", f"ar-n{n}")
     pointing = [dict(r["own pointing test-id"], dm=r["dm pointing test-id"]) for r in rows]
     per_world = list({r["world"]: p for r, p in zip(rows, pointing)}.values())  # base and DM: one value a world
+    splits = [r["accuracy when own map points / misses (test-id)"] for r in rows]
+    table["grounded answers"] = {}
+    for model in ("base", "ar", "lavender"):
+        pairs = [{"points": sp[model][0], "misses": sp[model][1]} for sp in
+                 (list({r["world"]: sp for r, sp in zip(rows, splits)}.values()) if model == "base" else splits)]
+        table["grounded answers"][model] = paired(pairs, "points", "misses")
     table["links"] = {"(a) DM - base own pointing (per world)": paired(per_world, "dm", "base"),
                       "(a) DM - Lavender own pointing": paired(pointing, "dm", "lavender"),
                       "(b) Lavender - base own pointing": paired(pointing, "lavender", "base")}
@@ -382,6 +416,8 @@ def build_parser():
     # ---- fine-tuning (train.py): the same for AR and Lavender ----
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (each runs AR and Lavender)")
     p.add_argument("--worlds", type=int, nargs="+", default=[0, 1, 2], help="protocol: the world seeds")
+    p.add_argument("--follow-ups", action=argparse.BooleanOptionalAction, default=False,
+                   help="protocol: also the FOLLOW_UPS arms (chosen after the first results, reported as such)")
     p.add_argument("--finetune-items", type=int, default=None,
                    help="size of the world's finetune split (default 160; another size draws another world: use its own --world)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per fine-tuning run")
