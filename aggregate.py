@@ -2,8 +2,8 @@
 
 What this file does, in the order the data flows:
 
-1. Capture (AttentionCapture): forward hooks on Mllama's cross-attention modules read the
-   normalised queries (q_norm output), keys (k_norm output) and the cross-attention mask, and
+1. Capture (AttentionCapture): forward hooks on the cross-attention modules read the queries and
+   keys softmax sees (Mllama: q_norm / k_norm outputs; IDEFICS: models.query_key) and the mask, and
    compute softmax(Q_rows Kᵀ · scaling + mask) for the chosen text rows only, KV heads repeated
    (grouped-query attention). The model itself keeps running SDPA / flash attention; nothing
    is patched and nothing is switched to eager. Only (B, layers, heads, rows, image tokens) is
@@ -38,7 +38,7 @@ from transformers.models.mllama.image_processing_pil_mllama import get_image_siz
 
 from aligner import MAP_SIZE, min_max
 from data import answer_words, match_words
-from models import cross_attention, cross_attention_layers, language_model, vision_geometry
+from models import cross_attention, cross_attention_layers, language_model, query_key, vision_geometry
 
 AGGREGATIONS = ("max-max", "max-mean", "mean-max", "mean-mean", "flow-multi", "flow-sum", "learn")
 LAYER_SUBSETS = ("all", "first", "mid", "last")
@@ -150,9 +150,10 @@ class AttentionCapture:
                 raise ValueError(f"learned=True but layer {layer} has no lavender_q_proj; "
                                  f"call add_parallel_projections(model, layers) first")
             self._handles.append(attn.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
-            if not learned:
-                self._handles.append(attn.q_norm.register_forward_hook(self._keep(i, "q")))
-                self._handles.append(attn.k_norm.register_forward_hook(self._keep(i, "k")))
+            if not learned:  # the modules whose outputs are the queries and keys softmax reads
+                q_module, k_module = query_key(attn)[:2]
+                self._handles.append(q_module.register_forward_hook(self._keep(i, "q", attn.head_dim)))
+                self._handles.append(k_module.register_forward_hook(self._keep(i, "k", attn.head_dim)))
                 self._handles.append(attn.register_forward_hook(self._post_hook(i)))
 
     # --- public API ---
@@ -208,7 +209,7 @@ class AttentionCapture:
                 return None
             # eq. 15-16: A_d from the parallel projections on q_proj's / k_proj's inputs
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, T, d)
-            states = kwargs.get("cross_attention_states")  # (B * images * tiles, 1 + P², d)
+            states = kwargs.get("cross_attention_states", kwargs.get("key_value_states"))  # (B*, keys, d)
             if states is None:
                 raise RuntimeError("learned capture needs cross_attention_states (a forward with pixel_values, "
                                    "not a cached generation step)")
@@ -218,16 +219,18 @@ class AttentionCapture:
             # FSDP2's mixed precision the weights are bf16 here and the casts do nothing
             dtype = attn.lavender_q_proj.weight.dtype
             q = attn.lavender_q_proj(h.to(dtype)).view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, R, D)
-            k = attn.lavender_k_proj(states.to(dtype)).view(B, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
-            # .forward: the norms' own hooks stay silent (a capture of the pretrained A on the same
-            # model reads q_norm / k_norm outputs through them)
-            self._save(i, _row_probs(attn, attn.q_norm.forward(q), attn.k_norm.forward(k), mask))  # (B, H, R, N)
+            kv_heads = getattr(attn, "num_key_value_heads", attn.num_heads)  # IDEFICS: no grouped-query attention
+            k = attn.lavender_k_proj(states.to(dtype)).view(B, -1, kv_heads, attn.head_dim).transpose(1, 2)
+            q_norm, k_norm = query_key(attn)[2:]  # by .forward: hooks of a capture of A on them stay silent
+            self._save(i, _row_probs(attn, q_norm(q), k_norm(k), mask))  # (B, H, R, N)
             return None
         return hook
 
-    def _keep(self, i, name):
-        def hook(norm, args, output):
+    def _keep(self, i, name, head_dim):
+        def hook(module, args, output):
             if self.rows is not None and i in self._scratch:
+                if output.dim() == 3:  # a projection's (B, T, heads * D) (IDEFICS without q/k norms)
+                    output = output.unflatten(-1, (-1, head_dim)).transpose(1, 2)  # (B, heads, T, D)
                 self._scratch[i][name] = _gather_rows(output, self.rows) if name == "q" else output
         return hook
 
@@ -288,7 +291,10 @@ def tiles_to_grid(attn, aspect_ratio_id, image_size, tile_size, patch_size, max_
 
 
 def image_maps(probs, batch, geometry):
-    """probs (B, L, H, R, N) -> (B, L, H, R, 32, 32) over each sample's first image."""
+    """probs (B, L, H, R, N) -> (B, L, H, R, 32, 32) over each sample's first image. geometry:
+    vision_geometry's, Mllama's tiles, or a dict whose image_maps rebuilds its family's grid."""
+    if isinstance(geometry, dict):
+        return geometry["image_maps"](probs)
     tile_size, patch_size, max_tiles, supported = geometry
     per_image = max_tiles * (1 + (tile_size // patch_size) ** 2)
     ids, sizes = batch["aspect_ratio_ids"], batch["image_sizes"]

@@ -27,6 +27,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import flamingo  # IDEFICS' prompts (no chat template: legacy interleaved lists)
 from aligner import MAP_SIZE  # the one map size of DM and VLM maps
 
 # ---- items: the dataset JSONL ----
@@ -365,7 +366,10 @@ def check_item(item, processor=None, attn_dir=None, max_length=None):
 
 def chat_texts(processor, item, with_answer=True):
     """(text, prompt) in the processor's chat template: user [image, question], then, with_answer,
-    assistant [answer]. prompt is the user turn and the assistant header (what generate continues)."""
+    assistant [answer]. prompt is the user turn and the assistant header (what generate continues).
+    IDEFICS has no chat template: its instruct dialogue (flamingo.prompt_texts)."""
+    if flamingo.is_idefics(processor):
+        return flamingo.prompt_texts(processor, item, with_answer)
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}
     prompt = processor.apply_chat_template([user], add_generation_prompt=True)
     if not with_answer:
@@ -403,9 +407,12 @@ def collate(processor, items, with_answer=True):
         if with_answer:
             prompt_lens.append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
         images.append([open_image(item["image_path"])])
-    # the chat template already starts with <|begin_of_text|>: add no second one
-    batch = processor(images=images, text=texts, padding=True, add_special_tokens=False, return_tensors="pt",
-                      padding_side="right" if with_answer else "left")
+    side = "right" if with_answer else "left"
+    if flamingo.is_idefics(processor):  # IDEFICS: [text, image, text] lists (flamingo.processor_batch)
+        batch = flamingo.processor_batch(processor, texts, images, side)
+    else:  # the chat template already starts with <|begin_of_text|>: add no second one
+        batch = processor(images=images, text=texts, padding=True, add_special_tokens=False,
+                          return_tensors="pt", padding_side=side)
     batch = dict(batch)
     batch["image_sizes"] = torch.tensor([[im[0].height, im[0].width] for im in images])  # (B, 2)
     batch["ids"] = [item["id"] for item in items]
@@ -419,9 +426,10 @@ def collate(processor, items, with_answer=True):
 
 
 def model_inputs(batch, device=None):
-    """The keys Mllama's forward and generate take (drops labels, ids, image_sizes), moved to `device` if given."""
+    """The keys the model's forward and generate take (drops labels, ids, image_sizes), moved to `device`
+    if given: Mllama's (aspect ratios, cross_attention_mask) or IDEFICS' (image_attention_mask)."""
     keys = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
-            "cross_attention_mask")
+            "cross_attention_mask", "image_attention_mask")
     return {k: batch[k] if device is None else batch[k].to(device) for k in keys if k in batch}
 
 

@@ -6,8 +6,10 @@ A preset is a name (`--model llama32`, `--dm sd14`): a hub id, or a size built h
 toy.py trains. The same builder makes every size of a class: `mllama` the Llama-3.2-Vision classes
 (tiny, toy, llama32 at 1/16 width), `stable_diffusion` SD's diffusers parts (tiny-sd, toy-sd, sd14's
 geometry). With no network and no local copy, one error names the preset, the hub id and how to
-point at a local folder. The last part holds what differs between model families: adding a family
-(Qwen2-VL's self-attention, IDEFICS' gated cross-attention) adds a few functions there.
+point at a local folder. The last part holds what differs between model families: each VLM preset
+names its family, and each per-family function dispatches on family(model). Adding a family
+(Qwen2-VL's self-attention) adds a few functions there; IDEFICS' (Flamingo-style gated
+cross-attention) live in flamingo.py.
 
     python -c "import models; m, p = models.tiny_vlm(); print(models.cross_attention_layers(m))"
 """
@@ -18,13 +20,17 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
-from transformers import (MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil,
-                          MllamaProcessor, PreTrainedTokenizerFast)
+from transformers import (IdeficsForVisionText2Text, IdeficsProcessor, MllamaConfig,
+                          MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor,
+                          PreTrainedTokenizerFast)
+
+import flamingo
 
 ROOT = Path(__file__).resolve().parent
 
 # ---- the presets: --model NAME (a VLM) or --dm NAME (a diffusion model) ----
 
+# family (VLMs): which per-family functions below read it (mllama, idefics).
 # hub_id: the weights on the Hugging Face hub (None: built here or trained by toy.py); path: the
 # default local folder (relative to this file); layers (DMs): the attn2 layers extract.py averages
 # by default, as downsampling factors of the latent grid (None: all). sd14 (512 px, attn2 at 64²,
@@ -33,12 +39,17 @@ ROOT = Path(__file__).resolve().parent
 # toy-sd: all layers, measured best on it (held-out captions 0.84 pointing; 16x16 alone 0.62, 8x8
 # alone 0.53).
 PRESETS = {
-    "llama32": dict(kind="vlm", hub_id="meta-llama/Llama-3.2-11B-Vision-Instruct", path=None,
+    "llama32": dict(kind="vlm", family="mllama", hub_id="meta-llama/Llama-3.2-11B-Vision-Instruct", path=None,
                     about="40 text layers, cross-attention at 3, 8, ..., 38; 560 px tiles"),
-    "tiny": dict(kind="vlm", hub_id=None, path=None,
+    "tiny": dict(kind="vlm", family="mllama", hub_id=None, path=None,
                  about="the llama32 classes at a tiny size, random weights (tests)"),
-    "toy": dict(kind="vlm", hub_id=None, path="toy_models/toy-vlm",
+    "toy": dict(kind="vlm", family="mllama", hub_id=None, path="toy_models/toy-vlm",
                 about="the llama32 classes at toy size, pre-trained on the miniature world"),
+    "idefics": dict(kind="vlm", family="idefics", hub_id="HuggingFaceM4/idefics-9b-instruct", path=None,
+                    about="Flamingo-style: 32 LLaMA layers, gated cross-attention before every 4th; "
+                          "64 resampler latents"),
+    "tiny-idefics": dict(kind="vlm", family="idefics", hub_id=None, path=None,
+                         about="IDEFICS' classes at a tiny size with a resampler, random weights (tests)"),
     "sd14": dict(kind="dm", hub_id="CompVis/stable-diffusion-v1-4", path=None, layers={4},
                  about="Stable Diffusion v1.4: attn2 at 64², 32², 16², 8² (512 px)"),
     "tiny-sd": dict(kind="dm", hub_id=None, path=None, layers=None,
@@ -86,17 +97,21 @@ TINY_SD_WORDS = ("a red blue green circle square triangle left right of the is t
                  "dog cat what colour shape how many there").split()
 
 
-def bpe_tokenizer(corpus=TINY_CORPUS, vocab_size=300):
+LLAMA_TOKEN_ROLES = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                         pad_token="<|finetune_right_pad_id|>")
+
+
+def bpe_tokenizer(corpus=TINY_CORPUS, vocab_size=300, special=LLAMA_SPECIAL_TOKENS, roles=LLAMA_TOKEN_ROLES):
     """A byte-level BPE tokenizer (as Llama 3's) with Llama-3.2-Vision's special tokens, trained in
-    memory on `corpus` (the tiny preset's by default; toy.py passes the world's words)."""
+    memory on `corpus` (the tiny preset's by default; toy.py passes the world's words). special,
+    roles: another family's special tokens and which is which (flamingo.SPECIAL_TOKENS, TOKEN_ROLES)."""
     bpe = Tokenizer(bpe_models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA_SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>",
-                                   eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **roles)
 
 
 def clip_tokenizer(words, alphabet, max_length=None):
@@ -212,28 +227,38 @@ def tiny_vlm(seed=0):
     return small_vlm("tiny", bpe_tokenizer(), seed)
 
 
+def tiny_idefics(seed=0, resampler=True, qk_norms=False):
+    """(model, processor) of the tiny-idefics preset (flamingo.IDEFICS_SIZES["tiny"], the tiny BPE with
+    IDEFICS' special tokens, random weights); resampler=False: CLS + patch keys; qk_norms: q/k norms."""
+    tokenizer = bpe_tokenizer(TINY_CORPUS + flamingo.CORPUS, special=flamingo.SPECIAL_TOKENS,
+                              roles=flamingo.TOKEN_ROLES)
+    return flamingo.tiny_idefics(tokenizer, seed, resampler, qk_norms)
+
+
 def load_vlm(name, path=None, dtype=torch.float32):
     """(model, processor) for a preset name; `path` is a local copy (a save_pretrained folder)."""
     if name not in VLM_PRESETS:
         raise SystemExit(f"unknown --model {name!r}; choose one of {VLM_PRESETS}")
-    if name == "tiny" and path is None:
-        model, processor = tiny_vlm()
+    if name in ("tiny", "tiny-idefics") and path is None:
+        model, processor = tiny_vlm() if name == "tiny" else tiny_idefics()
         return model.to(dtype), processor
-    hub_id = PRESETS[name]["hub_id"]
+    hub_id, idefics = PRESETS[name]["hub_id"], PRESETS[name]["family"] == "idefics"
     source = path or preset_path(name) or hub_id
     if hub_id is None and not Path(source).is_dir():
         raise SystemExit(f"--model {name}: no model folder at {source!r}; for 'toy' run `python toy.py` "
                          f"first (it writes toy_models/toy-vlm), or pass --model-path DIR (a "
                          f"save_pretrained folder)")
+    processor_class, model_class = (IdeficsProcessor, IdeficsForVisionText2Text) if idefics else \
+        (MllamaProcessor, MllamaForConditionalGeneration)
     try:
-        processor = MllamaProcessor.from_pretrained(source)
-        model = MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        processor = processor_class.from_pretrained(source)
+        model = model_class.from_pretrained(source, dtype=dtype)
     except OSError as err:
         raise SystemExit(
             f"could not load --model {name} from {source!r}: {err}\n"
             f"Download {hub_id or 'the weights'} on a machine with network access "
             f"(e.g. `hf download {hub_id} --local-dir DIR`) and pass --model-path DIR.") from None
-    return model, processor
+    return (flamingo.stop_at_end_of_utterance(model, processor) if idefics else model), processor
 
 
 # ---- Stable Diffusion's parts at every size ----
@@ -381,12 +406,17 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
 # ---- per family: where the language model, its attention layers and the image geometry are ----
 # Mllama (llama32, tiny, toy): cross-attention decoder layers (`cross_attn`, with q_norm / k_norm)
 # between self-attention layers; images in tiles of 1 CLS + P² patch tokens, placed on a canvas by
-# aspect_ratio_ids. PEFT, FSDP and activation checkpointing wrap the model: each function here
-# finds its piece inside any of them.
+# aspect_ratio_ids. IDEFICS (idefics, tiny-idefics): gated cross-attention layers before every few
+# decoder layers, keys of one image CLS + P² patches or the resampler's latents (flamingo.py). PEFT,
+# FSDP and activation checkpointing wrap the model: each function here finds its piece inside any
+# of them. A function that differs by family dispatches on family(model) (or on the module's class).
 
 # LoRA targets (§6 (4)): q/v projections of the LANGUAGE model only. "q_proj" alone would also
 # match the vision encoder's attention (the authors' release adapts both, see REFERENCE.md).
 LORA_TARGETS = r".*language_model\..*\.(q_proj|v_proj)"
+
+
+FAMILIES = ("mllama", "idefics")
 
 
 def base_model(model):
@@ -394,14 +424,30 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def family(model):
+    """The model's family, its config's model_type: "mllama" (llama32, tiny, toy) or "idefics"."""
+    kind = base_model(model).config.model_type
+    if kind not in FAMILIES:
+        raise ValueError(f"{type(model).__name__} (model_type {kind!r}) is not a supported family {FAMILIES}")
+    return kind
+
+
+def lora_targets(model):
+    """The LoRA target regex of the model's family (language model q/v projections only)."""
+    return flamingo.LORA_TARGETS if family(model) == "idefics" else LORA_TARGETS
+
+
 def text_config(model):
     """The language model's config: its heads (num_attention_heads), its context
-    (max_position_embeddings)."""
-    return base_model(model).config.text_config
+    (max_position_embeddings). IDEFICS keeps them in its top-level config."""
+    config = base_model(model).config
+    return config if family(model) == "idefics" else config.text_config
 
 
 def language_model(model):
     """The text decoder inside `model` (plain, PEFT-wrapped or FSDP-sharded)."""
+    if family(model) == "idefics":
+        return flamingo.language_model(model)
     for module in model.modules():
         if hasattr(module, "cross_attention_layers") and hasattr(module, "layers"):
             return module
@@ -410,12 +456,18 @@ def language_model(model):
 
 
 def cross_attention_layers(model):
-    """Indices (in language_model(model).layers) of the text-to-image attention layers, in order."""
+    """Indices of the text-to-image attention layers, in order: in language_model(model).layers
+    (Mllama), in its gated_cross_attn_layers (IDEFICS)."""
+    if family(model) == "idefics":
+        return flamingo.cross_attention_layers(model)
     return sorted(language_model(model).cross_attention_layers)
 
 
 def cross_attention(model, layer):
-    """The text-to-image attention module of decoder layer `layer` (MllamaTextCrossAttention)."""
+    """The text-to-image attention module of decoder layer `layer` (MllamaTextCrossAttention), or of
+    gated cross-attention layer `layer` (IdeficsAttention)."""
+    if family(model) == "idefics":
+        return flamingo.cross_attention(model, layer)
     block = language_model(model).layers[layer]
     if not hasattr(block, "cross_attn"):
         raise ValueError(f"language_model.layers[{layer}] is not a cross-attention layer; "
@@ -423,8 +475,21 @@ def cross_attention(model, layer):
     return block.cross_attn
 
 
+def query_key(attn):
+    """(q module, k module, q norm, k norm) of a cross-attention module: the modules whose outputs
+    are the queries and keys its softmax reads, and the norms (called by .forward, so their hooks
+    stay silent) that turn a projection's output into them. Mllama: q_norm / k_norm (outputs
+    (B, heads, T, D)); IDEFICS: flamingo.query_key."""
+    if flamingo.is_idefics(attn):
+        return flamingo.query_key(attn)
+    return attn.q_norm, attn.k_norm, attn.q_norm.forward, attn.k_norm.forward
+
+
 def vision_geometry(model):
-    """(tile_size px, patch_size px, max_num_tiles, supported_aspect_ratios) of the model's tiles."""
+    """(tile_size px, patch_size px, max_num_tiles, supported_aspect_ratios) of the model's tiles, or
+    for IDEFICS a dict whose image_maps rebuilds its grid (flamingo.vision_geometry)."""
+    if family(model) == "idefics":
+        return flamingo.vision_geometry(model)
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "vision_config"):

@@ -51,14 +51,15 @@ from distributed import all_reduce_sum, any_rank, exit_if_torchrun, gather_objec
 # ---- the model: preset -> LoRA -> parallel projections -> capture -> checkpointing -> FSDP2 ----
 
 def apply_peft(model, args):
-    """LoRA on the language model's q/v projections (args.peft == "lora"), or all weights trainable."""
+    """LoRA on the language model's q/v projections (args.peft == "lora"; models.lora_targets), or all
+    weights trainable."""
     if args.peft == "full":
         model.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(args.seed)  # LoRA A matrices are random: same seed, same start
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=models.LORA_TARGETS, bias="none")
+                        target_modules=models.lora_targets(model), bias="none")
     return get_peft_model(model, config)
 
 
