@@ -5,8 +5,8 @@ a part that fails or hangs costs only its own minutes and its row says why; the 
 table is printed and written to --out. --smoke runs the very same parts at tiny sizes on the CPU
 (the test suite does), so the command is known to work before a GPU is ever lent. The parts:
 extraction seconds per image at 512 px (ours, plain SDPA, Prompt-to-Prompt's store), the Lavender
-vs AR train step and the VLM capture at Llama-3.2-11B geometry (bench.py's arms), and train.py
-under torchrun with FSDP2 on NCCL.
+vs AR train step and the VLM capture at Llama-3.2-11B geometry (bench.py's arms), the capture at
+IDEFICS-9B geometry (the Flamingo-style family), and train.py under torchrun with FSDP2 on NCCL.
 
     python bench_gpu.py --smoke                 # first, on any CPU: the same parts at tiny sizes (about a minute)
     python bench_gpu.py --out bench_gpu.md      # on one GPU: under 8 minutes on an H100
@@ -26,9 +26,10 @@ import torch
 import data
 import extract
 import models
-from bench import EXTRACT_ARMS, arm_processors, bench_model, bench_train_gpu, capture_forward, finish, measure
+from bench import (EXTRACT_ARMS, arm_processors, bench_model, bench_train_gpu, capture_forward, finish,
+                   idefics_bench_model, measure)
 
-GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "fsdp": 75}
+GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "aggregate-idefics": 90, "fsdp": 75}
 
 
 def row(part, arm, seconds, unit, peak_gib, ratio="", note=""):
@@ -116,6 +117,22 @@ def part_aggregate(smoke):
             row(part, "the release: eager + output_attentions", out["eager"][0], "s", out["eager"][1],
                 f"{out['eager'][0] / out['capture'][0]:.3f} of ours",
                 note("eager") + f", {inc['eager'] / inc['capture']:.2f}x ours")]
+
+
+def part_aggregate_idefics(smoke):
+    """One forward (autograd on) at IDEFICS-9B geometry (bench.idefics_bench_model: resampler, 8 gated
+    cross-attention layers, random bf16 weights): plain and our capture. No eager arm: IDEFICS'
+    output_attentions omits its cross-attention."""
+    device = "cpu" if smoke else "cuda"
+    model, batch, rows = idefics_bench_model(16 if smoke else 1, device, torch.bfloat16)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = {arm: measure(lambda: capture_forward(model, batch, rows, arm), device, 1 if smoke else 3)
+           for arm in ("plain", "capture")}
+    part = f"VLM forward, IDEFICS-9B at 1/{16 if smoke else 1} width, one 224 px image, 32 rows"
+    note = lambda arm: f"forward's increment {out[arm][1] - out[arm][2]:.2f} GiB"  # noqa: E731
+    return [row(part, "plain (SDPA, no capture)", out["plain"][0], "s", out["plain"][1], "", note("plain")),
+            row(part, "ours: AttentionCapture hooks", out["capture"][0], "s", out["capture"][1],
+                f"{out['capture'][0] / out['plain'][0]:.3f} of plain", note("capture"))]
 
 
 def write_items(root, n=8):
@@ -218,7 +235,8 @@ def gpu_part(name, smoke):
         torch.set_num_threads(1)
     if name.startswith("extract-b"):
         return part_extract(int(name.removeprefix("extract-b")), smoke)
-    return {"train": part_train, "aggregate": part_aggregate, "fsdp": part_fsdp}[name](smoke)
+    return {"train": part_train, "aggregate": part_aggregate, "aggregate-idefics": part_aggregate_idefics,
+            "fsdp": part_fsdp}[name](smoke)
 
 
 def main(argv=None):

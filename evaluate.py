@@ -52,7 +52,7 @@ from distributed import exit_if_torchrun, gather_objects, setup_distributed, tea
 from figures import draw_entropy_histograms, draw_overlays
 from metrics import (METRICS, accuracy_summary, check_items, describe_metric, read_predictions, run_scores,
                      score_items, write_predictions)
-from models import load_vlm
+from models import load_vlm, maps_have_positions
 from runs import load_run, run_problem
 
 # ---------------------------------------------------------------------------------------------
@@ -215,15 +215,16 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
     own, head = settings if dm_store else (None, None)
     if dm_store:
         maps = answer_maps(model, processor, [items[i] for i in mine], dm_store, own, head, args.batch_size, device, show)
+        placed = maps_have_positions(model)  # else no pointing for the VLM's maps (IDEFICS' resampler latents)
         for result, m in zip(results, maps):  # every word below has a DM map (plan_words keeps only those)
             item_id = result["record"]["id"]
             dm_maps = dm_store[item_id][0] if item_id in dm_store else None
             item_regions_ = regions.get(item_id, {})
-            result["own"] = word_measures(m["own"], dm_maps, m, item_regions_)
+            result["own"] = word_measures(m["own"], dm_maps, m, item_regions_ if placed else {})
             result["dm"] = word_measures(torch.stack([dm_maps[j] for j in m["dm_index"]]) if m["words"] else
                                          torch.zeros(0, 32, 32), dm_maps, m, item_regions_)
             if head is not None:
-                result["head"] = word_measures(m["head"], dm_maps, m, item_regions_)
+                result["head"] = word_measures(m["head"], dm_maps, m, item_regions_ if placed else {})
             if item_id in drawn:
                 result["picture"] = {kind: {j: m[kind][w] for w, j in enumerate(m["dm_index"])}
                                      for kind in ("own", "head") if m[kind] is not None}

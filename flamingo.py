@@ -22,7 +22,7 @@ What the maps mean (§4.4):
   That grid is a convention, not a picture: cell (r, c) is "latent 8r + c", not a place in the
   image, so aligning it with the DM's map teaches the model a fixed assignment of image regions to
   latents rather than measuring where it looks. Entropy and MSE are still defined on it; pointing is
-  not meaningful. A text -> latent -> patch composition through the perceiver's last block would
+  not (evaluate.py leaves it out: models.maps_have_positions). A text -> latent -> patch composition through the perceiver's last block would
   give a spatial map; it is not offered here (untested).
 
 For readers who want OpenFlamingo itself (open_flamingo, torch 2.0.1): its gated layers are

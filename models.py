@@ -475,6 +475,13 @@ def cross_attention(model, layer):
     return block.cross_attn
 
 
+def maps_have_positions(model):
+    """False where a map's cells are not places in the image: IDEFICS with its resampler, whose
+    latents sit on a square grid by convention (flamingo.py); pointing is then not measured."""
+    geometry = vision_geometry(model)
+    return not isinstance(geometry, dict) or geometry.get("patches") is not None
+
+
 def query_key(attn):
     """(q module, k module, q norm, k norm) of a cross-attention module: the modules whose outputs
     are the queries and keys its softmax reads, and the norms (called by .forward, so their hooks
