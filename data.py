@@ -6,9 +6,10 @@ safetensors file per item (attn/<id>.safetensors); open_image is the one image l
 models, so the VLM sees the pixels the DM saw; split_words is the one word rule of both sides;
 item_regions reads the objects an item's words name (its masks and boxes, for pointing).
 check_item looks at one item the way training will, before step 1. A batch is the processor's own
-output for prompts written with the model's chat template, plus the labels of eq. 6 (answer tokens
-only), the original image sizes that aggregate.py needs to crop the tiles' padding, and the item
-ids. The data order is a pure function of (seed, epoch), so every rank, and a resumed run, agree on it.
+output for prompts written with the model's chat template (IDEFICS, which has none: its instruct
+dialogue, flamingo.prompt_texts), plus the labels of eq. 6 (answer tokens only), the original
+image sizes that aggregate.py needs to crop the tiles' padding, and the item ids. The data order
+is a pure function of (seed, epoch), so every rank, and a resumed run, agree on it.
 Dataset converters (VQAv2, TextVQA, ... -> this JSONL) are in prepare.py.
 
     python -c "import data, models; print(data.collate(models.tiny_vlm()[1], data.read_items('d.jsonl')))"

@@ -504,7 +504,7 @@ def evaluate_ranks(args, rank, world, device):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to evaluate
-    p.add_argument("--model", default=None, help="VLM preset (models.py: llama32, tiny, toy): the base model, "
+    p.add_argument("--model", default=None, help="VLM preset (models.VLM_PRESETS: llama32, idefics, tiny, ...): the base model, "
                    "evaluated when no --run-dir is given or with --base")
     p.add_argument("--model-path", default=None, help="local copy of the --model preset (a save_pretrained folder)")
     p.add_argument("--run-dir", "--run", dest="run", action="append", default=[],

@@ -22,8 +22,9 @@ What the maps mean (§4.4):
   That grid is a convention, not a picture: cell (r, c) is "latent 8r + c", not a place in the
   image, so aligning it with the DM's map teaches the model a fixed assignment of image regions to
   latents rather than measuring where it looks. Entropy and MSE are still defined on it; pointing is
-  not (evaluate.py leaves it out: models.maps_have_positions). A text -> latent -> patch composition through the perceiver's last block would
-  give a spatial map; it is not offered here (untested).
+  not (evaluate.py leaves it out: models.maps_have_positions). A text -> latent -> patch
+  composition through the perceiver's last block would give a spatial map; it is not offered here
+  (untested: the latents also carry what the earlier blocks and the residual path put there).
 
 For readers who want OpenFlamingo itself (open_flamingo, torch 2.0.1): its gated layers are
 `lang_encoder.gated_cross_attn_layers[i].attn` (MaskedCrossAttention: `to_q`, `to_kv` fused, no q/k
@@ -31,14 +32,15 @@ norms, the media mask built inside from `media_locations`), its resampler also g
 per image (per frame), and its vision tower is CLIP ViT-L/14. The capture principle carries over:
 hooks on the query and key projections' outputs plus the mask reproduce the softmax rows.
 
-    python -c "import models; m, p = models.load_vlm('tiny-idefics'); print(models.cross_attention_layers(m))"
+    python -c "import models; m, p = models.load_vlm('tiny-idefics'); print(models.vision_geometry(m))"
 """
 import functools
 import math
 
 import torch
 import torch.nn.functional as F
-from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessorPil, IdeficsProcessor
+from transformers import (IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessorPil,
+                          IdeficsProcessor)
 
 from aligner import MAP_SIZE
 
@@ -67,10 +69,10 @@ def prompt_texts(processor, item, with_answer=True):
     eos = processor.tokenizer.eos_token
     for field in ("question", "answer"):
         if eos in item[field]:
-            raise ValueError(f"item {item.get('id')!r}: its {field} {item[field]!r} holds {eos!r}, after which "
-                             f"IDEFICS' tokens no longer see the image; remove it from the text")
-    prompt = f"{processor.tokenizer.bos_token}User:{IMAGE_TOKENS}{item['question'].strip()}{END_OF_UTTERANCE}" \
-             "\nAssistant:"
+            raise ValueError(f"item {item.get('id')!r}: its {field} {item[field]!r} holds {eos!r}, after "
+                             f"which IDEFICS' tokens no longer see the image; remove it from the text")
+    question = item["question"].strip()  # (the processor strips each text piece too)
+    prompt = f"{processor.tokenizer.bos_token}User:{IMAGE_TOKENS}{question}{END_OF_UTTERANCE}\nAssistant:"
     return (f"{prompt} {item['answer'].strip()}{END_OF_UTTERANCE}" if with_answer else prompt), prompt
 
 
@@ -92,8 +94,9 @@ def processor_batch(processor, texts, images, padding_side):
 
 # (text, vision, perceiver) config fields. tiny: hidden 64, 4 layers, a gated cross-attention layer
 # before layers 0 and 2 (interval 2), 4 heads; vision hidden 32, 56 px images of 14 px patches (4 x 4
-# + CLS = 17 keys); resampler 16 latents (4 x 4), one block. alpha "ones": the gates start open, so
-# the cross-attention shapes the output (IDEFICS trains from "zeros"; its checkpoints are open).
+# + CLS = 17 keys); resampler 16 latents (4 x 4), one block. alpha "ones": the gates start open
+# (tanh(1) = 0.76), so the cross-attention shapes the output, as in a trained checkpoint (IDEFICS'
+# pre-training starts them at "zeros", closed).
 IDEFICS_SIZES = {
     "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   cross_layer_interval=2, max_position_embeddings=512, alpha_initializer="ones"),
@@ -107,7 +110,8 @@ def idefics9b_size(width=1):
     """(text, vision, perceiver) fields of IDEFICS-9B at 1/`width` width, all depths kept: LLaMA-7B's
     32 layers of 4096, 32 heads, a gated cross-attention layer every 4 layers (8 in all); CLIP
     ViT-H/14 (1280 wide, 32 layers, 16 heads) at 224 px (16 x 16 patches + CLS); a 6-block
-    perceiver with 64 latents (16 heads of 96). Width 16: hidden 256, vision 80."""
+    perceiver with 64 latents (16 heads of 96). Width 16: hidden 256, vision 80. (From IDEFICS'
+    model card and IdeficsConfig's defaults; not checked against the checkpoint's config.json here.)"""
     if width not in (1, 2, 4, 8, 16):
         raise ValueError(f"idefics width {width}: choose 1, 2, 4, 8 or 16 (its widths divided by it)")
     return (dict(hidden_size=4096 // width, intermediate_size=11008 // width, num_hidden_layers=32,
@@ -115,7 +119,8 @@ def idefics9b_size(width=1):
                  alpha_initializer="ones"),
             dict(embed_dim=1280 // width, image_size=224, patch_size=14, num_hidden_layers=32,
                  num_attention_heads=16, intermediate_size=5120 // width),
-            dict(resampler_n_latents=64, resampler_depth=6, resampler_n_heads=16, resampler_head_dim=96 // width))
+            dict(resampler_n_latents=64, resampler_depth=6, resampler_n_heads=16,
+                 resampler_head_dim=96 // width))
 
 
 def idefics(size, ids, resampler=True, qk_norms=False, seed=0, device="cpu", dtype=None):
@@ -133,8 +138,10 @@ def idefics(size, ids, resampler=True, qk_norms=False, seed=0, device="cpu", dty
 
 
 def idefics_processor(tokenizer, image_size):
-    """IDEFICS' processor: square resize (the whole image stretched) to image_size, CLIP's normalisation."""
-    return IdeficsProcessor(IdeficsImageProcessorPil(image_size=image_size), tokenizer, image_size=image_size)
+    """IDEFICS' processor: a square resize (the whole image stretched) to image_size, CLIP's
+    normalisation."""
+    images = IdeficsImageProcessorPil(image_size=image_size)
+    return IdeficsProcessor(images, tokenizer, image_size=image_size)
 
 
 def tiny_idefics(tokenizer, seed=0, resampler=True, qk_norms=False):
@@ -169,7 +176,8 @@ def language_model(model):
     for module in model.modules():
         if hasattr(module, "gated_cross_attn_layers") and hasattr(module, "layers"):
             return module
-    raise ValueError(f"{type(model).__name__} has no IDEFICS model (a module with .gated_cross_attn_layers)")
+    raise ValueError(f"{type(model).__name__} has no IDEFICS model (a module with "
+                     f".gated_cross_attn_layers)")
 
 
 def cross_attention_layers(model):
@@ -221,7 +229,8 @@ def latents_to_square(x):
     s = math.isqrt(n - 1) + 1 if n > 1 else 1
     if s * s != n:
         flat = x.reshape(-1, 1, n)
-        x = F.interpolate(flat, size=s * s, mode="linear", align_corners=True).reshape(*x.shape[:-1], s * s)
+        square = F.interpolate(flat, size=s * s, mode="linear", align_corners=True)  # (*, 1, s²)
+        x = square.reshape(*x.shape[:-1], s * s)
     return x.unflatten(-1, (s, s))
 
 
@@ -231,6 +240,6 @@ def image_maps(probs, tokens, patches, out=MAP_SIZE):
     whole (stretched) image; latents: latents_to_square, then the same resampling."""
     x = probs[..., :tokens]
     x = x[..., 1:].unflatten(-1, (patches, patches)) if patches else latents_to_square(x)
-    from aggregate import _area_matrix  # (here, not above: aggregate imports models, which imports this file)
-    m = _area_matrix(out, x.shape[-1], x.shape[-1], 1, x.device, x.dtype)  # (out, s): cells over the grid
+    from aggregate import _area_matrix  # here: aggregate imports models, which imports this file
+    m = _area_matrix(out, x.shape[-1], x.shape[-1], 1, x.device, x.dtype)  # (out, s): cells over grid
     return m @ x @ m.T  # (B, L, H, R, out, out)

@@ -39,15 +39,15 @@ ROOT = Path(__file__).resolve().parent
 # toy-sd: all layers, measured best on it (held-out captions 0.84 pointing; 16x16 alone 0.62, 8x8
 # alone 0.53).
 PRESETS = {
-    "llama32": dict(kind="vlm", family="mllama", hub_id="meta-llama/Llama-3.2-11B-Vision-Instruct", path=None,
-                    about="40 text layers, cross-attention at 3, 8, ..., 38; 560 px tiles"),
+    "llama32": dict(kind="vlm", family="mllama", hub_id="meta-llama/Llama-3.2-11B-Vision-Instruct",
+                    path=None, about="40 text layers, cross-attention at 3, 8, ..., 38; 560 px tiles"),
     "tiny": dict(kind="vlm", family="mllama", hub_id=None, path=None,
                  about="the llama32 classes at a tiny size, random weights (tests)"),
     "toy": dict(kind="vlm", family="mllama", hub_id=None, path="toy_models/toy-vlm",
                 about="the llama32 classes at toy size, pre-trained on the miniature world"),
-    "idefics": dict(kind="vlm", family="idefics", hub_id="HuggingFaceM4/idefics-9b-instruct", path=None,
-                    about="Flamingo-style: 32 LLaMA layers, gated cross-attention before every 4th; "
-                          "64 resampler latents"),
+    "idefics": dict(kind="vlm", family="idefics", hub_id="HuggingFaceM4/idefics-9b-instruct",
+                    path=None, about="Flamingo-style: 32 LLaMA layers, gated cross-attention before "
+                                     "every 4th; 64 resampler latents"),
     "tiny-idefics": dict(kind="vlm", family="idefics", hub_id=None, path=None,
                          about="IDEFICS' classes at a tiny size with a resampler, random weights (tests)"),
     "sd14": dict(kind="dm", hub_id="CompVis/stable-diffusion-v1-4", path=None, layers={4},
@@ -101,7 +101,8 @@ LLAMA_TOKEN_ROLES = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                          pad_token="<|finetune_right_pad_id|>")
 
 
-def bpe_tokenizer(corpus=TINY_CORPUS, vocab_size=300, special=LLAMA_SPECIAL_TOKENS, roles=LLAMA_TOKEN_ROLES):
+def bpe_tokenizer(corpus=TINY_CORPUS, vocab_size=300, special=LLAMA_SPECIAL_TOKENS,
+                  roles=LLAMA_TOKEN_ROLES):
     """A byte-level BPE tokenizer (as Llama 3's) with Llama-3.2-Vision's special tokens, trained in
     memory on `corpus` (the tiny preset's by default; toy.py passes the world's words). special,
     roles: another family's special tokens and which is which (flamingo.SPECIAL_TOKENS, TOKEN_ROLES)."""
@@ -428,7 +429,8 @@ def family(model):
     """The model's family, its config's model_type: "mllama" (llama32, tiny, toy) or "idefics"."""
     kind = base_model(model).config.model_type
     if kind not in FAMILIES:
-        raise ValueError(f"{type(model).__name__} (model_type {kind!r}) is not a supported family {FAMILIES}")
+        raise ValueError(f"{type(model).__name__} (model_type {kind!r}) is not one of the families "
+                         f"{FAMILIES}")
     return kind
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import write_dataset
 from PIL import Image
-from test_train import run, torchrun
+from test_train import one_thread, run, torchrun  # noqa: F401 -- one_thread: an autouse fixture
 
 import aggregate as ag
 import data
@@ -19,17 +19,13 @@ import runs
 import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+QA = [("what colour is the circle?", "red circle"), ("how many?", "two")]
 
 
-def batch_of(processor, tmp_path, n=2):
+def batch_of(processor, tmp_path):
+    """Two items with noise images of two sizes, and their training batch."""
     items = [dict(id=f"i{i}", image_path=str(tmp_path / f"i{i}.png"), question=q, answer=a)
-             for i, (q, a) in enumerate([("what colour is the circle?", "red circle"), ("how many?", "two")][:n])]
+             for i, (q, a) in enumerate(QA)]
     for i, item in enumerate(items):
         Image.effect_noise((90, 40 + 30 * i), 64).convert("RGB").save(item["image_path"])
     return items, data.collate(processor, items)
@@ -126,14 +122,29 @@ def test_prompts_labels_and_the_image_mask(tmp_path):
 def test_lora_targets_the_language_model_and_idefics_needs_its_weights(monkeypatch):
     args = train.build_parser().parse_args(["--model", "tiny-idefics"])
     model = train.apply_peft(models.tiny_idefics()[0], args)
-    wrapped = {n.split(".lora_A")[0].removeprefix("base_model.model.model.") for n, _ in model.named_parameters()
-               if "lora_A" in n}
+    wrapped = {n.split(".lora_A")[0].removeprefix("base_model.model.model.")
+               for n, _ in model.named_parameters() if "lora_A" in n}
     assert wrapped == {f"{part}.{i}.{attn}.{proj}" for part, attn, n in
                        (("layers", "self_attn", 4), ("gated_cross_attn_layers", "cross_attn", 2))
                        for i in range(n) for proj in ("q_proj", "v_proj")}  # no vision tower, no perceiver
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="HuggingFaceM4/idefics-9b-instruct.*--model-path"):
         models.load_vlm("idefics")
+
+
+def test_a_save_pretrained_folder_loads_with_its_processor(tmp_path):
+    """--model-path (and a --peft full run's model/): the same weights, the same batches, and
+    generation still stops at <end_of_utterance>."""
+    model, processor = models.tiny_idefics()
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    loaded, loaded_processor = models.load_vlm("tiny-idefics", str(tmp_path / "m"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    items, batch = batch_of(processor, tmp_path)
+    again = data.collate(loaded_processor, items)
+    assert all(torch.equal(batch[k], again[k]) for k in ("input_ids", "pixel_values", "image_attention_mask", "labels"))
+    stop = processor.tokenizer.convert_tokens_to_ids(flamingo.END_OF_UTTERANCE)
+    assert stop in loaded.generation_config.eos_token_id
 
 
 def test_two_ranks_match_one_rank_and_the_adapter_reloads(tmp_path):
@@ -152,13 +163,14 @@ def test_two_ranks_match_one_rank_and_the_adapter_reloads(tmp_path):
     model, processor, lavender, config = runs.load_run(tmp_path / "two")
     reference, _, _, _ = runs.load_run(one_dir)
     assert models.family(model) == "idefics" and lavender["aligner"] is not None and config["world"] == 2
-    assert json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())["target_modules"] \
-        == flamingo.LORA_TARGETS
+    adapter = json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == flamingo.LORA_TARGETS
     inputs = data.model_inputs(data.collate(processor, data.read_items(dataset)[:2]))
     with torch.no_grad():
         logits = model(**inputs).logits
         assert torch.allclose(logits, reference(**inputs).logits, atol=1e-4)
-        assert not torch.allclose(logits, models.tiny_idefics()[0](**inputs).logits, atol=1e-4)  # it trained
+        base = models.tiny_idefics()[0](**inputs).logits
+        assert not torch.allclose(logits, base, atol=1e-4)  # it trained
 
 
 def test_evaluation_with_its_own_maps_as_targets(tmp_path):
@@ -169,18 +181,19 @@ def test_evaluation_with_its_own_maps_as_targets(tmp_path):
     dataset = write_dataset(tmp_path / "data", n=3)
     model, processor = models.load_vlm("tiny-idefics")
     items = data.read_items(dataset)
-    args = E.build_parser().parse_args(["--model", "tiny-idefics", "--data", dataset, "--out", str(tmp_path), "--quiet"])
-    own, _ = E.capture_settings(None, model, args)
-    dm_store = {it["id"]: data.load_maps(data.maps_path(tmp_path / "data" / "attn", it["id"]))[:2] for it in items}
+    flags = ["--model", "tiny-idefics", "--data", dataset, "--quiet"]
+    own, _ = E.capture_settings(None, model, E.build_parser().parse_args([*flags, "--out", str(tmp_path)]))
+    attn = tmp_path / "data" / "attn"
+    dm_store = {it["id"]: data.load_maps(data.maps_path(attn, it["id"]))[:2] for it in items}
     lines = []
     for it, m in zip(items, E.answer_maps(model.eval(), processor, items, dm_store, own, show=False)):
-        data.save_maps(tmp_path / "own" / f"{it['id']}.safetensors", m["own"], m["words"], {"dm": "own", "text": it["answer"]})
+        data.save_maps(tmp_path / "own" / f"{it['id']}.safetensors", m["own"], m["words"],
+                       {"dm": "own", "text": it["answer"]})
         lines.append(json.dumps({k: it[k] for k in ("id", "image", "question", "answer")} |
                                 {"boxes": {w: [0, 0, 4, 4] for w in m["words"]}}))
     (tmp_path / "data" / "data.jsonl").write_text("\n".join(lines) + "\n")
-    args = E.build_parser().parse_args(["--model", "tiny-idefics", "--data", dataset, "--attn", str(tmp_path / "own"),
-                                        "--out", str(tmp_path / "report"), "--max-new-tokens", "2", "--quiet"])
-    report = E.evaluate(args)
+    report = E.evaluate(E.build_parser().parse_args([*flags, "--attn", str(tmp_path / "own"), "--out",
+                                                     str(tmp_path / "report"), "--max-new-tokens", "2"]))
     run = report["runs"][0]
     assert run["matched_words"] > 0 and run["alignment_mse"]["mean"] < 1e-6
     assert run["pointing"] is None and report["dm"]["pointing"]["n"] == run["matched_words"]
