@@ -30,7 +30,8 @@ For readers who want OpenFlamingo itself (open_flamingo, torch 2.0.1): its gated
 `lang_encoder.gated_cross_attn_layers[i].attn` (MaskedCrossAttention: `to_q`, `to_kv` fused, no q/k
 norms, the media mask built inside from `media_locations`), its resampler also gives 64 latents
 per image (per frame), and its vision tower is CLIP ViT-L/14. The capture principle carries over:
-hooks on the query and key projections' outputs plus the mask reproduce the softmax rows.
+hooks on the query and key projections' outputs (`to_q`; the first half of `to_kv`'s output) plus
+the media mask reproduce the softmax rows; its gated layers come every `cross_attn_every_n_layers`.
 
     python -c "import models; m, p = models.load_vlm('tiny-idefics'); print(models.vision_geometry(m))"
 """
@@ -55,8 +56,9 @@ CORPUS = ["User:", "Assistant:"]  # the dialogue's words, added to the tiny toke
 
 
 def is_idefics(obj):
-    """True for an IDEFICS model, attention module or processor (the family's classes)."""
-    return type(obj).__name__.startswith("Idefics")
+    """True for an IDEFICS attention module or processor (classes of transformers' idefics package;
+    Idefics2 and Idefics3 are other architectures, in packages of their own)."""
+    return type(obj).__module__.startswith("transformers.models.idefics.")
 
 
 def prompt_texts(processor, item, with_answer=True):
