@@ -341,8 +341,8 @@ def check_item(item, processor=None, attn_dir=None, max_length=None):
     attention file (None when it has none: it trains with L_VLM alone).
 
     In order: the id can name a file inside its folder (ID_PATTERN: no '/', no '..'); the image
-    decodes fully (open_image, the loader training uses); with a processor, prompt + answer fit in
-    max_length tokens; with attn_dir, the item's attention file, when it has one, is usable
+    decodes fully (open_image, the loader training uses); with a processor, the prompt can hold the
+    text (IDEFICS: flamingo.prompt_problem) and prompt + answer fit in max_length tokens; with attn_dir, the item's attention file, when it has one, is usable
     (check_maps). Which of the words the answer aligns is train.py's count (aggregate.label_plan).
     """
     name = f"item {item['id']!r} (line {item.get('line', '?')})"
@@ -352,6 +352,9 @@ def check_item(item, processor=None, attn_dir=None, max_length=None):
         open_image(item["image_path"])
     except Exception as err:  # noqa: BLE001 -- missing, truncated or not an image
         return f"{name}: image {item['image_path']} cannot be read ({type(err).__name__}: {err})", None
+    problem = flamingo.prompt_problem(processor, item) if flamingo.is_idefics(processor) else None
+    if problem:  # a text IDEFICS' prompt cannot hold
+        return f"{name}: {problem}", None
     n_tokens = encode(processor, item)[0].shape[1] if processor is not None else 0
     if max_length is not None and n_tokens > max_length:
         return (f"{name}: {n_tokens} tokens (prompt + answer) exceed --max-length {max_length}; shorten the "

@@ -61,18 +61,26 @@ def is_idefics(obj):
     return type(obj).__module__.startswith("transformers.models.idefics.")
 
 
+def prompt_problem(processor, item):
+    """What stops an item's prompt, or None: a special token in its text. The processor's image mask
+    stops at the first end-of-sequence token ("</s>": no token after it sees the image), and it
+    counts every <image> token as an image."""
+    why = {processor.tokenizer.eos_token: "after which IDEFICS' tokens no longer see the image",
+           "<image>": "which IDEFICS reads as another image"}
+    for field in ("question", "answer"):
+        for token, reason in why.items():
+            if token in item[field]:
+                return f"its {field} {item[field]!r} holds {token!r}, {reason}; remove it from the text"
+    return None
+
+
 def prompt_texts(processor, item, with_answer=True):
     """(text, prompt) as the processor writes them: IDEFICS-instruct's dialogue with the image first,
     "<s>User:<image tokens>{question}<end_of_utterance>\\nAssistant:" + " {answer}<end_of_utterance>".
-
-    The processor's image mask stops at the first end-of-sequence token ("</s>": no token after it
-    sees the image), so none may sit inside the text; such an item is refused.
-    """
-    eos = processor.tokenizer.eos_token
-    for field in ("question", "answer"):
-        if eos in item[field]:
-            raise ValueError(f"item {item.get('id')!r}: its {field} {item[field]!r} holds {eos!r}, after "
-                             f"which IDEFICS' tokens no longer see the image; remove it from the text")
+    An item with a prompt_problem is refused."""
+    problem = prompt_problem(processor, item)
+    if problem:
+        raise ValueError(f"item {item.get('id')!r}: {problem}")
     question = item["question"].strip()  # (the processor strips each text piece too)
     prompt = f"{processor.tokenizer.bos_token}User:{IMAGE_TOKENS}{question}{END_OF_UTTERANCE}\nAssistant:"
     return (f"{prompt} {item['answer'].strip()}{END_OF_UTTERANCE}" if with_answer else prompt), prompt

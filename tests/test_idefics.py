@@ -115,8 +115,10 @@ def test_prompts_labels_and_the_image_mask(tmp_path):
         assert batch["image_attention_mask"][b, batch["labels"][b] != -100, 0].all()
     prompts = data.collate(processor, items, with_answer=False)
     assert (prompts["attention_mask"][:, -1] == 1).all()  # left padded for generate()
+    bad = dict(items[1], answer="two</s>", line=2)
     with pytest.raises(ValueError, match="item 'i1': its answer 'two</s>' holds '</s>'"):
-        data.collate(processor, [items[0], dict(items[1], answer="two</s>")])
+        data.collate(processor, [items[0], bad])
+    assert data.check_item(bad, processor)[0].startswith("item 'i1' (line 2): its answer 'two</s>' holds '</s>'")
 
 
 def test_lora_targets_the_language_model_and_idefics_needs_its_weights(monkeypatch):
