@@ -342,8 +342,9 @@ def check_item(item, processor=None, attn_dir=None, max_length=None):
 
     In order: the id can name a file inside its folder (ID_PATTERN: no '/', no '..'); the image
     decodes fully (open_image, the loader training uses); with a processor, the prompt can hold the
-    text (IDEFICS: flamingo.prompt_problem) and prompt + answer fit in max_length tokens; with attn_dir, the item's attention file, when it has one, is usable
-    (check_maps). Which of the words the answer aligns is train.py's count (aggregate.label_plan).
+    text (IDEFICS: flamingo.prompt_problem) and prompt + answer fit in max_length tokens; with
+    attn_dir, the item's attention file, when it has one, is usable (check_maps). Which of the
+    words the answer aligns is train.py's count (aggregate.label_plan).
     """
     name = f"item {item['id']!r} (line {item.get('line', '?')})"
     if not ID_PATTERN.match(item["id"]):
