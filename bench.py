@@ -289,7 +289,7 @@ def capture_forward(model, batch, rows, arm):
     if arm == "eager":
         logits, probs = release_attention(model, batch, rows)
         return logits.float().mean() + probs.float().mean()
-    with aggregate.AttentionCapture(model, aggregate.aligned_layers(model), learned=arm == "learn") as capture:
+    with aggregate.attention_capture(model, aggregate.aligned_layers(model), learned=arm == "learn") as capture:
         capture.set_rows(rows)
         logits = model(**batch).logits
         return logits.float().mean() + capture.probs.mean()
@@ -362,7 +362,7 @@ def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=t
     if arm != "ar":
         aggregate.add_parallel_projections(model, layers)
         aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", 32)).to(device)
-        capture = aggregate.AttentionCapture(model, layers, learned=True)
+        capture = aggregate.attention_capture(model, layers, learned=True)
     train.trainable_in_float32(model)
     row_word = (torch.arange(rows.shape[1]) // tokens).repeat(batch_size, 1)
     plan = dict(rows=rows, row_word=row_word, dm_index=torch.arange(words).repeat(batch_size, 1))

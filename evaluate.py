@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from aggregate import AGGREGATIONS, LAYER_SUBSETS, AttentionCapture, aligned_layers, label_plan, vlm_word_maps
+from aggregate import AGGREGATIONS, LAYER_SUBSETS, aligned_layers, attention_capture, label_plan, vlm_word_maps
 from distributed import exit_if_torchrun, gather_objects, setup_distributed, teardown
 from figures import draw_entropy_histograms, draw_overlays
 from metrics import (METRICS, accuracy_summary, check_items, describe_metric, read_predictions, run_scores,
@@ -150,9 +150,9 @@ def answer_maps(model, processor, items, dm_store, own, head=None, batch_size=4,
     teacher forcing, for the answer's words that have a DM map (label words; plan_words). own and
     head (W, 32, 32) as capture_settings makes them (head None without one); one forward fills both."""
     out = []
-    captures = [AttentionCapture(model, own["layers"], learned=False)]
+    captures = [attention_capture(model, own["layers"], learned=False)]
     if head is not None:
-        captures.append(AttentionCapture(model, head["layers"], learned=head["learned"]))
+        captures.append(attention_capture(model, head["layers"], learned=head["learned"]))
     try:
         for start in tqdm(range(0, len(items), batch_size), desc="attention", disable=not show, leave=False):
             chunk = items[start:start + batch_size]

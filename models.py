@@ -4,10 +4,10 @@ and per family where the language model, its attention layers and the image geom
 A preset is a name (`--model llama32`, `--dm sd14`): a hub id, or a size built here from a config
 (random weights: the tiny presets of the tests, the benchmarks' scaled geometries), or a folder that
 toy.py trains. The same builder makes every size of a class: `mllama` the Llama-3.2-Vision classes
-(tiny, toy, llama32 at 1/16 width), `stable_diffusion` SD's diffusers parts (tiny-sd, toy-sd, sd14's
-geometry). With no network and no local copy, one error names the preset, the hub id and how to
-point at a local folder. The last part holds what differs between model families: adding a family
-(Qwen2-VL's self-attention, IDEFICS' gated cross-attention) adds a few functions there.
+(tiny, toy, llama32 at 1/16 width), `qwen2vl` Qwen2-VL's and Qwen2.5-VL's, `stable_diffusion` SD's
+diffusers parts. With no network and no local copy, one error names the preset, the hub id and how
+to point at a local folder. The last part holds what differs between model families (FAMILIES):
+Mllama's cross-attention, Qwen2-VL's self-attention; adding a family adds a few functions there.
 
     python -c "import models; m, p = models.tiny_vlm(); print(models.cross_attention_layers(m))"
 """
@@ -18,8 +18,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
-from transformers import (MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil,
-                          MllamaProcessor, PreTrainedTokenizerFast)
+from transformers import (AutoModelForImageTextToText, MllamaConfig, MllamaForConditionalGeneration,
+                          MllamaImageProcessorPil, MllamaProcessor, PreTrainedTokenizerFast,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil, Qwen2VLProcessor)
+from transformers.processing_utils import ProcessorMixin
 
 ROOT = Path(__file__).resolve().parent
 
@@ -33,12 +36,18 @@ ROOT = Path(__file__).resolve().parent
 # toy-sd: all layers, measured best on it (held-out captions 0.84 pointing; 16x16 alone 0.62, 8x8
 # alone 0.53).
 PRESETS = {
-    "llama32": dict(kind="vlm", hub_id="meta-llama/Llama-3.2-11B-Vision-Instruct", path=None,
-                    about="40 text layers, cross-attention at 3, 8, ..., 38; 560 px tiles"),
-    "tiny": dict(kind="vlm", hub_id=None, path=None,
+    "llama32": dict(kind="vlm", family="mllama", hub_id="meta-llama/Llama-3.2-11B-Vision-Instruct",
+                    path=None, about="40 text layers, cross-attention at 3, 8, ..., 38; 560 px tiles"),
+    "tiny": dict(kind="vlm", family="mllama", hub_id=None, path=None,
                  about="the llama32 classes at a tiny size, random weights (tests)"),
-    "toy": dict(kind="vlm", hub_id=None, path="toy_models/toy-vlm",
+    "toy": dict(kind="vlm", family="mllama", hub_id=None, path="toy_models/toy-vlm",
                 about="the llama32 classes at toy size, pre-trained on the miniature world"),
+    "qwen2vl": dict(kind="vlm", family="qwen2vl", hub_id="Qwen/Qwen2-VL-7B-Instruct", path=None,
+                    about="self-attention only: 28 layers, 28 heads (4 KV heads), 2x2-merged 14 px patches"),
+    "qwen25vl": dict(kind="vlm", family="qwen2vl", hub_id="Qwen/Qwen2.5-VL-7B-Instruct", path=None,
+                     about="Qwen2-VL's successor: the same text side, a windowed vision encoder"),
+    "tiny-qwen2vl": dict(kind="vlm", family="qwen2vl", hub_id=None, path=None,
+                         about="the qwen2vl classes at a tiny size, random weights (tests)"),
     "sd14": dict(kind="dm", hub_id="CompVis/stable-diffusion-v1-4", path=None, layers={4},
                  about="Stable Diffusion v1.4: attn2 at 64², 32², 16², 8² (512 px)"),
     "tiny-sd": dict(kind="dm", hub_id=None, path=None, layers=None,
@@ -216,8 +225,9 @@ def load_vlm(name, path=None, dtype=torch.float32):
     """(model, processor) for a preset name; `path` is a local copy (a save_pretrained folder)."""
     if name not in VLM_PRESETS:
         raise SystemExit(f"unknown --model {name!r}; choose one of {VLM_PRESETS}")
-    if name == "tiny" and path is None:
-        model, processor = tiny_vlm()
+    built = {"tiny": tiny_vlm, "tiny-qwen2vl": tiny_qwen2vl}.get(name)  # built here from a config
+    if built is not None and path is None:
+        model, processor = built()
         return model.to(dtype), processor
     hub_id = PRESETS[name]["hub_id"]
     source = path or preset_path(name) or hub_id
@@ -226,8 +236,7 @@ def load_vlm(name, path=None, dtype=torch.float32):
                          f"first (it writes toy_models/toy-vlm), or pass --model-path DIR (a "
                          f"save_pretrained folder)")
     try:
-        processor = MllamaProcessor.from_pretrained(source)
-        model = MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        model, processor = FAMILIES[PRESETS[name]["family"]]["load"](source, dtype)
     except OSError as err:
         raise SystemExit(
             f"could not load --model {name} from {source!r}: {err}\n"
@@ -379,14 +388,20 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
 
 
 # ---- per family: where the language model, its attention layers and the image geometry are ----
-# Mllama (llama32, tiny, toy): cross-attention decoder layers (`cross_attn`, with q_norm / k_norm)
-# between self-attention layers; images in tiles of 1 CLS + P² patch tokens, placed on a canvas by
-# aspect_ratio_ids. PEFT, FSDP and activation checkpointing wrap the model: each function here
-# finds its piece inside any of them.
+# A VLM preset names its family; a model's family comes from its config (family()). Each family
+# gives, in FAMILIES at the end: its language model, the indices of its text-to-image attention
+# layers (those aggregate.aligned_layers chooses from), the attention module of such a layer, and
+# how to load a folder. PEFT, FSDP and activation checkpointing wrap the model: each function
+# finds its piece inside any of them. What both families share: LoRA on the language model's q/v,
+# FSDP2 units from the model's own `_no_split_modules`, a `config.text_config`.
 
 # LoRA targets (§6 (4)): q/v projections of the LANGUAGE model only. "q_proj" alone would also
-# match the vision encoder's attention (the authors' release adapts both, see REFERENCE.md).
+# match Mllama's vision encoder (the authors' release adapts both, see REFERENCE.md); Qwen2-VL's
+# vision blocks have one fused `qkv`, so the same pattern holds there.
 LORA_TARGETS = r".*language_model\..*\.(q_proj|v_proj)"
+
+# config.model_type -> family
+MODEL_FAMILIES = {"mllama": "mllama", "qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl"}
 
 
 def base_model(model):
@@ -400,23 +415,51 @@ def text_config(model):
     return base_model(model).config.text_config
 
 
+def family(model):
+    """The family of a model (plain, PEFT-wrapped or FSDP-sharded): "mllama" or "qwen2vl"."""
+    model_type = getattr(base_model(model).config, "model_type", None)
+    if model_type not in MODEL_FAMILIES:
+        raise ValueError(f"{type(base_model(model)).__name__} (model_type {model_type!r}) is not a "
+                         f"supported VLM; the families are {sorted(set(MODEL_FAMILIES.values()))}")
+    return MODEL_FAMILIES[model_type]
+
+
 def language_model(model):
-    """The text decoder inside `model` (plain, PEFT-wrapped or FSDP-sharded)."""
+    """The text decoder inside `model`, whose `.layers` attention_layers indexes."""
+    return FAMILIES[family(model)]["language_model"](model)
+
+
+def attention_layers(model):
+    """Indices (in language_model(model).layers) of the text-to-image attention layers, in order."""
+    return FAMILIES[family(model)]["attention_layers"](model)
+
+
+def attention_module(model, layer):
+    """The text-to-image attention module of decoder layer `layer` (it has q_proj and k_proj)."""
+    return FAMILIES[family(model)]["attention_module"](model, layer)
+
+
+# ---- family: mllama (llama32, tiny, toy) ----
+# Cross-attention decoder layers (`cross_attn`, with q_norm / k_norm) between self-attention
+# layers; images in tiles of 1 CLS + P² patch tokens, placed on a canvas by aspect_ratio_ids.
+
+def mllama_language_model(model):
+    """Mllama's text model: the module with .layers and .cross_attention_layers."""
     for module in model.modules():
         if hasattr(module, "cross_attention_layers") and hasattr(module, "layers"):
             return module
     raise ValueError(f"{type(model).__name__} has no Mllama text model (a module with .layers and "
-                     f".cross_attention_layers); the Mllama presets are the ones supported")
+                     f".cross_attention_layers)")
 
 
 def cross_attention_layers(model):
-    """Indices (in language_model(model).layers) of the text-to-image attention layers, in order."""
-    return sorted(language_model(model).cross_attention_layers)
+    """Indices (in language_model(model).layers) of Mllama's cross-attention layers, in order."""
+    return sorted(mllama_language_model(model).cross_attention_layers)
 
 
 def cross_attention(model, layer):
     """The text-to-image attention module of decoder layer `layer` (MllamaTextCrossAttention)."""
-    block = language_model(model).layers[layer]
+    block = mllama_language_model(model).layers[layer]
     if not hasattr(block, "cross_attn"):
         raise ValueError(f"language_model.layers[{layer}] is not a cross-attention layer; "
                          f"use cross_attention_layers(model) to list them")
@@ -433,3 +476,124 @@ def vision_geometry(model):
             return v.image_size, v.patch_size, v.max_num_tiles, ratios
     raise ValueError(f"{type(model).__name__} has no config.vision_config")
 
+
+def load_mllama(source, dtype):
+    """(model, processor) of an Mllama folder or hub id."""
+    processor = MllamaProcessor.from_pretrained(source)
+    return MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype), processor
+
+
+# ---- family: qwen2vl (qwen2vl, qwen25vl, tiny-qwen2vl) ----
+# Self-attention only (the paper's MiniCPM-Llama3-V-2.5 family, §4.4): the image is a run of
+# <|image_pad|> tokens inside the text, (h/2) x (w/2) of them for a grid of h x w 14 px patches
+# (image_grid_thw (1, h, w); each token merges 2x2 patches), row-major, covering the whole image
+# (smart_resize scales it to multiples of 28 px: no padding, no crop). Every decoder layer's
+# self_attn could be read; attention_layers picks 7 spread over depth at 7B.
+
+# Qwen's own suggested bound on an image (its README: max_pixels = 1280 * 28 * 28): at most 1280
+# image tokens per image, against 16384 with the processor's default.
+QWEN_MAX_PIXELS = 1280 * 28 * 28
+QWEN_SPECIAL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|image|>", "<|vision_start|><|image_pad|><|vision_end|>")
+
+# tiny-qwen2vl: text hidden 64, 4 layers, 4 heads (2 KV heads) of dim 16 (M-RoPE sections 2+3+3 =
+# 16 / 2); vision 32 wide, 2 blocks, 14 px patches merged 2x2; images of at most 8x8 merged
+# tokens. "qwen2_5_vl": the same text side with Qwen2.5-VL's vision tower (windows of 2x2 merged
+# tokens, block 1 full attention), so the tests cover its window permutation.
+QWEN_TINY = dict(
+    text=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=128, max_position_embeddings=1024,
+              rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
+    qwen2_vl=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64),
+    qwen2_5_vl=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
+                    window_size=56, fullatt_block_indexes=[1]),
+    max_pixels=64 * 28 * 28)
+
+
+def qwen2vl_size(width=16):
+    """(text, vision) fields of Qwen2-VL-7B at 1/`width` width, all depths kept: 28 layers, 28 heads
+    / 4 KV heads of dim 128 / width, MLP 18944 / width; vision 32 blocks, 16 heads, 1280 / width
+    wide. Width 16 (the benchmarks'): hidden 224 = 3584 / 16, head dim 8, vision 80."""
+    half = 64 // width  # M-RoPE's (temporal, height, width) sections split half the head dim 2:3:3
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # width 1: [16, 24, 24]
+    return (dict(hidden_size=3584 // width, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, intermediate_size=18944 // width, max_position_embeddings=4096,
+                 rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section)),
+            dict(depth=32, embed_dim=1280 // width, num_heads=16, mlp_ratio=4, hidden_size=3584 // width))
+
+
+class QwenImageTextProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's processor for images and text: the stock one also builds a video processor,
+    which needs torchvision even when no video is given; this one has only the image processor
+    (the PIL backend) and the tokenizer, and makes the same batches (input_ids with one
+    <|image_pad|> per merged token, mm_token_type_ids, pixel_values, image_grid_thw)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def qwen2vl(size, tokenizer, model_type="qwen2_vl", seed=0, device="cpu", dtype=None):
+    """Qwen2VLForConditionalGeneration (model_type "qwen2_vl") or Qwen2_5_VL... ("qwen2_5_vl") at
+    `size` ((text, vision) fields), random weights, deterministic by seed, with the vocabulary and
+    special tokens of `tokenizer` (QWEN_SPECIAL_TOKENS among them)."""
+    config_class, model_class = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+                                 "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}[model_type]
+    token = tokenizer.convert_tokens_to_ids
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = config_class(text_config={**size[0], **ids}, vision_config=size[1],
+                          image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+                          vision_start_token_id=token("<|vision_start|>"),
+                          vision_end_token_id=token("<|vision_end|>"))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return model_class._from_config(config, **({"dtype": dtype} if dtype else {}))
+
+
+def tiny_qwen2vl(seed=0, model_type="qwen2_vl"):
+    """(model, processor) of tiny-qwen2vl (QWEN_TINY; model_type "qwen2_5_vl": Qwen2.5-VL's classes),
+    the tiny BPE with Qwen's vision tokens and a Llama-shaped chat template, random weights."""
+    tokenizer = bpe_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    images = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=QWEN_TINY["max_pixels"])
+    processor = QwenImageTextProcessor(images, tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+    size = (QWEN_TINY["text"], QWEN_TINY[model_type])
+    return qwen2vl(size, tokenizer, model_type, seed), processor
+
+
+def load_qwen2vl(source, dtype):
+    """(model, processor) of a Qwen2-VL or Qwen2.5-VL folder or hub id; images bounded by
+    QWEN_MAX_PIXELS (or the folder's own max_pixels when smaller)."""
+    processor = QwenImageTextProcessor.from_pretrained(source)
+    bound = min(processor.image_processor.size["longest_edge"], QWEN_MAX_PIXELS)
+    processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, max_pixels=bound)
+    return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype), processor
+
+
+def qwen_language_model(model):
+    """Qwen2-VL's text model (Qwen2VLTextModel / Qwen2_5_VLTextModel)."""
+    return base_model(model).model.language_model
+
+
+def qwen_attention_layers(model):
+    """Every (n // 7)-th of the n decoder layers, ending at the last: 28 (7B) -> 3, 7, ..., 27, as
+    Mllama spaces its 8 cross-attention layers in 40 (every 5th from 3); 4 (tiny) -> all four."""
+    n = len(qwen_language_model(model).layers)
+    stride = max(1, n // 7)
+    return list(range(n - 1 - stride * ((n - 1) // stride), n, stride))
+
+
+def qwen_self_attention(model, layer):
+    """The self-attention module of decoder layer `layer` (Qwen2VLAttention)."""
+    return qwen_language_model(model).layers[layer].self_attn
+
+
+FAMILIES = {
+    "mllama": dict(language_model=mllama_language_model, attention_layers=cross_attention_layers,
+                   attention_module=cross_attention, load=load_mllama),
+    "qwen2vl": dict(language_model=qwen_language_model, attention_layers=qwen_attention_layers,
+                    attention_module=qwen_self_attention, load=load_qwen2vl),
+}

@@ -83,7 +83,7 @@ def build(args, device, mesh):
         if args.aligner != "none":
             torch.manual_seed(args.seed + 2)
             aligner = runs.new_aligner(model, vars(args))
-        capture = aggregate.AttentionCapture(model, layers, learned=args.aggregate == "learn")
+        capture = aggregate.attention_capture(model, layers, learned=args.aggregate == "learn")
     trainable_in_float32(model)
     if args.activation_checkpointing:  # recompute each layer in backward; non-reentrant works with FSDP2
         if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers 5.x
