@@ -12,6 +12,7 @@ output_attentions) for aggregate.py. Results, with the machine they came from: B
     OMP_NUM_THREADS=1 python bench.py extract   # extract.py vs plain SDPA vs Prompt-to-Prompt, SD-v1.4 geometry, 256 px
     OMP_NUM_THREADS=1 python bench.py extract --res 512 --repeats 1   # SD-v1.4's own 512 px
     python bench.py aggregate                   # aggregate.py vs plain vs the release's eager attention
+    python bench.py aggregate --model qwen2vl   #   the same at Qwen2-VL-7B's proportions (selfattn.py)
     python bench.py train                       # train.py: Lavender step vs autoregressive step (<= 1.15, <= 1.10)
     python bench.py train --words 4 --width 8   #   fewer aligned words; a model twice as wide
     python bench.py train --tokens-per-word 2   #   two-token words: each token's map goes through the Aligner
@@ -259,6 +260,27 @@ def bench_model(tile_size=112, width=16, tiles=4, device="cpu", dtype=torch.floa
     return model, batch, rows
 
 
+def bench_qwen_model(width=16, side=448, device="cpu", dtype=torch.float32, batch_size=1):
+    """Qwen2-VL-7B's proportions at 1/`width` width (models.qwen2vl_size; default 1/16), random
+    weights: 28 layers of hidden 224, 28 heads / 4 KV heads of dim 8, vocab 9504 = 152064 / 16;
+    vision 32 blocks 80 wide. One `side` px image (448: 32 x 32 patches -> 16 x 16 = 256 image
+    tokens, as bench_model's 260) inside 256 text tokens, 32 captured rows in the 7 aligned layers
+    (3, 7, ..., 27). The same inputs as bench_model, so the families' figures compare."""
+    vocab, tokens = 152064 // width, (side // 28) ** 2
+    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+               **{k: vocab - 1 - i for i, k in enumerate(models.QWEN_TOKENS)})  # image, video, start, end
+    model = models.qwen2vl(models.qwen2vl_size(width), ids, device=device, dtype=dtype).eval()
+    T, R, B = 256 + tokens, 32, batch_size
+    input_ids = torch.randint(3, vocab - 8, (1, T)).repeat(B, 1)  # (B, T): the same sample B times
+    input_ids[:, 1], input_ids[:, 2:2 + tokens], input_ids[:, 2 + tokens] = vocab - 3, vocab - 1, vocab - 4
+    types_ = (input_ids == vocab - 1).int()  # mm_token_type_ids: 1 at image tokens
+    batch = dict(input_ids=input_ids, attention_mask=torch.ones(B, T, dtype=torch.long), mm_token_type_ids=types_,
+                 pixel_values=torch.randn(B * tokens * 4, 3 * 2 * 14 * 14, dtype=dtype, device=device),
+                 image_grid_thw=torch.tensor([[1, side // 14, side // 14]] * B))
+    rows = torch.arange(T - R - 1, T - 1)[None].repeat(B, 1)  # (B, R): the last R positions
+    return model, batch, rows
+
+
 # ---- aggregate.py: VLM attention capture, one forward, against the release's eager attention ----
 
 CAPTURE_ARMS = ("plain", "capture", "learn", "eager")
@@ -295,19 +317,20 @@ def capture_forward(model, batch, rows, arm):
         return logits.float().mean() + capture.probs.mean()
 
 
-def capture_setup(projections=True, **geometry):
-    """The benchmark's model, with parallel projections (unused by the other arms) when asked."""
-    model, batch, rows = bench_model(**geometry)
+def capture_setup(projections=True, model="llama32", **geometry):
+    """The benchmark's model (llama32's or qwen2vl's proportions), with parallel projections (unused
+    by the other arms) when asked."""
+    model, batch, rows = (bench_qwen_model if model == "qwen2vl" else bench_model)(**geometry)
     if projections:
         aggregate.add_parallel_projections(model, aggregate.aligned_layers(model))
     return model, batch, rows
 
 
-def bench_aggregate(reps=7):
+def bench_aggregate(reps=7, name="llama32"):
     """Forward time (one thread, arms interleaved, median of reps) and peak memory (a fresh process per
     arm) of plain, capture (ours), learn (ours, eq. 15-16) and eager (the release's way)."""
     torch.set_num_threads(1)
-    model, batch, rows = capture_setup()
+    model, batch, rows = capture_setup(model=name)
     times = {arm: [] for arm in CAPTURE_ARMS}
     for _ in tqdm(range(reps + 1), desc="forward time"):
         for arm in CAPTURE_ARMS:
@@ -319,7 +342,8 @@ def bench_aggregate(reps=7):
         capture_forward(model, batch, rows, "plain")
     med = {arm: sorted(v[1:])[len(v[1:]) // 2] for arm, v in times.items()}  # first rep is warm-up
     best = {arm: min(v[1:]) for arm, v in times.items()}  # minima: robust to other jobs' load
-    mem = {arm: child_peak_rss(["aggregate", "--memory-arm", arm]) for arm in tqdm(CAPTURE_ARMS, desc="peak memory")}
+    mem = {arm: child_peak_rss(["aggregate", "--memory-arm", arm, "--model", name])
+           for arm in tqdm(CAPTURE_ARMS, desc="peak memory")}
     for arm in CAPTURE_ARMS:
         m = mem[arm]
         print(f"{arm:8s} forward {med[arm]:.3f} s CPU (median of {reps}, min {best[arm]:.3f}); peak RSS {m['peak_kb'] / 1024:.0f} MiB, "
@@ -506,6 +530,8 @@ def build_parser():
     a = sub.add_parser("aggregate", help="aggregate.py: VLM capture, forward time and peak memory")
     a.add_argument("--reps", type=int, default=7, help="timed forwards per arm (median reported)")
     a.add_argument("--memory-arm", choices=CAPTURE_ARMS, help="internal: one arm's peak memory in this process")
+    a.add_argument("--model", default="llama32", choices=("llama32", "qwen2vl"),
+                   help="the geometry at 1/16 width: Llama-3.2-11B-Vision (cross-attention) or Qwen2-VL-7B (self-attention)")
     t = sub.add_parser("train", help="train.py: Lavender step vs autoregressive step, time and peak memory")
     t.add_argument("--reps", type=int, default=7, help="timed steps per arm (median reported)")
     t.add_argument("--words", type=int, default=16, help="aligned words per item")
@@ -541,10 +567,10 @@ def main(argv=None):
         return bench_extract(args.res, args.inversion_steps, args.denoise_steps, args.repeats)
     if args.which == "aggregate" and args.memory_arm:
         torch.set_num_threads(2)
-        model, batch, rows = capture_setup(projections=args.memory_arm == "learn")
+        model, batch, rows = capture_setup(projections=args.memory_arm == "learn", model=args.model)
         return print(json.dumps(peak_rss(lambda: capture_forward(model, batch, rows, args.memory_arm))))
     if args.which == "aggregate":
-        return bench_aggregate(args.reps)
+        return bench_aggregate(args.reps, args.model)
     if args.memory_arm:
         torch.set_num_threads(1)
         return print(json.dumps(peak_rss(step_setup(args.memory_arm, args.words, args.width,

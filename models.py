@@ -493,7 +493,8 @@ def load_mllama(source, dtype):
 # Qwen's own suggested bound on an image (its README: max_pixels = 1280 * 28 * 28): at most 1280
 # image tokens per image, against 16384 with the processor's default.
 QWEN_MAX_PIXELS = 1280 * 28 * 28
-QWEN_SPECIAL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_TOKENS = dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+                   vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
 QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|image|>", "<|vision_start|><|image_pad|><|vision_end|>")
 
 # tiny-qwen2vl: text hidden 64, 4 layers, 4 heads (2 KV heads) of dim 16 (M-RoPE sections 2+3+3 =
@@ -512,14 +513,15 @@ QWEN_TINY = dict(
 
 def qwen2vl_size(width=16):
     """(text, vision) fields of Qwen2-VL-7B at 1/`width` width, all depths kept: 28 layers, 28 heads
-    / 4 KV heads of dim 128 / width, MLP 18944 / width; vision 32 blocks, 16 heads, 1280 / width
-    wide. Width 16 (the benchmarks'): hidden 224 = 3584 / 16, head dim 8, vision 80."""
+    / 4 KV heads of dim 128 / width, MLP 18944 / width; vision 32 blocks 1280 / width wide. Width
+    16 (the benchmarks'): hidden 224 = 3584 / 16, head dim 8, vision 80 wide in 4 heads."""
     half = 64 // width  # M-RoPE's (temporal, height, width) sections split half the head dim 2:3:3
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # width 1: [16, 24, 24]
     return (dict(hidden_size=3584 // width, num_hidden_layers=28, num_attention_heads=28,
                  num_key_value_heads=4, intermediate_size=18944 // width, max_position_embeddings=4096,
                  rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section)),
-            dict(depth=32, embed_dim=1280 // width, num_heads=16, mlp_ratio=4, hidden_size=3584 // width))
+            dict(depth=32, embed_dim=1280 // width, num_heads=16 // max(1, width // 4), mlp_ratio=4,
+                 hidden_size=3584 // width))  # vision heads of dim 80 (1/16: 20): its 2-D RoPE needs 4 | dim
 
 
 class QwenImageTextProcessor(Qwen2VLProcessor):
@@ -535,19 +537,15 @@ class QwenImageTextProcessor(Qwen2VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
-def qwen2vl(size, tokenizer, model_type="qwen2_vl", seed=0, device="cpu", dtype=None):
+def qwen2vl(size, ids, model_type="qwen2_vl", seed=0, device="cpu", dtype=None):
     """Qwen2VLForConditionalGeneration (model_type "qwen2_vl") or Qwen2_5_VL... ("qwen2_5_vl") at
-    `size` ((text, vision) fields), random weights, deterministic by seed, with the vocabulary and
-    special tokens of `tokenizer` (QWEN_SPECIAL_TOKENS among them)."""
+    `size` ((text, vision) fields), random weights, deterministic by seed, on `device`. ids:
+    vocab_size, bos/eos/pad_token_id and the ids of QWEN_TOKENS."""
     config_class, model_class = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
                                  "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}[model_type]
-    token = tokenizer.convert_tokens_to_ids
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = config_class(text_config={**size[0], **ids}, vision_config=size[1],
-                          image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
-                          vision_start_token_id=token("<|vision_start|>"),
-                          vision_end_token_id=token("<|vision_end|>"))
+    text = {k: ids[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+    config = config_class(text_config={**size[0], **text}, vision_config=size[1],
+                          **{k: ids[k] for k in QWEN_TOKENS})
     torch.manual_seed(seed)
     with torch.device(device):
         return model_class._from_config(config, **({"dtype": dtype} if dtype else {}))
@@ -557,11 +555,11 @@ def tiny_qwen2vl(seed=0, model_type="qwen2_vl"):
     """(model, processor) of tiny-qwen2vl (QWEN_TINY; model_type "qwen2_5_vl": Qwen2.5-VL's classes),
     the tiny BPE with Qwen's vision tokens and a Llama-shaped chat template, random weights."""
     tokenizer = bpe_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_TOKENS.values())})
     images = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=QWEN_TINY["max_pixels"])
     processor = QwenImageTextProcessor(images, tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
-    size = (QWEN_TINY["text"], QWEN_TINY[model_type])
-    return qwen2vl(size, tokenizer, model_type, seed), processor
+    ids = {**tokenizer_ids(tokenizer), **{k: tokenizer.convert_tokens_to_ids(t) for k, t in QWEN_TOKENS.items()}}
+    return qwen2vl((QWEN_TINY["text"], QWEN_TINY[model_type]), ids, model_type, seed), processor
 
 
 def load_qwen2vl(source, dtype):

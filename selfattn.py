@@ -31,7 +31,7 @@ import torch
 
 from aggregate import AttentionCapture, _area_matrix, _row_probs
 from aligner import MAP_SIZE
-from models import attention_module, base_model
+from models import attention_layers, attention_module, base_model
 
 # Each row's image columns renormalised to sum to 1 (softmax over the image keys alone); False
 # keeps the share of the row's mass that the image gets (softmax over every key, image columns read).
@@ -121,8 +121,9 @@ class SelfAttentionCapture(AttentionCapture):
         keys, valid = image_positions(input_ids, self.image_token_id)  # (B, N)
         mask = kwargs.get("attention_mask")
         if not self.renormalise:  # every key, the image's read afterwards
+            self._text.update(image=keys, image_valid=valid)  # (B, N) each
+            keys = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-            keys, self._text["image"] = torch.arange(input_ids.shape[1], device=valid.device).expand_as(input_ids), keys
         self._text.update(keys=keys, valid=valid.to(input_ids.device), rows=self.rows.clamp(min=0))
 
     def _pre_hook(self, i, rope):
@@ -168,7 +169,8 @@ class SelfAttentionCapture(AttentionCapture):
         probs = _row_probs(attn, scratch["rope"]["q"](q), scratch["rope"]["k"](k), scratch["mask"])
         if not self.renormalise:  # softmax over every key: the image's columns read out
             image = self._text["image"].to(probs.device)[:, None, None, :]  # (B, 1, 1, N)
-            probs = probs.gather(-1, image.expand(*probs.shape[:3], -1))
+            probs = probs.gather(-1, image.expand(*probs.shape[:3], -1))  # (B, H, R, N)
+            probs = probs * self._text["image_valid"].to(probs.device)[:, None, None, :]  # no padding column
         return probs  # (B, H, R, N)
 
 
@@ -202,3 +204,55 @@ def grid_maps(probs, image_grid_thw, merge):
         m_w = _area_matrix(MAP_SIZE, gw, gw, 1, x.device, x.dtype)  # (32, gw)
         out.append(m_h @ x @ m_w.T)
     return torch.stack(out)  # (B, ..., 32, 32)
+
+
+# ---- the measurement behind RENORMALISE (README, "Model families") ----
+
+@torch.no_grad()
+def measure_renormalisation(n_items=8, sink=0.1, seed=0):
+    """On tiny-qwen2vl (random weights) with `n_items` random images and answers: each (layer,
+    head) row's image mass (min, median, max over rows), and the mean squared difference between
+    min-max normalised mean-mean maps (a) raw vs renormalised, (b) raw, before and after a
+    simulated attention sink that takes 1 - `sink` of the image mass of half the heads (a sink on a
+    text key leaves each head's renormalised map exactly unchanged)."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    import data
+    from aggregate import answer_rows
+    from aligner import min_max
+    from models import TINY_CORPUS, tiny_qwen2vl
+    model, processor = tiny_qwen2vl(seed)
+    rng, items = np.random.default_rng(seed), []
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(n_items):
+            size = tuple(int(s) for s in rng.integers(40, 220, 2))
+            Image.fromarray(rng.integers(0, 255, (*size, 3), np.uint8)).save(f"{folder}/{i}.png")
+            items.append({"id": str(i), "image_path": f"{folder}/{i}.png", "question": TINY_CORPUS[i % 5],
+                          "answer": TINY_CORPUS[5 + i % 9]})
+        batch = data.collate(processor, items)
+    rows = answer_rows(batch["labels"])
+    with SelfAttentionCapture(model, attention_layers(model), renormalise=False) as capture:
+        capture.set_rows(rows)
+        model(**data.model_inputs(batch))
+        raw = capture.probs  # (B, L, H, R, N)
+    mass = raw.sum(dim=-1)  # (B, L, H, R)
+    valid = rows >= 0
+    renormalised = raw / mass[..., None].clamp(min=1e-30)
+    heads = torch.ones(raw.shape[2])
+    heads[:raw.shape[2] // 2] = sink
+    maps = {name: min_max(grid_maps(p.mean(dim=(1, 2)), batch["image_grid_thw"], capture.merge))[valid]
+            for name, p in (("raw", raw), ("renormalised", renormalised),
+                            ("raw with sink", raw * heads[:, None, None]))}  # (rows, 32, 32) each
+    per_row = mass.permute(0, 3, 1, 2)[valid]  # (rows, L, H)
+    return {"image mass (min, median, max)": [round(float(v), 4) for v in
+                                              (per_row.min(), per_row.median(), per_row.max())],
+            "MSE raw vs renormalised": float(((maps["raw"] - maps["renormalised"]) ** 2).mean()),
+            "MSE raw, sink vs none": float(((maps["raw"] - maps["raw with sink"]) ** 2).mean()),
+            "rows": int(valid.sum())}
+
+
+if __name__ == "__main__":
+    print(measure_renormalisation())
