@@ -5,8 +5,8 @@ a part that fails or hangs costs only its own minutes and its row says why; the 
 table is printed and written to --out. --smoke runs the very same parts at tiny sizes on the CPU
 (the test suite does), so the command is known to work before a GPU is ever lent. The parts:
 extraction seconds per image at 512 px (ours, plain SDPA, Prompt-to-Prompt's store), the Lavender
-vs AR train step and the VLM capture at Llama-3.2-11B geometry (bench.py's arms), and train.py
-under torchrun with FSDP2 on NCCL.
+vs AR train step and the VLM capture at Llama-3.2-11B geometry (bench.py's arms), the capture at
+Qwen2-VL-7B geometry, and train.py under torchrun with FSDP2 on NCCL.
 
     python bench_gpu.py --smoke                 # first, on any CPU: the same parts at tiny sizes (about a minute)
     python bench_gpu.py --out bench_gpu.md      # on one GPU: under 8 minutes on an H100
@@ -26,9 +26,10 @@ import torch
 import data
 import extract
 import models
-from bench import EXTRACT_ARMS, arm_processors, bench_model, bench_train_gpu, capture_forward, finish, measure
+from bench import (EXTRACT_ARMS, arm_processors, bench_model, bench_qwen_model, bench_train_gpu, capture_forward,
+                   finish, measure)
 
-GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "fsdp": 75}
+GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "aggregate-qwen": 90, "fsdp": 75}
 
 
 def row(part, arm, seconds, unit, peak_gib, ratio="", note=""):
@@ -100,18 +101,23 @@ def part_train(smoke):
                 f"memory {peak['lavender'] / peak['ar']:.3f} of ar")]
 
 
-def part_aggregate(smoke):
-    """One forward (autograd on) at Llama-3.2-11B geometry: plain, our capture, the release's eager attention."""
-    device = "cpu" if smoke else "cuda"
-    model, batch, rows = bench_model(56 if smoke else 560, 16 if smoke else 1, 1, device, torch.bfloat16)
+def part_aggregate(smoke, name="llama32"):
+    """One forward (autograd on) at Llama-3.2-11B's geometry (one 560 px tile) or Qwen2-VL-7B's (one
+    448 px image, 256 image tokens; 7 of its 28 layers aligned): plain, our capture, the release's
+    eager attention."""
+    device, width = ("cpu", 16) if smoke else ("cuda", 1)
+    if name == "qwen2vl":
+        model, batch, rows = bench_qwen_model(width, 112 if smoke else 448, device, torch.bfloat16)
+    else:
+        model, batch, rows = bench_model(56 if smoke else 560, width, 1, device, torch.bfloat16)
     batch = {k: v.to(device) for k, v in batch.items()}
     out = {arm: measure(lambda: capture_forward(model, batch, rows, arm), device, 1 if smoke else 3)
            for arm in ("plain", "capture", "eager")}
-    part = f"VLM forward, llama32 at 1/{16 if smoke else 1} width, one tile, 32 rows"
+    part = f"VLM forward, {name} at 1/{width} width, {'one tile' if name == 'llama32' else 'one image'}, 32 rows"
     inc = {arm: out[arm][1] - out[arm][2] for arm in out}
     note = lambda arm: f"forward's increment {inc[arm]:.2f} GiB"  # noqa: E731
     return [row(part, "plain (SDPA, no capture)", out["plain"][0], "s", out["plain"][1], "", note("plain")),
-            row(part, "ours: AttentionCapture hooks", out["capture"][0], "s", out["capture"][1],
+            row(part, "ours: capture hooks (aggregate.attention_capture)", out["capture"][0], "s", out["capture"][1],
                 f"{out['capture'][0] / out['plain'][0]:.3f} of plain", note("capture")),
             row(part, "the release: eager + output_attentions", out["eager"][0], "s", out["eager"][1],
                 f"{out['eager'][0] / out['capture'][0]:.3f} of ours",
@@ -218,7 +224,8 @@ def gpu_part(name, smoke):
         torch.set_num_threads(1)
     if name.startswith("extract-b"):
         return part_extract(int(name.removeprefix("extract-b")), smoke)
-    return {"train": part_train, "aggregate": part_aggregate, "fsdp": part_fsdp}[name](smoke)
+    return {"train": part_train, "aggregate": part_aggregate, "fsdp": part_fsdp,
+            "aggregate-qwen": lambda smoke: part_aggregate(smoke, "qwen2vl")}[name](smoke)
 
 
 def main(argv=None):

@@ -237,7 +237,7 @@ def load_vlm(name, path=None, dtype=torch.float32):
                          f"save_pretrained folder)")
     try:
         model, processor = FAMILIES[PRESETS[name]["family"]]["load"](source, dtype)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # (a path that is neither a folder nor a hub id: ValueError)
         raise SystemExit(
             f"could not load --model {name} from {source!r}: {err}\n"
             f"Download {hub_id or 'the weights'} on a machine with network access "

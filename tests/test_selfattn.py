@@ -227,6 +227,23 @@ def test_grid_maps_worked_example_and_default_layers():
     assert models.qwen_attention_layers(stub(4)) == [0, 1, 2, 3]
 
 
+def test_a_saved_folder_loads_and_missing_weights_say_where(tmp_path, monkeypatch):
+    """A save_pretrained folder loads as the preset (--model-path) with the same logits and images
+    bounded by QWEN_MAX_PIXELS; without weights the error names the preset, the hub id and the fix."""
+    model, processor = models.tiny_qwen2vl()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, again = models.load_vlm("qwen2vl", str(tmp_path))
+    assert type(again) is models.QwenImageTextProcessor
+    assert again.image_processor.size["longest_edge"] <= models.QWEN_MAX_PIXELS
+    batch = qwen_batch(processor, [(Image.new("RGB", (80, 60), (200, 10, 10)), "what colour?", "red")])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs(batch)).logits, loaded(**inputs(batch)).logits)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match=r"(?s)--model qwen25vl .*Qwen/Qwen2.5-VL-7B-Instruct.*--model-path DIR"):
+        models.load_vlm("qwen25vl", str(tmp_path / "nowhere"))
+
+
 # ---- training: FSDP2 over 2 ranks, reload ----
 
 def test_two_ranks_match_one_rank_and_the_adapter_reloads(tmp_path, tiny_dataset):
