@@ -12,12 +12,12 @@ output_attentions) for aggregate.py. Results, with the machine they came from: B
     OMP_NUM_THREADS=1 python bench.py extract   # extract.py vs plain SDPA vs Prompt-to-Prompt, SD-v1.4 geometry, 256 px
     OMP_NUM_THREADS=1 python bench.py extract --res 512 --repeats 1   # SD-v1.4's own 512 px
     python bench.py aggregate                   # aggregate.py vs plain vs the release's eager attention
-    python bench.py aggregate --model qwen2vl   #   the same at Qwen2-VL-7B's proportions (selfattn.py)
+    python bench.py aggregate --model qwen2vl   #   at Qwen2-VL-7B's proportions (selfattn.py), + all 28 layers
     python bench.py train                       # train.py: Lavender step vs autoregressive step (<= 1.15, <= 1.10)
     python bench.py train --words 4 --width 8   #   fewer aligned words; a model twice as wide
     python bench.py train --tokens-per-word 2   #   two-token words: each token's map goes through the Aligner
     python bench.py train-gpu --batch-size 2    # one GPU: Llama-3.2-11B geometry (random bf16 weights, one 560 px tile)
-    python bench_gpu.py                         # one GPU, under 8 minutes: every GPU figure, one table (bench_gpu.md)
+    python bench_gpu.py                         # one GPU, at most 9 minutes: every GPU figure, one table (bench_gpu.md)
 """
 import argparse
 import gc
@@ -311,7 +311,9 @@ def capture_forward(model, batch, rows, arm):
     if arm == "eager":
         logits, probs = release_attention(model, batch, rows)
         return logits.float().mean() + probs.float().mean()
-    with aggregate.attention_capture(model, aggregate.aligned_layers(model), learned=arm == "learn") as capture:
+    layers = list(range(len(models.language_model(model).layers))) if arm == "every-layer" else \
+        aggregate.aligned_layers(model)  # every-layer (qwen2vl): all 28 self-attention layers, not 7
+    with aggregate.attention_capture(model, layers, learned=arm == "learn") as capture:
         capture.set_rows(rows)
         logits = model(**batch).logits
         return logits.float().mean() + capture.probs.mean()
@@ -328,12 +330,14 @@ def capture_setup(projections=True, model="llama32", **geometry):
 
 def bench_aggregate(reps=7, name="llama32"):
     """Forward time (one thread, arms interleaved, median of reps) and peak memory (a fresh process per
-    arm) of plain, capture (ours), learn (ours, eq. 15-16) and eager (the release's way)."""
+    arm) of plain, capture (ours), learn (ours, eq. 15-16) and eager (the release's way); for qwen2vl
+    also every-layer, the capture of all 28 layers instead of the default 7."""
     torch.set_num_threads(1)
     model, batch, rows = capture_setup(model=name)
-    times = {arm: [] for arm in CAPTURE_ARMS}
+    arms = CAPTURE_ARMS + (("every-layer",) if name == "qwen2vl" else ())
+    times = {arm: [] for arm in arms}
     for _ in tqdm(range(reps + 1), desc="forward time"):
-        for arm in CAPTURE_ARMS:
+        for arm in arms:
             t0 = time.process_time()
             capture_forward(model, batch, rows, arm)
             times[arm].append(time.process_time() - t0)
@@ -343,15 +347,15 @@ def bench_aggregate(reps=7, name="llama32"):
     med = {arm: sorted(v[1:])[len(v[1:]) // 2] for arm, v in times.items()}  # first rep is warm-up
     best = {arm: min(v[1:]) for arm, v in times.items()}  # minima: robust to other jobs' load
     mem = {arm: child_peak_rss(["aggregate", "--memory-arm", arm, "--model", name])
-           for arm in tqdm(CAPTURE_ARMS, desc="peak memory")}
-    for arm in CAPTURE_ARMS:
+           for arm in tqdm(arms, desc="peak memory")}
+    for arm in arms:
         m = mem[arm]
         print(f"{arm:8s} forward {med[arm]:.3f} s CPU (median of {reps}, min {best[arm]:.3f}); peak RSS {m['peak_kb'] / 1024:.0f} MiB, "
               f"forward's increment over the loaded model {(m['peak_kb'] - m['base_kb']) / 1024:.0f} MiB")
-    inc = {arm: mem[arm]["peak_kb"] - mem[arm]["base_kb"] for arm in CAPTURE_ARMS}
+    inc = {arm: mem[arm]["peak_kb"] - mem[arm]["base_kb"] for arm in arms}
     ratio = lambda a, b: (f"{a}/{b}: time median {med[a] / med[b]:.3f}, min {best[a] / best[b]:.3f}; peak memory "  # noqa: E731
                           f"{mem[a]['peak_kb'] / mem[b]['peak_kb']:.3f}; forward's increment {inc[a] / inc[b]:.3f}")
-    print(f"{ratio('learn', 'plain')}\n{ratio('eager', 'plain')}")
+    print("\n".join(ratio(arm, "plain") for arm in arms if arm not in ("plain", "capture")))
     print(f"the release's way against ours, {ratio('eager', 'capture')}")
     print(f"ratios {ratio('capture', 'plain')} (target <= 1.10)")
 
@@ -529,7 +533,7 @@ def build_parser():
     e.add_argument("--memory-arm", choices=EXTRACT_ARMS, help="internal: one arm's peak memory in this process")
     a = sub.add_parser("aggregate", help="aggregate.py: VLM capture, forward time and peak memory")
     a.add_argument("--reps", type=int, default=7, help="timed forwards per arm (median reported)")
-    a.add_argument("--memory-arm", choices=CAPTURE_ARMS, help="internal: one arm's peak memory in this process")
+    a.add_argument("--memory-arm", choices=(*CAPTURE_ARMS, "every-layer"), help="internal: one arm's peak memory")
     a.add_argument("--model", default="llama32", choices=("llama32", "qwen2vl"),
                    help="the geometry at 1/16 width: Llama-3.2-11B-Vision (cross-attention) or Qwen2-VL-7B (self-attention)")
     t = sub.add_parser("train", help="train.py: Lavender step vs autoregressive step, time and peak memory")

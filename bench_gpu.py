@@ -9,7 +9,7 @@ vs AR train step and the VLM capture at Llama-3.2-11B geometry (bench.py's arms)
 Qwen2-VL-7B geometry, and train.py under torchrun with FSDP2 on NCCL.
 
     python bench_gpu.py --smoke                 # first, on any CPU: the same parts at tiny sizes (about a minute)
-    python bench_gpu.py --out bench_gpu.md      # on one GPU: under 8 minutes on an H100
+    python bench_gpu.py --out bench_gpu.md      # on one GPU: at most 9 minutes (its parts' timeouts)
     python bench_gpu.py --parts train,fsdp      # some parts only
 """
 import argparse

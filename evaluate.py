@@ -503,7 +503,7 @@ def evaluate_ranks(args, rank, world, device):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to evaluate
-    p.add_argument("--model", default=None, help="VLM preset (models.py: llama32, tiny, toy): the base model, "
+    p.add_argument("--model", default=None, help="VLM preset (models.py: llama32, qwen2vl, qwen25vl, tiny, ...): the base model, "
                    "evaluated when no --run-dir is given or with --base")
     p.add_argument("--model-path", default=None, help="local copy of the --model preset (a save_pretrained folder)")
     p.add_argument("--run-dir", "--run", dest="run", action="append", default=[],
@@ -523,7 +523,7 @@ def build_parser():
                    help="every model's own maps (the one ruler; a Lavender run's head keeps its own): "
                         "aggregation over heads-layers (§4.2)")
     p.add_argument("--layers", default="all", choices=LAYER_SUBSETS,
-                   help="every model's own maps: the cross-attention layers read")
+                   help="every model's own maps: the text-to-image attention layers read")
     p.add_argument("--match", default="exact", choices=["exact", "root"], help="VLM-to-DM word matching")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

@@ -82,7 +82,8 @@ class SelfAttentionCapture(AttentionCapture):
         capture.probs                    # (B, L, H, R, N image tokens), differentiable
 
     The store, set_rows, probs, remove and the activation-checkpointing rule (the first value of a
-    pass wins) are AttentionCapture's; the hooks differ. renormalise: RENORMALISE by default.
+    pass wins) are AttentionCapture's; the hooks differ (so its __init__, which places Mllama's, is
+    not called). renormalise: RENORMALISE by default.
     """
 
     def __init__(self, model, layers, learned=False, renormalise=RENORMALISE):
@@ -132,7 +133,8 @@ class SelfAttentionCapture(AttentionCapture):
                 return None
             cos, sin = kwargs["position_embeddings"]  # (B, T, D): M-RoPE, recomposed
             rows, keys = self._text["rows"], self._text["keys"]
-            # RoPE of the rows' queries and of the keys, at their own positions
+            # RoPE of the rows' queries and of the keys at their own positions (the model's function
+            # rotates a pair (q, k) with one cos / sin: each side is passed as both, one result kept)
             rotary = {"q": lambda x: rope(x, x, _take(cos, rows), _take(sin, rows))[0],  # (B, H, R, D)
                       "k": lambda x: rope(x, x, _take(cos, keys), _take(sin, keys))[0]}  # (B, KVH, N, D)
             mask = key_mask(rows.to(cos.device), keys.to(cos.device), self._text["valid"], cos.dtype)

@@ -145,7 +145,7 @@ def test_gpu_smoke_fills_every_row(tmp_path):
     assert table in done.stdout and "Device: CPU" in table
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     parts = [r[0].lstrip("| ") for r in rows]
-    assert [p.split(",")[0] for p in parts] == ["extract 32 px"] * 6 + ["train step"] * 2 + ["VLM forward"] * 3 + \
+    assert [p.split(",")[0] for p in parts] == ["extract 32 px"] * 6 + ["train step"] * 2 + ["VLM forward"] * 6 + \
         ["torchrun"], parts
     for r in rows:
         assert "FAILED" not in r[1] and "TIMEOUT" not in r[1], r
