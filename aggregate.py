@@ -2,19 +2,14 @@
 
 What this file does, in the order the data flows:
 
-1. Capture (AttentionCapture): forward hooks on the cross-attention modules read the queries and
-   keys softmax sees (Mllama: q_norm / k_norm outputs; IDEFICS: models.query_key) and the mask, and
-   compute softmax(Q_rows Kᵀ · scaling + mask) for the chosen text rows only, KV heads repeated
-   (grouped-query attention). The model itself keeps running SDPA / flash attention; nothing
-   is patched and nothing is switched to eager. Only (B, layers, heads, rows, image tokens) is
-   materialised. With learned aggregation (eq. 15-16) the hooks instead compute the parallel
-   attention A_d = softmax(Q_d K_dᵀ/√d_k) with the trainable `lavender_q_proj` / `lavender_k_proj`
-   (add_parallel_projections) applied to the same inputs as q_proj / k_proj, reusing q_norm /
-   k_norm and the cross-attention mask.
-2. Tiles (§4.4, App. E): each image token row is split into tiles of 1 CLS + P² patches, CLS
-   dropped, tiles placed on the canvas by aspect_ratio_ids, the processor's right/bottom padding
-   cropped using the original image size, then area-resampled to 32x32 so that the map covers
-   the same pixels as the DM map of the whole image.
+1. Capture (AttentionCapture, cross-attention families): hooks read the queries and keys softmax
+   sees (models.query_key) and the image mask, and compute softmax(Q_rows Kᵀ · scaling + mask) for
+   the chosen rows only, KV heads shared as in grouped-query attention; the model keeps SDPA.
+   Learned aggregation (eq. 15-16): the parallel A_d = softmax(Q_d K_dᵀ/√d_k) from trainable
+   `lavender_q_proj` / `lavender_k_proj` on q_proj's / k_proj's inputs. Self-attention: selfattn.py.
+2. Image grid (§4.4, App. E): Mllama's image tokens split into tiles of 1 CLS + P² patches, CLS
+   dropped, tiles placed by aspect_ratio_ids, the padding cropped (original image size), area-
+   resampled to 32x32: the map covers the pixels of the DM map. Others: models.vision_geometry.
 3. Aggregation over heads and layers (§4.2): max-max, max-mean, mean-max, mean-mean (first
    word: over heads, second: over layers), flow-multi / flow-sum (App. D), learn (eq. 15-16).
 4. Words: answer tokens grouped into words, words matched to DM words (exact or root), rows of a
@@ -22,13 +17,11 @@ What this file does, in the order the data flows:
    forcing the row aligned for an answer token at position t is t - 1, the position whose
    output predicts it (plan_words).
 
-Where the model family keeps its language model, cross-attention layers and image geometry is
-models.py's part. Choices: parallel projections start as a copy of the pretrained ones
-(init="copy", A_d = A at step 0); the flow regularisation is r_t = (t + 1) / T (flow_weights);
-only the first image of a sample is mapped.
+Where a family keeps its layers and image geometry: models.FAMILIES. Choices: parallel projections
+start as copies (init="copy", A_d = A at step 0); the flow regularisation is r_t = (t + 1) / T
+(flow_weights); only a sample's first image is mapped.
 
-    python bench.py aggregate     # capture overhead at a scaled-down llama32 geometry (CPU)
-"""
+    python bench.py aggregate     # capture overhead at a scaled-down llama32 geometry (CPU)"""
 import functools
 
 import torch
@@ -38,7 +31,7 @@ from transformers.models.mllama.image_processing_pil_mllama import get_image_siz
 
 from aligner import MAP_SIZE, min_max
 from data import answer_words, match_words
-from models import cross_attention, cross_attention_layers, language_model, query_key, vision_geometry
+from models import FAMILIES, attention_layers, attention_module, family, language_model, query_key, vision_geometry
 
 AGGREGATIONS = ("max-max", "max-mean", "mean-max", "mean-mean", "flow-multi", "flow-sum", "learn")
 LAYER_SUBSETS = ("all", "first", "mid", "last")
@@ -49,13 +42,13 @@ LAYER_SUBSETS = ("all", "first", "mid", "last")
 
 
 def aligned_layers(model, subset="all"):
-    """Indices (in language_model.layers) of the cross-attention layers to align (§8.1.1, Fig. 22).
+    """Indices (in language_model.layers) of the text-to-image layers to align (§8.1.1, Fig. 22).
 
-    "first", "mid", "last": a quarter of the cross-attention layers (at least one) at the start,
-    middle or end. llama32 (cross-attention at 3, 8, ..., 38): all -> 8 layers, first -> [3, 8],
-    mid -> [18, 23], last -> [33, 38]. The paper names the subsets but not their size.
-    """
-    cross = cross_attention_layers(model)
+    "first", "mid", "last": a quarter of the family's layers (models.attention_layers; at least one)
+    at the start, middle or end. llama32 (cross-attention at 3, 8, ..., 38): all -> 8 layers, first
+    -> [3, 8], mid -> [18, 23], last -> [33, 38]; qwen2vl (3, 7, ..., 27): first -> [3]. The paper
+    names the subsets but not their size."""
+    cross = attention_layers(model)
     if subset not in LAYER_SUBSETS:
         raise ValueError(f"unknown layer subset {subset!r}; choose one of {LAYER_SUBSETS}")
     k = max(1, len(cross) // 4)
@@ -77,7 +70,7 @@ def add_parallel_projections(model, layers, init="copy"):
         raise ValueError(f"unknown init {init!r} for parallel projections; choose 'copy' or 'random'")
     added = []
     for layer in layers:
-        attn = cross_attention(model, layer)
+        attn = attention_module(model, layer)
         for name in ("q_proj", "k_proj"):
             base = getattr(attn, name)
             weight = getattr(base, "base_layer", base).weight  # the pretrained W (under LoRA too)
@@ -145,13 +138,13 @@ class AttentionCapture:
         text = language_model(model)
         self._handles.append(text.register_forward_pre_hook(self._new_pass))
         for i, layer in enumerate(self.layers):
-            attn = cross_attention(model, layer)
+            attn = attention_module(model, layer)
             if learned and not hasattr(attn, "lavender_q_proj"):
                 raise ValueError(f"learned=True but layer {layer} has no lavender_q_proj; "
                                  f"call add_parallel_projections(model, layers) first")
             self._handles.append(attn.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
             if not learned:  # the modules whose outputs are the queries and keys softmax reads
-                q_module, k_module = query_key(attn)[:2]
+                q_module, k_module = query_key(model, attn)[:2]
                 self._handles.append(q_module.register_forward_hook(self._keep(i, "q", attn.head_dim)))
                 self._handles.append(k_module.register_forward_hook(self._keep(i, "k", attn.head_dim)))
                 self._handles.append(attn.register_forward_hook(self._post_hook(i)))
@@ -219,9 +212,9 @@ class AttentionCapture:
             # FSDP2's mixed precision the weights are bf16 here and the casts do nothing
             dtype = attn.lavender_q_proj.weight.dtype
             q = attn.lavender_q_proj(h.to(dtype)).view(B, -1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, R, D)
-            kv_heads = getattr(attn, "num_key_value_heads", attn.num_heads)  # IDEFICS: no grouped-query attention
+            kv_heads = getattr(attn, "num_key_value_heads", attn.num_heads)  # (IDEFICS: no grouped-query attention)
             k = attn.lavender_k_proj(states.to(dtype)).view(B, -1, kv_heads, attn.head_dim).transpose(1, 2)
-            q_norm, k_norm = query_key(attn)[2:]  # by .forward: hooks of a capture of A on them stay silent
+            q_norm, k_norm = query_key(self.model, attn)[2:]  # by .forward: hooks of a capture of A on them stay silent
             self._save(i, _row_probs(attn, q_norm(q), k_norm(k), mask))  # (B, H, R, N)
             return None
         return hook
@@ -244,6 +237,13 @@ class AttentionCapture:
                                    f"capture a full forward with pixel_values")
             self._save(i, _row_probs(attn, scratch["q"], scratch["k"], scratch["mask"]))  # (B, H, R, N)
         return hook
+
+
+def attention_capture(model, layers, learned=False):
+    """The capture of the family's attention (models.FAMILIES "attention"): cross or self (selfattn's)."""
+    from selfattn import SelfAttentionCapture  # (selfattn.py builds on this file: imported here)
+    capture = {"cross": AttentionCapture, "self": SelfAttentionCapture}[FAMILIES[family(model)]["attention"]]
+    return capture(model, layers, learned)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,9 +292,9 @@ def tiles_to_grid(attn, aspect_ratio_id, image_size, tile_size, patch_size, max_
 
 def image_maps(probs, batch, geometry):
     """probs (B, L, H, R, N) -> (B, L, H, R, 32, 32) over each sample's first image. geometry:
-    vision_geometry's, Mllama's tiles, or a dict whose image_maps rebuilds its family's grid."""
+    vision_geometry's: Mllama's tiles, or a family's dict whose image_maps rebuilds its grid."""
     if isinstance(geometry, dict):
-        return geometry["image_maps"](probs)
+        return geometry["image_maps"](probs, batch)
     tile_size, patch_size, max_tiles, supported = geometry
     per_image = max_tiles * (1 + (tile_size // patch_size) ** 2)
     ids, sizes = batch["aspect_ratio_ids"], batch["image_sizes"]
@@ -509,8 +509,8 @@ def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, a
     if rules(aggregation)[1].startswith("flow"):
         rows = plan["rows"].cpu().gather(1, take.clamp(min=0)).masked_fill(take < 0, -1)  # (B, K) text positions
         weights = flow_weights(rows, batch["attention_mask"])
-    maps = min_max(token_maps(probs, batch, vision_geometry(capture.model), aggregation, aligner, placement,
-                              recompute))  # (B, K, 32, 32): each token's map normalised
+    geometry = vision_geometry(capture.model)  # Mllama's tiles, or a family's grid
+    maps = min_max(token_maps(probs, batch, geometry, aggregation, aligner, placement, recompute))  # (B, K, 32, 32)
     return min_max(merge_rows(maps, token_word, n_words, weights))  # (B, W, 32, 32)
 
 

@@ -13,11 +13,12 @@ output_attentions) for aggregate.py. Results, with the machine they came from: B
     OMP_NUM_THREADS=1 python bench.py extract --res 512 --repeats 1   # SD-v1.4's own 512 px
     python bench.py aggregate                   # aggregate.py vs plain vs the release's eager attention
     python bench.py aggregate --model idefics   #   the same at IDEFICS-9B's proportions (no eager arm)
+    python bench.py aggregate --model qwen2vl   #   at Qwen2-VL-7B's proportions (selfattn.py), + all 28 layers
     python bench.py train                       # train.py: Lavender step vs autoregressive step (<= 1.15, <= 1.10)
     python bench.py train --words 4 --width 8   #   fewer aligned words; a model twice as wide
     python bench.py train --tokens-per-word 2   #   two-token words: each token's map goes through the Aligner
     python bench.py train-gpu --batch-size 2    # one GPU: Llama-3.2-11B geometry (random bf16 weights, one 560 px tile)
-    python bench_gpu.py                         # one GPU, under 8 minutes: every GPU figure, one table (bench_gpu.md)
+    python bench_gpu.py                         # one GPU, at most 11 minutes: every GPU figure, one table (bench_gpu.md)
 """
 import argparse
 import gc
@@ -38,6 +39,7 @@ import data
 import extract
 import flamingo
 import models
+import qwen
 import train
 
 
@@ -261,24 +263,6 @@ def bench_model(tile_size=112, width=16, tiles=4, device="cpu", dtype=torch.floa
     return model, batch, rows
 
 
-def idefics_bench_model(width=16, device="cpu", dtype=torch.float32, batch_size=1):
-    """IDEFICS-9B's proportions at 1/`width` width (flamingo.idefics9b_size), random weights, with
-    its resampler (64 latents, as every released checkpoint): 32 text layers of hidden 256, a gated
-    cross-attention layer before every 4th (8), 32 heads of dim 8, vocab 2000 = 32000 / 16; one
-    224 px image (16 x 16 patches + CLS) through a 32-layer ViT of width 80 and a 6-block
-    perceiver. 256 text tokens that all see the image, 32 captured rows in all 8 layers."""
-    vocab = 32000 // width
-    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = flamingo.idefics(flamingo.idefics9b_size(width), ids, device=device, dtype=dtype).eval()
-    T, R, B = 256, 32, batch_size
-    image_mask = torch.ones(B, T, 1, dtype=torch.long)  # (B, T, images)
-    image_mask[:, 0] = 0  # <s> comes before the image
-    batch = dict(input_ids=torch.randint(3, vocab, (1, T)).repeat(B, 1), attention_mask=torch.ones(B, T, dtype=torch.long),
-                 pixel_values=torch.randn(1, 1, 3, 224, 224).repeat(B, 1, 1, 1, 1), image_attention_mask=image_mask)
-    rows = torch.arange(T - R - 1, T - 1)[None].repeat(B, 1)  # (B, R): the last R positions
-    return model, batch, rows
-
-
 # ---- aggregate.py: VLM attention capture, one forward, against the release's eager attention ----
 
 CAPTURE_ARMS = ("plain", "capture", "learn", "eager")
@@ -309,28 +293,32 @@ def capture_forward(model, batch, rows, arm):
     if arm == "eager":
         logits, probs = release_attention(model, batch, rows)
         return logits.float().mean() + probs.float().mean()
-    with aggregate.AttentionCapture(model, aggregate.aligned_layers(model), learned=arm == "learn") as capture:
+    layers = list(range(len(models.language_model(model).layers))) if arm == "every-layer" else \
+        aggregate.aligned_layers(model)  # every-layer (qwen2vl): all 28 self-attention layers, not 7
+    with aggregate.attention_capture(model, layers, learned=arm == "learn") as capture:
         capture.set_rows(rows)
         logits = model(**batch).logits
         return logits.float().mean() + capture.probs.mean()
 
 
-def capture_setup(projections=True, family="llama32", **geometry):
-    """The benchmark's model (family llama32 or idefics), with parallel projections (unused by the
-    other arms) when asked."""
-    model, batch, rows = (idefics_bench_model if family == "idefics" else bench_model)(**geometry)
+def capture_setup(projections=True, model="llama32", **geometry):
+    """The benchmark's model (llama32's, IDEFICS-9B's or qwen2vl's proportions), with parallel
+    projections (unused by the other arms) when asked."""
+    build = {"llama32": bench_model, "idefics": flamingo.bench_model, "qwen2vl": qwen.bench_model}[model]
+    model, batch, rows = build(**geometry)
     if projections:
         aggregate.add_parallel_projections(model, aggregate.aligned_layers(model))
     return model, batch, rows
 
 
-def bench_aggregate(reps=7, family="llama32"):
+def bench_aggregate(reps=7, name="llama32"):
     """Forward time (one thread, arms interleaved, median of reps) and peak memory (a fresh process per
-    arm) of plain, capture (ours), learn (ours, eq. 15-16) and eager (the release's way; llama32 only:
-    IDEFICS' output_attentions omits its cross-attention, and the release has no IDEFICS code)."""
+    arm) of plain, capture (ours), learn (ours, eq. 15-16) and eager (the release's way; not for
+    idefics: IDEFICS' output_attentions omits its cross-attention, and the release has no IDEFICS
+    code); for qwen2vl also every-layer, the capture of all 28 layers instead of the default 7."""
     torch.set_num_threads(1)
-    model, batch, rows = capture_setup(family=family)
-    arms = CAPTURE_ARMS if family == "llama32" else CAPTURE_ARMS[:3]
+    model, batch, rows = capture_setup(model=name)
+    arms = {"idefics": CAPTURE_ARMS[:3], "qwen2vl": (*CAPTURE_ARMS, "every-layer")}.get(name, CAPTURE_ARMS)
     times = {arm: [] for arm in arms}
     for _ in tqdm(range(reps + 1), desc="forward time"):
         for arm in arms:
@@ -342,7 +330,7 @@ def bench_aggregate(reps=7, family="llama32"):
         capture_forward(model, batch, rows, "plain")
     med = {arm: sorted(v[1:])[len(v[1:]) // 2] for arm, v in times.items()}  # first rep is warm-up
     best = {arm: min(v[1:]) for arm, v in times.items()}  # minima: robust to other jobs' load
-    mem = {arm: child_peak_rss(["aggregate", "--memory-arm", arm, "--model", family])
+    mem = {arm: child_peak_rss(["aggregate", "--memory-arm", arm, "--model", name])
            for arm in tqdm(arms, desc="peak memory")}
     for arm in arms:
         m = mem[arm]
@@ -351,9 +339,9 @@ def bench_aggregate(reps=7, family="llama32"):
     inc = {arm: mem[arm]["peak_kb"] - mem[arm]["base_kb"] for arm in arms}
     ratio = lambda a, b: (f"{a}/{b}: time median {med[a] / med[b]:.3f}, min {best[a] / best[b]:.3f}; peak memory "  # noqa: E731
                           f"{mem[a]['peak_kb'] / mem[b]['peak_kb']:.3f}; forward's increment {inc[a] / inc[b]:.3f}")
-    print(ratio('learn', 'plain'))
+    print("\n".join(ratio(arm, "plain") for arm in arms if arm not in ("plain", "capture")))
     if "eager" in arms:
-        print(f"{ratio('eager', 'plain')}\nthe release's way against ours, {ratio('eager', 'capture')}")
+        print(f"the release's way against ours, {ratio('eager', 'capture')}")
     print(f"ratios {ratio('capture', 'plain')} (target <= 1.10)")
 
 
@@ -387,7 +375,7 @@ def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=t
     if arm != "ar":
         aggregate.add_parallel_projections(model, layers)
         aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", 32)).to(device)
-        capture = aggregate.AttentionCapture(model, layers, learned=True)
+        capture = aggregate.attention_capture(model, layers, learned=True)
     train.trainable_in_float32(model)
     row_word = (torch.arange(rows.shape[1]) // tokens).repeat(batch_size, 1)
     plan = dict(rows=rows, row_word=row_word, dm_index=torch.arange(words).repeat(batch_size, 1))
@@ -530,9 +518,10 @@ def build_parser():
     e.add_argument("--memory-arm", choices=EXTRACT_ARMS, help="internal: one arm's peak memory in this process")
     a = sub.add_parser("aggregate", help="aggregate.py: VLM capture, forward time and peak memory")
     a.add_argument("--reps", type=int, default=7, help="timed forwards per arm (median reported)")
-    a.add_argument("--model", default="llama32", choices=("llama32", "idefics"),
-                   help="the proportions: llama32's or IDEFICS-9B's, at 1/16 width")
-    a.add_argument("--memory-arm", choices=CAPTURE_ARMS, help="internal: one arm's peak memory in this process")
+    a.add_argument("--memory-arm", choices=(*CAPTURE_ARMS, "every-layer"), help="internal: one arm's peak memory")
+    a.add_argument("--model", default="llama32", choices=("llama32", "idefics", "qwen2vl"),
+                   help="the geometry at 1/16 width: Llama-3.2-11B-Vision (cross-attention), IDEFICS-9B "
+                        "(gated cross-attention) or Qwen2-VL-7B (self-attention)")
     t = sub.add_parser("train", help="train.py: Lavender step vs autoregressive step, time and peak memory")
     t.add_argument("--reps", type=int, default=7, help="timed steps per arm (median reported)")
     t.add_argument("--words", type=int, default=16, help="aligned words per item")
@@ -568,7 +557,7 @@ def main(argv=None):
         return bench_extract(args.res, args.inversion_steps, args.denoise_steps, args.repeats)
     if args.which == "aggregate" and args.memory_arm:
         torch.set_num_threads(2)
-        model, batch, rows = capture_setup(projections=args.memory_arm == "learn", family=args.model)
+        model, batch, rows = capture_setup(projections=args.memory_arm == "learn", model=args.model)
         return print(json.dumps(peak_rss(lambda: capture_forward(model, batch, rows, args.memory_arm))))
     if args.which == "aggregate":
         return bench_aggregate(args.reps, args.model)

@@ -6,10 +6,11 @@ table is printed and written to --out. --smoke runs the very same parts at tiny 
 (the test suite does), so the command is known to work before a GPU is ever lent. The parts:
 extraction seconds per image at 512 px (ours, plain SDPA, Prompt-to-Prompt's store), the Lavender
 vs AR train step and the VLM capture at Llama-3.2-11B geometry (bench.py's arms), the capture at
-IDEFICS-9B geometry (the Flamingo-style family), and train.py under torchrun with FSDP2 on NCCL.
+IDEFICS-9B geometry (the Flamingo-style family) and at Qwen2-VL-7B geometry (self-attention), and
+train.py under torchrun with FSDP2 on NCCL.
 
     python bench_gpu.py --smoke                 # first, on any CPU: the same parts at tiny sizes (about a minute)
-    python bench_gpu.py --out bench_gpu.md      # on one GPU: under 8 minutes on an H100
+    python bench_gpu.py --out bench_gpu.md      # on one GPU: at most 11 minutes (its parts' timeouts)
     python bench_gpu.py --parts train,fsdp      # some parts only
 """
 import argparse
@@ -25,11 +26,13 @@ import torch
 
 import data
 import extract
+import flamingo
 import models
-from bench import (EXTRACT_ARMS, arm_processors, bench_model, bench_train_gpu, capture_forward, finish,
-                   idefics_bench_model, measure)
+import qwen
+from bench import EXTRACT_ARMS, arm_processors, bench_model, bench_train_gpu, capture_forward, finish, measure
 
-GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "aggregate-idefics": 90, "fsdp": 75}
+GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "aggregate-idefics": 90,
+             "aggregate-qwen": 90, "fsdp": 75}
 
 
 def row(part, arm, seconds, unit, peak_gib, ratio="", note=""):
@@ -101,38 +104,32 @@ def part_train(smoke):
                 f"memory {peak['lavender'] / peak['ar']:.3f} of ar")]
 
 
-def part_aggregate(smoke):
-    """One forward (autograd on) at Llama-3.2-11B geometry: plain, our capture, the release's eager attention."""
-    device = "cpu" if smoke else "cuda"
-    model, batch, rows = bench_model(56 if smoke else 560, 16 if smoke else 1, 1, device, torch.bfloat16)
+def part_aggregate(smoke, name="llama32"):
+    """One forward (autograd on) at Llama-3.2-11B's geometry (one 560 px tile), IDEFICS-9B's
+    (flamingo.bench_model: resampler, 8 gated cross-attention layers) or Qwen2-VL-7B's (one
+    448 px image, 256 image tokens; 7 of its 28 layers aligned), random bf16 weights: plain, our
+    capture, the release's eager attention (not for IDEFICS: its output_attentions omits its
+    cross-attention)."""
+    device, width = ("cpu", 16) if smoke else ("cuda", 1)
+    model, batch, rows = {
+        "llama32": lambda: bench_model(56 if smoke else 560, width, 1, device, torch.bfloat16),
+        "idefics": lambda: flamingo.bench_model(width, device, torch.bfloat16),
+        "qwen2vl": lambda: qwen.bench_model(width, 112 if smoke else 448, device, torch.bfloat16)}[name]()
     batch = {k: v.to(device) for k, v in batch.items()}
-    out = {arm: measure(lambda: capture_forward(model, batch, rows, arm), device, 1 if smoke else 3)
-           for arm in ("plain", "capture", "eager")}
-    part = f"VLM forward, llama32 at 1/{16 if smoke else 1} width, one tile, 32 rows"
+    arms = ("plain", "capture") if name == "idefics" else ("plain", "capture", "eager")
+    out = {arm: measure(lambda: capture_forward(model, batch, rows, arm), device, 1 if smoke else 3) for arm in arms}
+    image = {"llama32": "one tile", "idefics": "one 224 px image"}.get(name, "one image")
+    part = f"VLM forward, {name} at 1/{width} width, {image}, 32 rows"
     inc = {arm: out[arm][1] - out[arm][2] for arm in out}
     note = lambda arm: f"forward's increment {inc[arm]:.2f} GiB"  # noqa: E731
-    return [row(part, "plain (SDPA, no capture)", out["plain"][0], "s", out["plain"][1], "", note("plain")),
-            row(part, "ours: AttentionCapture hooks", out["capture"][0], "s", out["capture"][1],
-                f"{out['capture'][0] / out['plain'][0]:.3f} of plain", note("capture")),
-            row(part, "the release: eager + output_attentions", out["eager"][0], "s", out["eager"][1],
-                f"{out['eager'][0] / out['capture'][0]:.3f} of ours",
-                note("eager") + f", {inc['eager'] / inc['capture']:.2f}x ours")]
-
-
-def part_aggregate_idefics(smoke):
-    """One forward (autograd on) at IDEFICS-9B geometry (bench.idefics_bench_model: resampler, 8 gated
-    cross-attention layers, random bf16 weights): plain and our capture. No eager arm: IDEFICS'
-    output_attentions omits its cross-attention."""
-    device = "cpu" if smoke else "cuda"
-    model, batch, rows = idefics_bench_model(16 if smoke else 1, device, torch.bfloat16)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    out = {arm: measure(lambda: capture_forward(model, batch, rows, arm), device, 1 if smoke else 3)
-           for arm in ("plain", "capture")}
-    part = f"VLM forward, IDEFICS-9B at 1/{16 if smoke else 1} width, one 224 px image, 32 rows"
-    note = lambda arm: f"forward's increment {out[arm][1] - out[arm][2]:.2f} GiB"  # noqa: E731
-    return [row(part, "plain (SDPA, no capture)", out["plain"][0], "s", out["plain"][1], "", note("plain")),
-            row(part, "ours: AttentionCapture hooks", out["capture"][0], "s", out["capture"][1],
-                f"{out['capture'][0] / out['plain'][0]:.3f} of plain", note("capture"))]
+    rows_ = [row(part, "plain (SDPA, no capture)", out["plain"][0], "s", out["plain"][1], "", note("plain")),
+             row(part, "ours: capture hooks (aggregate.attention_capture)", out["capture"][0], "s", out["capture"][1],
+                 f"{out['capture'][0] / out['plain'][0]:.3f} of plain", note("capture"))]
+    if "eager" in out:
+        rows_.append(row(part, "the release: eager + output_attentions", out["eager"][0], "s", out["eager"][1],
+                         f"{out['eager'][0] / out['capture'][0]:.3f} of ours",
+                         note("eager") + f", {inc['eager'] / inc['capture']:.2f}x ours"))
+    return rows_
 
 
 def write_items(root, n=8):
@@ -235,8 +232,9 @@ def gpu_part(name, smoke):
         torch.set_num_threads(1)
     if name.startswith("extract-b"):
         return part_extract(int(name.removeprefix("extract-b")), smoke)
-    return {"train": part_train, "aggregate": part_aggregate, "aggregate-idefics": part_aggregate_idefics,
-            "fsdp": part_fsdp}[name](smoke)
+    return {"train": part_train, "aggregate": part_aggregate, "fsdp": part_fsdp,
+            "aggregate-idefics": lambda smoke: part_aggregate(smoke, "idefics"),
+            "aggregate-qwen": lambda smoke: part_aggregate(smoke, "qwen2vl")}[name](smoke)
 
 
 def main(argv=None):

@@ -350,13 +350,13 @@ def check_item(item, processor=None, attn_dir=None, max_length=None):
     if not ID_PATTERN.match(item["id"]):
         return f"{name}: id cannot be a file name (use only A-Z a-z 0-9 . _ -)", None
     try:
-        open_image(item["image_path"])
+        image = open_image(item["image_path"])
     except Exception as err:  # noqa: BLE001 -- missing, truncated or not an image
         return f"{name}: image {item['image_path']} cannot be read ({type(err).__name__}: {err})", None
     problem = flamingo.prompt_problem(processor, item) if flamingo.is_idefics(processor) else None
     if problem:  # a text IDEFICS' prompt cannot hold
         return f"{name}: {problem}", None
-    n_tokens = encode(processor, item)[0].shape[1] if processor is not None else 0
+    n_tokens = encode(processor, item)[0].shape[1] + image_tokens(processor, image) if processor else 0
     if max_length is not None and n_tokens > max_length:
         return (f"{name}: {n_tokens} tokens (prompt + answer) exceed --max-length {max_length}; shorten the "
                 f"answer or raise --max-length"), None
@@ -383,9 +383,19 @@ def chat_texts(processor, item, with_answer=True):
     return processor.apply_chat_template([user, answer]), prompt
 
 
+def image_tokens(processor, image):
+    """Tokens the processor adds for `image` beyond its one placeholder in the chat template: 0 for
+    Mllama (one <|image|>), (h/2)·(w/2) - 1 for Qwen2-VL (one <|image_pad|> per merged token)."""
+    images = processor.image_processor
+    if not hasattr(images, "merge_size"):
+        return 0
+    return images.get_number_of_image_patches(image.height, image.width) // images.merge_size ** 2 - 1
+
+
 def encode(processor, item):
-    """(input_ids (1, T), labels (1, T)) of one item, text only (Mllama's <|image|> is one token):
-    what collate gives for it, without decoding the image. Used to count tokens up front."""
+    """(input_ids (1, T), labels (1, T)) of one item, text only (the image as its one placeholder
+    token; image_tokens counts the rest): what collate gives for it, without decoding the image.
+    Used to count tokens up front."""
     text, prompt = chat_texts(processor, item)
     tokenizer = processor.tokenizer
     input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])  # (1, T)
@@ -431,10 +441,11 @@ def collate(processor, items, with_answer=True):
 
 
 def model_inputs(batch, device=None):
-    """The keys the model's forward and generate take (drops labels, ids, image_sizes), moved to `device`
-    if given: Mllama's (aspect ratios, cross_attention_mask) or IDEFICS' (image_attention_mask)."""
+    """The keys the VLM's forward and generate take (drops labels, ids, image_sizes), moved to `device`
+    if given: Mllama's (aspect ratios, cross_attention_mask), IDEFICS' (image_attention_mask), Qwen2-VL's
+    (image_grid_thw, mm_token_type_ids)."""
     keys = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
-            "cross_attention_mask", "image_attention_mask")
+            "cross_attention_mask", "image_attention_mask", "image_grid_thw", "mm_token_type_ids")
     return {k: batch[k] if device is None else batch[k].to(device) for k in keys if k in batch}
 
 

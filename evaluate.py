@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from aggregate import AGGREGATIONS, LAYER_SUBSETS, AttentionCapture, aligned_layers, label_plan, vlm_word_maps
+from aggregate import AGGREGATIONS, LAYER_SUBSETS, aligned_layers, attention_capture, label_plan, vlm_word_maps
 from distributed import exit_if_torchrun, gather_objects, setup_distributed, teardown
 from figures import draw_entropy_histograms, draw_overlays
 from metrics import (METRICS, accuracy_summary, check_items, describe_metric, read_predictions, run_scores,
@@ -150,9 +150,9 @@ def answer_maps(model, processor, items, dm_store, own, head=None, batch_size=4,
     teacher forcing, for the answer's words that have a DM map (label words; plan_words). own and
     head (W, 32, 32) as capture_settings makes them (head None without one); one forward fills both."""
     out = []
-    captures = [AttentionCapture(model, own["layers"], learned=False)]
+    captures = [attention_capture(model, own["layers"], learned=False)]
     if head is not None:
-        captures.append(AttentionCapture(model, head["layers"], learned=head["learned"]))
+        captures.append(attention_capture(model, head["layers"], learned=head["learned"]))
     try:
         for start in tqdm(range(0, len(items), batch_size), desc="attention", disable=not show, leave=False):
             chunk = items[start:start + batch_size]
@@ -504,7 +504,7 @@ def evaluate_ranks(args, rank, world, device):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to evaluate
-    p.add_argument("--model", default=None, help="VLM preset (models.VLM_PRESETS: llama32, idefics, tiny, ...): the base model, "
+    p.add_argument("--model", default=None, help="VLM preset (models.VLM_PRESETS: llama32, idefics, qwen2vl, tiny, ...): the base model, "
                    "evaluated when no --run-dir is given or with --base")
     p.add_argument("--model-path", default=None, help="local copy of the --model preset (a save_pretrained folder)")
     p.add_argument("--run-dir", "--run", dest="run", action="append", default=[],
@@ -524,7 +524,7 @@ def build_parser():
                    help="every model's own maps (the one ruler; a Lavender run's head keeps its own): "
                         "aggregation over heads-layers (§4.2)")
     p.add_argument("--layers", default="all", choices=LAYER_SUBSETS,
-                   help="every model's own maps: the cross-attention layers read")
+                   help="every model's own maps: the text-to-image attention layers read")
     p.add_argument("--match", default="exact", choices=["exact", "root"], help="VLM-to-DM word matching")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

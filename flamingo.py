@@ -6,10 +6,10 @@ beside this project's torch; IDEFICS (Hugging Face's open reproduction of Flamin
 `IdeficsForVisionText2Text`) is the same architecture in the packages we already use: a frozen LLaMA
 whose decoder layers are preceded, every `cross_layer_interval` layers, by a gated cross-attention
 layer (`model.gated_cross_attn_layers[i].cross_attn`: text queries, image keys, tanh-gated residual),
-a CLIP vision tower, and an optional perceiver resampler. What this file holds, for models.py,
-aggregate.py and data.py to dispatch to: the builders (tiny and benchmark sizes, from a config), the
-loader's last step, where the cross-attention and its queries and keys are, the image geometry, and
-the legacy interleaved prompts (IDEFICS has no chat template).
+a CLIP vision tower, and an optional perceiver resampler. What this file holds, for models.FAMILIES
+and data.py: the builders (tiny and benchmark sizes, from a config), the loader, the LoRA targets,
+where the cross-attention and its queries and keys are, the image geometry, and the legacy
+interleaved prompts (IDEFICS has no chat template).
 
 What the maps mean (§4.4):
 - Without the resampler (`use_resampler=False`), the keys of an image are CLS + P x P patches of a
@@ -147,6 +147,24 @@ def idefics(size, ids, resampler=True, qk_norms=False, seed=0, device="cpu", dty
         return IdeficsForVisionText2Text._from_config(config, **dtypes)
 
 
+def bench_model(width=16, device="cpu", dtype=torch.float32, batch_size=1):
+    """IDEFICS-9B's proportions at 1/`width` width (idefics9b_size; bench.py aggregate --model idefics), random weights, with
+    its resampler (64 latents, as every released checkpoint): 32 text layers of hidden 256, a gated
+    cross-attention layer before every 4th (8), 32 heads of dim 8, vocab 2000 = 32000 / 16; one
+    224 px image (16 x 16 patches + CLS) through a 32-layer ViT of width 80 and a 6-block
+    perceiver. 256 text tokens that all see the image, 32 captured rows in all 8 layers."""
+    vocab = 32000 // width
+    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = idefics(idefics9b_size(width), ids, device=device, dtype=dtype).eval()
+    T, R, B = 256, 32, batch_size
+    image_mask = torch.ones(B, T, 1, dtype=torch.long)  # (B, T, images)
+    image_mask[:, 0] = 0  # <s> comes before the image
+    batch = dict(input_ids=torch.randint(3, vocab, (1, T)).repeat(B, 1), attention_mask=torch.ones(B, T, dtype=torch.long),
+                 pixel_values=torch.randn(1, 1, 3, 224, 224).repeat(B, 1, 1, 1, 1), image_attention_mask=image_mask)
+    rows = torch.arange(T - R - 1, T - 1)[None].repeat(B, 1)  # (B, R): the last R positions
+    return model, batch, rows
+
+
 def idefics_processor(tokenizer, image_size):
     """IDEFICS' processor: a square resize (the whole image stretched) to image_size, CLIP's
     normalisation."""
@@ -160,6 +178,13 @@ def tiny_idefics(tokenizer, seed=0, resampler=True, qk_norms=False):
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = idefics(IDEFICS_SIZES["tiny"], ids, resampler, qk_norms, seed)
     processor = idefics_processor(tokenizer, IDEFICS_SIZES["tiny"][1]["image_size"])
+    return stop_at_end_of_utterance(model, processor), processor
+
+
+def load(source, dtype):
+    """(model, processor) of an IDEFICS folder or hub id, stopping at <end_of_utterance>."""
+    processor = IdeficsProcessor.from_pretrained(source)
+    model = IdeficsForVisionText2Text.from_pretrained(source, dtype=dtype)
     return stop_at_end_of_utterance(model, processor), processor
 
 
@@ -181,13 +206,9 @@ LORA_TARGETS = r".*model\.(layers|gated_cross_attn_layers)\.\d+\.(self_attn|cros
 
 
 def language_model(model):
-    """The IdeficsModel inside `model` (plain, PEFT-wrapped or FSDP-sharded): decoder layers, gated
-    cross-attention layers, vision tower and resampler."""
-    for module in model.modules():
-        if hasattr(module, "gated_cross_attn_layers") and hasattr(module, "layers"):
-            return module
-    raise ValueError(f"{type(model).__name__} has no IDEFICS model (a module with "
-                     f".gated_cross_attn_layers)")
+    """The IdeficsModel inside `model` (plain or PEFT-wrapped; FSDP shards it in place): decoder
+    layers, gated cross-attention layers, vision tower and resampler."""
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model).model
 
 
 def cross_attention_layers(model):
@@ -219,14 +240,15 @@ def query_key(attn):
 
 def vision_geometry(model):
     """dict(family, tokens: keys per image, patches: P of the P x P grid or None (resampler latents),
-    image_maps: probs (B, L, H, R, N) -> (B, L, H, R, 32, 32)), aggregate.image_maps calls it."""
+    placed: whether a map's cells are places in the image (patches: yes; latents: no), image_maps:
+    probs (B, L, H, R, N), batch -> (B, L, H, R, 32, 32)); aggregate.image_maps calls it."""
     config = language_model(model).config
     if config.use_resampler:
         tokens, patches = config.perceiver_config.resampler_n_latents, None
     else:
         patches = config.vision_config.image_size // config.vision_config.patch_size
         tokens = 1 + patches * patches
-    return dict(family="idefics", tokens=tokens, patches=patches,
+    return dict(family="idefics", tokens=tokens, patches=patches, placed=patches is not None,
                 image_maps=functools.partial(image_maps, tokens=tokens, patches=patches))
 
 
@@ -244,9 +266,9 @@ def latents_to_square(x):
     return x.unflatten(-1, (s, s))
 
 
-def image_maps(probs, tokens, patches, out=MAP_SIZE):
+def image_maps(probs, batch, tokens, patches, out=MAP_SIZE):
     """probs (B, L, H, R, N) -> (B, L, H, R, out, out) over each sample's first image (its first
-    `tokens` keys). Patches (no resampler): CLS dropped, P x P row-major, area-resampled over the
+    `tokens` keys; batch unused: every image has the same keys). Patches (no resampler): CLS dropped, P x P row-major, area-resampled over the
     whole (stretched) image; latents: latents_to_square, then the same resampling."""
     x = probs[..., :tokens]
     x = x[..., 1:].unflatten(-1, (patches, patches)) if patches else latents_to_square(x)

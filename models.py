@@ -6,12 +6,12 @@ A preset is a name (`--model llama32`, `--dm sd14`): a hub id, or a size built h
 toy.py trains. The same builder makes every size of a class: `mllama` the Llama-3.2-Vision classes
 (tiny, toy, llama32 at 1/16 width), `stable_diffusion` SD's diffusers parts (tiny-sd, toy-sd, sd14's
 geometry). With no network and no local copy, one error names the preset, the hub id and how to
-point at a local folder. The last part holds what differs between model families: each VLM preset
-names its family, and each per-family function dispatches on family(model). Adding a family
-(Qwen2-VL's self-attention) adds a few functions there; IDEFICS' (Flamingo-style gated
-cross-attention) live in flamingo.py.
+point at a local folder. The last part holds what differs between model families: one FAMILIES
+entry per family (Mllama's cross-attention here; IDEFICS' gated cross-attention in flamingo.py;
+Qwen2-VL's self-attention in qwen.py, its capture in selfattn.py), which the per-family functions
+(language_model, attention_layers, vision_geometry, ...) dispatch through.
 
-    python -c "import models; m, p = models.tiny_vlm(); print(models.cross_attention_layers(m))"
+    python -c "import models; m, p = models.tiny_vlm(); print(models.attention_layers(m))"
 """
 import inspect
 from pathlib import Path
@@ -20,17 +20,17 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
-from transformers import (IdeficsForVisionText2Text, IdeficsProcessor, MllamaConfig,
-                          MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor,
-                          PreTrainedTokenizerFast)
+from transformers import (MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil,
+                          MllamaProcessor, PreTrainedTokenizerFast)
 
 import flamingo
+import qwen
 
 ROOT = Path(__file__).resolve().parent
 
 # ---- the presets: --model NAME (a VLM) or --dm NAME (a diffusion model) ----
 
-# family (VLMs): which per-family functions below read it (mllama, idefics).
+# family (VLMs): its entry in FAMILIES below (mllama, idefics, qwen2vl).
 # hub_id: the weights on the Hugging Face hub (None: built here or trained by toy.py); path: the
 # default local folder (relative to this file); layers (DMs): the attn2 layers extract.py averages
 # by default, as downsampling factors of the latent grid (None: all). sd14 (512 px, attn2 at 64²,
@@ -50,6 +50,12 @@ PRESETS = {
                                      "every 4th; 64 resampler latents"),
     "tiny-idefics": dict(kind="vlm", family="idefics", hub_id=None, path=None,
                          about="IDEFICS' classes at a tiny size with a resampler, random weights (tests)"),
+    "qwen2vl": dict(kind="vlm", family="qwen2vl", hub_id="Qwen/Qwen2-VL-7B-Instruct", path=None,
+                    about="self-attention only: 28 layers, 28 heads (4 KV heads), 2x2-merged 14 px patches"),
+    "qwen25vl": dict(kind="vlm", family="qwen2vl", hub_id="Qwen/Qwen2.5-VL-7B-Instruct", path=None,
+                     about="Qwen2-VL's successor: the same text side, a windowed vision encoder"),
+    "tiny-qwen2vl": dict(kind="vlm", family="qwen2vl", hub_id=None, path=None,
+                         about="the qwen2vl classes at a tiny size, random weights (tests)"),
     "sd14": dict(kind="dm", hub_id="CompVis/stable-diffusion-v1-4", path=None, layers={4},
                  about="Stable Diffusion v1.4: attn2 at 64², 32², 16², 8² (512 px)"),
     "tiny-sd": dict(kind="dm", hub_id=None, path=None, layers=None,
@@ -236,30 +242,34 @@ def tiny_idefics(seed=0, resampler=True, qk_norms=False):
     return flamingo.tiny_idefics(tokenizer, seed, resampler, qk_norms)
 
 
+def tiny_qwen2vl(seed=0, model_type="qwen2_vl"):
+    """(model, processor) of tiny-qwen2vl (qwen.QWEN_TINY; model_type "qwen2_5_vl": Qwen2.5-VL's
+    classes): the tiny BPE with Qwen's vision tokens, the chat template above, random weights."""
+    return qwen.tiny_qwen2vl(bpe_tokenizer(), CHAT_TEMPLATE, seed, model_type)
+
+
 def load_vlm(name, path=None, dtype=torch.float32):
     """(model, processor) for a preset name; `path` is a local copy (a save_pretrained folder)."""
     if name not in VLM_PRESETS:
         raise SystemExit(f"unknown --model {name!r}; choose one of {VLM_PRESETS}")
-    if name in ("tiny", "tiny-idefics") and path is None:
-        model, processor = tiny_vlm() if name == "tiny" else tiny_idefics()
+    built = {"tiny": tiny_vlm, "tiny-idefics": tiny_idefics, "tiny-qwen2vl": tiny_qwen2vl}.get(name)
+    if built is not None and path is None:  # built here from a config
+        model, processor = built()
         return model.to(dtype), processor
-    hub_id, idefics = PRESETS[name]["hub_id"], PRESETS[name]["family"] == "idefics"
+    hub_id = PRESETS[name]["hub_id"]
     source = path or preset_path(name) or hub_id
     if hub_id is None and not Path(source).is_dir():
         raise SystemExit(f"--model {name}: no model folder at {source!r}; for 'toy' run `python toy.py` "
                          f"first (it writes toy_models/toy-vlm), or pass --model-path DIR (a "
                          f"save_pretrained folder)")
-    processor_class, model_class = (IdeficsProcessor, IdeficsForVisionText2Text) if idefics else \
-        (MllamaProcessor, MllamaForConditionalGeneration)
     try:
-        processor = processor_class.from_pretrained(source)
-        model = model_class.from_pretrained(source, dtype=dtype)
-    except OSError as err:
+        model, processor = FAMILIES[PRESETS[name]["family"]]["load"](source, dtype)
+    except (OSError, ValueError) as err:  # (a path that is neither a folder nor a hub id: ValueError)
         raise SystemExit(
             f"could not load --model {name} from {source!r}: {err}\n"
             f"Download {hub_id or 'the weights'} on a machine with network access "
             f"(e.g. `hf download {hub_id} --local-dir DIR`) and pass --model-path DIR.") from None
-    return (flamingo.stop_at_end_of_utterance(model, processor) if idefics else model), processor
+    return model, processor
 
 
 # ---- Stable Diffusion's parts at every size ----
@@ -405,19 +415,20 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
 
 
 # ---- per family: where the language model, its attention layers and the image geometry are ----
-# Mllama (llama32, tiny, toy): cross-attention decoder layers (`cross_attn`, with q_norm / k_norm)
-# between self-attention layers; images in tiles of 1 CLS + P² patch tokens, placed on a canvas by
-# aspect_ratio_ids. IDEFICS (idefics, tiny-idefics): gated cross-attention layers before every few
-# decoder layers, keys of one image CLS + P² patches or the resampler's latents (flamingo.py). PEFT,
-# FSDP and activation checkpointing wrap the model: each function here finds its piece inside any
-# of them. A function that differs by family dispatches on family(model) (or on the module's class).
+# A VLM preset names its family; a model's family comes from its config (family()). Each family
+# gives, in FAMILIES at the end: its language model, the indices of its text-to-image attention
+# layers (those aggregate.aligned_layers chooses from), the attention module of such a layer, how
+# to load a folder, its LoRA targets, the queries and keys a cross-attention capture reads
+# (query_key; None for self-attention, which selfattn.py reads), the image geometry, and which
+# attention the capture reads ("cross": aggregate.AttentionCapture; "self": selfattn's). PEFT, FSDP
+# and activation checkpointing wrap the model: each function finds its piece inside any of them.
 
 # LoRA targets (§6 (4)): q/v projections of the LANGUAGE model only. "q_proj" alone would also
-# match the vision encoder's attention (the authors' release adapts both, see REFERENCE.md).
+# match Mllama's vision encoder (the authors' release adapts both, see REFERENCE.md).
 LORA_TARGETS = r".*language_model\..*\.(q_proj|v_proj)"
 
-
-FAMILIES = ("mllama", "idefics")
+# config.model_type -> family
+MODEL_FAMILIES = {"mllama": "mllama", "idefics": "idefics", "qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl"}
 
 
 def base_model(model):
@@ -425,80 +436,99 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def family(model):
-    """The model's family, its config's model_type: "mllama" (llama32, tiny, toy) or "idefics"."""
-    kind = base_model(model).config.model_type
-    if kind not in FAMILIES:
-        raise ValueError(f"{type(model).__name__} (model_type {kind!r}) is not one of the families "
-                         f"{FAMILIES}")
-    return kind
-
-
-def lora_targets(model):
-    """The LoRA target regex of the model's family (language model q/v projections only)."""
-    return flamingo.LORA_TARGETS if family(model) == "idefics" else LORA_TARGETS
-
-
 def text_config(model):
     """The language model's config: its heads (num_attention_heads), its context
     (max_position_embeddings). IDEFICS keeps them in its top-level config."""
     config = base_model(model).config
-    return config if family(model) == "idefics" else config.text_config
+    return getattr(config, "text_config", config)
+
+
+def family(model):
+    """The family of a model (plain, PEFT-wrapped or FSDP-sharded): "mllama", "idefics" or "qwen2vl"."""
+    model_type = getattr(base_model(model).config, "model_type", None)
+    if model_type not in MODEL_FAMILIES:
+        raise ValueError(f"{type(base_model(model)).__name__} (model_type {model_type!r}) is not a "
+                         f"supported VLM; the families are {sorted(set(MODEL_FAMILIES.values()))}")
+    return MODEL_FAMILIES[model_type]
 
 
 def language_model(model):
-    """The text decoder inside `model` (plain, PEFT-wrapped or FSDP-sharded)."""
-    if family(model) == "idefics":
-        return flamingo.language_model(model)
-    for module in model.modules():
-        if hasattr(module, "cross_attention_layers") and hasattr(module, "layers"):
-            return module
-    raise ValueError(f"{type(model).__name__} has no Mllama text model (a module with .layers and "
-                     f".cross_attention_layers); the Mllama presets are the ones supported")
+    """The text decoder inside `model`, whose `.layers` (IDEFICS: `.gated_cross_attn_layers`)
+    attention_layers indexes."""
+    return FAMILIES[family(model)]["language_model"](model)
 
 
-def cross_attention_layers(model):
+def attention_layers(model):
     """Indices of the text-to-image attention layers, in order: in language_model(model).layers
-    (Mllama), in its gated_cross_attn_layers (IDEFICS)."""
-    if family(model) == "idefics":
-        return flamingo.cross_attention_layers(model)
-    return sorted(language_model(model).cross_attention_layers)
+    (Mllama, Qwen2-VL), in its gated_cross_attn_layers (IDEFICS)."""
+    return FAMILIES[family(model)]["attention_layers"](model)
 
 
-def cross_attention(model, layer):
-    """The text-to-image attention module of decoder layer `layer` (MllamaTextCrossAttention), or of
-    gated cross-attention layer `layer` (IdeficsAttention)."""
-    if family(model) == "idefics":
-        return flamingo.cross_attention(model, layer)
-    block = language_model(model).layers[layer]
-    if not hasattr(block, "cross_attn"):
-        raise ValueError(f"language_model.layers[{layer}] is not a cross-attention layer; "
-                         f"use cross_attention_layers(model) to list them")
-    return block.cross_attn
+def attention_module(model, layer):
+    """The text-to-image attention module of attention layer `layer` (it has q_proj and k_proj)."""
+    return FAMILIES[family(model)]["attention_module"](model, layer)
+
+
+def lora_targets(model):
+    """The LoRA target regex of the model's family (language model q/v projections only)."""
+    return FAMILIES[family(model)]["lora_targets"]
+
+
+def query_key(model, attn):
+    """(q module, k module, q norm, k norm) of a cross-attention module: the modules whose outputs
+    are the queries and keys its softmax reads, and the norms (called by .forward, so their hooks
+    stay silent) that turn a projection's output into them."""
+    return FAMILIES[family(model)]["query_key"](attn)
+
+
+def vision_geometry(model):
+    """Where a map's image keys sit: Mllama's (tile_size px, patch_size px, max_num_tiles,
+    supported_aspect_ratios), or a family's dict(family, placed, image_maps: (probs, batch) -> maps)
+    that aggregate.image_maps calls (flamingo.vision_geometry, qwen.vision_geometry)."""
+    return FAMILIES[family(model)]["vision_geometry"](model)
 
 
 def maps_have_positions(model):
     """False where a map's cells are not places in the image: IDEFICS with its resampler, whose
     latents sit on a square grid by convention (flamingo.py); pointing is then not measured."""
     geometry = vision_geometry(model)
-    return not isinstance(geometry, dict) or geometry.get("patches") is not None
+    return not isinstance(geometry, dict) or geometry["placed"]
 
 
-def query_key(attn):
-    """(q module, k module, q norm, k norm) of a cross-attention module: the modules whose outputs
-    are the queries and keys its softmax reads, and the norms (called by .forward, so their hooks
-    stay silent) that turn a projection's output into them. Mllama: q_norm / k_norm (outputs
-    (B, heads, T, D)); IDEFICS: flamingo.query_key."""
-    if flamingo.is_idefics(attn):
-        return flamingo.query_key(attn)
+# ---- family: mllama (llama32, tiny, toy) ----
+# Cross-attention decoder layers (`cross_attn`, with q_norm / k_norm) between self-attention
+# layers; images in tiles of 1 CLS + P² patch tokens, placed on a canvas by aspect_ratio_ids.
+
+def mllama_language_model(model):
+    """Mllama's text model: the module with .layers and .cross_attention_layers."""
+    for module in model.modules():
+        if hasattr(module, "cross_attention_layers") and hasattr(module, "layers"):
+            return module
+    raise ValueError(f"{type(model).__name__} has no Mllama text model (a module with .layers and "
+                     f".cross_attention_layers)")
+
+
+def cross_attention_layers(model):
+    """Indices (in language_model(model).layers) of Mllama's cross-attention layers, in order."""
+    return sorted(mllama_language_model(model).cross_attention_layers)
+
+
+def cross_attention(model, layer):
+    """The text-to-image attention module of decoder layer `layer` (MllamaTextCrossAttention)."""
+    block = mllama_language_model(model).layers[layer]
+    if not hasattr(block, "cross_attn"):
+        raise ValueError(f"language_model.layers[{layer}] is not a cross-attention layer; "
+                         f"use cross_attention_layers(model) to list them")
+    return block.cross_attn
+
+
+def mllama_query_key(attn):
+    """Mllama's cross-attention: q_norm / k_norm outputs (B, heads, T, D) are what softmax reads."""
     return attn.q_norm, attn.k_norm, attn.q_norm.forward, attn.k_norm.forward
 
 
-def vision_geometry(model):
-    """(tile_size px, patch_size px, max_num_tiles, supported_aspect_ratios) of the model's tiles, or
-    for IDEFICS a dict whose image_maps rebuilds its grid (flamingo.vision_geometry)."""
-    if family(model) == "idefics":
-        return flamingo.vision_geometry(model)
+def mllama_vision_geometry(model):
+    """(tile_size px, patch_size px, max_num_tiles, supported_aspect_ratios) of the model's tiles."""
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "vision_config"):
@@ -507,3 +537,24 @@ def vision_geometry(model):
             return v.image_size, v.patch_size, v.max_num_tiles, ratios
     raise ValueError(f"{type(model).__name__} has no config.vision_config")
 
+
+def load_mllama(source, dtype):
+    """(model, processor) of an Mllama folder or hub id."""
+    processor = MllamaProcessor.from_pretrained(source)
+    return MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype), processor
+
+
+# One entry per family; a new family adds its file (builders, loader, where its layers are, its
+# geometry) and one entry here, plus its config.model_type in MODEL_FAMILIES and its presets.
+FAMILIES = {
+    "mllama": dict(language_model=mllama_language_model, attention_layers=cross_attention_layers,
+                   attention_module=cross_attention, load=load_mllama, lora_targets=LORA_TARGETS,
+                   query_key=mllama_query_key, vision_geometry=mllama_vision_geometry, attention="cross"),
+    "idefics": dict(language_model=flamingo.language_model, attention_layers=flamingo.cross_attention_layers,
+                    attention_module=flamingo.cross_attention, load=flamingo.load,
+                    lora_targets=flamingo.LORA_TARGETS, query_key=flamingo.query_key,
+                    vision_geometry=flamingo.vision_geometry, attention="cross"),
+    "qwen2vl": dict(language_model=qwen.language_model, attention_layers=qwen.attention_layers,
+                    attention_module=qwen.attention_module, load=qwen.load, lora_targets=qwen.LORA_TARGETS,
+                    query_key=None, vision_geometry=qwen.vision_geometry, attention="self"),
+}

@@ -376,10 +376,13 @@ def write_report(path, table, reports, args, minutes, out):
     notes = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
     path.write_text(
         "# The miniature world: Lavender vs autoregressive fine-tuning\n\n"
-        f"Made by `python toy.py` ({minutes:.1f} min on this machine). Mean ± sample std over seeds "
-        f"{args.seeds}; accuracy is exact match; entropy App. B eq. 23 (uniform 32x32 = 6.93 nats); pointing: the "
-        "argmax of an answer word's map inside the object it names; MSE: VLM map (through the run's Aligner) vs the "
-        "DM's. Base = the pre-trained toy VLM before fine-tuning.\n\n" + table + "\n\n"
+        f"Made by `python toy.py` ({minutes:.1f} min on this machine; finished runs of the same settings in "
+        f"{relative(out)}/runs are reused, not retrained). Mean ± sample std over seeds {args.seeds}; accuracy is "
+        "exact match. The VLM's own attention is read the same way for every model: its pretrained cross-attention, "
+        "averaged over heads and layers (evaluate.py's mean-mean), no Aligner, min-max normalised like the DM maps; "
+        "a Lavender run's Aligner head (the map its loss trains to imitate the DM's) has rows of its own. Entropy: App. B eq. 23 "
+        "(uniform 32x32 = 6.93 nats); pointing: the argmax of an answer word's map inside the object it names; MSE: "
+        "against the DM map of the same word. Base = the pre-trained toy VLM before fine-tuning.\n\n" + table + "\n\n"
         "Pictures (evaluate.py): entropy histograms (Fig. 7), and per item the image, the DM map and each model's "
         "map of the answer word (Fig. 8/17).\n\n" + "\n\n".join(shown) + "\n\n"
         f"Settings: `{json.dumps(recorded)}`\n\n" + marker + notes)

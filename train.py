@@ -84,7 +84,7 @@ def build(args, device, mesh):
         if args.aligner != "none":
             torch.manual_seed(args.seed + 2)
             aligner = runs.new_aligner(model, vars(args))
-        capture = aggregate.AttentionCapture(model, layers, learned=args.aggregate == "learn")
+        capture = aggregate.attention_capture(model, layers, learned=args.aggregate == "learn")
     trainable_in_float32(model)
     if args.activation_checkpointing:  # recompute each layer in backward; non-reentrant works with FSDP2
         if hasattr(model, "activation_checkpointing_enable"):  # the name in recent transformers 5.x
@@ -508,7 +508,8 @@ def build_parser():
         help="over heads-layers (§4.2); learn: parallel projections (eq. 15-16), best in Fig. 19")
     add("--projection-init", default="copy", choices=["copy", "random"],
         help="learn: W_Qd, W_Kd start as copies of W_Q, W_K (A_d = A) or random (the authors' release)")
-    add("--layers", default="all", choices=aggregate.LAYER_SUBSETS, help="cross-attention layers aligned (Fig. 22)")
+    add("--layers", default="all", choices=aggregate.LAYER_SUBSETS,
+        help="text-to-image attention layers aligned (Fig. 22): the family's (models.attention_layers) or a quarter")
     add("--aligner", default="sim", choices=["none", *aligner_lib.VARIANTS], help="Aligner variant (§4.3)")
     add("--aligner-mode", default="auto", choices=aggregate.ALIGNER_MODES,
         help="auto: the release's placement (per layer for mean-mean, mean-max, learn; after the layers are "

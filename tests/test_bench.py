@@ -1,7 +1,7 @@
 """bench.py on CPU: the peer arms compute what their originals compute, the train arms step, and
 `python bench_gpu.py --smoke` fills every row of its table.
 
-Needs nothing downloaded (tiny SD, a 1/16-width llama32 from config). The smoke test starts
+Needs nothing downloaded (tiny SD, 1/16-width llama32 and qwen2vl from config). The smoke test starts
 `python bench_gpu.py --smoke` (six processes, about a minute on 2 cores); the rest take seconds.
 Run: python -m pytest -q tests/test_bench.py
 """
@@ -17,6 +17,7 @@ import aggregate
 import bench
 import bench_gpu
 import models
+import qwen
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,6 +70,21 @@ def test_release_attention_equals_capture_and_leaves_logits():
     assert probs.shape == captured.shape == (1, 8, 32, 32, 4 * 17)            # (B, L, H, R, 4 tiles of 4x4 + CLS)
     torch.testing.assert_close(probs, captured, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_qwen_geometry_builds_and_its_capture_leaves_logits():
+    """bench.py aggregate --model qwen2vl: Qwen2-VL-7B's proportions at 1/16 width (28 layers, 28
+    heads) with one 112 px image (4 x 4 merged tokens); the capture reads the 7 aligned layers'
+    rows over the image tokens, each a distribution, and leaves SDPA's logits bit-identical."""
+    model, batch, rows = qwen.bench_model(side=112)
+    assert aggregate.aligned_layers(model) == [3, 7, 11, 15, 19, 23, 27]
+    with torch.no_grad():
+        plain = model(**batch).logits
+        with aggregate.attention_capture(model, aggregate.aligned_layers(model)) as capture:
+            capture.set_rows(rows)
+            assert torch.equal(model(**batch).logits, plain)
+            assert capture.probs.shape == (1, 7, 28, 32, 16)                  # (B, L, H, R, 4 x 4 tokens)
+            torch.testing.assert_close(capture.probs.sum(-1), torch.ones(1, 7, 28, 32))
 
 
 # ---- the train arms ----
@@ -130,7 +146,7 @@ def test_gpu_smoke_fills_every_row(tmp_path):
     assert table in done.stdout and "Device: CPU" in table
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     parts = [r[0].lstrip("| ") for r in rows]
-    assert [p.split(",")[0] for p in parts] == ["extract 32 px"] * 6 + ["train step"] * 2 + ["VLM forward"] * 5 + \
+    assert [p.split(",")[0] for p in parts] == ["extract 32 px"] * 6 + ["train step"] * 2 + ["VLM forward"] * 8 + \
         ["torchrun"], parts
     for r in rows:
         assert "FAILED" not in r[1] and "TIMEOUT" not in r[1], r

@@ -36,7 +36,7 @@ def eager_rows(model, inputs, layers, rows):
     output_attentions gives self-attention only), at the captured rows: (B, L, H, R, N)."""
     model.set_attn_implementation("eager")
     got = {}
-    hooks = [models.cross_attention(model, layer).register_forward_hook(
+    hooks = [models.attention_module(model, layer).register_forward_hook(
         lambda m, args, out, layer=layer: got.__setitem__(layer, out[1])) for layer in layers]
     with torch.no_grad():
         model(**inputs)

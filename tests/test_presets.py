@@ -1,4 +1,5 @@
-"""The `tiny` preset: llama32's classes at toy size, built offline. Run: python -m pytest -q tests/test_presets.py"""
+"""The presets: `tiny` (llama32's classes at toy size, built offline) and the family table every VLM preset
+dispatches through. Run: python -m pytest -q tests/test_presets.py"""
 import pytest
 import torch
 from PIL import Image
@@ -38,3 +39,20 @@ def test_presets_load_a_save_pretrained_folder(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     assert loaded_processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]) \
         == processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+
+
+def test_every_family_has_one_full_entry_and_its_tiny_preset_dispatches_through_it():
+    """models.FAMILIES: one entry per family with the same fields; every VLM preset and model_type
+    names one; the generic functions reach each family's pieces through it."""
+    fields = set(models.FAMILIES["mllama"])
+    assert all(set(entry) == fields for entry in models.FAMILIES.values())
+    assert {p["family"] for p in models.PRESETS.values() if p["kind"] == "vlm"} == set(models.FAMILIES)
+    assert set(models.MODEL_FAMILIES.values()) == set(models.FAMILIES)
+    for name, family, attention in (("tiny", "mllama", "cross"), ("tiny-idefics", "idefics", "cross"),
+                                    ("tiny-qwen2vl", "qwen2vl", "self")):
+        model, _ = models.load_vlm(name)
+        assert models.family(model) == family and models.FAMILIES[family]["attention"] == attention
+        layers = models.attention_layers(model)
+        assert layers and all(hasattr(models.attention_module(model, i), "q_proj") for i in layers)
+        assert isinstance(models.lora_targets(model), str) and models.text_config(model).num_attention_heads > 0
+        assert models.maps_have_positions(model) == (family != "idefics")  # tiny-idefics: resampler latents
