@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import flamingo  # IDEFICS' prompts (no chat template: legacy interleaved lists)
+import models  # FAMILIES: a family's own prompts (IDEFICS: no chat template) and image tokens
 from aligner import MAP_SIZE  # the one map size of DM and VLM maps
 
 # ---- items: the dataset JSONL ----
@@ -353,8 +353,9 @@ def check_item(item, processor=None, attn_dir=None, max_length=None):
         image = open_image(item["image_path"])
     except Exception as err:  # noqa: BLE001 -- missing, truncated or not an image
         return f"{name}: image {item['image_path']} cannot be read ({type(err).__name__}: {err})", None
-    problem = flamingo.prompt_problem(processor, item) if flamingo.is_idefics(processor) else None
-    if problem:  # a text IDEFICS' prompt cannot hold
+    check = family_part(processor, "prompt_problem") if processor is not None else None
+    problem = check(processor, item) if check else None
+    if problem:  # a text the family's prompt cannot hold (IDEFICS: flamingo.prompt_problem)
         return f"{name}: {problem}", None
     n_tokens = encode(processor, item)[0].shape[1] + image_tokens(processor, image) if processor else 0
     if max_length is not None and n_tokens > max_length:
@@ -372,9 +373,11 @@ def check_item(item, processor=None, attn_dir=None, max_length=None):
 def chat_texts(processor, item, with_answer=True):
     """(text, prompt) in the processor's chat template: user [image, question], then, with_answer,
     assistant [answer]. prompt is the user turn and the assistant header (what generate continues).
-    IDEFICS has no chat template: its instruct dialogue (flamingo.prompt_texts)."""
-    if flamingo.is_idefics(processor):
-        return flamingo.prompt_texts(processor, item, with_answer)
+    A family with its own prompts (FAMILIES "prompt_texts"; IDEFICS, which has no chat template:
+    flamingo.prompt_texts) writes them."""
+    own = family_part(processor, "prompt_texts")
+    if own:
+        return own(processor, item, with_answer)
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}
     prompt = processor.apply_chat_template([user], add_generation_prompt=True)
     if not with_answer:
@@ -383,13 +386,17 @@ def chat_texts(processor, item, with_answer=True):
     return processor.apply_chat_template([user, answer]), prompt
 
 
+def family_part(processor, name):
+    """Field `name` of the FAMILIES entry of the processor's family (models.processor_family)."""
+    return models.FAMILIES[models.processor_family(processor)][name]
+
+
 def image_tokens(processor, image):
-    """Tokens the processor adds for `image` beyond its one placeholder in the chat template: 0 for
-    Mllama (one <|image|>), (h/2)·(w/2) - 1 for Qwen2-VL (one <|image_pad|> per merged token)."""
-    images = processor.image_processor
-    if not hasattr(images, "merge_size"):
-        return 0
-    return images.get_number_of_image_patches(image.height, image.width) // images.merge_size ** 2 - 1
+    """Tokens the processor adds for `image` beyond what the prompt text holds (FAMILIES
+    "image_tokens"): Qwen2-VL's one <|image_pad|> per merged token (qwen.image_tokens); 0 for
+    Mllama's one <|image|> and for IDEFICS, whose image tokens are written in the prompt."""
+    count = family_part(processor, "image_tokens")
+    return count(processor, image) if count else 0
 
 
 def encode(processor, item):
@@ -423,8 +430,9 @@ def collate(processor, items, with_answer=True):
             prompt_lens.append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
         images.append([open_image(item["image_path"])])
     side = "right" if with_answer else "left"
-    if flamingo.is_idefics(processor):  # IDEFICS: [text, image, text] lists (flamingo.processor_batch)
-        batch = flamingo.processor_batch(processor, texts, images, side)
+    own = family_part(processor, "processor_batch")
+    if own:  # the family's own (IDEFICS: [text, image, text] lists, flamingo.processor_batch)
+        batch = own(processor, texts, images, side)
     else:  # the chat template already starts with <|begin_of_text|>: add no second one
         batch = processor(images=images, text=texts, padding=True, add_special_tokens=False,
                           return_tensors="pt", padding_side=side)

@@ -55,12 +55,6 @@ TOKEN_ROLES = dict(bos_token="<s>", eos_token="</s>", pad_token="<unk>", unk_tok
 CORPUS = ["User:", "Assistant:"]  # the dialogue's words, added to the tiny tokenizer's corpus
 
 
-def is_idefics(obj):
-    """True for an IDEFICS attention module or processor (classes of transformers' idefics package;
-    Idefics2 and Idefics3 are other architectures, in packages of their own)."""
-    return type(obj).__module__.startswith("transformers.models.idefics.")
-
-
 def prompt_problem(processor, item):
     """What stops an item's prompt, or None: a special token in its text. The processor's image mask
     stops at the first end-of-sequence token ("</s>": no token after it sees the image), and it

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
-from transformers import (MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil,
-                          MllamaProcessor, PreTrainedTokenizerFast)
+from transformers import (IdeficsProcessor, MllamaConfig, MllamaForConditionalGeneration,
+                          MllamaImageProcessorPil, MllamaProcessor, PreTrainedTokenizerFast)
 
 import flamingo
 import qwen
@@ -419,9 +419,10 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
 # gives, in FAMILIES at the end: its language model, the indices of its text-to-image attention
 # layers (those aggregate.aligned_layers chooses from), the attention module of such a layer, how
 # to load a folder, its LoRA targets, the queries and keys a cross-attention capture reads
-# (query_key; None for self-attention, which selfattn.py reads), the image geometry, and which
-# attention the capture reads ("cross": aggregate.AttentionCapture; "self": selfattn's). PEFT, FSDP
-# and activation checkpointing wrap the model: each function finds its piece inside any of them.
+# (query_key; None for self-attention, which selfattn.py reads), the image geometry, which
+# attention the capture reads ("cross": aggregate.AttentionCapture; "self": selfattn's), its
+# processor class (processor_family) and data.py's prompt fields. PEFT, FSDP and activation
+# checkpointing wrap the model: each function finds its piece inside any of them.
 
 # LoRA targets (§6 (4)): q/v projections of the LANGUAGE model only. "q_proj" alone would also
 # match Mllama's vision encoder (the authors' release adapts both, see REFERENCE.md).
@@ -488,6 +489,15 @@ def vision_geometry(model):
     return FAMILIES[family(model)]["vision_geometry"](model)
 
 
+def processor_family(processor):
+    """The family whose processor `processor` is (FAMILIES "processor": its class)."""
+    for name, entry in FAMILIES.items():
+        if isinstance(processor, entry["processor"]):
+            return name
+    raise ValueError(f"{type(processor).__name__} is not the processor of a supported VLM; the families "
+                     f"are {sorted(FAMILIES)}")
+
+
 def maps_have_positions(model):
     """False where a map's cells are not places in the image: IDEFICS with its resampler, whose
     latents sit on a square grid by convention (flamingo.py); pointing is then not measured."""
@@ -546,15 +556,24 @@ def load_mllama(source, dtype):
 
 # One entry per family; a new family adds its file (builders, loader, where its layers are, its
 # geometry) and one entry here, plus its config.model_type in MODEL_FAMILIES and its presets.
+# data.py reads the last four: prompts in the processor's chat template unless prompt_texts,
+# processor_batch and prompt_problem give the family's own; image_tokens counts the image tokens
+# the processor adds beyond the prompt text (None: none).
 FAMILIES = {
     "mllama": dict(language_model=mllama_language_model, attention_layers=cross_attention_layers,
                    attention_module=cross_attention, load=load_mllama, lora_targets=LORA_TARGETS,
-                   query_key=mllama_query_key, vision_geometry=mllama_vision_geometry, attention="cross"),
+                   query_key=mllama_query_key, vision_geometry=mllama_vision_geometry, attention="cross",
+                   processor=MllamaProcessor, prompt_texts=None, processor_batch=None, prompt_problem=None,
+                   image_tokens=None),
     "idefics": dict(language_model=flamingo.language_model, attention_layers=flamingo.cross_attention_layers,
                     attention_module=flamingo.cross_attention, load=flamingo.load,
                     lora_targets=flamingo.LORA_TARGETS, query_key=flamingo.query_key,
-                    vision_geometry=flamingo.vision_geometry, attention="cross"),
+                    vision_geometry=flamingo.vision_geometry, attention="cross", processor=IdeficsProcessor,
+                    prompt_texts=flamingo.prompt_texts, processor_batch=flamingo.processor_batch,
+                    prompt_problem=flamingo.prompt_problem, image_tokens=None),
     "qwen2vl": dict(language_model=qwen.language_model, attention_layers=qwen.attention_layers,
                     attention_module=qwen.attention_module, load=qwen.load, lora_targets=qwen.LORA_TARGETS,
-                    query_key=None, vision_geometry=qwen.vision_geometry, attention="self"),
+                    query_key=None, vision_geometry=qwen.vision_geometry, attention="self",
+                    processor=qwen.QwenImageTextProcessor, prompt_texts=None, processor_batch=None,
+                    prompt_problem=None, image_tokens=qwen.image_tokens),
 }

@@ -131,6 +131,13 @@ def load(source, dtype):
     return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype), processor
 
 
+def image_tokens(processor, image):
+    """Tokens the processor adds for `image` beyond its one <|image_pad|> in the chat template:
+    (h/2)·(w/2) - 1, one <|image_pad|> per merged token."""
+    images = processor.image_processor
+    return images.get_number_of_image_patches(image.height, image.width) // images.merge_size ** 2 - 1
+
+
 # ---- where the attention layers are, and the image geometry ----
 
 def _base(model):

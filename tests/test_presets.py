@@ -50,8 +50,9 @@ def test_every_family_has_one_full_entry_and_its_tiny_preset_dispatches_through_
     assert set(models.MODEL_FAMILIES.values()) == set(models.FAMILIES)
     for name, family, attention in (("tiny", "mllama", "cross"), ("tiny-idefics", "idefics", "cross"),
                                     ("tiny-qwen2vl", "qwen2vl", "self")):
-        model, _ = models.load_vlm(name)
-        assert models.family(model) == family and models.FAMILIES[family]["attention"] == attention
+        model, processor = models.load_vlm(name)
+        assert models.family(model) == family == models.processor_family(processor)
+        assert models.FAMILIES[family]["attention"] == attention
         layers = models.attention_layers(model)
         assert layers and all(hasattr(models.attention_module(model, i), "q_proj") for i in layers)
         assert isinstance(models.lora_targets(model), str) and models.text_config(model).num_attention_heads > 0
