@@ -204,7 +204,7 @@ ARMS = {"lavender": {}, "mean-mean": {"aggregate": "mean-mean"}, "mean-max": {"a
         "flow-multi": {"aggregate": "flow-multi"}, "pretrain-20": {"pretrain_aligner_steps": 20},
         "layers-first": {"layers": "first"}, "layers-last": {"layers": "last"}, "lam-1": {"lam": 1.0},
         "lam-100": {"lam": 100.0}, "root": {"match": "root"}, "label-words": {"align_words": "label"}}
-DATA_SIZES = (40, 80)  # smaller finetune splits (the first N items), AR and Lavender each (§7.4, Fig. 27)
+DATA_SIZES = [40, 80]  # smaller finetune splits (the first N items), AR and Lavender each (§7.4, Fig. 27)
 # Chosen after the protocol's first results (toy_report.md), aimed at its failing link (b): the
 # model's own attention aligned directly, with no parallel head and no Aligner in between
 FOLLOW_UPS = {"own-direct": {"aggregate": "mean-mean", "aligner": "none"}}
@@ -217,17 +217,29 @@ MEASURES = {  # name: (split, how a run report gives it)
 }
 
 
+def protocol_arms(args):
+    """{arm: train.py overrides}: --arms (names from ARMS and FOLLOW_UPS), or every ARMS arm and,
+    with --follow-ups, the FOLLOW_UPS; "lavender" (the defaults) always, as the links read it."""
+    known = {**ARMS, **FOLLOW_UPS}
+    names = args.arms or [*ARMS, *(FOLLOW_UPS if args.follow_ups else [])]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--arms {' '.join(unknown)}: no such arm; choose from {', '.join(known)}")
+    return {name: known[name] for name in ["lavender", *[n for n in names if n != "lavender"]]}
+
+
 def protocol_runs(args, paths, attn, world_out, stage):
-    """Every fine-tuning run of one world: {(arm, seed): run dir}; "ar" and the ARMS at the full
-    finetune split, "ar-nN" and "lavender-nN" on its first N items (DATA_SIZES)."""
+    """Every fine-tuning run of one world: {(arm, seed): run dir}; "ar" and the chosen arms
+    (protocol_arms) at the full finetune split, "ar-nN" and "lavender-nN" on its first N items
+    (--data-sizes)."""
     runs = {}
-    for n in DATA_SIZES:  # the first n items: a larger split begins with a smaller one (build_split)
+    for n in args.data_sizes:  # the first n items: a larger split begins with a smaller one (build_split)
         lines = Path(paths["finetune"]).read_text().splitlines()[:n]
         (Path(paths["finetune"]).parent / f"finetune-{n}.jsonl").write_text("\n".join(lines) + "\n")
-    arms = {**ARMS, **(FOLLOW_UPS if args.follow_ups else {})}
+    arms = protocol_arms(args)
     jobs = [("ar", "ar", {}, paths["finetune"])] + [(a, "lavender", o, paths["finetune"]) for a, o in arms.items()]
     jobs += [(f"{loss}-n{n}", loss, {}, Path(paths["finetune"]).parent / f"finetune-{n}.jsonl")
-             for n in DATA_SIZES for loss in ("ar", "lavender")]
+             for n in args.data_sizes for loss in ("ar", "lavender")]
     for seed in args.seeds:
         for arm, loss, overrides, data_path in jobs:
             stage(f"fine-tune {arm}, seed {seed}")
@@ -314,7 +326,8 @@ def protocol_markdown(result):
         lines.append(f"| {arm} | " + " | ".join(fmt(paired_[n].get(arm)) for n in names) + " |")
     lines += ["", "Means over every world and seed:", "", "| model | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]
-    for arm in ("base", "ar", "lavender", "lavender head", *[f"{k}-n{n}" for n in DATA_SIZES for k in ("ar", "lavender")]):
+    sizes = data_sizes(rows)
+    for arm in ("base", "ar", "lavender", "lavender head", *[f"{k}-n{n}" for n in sizes for k in ("ar", "lavender")]):
         lines.append(f"| {arm} | " + " | ".join(f"{mean(rows, n, arm):.3f}" for n in names) + " |")
     lines += ["", f"DM maps (test-id answer words): pointing {np.mean([r['dm pointing test-id'] for r in rows]):.3f}, "
               f"entropy {np.mean([r['dm entropy test-id'] for r in rows]):.3f}", ""]
@@ -332,6 +345,11 @@ def protocol_markdown(result):
     return "\n".join(lines) + "\n"
 
 
+def data_sizes(rows):
+    """The smaller finetune splits the protocol's rows hold ("lavender-nN" arms), in order."""
+    return sorted(int(arm.rsplit("-n", 1)[1]) for arm in rows[0]["accuracy test-id"] if arm.startswith("lavender-n"))
+
+
 def protocol_table(rows):
     """{measure: {arm: paired difference vs AR}}, and the links of the paper's argument."""
     table = {}
@@ -340,7 +358,7 @@ def protocol_table(rows):
         arms = [a for a in values[0] if a not in ("ar", "base", "lavender head") and not a.startswith(("ar-", "lavender-n"))]
         table[name] = {arm: paired(values, arm) for arm in arms}
         table[name]["base"] = paired(values, "base")
-        for n in DATA_SIZES:
+        for n in data_sizes(rows):
             table[name][f"lavender-n{n}"] = paired(values, f"lavender-n{n}", f"ar-n{n}")
     pointing = [dict(r["own pointing test-id"], dm=r["dm pointing test-id"]) for r in rows]
     per_world = list({r["world"]: p for r, p in zip(rows, pointing)}.values())  # base and DM: one value a world
@@ -421,6 +439,10 @@ def build_parser():
     p.add_argument("--worlds", type=int, nargs="+", default=[0, 1, 2], help="protocol: the world seeds")
     p.add_argument("--follow-ups", action=argparse.BooleanOptionalAction, default=False,
                    help="protocol: also the FOLLOW_UPS arms (chosen after the first results, reported as such)")
+    p.add_argument("--arms", nargs="+", default=None,
+                   help="protocol: only these arms of ARMS and FOLLOW_UPS (with AR and the default Lavender)")
+    p.add_argument("--data-sizes", type=int, nargs="*", default=DATA_SIZES,
+                   help="protocol: smaller finetune splits, AR and Lavender each (none: --data-sizes alone)")
     p.add_argument("--finetune-items", type=int, default=None,
                    help="size of the world's finetune split (default 160; another size draws another world: use its own --world)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per fine-tuning run")
