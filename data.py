@@ -414,9 +414,10 @@ def encode(processor, item):
 def collate(processor, items, with_answer=True):
     """A batch for the VLM: the processor's output + "labels" + "image_sizes" + "ids".
 
-    Prompts use the processor's chat template: user [image, question], assistant [answer]. Labels
-    (eq. 6) are the answer's tokens and the closing <|eot_id|> (so the model learns to stop), -100
-    on the prompt and on padding. Training pads on the right; with_answer=False builds generation
+    Prompts use the family's dialogue (the processor's chat template; IDEFICS' own): user [image,
+    question], assistant [answer]. Labels (eq. 6) are the answer's tokens and the closing end-of-turn
+    token (<|eot_id|>, IDEFICS' <end_of_utterance>; so the model learns to stop), -100 on the prompt
+    (with the image tokens the processor expands it into) and on padding. Training pads on the right; with_answer=False builds generation
     prompts (no labels), padded on the left so that batched generate() continues every row.
     Images go through open_image, the loader that made the DM maps (16-bit, transparency).
     image_sizes: (B, 2) original (height, width), which aggregate.py needs to crop the tiles' padding.
@@ -426,9 +427,11 @@ def collate(processor, items, with_answer=True):
     for item in items:
         text, prompt = chat_texts(processor, item, with_answer)
         texts.append(text)
-        if with_answer:
-            prompt_lens.append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
-        images.append([open_image(item["image_path"])])
+        image = open_image(item["image_path"])
+        images.append([image])
+        if with_answer:  # the prompt's tokens once the processor has expanded its image placeholder
+            prompt_lens.append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                               + image_tokens(processor, image))
     side = "right" if with_answer else "left"
     own = family_part(processor, "processor_batch")
     if own:  # the family's own (IDEFICS: [text, image, text] lists, flamingo.processor_batch)

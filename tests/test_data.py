@@ -50,3 +50,28 @@ def test_sixteen_bit_white_and_transparent_pixels_become_white(tmp_path):
     Image.new("P", (8, 8), 0).save(tmp_path / "clear-palette.png", transparency=0)  # palette colour 0 (black) transparent
     for name in ("w16.png", "clear.png", "clear-palette.png"):
         assert torch.allclose(data.load_image(tmp_path / name, 8), torch.ones(3, 8, 8))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-idefics", "tiny-qwen2vl"])
+def test_labels_are_the_answer_and_its_end_token_in_every_family(preset, tmp_path):
+    """collate's labels (eq. 6) hold exactly the answer's tokens and the end-of-turn token, for every
+    family, with images whose processors expand into different numbers of tokens; encode() (the
+    up-front count) labels the same tokens."""
+    import models
+    _, processor = models.load_vlm(preset)
+    items = []
+    for i, (size, answer) in enumerate([((80, 60), "red"), ((40, 120), "a red circle")]):
+        Image.new("RGB", size, (200, 10, 10)).save(tmp_path / f"{i}.png")
+        items.append({"id": str(i), "image_path": str(tmp_path / f"{i}.png"),
+                      "question": "what colour is the circle?", "answer": answer})
+    batch = data.collate(processor, items)
+    tokenizer = processor.tokenizer
+    for b, item in enumerate(items):
+        labelled = batch["input_ids"][b][batch["labels"][b] != -100].tolist()
+        # the answer's tokens as the template joins them (after a space in IDEFICS' dialogue)
+        spellings = [tokenizer(text, add_special_tokens=False)["input_ids"]
+                     for text in (item["answer"], " " + item["answer"])]
+        assert labelled[:-1] in spellings
+        assert labelled[-1] in tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<end_of_utterance>", "<|im_end|>"])
+        input_ids, labels = data.encode(processor, item)
+        assert input_ids[0][labels[0] != -100].tolist() == labelled  # the same tokens, text only

@@ -6,6 +6,7 @@ CPU, tiny Qwen2-VL / Qwen2.5-VL from models.tiny_qwen2vl(), nothing downloaded. 
 Run: python -m pytest -q tests/test_selfattn.py
 """
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,20 +26,19 @@ from aligner import Aligner, aligner_channels, attention_loss
 QWEN = ["--model", "tiny-qwen2vl"]
 
 
-def qwen_batch(processor, items):
-    """items: [(PIL image, question, answer)] -> data.collate's batch (right padding, labels)."""
-    texts = [data.chat_texts(processor, {"question": q, "answer": a}) for _, q, a in items]
-    batch = dict(processor(images=[[im] for im, _, _ in items], text=[t for t, _ in texts], padding=True,
-                           add_special_tokens=False, return_tensors="pt", padding_side="right"))
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = -100
-    for b, (_, prompt) in enumerate(texts):
-        labels[b, :len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])] = -100
-    return {**batch, "labels": labels}
+def qwen_batch(processor, items, folder):
+    """items: [(PIL image, question, answer)] -> data.collate's batch (right padding, labels), the
+    images written to `folder` as PNG files for it to read."""
+    rows = []
+    for i, (image, question, answer) in enumerate(items):
+        path = Path(folder) / f"{i}.png"
+        image.save(path)
+        rows.append({"id": str(i), "image_path": str(path), "question": question, "answer": answer})
+    return data.collate(processor, rows)
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
-def tiny(request):
+def tiny(request, tmp_path_factory):
     """A tiny model of each class, and a batch of two images of different sizes (so different
     numbers of image tokens) and answers of different lengths (so right padding)."""
     model, processor = models.tiny_qwen2vl(model_type=request.param)
@@ -47,7 +47,7 @@ def tiny(request):
     items = [(Image.fromarray(rng.integers(0, 255, (60, 130, 3), np.uint8)), "what colour is the circle?",
               "a red circle left of a blue square"),
              (Image.fromarray(rng.integers(0, 255, (200, 90, 3), np.uint8)), "two", "yes")]
-    return model.eval(), processor, qwen_batch(processor, items)
+    return model.eval(), processor, qwen_batch(processor, items, tmp_path_factory.mktemp(request.param))
 
 
 def inputs(batch):
@@ -237,7 +237,9 @@ def test_a_saved_folder_loads_and_missing_weights_say_where(tmp_path, monkeypatc
     loaded, again = models.load_vlm("qwen2vl", str(tmp_path))
     assert type(again) is qwen.QwenImageTextProcessor
     assert again.image_processor.size["longest_edge"] <= qwen.QWEN_MAX_PIXELS
-    batch = qwen_batch(processor, [(Image.new("RGB", (80, 60), (200, 10, 10)), "what colour?", "red")])
+    (tmp_path / "images").mkdir()
+    batch = qwen_batch(processor, [(Image.new("RGB", (80, 60), (200, 10, 10)), "what colour?", "red")],
+                       tmp_path / "images")
     with torch.no_grad():
         assert torch.equal(model(**inputs(batch)).logits, loaded(**inputs(batch)).logits)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
