@@ -42,7 +42,8 @@ LAYER_SUBSETS = ("all", "first", "mid", "last")
 
 
 def aligned_layers(model, subset="all"):
-    """Indices (in language_model.layers) of the text-to-image layers to align (§8.1.1, Fig. 22).
+    """Indices of the text-to-image layers to align, as models.attention_layers numbers them
+    (Mllama, Qwen2-VL: language_model.layers; IDEFICS: gated_cross_attn_layers) (§8.1.1, Fig. 22).
 
     "first", "mid", "last": a quarter of the family's layers (models.attention_layers; at least one)
     at the start, middle or end. llama32 (cross-attention at 3, 8, ..., 38): all -> 8 layers, first

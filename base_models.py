@@ -219,7 +219,7 @@ def toy_vlm(seed=0):
     return models.small_vlm("toy", toy_vlm_tokenizer(), seed)
 
 
-def vqa_accuracy(model, processor, items, batch_size=64):
+def exact_accuracy(model, processor, items, batch_size=64):
     """Exact-match accuracy of greedy answers, scored as evaluate.py scores them."""
     answers = evaluate.generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=12, show=False)
     return float(np.mean([score_prediction(a, it["answer"], it["question"])["correct"] for a, it in zip(answers, items)]))
@@ -247,8 +247,8 @@ def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3):
     single = [it for it in items[-1000:] if it["category"] in ("colour", "shape")]  # seen scenes: a sanity check
     summary = {"seed": seed, "steps": steps, "batch": batch, "final_loss": round(float(np.mean(log[-100:])), 4),
                "params": sum(p.numel() for p in model.parameters()), "minutes": round((time.time() - t0) / 60, 1),
-               "acc_pretrain_one_object": vqa_accuracy(model, processor, single),
-               **{f"acc_{s}": vqa_accuracy(model, processor, v) for s, v in tests.items()}}
+               "acc_pretrain_one_object": exact_accuracy(model, processor, single),
+               **{f"acc_{s}": exact_accuracy(model, processor, v) for s, v in tests.items()}}
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
     print(f"toy vlm: {summary}")
     return out_dir

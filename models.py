@@ -425,7 +425,8 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
 # checkpointing wrap the model: each function finds its piece inside any of them.
 
 # LoRA targets (§6 (4)): q/v projections of the LANGUAGE model only. "q_proj" alone would also
-# match Mllama's vision encoder (the authors' release adapts both, see REFERENCE.md).
+# match Mllama's vision encoder (the authors' release adapts both, see REFERENCE.md). Qwen2-VL's
+# text side matches it too (its vision blocks have one fused `qkv`); IDEFICS has its own.
 LORA_TARGETS = r".*language_model\..*\.(q_proj|v_proj)"
 
 # config.model_type -> family
@@ -572,7 +573,7 @@ FAMILIES = {
                     prompt_texts=flamingo.prompt_texts, processor_batch=flamingo.processor_batch,
                     prompt_problem=flamingo.prompt_problem, image_tokens=None),
     "qwen2vl": dict(language_model=qwen.language_model, attention_layers=qwen.attention_layers,
-                    attention_module=qwen.attention_module, load=qwen.load, lora_targets=qwen.LORA_TARGETS,
+                    attention_module=qwen.attention_module, load=qwen.load, lora_targets=LORA_TARGETS,
                     query_key=None, vision_geometry=qwen.vision_geometry, attention="self",
                     processor=qwen.QwenImageTextProcessor, prompt_texts=None, processor_batch=None,
                     prompt_problem=None, image_tokens=qwen.image_tokens),

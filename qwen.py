@@ -27,9 +27,6 @@ QWEN_TOKENS = dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>
                    vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
 IMAGE_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"  # what stands for <|image|> in the template
 
-# LoRA targets (§6 (4)): q/v projections of the language model only; the vision blocks have one
-# fused `qkv`, so Mllama's pattern holds here too.
-LORA_TARGETS = r".*language_model\..*\.(q_proj|v_proj)"
 
 # tiny-qwen2vl: text hidden 64, 4 layers, 4 heads (2 KV heads) of dim 16 (M-RoPE sections 2+3+3 =
 # 16 / 2); vision 32 wide, 2 blocks, 14 px patches merged 2x2; images of at most 8x8 merged

@@ -187,7 +187,7 @@ def test_shipped_toy_vlm_loads_through_train_and_answers(small_world):
     model, processor = models.load_vlm("toy", str(SHIPPED_VLM))
     assert processor.tokenizer.convert_tokens_to_ids("<|image|>") == model.config.image_token_index
     items = [it for it in data.read_items(paths["pretrain"]) if it["category"] in ("colour", "shape")][:20]
-    assert base_models.vqa_accuracy(model, processor, items) >= VQA_THRESHOLD   # one-object scenes: the pre-training task
+    assert base_models.exact_accuracy(model, processor, items) >= VQA_THRESHOLD   # one-object scenes: the pre-training task
 
 
 # ---------------------------------------------------------------------------------------------
