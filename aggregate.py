@@ -22,14 +22,13 @@ start as copies (init="copy", A_d = A at step 0); the flow regularisation is r_t
 (flow_weights); only a sample's first image is mapped.
 
     python bench.py aggregate     # capture overhead at a scaled-down llama32 geometry (CPU)"""
-import functools
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from transformers.models.mllama.image_processing_pil_mllama import get_image_size_fit_to_canvas
 
-from aligner import MAP_SIZE, min_max
+from aligner import MAP_SIZE, area_matrix, min_max
 from data import answer_words, match_words
 from models import FAMILIES, attention_layers, attention_module, family, language_model, query_key, vision_geometry
 
@@ -96,7 +95,7 @@ def _gather_rows(x, rows):
     return x.gather(2, idx)
 
 
-def _row_probs(attn, q, k, mask):
+def row_probs(attn, q, k, mask):
     """Attention probabilities of the chosen rows, as eager attention computes them.
 
     q (B, H, R, D) normalised queries; k (B, KVH, N, D) normalised keys; mask (B, 1, R, N) additive.
@@ -216,7 +215,7 @@ class AttentionCapture:
             kv_heads = getattr(attn, "num_key_value_heads", attn.num_heads)  # (IDEFICS: no grouped-query attention)
             k = attn.lavender_k_proj(states.to(dtype)).view(B, -1, kv_heads, attn.head_dim).transpose(1, 2)
             q_norm, k_norm = query_key(self.model, attn)[2:]  # by .forward: hooks of a capture of A on them stay silent
-            self._save(i, _row_probs(attn, q_norm(q), k_norm(k), mask))  # (B, H, R, N)
+            self._save(i, row_probs(attn, q_norm(q), k_norm(k), mask))  # (B, H, R, N)
             return None
         return hook
 
@@ -236,7 +235,7 @@ class AttentionCapture:
             if "k" not in scratch:
                 raise RuntimeError(f"layer {self.layers[i]}: k_norm did not run (cached cross-attention keys); "
                                    f"capture a full forward with pixel_values")
-            self._save(i, _row_probs(attn, scratch["q"], scratch["k"], scratch["mask"]))  # (B, H, R, N)
+            self._save(i, row_probs(attn, scratch["q"], scratch["k"], scratch["mask"]))  # (B, H, R, N)
         return hook
 
 
@@ -250,21 +249,6 @@ def attention_capture(model, layers, learned=False):
 # ---------------------------------------------------------------------------------------------
 # tiles: image tokens -> the 32x32 grid of the original image (§4.4, App. E)
 # ---------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=64)
-def _area_matrix(n_out, extent, n_patches, patch, device="cpu", dtype=torch.float32):
-    """(n_out, n_patches) weights: output cell i covers [i, i+1)·extent/n_out px of the canvas,
-    patch p covers [p, p+1)·patch px; weight = overlap / cell length (rows sum to 1). Cropping the
-    padding and resizing happen in this one linear map (area resampling). Cached: a training run
-    meets a handful of image geometries, and a step would otherwise rebuild the same matrices for
-    every layer and every recompute (~600 small ops a step at the benchmark's geometry, and on a
-    GPU as many host-to-device copies), so it is kept per device and dtype."""
-    cell = torch.arange(n_out + 1, dtype=torch.float64) * (extent / n_out)  # cell edges
-    edge = torch.arange(n_patches + 1, dtype=torch.float64) * patch  # patch edges
-    lo = torch.maximum(cell[:-1, None], edge[None, :-1])
-    hi = torch.minimum(cell[1:, None], edge[None, 1:])
-    return ((hi - lo).clamp(min=0) / (extent / n_out)).to(device, dtype)  # (n_out, n_patches)
 
 
 def tiles_to_grid(attn, aspect_ratio_id, image_size, tile_size, patch_size, max_tiles, supported, out=MAP_SIZE):
@@ -286,8 +270,8 @@ def tiles_to_grid(attn, aspect_ratio_id, image_size, tile_size, patch_size, max_
     x = x.reshape(*lead, rows * P, cols * P)  # (..., canvas_h, canvas_w) in patches
     h, w = (int(s) for s in image_size)
     new_h, new_w = get_image_size_fit_to_canvas(h, w, rows * tile_size, cols * tile_size, tile_size)
-    m_h = _area_matrix(out, new_h, rows * P, patch_size, x.device, x.dtype)  # (out, canvas_h)
-    m_w = _area_matrix(out, new_w, cols * P, patch_size, x.device, x.dtype)  # (out, canvas_w)
+    m_h = area_matrix(out, new_h, rows * P, patch_size, x.device, x.dtype)  # (out, canvas_h)
+    m_w = area_matrix(out, new_w, cols * P, patch_size, x.device, x.dtype)  # (out, canvas_w)
     return m_h @ x @ m_w.T  # (..., out, out)
 
 

@@ -30,9 +30,13 @@ Gaussian with equal variance σ², the DM maps act as a prior p(A_DM|θ) ∝ exp
 the factor 2 absorbed in λ. A large λ says "trust the DM maps" (small σ). Default λ = 10, as in
 the authors' release.
 
+The maps' common ground lives here too: MAP_SIZE, the one min_max of DM and VLM maps, and
+area_matrix, the area resampling every model family uses to put its image tokens on the 32x32 grid.
+
     python aligner.py        # prints each variant's layers' parameter counts and output ranges
 """
 import argparse
+import functools
 
 import torch
 import torch.nn as nn
@@ -47,6 +51,21 @@ NORMED_EXPANDS = 2  # deep: the release normalises only its first two expand blo
 NORMS = {"instance": lambda c: nn.GroupNorm(c, c, affine=False), "group": lambda c: nn.GroupNorm(c, c),
          "batch": nn.BatchNorm2d}
 ACTIVATIONS = {"relu6": lambda: nn.ReLU6(inplace=True), "leakyrelu": lambda: nn.LeakyReLU(0.1, inplace=True)}
+
+
+@functools.lru_cache(maxsize=64)
+def area_matrix(n_out, extent, n_patches, patch, device="cpu", dtype=torch.float32):
+    """(n_out, n_patches) weights: output cell i covers [i, i+1)·extent/n_out px of the canvas,
+    patch p covers [p, p+1)·patch px; weight = overlap / cell length (rows sum to 1). Cropping the
+    padding and resizing happen in this one linear map (area resampling). Cached: a training run
+    meets a handful of image geometries, and a step would otherwise rebuild the same matrices for
+    every layer and every recompute (~600 small ops a step at the benchmark's geometry, and on a
+    GPU as many host-to-device copies), so it is kept per device and dtype."""
+    cell = torch.arange(n_out + 1, dtype=torch.float64) * (extent / n_out)  # cell edges
+    edge = torch.arange(n_patches + 1, dtype=torch.float64) * patch  # patch edges
+    lo = torch.maximum(cell[:-1, None], edge[None, :-1])
+    hi = torch.minimum(cell[1:, None], edge[None, 1:])
+    return ((hi - lo).clamp(min=0) / (extent / n_out)).to(device, dtype)  # (n_out, n_patches)
 
 
 def min_max(x, eps=1e-8):

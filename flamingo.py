@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from transformers import (IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessorPil,
                           IdeficsProcessor)
 
-from aligner import MAP_SIZE
+from aligner import MAP_SIZE, area_matrix
 
 # ---- tokens and prompts: IDEFICS-instruct's dialogue, written as its legacy interleaved lists ----
 
@@ -266,6 +266,5 @@ def image_maps(probs, batch, tokens, patches, out=MAP_SIZE):
     whole (stretched) image; latents: latents_to_square, then the same resampling."""
     x = probs[..., :tokens]
     x = x[..., 1:].unflatten(-1, (patches, patches)) if patches else latents_to_square(x)
-    from aggregate import _area_matrix  # here: aggregate imports models, which imports this file
-    m = _area_matrix(out, x.shape[-1], x.shape[-1], 1, x.device, x.dtype)  # (out, s): cells over grid
+    m = area_matrix(out, x.shape[-1], x.shape[-1], 1, x.device, x.dtype)  # (out, s): cells over grid
     return m @ x @ m.T  # (B, L, H, R, out, out)

@@ -18,7 +18,7 @@ from transformers import (AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5
                           Qwen2VLProcessor)
 from transformers.processing_utils import ProcessorMixin
 
-from aligner import MAP_SIZE
+from aligner import MAP_SIZE, area_matrix
 
 # Qwen's own suggested bound on an image (its README: max_pixels = 1280 * 28 * 28): at most 1280
 # image tokens per image, against 16384 with the processor's default.
@@ -177,7 +177,6 @@ def grid_maps(probs, image_grid_thw, merge):
     Worked example: a 2x4 token grid of one token at row 0, column 3 -> mass in the top-right
     16x8 cells.
     """
-    from aggregate import _area_matrix  # here: aggregate imports models, which imports this file
     if image_grid_thw.shape[0] != probs.shape[0]:
         raise ValueError(f"image_grid_thw has {image_grid_thw.shape[0]} images for {probs.shape[0]} "
                          f"samples: Lavender maps exactly one image per sample")
@@ -185,7 +184,7 @@ def grid_maps(probs, image_grid_thw, merge):
     for b, (t, h, w) in enumerate(image_grid_thw.tolist()):
         gh, gw = h // merge, w // merge
         x = probs[b, ..., :t * gh * gw].reshape(*probs.shape[1:-1], gh, gw)  # (..., gh, gw)
-        m_h = _area_matrix(MAP_SIZE, gh, gh, 1, x.device, x.dtype)  # (32, gh)
-        m_w = _area_matrix(MAP_SIZE, gw, gw, 1, x.device, x.dtype)  # (32, gw)
+        m_h = area_matrix(MAP_SIZE, gh, gh, 1, x.device, x.dtype)  # (32, gh)
+        m_w = area_matrix(MAP_SIZE, gw, gw, 1, x.device, x.dtype)  # (32, gw)
         out.append(m_h @ x @ m_w.T)
     return torch.stack(out)  # (B, ..., 32, 32)

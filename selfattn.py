@@ -26,11 +26,16 @@ picks this capture for the family.
     python -m pytest -q tests/test_selfattn.py
 """
 import inspect
+import tempfile
 
+import numpy as np
 import torch
+from PIL import Image
 
-from aggregate import AttentionCapture, _row_probs
-from models import attention_layers, attention_module, base_model
+import data
+from aggregate import AttentionCapture, answer_rows, row_probs
+from aligner import min_max
+from models import TINY_CORPUS, attention_layers, attention_module, base_model, tiny_qwen2vl
 from qwen import grid_maps
 
 # Each row's image columns renormalised to sum to 1 (softmax over the image keys alone); False
@@ -164,7 +169,7 @@ class SelfAttentionCapture(AttentionCapture):
     def _probs_of(self, i, attn, q, k):
         """q (B, H, R, D), k (B, KVH, N, D) before RoPE -> (B, H, R, image tokens) probabilities."""
         scratch = self._scratch.pop(i)
-        probs = _row_probs(attn, scratch["rope"]["q"](q), scratch["rope"]["k"](k), scratch["mask"])
+        probs = row_probs(attn, scratch["rope"]["q"](q), scratch["rope"]["k"](k), scratch["mask"])
         if not self.renormalise:  # softmax over every key: the image's columns read out
             image = self._text["image"].to(probs.device)[:, None, None, :]  # (B, 1, 1, N)
             probs = probs.gather(-1, image.expand(*probs.shape[:3], -1))  # (B, H, R, N)
@@ -191,15 +196,6 @@ def measure_renormalisation(n_items=8, sink=0.1, seed=0):
     min-max normalised mean-mean maps (a) raw vs renormalised, (b) raw, before and after a
     simulated attention sink that takes 1 - `sink` of the image mass of half the heads (a sink on a
     text key leaves each head's renormalised map exactly unchanged)."""
-    import tempfile
-
-    import numpy as np
-    from PIL import Image
-
-    import data
-    from aggregate import answer_rows
-    from aligner import min_max
-    from models import TINY_CORPUS, tiny_qwen2vl
     model, processor = tiny_qwen2vl(seed)
     rng, items = np.random.default_rng(seed), []
     with tempfile.TemporaryDirectory() as folder:
