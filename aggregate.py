@@ -135,16 +135,21 @@ class AttentionCapture:
         self.rows = None  # (B, R) set by set_rows
         self._store, self._scratch, self._handles = {}, {}, []
         self._probs = None
-        text = language_model(model)
-        self._handles.append(text.register_forward_pre_hook(self._new_pass))
-        for i, layer in enumerate(self.layers):
-            attn = attention_module(model, layer)
-            if learned and not hasattr(attn, "lavender_q_proj"):
+        for layer in self.layers:
+            if learned and not hasattr(attention_module(model, layer), "lavender_q_proj"):
                 raise ValueError(f"learned=True but layer {layer} has no lavender_q_proj; "
                                  f"call add_parallel_projections(model, layers) first")
+        self._place_hooks()
+
+    def _place_hooks(self):
+        """The hooks of a cross-attention family (Mllama, IDEFICS): a new store at each forward of
+        the text model, the queries and keys where query_key finds them, the rows after the module."""
+        self._handles.append(language_model(self.model).register_forward_pre_hook(self._new_pass))
+        for i, layer in enumerate(self.layers):
+            attn = attention_module(self.model, layer)
             self._handles.append(attn.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
-            if not learned:  # the modules whose outputs are the queries and keys softmax reads
-                q_module, k_module = query_key(model, attn)[:2]
+            if not self.learned:  # the modules whose outputs are the queries and keys softmax reads
+                q_module, k_module = query_key(self.model, attn)[:2]
                 self._handles.append(q_module.register_forward_hook(self._keep(i, "q", attn.head_dim)))
                 self._handles.append(k_module.register_forward_hook(self._keep(i, "k", attn.head_dim)))
                 self._handles.append(attn.register_forward_hook(self._post_hook(i)))

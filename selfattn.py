@@ -87,26 +87,27 @@ class SelfAttentionCapture(AttentionCapture):
         capture.probs                    # (B, L, H, R, N image tokens), differentiable
 
     The store, set_rows, probs, remove and the activation-checkpointing rule (the first value of a
-    pass wins) are AttentionCapture's; the hooks differ (so its __init__, which places Mllama's, is
-    not called). renormalise: RENORMALISE by default.
+    pass wins) are AttentionCapture's; the hooks (_place_hooks) are this family's. renormalise:
+    RENORMALISE by default.
     """
 
     def __init__(self, model, layers, learned=False, renormalise=RENORMALISE):
-        self.model, self.layers, self.learned, self.renormalise = model, list(layers), learned, renormalise
-        self.rows, self._probs, self._handles = None, None, []
-        self._store, self._scratch, self._text = {}, {}, {}
-        vlm = base_model(model).model  # Qwen2VLModel: sees input_ids and the padding mask
-        self.image_token_id = base_model(model).config.image_token_id
-        self.merge = base_model(model).config.vision_config.spatial_merge_size
+        self.renormalise, self._text = renormalise, {}
+        config = base_model(model).config
+        self.image_token_id = config.image_token_id
+        self.merge = config.vision_config.spatial_merge_size
+        super().__init__(model, layers, learned)
+
+    def _place_hooks(self):
+        """A new store at each forward of Qwen2VLModel (it sees input_ids and the padding mask),
+        the q/k projections' outputs, the rows after each chosen self-attention module."""
+        vlm = base_model(self.model).model
         self._handles.append(vlm.register_forward_pre_hook(self._new_pass, with_kwargs=True))
         for i, layer in enumerate(self.layers):
-            attn = attention_module(model, layer)
-            if learned and not hasattr(attn, "lavender_q_proj"):
-                raise ValueError(f"learned=True but layer {layer} has no lavender_q_proj; "
-                                 f"call add_parallel_projections(model, layers) first")
+            attn = attention_module(self.model, layer)
             rope = inspect.getmodule(type(attn)).apply_rotary_pos_emb  # the modeling file's own
             self._handles.append(attn.register_forward_pre_hook(self._pre_hook(i, rope), with_kwargs=True))
-            if not learned:
+            if not self.learned:
                 for name in ("q", "k"):
                     proj = getattr(attn, name + "_proj")
                     self._handles.append(proj.register_forward_hook(self._keep(i, name, attn.head_dim)))
