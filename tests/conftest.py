@@ -18,6 +18,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # (a tiny UNet call took 0.65 s on two threads against 0.04 s on one).
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread and leaves the count as it found it (toy.py sets --threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # (question, answer) pairs drawn from the tiny preset's corpus, so most words are single tokens
 # and a few ("red", "green") split into pieces.
 QA = [("what colour is the circle?", "red circle"), ("what shape is red?", "a circle"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import run, torchrun
+from test_train import run, same_steps, torchrun
 
 import aggregate as ag
 import data
@@ -258,10 +258,7 @@ def test_two_ranks_match_one_rank_and_the_adapter_reloads(tmp_path, tiny_dataset
              "--aggregate", "mean-mean"]
     _, one = run(tiny_dataset, tmp_path / "one", "--grad-accum", "2", *flags)
     two = torchrun(tiny_dataset, tmp_path / "two", "--activation-checkpointing", *flags)
-    for a, b in zip(one, two):
-        assert b["loss_vlm"] == pytest.approx(a["loss_vlm"], rel=1e-5)
-        assert b["loss_att"] == pytest.approx(a["loss_att"], rel=1e-4)
-        assert b["aligned_words"] == a["aligned_words"] > 0
+    same_steps(one, two)
     from peft import PeftModel
     model = PeftModel.from_pretrained(models.tiny_qwen2vl()[0], str(tmp_path / "two" / "adapter")).eval()
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
