@@ -74,7 +74,8 @@ def demo_table(reports, seeds):
 
     def column(kind, pick, split="test-id"):
         return [pick(r) for r in runs_of(split, kind)]
-    acc = lambda r: r["accuracy"]["all"]["accuracy"]                                       # noqa: E731
+    acc, ent, point, mse = (MEASURES[m][1] for m in ("accuracy test-id", "own entropy test-id",
+                                                     "own pointing test-id", "own MSE to DM test-id"))
     kinds = ("base", "ar", "lavender")
     rows = []
     for split in ("test-id", "test-ood"):
@@ -84,11 +85,7 @@ def demo_table(reports, seeds):
             pick = lambda r, k=k: (r["accuracy"].get(k) or {}).get("accuracy")             # noqa: E731
             rows.append((f"  {k} ({split})", *[mean_spread(column(kk, pick, split)) for kk in ("base", "ar", "lavender")]))
     dm = reports["test-id"].get("dm") or {}
-    ent = lambda r: (r.get("vlm_entropy") or {}).get("mean")                               # noqa: E731
-    point = lambda r: (r.get("pointing") or {}).get("accuracy")                            # noqa: E731
-    mse = lambda r: (r.get("alignment_mse") or {}).get("mean")                             # noqa: E731
-    head = lambda pick: lambda r: pick({"vlm_entropy": r["head"]["entropy"], "pointing": r["head"]["pointing"],  # noqa: E731
-                                        "alignment_mse": r["head"]["alignment_mse"]}) if r.get("head") else None
+    head = lambda pick: lambda r: pick(as_run(r["head"])) if r.get("head") else None       # noqa: E731
     rows.append(("VLM's own attention: entropy (nats, test-id)", *[mean_spread(column(k, ent)) for k in kinds]))
     rows.append(("VLM's own attention: pointing (test-id)", *[mean_spread(column(k, point)) for k in kinds]))
     rows.append(("VLM's own attention: MSE to the DM map (test-id)", *[mean_spread(column(k, mse)) for k in kinds]))
@@ -208,7 +205,7 @@ DATA_SIZES = [40, 80]  # smaller finetune splits (the first N items), AR and Lav
 # Chosen after the protocol's first results (toy_report.md), aimed at its failing link (b): the
 # model's own attention aligned directly, with no parallel head and no Aligner in between
 FOLLOW_UPS = {"own-direct": {"aggregate": "mean-mean", "aligner": "none"}}
-MEASURES = {  # name: (split, how a run report gives it)
+MEASURES = {  # name: (split, how a run report gives it); the demo's table reads them too
     "accuracy test-id": ("test-id", lambda r: r["accuracy"]["all"]["accuracy"]),
     "accuracy test-ood": ("test-ood", lambda r: r["accuracy"]["all"]["accuracy"]),
     "own pointing test-id": ("test-id", lambda r: (r.get("pointing") or {}).get("accuracy")),
