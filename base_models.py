@@ -124,7 +124,7 @@ def train_sd(out_dir, world_dir, seed=0, steps=2400, batch=32, lr=1e-3, vae_step
         latents, vae_steps = latents * dm["vae"].config.scaling_factor, 0  # (N, 4, 32, 32), the saved factor
     else:
         latents, vae_l1 = train_vae(dm["vae"], images, steps=vae_steps, seed=seed)  # (N, 4, 32, 32)
-    log = fit_unet(dm, latents, [s["caption"] for s in scenes], steps, batch, lr, seed, save_every, out_dir)
+    log = fit_unet(dm, latents, [s["objects"] for s in scenes], steps, batch, lr, seed, save_every, out_dir)
     models.save_dm(dm, out_dir)
     summary = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "init_from": str(init_from) if init_from else None,
                "vae_steps": vae_steps, "vae_l1": round(vae_l1, 4),
@@ -136,22 +136,39 @@ def train_sd(out_dir, world_dir, seed=0, steps=2400, batch=32, lr=1e-3, vae_step
     return Path(out_dir)
 
 
-def fit_unet(dm, latents, captions, steps, batch, lr, seed, save_every, out_dir):
+PROMPT_MIX = (0.4, 0.3, 0.3)  # toy-sd's prompts: whole caption, one object's phrase, one word
+
+
+def sd_prompt(objects, rng):
+    """One training prompt for a scene: its whole caption, one object's phrase ("a red circle") or
+    one word of one object ("red", "circle"), drawn with PROMPT_MIX. Extraction conditions toy-sd
+    on an item's answer, one word: a model trained on whole captions alone never saw such a prompt
+    (one-word answers pointed 0.62 against 0.86 for the caption)."""
+    kind = rng.choice(3, p=PROMPT_MIX)
+    if kind == 0:
+        return world.caption(objects)
+    o = objects[rng.integers(len(objects))]
+    return f"a {o['colour']} {o['shape']}" if kind == 1 else str(rng.choice([o["colour"], o["shape"]]))
+
+
+def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
     """The UNet and the text encoder trained together (there is no pretrained CLIP here) on the
-    latents and their captions: DDPM noise, epsilon prediction, MSE. Every `save_every` steps a
-    step<N>/ folder is saved under out_dir. Returns the per-step losses."""
+    latents and prompts about their scenes (sd_prompt): DDPM noise, epsilon prediction, MSE. Every
+    `save_every` steps a step<N>/ folder is saved under out_dir. Returns the per-step losses."""
     from diffusers import DDPMScheduler
     unet, text_encoder, tokenizer = dm["unet"], dm["text_encoder"], dm["tokenizer"]
     noise_scheduler = DDPMScheduler.from_config(dm["scheduler"].config)
     params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
     g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     unet.train()
     text_encoder.train()
 
     def loss_of_step(step):
         idx = torch.randint(len(latents), (batch,), generator=g)
-        ids = tokenizer([captions[i] for i in idx.tolist()], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids  # (B, 16)
+        prompts = [sd_prompt(scenes[i], rng) for i in idx.tolist()]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids  # (B, 20)
         x0 = latents[idx]  # (B, 4, 32, 32)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
@@ -219,10 +236,16 @@ def toy_vlm(seed=0):
     return models.small_vlm("toy", toy_vlm_tokenizer(), seed)
 
 
-def exact_accuracy(model, processor, items, batch_size=64):
-    """Exact-match accuracy of greedy answers, scored as evaluate.py scores them."""
-    answers = evaluate.generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=12, show=False)
-    return float(np.mean([score_prediction(a, it["answer"], it["question"])["correct"] for a, it in zip(answers, items)]))
+def kind_accuracy(model, processor, items, batch_size=64):
+    """{"all": accuracy, kind: accuracy, ...}: exact match of greedy answers, scored as evaluate.py
+    scores them, over every item and per item category."""
+    answers = evaluate.generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=6, show=False)
+    correct = {}
+    for a, it in zip(answers, items):
+        hit = score_prediction(a, it["answer"], it["question"])["correct"]
+        correct.setdefault("all", []).append(hit)
+        correct.setdefault(it["category"], []).append(hit)
+    return {k: round(float(np.mean(v)), 4) for k, v in correct.items()}
 
 
 def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3):
@@ -230,7 +253,7 @@ def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3):
     (eq. 6), batches from data.collate (the fine-tuning data path), a plain loop (world-building)."""
     paths = world.build_world(world_dir, seed)
     items = data.read_items(paths["pretrain"])
-    tests = {s: data.read_items(paths[s]) for s in ("test-id", "test-ood")}
+    tests = {s: data.read_items(paths[s]) for s in ("test-one", "test-id", "test-ood")}
     model, processor = toy_vlm(seed)
     rng = np.random.default_rng(seed)
     t0 = time.time()
@@ -244,11 +267,9 @@ def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3):
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)  # saved first: the probe below is extra
     processor.save_pretrained(out_dir)
-    single = [it for it in items[-1000:] if it["category"] in ("colour", "shape")]  # seen scenes: a sanity check
     summary = {"seed": seed, "steps": steps, "batch": batch, "final_loss": round(float(np.mean(log[-100:])), 4),
                "params": sum(p.numel() for p in model.parameters()), "minutes": round((time.time() - t0) / 60, 1),
-               "acc_pretrain_one_object": exact_accuracy(model, processor, single),
-               **{f"acc_{s}": exact_accuracy(model, processor, v) for s, v in tests.items()}}
+               **{f"acc_{s}": kind_accuracy(model, processor, v) for s, v in tests.items()}}
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
     print(f"toy vlm: {summary}")
     return out_dir

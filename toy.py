@@ -67,37 +67,67 @@ def mean_spread(values):
     return f"{np.mean(values):.3f} ± {spread:.3f}"
 
 
+DEMO_MODELS = ("base", "ar", "lavender", "oracle")  # the demo's columns
+
+
+def runs_of(reports, split, kind):
+    """The run reports of one model kind ("ar": "ar-s0", "ar-s1", ...) in evaluate.py's {split: report}."""
+    return [r for r in reports[split]["runs"] if r["name"] == kind or r["name"].startswith(kind + "-s")]
+
+
 def demo_table(reports, seeds):
     """Rows of the demo table from evaluate.py's reports {split: report}: one column per model kind."""
-    def runs_of(split, kind):
-        return [r for r in reports[split]["runs"] if r["name"] == kind or r["name"].startswith(kind + "-s")]
-
     def column(kind, pick, split="test-id"):
-        return [pick(r) for r in runs_of(split, kind)]
+        return [pick(r) for r in runs_of(reports, split, kind)]
     acc, ent, point, mse = (MEASURES[m][1] for m in ("accuracy test-id", "own entropy test-id",
                                                      "own pointing test-id", "own MSE to DM test-id"))
-    kinds = ("base", "ar", "lavender")
+    blank = [""] * (len(DEMO_MODELS) - 2)
     rows = []
     for split in ("test-id", "test-ood"):
-        rows.append((f"accuracy {split}", *[mean_spread(column(k, acc, split)) for k in ("base", "ar", "lavender")]))
+        rows.append((f"accuracy {split}", *[mean_spread(column(k, acc, split)) for k in DEMO_MODELS]))
     for split in ("test-id", "test-ood"):
-        for k in ("colour", "shape", "yesno"):
+        for k in world.KINDS:
             pick = lambda r, k=k: (r["accuracy"].get(k) or {}).get("accuracy")             # noqa: E731
-            rows.append((f"  {k} ({split})", *[mean_spread(column(kk, pick, split)) for kk in ("base", "ar", "lavender")]))
+            rows.append((f"  {k} ({split})", *[mean_spread(column(m, pick, split)) for m in DEMO_MODELS]))
     dm = reports["test-id"].get("dm") or {}
     head = lambda pick: lambda r: pick(as_run(r["head"])) if r.get("head") else None       # noqa: E731
-    rows.append(("VLM's own attention: entropy (nats, test-id)", *[mean_spread(column(k, ent)) for k in kinds]))
-    rows.append(("VLM's own attention: pointing (test-id)", *[mean_spread(column(k, point)) for k in kinds]))
-    rows.append(("VLM's own attention: MSE to the DM map (test-id)", *[mean_spread(column(k, mse)) for k in kinds]))
-    rows.append(("Aligner head: entropy (test-id)", "", "", mean_spread(column("lavender", head(ent)))))
-    rows.append(("Aligner head: pointing (test-id)", "", "", mean_spread(column("lavender", head(point)))))
-    rows.append(("Aligner head: MSE to the DM map (test-id)", "", "", mean_spread(column("lavender", head(mse)))))
+    rows.append(("VLM's own attention: entropy (nats, test-id)", *[mean_spread(column(k, ent)) for k in DEMO_MODELS]))
+    rows.append(("VLM's own attention: pointing (test-id)", *[mean_spread(column(k, point)) for k in DEMO_MODELS]))
+    rows.append(("VLM's own attention: MSE to the DM map (test-id)",
+                 *[mean_spread(column(k, mse)) for k in DEMO_MODELS]))
+    for name, pick in (("entropy", ent), ("pointing", point), ("MSE to the DM map", mse)):
+        rows.append((f"Aligner head: {name} (test-id)", "", "", *[mean_spread(column(k, head(pick)))
+                                                                   for k in DEMO_MODELS[2:]]))
     rows.append(("DM maps of the same words: entropy, pointing (test-id)",
-                 f"{dm['entropy']['mean']:.3f}, {dm['pointing']['accuracy']:.3f}" if dm.get("pointing") else "-", "", ""))
+                 f"{dm['entropy']['mean']:.3f}, {dm['pointing']['accuracy']:.3f}" if dm.get("pointing") else "-",
+                 "", *blank))
     return rows
 
 
-def markdown_table(rows, header=("measure", "base (toy)", "AR", "Lavender")):
+def demo_json(reports, perception):
+    """toy_report.json: the demo's figures by key, means over seeds (forks compare runs with it)."""
+    mean = lambda xs: float(np.mean(xs)) if xs and None not in xs else None               # noqa: E731
+    pick = {name: MEASURES[name][1] for name in MEASURES}
+    dm = reports["test-id"].get("dm") or {}
+    result = {"dm_pointing": (dm.get("pointing") or {}).get("accuracy"),
+              "dm_pointing_by_word": {k: (dm.get("pointing") or {}).get(k) for k in ("colour", "shape")},
+              "dm_entropy": (dm.get("entropy") or {}).get("mean"),
+              "base_own_entropy": pick["own entropy test-id"](runs_of(reports, "test-id", "base")[0]),
+              "base_accuracy": {s: pick["accuracy test-id"](runs_of(reports, s, "base")[0])
+                                for s in ("test-id", "test-ood")},
+              "base_accuracy_one_object": perception}
+    for arm in DEMO_MODELS[1:]:
+        runs = {s: runs_of(reports, s, arm) for s in ("test-id", "test-ood")}
+        result[arm] = {"accuracy": {s: mean([pick["accuracy test-id"](r) for r in runs[s]]) for s in runs},
+                       "accuracy_by_kind": {s: {k: mean([(r["accuracy"].get(k) or {}).get("accuracy")
+                                                         for r in runs[s]]) for k in world.KINDS} for s in runs},
+                       "own_pointing": mean([pick["own pointing test-id"](r) for r in runs["test-id"]]),
+                       "own_entropy": mean([pick["own entropy test-id"](r) for r in runs["test-id"]]),
+                       "seeds": len(runs["test-id"])}
+    return result
+
+
+def markdown_table(rows, header=("measure", "base (toy)", "AR", "Lavender", "oracle (masks)")):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
@@ -127,6 +157,10 @@ def prepare_world(args, world_seed, world_dir, out, stage):
         stage(f"extract {split}: {len(items)} items")
         extract.extract(items, dm, folder, inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
                         capture_steps=args.capture_steps, batch_size=64, progress=not args.quiet)
+    # the oracle's store: the world's object masks as targets, for the same items (world.oracle_store)
+    attn["oracle"] = out / "attn" / f"oracle-{key}" / f"finetune-{'+'.join(sorted(args.dm_categories))}"
+    items = [it for it in data.read_items(paths["finetune"]) if it.get("masks")]
+    world.oracle_store([it for it in items if it["category"] in args.dm_categories], world_dir, attn["oracle"])
     return paths, attn
 
 
@@ -172,11 +206,16 @@ def demo(args):
     # ---- fine-tune: AR and Lavender, the same budget, data and seeds ----
     runs = []
     for seed in args.seeds:
-        for loss in ("ar", "lavender"):
-            stage(f"fine-tune {loss}, seed {seed}: {args.steps} steps of {args.batch_size}")
-            runs.append(finetune(args, paths["finetune"], attn["finetune"], out / "runs" / f"{loss}-s{seed}", loss, seed))
+        for arm, loss, targets in (("ar", "ar", None), ("lavender", "lavender", attn["finetune"]),
+                                   ("oracle", "lavender", attn["oracle"])):
+            stage(f"fine-tune {arm}, seed {seed}: {args.steps} steps of {args.batch_size}")
+            runs.append(finetune(args, paths["finetune"], targets or attn["finetune"], out / "runs" / f"{arm}-s{seed}",
+                                 loss, seed, ORACLE_ARMS.get(arm)))
     reports = evaluate_runs(args, paths, attn, runs, out, stage)
-    # ---- one table, and toy_report.md ----
+    stage("perception: the base model on one-object images (test-one)")
+    model, processor = models.load_vlm("toy", path=args.vlm_path)[:2]
+    perception = base_models.kind_accuracy(model.eval(), processor, data.read_items(paths["test-one"]))
+    # ---- one table, toy_report.md and toy_report.json ----
     minutes = (time.time() - t0) / 60
     rows = demo_table(reports, args.seeds)
     table = markdown_table(rows)
@@ -184,7 +223,9 @@ def demo(args):
           f"{args.batch_size} per run; reports in {out}/eval-*/report.md")
     if args.report:
         write_report(Path(args.report), table, reports, args, minutes, out)
-        stage(f"wrote {args.report}")
+        figures = dict(demo_json(reports, perception), minutes=round(minutes, 2), seeds=args.seeds)
+        Path(args.report).with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
+        stage(f"wrote {args.report} and {Path(args.report).with_suffix('.json')}")
     return rows
 
 
@@ -205,6 +246,10 @@ DATA_SIZES = [40, 80]  # smaller finetune splits (the first N items), AR and Lav
 # Chosen after the protocol's first results (toy_report.md), aimed at its failing link (b): the
 # model's own attention aligned directly, with no parallel head and no Aligner in between
 FOLLOW_UPS = {"own-direct": {"aggregate": "mean-mean", "aligner": "none"}}
+# The oracle: the same Lavender runs with the world's object masks as targets (world.oracle_store)
+# instead of the DM's maps, the bound of what aligning attention can give in this world; with the
+# default aggregation, and on the model's own attention (mean-mean, no Aligner)
+ORACLE_ARMS = {"oracle": {}, "oracle-own": FOLLOW_UPS["own-direct"]}
 MEASURES = {  # name: (split, how a run report gives it); the demo's table reads them too
     "accuracy test-id": ("test-id", lambda r: r["accuracy"]["all"]["accuracy"]),
     "accuracy test-ood": ("test-ood", lambda r: r["accuracy"]["all"]["accuracy"]),
@@ -234,13 +279,15 @@ def protocol_runs(args, paths, attn, world_out, stage):
         lines = Path(paths["finetune"]).read_text().splitlines()[:n]
         (Path(paths["finetune"]).parent / f"finetune-{n}.jsonl").write_text("\n".join(lines) + "\n")
     arms = protocol_arms(args)
-    jobs = [("ar", "ar", {}, paths["finetune"])] + [(a, "lavender", o, paths["finetune"]) for a, o in arms.items()]
-    jobs += [(f"{loss}-n{n}", loss, {}, Path(paths["finetune"]).parent / f"finetune-{n}.jsonl")
+    full, store = paths["finetune"], attn["finetune"]
+    jobs = [("ar", "ar", {}, full, store)] + [(a, "lavender", o, full, store) for a, o in arms.items()]
+    jobs += [(a, "lavender", o, full, attn["oracle"]) for a, o in ORACLE_ARMS.items()]
+    jobs += [(f"{loss}-n{n}", loss, {}, Path(full).parent / f"finetune-{n}.jsonl", store)
              for n in args.data_sizes for loss in ("ar", "lavender")]
     for seed in args.seeds:
-        for arm, loss, overrides, data_path in jobs:
+        for arm, loss, overrides, data_path, targets in jobs:
             stage(f"fine-tune {arm}, seed {seed}")
-            runs[arm, seed] = finetune(args, data_path, attn["finetune"], world_out / "runs" / f"{arm}-s{seed}", loss,
+            runs[arm, seed] = finetune(args, data_path, targets, world_out / "runs" / f"{arm}-s{seed}", loss,
                                        seed, overrides)
     return runs
 
@@ -452,7 +499,7 @@ def build_parser():
     p.add_argument("--aligner-mode", default="auto", help="train.py --aligner-mode (auto, per-layer, after)")
     p.add_argument("--align-words", default="predicted", help="train.py --align-words (predicted, label)")
     p.add_argument("--pretrain-aligner-steps", type=int, default=0, help="Lavender runs: Aligner pre-training steps")
-    p.add_argument("--dm-categories", nargs="+", default=["colour", "shape"], choices=("colour", "shape"),
+    p.add_argument("--dm-categories", nargs="+", default=list(world.KINDS), choices=world.KINDS,
                    help="fine-tuning items whose answer gets a DM map; the others train with L_VLM alone. 'colour' "
                         "alone aligns only the words toy-sd localises (like the release's adjectives-only filter)")
     # ---- demo output ----
