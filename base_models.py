@@ -140,15 +140,15 @@ PROMPT_MIX = (0.4, 0.3, 0.3)  # toy-sd's prompts: whole caption, one object's ph
 
 
 def sd_prompt(objects, rng):
-    """One training prompt for a scene: its whole caption, one object's phrase ("a red circle") or
-    one word of one object ("red", "circle"), drawn with PROMPT_MIX. Extraction conditions toy-sd
+    """One training prompt for a scene: its whole caption, one object's phrase ("red striped") or
+    one word of one object ("red", "striped"), drawn with PROMPT_MIX. Extraction conditions toy-sd
     on an item's answer, one word: a model trained on whole captions alone never saw such a prompt
     (one-word answers pointed 0.62 against 0.86 for the caption)."""
     kind = rng.choice(3, p=PROMPT_MIX)
     if kind == 0:
         return world.caption(objects)
     o = objects[rng.integers(len(objects))]
-    return f"a {o['colour']} {o['shape']}" if kind == 1 else str(rng.choice([o["colour"], o["shape"]]))
+    return f"{o['colour']} {o['texture']}" if kind == 1 else str(rng.choice([o["colour"], o["texture"]]))
 
 
 def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
@@ -201,7 +201,7 @@ def dm_pointing(items, attn_dir):
     share = lambda hs: round(float(np.mean(hs)), 4) if hs else float("nan")  # noqa: E731
     return {"accuracy": share([h for h, _, _ in hits]), "hits": int(sum(h for h, _, _ in hits)), "n": len(hits),
             "colour": share([h for h, w, _ in hits if w in world.COLOURS]),
-            "shape": share([h for h, w, _ in hits if w in world.SHAPES]), "entropy": share([e for _, _, e in hits])}
+            "texture": share([h for h, w, _ in hits if w in world.TEXTURES]), "entropy": share([e for _, _, e in hits])}
 
 
 def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, **extract_kwargs):

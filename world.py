@@ -1,14 +1,18 @@
-"""The miniature world: 32x32 images of 1-3 coloured shapes, their captions, VQA pairs about them,
-and the mask of the object every answer word names (not in the paper: base_models.py trains the
-toy models on it, toy.py runs the method on it).
+"""The miniature world: 32x32 images of 1-4 coloured, textured objects, one per quadrant, their
+captions, VQA pairs about them, and the mask of the object every answer word names (not in the
+paper: base_models.py trains the toy models on it, toy.py runs the method on it).
 
 build_world() draws every split, deterministic by seed, in the DESIGN.md JSONL format, so every
-script reads it unchanged: captions such as "a red circle left of a blue square", questions about
-the colour of a shape, the shape of a colour, a position, a count, yes/no. Splits: pretrain (the
-base models' training; one object per image for VQA, so the VLM never needs to localise), finetune
-(small, 2-3 objects, where it must: "what colour is the circle?"), test-id, and test-ood
-(colour-shape pairs never seen in fine-tuning), plus test-captions (a caption per test-id image,
-every colour and shape word with its mask).
+script reads it unchanged: captions such as "red striped, blue solid and green dotted", questions
+that name one object among 3-4 by one attribute and ask for another ("what colour is the striped
+object?", "what texture is the red object?", "what colour is the object at the top left?").
+Splits: pretrain (the base models' training; questions about one object only on one-object images,
+so every attribute is seen but selecting an object never is; counts and captions on crowded ones),
+finetune (3 objects: selection needed), test-id (3 objects), test-ood (4 objects, more distractors,
+questions about colour-texture pairs never seen in fine-tuning), test-one (held-out one-object
+images: can the base model perceive what it is asked?), plus test-captions (a caption per test-id
+image, every colour and texture word with its mask). oracle_store writes the masks as an
+attention store: the targets of toy.py's oracle arm.
 
     python toy.py build --world toy_out/world      # draw the world alone
 """
@@ -20,27 +24,32 @@ from PIL import Image
 from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------
-# the world: shapes x colours x positions x sizes
+# the world: colours x textures x cells, shapes and sizes drawn
 # ---------------------------------------------------------------------------------------------
 
 SIZE = 32                                              # image side in pixels
 BACKGROUND = (16, 16, 16)
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (60, 90, 235),
            "yellow": (235, 215, 40), "purple": (160, 60, 200)}
-SHAPES = ("circle", "square", "triangle", "cross")
+# Textures: which pixels of an object are lit in its colour (the others in DIM of it). Each shows
+# in any 2x2 pixels, so a 4-pixel patch of the toy VLM sees an object's texture as it sees its
+# colour; shape would not do (measured: the toy VLM's vision features read shape at chance).
+TEXTURES = ("solid", "striped", "checked", "dotted")
+DIM = 0.35
+SHAPES = ("circle", "square", "triangle", "cross")    # drawn (the masks' outlines), never named
 # The four quadrants, each a 16x16 cell holding at most one object: "the object at the top left"
 # names exactly one object, and an object never spills into another's cell.
 CELLS = {"top left": (0, 0), "top right": (16, 0), "bottom left": (0, 16), "bottom right": (16, 16)}
 CELL = 16
 RADII = (4.5, 6.5)                                     # half-extent range: 9-13 px objects
-# Colour-shape pairs never shown in fine-tuning; test-ood asks about exactly these (pre-training
+# Colour-texture pairs never shown in fine-tuning; test-ood asks about exactly these (pre-training
 # shows every pair, so the concepts are known, only their binding in multi-object scenes is new).
-HELD_OUT = (("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "cross"),
-            ("purple", "circle"))
+HELD_OUT = (("red", "striped"), ("green", "checked"), ("blue", "dotted"), ("yellow", "solid"),
+            ("purple", "striped"))
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
-# The questions of fine-tuning and test: each names one object among 3-4 (by its shape, its colour
-# or its cell) and asks for another attribute of it, so answering needs that object found.
-KINDS = ("colour", "shape", "colour-at")
+# The questions of fine-tuning and test: each names one object among 3-4 (by its texture, its
+# colour or its cell) and asks for another attribute of it, so answering needs that object found.
+KINDS = ("colour", "texture", "colour-at")
 # split: (images, objects per image (min, max), question kinds, seed offset); test-ood has every
 # cell filled (more distractors) and asks about held-out pairs
 SPLITS = {
@@ -70,46 +79,60 @@ def shape_mask(shape, cx, cy, r, size=SIZE):
     raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
-def draw_scene(rng, n_objects, allowed=None):
-    """One scene: list of objects {colour, shape, cell, cx, cy, r}, distinct colours, distinct
-    shapes and distinct cells (so "the circle", "the red object" and "the object at the top left"
-    each name exactly one object), each object inside its cell.
+def texture_lit(texture, size=SIZE):
+    """Boolean (size, size): the pixels a texture lights (the rest of the object is dim)."""
+    y, x = np.mgrid[0:size, 0:size]
+    lit = {"solid": np.ones((size, size), bool), "striped": y % 2 == 0, "checked": (x + y) % 2 == 0,
+           "dotted": (x % 2 == 0) & (y % 2 == 0)}
+    if texture not in lit:
+        raise ValueError(f"unknown texture {texture!r}; choose one of {TEXTURES}")
+    return lit[texture]
 
-    allowed: optional set of (colour, shape) pairs to draw from (fine-tuning excludes HELD_OUT).
+
+def draw_scene(rng, n_objects, allowed=None):
+    """One scene: list of objects {colour, texture, shape, cell, cx, cy, r}, distinct colours,
+    distinct textures and distinct cells (so "the striped object", "the red object" and "the object
+    at the top left" each name exactly one object), each object inside its cell.
+
+    allowed: optional set of (colour, texture) pairs to draw from (fine-tuning excludes HELD_OUT).
     """
     for _ in range(1000):                                           # rejection sampling
-        shapes = rng.choice(SHAPES, size=n_objects, replace=False)
+        textures = rng.choice(TEXTURES, size=n_objects, replace=False)
         colours = rng.choice(list(COLOURS), size=n_objects, replace=False)
-        pairs = list(zip(colours.tolist(), shapes.tolist()))
+        pairs = list(zip(colours.tolist(), textures.tolist()))
         if allowed is None or all(p in allowed for p in pairs):
             break
     else:
-        raise RuntimeError(f"no {n_objects} colour-shape pairs among {sorted(allowed)}")
+        raise RuntimeError(f"no {n_objects} colour-texture pairs among {sorted(allowed)}")
     cells = rng.choice(list(CELLS), size=n_objects, replace=False).tolist()
     objects = []
-    for (colour, shape), cell in zip(pairs, cells):
-        r = float(rng.uniform(*RADII))
+    for (colour, texture), cell in zip(pairs, cells):
+        shape, r = str(rng.choice(SHAPES)), float(rng.uniform(*RADII))
         x0, y0 = CELLS[cell]
         cx, cy = rng.uniform(r + 0.5, CELL - r - 0.5, size=2) + (x0, y0)
-        objects.append({"colour": colour, "shape": shape, "cell": cell, "cx": float(cx), "cy": float(cy),
-                        "r": r})
+        objects.append({"colour": colour, "texture": texture, "shape": shape, "cell": cell,
+                        "cx": float(cx), "cy": float(cy), "r": r})
     return objects
 
 
 def render(objects):
-    """(image uint8 (32, 32, 3), masks: list of bool (32, 32), one per object, exactly its drawn pixels)."""
+    """(image uint8 (32, 32, 3), masks: list of bool (32, 32), one per object, exactly its drawn
+    pixels: lit ones in its colour, the others of its texture in DIM of it)."""
     image = np.zeros((SIZE, SIZE, 3), np.uint8) + np.array(BACKGROUND, np.uint8)
     masks = [shape_mask(o["shape"], o["cx"], o["cy"], o["r"]) for o in objects]
     for o, m in zip(objects, masks):
-        image[m] = COLOURS[o["colour"]]
+        colour = np.array(COLOURS[o["colour"]])
+        lit = texture_lit(o["texture"])
+        image[m & lit] = colour
+        image[m & ~lit] = np.round(colour * DIM).astype(np.uint8)
     return image, masks
 
 
 def caption(objects):
-    """'a red circle' / 'a red circle and a blue square' / 'a red circle, a blue square and a green
-    triangle', in reading order of the cells."""
+    """'red striped' / 'red striped and blue solid' / 'red striped, blue solid and green dotted',
+    the objects in reading order of the cells."""
     order = sorted(objects, key=lambda o: list(CELLS).index(o["cell"]))
-    names = [f"a {o['colour']} {o['shape']}" for o in order]
+    names = [f"{o['colour']} {o['texture']}" for o in order]
     if len(names) == 1:
         return names[0]
     return ", ".join(names[:-1]) + " and " + names[-1]
@@ -119,13 +142,13 @@ def question(o, kind):
     """(question, answer) of a kind about object o: the object is named by one attribute and the
     answer is another."""
     if kind == "colour":
-        return f"what colour is the {o['shape']}?", o["colour"]
-    if kind == "shape":
-        return f"what shape is the {o['colour']} object?", o["shape"]
+        return f"what colour is the {o['texture']} object?", o["colour"]
+    if kind == "texture":
+        return f"what texture is the {o['colour']} object?", o["texture"]
     if kind == "colour-at":
         return f"what colour is the object at the {o['cell']}?", o["colour"]
     if kind == "position":
-        return f"where is the {o['colour']} {o['shape']}?", o["cell"]
+        return f"where is the {o['colour']} {o['texture']} object?", o["cell"]
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -146,7 +169,7 @@ def questions(rng, objects, kind, o_index=None):
 
 def pretrain_kinds(n_objects):
     """Pre-training asks about one object only in one-object scenes: every attribute is seen there
-    (colour, shape, cell) but selecting one object among others never is; multi-object scenes get
+    (colour, texture, cell) but selecting one object among others never is; multi-object scenes get
     counting and captions."""
     if n_objects == 1:
         return (*KINDS, "position", "count", "caption")
@@ -164,14 +187,14 @@ def build_split(out_dir, split, seed, spec=None):
     n_images, (lo, hi), kinds, offset = spec or SPLITS[split]
     rng = np.random.default_rng([seed, offset])                    # one stream per split: splits independent
     allowed = None
-    every_pair = {(c, s) for c in COLOURS for s in SHAPES}
+    every_pair = {(c, t) for c in COLOURS for t in TEXTURES}
     if split == "finetune":
         allowed = every_pair - set(HELD_OUT)
     items = []
     for i in range(n_images):
         n_objects = int(rng.integers(lo, hi + 1))
         objects = draw_scene(rng, n_objects, allowed)
-        while split == "test-ood" and not any((o["colour"], o["shape"]) in HELD_OUT for o in objects):
+        while split == "test-ood" and not any((o["colour"], o["texture"]) in HELD_OUT for o in objects):
             objects = draw_scene(rng, n_objects, allowed)           # test-ood: every scene has a held-out pair
         image, masks = render(objects)
         image_id = f"{split}-{i:05d}"
@@ -182,7 +205,7 @@ def build_split(out_dir, split, seed, spec=None):
         picked = pretrain_kinds(n_objects) if kinds is None else [kinds[int(rng.integers(len(kinds)))]]
         for kind in picked:
             # test-ood asks about a held-out object: that is what the split tests
-            held = [k for k, o in enumerate(objects) if (o["colour"], o["shape"]) in HELD_OUT]
+            held = [k for k, o in enumerate(objects) if (o["colour"], o["texture"]) in HELD_OUT]
             q, a, o_index = questions(rng, objects, kind, held[0] if split == "test-ood" else None)
             item = {"id": f"{image_id}-{kind}", "image": f"images/{image_id}.png", "question": q, "answer": a,
                     "category": kind, "caption": caption(objects), "objects": objects}
@@ -193,7 +216,7 @@ def build_split(out_dir, split, seed, spec=None):
                 masks_of[a] = f"masks/{image_id}-{o_index}.png"
             if kind == "caption":
                 for k, o in enumerate(objects):
-                    masks_of[o["colour"]] = masks_of[o["shape"]] = f"masks/{image_id}-{k}.png"
+                    masks_of[o["colour"]] = masks_of[o["texture"]] = f"masks/{image_id}-{k}.png"
             if masks_of:
                 item["masks"] = masks_of
             items.append(item)
@@ -249,7 +272,7 @@ def write_captions(out_dir, items):
         image_id = Path(it["image"]).stem
         masks = {}
         for k, o in enumerate(it["objects"]):
-            masks[o["colour"]] = masks[o["shape"]] = f"masks/{image_id}-{k}.png"
+            masks[o["colour"]] = masks[o["texture"]] = f"masks/{image_id}-{k}.png"
         lines[image_id] = {"id": f"{image_id}-caption", "image": it["image"], "question": CAPTION_PROMPT,
                            "answer": it["caption"], "category": "caption", "caption": it["caption"],
                            "objects": it["objects"], "masks": masks}
@@ -269,7 +292,7 @@ def build_world(out_dir, seed=0, finetune_items=None):
     if finetune_items is not None:
         splits["finetune"] = (finetune_items, *SPLITS["finetune"][1:])
     stamp = {"seed": seed, "splits": {k: list(map(str, v)) for k, v in splits.items()}, "held_out": HELD_OUT,
-             "version": 2}
+             "version": 3}
     paths = {split: out_dir / f"{split}.jsonl" for split in (*SPLITS, "test-captions")}
     info = out_dir / "world.json"
     if info.exists() and json.loads(info.read_text()) == json.loads(json.dumps(stamp)) and all(p.exists() for p in paths.values()):
@@ -293,8 +316,8 @@ PUNCTUATION = (",", ".", "?")
 
 def world_words():
     """Every word the world's texts use (captions, questions, answers), sorted."""
-    words = set(COLOURS) | set(SHAPES) | set(COUNT_WORDS)
-    words |= set("a and left right top bottom at what colour shape is the object where "
+    words = set(COLOURS) | set(TEXTURES) | set(COUNT_WORDS)
+    words |= set("and left right top bottom at what colour texture is the object where "
                  "how many objects are there describe image".split())
     return sorted(words)
 
