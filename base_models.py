@@ -248,19 +248,31 @@ def kind_accuracy(model, processor, items, batch_size=64):
     return {k: round(float(np.mean(v)), 4) for k, v in correct.items()}
 
 
-def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3):
+def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3, init_from=None):
     """Pre-train the toy Mllama on the pretrain split: every weight, next-token loss on the answers
-    (eq. 6), batches from data.collate (the fine-tuning data path), a plain loop (world-building)."""
+    (eq. 6), batches from data.collate (the fine-tuning data path), a plain loop (world-building).
+
+    Each batch draws a question kind uniformly, then an item of that kind: drawn by item, captions
+    and counts (every image has them) outweighed the one-object questions, and the model answered
+    every texture question "striped" (0.19 on test-one) although a linear probe on its vision
+    features read texture at 0.96. init_from: a toy-vlm folder to continue from."""
     paths = world.build_world(world_dir, seed)
     items = data.read_items(paths["pretrain"])
+    by_kind = {}
+    for it in items:
+        by_kind.setdefault(it["category"], []).append(it)
+    kinds = sorted(by_kind)
     tests = {s: data.read_items(paths[s]) for s in ("test-one", "test-id", "test-ood")}
     model, processor = toy_vlm(seed)
+    if init_from:
+        model, processor = models.load_vlm("toy", path=str(init_from))[:2]
     rng = np.random.default_rng(seed)
     t0 = time.time()
     model.train()
 
     def loss_of_step(step):
-        picked = data.collate(processor, [items[i] for i in rng.integers(len(items), size=batch)])
+        drawn = [by_kind[kinds[k]] for k in rng.integers(len(kinds), size=batch)]
+        picked = data.collate(processor, [pool[rng.integers(len(pool))] for pool in drawn])
         return model(**data.model_inputs(picked), labels=picked["labels"]).loss
     log = fit_base(list(model.parameters()), loss_of_step, steps, lr, "toy vlm")
     model.eval()
