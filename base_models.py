@@ -136,19 +136,17 @@ def train_sd(out_dir, world_dir, seed=0, steps=2400, batch=32, lr=1e-3, vae_step
     return Path(out_dir)
 
 
-PROMPT_MIX = (0.4, 0.3, 0.3)  # toy-sd's prompts: whole caption, one object's phrase, one word
+PROMPT_MIX = (0.4, 0.2, 0.2, 0.2)  # toy-sd's prompts: caption, one object's phrase, colour, cell
 
 
 def sd_prompt(objects, rng):
-    """One training prompt for a scene: its whole caption, one object's phrase ("red striped") or
-    one word of one object ("red", "striped"), drawn with PROMPT_MIX. Extraction conditions toy-sd
-    on an item's answer, one word: a model trained on whole captions alone never saw such a prompt
-    (one-word answers pointed 0.62 against 0.86 for the caption)."""
-    kind = rng.choice(3, p=PROMPT_MIX)
-    if kind == 0:
-        return world.caption(objects)
+    """One training prompt for a scene, drawn with PROMPT_MIX: its whole caption, one object's
+    phrase ("red at top left"), one object's colour ("red") or cell ("top left"), the answers'
+    forms. Extraction conditions toy-sd on an item's answer: a model trained on whole captions
+    alone never saw such a prompt (world v1: one-word answers pointed 0.62, the caption 0.86)."""
+    kind = rng.choice(len(PROMPT_MIX), p=PROMPT_MIX)
     o = objects[rng.integers(len(objects))]
-    return f"{o['colour']} {o['texture']}" if kind == 1 else str(rng.choice([o["colour"], o["texture"]]))
+    return (world.caption(objects), f"{o['colour']} at {o['cell']}", o["colour"], o["cell"])[kind]
 
 
 def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
@@ -168,7 +166,7 @@ def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
         idx = torch.randint(len(latents), (batch,), generator=g)
         prompts = [sd_prompt(scenes[i], rng) for i in idx.tolist()]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids  # (B, 20)
+                        truncation=True, return_tensors="pt").input_ids  # (B, 24)
         x0 = latents[idx]  # (B, 4, 32, 32)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
@@ -201,7 +199,7 @@ def dm_pointing(items, attn_dir):
     share = lambda hs: round(float(np.mean(hs)), 4) if hs else float("nan")  # noqa: E731
     return {"accuracy": share([h for h, _, _ in hits]), "hits": int(sum(h for h, _, _ in hits)), "n": len(hits),
             "colour": share([h for h, w, _ in hits if w in world.COLOURS]),
-            "texture": share([h for h, w, _ in hits if w in world.TEXTURES]), "entropy": share([e for _, _, e in hits])}
+            "cell": share([h for h, w, _ in hits if w in {x for c in world.CELLS for x in c.split()}]), "entropy": share([e for _, _, e in hits])}
 
 
 def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, **extract_kwargs):

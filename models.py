@@ -312,7 +312,7 @@ SD_SIZES = {
                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                      cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16),
         "text_encoder": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=2, max_position_embeddings=16)},
+                             num_attention_heads=2, max_position_embeddings=24)},
     "sd14": {
         "unet": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
         "vae": dict(down_block_types=("DownEncoderBlock2D",) * 4,

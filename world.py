@@ -3,15 +3,16 @@ captions, VQA pairs about them, and the mask of the object every answer word nam
 paper: base_models.py trains the toy models on it, toy.py runs the method on it).
 
 build_world() draws every split, deterministic by seed, in the DESIGN.md JSONL format, so every
-script reads it unchanged: captions such as "red striped, blue solid and green dotted", questions
-that name one object among 3-4 by one attribute and ask for another ("what colour is the striped
-object?", "what texture is the red object?", "what colour is the object at the top left?").
+script reads it unchanged: captions such as "red at top left, blue at bottom right and green at top
+right", questions that name one object among 3-4 by one attribute and ask for the other ("what
+colour is the object at the top left?", "where is the red object?"); shapes and textures are drawn,
+never named.
 Splits: pretrain (the base models' training; questions about one object only on one-object images,
 so every attribute is seen but selecting an object never is; counts and captions on crowded ones),
 finetune (3 objects: selection needed), test-id (3 objects), test-ood (4 objects, more distractors,
-questions about colour-texture pairs never seen in fine-tuning), test-one (held-out one-object
+questions about colour-cell pairs never seen in fine-tuning), test-one (held-out one-object
 images: can the base model perceive what it is asked?), plus test-captions (a caption per test-id
-image, every colour and texture word with its mask). oracle_store writes the masks as an
+image, every colour word with its mask). oracle_store writes the masks as an
 attention store: the targets of toy.py's oracle arm.
 
     python toy.py build --world toy_out/world      # draw the world alone
@@ -31,25 +32,26 @@ SIZE = 32                                              # image side in pixels
 BACKGROUND = (16, 16, 16)
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (60, 90, 235),
            "yellow": (235, 215, 40), "purple": (160, 60, 200)}
-# Textures: which pixels of an object are lit in its colour (the others in DIM of it). Each shows
-# in any 2x2 pixels, so a 4-pixel patch of the toy VLM sees an object's texture as it sees its
-# colour; shape would not do (measured: the toy VLM's vision features read shape at chance).
+# Objects are named by colour and cell only. Shape and texture (which pixels are lit in the colour,
+# the others in DIM of it) are drawn, never named: the toy VLM answered shape (v1, v2) and texture
+# (v3) questions at chance on one-object images, so a question about them could not tell a failure
+# to select the object from a failure to see it (toy_report.md, world versions).
 TEXTURES = ("solid", "striped", "checked", "dotted")
 DIM = 0.35
-SHAPES = ("circle", "square", "triangle", "cross")    # drawn (the masks' outlines), never named
+SHAPES = ("circle", "square", "triangle", "cross")
 # The four quadrants, each a 16x16 cell holding at most one object: "the object at the top left"
 # names exactly one object, and an object never spills into another's cell.
 CELLS = {"top left": (0, 0), "top right": (16, 0), "bottom left": (0, 16), "bottom right": (16, 16)}
 CELL = 16
 RADII = (4.5, 6.5)                                     # half-extent range: 9-13 px objects
-# Colour-texture pairs never shown in fine-tuning; test-ood asks about exactly these (pre-training
+# Colour-cell pairs never shown in fine-tuning; test-ood asks about exactly these (pre-training
 # shows every pair, so the concepts are known, only their binding in multi-object scenes is new).
-HELD_OUT = (("red", "striped"), ("green", "checked"), ("blue", "dotted"), ("yellow", "solid"),
-            ("purple", "striped"))
+HELD_OUT = (("red", "top left"), ("green", "top right"), ("blue", "bottom left"),
+            ("yellow", "bottom right"), ("purple", "top left"))
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
-# The questions of fine-tuning and test: each names one object among 3-4 (by its texture, its
-# colour or its cell) and asks for another attribute of it, so answering needs that object found.
-KINDS = ("colour", "texture", "colour-at")
+# The questions of fine-tuning and test: each names one object among 3-4 (by its cell or by its
+# colour) and asks for the other attribute, so answering needs that object found.
+KINDS = ("colour-at", "position")
 # split: (images, objects per image (min, max), question kinds, seed offset); test-ood has every
 # cell filled (more distractors) and asks about held-out pairs
 SPLITS = {
@@ -57,7 +59,7 @@ SPLITS = {
     "finetune": (400, (3, 3), KINDS, 1),
     "test-id": (300, (3, 3), KINDS, 2),
     "test-ood": (300, (4, 4), KINDS, 3),
-    "test-one": (200, (1, 1), (*KINDS, "position"), 4),   # perception alone: one object, held out
+    "test-one": (200, (1, 1), KINDS, 4),                 # perception alone: one object, held out
 }
 CAPTION_PROMPT = "describe the image."
 
@@ -90,24 +92,23 @@ def texture_lit(texture, size=SIZE):
 
 
 def draw_scene(rng, n_objects, allowed=None):
-    """One scene: list of objects {colour, texture, shape, cell, cx, cy, r}, distinct colours,
-    distinct textures and distinct cells (so "the striped object", "the red object" and "the object
-    at the top left" each name exactly one object), each object inside its cell.
+    """One scene: list of objects {colour, cell, shape, texture, cx, cy, r}, distinct colours and
+    distinct cells (so "the red object" and "the object at the top left" each name exactly one
+    object), each object inside its cell.
 
-    allowed: optional set of (colour, texture) pairs to draw from (fine-tuning excludes HELD_OUT).
+    allowed: optional set of (colour, cell) pairs to draw from (fine-tuning excludes HELD_OUT).
     """
     for _ in range(1000):                                           # rejection sampling
-        textures = rng.choice(TEXTURES, size=n_objects, replace=False)
         colours = rng.choice(list(COLOURS), size=n_objects, replace=False)
-        pairs = list(zip(colours.tolist(), textures.tolist()))
+        cells = rng.choice(list(CELLS), size=n_objects, replace=False)
+        pairs = list(zip(colours.tolist(), cells.tolist()))
         if allowed is None or all(p in allowed for p in pairs):
             break
     else:
-        raise RuntimeError(f"no {n_objects} colour-texture pairs among {sorted(allowed)}")
-    cells = rng.choice(list(CELLS), size=n_objects, replace=False).tolist()
+        raise RuntimeError(f"no {n_objects} colour-cell pairs among {sorted(allowed)}")
     objects = []
-    for (colour, texture), cell in zip(pairs, cells):
-        shape, r = str(rng.choice(SHAPES)), float(rng.uniform(*RADII))
+    for colour, cell in pairs:
+        shape, texture, r = str(rng.choice(SHAPES)), str(rng.choice(TEXTURES)), float(rng.uniform(*RADII))
         x0, y0 = CELLS[cell]
         cx, cy = rng.uniform(r + 0.5, CELL - r - 0.5, size=2) + (x0, y0)
         objects.append({"colour": colour, "texture": texture, "shape": shape, "cell": cell,
@@ -129,10 +130,10 @@ def render(objects):
 
 
 def caption(objects):
-    """'red striped' / 'red striped and blue solid' / 'red striped, blue solid and green dotted',
-    the objects in reading order of the cells."""
+    """'red at top left' / 'red at top left and blue at bottom right' / 'red at top left, blue at
+    top right and green at bottom left', the objects in reading order of the cells."""
     order = sorted(objects, key=lambda o: list(CELLS).index(o["cell"]))
-    names = [f"{o['colour']} {o['texture']}" for o in order]
+    names = [f"{o['colour']} at {o['cell']}" for o in order]
     if len(names) == 1:
         return names[0]
     return ", ".join(names[:-1]) + " and " + names[-1]
@@ -141,14 +142,10 @@ def caption(objects):
 def question(o, kind):
     """(question, answer) of a kind about object o: the object is named by one attribute and the
     answer is another."""
-    if kind == "colour":
-        return f"what colour is the {o['texture']} object?", o["colour"]
-    if kind == "texture":
-        return f"what texture is the {o['colour']} object?", o["texture"]
     if kind == "colour-at":
         return f"what colour is the object at the {o['cell']}?", o["colour"]
     if kind == "position":
-        return f"where is the {o['colour']} {o['texture']} object?", o["cell"]
+        return f"where is the {o['colour']} object?", o["cell"]
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -157,9 +154,9 @@ def questions(rng, objects, kind, o_index=None):
     objects[o_index] (drawn when None)."""
     if o_index is None:
         o_index = int(rng.integers(len(objects)))
-    if kind in (*KINDS, "position"):
+    if kind in KINDS:
         q, a = question(objects[o_index], kind)
-        return q, a, (o_index if kind in KINDS else None)      # answer words naming the object: mask
+        return q, a, o_index                                    # the answer's words name the object: mask
     if kind == "count":
         return "how many objects are there?", COUNT_WORDS[len(objects)], None
     if kind == "caption":
@@ -169,10 +166,10 @@ def questions(rng, objects, kind, o_index=None):
 
 def pretrain_kinds(n_objects):
     """Pre-training asks about one object only in one-object scenes: every attribute is seen there
-    (colour, texture, cell) but selecting one object among others never is; multi-object scenes get
-    counting and captions."""
+    (colour, cell) but selecting one object among others never is; multi-object scenes get counting
+    and captions."""
     if n_objects == 1:
-        return (*KINDS, "position", "count", "caption")
+        return (*KINDS, "count", "caption")
     return ("count", "caption")
 
 
@@ -187,14 +184,14 @@ def build_split(out_dir, split, seed, spec=None):
     n_images, (lo, hi), kinds, offset = spec or SPLITS[split]
     rng = np.random.default_rng([seed, offset])                    # one stream per split: splits independent
     allowed = None
-    every_pair = {(c, t) for c in COLOURS for t in TEXTURES}
+    every_pair = {(c, cell) for c in COLOURS for cell in CELLS}
     if split == "finetune":
         allowed = every_pair - set(HELD_OUT)
     items = []
     for i in range(n_images):
         n_objects = int(rng.integers(lo, hi + 1))
         objects = draw_scene(rng, n_objects, allowed)
-        while split == "test-ood" and not any((o["colour"], o["texture"]) in HELD_OUT for o in objects):
+        while split == "test-ood" and not any((o["colour"], o["cell"]) in HELD_OUT for o in objects):
             objects = draw_scene(rng, n_objects, allowed)           # test-ood: every scene has a held-out pair
         image, masks = render(objects)
         image_id = f"{split}-{i:05d}"
@@ -205,18 +202,18 @@ def build_split(out_dir, split, seed, spec=None):
         picked = pretrain_kinds(n_objects) if kinds is None else [kinds[int(rng.integers(len(kinds)))]]
         for kind in picked:
             # test-ood asks about a held-out object: that is what the split tests
-            held = [k for k, o in enumerate(objects) if (o["colour"], o["texture"]) in HELD_OUT]
+            held = [k for k, o in enumerate(objects) if (o["colour"], o["cell"]) in HELD_OUT]
             q, a, o_index = questions(rng, objects, kind, held[0] if split == "test-ood" else None)
             item = {"id": f"{image_id}-{kind}", "image": f"images/{image_id}.png", "question": q, "answer": a,
                     "category": kind, "caption": caption(objects), "objects": objects}
-            # masks: the object each answer word names (colour and shape words of a caption, or the
-            # one-word answer of a colour/shape question); words naming no object get none
+            # masks: the object each answer word names (every word of a question's answer: "red",
+            # or "top" and "left"; the colour words of a caption); words naming no object get none
             masks_of = {}
             if o_index is not None:
-                masks_of[a] = f"masks/{image_id}-{o_index}.png"
+                masks_of = {word: f"masks/{image_id}-{o_index}.png" for word in a.split()}
             if kind == "caption":
                 for k, o in enumerate(objects):
-                    masks_of[o["colour"]] = masks_of[o["texture"]] = f"masks/{image_id}-{k}.png"
+                    masks_of[o["colour"]] = f"masks/{image_id}-{k}.png"
             if masks_of:
                 item["masks"] = masks_of
             items.append(item)
@@ -266,13 +263,13 @@ def oracle_store(items, root, out_dir, dm_name="oracle-masks"):
 
 def write_captions(out_dir, items):
     """test-captions.jsonl: one captioning item per test-id image (never seen by toy-sd in training),
-    masks for every colour and shape word: the toy-sd pointing check runs on these."""
+    masks for every colour word: the toy-sd pointing check runs on these."""
     lines = {}
     for it in items:
         image_id = Path(it["image"]).stem
         masks = {}
         for k, o in enumerate(it["objects"]):
-            masks[o["colour"]] = masks[o["texture"]] = f"masks/{image_id}-{k}.png"
+            masks[o["colour"]] = f"masks/{image_id}-{k}.png"
         lines[image_id] = {"id": f"{image_id}-caption", "image": it["image"], "question": CAPTION_PROMPT,
                            "answer": it["caption"], "category": "caption", "caption": it["caption"],
                            "objects": it["objects"], "masks": masks}
@@ -292,7 +289,7 @@ def build_world(out_dir, seed=0, finetune_items=None):
     if finetune_items is not None:
         splits["finetune"] = (finetune_items, *SPLITS["finetune"][1:])
     stamp = {"seed": seed, "splits": {k: list(map(str, v)) for k, v in splits.items()}, "held_out": HELD_OUT,
-             "version": 3}
+             "version": 4}
     paths = {split: out_dir / f"{split}.jsonl" for split in (*SPLITS, "test-captions")}
     info = out_dir / "world.json"
     if info.exists() and json.loads(info.read_text()) == json.loads(json.dumps(stamp)) and all(p.exists() for p in paths.values()):
@@ -317,7 +314,7 @@ PUNCTUATION = (",", ".", "?")
 def world_words():
     """Every word the world's texts use (captions, questions, answers), sorted."""
     words = set(COLOURS) | set(TEXTURES) | set(COUNT_WORDS)
-    words |= set("and left right top bottom at what colour texture is the object where "
+    words |= set("and left right top bottom at what colour is the object where "
                  "how many objects are there describe image".split())
     return sorted(words)
 
