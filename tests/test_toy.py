@@ -92,7 +92,7 @@ def object_of(item, rel):
 def test_masks_match_drawings(small_world):
     """Every mask is exactly the pixels drawn in its object's colour (lit) or its dim (objects never
     overlap: one per cell), inside the object's cell, and the word a mask is filed under names
-    that object's colour or texture."""
+    that object's colour or cell."""
     out, paths = small_world
     checked = 0
     for split in ("finetune", "test-id", "test-ood", "test-one", "test-captions"):
@@ -101,7 +101,7 @@ def test_masks_match_drawings(small_world):
             for word, rel in item.get("masks", {}).items():
                 mask = np.asarray(Image.open(out / rel)) > 127                     # (32, 32)
                 obj = object_of(item, rel)
-                assert word in (obj["colour"], obj["texture"]), (item["id"], word, obj)
+                assert word in (obj["colour"], *obj["cell"].split()), (item["id"], word, obj)
                 lit = np.array(world.COLOURS[obj["colour"]])
                 dim = np.round(lit * world.DIM)
                 drawn = (pixels == lit).all(-1) | (pixels == dim).all(-1)           # (32, 32)
@@ -134,29 +134,26 @@ def test_answers_are_true_of_the_scene(small_world):
         for item in read(paths[split]):
             objs, q, a, kind = item["objects"], item["question"], item["answer"], item["category"]
             seen.add(kind)
-            assert len({o["colour"] for o in objs}) == len({o["texture"] for o in objs}) == len(objs)
-            assert len({o["cell"] for o in objs}) == len(objs)
-            named = {"colour": [o for o in objs if f"the {o['texture']} object" in q],
-                     "texture": [o for o in objs if f"the {o['colour']} object" in q],
-                     "colour-at": [o for o in objs if q.endswith(f"at the {o['cell']}?")],
-                     "position": [o for o in objs if f"the {o['colour']} {o['texture']} object" in q]}
+            assert len({o["colour"] for o in objs}) == len({o["cell"] for o in objs}) == len(objs)
+            named = {"colour-at": [o for o in objs if q.endswith(f"at the {o['cell']}?")],
+                     "position": [o for o in objs if q == f"where is the {o['colour']} object?"]}
             if kind in named:
                 assert len(named[kind]) == 1, (item["id"], q)               # one object fits the question
                 o = named[kind][0]
-                assert a == {"colour": o["colour"], "texture": o["texture"], "colour-at": o["colour"],
-                             "position": o["cell"]}[kind], (item["id"], q, a)
-            if kind in world.KINDS:
-                assert list(item["masks"]) == [a] and object_of(item, item["masks"][a]) == o
+                assert a == {"colour-at": o["colour"], "position": o["cell"]}[kind], (item["id"], q, a)
+                # every answer word has the mask of that object ("top left": "top" and "left")
+                assert list(item["masks"]) == a.split()
+                assert all(object_of(item, rel) == o for rel in item["masks"].values())
             elif kind == "count":
                 assert a == world.COUNT_WORDS[len(objs)]
             elif kind == "caption":
                 assert a == world.caption(objs)
-    assert seen == {*world.KINDS, "position", "count", "caption"}
+    assert seen == {*world.KINDS, "count", "caption"}
 
 
 def test_splits_follow_the_design(small_world):
     """pretrain asks about one object only in one-object scenes; fine-tuning never shows a held-out
-    colour-texture pair; test-ood fills every cell and asks about a held-out pair."""
+    colour-cell pair; test-ood fills every cell and asks about a held-out pair."""
     _, paths = small_world
     for item in read(paths["pretrain"]):
         if item["category"] not in ("count", "caption"):
@@ -166,25 +163,28 @@ def test_splits_follow_the_design(small_world):
         for item in read(paths[split]):
             assert len(item["objects"]) == n
             if split == "finetune":
-                assert not {(o["colour"], o["texture"]) for o in item["objects"]} & held
+                assert not {(o["colour"], o["cell"]) for o in item["objects"]} & held
             if split == "test-ood":
-                o = object_of(item, item["masks"][item["answer"]])
-                assert (o["colour"], o["texture"]) in held
+                o = object_of(item, item["masks"][item["answer"].split()[0]])
+                assert (o["colour"], o["cell"]) in held
 
 
 def test_oracle_store_is_the_masks_in_the_store_format(small_world, tmp_path):
     """world.oracle_store: one file per item with a mask, the answer word's mask as its map, read
-    back by data.check_maps as a usable target for that answer (the format train.py reads)."""
+    back by data.check_maps as a usable target for that answer (the format train.py reads); a
+    two-word answer ("top left") gets both words, each with the object's mask."""
     out, paths = small_world
     items = data.read_items(paths["finetune"])
     assert world.oracle_store(items, out, tmp_path / "oracle") == len(items)
+    assert {len(it["answer"].split()) for it in items} == {1, 2}
     for it in items:
         path = data.maps_path(tmp_path / "oracle", it["id"])
-        assert data.check_maps(path, it["answer"]) == ([it["answer"]], None)
+        assert data.check_maps(path, it["answer"]) == (it["answer"].split(), None)
         maps, words, meta = data.load_maps(path)
-        mask = np.asarray(Image.open(out / it["masks"][it["answer"]])) > 127
-        assert maps.shape == (1, 32, 32) and meta["dm"] == "oracle-masks"
-        assert torch.equal(maps[0], torch.from_numpy(mask).float())
+        assert maps.shape == (len(words), 32, 32) and meta["dm"] == "oracle-masks"
+        for word, m in zip(words, maps):
+            mask = np.asarray(Image.open(out / it["masks"][word])) > 127
+            assert torch.equal(m, torch.from_numpy(mask).float())
 
 
 def test_oracle_store_resizes_and_refuses_stray_masks(tmp_path):
@@ -224,8 +224,8 @@ def test_world_reads_through_the_project(small_world):
 
 def test_clip_tokenizer_worked_example():
     tok = base_models.toy_sd_tokenizer()
-    pieces = tok.convert_ids_to_tokens(tok("red striped, blue dotted? redd").input_ids)
-    assert pieces == ["<|startoftext|>", "red</w>", "striped</w>", ",</w>", "blue</w>", "dotted</w>", "?</w>",
+    pieces = tok.convert_ids_to_tokens(tok("red at top left, blue? redd").input_ids)
+    assert pieces == ["<|startoftext|>", "red</w>", "at</w>", "top</w>", "left</w>", ",</w>", "blue</w>", "?</w>",
                       "re", "d", "d</w>", "<|endoftext|>"]
 
 
