@@ -9,7 +9,7 @@ The weights they write are the shipped toy_models/; toy.py's demo fine-tunes fro
   - toy VLM: every weight pre-trained on the pretrain split with the next-token loss: competent but
     imperfect, the starting point of fine-tuning as Llama-3.2 is. Probe: VQA accuracy.
 
-    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (2400 steps, about 20 min on 2 cores)
+    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (1500 steps of 16, about 24 min on a busy 2-core machine)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
     python toy.py measure-sd          # toy-sd pointing on held-out images (colour and shape words apart)
 """
@@ -102,7 +102,7 @@ def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0):
     return latents * vae.config.scaling_factor, l1
 
 
-def train_sd(out_dir, world_dir, seed=0, steps=2400, batch=32, lr=1e-3, vae_steps=300, save_every=400,
+def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_steps=300, save_every=300,
              init_from=None):
     """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir.
 
@@ -246,7 +246,7 @@ def kind_accuracy(model, processor, items, batch_size=64):
     return {k: round(float(np.mean(v)), 4) for k, v in correct.items()}
 
 
-def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3, init_from=None):
+def train_vlm(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, init_from=None):
     """Pre-train the toy Mllama on the pretrain split: every weight, next-token loss on the answers
     (eq. 6), batches from data.collate (the fine-tuning data path), a plain loop (world-building).
 

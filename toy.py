@@ -469,10 +469,10 @@ def build_parser():
     # ---- base models ----
     p.add_argument("--dm-path", default=str(TOY_MODELS / "toy-sd"), help="toy-sd folder (diffusers layout)")
     p.add_argument("--vlm-path", default=str(TOY_MODELS / "toy-vlm"), help="toy VLM folder (save_pretrained)")
-    p.add_argument("--base-steps", type=int, default=None, help="train-sd / train-vlm: training steps (2400 / 1200)")
+    p.add_argument("--base-steps", type=int, default=None, help="train-sd / train-vlm: training steps (1500 / 1000)")
     p.add_argument("--init-from", default=None, help="train-sd: continue from this toy-sd folder (its VAE stays frozen)")
     p.add_argument("--sd-lr", type=float, default=1e-3, help="train-sd: peak learning rate (warm-up + cosine)")
-    p.add_argument("--save-every", type=int, default=400, help="train-sd: save a step<N>/ checkpoint every N steps")
+    p.add_argument("--save-every", type=int, default=300, help="train-sd: save a step<N>/ checkpoint every N steps")
     # ---- extraction (extract.py) ----
     p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (extract.py)")
     p.add_argument("--denoise-steps", type=int, default=5, help="denoising steps after the inversion (extract.py)")
@@ -516,10 +516,10 @@ def main(argv=None):
         paths = world.build_world(args.world, args.seed)
         print(f"world: {', '.join(f'{k}={v}' for k, v in paths.items())}")
     elif args.command == "train-sd":
-        base_models.train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.base_steps or 2400,
+        base_models.train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.base_steps or 1500,
                  lr=args.sd_lr, save_every=args.save_every, init_from=args.init_from)
     elif args.command == "train-vlm":
-        base_models.train_vlm(args.out or TOY_MODELS / "toy-vlm", args.world, seed=args.seed, steps=args.base_steps or 1200)
+        base_models.train_vlm(args.out or TOY_MODELS / "toy-vlm", args.world, seed=args.seed, steps=args.base_steps or 1000)
     elif args.command == "measure-sd":
         result = base_models.measure_sd(args.dm_path, args.world, args.out or ROOT / "toy_out" / "measure-sd", seed=args.seed,
                             inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
