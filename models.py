@@ -281,10 +281,10 @@ def load_vlm(name, path=None, dtype=torch.float32):
 # toy-sd: a 1-level VAE (16 channels, no downsampling): 32 px images -> 4 x 32 x 32 latents, pixel
 # space in all but name, kept so that extraction runs SD's encode -> UNet path unchanged. UNet
 # blocks 32/32/64 at 32, 16 and 8 px; cross-attention at 16 and 8 px and in the mid block, none at
-# 32 px; 4-channel heads. Text encoder: hidden 64, two causal layers, 16 positions (SD: 77; with 77
+# 32 px; 4-channel heads. Text encoder: hidden 64, two causal layers, 24 positions (SD: 77; with 77
 # the ~65 padding columns took ~70% of every pixel's attention, and the world's longest caption is
-# 14 tokens with the start and end tokens). Why this recipe (toy-sd pointing on 750 held-out
-# caption words, toy_report.md): a 2-level VAE (16x16 latents) with a position-free, layer-free
+# 21 tokens with the start and end tokens). Why this recipe (world v1, toy-sd pointing on 750
+# held-out caption words, toy_report.md): a 2-level VAE (16x16 latents) with a position-free, layer-free
 # encoder (a bag of word vectors) pointed 46%: colour words 89%, shape words 2%. A bag of words
 # cannot tell which shape goes with which colour in "a red circle left of a blue square", so the
 # UNet learned to ignore shape words. This recipe points 84.5% (colour 91%, shape 78%); with one
