@@ -5,8 +5,9 @@ No weights can be downloaded here, so the project draws its own world (world.py)
 own "pretrained" models on it (base_models.py: toy-sd and the toy VLM, shipped in toy_models/);
 then every step of the paper runs on it for real, through the real scripts:
 
-  1. `python toy.py`: extract DM maps (extract.py), fine-tune AR and Lavender with the same budget
-     and seeds (train.py), evaluate (evaluate.py), print one table, write toy_report.md.
+  1. `python toy.py`: extract DM maps (extract.py), fine-tune AR, Lavender and the oracle (Lavender
+     with the world's object masks as targets, world.oracle_store) with the same budget and seeds
+     (train.py), evaluate (evaluate.py), print one table, write toy_report.md and toy_report.json.
   2. `python toy.py protocol`: every ablation arm over several worlds and seeds, paired against AR
      of the same world and seed (protocol.json, protocol.md).
 
@@ -500,8 +501,8 @@ def build_parser():
     p.add_argument("--align-words", default="predicted", help="train.py --align-words (predicted, label)")
     p.add_argument("--pretrain-aligner-steps", type=int, default=0, help="Lavender runs: Aligner pre-training steps")
     p.add_argument("--dm-categories", nargs="+", default=list(world.KINDS), choices=world.KINDS,
-                   help="fine-tuning items whose answer gets a DM map; the others train with L_VLM alone. 'colour' "
-                        "alone aligns only the words toy-sd localises (like the release's adjectives-only filter)")
+                   help="fine-tuning items whose answer gets a DM map (and an oracle mask); the others train with "
+                        "L_VLM alone. 'colour-at' alone aligns only colour words (like the release's adjectives-only filter)")
     # ---- demo output ----
     p.add_argument("--limit", type=int, default=0, help="extract and evaluate only the first N items of each split (quick test; 0: all)")
     p.add_argument("--report", default=str(ROOT / "toy_report.md"), help="where the demo writes its report ('' for none)")
