@@ -489,7 +489,7 @@ def build_parser():
     p.add_argument("--data-sizes", type=int, nargs="*", default=DATA_SIZES,
                    help="protocol: smaller finetune splits, AR and Lavender each (none: --data-sizes alone)")
     p.add_argument("--finetune-items", type=int, default=None,
-                   help="size of the world's finetune split (default 160; another size draws another world: use its own --world)")
+                   help="size of the world's finetune split (default 400; another size draws another world: use its own --world)")
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per fine-tuning run")
     p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")

@@ -281,7 +281,7 @@ def write_captions(out_dir, items):
 def build_world(out_dir, seed=0, finetune_items=None):
     """Draw every split of the world into out_dir (deterministic by seed); returns {split: jsonl path}.
 
-    finetune_items: the finetune split's size (default SPLITS', 160). A cached world (world.json
+    finetune_items: the finetune split's size (default SPLITS', 400). A cached world (world.json
     with the same seed and splits) is reused as it is.
     """
     out_dir = Path(out_dir)
