@@ -40,6 +40,7 @@ report as one process would.
 import argparse
 import gc
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ from distributed import exit_if_torchrun, gather_objects, setup_distributed, tea
 from figures import draw_entropy_histograms, draw_overlays
 from metrics import (METRICS, accuracy_summary, check_items, describe_metric, read_predictions, run_scores,
                      score_items, write_predictions)
-from models import load_vlm, maps_have_positions
+from models import load_vlm, maps_have_positions, resolve_dtype
 from runs import load_run, run_problem
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +208,10 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
     show = not args.quiet and rank == 0
     model.to(device).eval()
     mine = list(range(rank, len(items), world))
+    start = time.perf_counter()
     predictions = generate_answers(model, processor, [items[i] for i in mine], args.batch_size, args.max_new_tokens,
                                    device, show)
+    seconds = gather_objects([time.perf_counter() - start], world)  # every rank's generation time
     results = []  # one dict per item of this rank: its prediction and, with a DM store, its per-word measures
     for i, prediction in zip(mine, predictions):
         results.append({"index": i, "record": {"id": items[i]["id"], "prediction": prediction}})
@@ -236,7 +239,8 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
             record["own_pointing"] = r["own"]["hits"]
     if rank == 0:
         write_predictions(out_dir / name, records, args.vlmevalkit)
-    report = {"name": name, **run_scores(records)}
+    report = {"name": name, **run_scores(records), "generate_seconds": max(seconds),
+              "items_per_second": len(items) / max(max(seconds), 1e-9)}  # all ranks together
     pictures = {}
     if dm_store:
         pictures = {r["record"]["id"]: r["picture"] for r in results if "picture" in r}
@@ -364,7 +368,8 @@ def summary_line(report):
     for r in report["runs"]:
         mse = r.get("alignment_mse") or {}
         parts.append(f"{r['name']} {_pct(r['accuracy']['all']).split(' (')[0]}%"
-                     + (f" mse {mse['mean']:.4f}" if mse.get("mean") is not None else ""))
+                     + (f" mse {mse['mean']:.4f}" if mse.get("mean") is not None else "")
+                     + (f" {r['items_per_second']:.2f} items/s" if "items_per_second" in r else ""))
     return (f"evaluated {len(report['runs'])} model(s) on {report['items']} items: " + "; ".join(parts)
             + f" -> {report['out']}/report.md")
 
@@ -461,12 +466,13 @@ def evaluate_ranks(args, rank, world, device):
 
     # ---- each model in turn: load, generate, score, read its attention ----
     runs, pictures = [], {}
+    dtype = resolve_dtype(args.dtype, device)  # auto: bf16 on a GPU, fp32 on a CPU
     for name, run_dir in models_to_evaluate(args):
-        if run_dir is None:
-            model, processor = load_vlm(args.model, args.model_path, dtype=getattr(torch, args.dtype))
+        if run_dir is None:  # the weights go to this rank's device as they load
+            model, processor = load_vlm(args.model, args.model_path, dtype, device)
             lavender = None
         else:  # a LoRA or full run, loaded whole on this one process (also one trained under FSDP)
-            model, processor, lavender, config = open_run(run_dir, device, getattr(torch, args.dtype))
+            model, processor, lavender, config = open_run(run_dir, device, dtype)
             if args.model and config.get("model") != args.model:
                 raise SystemExit(f"--run-dir {run_dir} was trained from --model {config.get('model')}, not {args.model}")
         settings = capture_settings(lavender, model, args) if dm_store else None
@@ -527,8 +533,9 @@ def build_parser():
                    help="every model's own maps: the text-to-image attention layers read")
     p.add_argument("--match", default="exact", choices=["exact", "root"], help="VLM-to-DM word matching")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="the VLM's dtype, base model and runs (bfloat16 on a GPU halves the memory)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the VLM's dtype, base model and runs; auto: bfloat16 on a GPU (half the memory), "
+                        "float32 on a CPU")
     # scoring
     p.add_argument("--metric", default="auto", choices=["auto", *METRICS],
                    help="how answers are scored: auto (each item's \"metric\" field, written by prepare.py convert; "

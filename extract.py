@@ -30,7 +30,7 @@ from PIL import Image
 
 from aligner import MAP_SIZE, min_max  # the one map size and normalisation of DM and VLM maps
 from data import ID_PATTERN, is_complete, load_image, load_maps, maps_path, read_items, save_maps, split_words
-from models import DM_PRESETS, PRESETS, load_dm, scheduler_config
+from models import DM_PRESETS, PRESETS, load_dm, resolve_dtype, scheduler_config
 
 # ---- words: data.split_words (the rule of both sides) located among CLIP's tokens ----
 
@@ -439,9 +439,7 @@ def main(argv=None):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     device = cuda if args.device == "auto" else args.device
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "auto": torch.float16 if device.startswith("cuda") else torch.float32}[args.dtype]
-    dm = load_dm(args.dm, args.dm_path, device, dtype)
+    dm = load_dm(args.dm, args.dm_path, device, resolve_dtype(args.dtype, device, "float16"))
     s = extract(items, dm, args.out, args.inversion_steps, args.denoise_steps, args.capture_steps,
                 parse_layers(args.layers, args.dm), args.batch_size, rank, world_size)
     # one line per rank (no collectives to merge them); items of other ranks are not counted here

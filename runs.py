@@ -350,10 +350,10 @@ def load_run(run_dir, device="cpu", dtype=torch.float32):
     config = json.loads((run_dir / "config.json").read_text())
     if config["peft"] == "lora":
         from peft import PeftModel
-        base, processor = models.load_vlm(config["model"], config["model_path"], dtype=dtype)
+        base, processor = models.load_vlm(config["model"], config["model_path"], dtype, device)
         model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     else:
-        model, processor = models.load_vlm(config["model"], str(run_dir / "model"), dtype=dtype)
+        model, processor = models.load_vlm(config["model"], str(run_dir / "model"), dtype, device)
     lavender = dict(aligner=None, layers=config.get("aligned_layers", []), aggregation=config["aggregate"],
                     aligner_mode=config["aligner_mode"], match=config["match"], align_words=config["align_words"],
                     learned=config["loss"] == "lavender" and config["aggregate"] == "learn")

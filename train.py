@@ -70,10 +70,9 @@ def build(args, device, mesh):
             aggregate.aligner_placement(args.aggregate, args.aligner_mode)
         except ValueError as err:
             raise SystemExit(str(err)) from None
-    frozen = args.frozen_dtype  # the frozen base weights' dtype; auto: bf16 on a GPU with LoRA, else fp32
-    if frozen == "auto":
-        frozen = "bfloat16" if device.type == "cuda" and args.peft == "lora" else "float32"
-    model, processor = models.load_vlm(args.model, args.model_path, dtype=getattr(torch, frozen))
+    # the frozen base weights' dtype; auto: bf16 on a GPU with LoRA, else fp32
+    frozen = models.resolve_dtype(args.frozen_dtype, device, "bfloat16" if args.peft == "lora" else "float32")
+    model, processor = models.load_vlm(args.model, args.model_path, dtype=frozen)
     model = apply_peft(model, args)
     aligner, capture, layers = None, None, []
     if args.loss == "lavender":

@@ -1,0 +1,79 @@
+"""Where a preset's weights are read from, without waiting on a network that is not there.
+
+models.load_vlm and models.load_dm (and so extract.py, train.py, evaluate.py, runs.py) ask
+weights_source first. With a local folder (--model-path, --dm-path), with HF_HUB_OFFLINE=1, or
+with the weights already in the hub cache, the loaders read local files only. Otherwise one
+request with a short timeout (PROBE_SECONDS, no retries) asks the hub for the preset's first
+file; when it fails, one error says what to do (the preset, the hub id, the local-folder flag,
+the `hf download` command) instead of the hub client's retries, which took 27 s to 150 s and more.
+
+    python -c "import hub; print(hub.weights_source('--model', 'qwen2vl', 'Qwen/Qwen2-VL-7B-Instruct', None))"
+"""
+import os
+from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+# seconds the one request to the hub may take (connect and answer) before loading gives up
+PROBE_SECONDS = 5
+
+
+def offline():
+    """True when HF_HUB_OFFLINE is set to a true value ("1", "ON", "YES", "TRUE"), as the hub
+    client reads it; read at every call, so a process may set it after import."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def cached(hub_id, marker):
+    """True when `marker` (a file of the repo, e.g. config.json) is in the local hub cache."""
+    return isinstance(huggingface_hub.try_to_load_from_cache(hub_id, marker), str)
+
+
+def how_to_get(flag, name, hub_id, folder_flag):
+    """The advice of every loading error: the hub id, how to pre-download it, the folder flag."""
+    return (f"{flag} {name} is {hub_id} on the Hugging Face hub. On a machine with network access "
+            f"run `hf download {hub_id} --local-dir DIR` (gated models: `hf auth login` first), "
+            f"then pass {folder_flag} DIR; or fill the hub cache (the same command without "
+            f"--local-dir, with HF_HOME set as here) and run with HF_HUB_OFFLINE=1")
+
+
+def weights_source(flag, name, hub_id, path, marker="config.json", folder_flag="--model-path"):
+    """(source, local_files_only) for a preset's loader: `path` when given (local files only);
+    else the hub id, local files only when HF_HUB_OFFLINE=1 or `marker` is cached. Otherwise one
+    request of at most PROBE_SECONDS for `marker`; a failure raises SystemExit naming the preset
+    (`flag` `name`), the hub id, `folder_flag` and `hf download`.
+
+    path: a local folder (--model-path, --dm-path, a run's model/), refused when it is not one."""
+    if path is not None:
+        if not Path(path).is_dir():
+            raise SystemExit(f"{folder_flag} {path!r} is not a folder; give the folder that "
+                             f"save_pretrained (or `hf download ... --local-dir`) wrote")
+        return path, True
+    if offline() or cached(hub_id, marker):
+        return hub_id, True
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(hub_id, marker),
+                                             timeout=PROBE_SECONDS)
+    except GatedRepoError:
+        raise SystemExit(f"{flag} {name}: {hub_id} is gated: accept its licence on the hub page, log in "
+                         f"(`hf auth login`) and retry. {how_to_get(flag, name, hub_id, folder_flag)}") from None
+    except HfHubHTTPError as err:
+        raise SystemExit(f"{flag} {name}: the hub answered {str(err).splitlines()[0]!r} for {hub_id}. "
+                         f"{how_to_get(flag, name, hub_id, folder_flag)}") from None
+    except Exception as err:  # noqa: BLE001 -- connection refused, DNS failure, timeout, proxy error
+        endpoint = huggingface_hub.constants.ENDPOINT
+        raise SystemExit(f"{flag} {name}: the hub ({endpoint}) cannot be reached ({type(err).__name__}: "
+                         f"{str(err)[:120]}) and {hub_id} is not in the local cache. "
+                         f"{how_to_get(flag, name, hub_id, folder_flag)}") from None
+    return hub_id, False
+
+
+def missing_locally(flag, name, source, err, hub_id, folder_flag="--model-path"):
+    """The SystemExit of a loader that read local files only and did not find what it needs."""
+    where = (f"folder {source!r}" if Path(str(source)).is_dir() else
+             f"the hub cache ({huggingface_hub.constants.HF_HUB_CACHE}) for {source}")
+    advice = how_to_get(flag, name, hub_id, folder_flag) if hub_id else \
+        f"pass {folder_flag} DIR (a save_pretrained folder)"
+    return SystemExit(f"could not load {flag} {name} from {where} ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:200]}). {advice}")
