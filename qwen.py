@@ -127,7 +127,10 @@ def load(source, dtype, device=None, local_files_only=False):
     processor = QwenImageTextProcessor.from_pretrained(source, **local)
     bound = min(processor.image_processor.size["longest_edge"], QWEN_MAX_PIXELS)
     processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, max_pixels=bound, **local)
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=device, **local)
+    # adapter_kwargs: the Auto class looks for an adapter_config.json without local_files_only
+    # (transformers 5.25), which would reach for the network from a complete cache
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=device,
+                                                        adapter_kwargs=local, **local)
     return model, processor
 
 
