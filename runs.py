@@ -12,6 +12,7 @@ complete checkpoint in place (recover_checkpoint finishes a save that was killed
 calls the functions that save or load (DCP is a collective); rank 0 alone writes the other files.
 
     python -c "import runs; model, processor, lavender, config = runs.load_run('runs/tiny-lavender')"
+    python runs.py export runs/tiny-lavender exported/   # LoRA merged: one from_pretrained folder
 """
 import contextlib
 import hashlib
@@ -323,12 +324,23 @@ def save_outputs(args, out, model, aligner, processor, rank):
     lavender.update({f"aligner.{k}": v for k, v in aligner_sd.items()})
     rest = {k: v for k, v in vlm_sd.items() if "lavender_" not in k}
     if args.peft == "lora":  # loadable by PeftModel.from_pretrained(base, "<run>/adapter")
-        model.save_pretrained(Path(out) / "adapter", state_dict=rest)
+        for config in model.peft_config.values():  # AutoPeftModel reads the base from here
+            config.base_model_name_or_path = base_name(args.model, args.model_path)
+        # save_embedding_layers=False: LoRA adapts q/v only; "auto" would ask the hub about the base
+        model.save_pretrained(Path(out) / "adapter", state_dict=rest, save_embedding_layers=False)
     else:
         models.base_model(model).save_pretrained(Path(out) / "model", state_dict=rest)
         processor.save_pretrained(Path(out) / "model")
     if lavender:
         save_file({k: v.contiguous() for k, v in lavender.items()}, Path(out) / "lavender.safetensors")
+
+
+def base_name(preset, model_path):
+    """The adapter's base_model_name_or_path: --model-path (absolute) when given, else the preset's
+    hub id, else its folder (toy) or, for the presets built from a config (tiny), its name."""
+    if model_path is not None:
+        return str(Path(model_path).resolve())
+    return models.PRESETS[preset]["hub_id"] or models.preset_path(preset) or preset
 
 
 def new_aligner(model, config):
@@ -392,3 +404,12 @@ def run_problem(run_dir):
         return f"{weights.relative_to(run_dir)} is missing: the run did not finish (train.py --resume)"
     return None
 
+
+def main():
+    """python runs.py export RUN OUT: a run as one checkpoint other harnesses load (export.py)."""
+    import export  # (export.py reads runs with this module's functions)
+    export.main()
+
+
+if __name__ == "__main__":
+    main()
