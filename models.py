@@ -410,7 +410,7 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
     if dm is None:
         path = path or preset_path(name)
         if hub_id is None and not Path(path).is_dir():
-            raise SystemExit(f"--dm {name}: no diffusion model folder at {path!r}; make it with toy.py, "
+            raise SystemExit(f"--dm {name}: no diffusion model weights at {path!r}; make it with toy.py, "
                              f"or point --dm-path at a folder with unet/ vae/ text_encoder/ tokenizer/ "
                              f"scheduler/")
         source, local = hub.weights_source("--dm", name, hub_id, path, "unet/config.json", "--dm-path")
