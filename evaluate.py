@@ -534,8 +534,8 @@ def build_parser():
     p.add_argument("--match", default="exact", choices=["exact", "root"], help="VLM-to-DM word matching")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="the VLM's dtype, base model and runs; auto: bfloat16 on a GPU (half the memory), "
-                        "float32 on a CPU")
+                   help="the VLM's dtype, base model and runs; auto: bfloat16 on a GPU (half the "
+                        "memory), float32 on a CPU")
     # scoring
     p.add_argument("--metric", default="auto", choices=["auto", *METRICS],
                    help="how answers are scored: auto (each item's \"metric\" field, written by prepare.py convert; "

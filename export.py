@@ -8,8 +8,8 @@ Left out: lavender.safetensors. The Aligner (§4.3) and the parallel projections
 of the model depends on them. A harness that generates answers has no use for them; they stay in
 the run folder, where evaluate.py reads them for its "head" rows.
 
-    python runs.py export runs/lavender exported/lavender
-    python -c "from transformers import MllamaForConditionalGeneration as M; M.from_pretrained('exported/lavender')"
+    python runs.py export runs/lavender exported/
+    python -c "import transformers as t; t.AutoModelForImageTextToText.from_pretrained('exported/')"
 """
 import argparse
 import json
@@ -50,9 +50,9 @@ def name_stock_processor(out, model_type):
 
 
 def export_run(run_dir, out, dtype=torch.float32, overwrite=False):
-    """Write `out`: the run's merged weights (config.json, model*.safetensors, generation_config.json),
-    its processor (tokenizer, image processor, chat template) and export.json (the run, the base,
-    what was left out). Returns out as a Path."""
+    """Write `out`: the run's merged weights (config.json, model*.safetensors,
+    generation_config.json), its processor (tokenizer, image processor, chat template) and
+    export.json (the run, the base, what was left out). Returns out as a Path."""
     run_dir, out = Path(run_dir), Path(out)
     problem = runs.run_problem(run_dir)
     if problem:
@@ -67,9 +67,9 @@ def export_run(run_dir, out, dtype=torch.float32, overwrite=False):
     if model_type in STOCK_PROCESSORS:
         name_stock_processor(out, model_type)
     left_out = ["lavender.safetensors"] if (run_dir / "lavender.safetensors").exists() else []
-    record = dict(run=str(run_dir.resolve()), base=runs.base_name(config["model"], config["model_path"]),
-                  peft=config["peft"], loss=config["loss"], dtype=str(dtype).removeprefix("torch."),
-                  left_out=left_out)
+    base = runs.base_name(config["model"], config["model_path"])
+    record = dict(run=str(run_dir.resolve()), base=base, peft=config["peft"], loss=config["loss"],
+                  dtype=str(dtype).removeprefix("torch."), left_out=left_out)
     (out / "export.json").write_text(json.dumps(record, indent=1) + "\n")
     return out
 
@@ -77,12 +77,14 @@ def export_run(run_dir, out, dtype=torch.float32, overwrite=False):
 def build_parser():
     p = argparse.ArgumentParser(prog="runs.py", description="Tools for train.py's run folders.")
     sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("export", help="the run as one from_pretrained folder (LoRA merged) for other harnesses")
+    e = sub.add_parser("export", help="the run as one from_pretrained folder (LoRA merged) for "
+                                      "other harnesses")
     e.add_argument("run", help="a finished run folder of train.py")
-    e.add_argument("out", help="the folder to write (config.json, weights, processor, chat template)")
+    e.add_argument("out", help="the folder to write (config.json, weights, processor, template)")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="the merged weights' dtype: float32 keeps the merge exact; bfloat16 halves the "
-                        "files (the hub weights' own dtype: LoRA is merged into them and rounded once)")
+                   help="the merged weights' dtype: float32 keeps the merge exact; bfloat16 halves "
+                        "the files (the hub weights' own dtype: LoRA is merged into them and "
+                        "rounded once)")
     e.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="write into a folder that is not empty")
     return p
@@ -92,8 +94,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     out = export_run(args.run, args.out, getattr(torch, args.dtype), args.overwrite)
     left = json.loads((out / "export.json").read_text())["left_out"]
-    print(f"exported {args.run} -> {out} ({args.dtype})" + (f"; left out {', '.join(left)} (training only)"
-                                                             if left else ""))
+    note = f"; left out {', '.join(left)} (training only)" if left else ""
+    print(f"exported {args.run} -> {out} ({args.dtype}){note}")
 
 
 if __name__ == "__main__":

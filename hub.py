@@ -5,9 +5,9 @@ weights_source first. With a local folder (--model-path, --dm-path), with HF_HUB
 with the weights already in the hub cache, the loaders read local files only. Otherwise one
 request with a short timeout (PROBE_SECONDS, no retries) asks the hub for the preset's first
 file; when it fails, one error says what to do (the preset, the hub id, the local-folder flag,
-the `hf download` command) instead of the hub client's retries, which took 27 s to 150 s and more.
+the `hf download` command) instead of the hub client's retries (32 s to more than 150 s).
 
-    python -c "import hub; print(hub.weights_source('--model', 'qwen2vl', 'Qwen/Qwen2-VL-7B-Instruct', None))"
+    python -c "import hub; print(hub.offline(), hub.cached('Qwen/Qwen2-VL-7B-Instruct', 'config.json'))"
 """
 import os
 from pathlib import Path
@@ -52,27 +52,30 @@ def weights_source(flag, name, hub_id, path, marker="config.json", folder_flag="
         return path, True
     if offline() or cached(hub_id, marker):
         return hub_id, True
+    advice = how_to_get(flag, name, hub_id, folder_flag)
     try:
         huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(hub_id, marker),
                                              timeout=PROBE_SECONDS)
     except GatedRepoError:
-        raise SystemExit(f"{flag} {name}: {hub_id} is gated: accept its licence on the hub page, log in "
-                         f"(`hf auth login`) and retry. {how_to_get(flag, name, hub_id, folder_flag)}") from None
+        raise SystemExit(f"{flag} {name}: {hub_id} is gated: accept its licence on the hub page, "
+                         f"log in (`hf auth login`) and retry. {advice}") from None
     except HfHubHTTPError as err:
-        raise SystemExit(f"{flag} {name}: the hub answered {str(err).splitlines()[0]!r} for {hub_id}. "
-                         f"{how_to_get(flag, name, hub_id, folder_flag)}") from None
-    except Exception as err:  # noqa: BLE001 -- connection refused, DNS failure, timeout, proxy error
+        answer = str(err).splitlines()[0]
+        raise SystemExit(f"{flag} {name}: the hub answered {answer!r} for {hub_id}. "
+                         f"{advice}") from None
+    except Exception as err:  # noqa: BLE001 -- refused, reset, DNS failure, timeout, proxy
         endpoint = huggingface_hub.constants.ENDPOINT
-        raise SystemExit(f"{flag} {name}: the hub ({endpoint}) cannot be reached ({type(err).__name__}: "
-                         f"{str(err)[:120]}) and {hub_id} is not in the local cache. "
-                         f"{how_to_get(flag, name, hub_id, folder_flag)}") from None
+        raise SystemExit(f"{flag} {name}: the hub ({endpoint}) cannot be reached "
+                         f"({type(err).__name__}: {str(err)[:120]}) and {hub_id} is not in the "
+                         f"local cache. {advice}") from None
     return hub_id, False
 
 
-def missing_locally(flag, name, source, err, hub_id, folder_flag="--model-path"):
-    """The SystemExit of a loader that read local files only and did not find what it needs."""
+def load_error(flag, name, source, err, hub_id, folder_flag="--model-path"):
+    """The SystemExit of a loader that failed on `source` (a folder, or a hub id read through the
+    cache): what it read, the loader's error, what to do."""
     where = (f"folder {source!r}" if Path(str(source)).is_dir() else
-             f"the hub cache ({huggingface_hub.constants.HF_HUB_CACHE}) for {source}")
+             f"{source} (hub cache {huggingface_hub.constants.HF_HUB_CACHE})")
     advice = how_to_get(flag, name, hub_id, folder_flag) if hub_id else \
         f"pass {folder_flag} DIR (a save_pretrained folder)"
     return SystemExit(f"could not load {flag} {name} from {where} ({type(err).__name__}: "

@@ -269,17 +269,14 @@ def load_vlm(name, path=None, dtype=torch.float32, device=None):
         return model.to(device=device, dtype=dtype), processor
     hub_id, path = PRESETS[name]["hub_id"], path or preset_path(name)
     if hub_id is None and not Path(path).is_dir():
-        raise SystemExit(f"--model {name}: no model folder at {path!r}; for 'toy' run `python toy.py` "
-                         f"first (it writes toy_models/toy-vlm), or pass --model-path DIR (a "
-                         f"save_pretrained folder)")
+        raise SystemExit(f"--model {name}: no model folder at {path!r}; for 'toy' run `python "
+                         f"toy.py` first (it writes toy_models/toy-vlm), or pass --model-path DIR "
+                         f"(a save_pretrained folder)")
     source, local = hub.weights_source("--model", name, hub_id, path)
     try:
         return FAMILIES[PRESETS[name]["family"]]["load"](source, dtype, device, local)
     except (OSError, ValueError) as err:  # (a path that is neither a folder nor a hub id: ValueError)
-        if local:
-            raise hub.missing_locally("--model", name, source, err, hub_id) from None
-        raise SystemExit(f"could not load --model {name} from {source!r}: {err}\n"
-                         f"{hub.how_to_get('--model', name, hub_id, '--model-path')}") from None
+        raise hub.load_error("--model", name, source, err, hub_id) from None
 
 
 # ---- Stable Diffusion's parts at every size ----
@@ -389,11 +386,10 @@ def load_dm_folder(folder, local_files_only=False):
     from transformers import CLIPTextModel, CLIPTokenizer
     local = dict(local_files_only=local_files_only)
     schedule = DDIMScheduler.load_config(folder, subfolder="scheduler", **local)
-    return dict(vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **local),
-                unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local),
-                text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local),
-                tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", **local),
-                scheduler=DDIMScheduler.from_config(scheduler_config(schedule, DDIMScheduler)))
+    parts = dict(vae=AutoencoderKL, unet=UNet2DConditionModel, text_encoder=CLIPTextModel,
+                 tokenizer=CLIPTokenizer)
+    dm = {part: cls.from_pretrained(folder, subfolder=part, **local) for part, cls in parts.items()}
+    return dict(dm, scheduler=DDIMScheduler.from_config(scheduler_config(schedule, DDIMScheduler)))
 
 
 def load_dm(name, path=None, device="cpu", dtype=torch.float32):
@@ -410,14 +406,15 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
     if dm is None:
         path = path or preset_path(name)
         if hub_id is None and not Path(path).is_dir():
-            raise SystemExit(f"--dm {name}: no diffusion model weights at {path!r}; make it with toy.py, "
-                             f"or point --dm-path at a folder with unet/ vae/ text_encoder/ tokenizer/ "
-                             f"scheduler/")
-        source, local = hub.weights_source("--dm", name, hub_id, path, "unet/config.json", "--dm-path")
+            raise SystemExit(f"--dm {name}: no diffusion model weights at {path!r}; make it with "
+                             f"toy.py, or point --dm-path at a folder with unet/ vae/ "
+                             f"text_encoder/ tokenizer/ scheduler/")
+        source, local = hub.weights_source("--dm", name, hub_id, path, "unet/config.json",
+                                           "--dm-path")
         try:
             dm = load_dm_folder(source, local)
         except (OSError, ValueError) as e:
-            raise hub.missing_locally("--dm", name, source, e, hub_id, "--dm-path") from None
+            raise hub.load_error("--dm", name, source, e, hub_id, "--dm-path") from None
     for part in ("vae", "unet", "text_encoder"):
         if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op one)
             dm[part].to(dtype=dtype)
@@ -564,7 +561,7 @@ def mllama_vision_geometry(model):
 
 
 def load_mllama(source, dtype, device=None, local_files_only=False):
-    """(model, processor) of an Mllama folder or hub id, the weights placed on `device` as they load."""
+    """(model, processor) of an Mllama folder or hub id, the weights on `device` as they load."""
     processor = MllamaProcessor.from_pretrained(source, local_files_only=local_files_only)
     model = MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype, device_map=device,
                                                            local_files_only=local_files_only)

@@ -126,7 +126,8 @@ def load(source, dtype, device=None, local_files_only=False):
     local = dict(local_files_only=local_files_only)
     processor = QwenImageTextProcessor.from_pretrained(source, **local)
     bound = min(processor.image_processor.size["longest_edge"], QWEN_MAX_PIXELS)
-    processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, max_pixels=bound, **local)
+    processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, max_pixels=bound,
+                                                                          **local)
     # adapter_kwargs: the Auto class looks for an adapter_config.json without local_files_only
     # (transformers 5.25), which would reach for the network from a complete cache
     model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=device,

@@ -71,7 +71,8 @@ def build(args, device, mesh):
         except ValueError as err:
             raise SystemExit(str(err)) from None
     # the frozen base weights' dtype; auto: bf16 on a GPU with LoRA, else fp32
-    frozen = models.resolve_dtype(args.frozen_dtype, device, "bfloat16" if args.peft == "lora" else "float32")
+    gpu = "bfloat16" if args.peft == "lora" else "float32"
+    frozen = models.resolve_dtype(args.frozen_dtype, device, gpu)
     model, processor = models.load_vlm(args.model, args.model_path, dtype=frozen)
     model = apply_peft(model, args)
     aligner, capture, layers = None, None, []
