@@ -22,16 +22,16 @@ ROOT = Path(models.__file__).resolve().parent
 
 
 def one_step_run(preset, dataset, out, *flags):
-    """A 1-step LoRA run (a large --lr, so that the adapter moves the logits); returns its folder."""
+    """A 1-step LoRA run (a large --lr: the adapter moves the logits); returns its folder."""
     args = train.build_parser().parse_args(["--model", preset, "--data", dataset, "--out", str(out),
                                             "--max-steps", "1", "--batch-size", "3", "--lr", "0.01",
                                             "--no-progress", *flags])
     return Path(train.train(args))
 
 
-# tiny: a Lavender run (learned aggregation and an Aligner: lavender.safetensors) from a local folder,
-# so the adapter records --model-path; tiny-qwen2vl: an AR run of the preset built from its config
-@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2vl"])
+# tiny: a Lavender run (learned aggregation and an Aligner: lavender.safetensors) from a local
+# folder, so the adapter records --model-path; the others: AR runs of presets built from configs
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2vl", "tiny-idefics"])
 def test_export_has_the_adapters_logits(tmp_path, tiny_dataset, preset):
     """The exported model's logits equal PeftModel.from_pretrained(base, adapter)'s on the same
     batch (to 1e-5) and differ from the base's (the merge carries the training); the processor
@@ -46,11 +46,11 @@ def test_export_has_the_adapters_logits(tmp_path, tiny_dataset, preset):
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == (str(base_dir.resolve()) if base_dir else preset)
 
-    done = subprocess.run([sys.executable, str(ROOT / "runs.py"), "export", str(run), str(tmp_path / "out")],
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(ROOT / "runs.py"), "export", str(run), str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    out = tmp_path / "out"
-    exported = AutoModelForImageTextToText.from_pretrained(out).eval()  # the family's class, nothing of ours
+    exported = AutoModelForImageTextToText.from_pretrained(out).eval()  # transformers alone
     base, processor = models.load_vlm(preset, None if base_dir is None else str(base_dir))
     reference = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
     batch = data.model_inputs(data.collate(processor, data.read_items(tiny_dataset)[:4]))
@@ -69,7 +69,11 @@ def test_export_has_the_adapters_logits(tmp_path, tiny_dataset, preset):
     if preset == "tiny":
         from transformers import MllamaProcessor
         assert MllamaProcessor.from_pretrained(out).chat_template == chat_template
-    else:  # the files name the stock processor (AutoProcessor builds it; it needs torchvision, not here)
+    elif preset == "tiny-idefics":  # its prompts are its own (flamingo.prompt_texts), no template
+        from transformers import IdeficsProcessor
+        vocab = IdeficsProcessor.from_pretrained(out).tokenizer.get_vocab()
+        assert vocab == processor.tokenizer.get_vocab()
+    else:  # the files name the stock processor (AutoProcessor builds it; it needs torchvision)
         saved = json.loads((out / "processor_config.json").read_text())
         assert saved["processor_class"] == "Qwen2VLProcessor"
         assert qwen.QwenImageTextProcessor.from_pretrained(out).chat_template == chat_template

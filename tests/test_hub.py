@@ -1,7 +1,8 @@
-"""Loading without network (hub.py): local files only where they suffice, else one short request and
-one clear error. Each test runs the loaders in a subprocess whose hub endpoint is a local socket
-(HF_ENDPOINT), whose HF_HOME is a temporary folder and whose HF_HUB_OFFLINE is unset, so that the
-hub client's own configuration is the one it reads at import. Run: python -m pytest -q tests/test_hub.py
+"""Loading without network (hub.py): local files only where they suffice, else one short request
+and one clear error. Each test runs the loaders in a subprocess whose hub endpoint is a local
+socket (HF_ENDPOINT), whose HF_HOME is a temporary folder and whose HF_HUB_OFFLINE is unset, so
+that the hub client's own configuration is the one it reads at import.
+Run: python -m pytest -q tests/test_hub.py
 """
 import json
 import os
@@ -15,8 +16,9 @@ import models
 
 ROOT = Path(models.__file__).resolve().parent
 
-# Each case loads a preset and prints one JSON line: seconds, the error (None if it loaded), the model
-# class; HF_HUB_OFFLINE is set inside for the cases named "offline ..." (hub.offline reads it per call).
+# Each case loads a preset and prints one JSON line: seconds, the error (None if it loaded), the
+# model class; HF_HUB_OFFLINE is set inside for the cases named "offline ..." (hub.offline reads it
+# at every call).
 SCRIPT = r"""
 import json, os, sys, time
 import models
@@ -48,7 +50,8 @@ def serve(answer):
     def loop():
         while True:
             conn, _ = server.accept()
-            path = conn.recv(4096).split(b"\r\n")[0].decode(errors="replace")  # "HEAD /org/name/resolve/..."
+            request = conn.recv(4096).split(b"\r\n")[0]  # b"HEAD /org/name/resolve/... HTTP/1.1"
+            path = request.decode(errors="replace")
             if "/api/agent-harnesses" not in path:
                 seen.append(path)
             conn.close() if answer == "close" else held.append(conn)
@@ -89,16 +92,18 @@ def test_unreachable_hub_fails_fast_with_one_request_each(tmp_path):
              ("offline idefics", "vlm", "idefics")]
     got = run_cases(cases, endpoint, tmp_path)
     # one request for llama32, one for sd14; none for the cached or offline ones
+    asked = (("llama32", "config.json"), ("sd14", "unet/config.json"))
     assert sorted(seen) == sorted(f"HEAD /{models.PRESETS[n]['hub_id']}/resolve/main/{f} HTTP/1.1"
-                                  for n, f in (("llama32", "config.json"), ("sd14", "unet/config.json")))
+                                  for n, f in asked)
     for case, flag in (("vlm", "--model-path"), ("dm", "--dm-path")):
         name = dict((c, n) for c, _, n in cases)[case]
         error = got[case]["error"]
         assert got[case]["seconds"] < 15 and error is not None
         assert models.PRESETS[name]["hub_id"] in error and flag in error and "hf download" in error
         assert "cannot be reached" in error
-    assert got["cached"]["error"] is None and got["cached"]["loaded"] == "Qwen2VLForConditionalGeneration"
-    assert got["cached"]["seconds"] < 15
+    cached = got["cached"]
+    assert cached["error"] is None and cached["loaded"] == "Qwen2VLForConditionalGeneration"
+    assert cached["seconds"] < 15
     offline = got["offline idefics"]
     assert offline["seconds"] < 15 and "HuggingFaceM4/idefics-9b-instruct" in offline["error"]
     assert "hub cache" in offline["error"] and "hf download" in offline["error"]
