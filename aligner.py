@@ -166,7 +166,8 @@ def pooling_difference(batch=4, max_words=6, trials=1000, lam=10.0, seed=0):
         n = torch.randint(1, max_words + 1, (batch,), generator=g)  # aligned words per sample
         mask = torch.arange(max_words)[None, :] < n[:, None]  # (B, W)
         target = min_max(torch.rand(batch, max_words, MAP_SIZE, MAP_SIZE, generator=g))
-        pred = min_max(torch.rand(batch, max_words, MAP_SIZE, MAP_SIZE, generator=g)).requires_grad_()
+        pred = min_max(torch.rand(batch, max_words, MAP_SIZE, MAP_SIZE, generator=g))
+        pred.requires_grad_()
         losses, grads = [], []
         for pooling in POOLINGS:
             loss = lam * attention_loss(pred, target, mask, pooling)
@@ -198,8 +199,9 @@ def main():
         print(f"{variant:6s} {n:7d} parameters, output {tuple(y.shape)} in [{y.min():.2f}, {y.max():.2f}]: {layers}")
     d = pooling_difference()
     print(f"pooling words vs samples (batch 4, 1-6 words, 1000 random micro-batches, λ = 10): "
-          f"|Δ(L_VLM + λ·L_att)| mean {d['mean_dloss']:.2e}, max {d['max_dloss']:.2e}; gradient wrt the "
-          f"VLM maps: max |Δ| {d['max_dgrad']:.2e}, mean relative difference {d['mean_rel_dgrad']:.3f}")
+          f"|Δ(L_VLM + λ·L_att)| mean {d['mean_dloss']:.2e}, max {d['max_dloss']:.2e}; "
+          f"gradient wrt the VLM maps: max |Δ| {d['max_dgrad']:.2e}, "
+          f"mean relative difference {d['mean_rel_dgrad']:.3f}")
 
 
 if __name__ == "__main__":

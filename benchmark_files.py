@@ -22,7 +22,7 @@ several images, an image that is not JPEG/PNG/GIF/WebP/BMP/TIFF, or an index ref
 is skipped and counted. The TSV side needs the standard library only; Parquet needs pyarrow.
 
     python prepare.py convert vlmevalkit MMBench_DEV_EN.tsv --out data/mmbench_dev.jsonl
-    python prepare.py convert parquet textvqa/validation-00000-of-00003.parquet --out data/textvqa.jsonl
+    python prepare.py convert parquet textvqa/validation-00000-of-00003.parquet --out textvqa.jsonl
 """
 import ast
 import base64
@@ -102,7 +102,8 @@ def answer_list(value, where):
         return [str(value).strip()]
     answers = [a.get("answer") if isinstance(a, dict) else a for a in value]
     if not answers or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{where}: answers must be strings or {{'answer': string}} objects, got {str(value)[:80]}")
+        raise ValueError(f"{where}: answers must be strings or {{'answer': string}} objects, "
+                         f"got {str(value)[:80]}")
     return [a.strip() for a in answers]
 
 
@@ -120,7 +121,8 @@ def row_item(row, item_id, path, where):
                    if present(row.get(k)) and not isinstance(row[k], (list, tuple))
                    and not str(row[k]).strip().startswith("[")),
                   Counter(answers).most_common(1)[0][0])  # else the most common, the first on ties
-    category = next((str(row[k]) for k in ("category", "answer_type", "type") if present(row.get(k))), None)
+    kinds = ("category", "answer_type", "type")
+    category = next((str(row[k]) for k in kinds if present(row.get(k))), None)
     return {"id": item_id, "question": question, "answer": answer,
             **({"answers": answers} if len(answers) > 1 else {}),
             "metric": metric_for(path, options, answers), "category": category}
@@ -136,13 +138,15 @@ def tsv_rows(path):
         reader = csv.DictReader(f, delimiter="\t")
         missing = [c for c in ("index", "image", "question") if c not in (reader.fieldnames or [])]
         if missing:
-            hint = " (a TSV with image_path only: the images are not inside it)" if "image" in missing else ""
+            hint = " (a TSV with image_path only: the images are not inside it)" \
+                if "image" in missing else ""
             raise ValueError(f"{path}: no column {', '.join(map(repr, missing))}{hint}; columns: "
                              f"{', '.join(reader.fieldnames or [])[:200]}")
         try:
             yield from reader
         except csv.Error as err:
-            raise ValueError(f"{path}, line {reader.line_num}: not a readable TSV ({err})") from None
+            raise ValueError(f"{path}, line {reader.line_num}: not a readable TSV ({err})") \
+                from None
 
 
 def convert_vlmevalkit(paths, images, args):
@@ -152,7 +156,8 @@ def convert_vlmevalkit(paths, images, args):
     for path in paths:
         written, failed, waiting = {}, {}, defaultdict(list)  # index -> image path / reason / items
         for n, row in enumerate(tsv_rows(path)):
-            where, index, cell = f"{path}, row {n + 1}", str(row["index"]).strip(), str(row["image"] or "").strip()
+            where, index = f"{path}, row {n + 1}", str(row["index"]).strip()
+            cell = str(row["image"] or "").strip()
             item = row_item(row, index, path, where)
             if cell.startswith("["):
                 yield "several images"
@@ -163,7 +168,8 @@ def convert_vlmevalkit(paths, images, args):
                     waiting[cell].append(item)
             else:
                 try:
-                    image = write_image(base64.b64decode(cell), images, f"{Path(path).stem}_{n:07d}")
+                    name = f"{Path(path).stem}_{n:07d}"
+                    image = write_image(base64.b64decode(cell), images, name)
                 except (binascii.Error, ValueError):
                     image = "image is not base64"
                 if isinstance(image, str):
@@ -186,8 +192,9 @@ def parquet_rows(path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError("reading Parquet needs pyarrow, which is not installed: pip install pyarrow "
-                         "(VLMEvalKit TSVs need nothing more: prepare.py convert vlmevalkit)") from None
+        raise ValueError("reading Parquet needs pyarrow, which is not installed: pip install "
+                         "pyarrow (VLMEvalKit TSVs need nothing more: prepare.py convert "
+                         "vlmevalkit)") from None
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=64)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
@@ -199,7 +206,8 @@ def parquet_rows(path):
 def convert_parquet(paths, images, args):
     """lmms-eval's Parquet copies (the module docstring): one item per row, id the first of
     question_id, questionId, index, id present (else <file>_<row>), the image bytes written to
-    `images`. A row with several images, or an image held outside the file (no bytes), is skipped."""
+    `images`. A row with several images, or an image held outside the file (no bytes), is
+    skipped."""
     for path in paths:
         for n, row in enumerate(parquet_rows(path)):
             where, name = f"{path}, row {n + 1}", f"{Path(path).stem}_{n:07d}"

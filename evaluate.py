@@ -540,9 +540,9 @@ def build_parser():
                         "cider (CIDEr-D, captions); see metrics.py")
     p.add_argument("--vqa-rule", default="vlmevalkit", choices=list(VQA_RULES),
                    help="how vqa items' answers are processed before matching (vqa_rules.py): "
-                        "vlmevalkit (the paper's harness), lmms-eval (its VQAv2), lmms-eval-textvqa "
-                        "(its TextVQA/OK-VQA/VizWiz), official (GT-Vision-Lab/VQA: processed only "
-                        "when the ten answers disagree)")
+                        "vlmevalkit (the paper's harness), lmms-eval (its VQAv2), "
+                        "lmms-eval-textvqa (its TextVQA/OK-VQA/VizWiz), official "
+                        "(GT-Vision-Lab/VQA: processed only when the ten answers disagree)")
     p.add_argument("--score", action="append", default=[], metavar="PRED.jsonl",
                    help="score a prediction file of any model (lines {\"id\", \"prediction\"}; VLMEvalKit's \"index\" "
                         "is read as the id) against --data, without loading a model; repeat to compare files")

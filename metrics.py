@@ -427,8 +427,9 @@ def describe_metric(metric, vqa_rule="vlmevalkit"):
     """report.json's one line on how the items were scored."""
     which = ("each item's own \"metric\" field, else the letter for a multiple-choice question, else exact match"
              if metric == "auto" else f"{metric} for every item")
-    return (f"--metric {metric}: {which}; vqa items under the {vqa_rule} rule (--vqa-rule); the mean score "
-            "with a 95% interval (Wilson for 0/1 scores, Student t for soft scores and CIDEr-D)")
+    return (f"--metric {metric}: {which}; vqa items under the {vqa_rule} rule (--vqa-rule); "
+            "the mean score with a 95% interval (Wilson for 0/1 scores, Student t for soft "
+            "scores and CIDEr-D)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ common reference (ties: the first given).
 
     python prepare.py convert textvqa TextVQA_0.5.1_val.json --images train_images/ --out textvqa_val.jsonl
     python prepare.py convert llava llava_v1_5_mix665k.json --images /data/llava --out llava.jsonl
-    python prepare.py convert vlmevalkit MMBench_DEV_EN.tsv --out mmbench.jsonl   # + mmbench_images/
+    python prepare.py convert vlmevalkit MMBench_DEV_EN.tsv --out mmbench.jsonl  # + mmbench_images/
 """
 import argparse
 import json
@@ -292,9 +292,10 @@ def convert_captions(paths, images, args):
 
 CONVERTERS = {"llava": convert_llava, "vqav2": convert_vqav2, "okvqa": convert_vqav2, "textvqa": convert_textvqa,
               "vizwiz": convert_vizwiz, "docvqa": convert_docvqa, "infovqa": convert_docvqa,
-              "chartqa": convert_chartqa, "coco-captions": convert_captions, "flickr30k": convert_captions,
-              "vlmevalkit": convert_vlmevalkit, "parquet": convert_parquet}  # the last two: benchmark_files.py
-WRITES_IMAGES = {"vlmevalkit", "parquet"}  # their images are inside the file: written beside the JSONL
+              "chartqa": convert_chartqa, "coco-captions": convert_captions,
+              "flickr30k": convert_captions,
+              "vlmevalkit": convert_vlmevalkit, "parquet": convert_parquet}  # benchmark_files.py
+WRITES_IMAGES = {"vlmevalkit", "parquet"}  # images inside the file: written beside the JSONL
 
 
 def convert(args):
@@ -327,13 +328,14 @@ def build_parser():
                        description="convert FORMAT FILE... --out data.jsonl; each format's files and fields are in "
                                    "the docstring of prepare.convert_<format>")
     c.add_argument("format", choices=CONVERTERS, help="the dataset's format (okvqa reads as vqav2, infovqa as "
-                   "docvqa, flickr30k as coco-captions); vlmevalkit: VLMEvalKit's TSVs, parquet: lmms-eval's "
-                   "Parquet copies (needs pyarrow), any benchmark (benchmark_files.py)")
+                   "docvqa, flickr30k as coco-captions); vlmevalkit: VLMEvalKit's TSVs, parquet: "
+                   "lmms-eval's Parquet copies (needs pyarrow), any benchmark (benchmark_files.py)")
     c.add_argument("files", nargs="+", help="the official JSON file(s): vqav2/okvqa a questions and an "
                    "annotations file; chartqa test_human.json and/or test_augmented.json; the others one file")
     c.add_argument("--images", default=None, help="the image folder the dataset's image names start from "
-                   "(default: the first file's folder; chartqa: its png/); vlmevalkit and parquet: the folder "
-                   "the images are written to (default: <out stem>_images/ beside --out)")
+                   "(default: the first file's folder; chartqa: its png/); vlmevalkit and parquet: "
+                   "the folder the images are written to (default: <out stem>_images/ beside "
+                   "--out)")
     c.add_argument("--out", required=True, help="the JSONL to write (image paths are written relative to it)")
     c.add_argument("--split", default="test", choices=["train", "val", "test", "restval", "all"],
                    help="captions: the Karpathy split to keep")

@@ -269,7 +269,7 @@ def alignment_loss(args, capture, aligner, plan, dm_maps, batch, device, recompu
                                        aligner_mode=args.aligner_mode,
                                        recompute=recompute and args.aligner_norm != "batch")  # (B, W, 32, 32)
     target = aggregate.dm_targets(dm_maps, plan["dm_index"]).to(device)  # (B, W, 32, 32)
-    att = aligner_lib.attention_loss(vlm_maps, target, mask.to(device), args.att_pooling)  # eq. 9/17
+    att = aligner_lib.attention_loss(vlm_maps, target, mask.to(device), args.att_pooling)  # eq. 9
     return att, int(mask.sum())
 
 
@@ -531,8 +531,9 @@ def build_parser():
     add("--align-words", default="predicted", choices=aggregate.ALIGN_WORDS,
         help="§6 (5): align the word the model predicts at a row (the paper and the release), or the label word")
     add("--att-pooling", default="words", choices=aligner_lib.POOLINGS,
-        help="eq. 9/17 over a micro-batch: words: the sum of its aligned words' MSE over their number "
-             "(the authors' release); samples: each sample's mean over its words, then over samples")
+        help="eq. 9/17 over a micro-batch: words: the sum of its aligned words' MSE over their "
+             "number (the authors' release); samples: each sample's mean over its words, then "
+             "over samples")
     add("--pretrain-aligner-steps", type=int, default=0,
         help="first N steps train only the Aligner and parallel projections, VLM frozen (§6 (1), Fig. 21)")
     # ---- fine-tuning and optimisation ----

@@ -32,14 +32,14 @@ punctuation list, number words, articles and contractions (the same 120 pairs in
 One departure: with a single reference the harnesses' leave-one-out leaves no one, and every
 prediction scores 0; here it scores 1 on a match (after the rule's processing) and 0 otherwise.
 
-    python -c "import vqa_rules as v; print(v.vqa_accuracy('Yes', ['yes'] * 10, rule='official'))"   # 0.0
+    python -c "import vqa_rules as v; print(v.vqa_accuracy('Yes', ['yes'] * 10, 'official'))"  # 0.0
 """
 import re
 
-PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
-               ",", "?", "!"]
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+               "@", "`", ",", "?", "!"]
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+                "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = {"a", "an", "the"}
 CONTRACTIONS = dict(pair.split(":") for pair in """
     aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've
@@ -51,14 +51,16 @@ CONTRACTIONS = dict(pair.split(":") for pair in """
     neednt:needn't notve:not've oclock:o'clock oughtnt:oughtn't ow's'at:'ow's'at 'ows'at:'ow's'at
     'ow'sat:'ow's'at shant:shan't shed've:she'd've she'dve:she'd've she's:she's shouldve:should've
     shouldnt:shouldn't shouldnt've:shouldn't've shouldn'tve:shouldn't've somebody'd:somebodyd
-    somebodyd've:somebody'd've somebody'dve:somebody'd've somebodyll:somebody'll somebodys:somebody's
+    somebodyd've:somebody'd've somebody'dve:somebody'd've somebodyll:somebody'll
+    somebodys:somebody's
     someoned:someone'd someoned've:someone'd've someone'dve:someone'd've someonell:someone'll
     someones:someone's somethingd:something'd somethingd've:something'd've
     something'dve:something'd've somethingll:something'll thats:that's thered:there'd
     thered've:there'd've there'dve:there'd've therere:there're theres:there's theyd:they'd
     theyd've:they'd've they'dve:they'd've theyll:they'll theyre:they're theyve:they've twas:'twas
-    wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've werent:weren't whatll:what'll whatre:what're
-    whats:what's whatve:what've whens:when's whered:where'd wheres:where's whereve:where've whod:who'd
+    wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've werent:weren't whatll:what'll
+    whatre:what're whats:what's whatve:what've whens:when's whered:where'd wheres:where's
+    whereve:where've whod:who'd
     whod've:who'd've who'dve:who'd've wholl:who'll whos:who's whove:who've whyll:why'll whyre:why're
     whys:why's wont:won't wouldve:would've wouldnt:wouldn't wouldnt've:wouldn't've
     wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've
@@ -98,14 +100,16 @@ def process_digit_article(text):
 
 def eval_ai_call(text):
     """lmms-eval's EvalAIAnswerProcessor.__call__ (its TextVQA, OK-VQA, VizWiz): lower case, "," and
-    "?" deleted, "'s" split off, then punctuation and digits-articles. "Black,White" -> "blackwhite"."""
+    "?" deleted, "'s" split off, then punctuation and digits-articles:
+    "Black,White" -> "blackwhite"."""
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     return process_digit_article(process_punctuation(text, DIGIT_COMMAS))
 
 
 # name: (processing of one answer, applied always (True) or only when the references disagree)
 VQA_RULES = {
-    "vlmevalkit": (lambda t: process_digit_article(process_punctuation(t, period=VLMEVALKIT_PERIOD)), True),
+    "vlmevalkit": (lambda t: process_digit_article(process_punctuation(t, DIGIT_COMMA,
+                                                                       VLMEVALKIT_PERIOD)), True),
     "lmms-eval": (lambda t: process_digit_article(process_punctuation(t, DIGIT_COMMAS)), True),
     "lmms-eval-textvqa": (eval_ai_call, True),
     "official": (lambda t: process_digit_article(process_punctuation(t)), False),

@@ -122,14 +122,15 @@ def test_attention_loss_worked_examples():
     one_sample = torch.tensor([[True, True, False], [False] * 3])
     assert torch.allclose(attention_loss(pred, target, one_sample, "samples"), torch.tensor(1.25))
     assert torch.allclose(attention_loss(pred, target, one_sample, "words"), torch.tensor(2.5))
-    for pooling in POOLINGS:  # no aligned word at all: exactly zero, not NaN, and backward still runs
+    for pooling in POOLINGS:  # no aligned word at all: exactly 0, not NaN, and backward still runs
         pred.grad = None
         loss = attention_loss(pred, target, torch.zeros(2, 3, dtype=torch.bool), pooling)
         assert float(loss.detach()) == 0.0 and not torch.isnan(loss)
         loss.backward()
         assert torch.equal(pred.grad, torch.zeros_like(pred))
         empty = torch.zeros(2, 0, 32, 32, requires_grad=True)
-        assert float(attention_loss(empty, empty.detach(), torch.zeros(2, 0, dtype=torch.bool), pooling).detach()) == 0.0
+        none = torch.zeros(2, 0, dtype=torch.bool)
+        assert float(attention_loss(empty, empty.detach(), none, pooling).detach()) == 0.0
     with pytest.raises(ValueError, match="pooling 'tokens'"):
         attention_loss(pred, target, mask, "tokens")
 
@@ -146,7 +147,8 @@ def test_attention_loss_pooling_three_words_and_two():
     pred = v[:, :, None, None].expand(2, 3, 32, 32).clone().requires_grad_()
     target = torch.zeros(2, 3, 32, 32)
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    weights = {"words": torch.full((2, 3), 1 / 5), "samples": torch.tensor([[1 / 6] * 3, [1 / 4] * 3])}
+    weights = {"words": torch.full((2, 3), 1 / 5),
+               "samples": torch.tensor([[1 / 6] * 3, [1 / 4] * 3])}
     for pooling, value in (("words", 34 / 5), ("samples", 22 / 3)):
         pred.grad = None
         loss = attention_loss(pred, target, mask, pooling)

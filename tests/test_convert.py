@@ -300,16 +300,19 @@ def test_vlmevalkit_tsv_options_references_and_skips(tmp_path, capsys):
     assert "wrote 4 items" in said and "skipped 3" in said and "several images: 1" in said
     assert [it["id"] for it in items] == ["10", "11", "13", "12"]  # 12 waits for 13's image
     first = items[0]
-    assert first["question"] == "Hint: Look closely\nQuestion: Which colour?\nOptions:\nA. red\nB. blue"
+    assert first["question"] == ("Hint: Look closely\nQuestion: Which colour?\nOptions:\nA. red\n"
+                                 "B. blue")
     assert first["answer"] == "A" and first["metric"] == "choice" and first["category"] == "colour"
     assert M.parse_choices(first["question"]) == {"A": "red", "B": "blue"}
     out = tmp_path / "out"  # image paths are relative to the JSONL's folder
-    assert Path(first["image"]).parent == Path("mmbench_images") and (out / first["image"]).read_bytes() == png
+    assert Path(first["image"]).parent == Path("mmbench_images")
+    assert (out / first["image"]).read_bytes() == png
     assert items[1]["image"] == first["image"]  # a reference shares its row's file
     assert items[3]["image"] == items[2]["image"] and Path(items[2]["image"]).suffix == ".jpg"
     assert (out / items[2]["image"]).read_bytes() == jpeg
     assert len(list((out / "mmbench_images").iterdir())) == 2
-    assert [r["score"] for r in M.score_items(items, ["A", "C", "(B)", "B"])] == [1.0, 1.0, 1.0, 0.0]
+    scores = [r["score"] for r in M.score_items(items, ["A", "C", "(B)", "B"])]
+    assert scores == [1.0, 1.0, 1.0, 0.0]
 
 
 def test_vlmevalkit_vqa_tsv_answers_and_bad_files(tmp_path):
@@ -325,8 +328,9 @@ def test_vlmevalkit_vqa_tsv_answers_and_bad_files(tmp_path):
     doc = write_tsv(tmp_path / "DocVQA_VAL.tsv", ["index", "image", "question", "answer"],
                     [[0, png, "Title?", str(["Report", "report 2020"])]])
     assert convert("vlmevalkit", doc, "--out", tmp_path / "doc.jsonl")[0]["metric"] == "anls"
-    bare = write_tsv(tmp_path / "bare.tsv", ["index", "image_path", "question"], [[0, "a.jpg", "Q?"]])
-    with pytest.raises(SystemExit, match=r"bare.tsv: no column 'image' \(a TSV with image_path only"):
+    bare = write_tsv(tmp_path / "bare.tsv", ["index", "image_path", "question"],
+                     [[0, "a.jpg", "Q?"]])
+    with pytest.raises(SystemExit, match=r"bare.tsv: no column 'image' \(a TSV with image_path"):
         convert("vlmevalkit", bare, "--out", tmp_path / "bare.jsonl")
     test_split = write_tsv(tmp_path / "test.tsv", ["index", "image", "question"], [[0, png, "Q?"]])
     with pytest.raises(SystemExit, match=r"test.tsv, row 1: no 'answer' or 'answers'"):
@@ -336,23 +340,25 @@ def test_vlmevalkit_vqa_tsv_answers_and_bad_files(tmp_path):
 def test_parquet_needs_pyarrow_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow then raises ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(SystemExit, match="convert parquet: reading Parquet needs pyarrow.*pip install pyarrow"):
+    with pytest.raises(SystemExit, match="convert parquet: reading Parquet needs pyarrow.*pip"):
         convert("parquet", tmp_path / "x.parquet", "--out", tmp_path / "x.jsonl")
 
 
 def test_lmms_eval_parquet_vqav2_layout(tmp_path):
-    """lmms-lab/VQAv2's columns: answers as {"answer", "answer_confidence", "answer_id"} objects, the
-    image as the datasets Image struct; a row without image bytes is skipped. Needs pyarrow."""
+    """lmms-lab/VQAv2's columns: answers as {"answer", "answer_confidence", "answer_id"} objects,
+    the image as the datasets Image struct; a row without image bytes is skipped. Needs pyarrow."""
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
     png = image_bytes("PNG", "red")
-    answers = [[{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(x)]
-               for x in (["yes"] * 9 + ["no"], ["2"] * 10)]
-    table = pa.table({"question_id": [7, 8], "question": ["Is it red?", "How many?"], "answers": answers,
+    answers = [[{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                for i, a in enumerate(x)] for x in (["yes"] * 9 + ["no"], ["2"] * 10)]
+    table = pa.table({"question_id": [7, 8], "question": ["Is it red?", "How many?"],
+                      "answers": answers,
                       "multiple_choice_answer": ["yes", "2"], "answer_type": ["yes/no", "number"],
                       "image": [{"bytes": png, "path": "a.png"}, {"bytes": None, "path": "b.png"}]})
-    pq.write_table(table, tmp_path / "validation-00000-of-00001.parquet")
-    [item] = convert("parquet", tmp_path / "validation-00000-of-00001.parquet", "--out", tmp_path / "v.jsonl")
+    pq.write_table(table, str(tmp_path / "validation-00000-of-00001.parquet"))
+    path = tmp_path / "validation-00000-of-00001.parquet"
+    [item] = convert("parquet", path, "--out", tmp_path / "v.jsonl")
     assert item["id"] == "7" and item["answer"] == "yes" and item["answers"] == ["yes"] * 9 + ["no"]
     assert item["metric"] == "vqa" and item["category"] == "yes/no"
     assert (tmp_path / item["image"]).read_bytes() == png

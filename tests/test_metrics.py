@@ -87,7 +87,8 @@ def test_vqa_rules_where_they_agree_and_part(prediction, answers, expected):
 
 
 def test_vqa_rule_by_name_through_score_items():
-    item = {"id": "q1", "question": "Is it?", "answer": "yes", "answers": ["yes"] * 10, "metric": "vqa"}
+    item = {"id": "q1", "question": "Is it?", "answer": "yes", "answers": ["yes"] * 10,
+            "metric": "vqa"}
     assert M.score_items([item], ["Yes"])[0]["score"] == 1.0  # default: vlmevalkit
     assert M.score_items([item], ["Yes"], vqa_rule="official")[0]["score"] == 0.0
     with pytest.raises(ValueError, match="unknown VQA rule 'coco'.*official"):

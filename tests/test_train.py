@@ -205,7 +205,8 @@ def test_bad_input_stops_early_and_saves_nothing(tmp_path, monkeypatch):
     data = write_dataset(tmp_path / "e", n=4)
     os.remove(tmp_path / "e" / "attn" / "item001.safetensors")
     # a non-finite loss names the step and the items, and leaves no adapter behind
-    monkeypatch.setattr(aligner_lib, "attention_loss", lambda pred, target, mask, *pooling: pred.sum() * float("nan"))
+    nan_loss = lambda pred, *rest: pred.sum() * float("nan")  # noqa: E731
+    monkeypatch.setattr(aligner_lib, "attention_loss", nan_loss)
     with pytest.raises(FloatingPointError, match=r"step 1 .*item00"):
         run(data, tmp_path / "nan", "--batch-size", "2", "--max-steps", "1")
     assert not (tmp_path / "nan" / "adapter").exists() and not (tmp_path / "nan" / "checkpoint").exists()
@@ -228,8 +229,10 @@ def test_att_pooling_per_micro_batch(tmp_path, tiny_dataset):
     sample each, so either pooling), the same losses in both steps; pooled over its words (the
     default, the release's) the same step weighs the two items' words otherwise."""
     flags = ["--lora-dropout", "0", "--lr", "1e-3", "--max-steps", "2"]
-    _, samples = run(tiny_dataset, tmp_path / "samples", "--att-pooling", "samples", "--batch-size", "2", *flags)
-    _, accum = run(tiny_dataset, tmp_path / "accum", "--grad-accum", "2", "--batch-size", "1", *flags)
+    _, samples = run(tiny_dataset, tmp_path / "samples", "--att-pooling", "samples",
+                     "--batch-size", "2", *flags)
+    _, accum = run(tiny_dataset, tmp_path / "accum", "--grad-accum", "2", "--batch-size", "1",
+                   *flags)
     same_steps(samples, accum)
     _, words = run(tiny_dataset, tmp_path / "words", "--batch-size", "2", *flags)
     assert words[0]["loss_vlm"] == samples[0]["loss_vlm"]  # step 1: the same model, the same batch
