@@ -215,6 +215,32 @@ def test_bad_input_stops_early_and_saves_nothing(tmp_path, monkeypatch):
     assert json.loads((run_dir / "config.json").read_text())["items_without_attention"] == 1
 
 
+def test_only_non_reentrant_checkpointing_lets_the_attention_loss_reach_the_vlm():
+    """Why --activation-checkpointing passes use_reentrant=False: a reentrant checkpoint runs the
+    layer's forward under no_grad, so maps captured inside it carry no graph and L_att reaches
+    nothing in the model (the authors' release checkpoints reentrantly: DIFFERENCES.md)."""
+    from test_aggregate import _att_loss, make_batch
+    grads = {}
+    for reentrant in (None, False, True):  # None: no checkpointing
+        model, processor = models.tiny_vlm()
+        image = Image.new("RGB", (120, 40), (200, 10, 10))
+        batch = make_batch(processor, [(image, "what colour is the circle?", "a red circle")])
+        layers = aggregate.aligned_layers(model)
+        aggregate.add_parallel_projections(model, layers, init="copy")
+        if reentrant is not None:
+            kwargs = {"use_reentrant": reentrant}
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            model.enable_input_require_grads()  # what a reentrant checkpoint needs for L_VLM
+        model.train()
+        with aggregate.AttentionCapture(model, layers, learned=True) as capture:
+            _, loss_att, maps = _att_loss(model, processor, batch, capture, "learn", None, "auto")
+            if maps.requires_grad:
+                loss_att.backward()
+        grads[reentrant] = models.cross_attention(model, layers[0]).lavender_q_proj.weight.grad
+    assert grads[None].abs().sum() > 0 and torch.allclose(grads[False], grads[None], atol=1e-6)
+    assert grads[True] is None  # the maps were captured without a graph
+
+
 def test_micro_batches_split_one_global_batch():
     """Step 1 of an epoch with 2 ranks x 2 micro-batches x batch 2 takes items 8..15 of the order."""
     order = list(range(100, 116))
