@@ -2,7 +2,8 @@
 
 Every harness scores a prediction the same way once the answers are processed: for each of the
 ten annotators, min(1, #other annotators who gave the prediction / 3), averaged over the ten
-(leave one annotator out). They differ in how they process the answers first:
+(leave one annotator out; the official script compares answer records, distinct by answer_id,
+so exactly one is left out). They differ in how they process the answers first:
 
   vlmevalkit  (the paper's harness, the default) open-compass/VLMEvalKit,
               vlmeval/dataset/utils/vqa_eval.py: `process_line(method='vqa_score')` with
@@ -21,9 +22,10 @@ ten annotators, min(1, #other annotators who gave the prediction / 3), averaged 
               not all the same string. With ten "yes" a prediction "Yes", "yes." or "the yes"
               scores 0: the comparison is then of the stripped strings, case and all.
 
-Quirks kept because the harnesses have them: every one deletes a period "not followed by a digit"
-(the official pattern `(?!<=\\d)(\\.)(?!\\d)` is a look-ahead for "<=", so it tests nothing before
-the period) and passes re.UNICODE (32) as `sub`'s count, so at most 32 periods go; a mark is
+Quirks kept because the harnesses have them: official and lmms-eval delete a period not followed
+by a digit (their pattern `(?!<=\\d)(\\.)(?!\\d)` is a look-ahead for "<=", so it tests nothing
+before the period), VLMEvalKit one neither after nor before a digit; each passes re.UNICODE (32)
+as `sub`'s count, so at most 32 periods go; a mark is
 deleted (not spaced) when the text has the mark next to a space or a digit-comma-digit anywhere;
 number words up to "ten" and "none" -> digits; "a", "an", "the" dropped; the 120 contractions
 restored (capitalised keys such as "Im" never match after lower-casing). All four share the
@@ -117,8 +119,9 @@ VQA_RULES = {
 
 
 def vqa_normalize(answer, rule="vlmevalkit"):
-    """One answer as `rule` processes it (official: when the references disagree; else only strip).
-    "Two dogs." -> "2 dogs";  "2." -> "2." (vlmevalkit) or "2" (official, lmms-eval)."""
+    """One answer as `rule` processes it (the official rule processes only where the references
+    disagree: vqa_accuracy decides). "Two dogs." -> "2 dogs";  "2." -> "2." (vlmevalkit) or "2"
+    (official, lmms-eval)."""
     return VQA_RULES[check_rule(rule)][0](strip(answer))
 
 
