@@ -22,14 +22,14 @@ so exactly one is left out). They differ in how they process the answers first:
               not all the same string. With ten "yes" a prediction "Yes", "yes." or "the yes"
               scores 0: the comparison is then of the stripped strings, case and all.
 
-Quirks kept because the harnesses have them: official and lmms-eval delete a period not followed
-by a digit (their pattern `(?!<=\\d)(\\.)(?!\\d)` is a look-ahead for "<=", so it tests nothing
-before the period), VLMEvalKit one neither after nor before a digit; each passes re.UNICODE (32)
-as `sub`'s count, so at most 32 periods go; a mark is
-deleted (not spaced) when the text has the mark next to a space or a digit-comma-digit anywhere;
-number words up to "ten" and "none" -> digits; "a", "an", "the" dropped; the 120 contractions
-restored (capitalised keys such as "Im" never match after lower-casing). All four share the
-punctuation list, number words, articles and contractions (the same 120 pairs in each file).
+Quirks kept because the harnesses have them: official and lmms-eval delete a period not followed by
+a digit (their pattern `(?!<=\\d)(\\.)(?!\\d)` is a look-ahead for "<=", so it tests nothing before
+the period), VLMEvalKit one neither after nor before a digit; each passes re.UNICODE (32) as `sub`'s
+count, so at most 32 periods go; a mark is deleted (not spaced) when the text has the mark next to a
+space or a digit-comma-digit anywhere; number words up to "ten" and "none" -> digits; "a", "an",
+"the" dropped; the 120 contractions restored (capitalised keys such as "Im" never match after
+lower-casing). All four share the punctuation list, number words, articles and contractions (the
+same 120 pairs in each file).
 
 One departure: with a single reference the harnesses' leave-one-out leaves no one, and every
 prediction scores 0; here it scores 1 on a match (after the rule's processing) and 0 otherwise.
