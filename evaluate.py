@@ -55,6 +55,7 @@ from metrics import (METRICS, accuracy_summary, check_items, describe_metric, re
                      score_items, write_predictions)
 from models import load_vlm, maps_have_positions, resolve_dtype
 from runs import load_run, run_problem
+from vqa_rules import VQA_RULES
 
 # ---------------------------------------------------------------------------------------------
 # attention measures: entropy (App. B eq. 23), alignment MSE (eq. 9), pointing
@@ -233,7 +234,8 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
                                      for kind in ("own", "head") if m[kind] is not None}
     results = sorted(gather_objects(results, world), key=lambda r: r["index"])  # every rank: all items
     # scored once gathered: CIDEr-D's document frequencies are over the whole set
-    records = score_items(items, [r["record"]["prediction"] for r in results], args.metric)
+    records = score_items(items, [r["record"]["prediction"] for r in results], args.metric,
+                          args.vqa_rule)
     for record, r in zip(records, results):  # per item: did the own map of each answer word point at its object
         if "own" in r:
             record["own_pointing"] = r["own"]["hits"]
@@ -286,12 +288,13 @@ def score_files(args):
         if unknown or missing:
             raise SystemExit(f"--score {path} does not match --data {args.data}: {len(missing)} item(s) without a "
                              f"prediction {missing[:5]}, {len(unknown)} prediction(s) for unknown ids {unknown[:5]}")
-        records = score_items(items, [predictions[it["id"]] for it in items], args.metric)
+        records = score_items(items, [predictions[it["id"]] for it in items], args.metric,
+                              args.vqa_rule)
         name = names[i] if names.count(names[i]) == 1 else f"{names[i]}-{i}"
         write_predictions(out_dir / name, records, args.vlmevalkit)
         runs.append({"name": name, "predictions": str(path), **run_scores(records)})
     report = {"data": str(args.data), "items": len(items), "out": str(out_dir),
-              "metric": describe_metric(args.metric), "runs": runs, "figures": []}
+              "metric": describe_metric(args.metric, args.vqa_rule), "runs": runs, "figures": []}
     write_report(report, out_dir)
     print(summary_line(report))
     return report
@@ -486,7 +489,7 @@ def evaluate_ranks(args, rank, world, device):
             torch.cuda.empty_cache()
 
     report = {"data": str(args.data), "items": len(items), "items_with_attention": len(dm_store), "out": str(out_dir),
-              "metric": describe_metric(args.metric),
+              "metric": describe_metric(args.metric, args.vqa_rule),
               "runs": runs, "figures": []}
 
     if rank != 0:  # every figure is on rank 0 now; the files are its job
@@ -542,6 +545,11 @@ def build_parser():
                         "else choice for a question with lettered options, else exact), or one metric for every item: "
                         "exact, vqa (VQAv2/OK-VQA/TextVQA/VizWiz), anls (DocVQA/InfoVQA), relaxed (ChartQA), choice, "
                         "cider (CIDEr-D, captions); see metrics.py")
+    p.add_argument("--vqa-rule", default="vlmevalkit", choices=list(VQA_RULES),
+                   help="how vqa items' answers are processed before matching (vqa_rules.py): "
+                        "vlmevalkit (the paper's harness), lmms-eval (its VQAv2), "
+                        "lmms-eval-textvqa (its TextVQA/OK-VQA/VizWiz), official "
+                        "(GT-Vision-Lab/VQA: processed only when the ten answers disagree)")
     p.add_argument("--score", action="append", default=[], metavar="PRED.jsonl",
                    help="score a prediction file of any model (lines {\"id\", \"prediction\"}; VLMEvalKit's \"index\" "
                         "is read as the id) against --data, without loading a model; repeat to compare files")

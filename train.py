@@ -239,7 +239,7 @@ def vlm_loss_sum(logits, labels):
 
 def micro_batch_losses(args, model, aligner, capture, batch, dm, device, tokenizer):
     """(ce_sum, att, n_aligned) for one micro-batch: the pieces of eq. 10. att is eq. 9/17 as
-    aligner.attention_loss takes it (the mean over samples of each sample's mean word MSE)."""
+    aligner.attention_loss pools it (--att-pooling: over the micro-batch's words, or per sample)."""
     inputs = data.model_inputs(batch, device)
     labels = batch["labels"].to(device)
     if capture is None:  # --loss ar: no hooks, no maps
@@ -269,7 +269,8 @@ def alignment_loss(args, capture, aligner, plan, dm_maps, batch, device, recompu
                                        aligner_mode=args.aligner_mode,
                                        recompute=recompute and args.aligner_norm != "batch")  # (B, W, 32, 32)
     target = aggregate.dm_targets(dm_maps, plan["dm_index"]).to(device)  # (B, W, 32, 32)
-    return aligner_lib.attention_loss(vlm_maps, target, mask.to(device)), int(mask.sum())  # eq. 9/17
+    att = aligner_lib.attention_loss(vlm_maps, target, mask.to(device), args.att_pooling)  # eq. 9
+    return att, int(mask.sum())
 
 
 # ---- stopping on a signal: pre-emption (SIGTERM) and Ctrl-C (SIGINT) ----
@@ -427,11 +428,16 @@ def start(args, rank, world, device, mesh):
 def train_step(args, run, micro, world):
     """Forward and backward of this rank's micro-batches of one step. Each loss is this rank's
     share of the global batch's mean (FSDP averages gradients over ranks), so 1 rank x 2
-    micro-batches and 2 ranks x 1 give the same gradients. Returns the step's (loss_vlm, loss_att,
-    aligned words) over the global batch, the same on every rank."""
+    micro-batches and 2 ranks x 1 give the same gradients. L_att with --att-pooling words (the
+    release's): each micro-batch pooled over its own aligned words, then the mean over the step's
+    micro-batches and ranks (the release divides each micro-batch's loss by the accumulation steps,
+    DDP averages ranks), so the same global batch split into other micro-batches weighs its words
+    differently; with samples: the mean over the global batch's samples, whatever the split.
+    Returns the step's (loss_vlm, loss_att, aligned words) over the global batch, the same on every
+    rank."""
     # eq. 6 is a mean over the answer tokens of the global batch: count them on every rank first
     n_tokens = all_reduce_sum([sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in micro)], world)[0]
-    sums = [0.0, 0.0, 0.0]  # this rank's summed CE, summed per-sample word MSE, aligned words
+    sums = [0.0, 0.0, 0.0]  # this rank's summed CE, its share of the step's L_att, aligned words
     for m, (batch, dm) in enumerate(micro):
         if run.mesh is not None:  # reduce-scatter gradients only after the last micro-batch
             for module in run.modules.values():
@@ -439,14 +445,17 @@ def train_step(args, run, micro, world):
         ce_sum, att, n_aligned = micro_batch_losses(args, run.model, run.aligner, run.capture, batch, dm, run.device,
                                                     run.processor.tokenizer)
         loss_vlm = ce_sum / max(n_tokens, 1) * world  # eq. 6, per answer token of the global batch
-        share = len(batch["ids"]) / run.global_batch * world  # eq. 9: per sample of the global batch
-        loss_att = att * share if att is not None else 0.0
+        # this micro-batch's weight in the step's L_att (eq. 9/17): its samples' share of the global
+        # batch, or one micro-batch of the step's world x len(micro) (words); x world: FSDP averages
+        by_samples = args.att_pooling == "samples"
+        weight = len(batch["ids"]) / run.global_batch if by_samples else 1 / (world * len(micro))
+        loss_att = att * weight * world if att is not None else 0.0
         aligner_lib.total_loss(loss_vlm, loss_att, args.lam).backward()  # eq. 10/12
         sums[0] += ce_sum.item()
-        sums[1] += att.item() * len(batch["ids"]) if att is not None else 0.0
+        sums[1] += att.item() * weight if att is not None else 0.0
         sums[2] += n_aligned
     ce, att_sum, n_words = all_reduce_sum(sums, world)
-    return ce / max(n_tokens, 1), att_sum / run.global_batch, int(n_words)
+    return ce / max(n_tokens, 1), att_sum, int(n_words)
 
 
 def optimizer_step(args, run, pretraining):
@@ -521,6 +530,10 @@ def build_parser():
     add("--match", default="exact", choices=["exact", "root"], help="word sampling (§6 (5)): same word or same stem")
     add("--align-words", default="predicted", choices=aggregate.ALIGN_WORDS,
         help="§6 (5): align the word the model predicts at a row (the paper and the release), or the label word")
+    add("--att-pooling", default="words", choices=aligner_lib.POOLINGS,
+        help="eq. 9/17 over a micro-batch: words: the sum of its aligned words' MSE over their "
+             "number (the authors' release); samples: each sample's mean over its words, then "
+             "over samples")
     add("--pretrain-aligner-steps", type=int, default=0,
         help="first N steps train only the Aligner and parallel projections, VLM frozen (§6 (1), Fig. 21)")
     # ---- fine-tuning and optimisation ----

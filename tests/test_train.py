@@ -205,13 +205,40 @@ def test_bad_input_stops_early_and_saves_nothing(tmp_path, monkeypatch):
     data = write_dataset(tmp_path / "e", n=4)
     os.remove(tmp_path / "e" / "attn" / "item001.safetensors")
     # a non-finite loss names the step and the items, and leaves no adapter behind
-    monkeypatch.setattr(aligner_lib, "attention_loss", lambda pred, target, mask: pred.sum() * float("nan"))
+    nan_loss = lambda pred, *rest: pred.sum() * float("nan")  # noqa: E731
+    monkeypatch.setattr(aligner_lib, "attention_loss", nan_loss)
     with pytest.raises(FloatingPointError, match=r"step 1 .*item00"):
         run(data, tmp_path / "nan", "--batch-size", "2", "--max-steps", "1")
     assert not (tmp_path / "nan" / "adapter").exists() and not (tmp_path / "nan" / "checkpoint").exists()
     monkeypatch.undo()
     run_dir, _ = run(data, tmp_path / "ok", "--batch-size", "2", "--max-steps", "1")
     assert json.loads((run_dir / "config.json").read_text())["items_without_attention"] == 1
+
+
+def test_only_non_reentrant_checkpointing_lets_the_attention_loss_reach_the_vlm():
+    """Why --activation-checkpointing passes use_reentrant=False: a reentrant checkpoint runs the
+    layer's forward under no_grad, so maps captured inside it carry no graph and L_att reaches
+    nothing in the model (the authors' release checkpoints reentrantly: DIFFERENCES.md)."""
+    from test_aggregate import _att_loss, make_batch
+    grads = {}
+    for reentrant in (None, False, True):  # None: no checkpointing
+        model, processor = models.tiny_vlm()
+        image = Image.new("RGB", (120, 40), (200, 10, 10))
+        batch = make_batch(processor, [(image, "what colour is the circle?", "a red circle")])
+        layers = aggregate.aligned_layers(model)
+        aggregate.add_parallel_projections(model, layers, init="copy")
+        if reentrant is not None:
+            kwargs = {"use_reentrant": reentrant}
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            model.enable_input_require_grads()  # what a reentrant checkpoint needs for L_VLM
+        model.train()
+        with aggregate.AttentionCapture(model, layers, learned=True) as capture:
+            _, loss_att, maps = _att_loss(model, processor, batch, capture, "learn", None, "auto")
+            if maps.requires_grad:
+                loss_att.backward()
+        grads[reentrant] = models.cross_attention(model, layers[0]).lavender_q_proj.weight.grad
+    assert grads[None].abs().sum() > 0 and torch.allclose(grads[False], grads[None], atol=1e-6)
+    assert grads[True] is None  # the maps were captured without a graph
 
 
 def test_micro_batches_split_one_global_batch():
@@ -221,6 +248,22 @@ def test_micro_batches_split_one_global_batch():
     assert data.micro_batches(order, 1, 2, 2, 1, 2) == [[110, 111], [114, 115]]
     assert data.micro_batches(order, 0, 4, 1, 0, 1) == [[100, 101, 102, 103]]
     assert data.epoch_order(16, 42, 0) == data.epoch_order(16, 42, 0) != data.epoch_order(16, 42, 1)
+
+
+def test_att_pooling_per_micro_batch(tmp_path, tiny_dataset):
+    """--att-pooling: a micro-batch of 2 pooled per sample trains as 2 micro-batches of 1 (one
+    sample each, so either pooling), the same losses in both steps; pooled over its words (the
+    default, the release's) the same step weighs the two items' words otherwise."""
+    flags = ["--lora-dropout", "0", "--lr", "1e-3", "--max-steps", "2"]
+    _, samples = run(tiny_dataset, tmp_path / "samples", "--att-pooling", "samples",
+                     "--batch-size", "2", *flags)
+    _, accum = run(tiny_dataset, tmp_path / "accum", "--grad-accum", "2", "--batch-size", "1",
+                   *flags)
+    same_steps(samples, accum)
+    _, words = run(tiny_dataset, tmp_path / "words", "--batch-size", "2", *flags)
+    assert words[0]["loss_vlm"] == samples[0]["loss_vlm"]  # step 1: the same model, the same batch
+    assert words[0]["aligned_words"] == samples[0]["aligned_words"]
+    assert words[0]["loss_att"] != pytest.approx(samples[0]["loss_att"], rel=1e-4)
 
 
 @pytest.mark.parametrize("flags", [["--aggregate", "mean-mean", "--aligner", "none"],
