@@ -43,6 +43,7 @@ from tqdm import tqdm
 import aggregate
 import aligner as aligner_lib
 import data
+import loader
 import models
 import runs
 from distributed import all_reduce_sum, any_rank, exit_if_torchrun, gather_objects, setup_distributed, teardown
@@ -217,17 +218,6 @@ def checked_items(args, items, attn_dir, processor, limit, rank, world, out):
     return [items[i] for i in good], skipped, counts
 
 
-def read_batch(processor, items, attn_dir, rank):
-    """(batch, [(DM maps, words) or (None, None)]) of a micro-batch. Every item passed the checks
-    before step 1; a failure now (a file changed during training) names the items and the rank."""
-    try:
-        return data.collate(processor, items), [data.read_maps(attn_dir, it["id"]) for it in items]
-    except Exception as err:
-        raise RuntimeError(f"rank {rank}: items {[it['id'] for it in items]} could not be read "
-                           f"({type(err).__name__}: {err}); they passed the checks before step 1, so a "
-                           f"file changed since") from err
-
-
 # ---- the losses of one micro-batch: eq. 6, eq. 9/17 ----
 
 def vlm_loss_sum(logits, labels):
@@ -313,6 +303,10 @@ def train(args):
     Raises Stopped after saving a checkpoint when SIGTERM or SIGINT arrives."""
     args.out = args.out or f"runs/{args.model}-{args.loss}"
     rank, world, device, mesh = setup_distributed(args.dist_timeout)
+    if args.num_workers is None:  # a few on a GPU, whose step is short; none on a CPU (no core to spare)
+        args.num_workers = 4 if device.type == "cuda" else 0
+    if args.num_workers < 0:
+        raise SystemExit(f"--num-workers {args.num_workers}: give 0 (batches built in the loop) or more")
     try:
         with signals_to_flag() as stop:  # from here on, SIGTERM/SIGINT stop at the next step boundary
             return fit(args, rank, world, device, mesh, stop)
@@ -327,14 +321,18 @@ def fit(args, rank, world, device, mesh, stop):
     run = start(args, rank, world, device, mesh)  # everything before step 1, every check passed
     step, last, signum, t_start = run.step, {}, 0, time.time()
     bar = tqdm(total=run.total_steps, initial=step, desc=f"train {args.loss}", disable=not master or not args.progress)
+    # this rank's micro-batches from the step the run starts at, built ahead by --num-workers
+    # processes; the order depends on (seed, epoch) alone: every rank agrees
+    schedule = dict(seed=args.seed, steps_per_epoch=run.steps_per_epoch, first_step=step, total_steps=run.total_steps,
+                    batch_size=args.batch_size, grad_accum=args.grad_accum)
+    batches = loader.micro_batch_loader(run.items, run.processor, run.attn_dir, schedule, rank, world,
+                                        args.num_workers, pin_memory=device.type == "cuda")
     while step < run.total_steps:
         t0 = time.time()
-        epoch, in_epoch = divmod(step, run.steps_per_epoch)
+        epoch = step // run.steps_per_epoch
         pretraining = step < args.pretrain_aligner_steps  # §6 (1): only the Aligner (+ projections) learn
-        # this rank's micro-batches of the step; the order depends on (seed, epoch) alone: every rank agrees
-        order = data.epoch_order(len(run.items), args.seed, epoch)
-        micro = [read_batch(run.processor, [run.items[i] for i in idx], run.attn_dir, rank)  # [(batch, dm)]
-                 for idx in data.micro_batches(order, in_epoch, args.batch_size, args.grad_accum, rank, world)]
+        micro = [next(batches) for _ in range(args.grad_accum)]  # [(batch, dm)] of this step
+        data_seconds = time.time() - t0  # the wait for them: ~0 when the workers keep ahead
         # forward and backward of each micro-batch; the step's losses over the global batch
         loss_vlm, loss_att, n_words = train_step(args, run, micro, world)
         total = loss_vlm + args.lam * loss_att  # eq. 10/12
@@ -348,7 +346,7 @@ def fit(args, rank, world, device, mesh, stop):
         # log one line per step (rank 0)
         last = {"step": step, "epoch": epoch, "loss": total, "loss_vlm": loss_vlm, "loss_att": loss_att,
                 "aligned_words": n_words, "lr": lr, "phase": "aligner" if pretraining else "all",
-                "grad_norm": grad_norm, "seconds": round(time.time() - t0, 4)}
+                "grad_norm": grad_norm, "seconds": round(time.time() - t0, 4), "data_seconds": round(data_seconds, 4)}
         if master:
             run.log.write(json.dumps(last) + "\n")
             run.log.flush()
@@ -498,6 +496,9 @@ def build_parser():
     add("--max-length", type=int, default=None,
         help="longest item in tokens (prompt + answer); a longer one is a bad item. Default: 2048, or the "
              "model's context if shorter")
+    add("--num-workers", type=int, default=None,
+        help="processes that build the batches ahead of the step (DataLoader workers); default 4 on a GPU, "
+             "0 on a CPU (in the loop). The same batches, in the same order, with any number")
     add("--skip-bad-items", action=argparse.BooleanOptionalAction, default=False,
         help="train without the items that fail the checks before step 1 (listed in <out>/skipped.jsonl); "
              "default: stop before step 1 and name them")

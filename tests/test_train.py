@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 import aggregate
 import aligner as aligner_lib
 import data
+import loader
 import models
 import runs
 import train
@@ -221,6 +222,52 @@ def test_micro_batches_split_one_global_batch():
     assert data.micro_batches(order, 1, 2, 2, 1, 2) == [[110, 111], [114, 115]]
     assert data.micro_batches(order, 0, 4, 1, 0, 1) == [[100, 101, 102, 103]]
     assert data.epoch_order(16, 42, 0) == data.epoch_order(16, 42, 0) != data.epoch_order(16, 42, 1)
+    # the loader's sampler from step 3 of 4-step epochs: epoch 0's last pair, then epoch 1's first
+    schedule = dict(seed=42, steps_per_epoch=4, first_step=3, total_steps=5, batch_size=2, grad_accum=1)
+    assert list(loader.step_batches(8, rank=0, world=1, **schedule)) == \
+        [data.epoch_order(8, 42, 0)[6:8], data.epoch_order(8, 42, 1)[0:2]]
+    # 2 ranks x 2 micro-batches of 1: rank r's micro-batch m is micro_batches' at every step
+    schedule.update(first_step=0, total_steps=4, batch_size=1, grad_accum=2)
+    for r in (0, 1):
+        assert list(loader.step_batches(16, rank=r, world=2, **schedule)) == [
+            mb for s in range(4) for mb in data.micro_batches(data.epoch_order(16, 42, s // 4), s % 4, 1, 2, r, 2)]
+
+
+def test_workers_give_the_same_losses_bit_for_bit_and_resume(tmp_path, tiny_dataset):
+    """--num-workers 2 (batches built in two processes) == --num-workers 0, exactly, over an epoch
+    boundary with 2 accumulated micro-batches and LoRA dropout on (so a draw from the global RNG
+    would show); a run stopped after step 2 and resumed with workers reaches the same steps 3-4."""
+    flags = ("--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3", "--max-steps", "4")  # 3 steps an epoch
+    _, plain = run(tiny_dataset, tmp_path / "w0", "--num-workers", "0", *flags)
+    _, workers = run(tiny_dataset, tmp_path / "w2", "--num-workers", "2", *flags)
+    run(tiny_dataset, tmp_path / "cut", "--num-workers", "2", *flags[:-1], "2")
+    _, resumed = run(tiny_dataset, tmp_path / "cut", "--num-workers", "2", "--resume", *flags)
+    keys = ("loss_vlm", "loss_att", "aligned_words", "grad_norm", "epoch")
+    assert [r["epoch"] for r in plain] == [0, 0, 0, 1] and all(r["aligned_words"] > 0 for r in plain)
+    for rows in (workers, resumed):
+        assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in plain]
+    assert all(r["data_seconds"] >= 0 and r["data_seconds"] <= r["seconds"] for r in workers + plain)
+
+
+def test_a_sigterm_ends_the_workers_quietly(tiny_dataset):
+    """A scheduler's SIGTERM to every process (Slurm) ends the loader's workers with exit code 0,
+    not as killed by a signal, which would fail the main process at once (DataLoader's SIGCHLD
+    handler) while it finishes the step whose micro-batches it holds and saves."""
+    import multiprocessing
+    import signal
+    items, (_, processor) = data.read_items(tiny_dataset), models.tiny_vlm()
+    schedule = dict(seed=42, steps_per_epoch=3, first_step=0, total_steps=3, batch_size=2, grad_accum=1)
+    batches = loader.micro_batch_loader(items, processor, Path(tiny_dataset).parent / "attn", schedule, 0, 1, 2)
+    held = next(batches)  # this step's micro-batch
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+        w.join(timeout=30)
+    assert [w.exitcode for w in workers] == [0, 0]
+    order = data.epoch_order(len(items), 42, 0)  # the main process goes on with what it holds
+    assert held[0]["ids"] == [items[i]["id"] for i in order[:2]] and len(held[1]) == 2
+    del batches  # and ends the loader without an error
 
 
 @pytest.mark.parametrize("flags", [["--aggregate", "mean-mean", "--aligner", "none"],
