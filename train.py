@@ -96,7 +96,7 @@ def build(args, device, mesh):
         model.to(device)
         aligner = aligner.to(device) if aligner is not None else None
     else:  # fully_shard moves each rank's shard to its device: the full model never sits on one GPU
-        model, aligner = shard(model, aligner, mesh, device)
+        model, aligner = shard(model, aligner, mesh, torch.bfloat16 if device.type == "cuda" else torch.float32)
     return model, processor, aligner, capture, layers
 
 
@@ -108,7 +108,7 @@ def trainable_in_float32(model):
             p.data = p.data.float()
 
 
-def shard(model, aligner, mesh, device):
+def shard(model, aligner, mesh, param_dtype=torch.float32):
     """FSDP2: every `_no_split_modules` layer (vision encoder layer, self-attention and cross-attention
     decoder layer) is one unit: the largest piece that is always used whole, so only one layer's
     full weights exist at a time; then the root (embeddings, lm_head, norms). Parallel projections
@@ -116,11 +116,11 @@ def shard(model, aligner, mesh, device):
     model's forward, so it is its own FSDP root over the same mesh: all trainable parameters are
     then DTensors on one mesh and one AdamW, one clip_grad_norm_ and one DCP checkpoint cover
     them (a replicated Aligner would mix plain tensors and DTensors in the optimizer).
-    bf16 compute with fp32 gradient reduction on GPU; fp32 everywhere on CPU.
+    The model computes in param_dtype (build: bf16 on a GPU, fp32 on a CPU) with fp32 master
+    weights and gradient reduction; the Aligner in fp32, as the maps it reads (fp32 softmax).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     units = set(models.base_model(model)._no_split_modules)
     for module in list(model.modules()):
         if type(module).__name__ in units:
@@ -129,8 +129,8 @@ def shard(model, aligner, mesh, device):
     # A rank whose batch aligns no word leaves the parallel projections without a gradient while
     # another rank has one: reduce-scatter zeros for them so the collectives still match.
     model.set_reduce_scatter_unused_params(True)
-    if aligner is not None:
-        fully_shard(aligner, mesh=mesh, mp_policy=mp)
+    if aligner is not None:  # no cast: fp32 weights on the fp32 maps
+        fully_shard(aligner, mesh=mesh, mp_policy=MixedPrecisionPolicy())
     return model, aligner
 
 
