@@ -139,7 +139,7 @@ def test_gpu_smoke_fills_every_row(tmp_path):
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     parts = [r[0].lstrip("| ") for r in rows]
     assert [p.split(",")[0] for p in parts] == ["extract 32 px"] * 6 + ["train step"] * 2 + ["VLM forward"] * 8 + \
-        ["torchrun"], parts
+        ["torchrun"] + ["train.py loop"] * 2 * len(bench_gpu.LOOP_ARMS), parts
     for r in rows:
         assert "FAILED" not in r[1] and "TIMEOUT" not in r[1], r
         assert r[2].split()[0].replace(".", "").isdigit() and r[3].endswith(("GiB", "GiB host RSS")), r
