@@ -85,7 +85,7 @@ def image_size(item):
 
 
 def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
-    """torchrun 2 ranks x batch 1 (FSDP2, activation checkpointing) == 1 rank x 2 accumulated
+    """torchrun 2 ranks x batch 1 (FSDP2, activation checkpointing, a loader worker each) == 1 rank x 2 accumulated
     micro-batches of 1 (same global batch, no dropout) at steps 1-3, where the 2-rank run is
     pre-empted during step 2 by a SIGTERM that reaches rank 1 alone (both ranks stop after step 2
     and save) and resumes from its sharded checkpoint for step 3; the adapter loads with
@@ -98,13 +98,15 @@ def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
     flags = ["--lora-dropout", "0", "--lr", "1e-3", "--batch-size", "1"]
     _, one = run(tiny_dataset, tmp_path / "one", "--grad-accum", "2", "--max-steps", "3", *flags)
     two = tmp_path / "two"
-    said = torchrun(tiny_dataset, two, "--max-steps", "3", "--activation-checkpointing", *flags, fails=True,
+    said = torchrun(tiny_dataset, two, "--max-steps", "3", "--activation-checkpointing", "--num-workers", "1", *flags,
+                    fails=True,
                     script=ROOT / "tests" / "preempted_train.py", env={"PREEMPT_RANK": "1", "PREEMPT_STEP": "2"})
     assert "stopped by SIGTERM after step 2" in said and "exitcode  : 143" in said
     assert json.loads((two / "checkpoint" / "train_state.json").read_text())["step"] == 2
     assert [p.name for p in two.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint"]
     shutil.copytree(two, tmp_path / "two-then-one")
-    resumed = torchrun(tiny_dataset, two, "--max-steps", "3", "--resume", "--activation-checkpointing", *flags)
+    resumed = torchrun(tiny_dataset, two, "--max-steps", "3", "--resume", "--activation-checkpointing", "--num-workers", "1",
+                       *flags)
     assert [r["step"] for r in resumed] == [1, 2, 3]  # the log continues where it stopped
     # the same checkpoint resumed on ONE rank with the same global batch (1 x 2 micro-batches of 1):
     # DCP reshards the FSDP2 checkpoint onto plain tensors and step 3 sees the same items
