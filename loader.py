@@ -1,4 +1,7 @@
-"""Training batches off the step's critical path: torch's DataLoader over the run's own order.
+"""train.py's data: the training set read, and its batches off the step's critical path.
+
+read_data finds --data and, for --loss lavender, its attention store, naming what is missing and
+the command that makes it (every item is then checked by train.checked_items before step 1).
 
 Decoding a step's images and running the processor (data.collate) takes up to a second of one
 core a micro-batch (4 items of 1120 px PNGs through Llama-3.2's processor: 1.06 s on a busy CPU),
@@ -16,12 +19,45 @@ run reads what the uninterrupted one read.
 """
 import functools
 import signal
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 import data
 
+
+# ---- the training set: read, its attention store found ----
+
+def extract_command(data_path, attn):
+    """The command that makes the attention store `attn` of the training set at `data_path`."""
+    return f"torchrun --nproc_per_node 8 extract.py --dm sd14 --data {data_path} --out {attn}"
+
+
+def read_data(args):
+    """(items, attention folder or None): --data read, and for --loss lavender the attention store
+    found; what is missing is named, with where it was looked for and how to make it."""
+    path = Path(args.data)
+    attn = Path(args.attn) if args.attn else path.parent / "attn"
+    if not path.is_file():
+        raise SystemExit(f"--data {path}: no such file (looked for {path.resolve()}). Write the training "
+                         f"set there as a JSONL of {{\"id\", \"image\", \"question\", \"answer\"}} lines "
+                         f"(README, 'Data'), then make the attention targets: {extract_command(path, attn)}")
+    try:
+        items = data.read_items(path)
+    except (OSError, ValueError) as err:  # a line that is not UTF-8 or not JSON: the message names it
+        raise SystemExit(f"--data: {err}") from None
+    if args.loss == "ar":
+        return items, None
+    if not attn.is_dir():
+        where = "--attn" if args.attn else "the default --attn, attn/ beside --data"
+        raise SystemExit(f"--loss lavender needs the attention store of extract.py: {where} {attn} does "
+                         f"not exist (looked for {attn.resolve()}). Make it with "
+                         f"`{extract_command(path, attn)}`, pass --attn DIR, or train without it: --loss ar")
+    return items, attn
+
+
+# ---- batches ----
 
 def read_batch(processor, attn_dir, rank, items):
     """(batch, [(DM maps, words) or (None, None)]) of a micro-batch. Every item passed the checks

@@ -13,9 +13,10 @@ Set-up, in the order it happens: torchrun env -> process group (nccl on GPU, glo
 explicit 1-D device mesh (distributed.py) -> load the preset (models.py) -> PEFT LoRA -> parallel
 projections -> attention capture -> activation checkpointing -> fully_shard every decoder/encoder
 layer, then the root (shard) -> optimizer. Plain `python train.py` is one rank with no process
-group and no sharding. Items, attention maps and batches come from data.py; the run folder
-(checkpoints written new, renamed, then the old one deleted; --resume refusing a changed
-experiment; the outputs) is runs.py's. Before step 1 every item is checked; SIGTERM/SIGINT save
+group and no sharding. Items and attention maps come from data.py, the training set and its
+batches (DataLoader workers, the run's order) from loader.py; the run folder (checkpoints written
+new, renamed, then the old one deleted; --resume refusing a changed experiment; the outputs) is
+runs.py's. Before step 1 every item is checked; SIGTERM/SIGINT save
 at the next step boundary.
 
     torchrun --nproc_per_node 8 train.py --model llama32   # reads data/train.jsonl, data/attn/
@@ -139,34 +140,7 @@ def trainable_modules(model, aligner):
     return nn.ModuleDict({"vlm": model, **({"aligner": aligner} if aligner is not None else {})})
 
 
-# ---- the data: read, and every item checked before step 1 ----
-
-def extract_command(data, attn):
-    return f"torchrun --nproc_per_node 8 extract.py --dm sd14 --data {data} --out {attn}"
-
-
-def read_data(args):
-    """(items, attention folder or None): --data read, and for --loss lavender the attention store
-    found; what is missing is named, with where it was looked for and how to make it."""
-    path = Path(args.data)
-    attn = Path(args.attn) if args.attn else path.parent / "attn"
-    if not path.is_file():
-        raise SystemExit(f"--data {path}: no such file (looked for {path.resolve()}). Write the training "
-                         f"set there as a JSONL of {{\"id\", \"image\", \"question\", \"answer\"}} lines "
-                         f"(README, 'Data'), then make the attention targets: {extract_command(path, attn)}")
-    try:
-        items = data.read_items(path)
-    except (OSError, ValueError) as err:  # a line that is not UTF-8 or not JSON: the message names it
-        raise SystemExit(f"--data: {err}") from None
-    if args.loss == "ar":
-        return items, None
-    if not attn.is_dir():
-        where = "--attn" if args.attn else "the default --attn, attn/ beside --data"
-        raise SystemExit(f"--loss lavender needs the attention store of extract.py: {where} {attn} does "
-                         f"not exist (looked for {attn.resolve()}). Make it with "
-                         f"`{extract_command(path, attn)}`, pass --attn DIR, or train without it: --loss ar")
-    return items, attn
-
+# ---- the data (loader.read_data): every item checked before step 1 ----
 
 def max_length(args, model):
     """--max-length, or by default 2048 tokens (the model's context if shorter)."""
@@ -212,7 +186,7 @@ def checked_items(args, items, attn_dir, processor, limit, rank, world, out):
         raise SystemExit(f"--loss lavender would align nothing: of {len(good)} items, {with_maps} have an "
                          f"attention file in {attn_dir} and none has an answer word among its file's words "
                          f"(--match {args.match}). Make the store for this --data with "
-                         f"`{extract_command(args.data, attn_dir)}`, or use --loss ar")
+                         f"`{loader.extract_command(args.data, attn_dir)}`, or use --loss ar")
     skipped = [{"id": items[i]["id"], "line": items[i].get("line"), "reason": problems[i]}
                for i in sorted(problems)]
     return [items[i] for i in good], skipped, counts
@@ -387,7 +361,7 @@ def start(args, rank, world, device, mesh):
     if saved:
         runs.refuse_changes(saved["config"], {**vars(args), "world": world, "global_batch": global_batch},
                             vars(args), only_given=True)
-    items, attn_dir = read_data(args)
+    items, attn_dir = loader.read_data(args)
     model, processor, aligner, capture, layers = build(args, device, mesh)
     limit = max_length(args, model)
     items, skipped, counts = checked_items(args, items, attn_dir, processor, limit, rank, world, out)
