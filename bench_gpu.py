@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,7 +194,9 @@ def loop_arm(tmp, items, loss, checkpointing, workers, steps, batch):
         torch.cuda.empty_cache()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB -> GiB, the process so far
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()], peak
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    shutil.rmtree(out)  # at 11B a Lavender run writes about 3 GB (projections, AdamW state)
+    return log, peak
 
 
 def part_loop(smoke, tiles):
