@@ -85,12 +85,19 @@ def step_batches(n_items, seed, steps_per_epoch, first_step, total_steps, batch_
         yield from data.micro_batches(order, in_epoch, batch_size, grad_accum, rank, world)
 
 
+def built_here(items, processor, attn_dir, schedule, rank, world):
+    """The micro-batches of step_batches(**schedule) built in this process, as with 0 workers:
+    train.fit's way on when a stop signal has ended the workers before they delivered its step."""
+    return [read_batch(processor, attn_dir, rank, [items[i] for i in idx])
+            for idx in step_batches(len(items), rank=rank, world=world, **schedule)]
+
+
 def quiet_stop(worker_id):
     """In a worker: SIGTERM ends it as Ctrl-C does, quietly with exit code 0 (DataLoader's worker
     loop catches KeyboardInterrupt), not as a worker killed by a signal, which fails the main
     process at once. A scheduler that signals every process (Slurm) thus leaves the main process
-    to finish its step, whose micro-batches it already holds, and save. (Ignoring the signal
-    would not do: DataLoader and multiprocessing end stuck workers with SIGTERM and then wait.)"""
+    to finish its step (built_here what the workers had not delivered) and save. (Ignoring the
+    signal would not do: DataLoader and multiprocessing end stuck workers by SIGTERM, then wait.)"""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 

@@ -305,7 +305,13 @@ def fit(args, rank, world, device, mesh, stop):
         t0 = time.time()
         epoch = step // run.steps_per_epoch
         pretraining = step < args.pretrain_aligner_steps  # §6 (1): only the Aligner (+ projections) learn
-        micro = [next(batches) for _ in range(args.grad_accum)]  # [(batch, dm)] of this step
+        try:
+            micro = [next(batches) for _ in range(args.grad_accum)]  # [(batch, dm)] of this step
+        except (RuntimeError, OSError):  # workers ended: by the stop signal (Slurm's reaches them too)?
+            if not stop["signal"]:
+                raise
+            micro = loader.built_here(run.items, run.processor, run.attn_dir,  # then this step's, here
+                                      {**schedule, "first_step": step, "total_steps": step + 1}, rank, world)
         data_seconds = time.time() - t0  # the wait for them: ~0 when the workers keep ahead
         # forward and backward of each micro-batch; the step's losses over the global batch
         loss_vlm, loss_att, n_words = train_step(args, run, micro, world)

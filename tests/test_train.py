@@ -272,6 +272,31 @@ def test_a_sigterm_ends_the_workers_quietly(tiny_dataset):
     del batches  # and ends the loader without an error
 
 
+def test_a_stop_signal_that_ends_a_worker_mid_step_still_trains_and_saves_that_step(tmp_path, tiny_dataset,
+                                                                                    monkeypatch):
+    """Slurm's SIGTERM reaches every process: here worker 1 signals the main process and ends
+    before it delivers step 1's second micro-batch. The main process builds that step itself,
+    trains it as the uninterrupted run does, saves after it and stops."""
+    import signal
+    flags = ("--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3", "--max-steps", "3")
+    _, full = run(tiny_dataset, tmp_path / "full", *flags)
+    read_batch = loader.read_batch
+
+    def preempted(*args):
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.id == 1:  # the worker of micro-batches 2, 4, ...
+            os.kill(os.getppid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # ends this worker, quietly (loader.quiet_stop)
+        return read_batch(*args)
+    monkeypatch.setattr(loader, "read_batch", preempted)
+    with pytest.raises(train.Stopped, match="SIGTERM after step 1"):
+        run(tiny_dataset, tmp_path / "cut", "--num-workers", "2", *flags)
+    log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    keys = ("loss_vlm", "loss_att", "aligned_words", "grad_norm")
+    assert [[r[k] for k in keys] for r in log] == [[r[k] for k in keys] for r in full[:1]]
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "train_state.json").read_text())["step"] == 1
+
+
 @pytest.mark.parametrize("flags", [["--aggregate", "mean-mean", "--aligner", "none"],
                                    ["--aggregate", "flow-sum", "--aligner-mode", "after", "--layers", "last"],
                                    ["--aggregate", "max-max", "--aligner-act", "leakyrelu"],
