@@ -222,7 +222,8 @@ RUN_FILES = ("config.json", "log.jsonl", "skipped.jsonl", CHECKPOINT, NEW, OLD, 
 # and --attn as paths: the data file is compared by its sha256, the attention folder resolved).
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "total_steps", "save_every", "progress", "resume", "overwrite",
                      "out", "dist_timeout", "activation_checkpointing", "world",
-                     "batch_size", "grad_accum", "skip_bad_items", "max_length", "data", "attn"}
+                     "batch_size", "grad_accum", "skip_bad_items", "max_length", "data", "attn",
+                     "num_workers"}
 
 
 def may_change_flags():

@@ -13,9 +13,10 @@ Set-up, in the order it happens: torchrun env -> process group (nccl on GPU, glo
 explicit 1-D device mesh (distributed.py) -> load the preset (models.py) -> PEFT LoRA -> parallel
 projections -> attention capture -> activation checkpointing -> fully_shard every decoder/encoder
 layer, then the root (shard) -> optimizer. Plain `python train.py` is one rank with no process
-group and no sharding. Items, attention maps and batches come from data.py; the run folder
-(checkpoints written new, renamed, then the old one deleted; --resume refusing a changed
-experiment; the outputs) is runs.py's. Before step 1 every item is checked; SIGTERM/SIGINT save
+group and no sharding. Items and attention maps come from data.py, the training set and its
+batches (DataLoader workers, the run's order) from loader.py; the run folder (checkpoints written
+new, renamed, then the old one deleted; --resume refusing a changed experiment; the outputs) is
+runs.py's. Before step 1 every item is checked; SIGTERM/SIGINT save
 at the next step boundary.
 
     torchrun --nproc_per_node 8 train.py --model llama32   # reads data/train.jsonl, data/attn/
@@ -43,6 +44,7 @@ from tqdm import tqdm
 import aggregate
 import aligner as aligner_lib
 import data
+import loader
 import models
 import runs
 from distributed import all_reduce_sum, any_rank, exit_if_torchrun, gather_objects, setup_distributed, teardown
@@ -95,7 +97,7 @@ def build(args, device, mesh):
         model.to(device)
         aligner = aligner.to(device) if aligner is not None else None
     else:  # fully_shard moves each rank's shard to its device: the full model never sits on one GPU
-        model, aligner = shard(model, aligner, mesh, device)
+        model, aligner = shard(model, aligner, mesh, torch.bfloat16 if device.type == "cuda" else torch.float32)
     return model, processor, aligner, capture, layers
 
 
@@ -107,7 +109,7 @@ def trainable_in_float32(model):
             p.data = p.data.float()
 
 
-def shard(model, aligner, mesh, device):
+def shard(model, aligner, mesh, param_dtype=torch.float32):
     """FSDP2: every `_no_split_modules` layer (vision encoder layer, self-attention and cross-attention
     decoder layer) is one unit: the largest piece that is always used whole, so only one layer's
     full weights exist at a time; then the root (embeddings, lm_head, norms). Parallel projections
@@ -115,11 +117,11 @@ def shard(model, aligner, mesh, device):
     model's forward, so it is its own FSDP root over the same mesh: all trainable parameters are
     then DTensors on one mesh and one AdamW, one clip_grad_norm_ and one DCP checkpoint cover
     them (a replicated Aligner would mix plain tensors and DTensors in the optimizer).
-    bf16 compute with fp32 gradient reduction on GPU; fp32 everywhere on CPU.
+    The model computes in param_dtype (build: bf16 on a GPU, fp32 on a CPU) with fp32 master
+    weights and gradient reduction; the Aligner in fp32, as the maps it reads (fp32 softmax).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     units = set(models.base_model(model)._no_split_modules)
     for module in list(model.modules()):
         if type(module).__name__ in units:
@@ -128,8 +130,8 @@ def shard(model, aligner, mesh, device):
     # A rank whose batch aligns no word leaves the parallel projections without a gradient while
     # another rank has one: reduce-scatter zeros for them so the collectives still match.
     model.set_reduce_scatter_unused_params(True)
-    if aligner is not None:
-        fully_shard(aligner, mesh=mesh, mp_policy=mp)
+    if aligner is not None:  # no cast: fp32 weights on the fp32 maps
+        fully_shard(aligner, mesh=mesh, mp_policy=MixedPrecisionPolicy())
     return model, aligner
 
 
@@ -138,34 +140,7 @@ def trainable_modules(model, aligner):
     return nn.ModuleDict({"vlm": model, **({"aligner": aligner} if aligner is not None else {})})
 
 
-# ---- the data: read, and every item checked before step 1 ----
-
-def extract_command(data, attn):
-    return f"torchrun --nproc_per_node 8 extract.py --dm sd14 --data {data} --out {attn}"
-
-
-def read_data(args):
-    """(items, attention folder or None): --data read, and for --loss lavender the attention store
-    found; what is missing is named, with where it was looked for and how to make it."""
-    path = Path(args.data)
-    attn = Path(args.attn) if args.attn else path.parent / "attn"
-    if not path.is_file():
-        raise SystemExit(f"--data {path}: no such file (looked for {path.resolve()}). Write the training "
-                         f"set there as a JSONL of {{\"id\", \"image\", \"question\", \"answer\"}} lines "
-                         f"(README, 'Data'), then make the attention targets: {extract_command(path, attn)}")
-    try:
-        items = data.read_items(path)
-    except (OSError, ValueError) as err:  # a line that is not UTF-8 or not JSON: the message names it
-        raise SystemExit(f"--data: {err}") from None
-    if args.loss == "ar":
-        return items, None
-    if not attn.is_dir():
-        where = "--attn" if args.attn else "the default --attn, attn/ beside --data"
-        raise SystemExit(f"--loss lavender needs the attention store of extract.py: {where} {attn} does "
-                         f"not exist (looked for {attn.resolve()}). Make it with "
-                         f"`{extract_command(path, attn)}`, pass --attn DIR, or train without it: --loss ar")
-    return items, attn
-
+# ---- the data (loader.read_data): every item checked before step 1 ----
 
 def max_length(args, model):
     """--max-length, or by default 2048 tokens (the model's context if shorter)."""
@@ -211,21 +186,10 @@ def checked_items(args, items, attn_dir, processor, limit, rank, world, out):
         raise SystemExit(f"--loss lavender would align nothing: of {len(good)} items, {with_maps} have an "
                          f"attention file in {attn_dir} and none has an answer word among its file's words "
                          f"(--match {args.match}). Make the store for this --data with "
-                         f"`{extract_command(args.data, attn_dir)}`, or use --loss ar")
+                         f"`{loader.extract_command(args.data, attn_dir)}`, or use --loss ar")
     skipped = [{"id": items[i]["id"], "line": items[i].get("line"), "reason": problems[i]}
                for i in sorted(problems)]
     return [items[i] for i in good], skipped, counts
-
-
-def read_batch(processor, items, attn_dir, rank):
-    """(batch, [(DM maps, words) or (None, None)]) of a micro-batch. Every item passed the checks
-    before step 1; a failure now (a file changed during training) names the items and the rank."""
-    try:
-        return data.collate(processor, items), [data.read_maps(attn_dir, it["id"]) for it in items]
-    except Exception as err:
-        raise RuntimeError(f"rank {rank}: items {[it['id'] for it in items]} could not be read "
-                           f"({type(err).__name__}: {err}); they passed the checks before step 1, so a "
-                           f"file changed since") from err
 
 
 # ---- the losses of one micro-batch: eq. 6, eq. 9/17 ----
@@ -314,6 +278,10 @@ def train(args):
     Raises Stopped after saving a checkpoint when SIGTERM or SIGINT arrives."""
     args.out = args.out or f"runs/{args.model}-{args.loss}"
     rank, world, device, mesh = setup_distributed(args.dist_timeout)
+    if args.num_workers is None:  # a few on a GPU, whose step is short; none on a CPU (no core to spare)
+        args.num_workers = 4 if device.type == "cuda" else 0
+    if args.num_workers < 0:
+        raise SystemExit(f"--num-workers {args.num_workers}: give 0 (batches built in the loop) or more")
     try:
         with signals_to_flag() as stop:  # from here on, SIGTERM/SIGINT stop at the next step boundary
             return fit(args, rank, world, device, mesh, stop)
@@ -328,14 +296,24 @@ def fit(args, rank, world, device, mesh, stop):
     run = start(args, rank, world, device, mesh)  # everything before step 1, every check passed
     step, last, signum, t_start = run.step, {}, 0, time.time()
     bar = tqdm(total=run.total_steps, initial=step, desc=f"train {args.loss}", disable=not master or not args.progress)
+    # this rank's micro-batches from the step the run starts at, built ahead by --num-workers
+    # processes; the order depends on (seed, epoch) alone: every rank agrees
+    schedule = dict(seed=args.seed, steps_per_epoch=run.steps_per_epoch, first_step=step, total_steps=run.total_steps,
+                    batch_size=args.batch_size, grad_accum=args.grad_accum)
+    batches = loader.micro_batch_loader(run.items, run.processor, run.attn_dir, schedule, rank, world,
+                                        args.num_workers, pin_memory=device.type == "cuda")
     while step < run.total_steps:
         t0 = time.time()
-        epoch, in_epoch = divmod(step, run.steps_per_epoch)
+        epoch = step // run.steps_per_epoch
         pretraining = step < args.pretrain_aligner_steps  # §6 (1): only the Aligner (+ projections) learn
-        # this rank's micro-batches of the step; the order depends on (seed, epoch) alone: every rank agrees
-        order = data.epoch_order(len(run.items), args.seed, epoch)
-        micro = [read_batch(run.processor, [run.items[i] for i in idx], run.attn_dir, rank)  # [(batch, dm)]
-                 for idx in data.micro_batches(order, in_epoch, args.batch_size, args.grad_accum, rank, world)]
+        try:
+            micro = [next(batches) for _ in range(args.grad_accum)]  # [(batch, dm)] of this step
+        except (RuntimeError, OSError):  # workers ended: by the stop signal (Slurm's reaches them too)?
+            if not stop["signal"]:
+                raise
+            micro = loader.built_here(run.items, run.processor, run.attn_dir,  # then this step's, here
+                                      {**schedule, "first_step": step, "total_steps": step + 1}, rank, world)
+        data_seconds = time.time() - t0  # the wait for them: ~0 when the workers keep ahead
         # forward and backward of each micro-batch; the step's losses over the global batch
         loss_vlm, loss_att, n_words = train_step(args, run, micro, world)
         total = loss_vlm + args.lam * loss_att  # eq. 10/12
@@ -349,7 +327,7 @@ def fit(args, rank, world, device, mesh, stop):
         # log one line per step (rank 0)
         last = {"step": step, "epoch": epoch, "loss": total, "loss_vlm": loss_vlm, "loss_att": loss_att,
                 "aligned_words": n_words, "lr": lr, "phase": "aligner" if pretraining else "all",
-                "grad_norm": grad_norm, "seconds": round(time.time() - t0, 4)}
+                "grad_norm": grad_norm, "seconds": round(time.time() - t0, 4), "data_seconds": round(data_seconds, 4)}
         if master:
             run.log.write(json.dumps(last) + "\n")
             run.log.flush()
@@ -390,7 +368,7 @@ def start(args, rank, world, device, mesh):
     if saved:
         runs.refuse_changes(saved["config"], {**vars(args), "world": world, "global_batch": global_batch},
                             vars(args), only_given=True)
-    items, attn_dir = read_data(args)
+    items, attn_dir = loader.read_data(args)
     model, processor, aligner, capture, layers = build(args, device, mesh)
     limit = max_length(args, model)
     items, skipped, counts = checked_items(args, items, attn_dir, processor, limit, rank, world, out)
@@ -507,6 +485,9 @@ def build_parser():
     add("--max-length", type=int, default=None,
         help="longest item in tokens (prompt + answer); a longer one is a bad item. Default: 2048, or the "
              "model's context if shorter")
+    add("--num-workers", type=int, default=None,
+        help="processes that build the batches ahead of the step (DataLoader workers); default 4 on a GPU, "
+             "0 on a CPU (in the loop). The same batches, in the same order, with any number")
     add("--skip-bad-items", action=argparse.BooleanOptionalAction, default=False,
         help="train without the items that fail the checks before step 1 (listed in <out>/skipped.jsonl); "
              "default: stop before step 1 and name them")
