@@ -224,30 +224,41 @@ def item_regions(item, root, normalize):
 # when two words are the same (§6 (5): exact or root) ----
 
 # CLIP's pre-tokenizer pattern (case-insensitive): English clitics, runs of letters, single
-# digits, runs of other symbols. Llama 3's splits the same clitics off.
-PIECE = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
+# digits, other symbols (one at a time here, so that a combining mark, which neither pattern
+# counts as a letter, can join the letters before it). Llama 3's splits the same clitics off.
+CLITIC = r"'(?:s|t|re|ve|m|ll|d)"
+PIECE = re.compile(CLITIC + r"|[^\W\d_]+|\d|[^\s\w]|_", re.IGNORECASE)
+
+
+def _wordlike(s):
+    """True when every character of s is a letter, a combining mark or a digit (category L, M, N)."""
+    return all(unicodedata.category(c)[0] in "LMN" for c in s)
 
 
 def split_words(text):
     """The words of a text: [(word, start, end), ...] in order, lower-cased, with their characters.
 
     Pieces as CLIP's pre-tokenizer cuts them (clitics, letter runs, single digits, symbols), then
-    touching letter/digit pieces glued back together (CLIP cuts "25" into "2" "5" and "mp3" into
-    "mp" "3"); pieces without a letter or digit are dropped. Both sides of the alignment use this
-    rule (the DM store's words and the VLM's answer words), so they reach the same words:
+    touching letter, mark and digit pieces glued back together (CLIP cuts "25" into "2" "5",
+    "mp3" into "mp" "3", and a decomposed "e" + U+0301 "é" apart); pieces without a letter or
+    digit are dropped. A word is lower-cased and in Unicode NFC, so a decomposed "café" is the
+    word "café". Both sides of the alignment use this rule (the DM store's words and the VLM's
+    answer words), so they reach the same words:
 
         "A dog's toy, don't!" -> [("a", 0, 1), ("dog", 2, 5), ("'s", 5, 7), ("toy", 8, 11),
                                    ("don", 13, 16), ("'t", 16, 18)]
         "naïve café, 25 mp3s" -> [("naïve", 0, 5), ("café", 6, 10), ("25", 12, 14), ("mp3s", 15, 19)]
+        "a t-shirt, 3.5 kg"   -> [("a", 0, 1), ("t", 2, 3), ("shirt", 4, 9), ("3", 11, 12),
+                                   ("5", 13, 14), ("kg", 15, 17)]
     """
     spans = []
     for m in PIECE.finditer(text):
         start, end = m.span()
-        if spans and spans[-1][1] == start and text[spans[-1][0]:end].isalnum():
-            spans[-1][1] = end  # "2" "5" -> "25"
+        if spans and spans[-1][1] == start and _wordlike(text[spans[-1][0]:end]):
+            spans[-1][1] = end  # "2" "5" -> "25"; "cafe" U+0301 -> "café"
         else:
             spans.append([start, end])
-    return [(text[a:b].lower(), a, b) for a, b in spans
+    return [(unicodedata.normalize("NFC", text[a:b].lower()), a, b) for a, b in spans
             if any(unicodedata.category(c)[0] in "LN" for c in text[a:b])]
 
 
@@ -255,8 +266,17 @@ _STEMMER = snowballstemmer.stemmer("english")
 
 
 def normalize_word(w):
-    """Lower-case, strip surrounding punctuation: "Circle," -> "circle", "'s" -> "s"."""
-    return re.sub(r"^\W+|\W+$", "", w.lower())
+    """Lower-case, NFC, strip surrounding punctuation, but not the apostrophe that opens an
+    English clitic (a word of its own in split_words, so that the "'s" of "it's" and the "s" of
+    "U.S." stay two words): "Circle," -> "circle", "'s" -> "'s", "s." -> "s"."""
+    w = unicodedata.normalize("NFC", w.lower())
+    return re.sub(rf"^(?!{CLITIC}\b)\W+|\W+$", "", w)
+
+
+def _root(w):
+    """The Snowball stem of a normalised word; a clitic ("'s", "'re") is its own root."""
+    w = normalize_word(w)
+    return w if w.startswith("'") else _STEMMER.stemWord(w)
 
 
 def match_words(vlm_words, dm_words, mode="exact"):
@@ -265,10 +285,11 @@ def match_words(vlm_words, dm_words, mode="exact"):
     exact: equal after normalize_word; root: same Snowball (Porter 2) stem, e.g.
     match_words(["circles", "Red"], ["red", "circle"], "exact") -> [None, 0]
     match_words(["circles", "Red"], ["red", "circle"], "root")  -> [1, 0]
+    match_words(["s", "'s"], ["'s", "s"], "exact")               -> [1, 0]
     """
     if mode not in ("exact", "root"):
         raise ValueError(f"unknown word match {mode!r}; choose 'exact' or 'root'")
-    key = normalize_word if mode == "exact" else (lambda w: _STEMMER.stemWord(normalize_word(w)))
+    key = normalize_word if mode == "exact" else _root
     dm_keys = {}
     for j, w in enumerate(dm_words):
         if normalize_word(w):

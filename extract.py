@@ -53,12 +53,10 @@ def text_words(tokenizer, text, max_tokens=75, item_id=None):
     if len(offsets) > max_tokens:
         warnings.warn(f"item {item_id!r}: answer has {len(offsets)} CLIP tokens; keeping the first {max_tokens} "
                       f"(CLIP's limit), words after that get no map")
-        offsets = offsets[:max_tokens]
-    kept_end = offsets[-1][1] if offsets else 0
     words, positions = [], []
     for word, start, end in split_words(text):
         tokens = [1 + j for j, (a, b) in enumerate(offsets) if a < end and b > start]  # +1: the start token
-        if not tokens or end > kept_end:
+        if not tokens or tokens[-1] > max_tokens:
             continue  # beyond the limit, or cut in two by it
         if word not in words:
             words.append(word)
