@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 import models  # FAMILIES: a family's own prompts (IDEFICS: no chat template) and image tokens
 from aligner import MAP_SIZE  # the one map size of DM and VLM maps
@@ -58,6 +59,20 @@ def read_items(jsonl_path):
     return items
 
 
+def read_items_or_exit(path, flag="--data", then=""):
+    """read_items for a script: a missing or malformed file ends the run with one line naming the
+    flag, the file (and the line) instead of a traceback. then: what to do next, after the
+    missing-file line (train.py: the extract.py command that makes the attention store)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"{flag} {path}: no such file (looked for {Path(path).resolve()}). Write the dataset "
+                         f"there as a JSONL of {{\"id\", \"image\", \"question\", \"answer\"}} lines "
+                         f"(README, 'Data'){then}")
+    try:
+        return read_items(path)
+    except (OSError, ValueError) as err:  # not UTF-8, not JSON, a missing field: the message names the line
+        raise SystemExit(f"{flag}: {err}") from None
+
+
 def jsonl_lines(path):
     """(line number, text, parsed object) of every non-blank line of a JSONL file (the dataset,
     prediction files); ValueError naming the file and the line when one is not UTF-8 or not JSON."""
@@ -72,6 +87,13 @@ def jsonl_lines(path):
                 raise ValueError(f"{path} line {n}: not valid JSON ({e}); each line must be one JSON object") from None
             if line.strip():
                 yield n, line, row
+
+
+def progress_bar(iterable=None, show=True, **kwargs):
+    """The progress bar of every script: tqdm, drawn only when show (no --quiet; rank 0) and its
+    output (stderr) is a terminal, so a piped or logged run holds no bar redraws (tqdm's
+    disable=None)."""
+    return tqdm(iterable, disable=None if show else True, **kwargs)
 
 
 # ---- the attention store: <attn>/<id>.safetensors (DESIGN.md, "Formats") ----
