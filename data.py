@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import snowballstemmer
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -199,10 +199,13 @@ def open_image(path):
     Modes: integer grey (I;16, I) is read as 16-bit when any value exceeds 255 (else as 8-bit),
     float grey (F) as [0, 1] when it stays within it; anything with transparency (RGBA, LA, or a
     transparent palette colour) is composited on white; CMYK, YCbCr, P, L, 1 convert with PIL.
-    Decoding every pixel here (img.load) is what finds a truncated file; PIL's verify() does not.
+    An EXIF orientation (a phone photo, VizWiz's) is applied, so the picture is upright as a viewer
+    shows it. Decoding every pixel here (img.load) is what finds a truncated file; PIL's verify()
+    does not.
     """
     with Image.open(path) as img:
         img.load()
+        img = ImageOps.exif_transpose(img)  # orientation tags 2-8: the pixels turned upright
         if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float grey
             arr = np.asarray(img, dtype=np.float32)
             arr = arr / 257.0 if arr.max() > 255 else arr * 255.0 if img.mode == "F" and arr.max() <= 1 else arr
@@ -225,9 +228,10 @@ def load_image(path, res):
 def item_regions(item, root, normalize):
     """{normalised word: (H, W) bool array} from an item's "masks" (binary PNG, same size as the image)
     and "boxes" ([x0, y0, x1, y1] in pixels, x1/y1 exclusive) entries, where the words of its answer
-    are in the image (evaluate.py's pointing); {} when it has neither."""
+    are in the image (evaluate.py's pointing), on the upright image (open_image: its EXIF
+    orientation applied); {} when it has neither."""
     regions = {}
-    width, height = Image.open(item["image_path"]).size
+    width, height = open_image(item["image_path"]).size  # upright, as the models see it
     for word, rel in (item.get("masks") or {}).items():
         mask = Image.open(Path(root) / rel).convert("L")
         if mask.size != (width, height):
