@@ -96,7 +96,7 @@ def progress_bar(iterable=None, show=True, **kwargs):
     return tqdm(iterable, disable=None if show else True, **kwargs)
 
 
-# ---- the attention store: <attn>/<id>.safetensors (DESIGN.md, "Formats") ----
+# ---- the attention store: <attn>/<id>.safetensors (DESIGN.md, "Attention store") ----
 
 def maps_path(attn_dir, item_id):
     """<attn_dir>/<id>.safetensors"""
@@ -104,7 +104,7 @@ def maps_path(attn_dir, item_id):
 
 
 def save_maps(path, maps, words, meta):
-    """Write maps (n_words, 32, 32) in [0, 1] as float16 'maps' with the DESIGN.md metadata.
+    """Write maps (n_words, 32, 32) in [0, 1] as float16 'maps' with the metadata of DESIGN.md, "Attention store".
 
     Atomic: a hidden temp file in the same folder, then os.replace, so a kill at any moment leaves
     either no file or a complete one (resume trusts any <id>.safetensors it can read).
