@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -94,6 +95,13 @@ def progress_bar(iterable=None, show=True, **kwargs):
     output (stderr) is a terminal, so a piped or logged run holds no bar redraws (tqdm's
     disable=None)."""
     return tqdm(iterable, disable=None if show else True, **kwargs)
+
+
+def library_bars(show=True):
+    """transformers' own bars (loading weights) by progress_bar's rule: on only when show and
+    stderr is a terminal. Process-wide: the scripts call it once, at their start."""
+    from transformers.utils import logging
+    (logging.enable_progress_bar if show and sys.stderr.isatty() else logging.disable_progress_bar)()
 
 
 # ---- the attention store: <attn>/<id>.safetensors (DESIGN.md, "Attention store") ----

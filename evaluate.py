@@ -438,6 +438,7 @@ def evaluate(args):
         raise SystemExit("evaluate.py needs --data (the test JSONL) and --out (the report's folder)")
     if args.score:
         return score_files(args)
+    data.library_bars(not args.quiet)
     rank, world, device, _ = setup_distributed()
     device = str(device) if world > 1 else args.device  # under torchrun: this rank's GPU (or the CPU)
     try:

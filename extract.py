@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from aligner import MAP_SIZE, min_max  # the one map size and normalisation of DM and VLM maps
-from data import (ID_PATTERN, is_complete, load_image, load_maps, maps_path, progress_bar, read_items_or_exit,
-                  save_maps, split_words)
+from data import (ID_PATTERN, is_complete, library_bars, load_image, load_maps, maps_path, progress_bar,
+                  read_items_or_exit, save_maps, split_words)
 from models import DM_PRESETS, PRESETS, load_dm, scheduler_config
 
 # ---- words: data.split_words (the rule of both sides) located among CLIP's tokens ----
@@ -424,6 +424,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    library_bars(not args.quiet)
     if not args.data:
         raise SystemExit("--data is required: a JSONL of {id, image, question, answer} lines")
     items = read_items_or_exit(args.data)[:args.limit]

@@ -468,6 +468,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    data.library_bars(not args.quiet)
     torch.set_num_threads(args.threads)
     if args.command == "build":
         paths = world.build_world(args.world, args.seed)

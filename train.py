@@ -305,6 +305,7 @@ def train(args):
     """Fine-tune with --loss ar or lavender; returns the run directory (the library entry of toy.py).
     Raises Stopped after saving a checkpoint when SIGTERM or SIGINT arrives."""
     args.out = args.out or f"runs/{args.model}-{args.loss}"
+    data.library_bars(args.progress)
     rank, world, device, mesh = setup_distributed(args.dist_timeout)
     try:
         with signals_to_flag() as stop:  # from here on, SIGTERM/SIGINT stop at the next step boundary

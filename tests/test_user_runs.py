@@ -92,6 +92,19 @@ def test_progress_bar_only_on_a_terminal_and_not_quiet(stream, show, drawn):
     assert ("x: 100%" in out.getvalue()) == drawn
 
 
+def test_library_bars_follow_the_same_rule(monkeypatch):
+    from transformers.utils import logging
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    data.library_bars(True)
+    assert logging.is_progress_bar_enabled()
+    data.library_bars(False)  # --quiet
+    assert not logging.is_progress_bar_enabled()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or a log file
+    data.library_bars(True)
+    assert not logging.is_progress_bar_enabled()
+    logging.enable_progress_bar()
+
+
 def test_train_quiet_is_no_progress():
     parse = train.build_parser().parse_args
     assert parse([]).progress and not parse(["--quiet"]).progress and not parse(["--no-progress"]).progress
