@@ -65,12 +65,12 @@ def read_items_or_exit(path, flag="--data", then=""):
     flag, the file (and the line) instead of a traceback. then: what to do next, after the
     missing-file line (train.py: the extract.py command that makes the attention store)."""
     if not Path(path).is_file():
-        raise SystemExit(f"{flag} {path}: no such file (looked for {Path(path).resolve()}). Write the dataset "
-                         f"there as a JSONL of {{\"id\", \"image\", \"question\", \"answer\"}} lines "
-                         f"(README, 'Data'){then}")
+        fields = '{"id", "image", "question", "answer"}'
+        raise SystemExit(f"{flag} {path}: no such file (looked for {Path(path).resolve()}). Write "
+                         f"the dataset there as a JSONL of {fields} lines (README, 'Data'){then}")
     try:
         return read_items(path)
-    except (OSError, ValueError) as err:  # not UTF-8, not JSON, a missing field: the message names the line
+    except (OSError, ValueError) as err:  # not UTF-8, not JSON, a missing field: with its line
         raise SystemExit(f"{flag}: {err}") from None
 
 
@@ -101,7 +101,8 @@ def library_bars(show=True):
     """transformers' own bars (loading weights) by progress_bar's rule: on only when show and
     stderr is a terminal. Process-wide: the scripts call it once, at their start."""
     from transformers.utils import logging
-    (logging.enable_progress_bar if show and sys.stderr.isatty() else logging.disable_progress_bar)()
+    on = show and sys.stderr.isatty()
+    (logging.enable_progress_bar if on else logging.disable_progress_bar)()
 
 
 # ---- the attention store: <attn>/<id>.safetensors (DESIGN.md, "Attention store") ----
@@ -112,7 +113,8 @@ def maps_path(attn_dir, item_id):
 
 
 def save_maps(path, maps, words, meta):
-    """Write maps (n_words, 32, 32) in [0, 1] as float16 'maps' with the metadata of DESIGN.md, "Attention store".
+    """Write maps (n_words, 32, 32) in [0, 1] as float16 'maps' with the metadata of DESIGN.md,
+    "Attention store".
 
     Atomic: a hidden temp file in the same folder, then os.replace, so a kill at any moment leaves
     either no file or a complete one (resume trusts any <id>.safetensors it can read).
@@ -265,7 +267,7 @@ PIECE = re.compile(CLITIC + r"|[^\W\d_]+|\d|[^\s\w]|_", re.IGNORECASE)
 
 
 def _wordlike(s):
-    """True when every character of s is a letter, a combining mark or a digit (category L, M, N)."""
+    """True when every character of s is a letter, a combining mark or a digit (L, M, N)."""
     return all(unicodedata.category(c)[0] in "LMN" for c in s)
 
 

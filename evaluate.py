@@ -115,7 +115,8 @@ def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, d
     eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id} - {None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     answers = []
-    for start in data.progress_bar(range(0, len(items), batch_size), show, desc="generate", leave=False):
+    for start in data.progress_bar(range(0, len(items), batch_size), show, desc="generate",
+                                   leave=False):
         batch = data.model_inputs(data.collate(processor, items[start:start + batch_size], with_answer=False), device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
         new = out[:, batch["input_ids"].shape[1]:]                       # (B, new tokens)
@@ -153,7 +154,8 @@ def answer_maps(model, processor, items, dm_store, own, head=None, batch_size=4,
     if head is not None:
         captures.append(attention_capture(model, head["layers"], learned=head["learned"]))
     try:
-        for start in data.progress_bar(range(0, len(items), batch_size), show, desc="attention", leave=False):
+        for start in data.progress_bar(range(0, len(items), batch_size), show, desc="attention",
+                                       leave=False):
             chunk = items[start:start + batch_size]
             batch = data.collate(processor, chunk, with_answer=True)
             dm_words = [dm_store[it["id"]][1] if it["id"] in dm_store else None for it in chunk]
@@ -274,7 +276,7 @@ def score_files(args):
     for i, path in enumerate(args.score):
         try:
             predictions = read_predictions(path)
-        except (OSError, ValueError) as err:  # missing, not UTF-8, not JSON, a line without its fields
+        except (OSError, ValueError) as err:  # missing, not UTF-8, not JSON, a line without fields
             raise SystemExit(f"--score {err}") from None
         unknown = [k for k in predictions if k not in known]
         missing = [it["id"] for it in items if it["id"] not in predictions]
@@ -391,7 +393,7 @@ def item_problems(items, attn_dir, root):
 def read_test_data(args):
     """(items, dm_store, regions): --data and --attn read, every item checked (item_problems); a
     problem stops the evaluation with the items named, before any model is loaded."""
-    items = read_scored_items(args)  # a missing or malformed file: one line, before any model is loaded
+    items = read_scored_items(args)  # a missing or malformed file: one line, before any model
     root = Path(args.data).resolve().parent
     problems = item_problems(items, args.attn, root)
     if problems:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from aligner import MAP_SIZE, min_max  # the one map size and normalisation of DM and VLM maps
-from data import (ID_PATTERN, is_complete, library_bars, load_image, load_maps, maps_path, progress_bar,
-                  read_items_or_exit, save_maps, split_words)
+from data import (ID_PATTERN, is_complete, library_bars, load_image, load_maps, maps_path,
+                  progress_bar, read_items_or_exit, save_maps, split_words)
 from models import DM_PRESETS, PRESETS, load_dm, scheduler_config
 
 # ---- words: data.split_words (the rule of both sides) located among CLIP's tokens ----
@@ -430,8 +430,8 @@ def main(argv=None):
     items = read_items_or_exit(args.data)[:args.limit]
     folder = ("--out", args.out) if args.export_jpeg else ("--import-jpeg", args.import_jpeg)
     if (args.export_jpeg or args.import_jpeg) and not Path(folder[1]).is_dir():
-        raise SystemExit(f"{folder[0]} {folder[1]}: no such folder (looked for {Path(folder[1]).resolve()}); "
-                         f"it holds the maps to convert")
+        raise SystemExit(f"{folder[0]} {folder[1]}: no such folder (looked for "
+                         f"{Path(folder[1]).resolve()}); it holds the maps to convert")
     if args.export_jpeg:
         n_items, n_maps = export_jpeg(items, args.out, args.export_jpeg)
         return print(f"exported {n_maps} maps of {n_items} items to {args.export_jpeg}")

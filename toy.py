@@ -460,8 +460,9 @@ def build_parser():
     # ---- demo output ----
     p.add_argument("--limit", type=int, default=0, help="extract and evaluate only the first N items of each split (quick test; 0: all)")
     p.add_argument("--report", default=None,
-                   help="where the demo writes its report and pictures (default <out>/toy_report.md; "
-                        "toy_report.md refreshes the shipped one and toy_report/; '' for none)")
+                   help="where the demo writes its report and pictures (default "
+                        "<out>/toy_report.md; toy_report.md refreshes the shipped one and "
+                        "toy_report/; '' for none)")
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress bars")
     return p
 

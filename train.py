@@ -149,7 +149,8 @@ def read_data(args):
     found; what is missing is named, with where it was looked for and how to make it."""
     path = Path(args.data)
     attn = Path(args.attn) if args.attn else path.parent / "attn"
-    items = data.read_items_or_exit(path, then=f", then make the attention targets: {extract_command(path, attn)}")
+    then = f", then make the attention targets: {extract_command(path, attn)}"
+    items = data.read_items_or_exit(path, then=then)
     if args.loss == "ar":
         return items, None
     if not attn.is_dir():
@@ -322,17 +323,18 @@ def warn_if_nothing_aligned(args, steps_run, steps_aligned, master=True):
     such a run trains L_VLM alone (loss_att 0), autoregressive fine-tuning under another name."""
     if not master or args.loss != "lavender" or steps_run != NOTHING_ALIGNED_STEPS or steps_aligned:
         return
-    why = ("--align-words predicted aligns only the answer words the model predicts, and it predicts "
-           "none of the DM's words (as a random or untrained model does); --align-words label aligns "
-           "the answer's own words" if args.align_words == "predicted" else
-           "check that the attention store's words are the answers' words")
-    warnings.warn(f"the first {steps_run} steps aligned no word (aligned_words 0, loss_att 0), so this "
-                  f"run trains L_VLM alone: {why}", stacklevel=2)
+    why = ("--align-words predicted aligns only the answer words the model predicts, and it "
+           "predicts none of the DM's words (as a random or untrained model does); "
+           "--align-words label aligns the answer's own words" if args.align_words == "predicted"
+           else "check that the attention store's words are the answers' words")
+    warnings.warn(f"the first {steps_run} steps aligned no word (aligned_words 0, loss_att 0), "
+                  f"so this run trains L_VLM alone: {why}", stacklevel=2)
 
 
 def aligned_summary(args, steps_run, steps_aligned):
     """'; 3 of 10 steps aligned a word' for a --loss lavender run's last line ('' for --loss ar)."""
-    return f"; {steps_aligned} of {steps_run} steps aligned a word" if args.loss == "lavender" else ""
+    lavender = args.loss == "lavender"
+    return f"; {steps_aligned} of {steps_run} steps aligned a word" if lavender else ""
 
 
 def fit(args, rank, world, device, mesh, stop):
@@ -340,7 +342,8 @@ def fit(args, rank, world, device, mesh, stop):
     step, log, and a checkpoint every --save-every steps or after a signal; then the outputs."""
     master = rank == 0  # only rank 0 prints and writes; every rank runs every collective
     run = start(args, rank, world, device, mesh)  # everything before step 1, every check passed
-    step, last, signum, t_start, steps_aligned = run.step, {}, 0, time.time(), 0  # steps_aligned: any word
+    step, last, signum, t_start = run.step, {}, 0, time.time()
+    steps_aligned = 0  # steps of this process that aligned any word
     bar = data.progress_bar(show=master and args.progress, total=run.total_steps, initial=step,
                             desc=f"train {args.loss}")
     while step < run.total_steps:
@@ -391,8 +394,8 @@ def fit(args, rank, world, device, mesh, stop):
     if master:
         print(f"trained {args.loss} for {step} steps on {world} rank(s) in {time.time() - t_start:.1f}s; last loss "
               f"{last.get('loss', float('nan')):.4f} (vlm {last.get('loss_vlm', float('nan')):.4f}, att "
-              f"{last.get('loss_att', float('nan')):.4f}){aligned_summary(args, step - run.step, steps_aligned)}; "
-              f"run in {run.out}")
+              f"{last.get('loss_att', float('nan')):.4f})"
+              f"{aligned_summary(args, step - run.step, steps_aligned)}; run in {run.out}")
     return str(run.out)
 
 

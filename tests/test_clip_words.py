@@ -99,7 +99,7 @@ def test_text_words_on_sd14_vocabulary(sd_clip, text):
     token and belongs to no word)."""
     words, positions = extract.text_words(sd_clip, text)
     assert words == list(CASES[text]) == [w for w, _, _ in data.split_words(text)]
-    ids = sd_clip(text, padding="max_length", max_length=77, truncation=True).input_ids  # the UNet's
+    ids = sd_clip(text, padding="max_length", max_length=77, truncation=True).input_ids  # UNet's
     pieces = {w: [sd_clip.convert_ids_to_tokens(ids[p]) for occ in pos for p in occ]
               for w, pos in zip(words, positions)}
     assert pieces == CASES[text]

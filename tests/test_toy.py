@@ -195,7 +195,7 @@ def test_shipped_toy_vlm_loads_through_train_and_answers(small_world):
 # ---------------------------------------------------------------------------------------------
 
 def test_quick_demo_end_to_end(small_world, tmp_path):
-    """The demo with its default report: <out>/toy_report.md, the shipped toy_report.md untouched."""
+    """The demo with its default report, <out>/toy_report.md: the shipped one stays untouched."""
     world, _ = small_world
     shipped = (toy.ROOT / "toy_report.md").read_bytes()
     rows = toy.main(["--world", str(world), "--out", str(tmp_path / "demo"), "--seeds", "0", "--steps", "2",
