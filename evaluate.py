@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import data
 from aggregate import AGGREGATIONS, LAYER_SUBSETS, aligned_layers, attention_capture, label_plan, vlm_word_maps
@@ -118,7 +117,8 @@ def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, d
     eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id} - {None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     answers = []
-    for start in tqdm(range(0, len(items), batch_size), desc="generate", disable=not show, leave=False):
+    for start in data.progress_bar(range(0, len(items), batch_size), show, desc="generate",
+                                   leave=False):
         batch = data.model_inputs(data.collate(processor, items[start:start + batch_size], with_answer=False), device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
         new = out[:, batch["input_ids"].shape[1]:]                       # (B, new tokens)
@@ -156,7 +156,8 @@ def answer_maps(model, processor, items, dm_store, own, head=None, batch_size=4,
     if head is not None:
         captures.append(attention_capture(model, head["layers"], learned=head["learned"]))
     try:
-        for start in tqdm(range(0, len(items), batch_size), desc="attention", disable=not show, leave=False):
+        for start in data.progress_bar(range(0, len(items), batch_size), show, desc="attention",
+                                       leave=False):
             chunk = items[start:start + batch_size]
             batch = data.collate(processor, chunk, with_answer=True)
             dm_words = [dm_store[it["id"]][1] if it["id"] in dm_store else None for it in chunk]
@@ -262,7 +263,7 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
 
 def read_scored_items(args):
     """The --data items (the first --limit), checked against the metric before any model runs."""
-    items = data.read_items(args.data)[:args.limit or None]
+    items = data.read_items_or_exit(args.data)[:args.limit or None]
     try:
         check_items(items, args.metric)
     except ValueError as err:
@@ -275,13 +276,13 @@ def score_files(args):
     loaded and no image opened. Each file is a run, named by its folder when it is called
     predictions.jsonl (a run folder of an earlier report), else by its file name."""
     out_dir = Path(args.out)
-    items, known = read_scored_items(args), {it["id"] for it in data.read_items(args.data)}
+    items, known = read_scored_items(args), {it["id"] for it in data.read_items_or_exit(args.data)}
     names = [Path(p).parent.name if Path(p).name == "predictions.jsonl" else Path(p).stem for p in args.score]
     runs = []
     for i, path in enumerate(args.score):
         try:
             predictions = read_predictions(path)
-        except ValueError as err:
+        except (OSError, ValueError) as err:  # missing, not UTF-8, not JSON, a line without fields
             raise SystemExit(f"--score {err}") from None
         unknown = [k for k in predictions if k not in known]
         missing = [it["id"] for it in items if it["id"] not in predictions]
@@ -400,10 +401,7 @@ def item_problems(items, attn_dir, root):
 def read_test_data(args):
     """(items, dm_store, regions): --data and --attn read, every item checked (item_problems); a
     problem stops the evaluation with the items named, before any model is loaded."""
-    try:
-        items = read_scored_items(args)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"--data: {err}") from None
+    items = read_scored_items(args)  # a missing or malformed file: one line, before any model
     root = Path(args.data).resolve().parent
     problems = item_problems(items, args.attn, root)
     if problems:
@@ -450,6 +448,7 @@ def evaluate(args):
         raise SystemExit("evaluate.py needs --data (the test JSONL) and --out (the report's folder)")
     if args.score:
         return score_files(args)
+    data.library_bars(not args.quiet)
     rank, world, device, _ = setup_distributed()
     device = str(device) if world > 1 else args.device  # under torchrun: this rank's GPU (or the CPU)
     try:

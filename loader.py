@@ -39,14 +39,8 @@ def read_data(args):
     found; what is missing is named, with where it was looked for and how to make it."""
     path = Path(args.data)
     attn = Path(args.attn) if args.attn else path.parent / "attn"
-    if not path.is_file():
-        raise SystemExit(f"--data {path}: no such file (looked for {path.resolve()}). Write the training "
-                         f"set there as a JSONL of {{\"id\", \"image\", \"question\", \"answer\"}} lines "
-                         f"(README, 'Data'), then make the attention targets: {extract_command(path, attn)}")
-    try:
-        items = data.read_items(path)
-    except (OSError, ValueError) as err:  # a line that is not UTF-8 or not JSON: the message names it
-        raise SystemExit(f"--data: {err}") from None
+    then = f", then make the attention targets: {extract_command(path, attn)}"
+    items = data.read_items_or_exit(path, then=then)
     if args.loss == "ar":
         return items, None
     if not attn.is_dir():

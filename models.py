@@ -436,7 +436,7 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
 # checkpointing wrap the model: each function finds its piece inside any of them.
 
 # LoRA targets (§6 (4)): q/v projections of the LANGUAGE model only. "q_proj" alone would also
-# match Mllama's vision encoder (the authors' release adapts both, see REFERENCE.md). Qwen2-VL's
+# match Mllama's vision encoder (the authors' release adapts both: DIFFERENCES.md). Qwen2-VL's
 # text side matches it too (its vision blocks have one fused `qkv`); IDEFICS has its own.
 LORA_TARGETS = r".*language_model\..*\.(q_proj|v_proj)"
 

@@ -1,4 +1,4 @@
-"""The run folder of train.py (DESIGN.md, "Run directory"): checkpoints that survive a kill,
+"""The run folder of train.py (DESIGN.md, "Run folder"): checkpoints that survive a kill,
 resume that refuses a changed experiment, the outputs, and load_run, which reads a finished run.
 
     runs/<name>/config.json            every setting (refused on --resume if it would change the experiment)

@@ -6,7 +6,8 @@ own "pretrained" models on it (base_models.py: toy-sd and the toy VLM, shipped i
 then every step of the paper runs on it for real, through the real scripts:
 
   1. `python toy.py`: extract DM maps (extract.py), fine-tune AR and Lavender with the same budget
-     and seeds (train.py), evaluate (evaluate.py), print one table, write toy_report.md.
+     and seeds (train.py), evaluate (evaluate.py), print one table, write toy_out/toy_report.md
+     (`--report toy_report.md` refreshes the report shipped with the repository).
   2. `python toy.py protocol`: every ablation arm over several worlds and seeds, paired against AR
      of the same world and seed (protocol.json, protocol.md).
 
@@ -182,9 +183,10 @@ def demo(args):
     table = markdown_table(rows)
     print("\n" + table + f"\n\nwall time {minutes:.1f} min; seeds {args.seeds}; {args.steps} steps of batch "
           f"{args.batch_size} per run; reports in {out}/eval-*/report.md")
-    if args.report:
-        write_report(Path(args.report), table, reports, args, minutes, out)
-        stage(f"wrote {args.report}")
+    report = out / "toy_report.md" if args.report is None else args.report  # '': none
+    if report:
+        write_report(Path(report), table, reports, args, minutes, out)
+        stage(f"wrote {report}")
     return rows
 
 
@@ -374,7 +376,7 @@ def protocol_table(rows):
 def write_report(path, table, reports, args, minutes, out):
     """toy_report.md with the table and the pictures (copied beside it, into toy_report/)."""
     pictures = path.parent / "toy_report"
-    pictures.mkdir(exist_ok=True)
+    pictures.mkdir(parents=True, exist_ok=True)
     shown = []
     for split in ("test-id", "test-ood"):
         for fig in reports[split]["figures"][:3]:
@@ -391,7 +393,7 @@ def write_report(path, table, reports, args, minutes, out):
     notes = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
     path.write_text(
         "# The miniature world: Lavender vs autoregressive fine-tuning\n\n"
-        f"Made by `python toy.py` ({minutes:.1f} min on this machine; finished runs of the same settings in "
+        f"Made by `python toy.py --report {relative(path.resolve())}` ({minutes:.1f} min on this machine; finished runs of the same settings in "
         f"{relative(out)}/runs are reused, not retrained). Mean ± sample std over seeds {args.seeds}; accuracy is "
         "exact match. The VLM's own attention is read the same way for every model: its pretrained cross-attention, "
         "averaged over heads and layers (evaluate.py's mean-mean), no Aligner, min-max normalised like the DM maps; "
@@ -457,13 +459,17 @@ def build_parser():
                         "alone aligns only the words toy-sd localises (like the release's adjectives-only filter)")
     # ---- demo output ----
     p.add_argument("--limit", type=int, default=0, help="extract and evaluate only the first N items of each split (quick test; 0: all)")
-    p.add_argument("--report", default=str(ROOT / "toy_report.md"), help="where the demo writes its report ('' for none)")
+    p.add_argument("--report", default=None,
+                   help="where the demo writes its report and pictures (default "
+                        "<out>/toy_report.md; toy_report.md refreshes the shipped one and "
+                        "toy_report/; '' for none)")
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress bars")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    data.library_bars(not args.quiet)
     torch.set_num_threads(args.threads)
     if args.command == "build":
         paths = world.build_world(args.world, args.seed)

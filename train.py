@@ -33,13 +33,13 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import aggregate
 import aligner as aligner_lib
@@ -168,8 +168,8 @@ def checked_items(args, items, attn_dir, processor, limit, rank, world, out):
     ids), each rank a share, the results gathered so that every rank, and the message, see every
     bad item. Bad items stop the run with their list, or with --skip-bad-items are left out and
     recorded in <out>/skipped.jsonl. A Lavender run with no word to align is refused."""
-    share = tqdm(range(rank, len(items), world), desc="check data", disable=rank != 0 or not args.progress,
-                 leave=False)
+    share = data.progress_bar(range(rank, len(items), world), show=rank == 0 and args.progress,
+                              desc="check data", leave=False)
     checked = dict(gather_objects([(i, check(args, items[i], processor, attn_dir, limit)) for i in share], world))
     problems = {i: problem for i, (problem, _, _) in checked.items() if problem}
     problems.update(data.duplicate_ids(items))  # a repeated id also fails its maps' text check: say why
@@ -277,6 +277,7 @@ def train(args):
     """Fine-tune with --loss ar or lavender; returns the run directory (the library entry of toy.py).
     Raises Stopped after saving a checkpoint when SIGTERM or SIGINT arrives."""
     args.out = args.out or f"runs/{args.model}-{args.loss}"
+    data.library_bars(args.progress)
     rank, world, device, mesh = setup_distributed(args.dist_timeout)
     if args.num_workers is None:  # a few on a GPU, whose step is short; none on a CPU (no core to spare)
         args.num_workers = 4 if device.type == "cuda" else 0
@@ -289,13 +290,37 @@ def train(args):
         teardown(world)
 
 
+NOTHING_ALIGNED_STEPS = 5  # a --loss lavender run warns when its first 5 steps align no word
+
+
+def warn_if_nothing_aligned(args, steps_run, steps_aligned, master=True):
+    """Warn (rank 0) when a --loss lavender run's first NOTHING_ALIGNED_STEPS steps aligned no word:
+    such a run trains L_VLM alone (loss_att 0), autoregressive fine-tuning under another name."""
+    if not master or args.loss != "lavender" or steps_run != NOTHING_ALIGNED_STEPS or steps_aligned:
+        return
+    why = ("--align-words predicted aligns only the answer words the model predicts, and it "
+           "predicts none of the DM's words (as a random or untrained model does); "
+           "--align-words label aligns the answer's own words" if args.align_words == "predicted"
+           else "check that the attention store's words are the answers' words")
+    warnings.warn(f"the first {steps_run} steps aligned no word (aligned_words 0, loss_att 0), "
+                  f"so this run trains L_VLM alone: {why}", stacklevel=2)
+
+
+def aligned_summary(args, steps_run, steps_aligned):
+    """'; 3 of 10 steps aligned a word' for a --loss lavender run's last line ('' for --loss ar)."""
+    lavender = args.loss == "lavender"
+    return f"; {steps_aligned} of {steps_run} steps aligned a word" if lavender else ""
+
+
 def fit(args, rank, world, device, mesh, stop):
     """The loop: read this rank's micro-batches, forward and backward (train_step), one optimizer
     step, log, and a checkpoint every --save-every steps or after a signal; then the outputs."""
     master = rank == 0  # only rank 0 prints and writes; every rank runs every collective
     run = start(args, rank, world, device, mesh)  # everything before step 1, every check passed
     step, last, signum, t_start = run.step, {}, 0, time.time()
-    bar = tqdm(total=run.total_steps, initial=step, desc=f"train {args.loss}", disable=not master or not args.progress)
+    steps_aligned = 0  # steps of this process that aligned any word
+    bar = data.progress_bar(show=master and args.progress, total=run.total_steps, initial=step,
+                            desc=f"train {args.loss}")
     # this rank's micro-batches from the step the run starts at, built ahead by --num-workers
     # processes; the order depends on (seed, epoch) alone: every rank agrees
     schedule = dict(seed=args.seed, steps_per_epoch=run.steps_per_epoch, first_step=step, total_steps=run.total_steps,
@@ -324,6 +349,8 @@ def fit(args, rank, world, device, mesh, stop):
                                      f"items or lower --lr")
         grad_norm, lr = optimizer_step(args, run, pretraining)  # clip, AdamW, the schedule
         step += 1
+        steps_aligned += n_words > 0
+        warn_if_nothing_aligned(args, step - run.step, steps_aligned, master)
         # log one line per step (rank 0)
         last = {"step": step, "epoch": epoch, "loss": total, "loss_vlm": loss_vlm, "loss_att": loss_att,
                 "aligned_words": n_words, "lr": lr, "phase": "aligner" if pretraining else "all",
@@ -352,7 +379,8 @@ def fit(args, rank, world, device, mesh, stop):
     if master:
         print(f"trained {args.loss} for {step} steps on {world} rank(s) in {time.time() - t_start:.1f}s; last loss "
               f"{last.get('loss', float('nan')):.4f} (vlm {last.get('loss_vlm', float('nan')):.4f}, att "
-              f"{last.get('loss_att', float('nan')):.4f}); run in {run.out}")
+              f"{last.get('loss_att', float('nan')):.4f})"
+              f"{aligned_summary(args, step - run.step, steps_aligned)}; run in {run.out}")
     return str(run.out)
 
 
@@ -549,7 +577,9 @@ def build_parser():
         help="replace the run in a non-empty --out (its run files are deleted once the checks pass)")
     add("--dist-timeout", type=float, default=10,
         help="minutes a collective waits for a stalled rank before the job fails")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True,
+        help="tqdm bar on rank 0 when stderr is a terminal (--no-progress: none)")
+    add("--quiet", dest="progress", action="store_false", help="no progress bars: --no-progress")
     return p
 
 

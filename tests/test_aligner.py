@@ -9,7 +9,8 @@ import torch.nn as nn
 from aligner import (NORMS, POOLINGS, VARIANTS, Aligner, aligner_channels, attention_loss, min_max,
                      pooling_difference, total_loss)
 
-# The release's DiffagFovProjection with 32 heads in and hidden 32, layer by layer (REFERENCE.md):
+# The release's DiffagFovProjection (diffag/diffag_xattn_manager.py) with 32 heads in and hidden
+# 32, layer by layer, as aligner.py's docstring lists it:
 # "E" = conv 3x3 no bias, "N" = InstanceNorm2d without affine, "A" = ReLU6, "S" = the squeeze conv
 # 3x3 back to the input width, "O" = the 1x1 output conv with bias.
 RELEASE = {"light": "ENA" + "SNA" + "O", "sim": "ENA" + "ENA" + "SNA" + "O",
