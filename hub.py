@@ -47,8 +47,9 @@ def weights_source(flag, name, hub_id, path, marker="config.json", folder_flag="
     path: a local folder (--model-path, --dm-path, a run's model/), refused when it is not one."""
     if path is not None:
         if not Path(path).is_dir():
-            raise SystemExit(f"{folder_flag} {path!r} is not a folder; give the folder that "
-                             f"save_pretrained (or `hf download ... --local-dir`) wrote")
+            advice = how_to_get(flag, name, hub_id, folder_flag)
+            raise SystemExit(f"{flag} {name}: {folder_flag} {path!r} is not a folder; give the "
+                             f"folder that save_pretrained wrote. {advice}")
         return path, True
     if offline() or cached(hub_id, marker):
         return hub_id, True

@@ -68,8 +68,8 @@ def test_bf16_policy_keeps_the_maps_and_losses_in_float32(mesh, tiny_dataset, mo
     min_max, attention_loss = aggregate.min_max, aligner_lib.attention_loss
     monkeypatch.setattr(aggregate, "min_max",
                         lambda x: seen.setdefault("min_max", []).append(x.dtype) or min_max(x))
-    monkeypatch.setattr(aligner_lib, "attention_loss", lambda p, t, m: seen.update(
-        mse=(p.dtype, t.dtype)) or attention_loss(p, t, m))
+    monkeypatch.setattr(aligner_lib, "attention_loss", lambda p, t, m, *rest: seen.update(
+        mse=(p.dtype, t.dtype)) or attention_loss(p, t, m, *rest))
     ce32, att32, _ = sharded_step(torch.float32, mesh, tiny_dataset, {})
     seen.clear()  # what the bf16 step computes in
     ce16, att16, modules = sharded_step(torch.bfloat16, mesh, tiny_dataset, seen)

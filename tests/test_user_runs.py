@@ -21,6 +21,7 @@ from PIL import Image
 import data
 import evaluate
 import extract
+import loader
 import train
 from aligner import min_max
 
@@ -127,7 +128,7 @@ def stops(run, argv):
 
 
 def train_data(argv):
-    return train.read_data(train.build_parser().parse_args(argv))
+    return loader.read_data(train.build_parser().parse_args(argv))
 
 
 def evaluate_main(argv):
