@@ -21,6 +21,8 @@ import json
 import os
 import random
 import shutil
+import threading
+import signal
 from pathlib import Path
 
 import torch
@@ -404,6 +406,40 @@ def run_problem(run_dir):
     if not weights.is_file():
         return f"{weights.relative_to(run_dir)} is missing: the run did not finish (train.py --resume)"
     return None
+
+
+# ---- stopping on a signal: pre-emption (SIGTERM) and Ctrl-C (SIGINT) ----
+
+class Stopped(Exception):
+    """A signal stopped training at a step boundary, after its checkpoint was written."""
+
+    def __init__(self, signum, step, out):
+        self.signum, self.step = int(signum), step
+        super().__init__(f"stopped by {signal.Signals(self.signum).name} after step {step}; the checkpoint "
+                         f"is in {out / CHECKPOINT}: continue with the same command and --resume")
+
+
+@contextlib.contextmanager
+def signals_to_flag():
+    """While training, SIGTERM (how schedulers pre-empt) and SIGINT (Ctrl-C) only set flag["signal"]:
+    the loop saves a checkpoint at the next step boundary and stops. A second Ctrl-C stops at once.
+    (Signal handlers can only be set in the main thread; elsewhere signals keep their behaviour.)"""
+    flag = {"signal": 0}
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and flag["signal"] == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def main():

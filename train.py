@@ -24,14 +24,11 @@ at the next step boundary.
     python bench.py train      # CPU: Lavender step vs autoregressive step, time and peak memory
 """
 import argparse
-import contextlib
 import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -47,6 +44,7 @@ import data
 import loader
 import models
 import runs
+from runs import Stopped, signals_to_flag  # pre-emption: a checkpoint at the next step
 from distributed import all_reduce_sum, any_rank, exit_if_torchrun, gather_objects, setup_distributed, teardown
 
 
@@ -237,40 +235,6 @@ def alignment_loss(args, capture, aligner, plan, dm_maps, batch, device, recompu
     return att, int(mask.sum())
 
 
-# ---- stopping on a signal: pre-emption (SIGTERM) and Ctrl-C (SIGINT) ----
-
-class Stopped(Exception):
-    """A signal stopped training at a step boundary, after its checkpoint was written."""
-
-    def __init__(self, signum, step, out):
-        self.signum, self.step = int(signum), step
-        super().__init__(f"stopped by {signal.Signals(self.signum).name} after step {step}; the checkpoint "
-                         f"is in {out / runs.CHECKPOINT}: continue with the same command and --resume")
-
-
-@contextlib.contextmanager
-def signals_to_flag():
-    """While training, SIGTERM (how schedulers pre-empt) and SIGINT (Ctrl-C) only set flag["signal"]:
-    the loop saves a checkpoint at the next step boundary and stops. A second Ctrl-C stops at once.
-    (Signal handlers can only be set in the main thread; elsewhere signals keep their behaviour.)"""
-    flag = {"signal": 0}
-
-    def handler(signum, frame):
-        if signum == signal.SIGINT and flag["signal"] == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag["signal"] = signum
-
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 # ---- the training loop ----
 
 def train(args):
@@ -312,6 +276,37 @@ def aligned_summary(args, steps_run, steps_aligned):
     return f"; {steps_aligned} of {steps_run} steps aligned a word" if lavender else ""
 
 
+def next_micro_batches(args, run, batches, schedule, step, rank, world, stop):
+    """This step's [(batch, dm)] from the loader; when its workers ended (the stop signal reaches
+    them too, as Slurm's does), the rank builds this step's micro-batches itself."""
+    try:
+        return [next(batches) for _ in range(args.grad_accum)]
+    except (RuntimeError, OSError):
+        if not stop["signal"]:
+            raise
+        this_step = {**schedule, "first_step": step, "total_steps": step + 1}
+        return loader.built_here(run.items, run.processor, run.attn_dir, this_step, rank, world)
+
+
+def check_finite(total, loss_vlm, loss_att, micro, step, world):
+    """Stop with the step's items named when the loss is not finite; every rank sees the same
+    reduced value, so all stop together."""
+    if math.isfinite(total):
+        return
+    ids = gather_objects([i for b, _ in micro for i in b["ids"]], world)
+    raise FloatingPointError(f"non-finite loss at step {step + 1} (loss_vlm {loss_vlm}, loss_att "
+                             f"{loss_att}); items of this step: {ids}. Nothing was saved from this "
+                             f"step on; check these items or lower --lr")
+
+
+def log_step(log, bar, last):
+    """One line of log.jsonl (rank 0) and the progress bar."""
+    log.write(json.dumps(last) + "\n")
+    log.flush()
+    bar.update(1)
+    bar.set_postfix(loss=f"{last['loss']:.4f}")
+
+
 def fit(args, rank, world, device, mesh, stop):
     """The loop: read this rank's micro-batches, forward and backward (train_step), one optimizer
     step, log, and a checkpoint every --save-every steps or after a signal; then the outputs."""
@@ -331,22 +326,12 @@ def fit(args, rank, world, device, mesh, stop):
         t0 = time.time()
         epoch = step // run.steps_per_epoch
         pretraining = step < args.pretrain_aligner_steps  # §6 (1): only the Aligner (+ projections) learn
-        try:
-            micro = [next(batches) for _ in range(args.grad_accum)]  # [(batch, dm)] of this step
-        except (RuntimeError, OSError):  # workers ended: by the stop signal (Slurm's reaches them too)?
-            if not stop["signal"]:
-                raise
-            micro = loader.built_here(run.items, run.processor, run.attn_dir,  # then this step's, here
-                                      {**schedule, "first_step": step, "total_steps": step + 1}, rank, world)
+        micro = next_micro_batches(args, run, batches, schedule, step, rank, world, stop)
         data_seconds = time.time() - t0  # the wait for them: ~0 when the workers keep ahead
         # forward and backward of each micro-batch; the step's losses over the global batch
         loss_vlm, loss_att, n_words = train_step(args, run, micro, world)
         total = loss_vlm + args.lam * loss_att  # eq. 10/12
-        if not math.isfinite(total):  # every rank sees the same reduced value, so all stop together
-            ids = gather_objects([i for b, _ in micro for i in b["ids"]], world)
-            raise FloatingPointError(f"non-finite loss at step {step + 1} (loss_vlm {loss_vlm}, loss_att {loss_att}); "
-                                     f"items of this step: {ids}. Nothing was saved from this step on; check these "
-                                     f"items or lower --lr")
+        check_finite(total, loss_vlm, loss_att, micro, step, world)
         grad_norm, lr = optimizer_step(args, run, pretraining)  # clip, AdamW, the schedule
         step += 1
         steps_aligned += n_words > 0
@@ -356,10 +341,7 @@ def fit(args, rank, world, device, mesh, stop):
                 "aligned_words": n_words, "lr": lr, "phase": "aligner" if pretraining else "all",
                 "grad_norm": grad_norm, "seconds": round(time.time() - t0, 4), "data_seconds": round(data_seconds, 4)}
         if master:
-            run.log.write(json.dumps(last) + "\n")
-            run.log.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}")
+            log_step(run.log, bar, last)
         # a checkpoint every --save-every steps, and now when any rank got SIGTERM/SIGINT
         signum = any_rank(stop["signal"], world) if step < run.total_steps else 0
         if signum or (args.save_every and step % args.save_every == 0 and step < run.total_steps):
