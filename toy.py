@@ -140,6 +140,7 @@ def finetune(args, data_path, attn, run_dir, loss, seed, overrides=None):
         "out": str(run_dir), "loss": loss, "seed": seed, "max_steps": args.steps, "batch_size": args.batch_size,
         "lr": args.lr, "lam": args.lam, "aggregate": args.aggregate, "aligner": args.aligner,
         "aligner_mode": args.aligner_mode, "align_words": args.align_words, "peft": args.peft,
+        "att_pooling": args.att_pooling,
         "pretrain_aligner_steps": args.pretrain_aligner_steps if loss == "lavender" else 0,
         "overwrite": True,  # a run with other settings in the same folder is replaced
         "progress": not args.quiet, **(overrides or {})})
@@ -453,6 +454,9 @@ def build_parser():
     p.add_argument("--aligner", default="sim", help="train.py --aligner (sim, light, deep, mlp, none)")
     p.add_argument("--aligner-mode", default="auto", help="train.py --aligner-mode (auto, per-layer, after)")
     p.add_argument("--align-words", default="predicted", help="train.py --align-words (predicted, label)")
+    p.add_argument("--att-pooling", default="words", choices=("words", "samples"),
+                   help="train.py --att-pooling (words: the release's; samples: the protocol "
+                        "table's runs)")
     p.add_argument("--pretrain-aligner-steps", type=int, default=0, help="Lavender runs: Aligner pre-training steps")
     p.add_argument("--dm-categories", nargs="+", default=["colour", "shape"], choices=("colour", "shape"),
                    help="fine-tuning items whose answer gets a DM map; the others train with L_VLM alone. 'colour' "
