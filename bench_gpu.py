@@ -37,8 +37,9 @@ import models
 import qwen
 from bench import EXTRACT_ARMS, arm_processors, bench_model, bench_train_gpu, capture_forward, finish, measure
 
-# each part's time limit in seconds on a GPU; --smoke gives twice as long (bf16 on a CPU is slow,
-# and CI's cores may be shared)
+# each part's time limit in seconds on a GPU; --smoke gives SMOKE_TIME_FACTOR times as long (bf16
+# on a CPU is slow, and CI's cores may be shared)
+SMOKE_TIME_FACTOR = 2
 GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "aggregate-idefics": 90,
              "aggregate-qwen": 90, "fsdp": 75, "loop-1tile": 270, "loop-4tiles": 300}
 
@@ -287,7 +288,7 @@ def bench_gpu(smoke=False, out=None, parts=tuple(GPU_PARTS)):
 
     def timed(name):
         t1 = time.perf_counter()
-        part_rows = run_part(name, smoke, GPU_PARTS[name] * (2 if smoke else 1))
+        part_rows = run_part(name, smoke, GPU_PARTS[name] * (SMOKE_TIME_FACTOR if smoke else 1))
         print(f"{name}: {time.perf_counter() - t1:.0f} s", flush=True)
         return part_rows
 
