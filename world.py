@@ -143,7 +143,8 @@ def questions(rng, objects, kind):
 
 def pretrain_kinds(n_objects):
     """Pre-training asks binding questions only of one-object scenes: localisation is never needed
-    there (REFERENCE.md's design); multi-object scenes get counting only."""
+    there, so fine-tuning is where selecting the named object is learnt; multi-object scenes get
+    counting only."""
     if n_objects == 1:
         return ("colour", "shape", "position", "count", "yesno", "caption")
     return ("count",)
