@@ -20,7 +20,8 @@ release. The output is the raw 1-channel map: aggregate.py combines layers and w
 then min-max normalises over the 32x32 grid, as the DM maps are normalised (the release's order).
 
 The loss (eq. 9/17) is the mean, over aligned words, of the per-word MSE between the Aligner
-output and the DM map, and eq. 10/12 adds it to the next-token loss with weight λ:
+output and the DM map (pooled over the micro-batch's words as the release does, or per sample:
+attention_loss), and eq. 10/12 adds it to the next-token loss with weight λ:
 
     L_total = L_VLM + λ · L_att
 
@@ -33,7 +34,8 @@ the authors' release.
 The maps' common ground lives here too: MAP_SIZE, the one min_max of DM and VLM maps, and
 area_matrix, the area resampling every model family uses to put its image tokens on the 32x32 grid.
 
-    python aligner.py        # prints each variant's layers' parameter counts and output ranges
+    python aligner.py        # prints each variant's layers' parameter counts and output ranges,
+                             # and how far the two attention-loss poolings lie apart
 """
 import argparse
 import functools
@@ -120,23 +122,62 @@ def aligner_channels(aggregation, num_heads):
     return 1 if aggregation.startswith("max") else num_heads
 
 
-def attention_loss(pred, target, mask):
-    """eq. 9/17: the mean over samples of each sample's mean per-word MSE between VLM and DM maps.
+POOLINGS = ("words", "samples")  # --att-pooling: how attention_loss weights the aligned words
+
+
+def attention_loss(pred, target, mask, pooling="words"):
+    """eq. 9/17: the per-word MSE between VLM and DM maps, pooled over the aligned words.
 
     pred, target: (B, W, 32, 32); mask: (B, W) bool, True where word w of sample b is aligned.
-    A sample with no aligned word counts as 0 (as in the release, where each sample's loss is the
-    mean over its aligned words and data parallelism averages samples). With no aligned word at
-    all the result is exactly 0 and still attached to pred's graph (so every rank under FSDP runs
-    the same backward), never NaN.
+    pooling "words" (the release's): the sum of every aligned word's MSE in the micro-batch divided
+    by their number, so a sample weighs as many words as it aligns. The release computes this in
+    its patched `MllamaForConditionalGeneration.forward` (llama_finetune/src/llama_recipes/mllama/
+    modeling_mllama.py, `(total_loss_mse + 1e-8) / (len_loss_mse + 1e-8)`) on each GPU's
+    micro-batch; data parallelism then averages the ranks. The 1e-8s change a loss with k >= 1
+    words by less than 1e-8 / k; with none the release's value is 1 (gradient 0), ours 0.
+    pooling "samples": each sample's mean over its words, then the mean over samples (every sample
+    weighs the same; a sample with no aligned word counts as 0).
+    With no aligned word at all the result is exactly 0 and still attached to pred's graph (so
+    every rank under FSDP runs the same backward), never NaN.
     Worked example: sample 0 aligns words with MSE 1 and 4, sample 1 one word with MSE 4 ->
-    ((1 + 4) / 2 + 4) / 2 = 3.25.
+    words: (1 + 4 + 4) / 3 = 3; samples: ((1 + 4) / 2 + 4) / 2 = 3.25. At batch 1 the two agree.
     """
     if pred.shape != target.shape or pred.shape[:2] != mask.shape:
         raise ValueError(f"attention_loss: pred {tuple(pred.shape)}, target {tuple(target.shape)} and "
                          f"mask {tuple(mask.shape)} must be (B, W, h, w), (B, W, h, w) and (B, W)")
+    if pooling not in POOLINGS:
+        raise ValueError(f"attention_loss: unknown pooling {pooling!r}; choose one of {POOLINGS}")
     per_word = (pred.float() - target.float()).pow(2).mean(dim=(-2, -1))  # (B, W)
     per_word = per_word * mask  # zero where not aligned (and no NaN: masked, not indexed)
+    if pooling == "words":  # one mean over the micro-batch's aligned words
+        return per_word.sum() / mask.sum().clamp(min=1)
     return (per_word.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()  # per sample, then over samples
+
+
+def pooling_difference(batch=4, max_words=6, trials=1000, lam=10.0, seed=0):
+    """How far the two poolings lie apart on random maps: `trials` micro-batches of `batch` samples,
+    each aligning 1..max_words words (uniform), pred and target min-max normalised uniform noise.
+    L_VLM is the same under both, so L_VLM + λ·L_att differs by λ·|ΔL_att|. Returns the mean and
+    largest |Δ(L_VLM + λ·L_att)|, the largest |Δ| of the gradient with respect to the VLM maps and
+    the mean relative gradient difference ‖g_words − g_samples‖ / ‖g_samples‖."""
+    g = torch.Generator().manual_seed(seed)
+    dloss, dgrad, rel = [], [], []
+    for _ in range(trials):
+        n = torch.randint(1, max_words + 1, (batch,), generator=g)  # aligned words per sample
+        mask = torch.arange(max_words)[None, :] < n[:, None]  # (B, W)
+        target = min_max(torch.rand(batch, max_words, MAP_SIZE, MAP_SIZE, generator=g))
+        pred = min_max(torch.rand(batch, max_words, MAP_SIZE, MAP_SIZE, generator=g))
+        pred.requires_grad_()
+        losses, grads = [], []
+        for pooling in POOLINGS:
+            loss = lam * attention_loss(pred, target, mask, pooling)
+            losses.append(loss.item())
+            grads.append(torch.autograd.grad(loss, pred)[0])
+        dloss.append(abs(losses[0] - losses[1]))
+        dgrad.append((grads[0] - grads[1]).abs().max().item())
+        rel.append(((grads[0] - grads[1]).norm() / grads[1].norm()).item())
+    return dict(mean_dloss=sum(dloss) / trials, max_dloss=max(dloss), max_dgrad=max(dgrad),
+                mean_rel_dgrad=sum(rel) / trials)
 
 
 def total_loss(loss_vlm, loss_att, lam=10.0):
@@ -156,6 +197,11 @@ def main():
         n = sum(p.numel() for p in aligner.parameters())
         layers = " -> ".join(type(m).__name__ for m in aligner.net)
         print(f"{variant:6s} {n:7d} parameters, output {tuple(y.shape)} in [{y.min():.2f}, {y.max():.2f}]: {layers}")
+    d = pooling_difference()
+    print(f"pooling words vs samples (batch 4, 1-6 words, 1000 random micro-batches, λ = 10): "
+          f"|Δ(L_VLM + λ·L_att)| mean {d['mean_dloss']:.2e}, max {d['max_dloss']:.2e}; "
+          f"gradient wrt the VLM maps: max |Δ| {d['max_dgrad']:.2e}, "
+          f"mean relative difference {d['mean_rel_dgrad']:.3f}")
 
 
 if __name__ == "__main__":

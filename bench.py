@@ -31,7 +31,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from tqdm import tqdm
 
 import aggregate
 import aligner as aligner_lib
@@ -179,7 +178,7 @@ def bench_extract(res=256, inversion_steps=5, denoise_steps=10, repeats=3, colum
     seconds = {arm: [] for arm in EXTRACT_ARMS}                                # per UNet call
     with torch.no_grad():
         unet(torch.randn(1, 4, res // 8, res // 8), 1, encoder_hidden_states=context)  # warm-up
-        for r in tqdm(range(repeats), desc=f"extract {res} px"):
+        for r in data.progress_bar(range(repeats), desc=f"extract {res} px"):
             seed = torch.Generator().manual_seed(0)
             latents = torch.randn(1, 4, res // 8, res // 8, generator=seed)  # (1, 4, 32, 32) at 256 px
             arms = {arm: arm_processors(arm, plain, latents.shape[-2:], columns) for arm in EXTRACT_ARMS}
@@ -196,7 +195,7 @@ def bench_extract(res=256, inversion_steps=5, denoise_steps=10, repeats=3, colum
                 latents = (inverse if i < inversion_steps else forward).step(eps, t, latents).prev_sample
             del arms
     mem = {arm: child_peak_rss(["extract", "--memory-arm", arm, "--res", str(res)])
-           for arm in tqdm(EXTRACT_ARMS, desc="peak memory")}
+           for arm in data.progress_bar(EXTRACT_ARMS, desc="peak memory")}
     # two time estimates: total, and per call the best of the repeats (what a call costs when no other
     # process interferes: timeit's rule); the ratios printed last use the second
     total = {arm: sum(s) for arm, s in seconds.items()}
@@ -320,7 +319,7 @@ def bench_aggregate(reps=7, name="llama32"):
     model, batch, rows = capture_setup(model=name)
     arms = {"idefics": CAPTURE_ARMS[:3], "qwen2vl": (*CAPTURE_ARMS, "every-layer")}.get(name, CAPTURE_ARMS)
     times = {arm: [] for arm in arms}
-    for _ in tqdm(range(reps + 1), desc="forward time"):
+    for _ in data.progress_bar(range(reps + 1), desc="forward time"):
         for arm in arms:
             t0 = time.process_time()
             capture_forward(model, batch, rows, arm)
@@ -331,7 +330,7 @@ def bench_aggregate(reps=7, name="llama32"):
     med = {arm: sorted(v[1:])[len(v[1:]) // 2] for arm, v in times.items()}  # first rep is warm-up
     best = {arm: min(v[1:]) for arm, v in times.items()}  # minima: robust to other jobs' load
     mem = {arm: child_peak_rss(["aggregate", "--memory-arm", arm, "--model", name])
-           for arm in tqdm(arms, desc="peak memory")}
+           for arm in data.progress_bar(arms, desc="peak memory")}
     for arm in arms:
         m = mem[arm]
         print(f"{arm:8s} forward {med[arm]:.3f} s CPU (median of {reps}, min {best[arm]:.3f}); peak RSS {m['peak_kb'] / 1024:.0f} MiB, "
@@ -423,7 +422,7 @@ def bench_train(reps=7, words=16, width=16, tokens=1):
     steps = {arm: step_setup(arm, words, width, tokens=tokens) for arm in STEP_ARMS}
     steps["aligner-alone"], aligner_gflop = aligner_alone_setup(words * tokens)  # one Aligner map per token
     cpu, wall = {arm: [] for arm in steps}, {arm: [] for arm in steps}
-    for _ in tqdm(range(reps + 1), desc="step time"):
+    for _ in data.progress_bar(range(reps + 1), desc="step time"):
         for arm, step in steps.items():
             c0, t0 = time.process_time(), time.perf_counter()
             step()
@@ -451,7 +450,7 @@ def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, 
     geometry = dict(words=words, width=width, tiles=tiles, tile=tile, device=device, dtype=getattr(torch, dtype),
                     batch_size=batch_size)
     med, peak, aligner_gflop = {}, {}, None
-    for arm in tqdm(arms, desc="arms"):
+    for arm in data.progress_bar(arms, desc="arms"):
         if arm == "aligner-alone":
             step, aligner_gflop = aligner_alone_setup(words * batch_size, device=device)
         else:

@@ -6,20 +6,26 @@ table is printed and written to --out. --smoke runs the very same parts at tiny 
 (the test suite does), so the command is known to work before a GPU is ever lent. The parts:
 extraction seconds per image at 512 px (ours, plain SDPA, Prompt-to-Prompt's store), the Lavender
 vs AR train step and the VLM capture at Llama-3.2-11B geometry (bench.py's arms), the capture at
-IDEFICS-9B geometry (the Flamingo-style family) and at Qwen2-VL-7B geometry (self-attention), and
-train.py under torchrun with FSDP2 on NCCL.
+IDEFICS-9B geometry (the Flamingo-style family) and at Qwen2-VL-7B geometry (self-attention),
+train.py under torchrun with FSDP2 on NCCL, and train.py's own loop (DataLoader workers, forward,
+backward, AdamW) for 20 steps at 11B geometry, 1 and 4 tiles, AR and Lavender, activation
+checkpointing off and on: step time, data wait, peak memory.
 
-    python bench_gpu.py --smoke                 # first, on any CPU: the same parts at tiny sizes (about a minute)
-    python bench_gpu.py --out bench_gpu.md      # on one GPU: at most 11 minutes (its parts' timeouts)
+    python bench_gpu.py --smoke                 # first, on any CPU: the same parts at tiny sizes (about 3 minutes)
+    python bench_gpu.py --out bench_gpu.md      # on one GPU: at most 20 minutes (its parts' timeouts)
     python bench_gpu.py --parts train,fsdp      # some parts only
+    python bench_gpu.py --parts loop-1tile,loop-4tiles   # train.py's loop alone: at most 10 minutes
 """
 import argparse
+import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,8 +37,11 @@ import models
 import qwen
 from bench import EXTRACT_ARMS, arm_processors, bench_model, bench_train_gpu, capture_forward, finish, measure
 
+# each part's time limit in seconds on a GPU; --smoke gives SMOKE_TIME_FACTOR times as long (bf16
+# on a CPU is slow, and CI's cores may be shared)
+SMOKE_TIME_FACTOR = 2
 GPU_PARTS = {"extract-b1": 60, "extract-b8": 75, "train": 150, "aggregate": 90, "aggregate-idefics": 90,
-             "aggregate-qwen": 90, "fsdp": 75}
+             "aggregate-qwen": 90, "fsdp": 75, "loop-1tile": 270, "loop-4tiles": 300}
 
 
 def row(part, arm, seconds, unit, peak_gib, ratio="", note=""):
@@ -132,14 +141,15 @@ def part_aggregate(smoke, name="llama32"):
     return rows_
 
 
-def write_items(root, n=8):
-    """n items with images of four tile layouts, data.jsonl, and attention maps for every answer word."""
+def write_items(root, n=8, sizes=((56, 56), (112, 50), (50, 112), (100, 100))):
+    """n items with images of the (width, height) sizes in turn (by default four tile layouts),
+    data.jsonl, and attention maps for every answer word."""
     from PIL import Image
     root, rng = Path(root), torch.Generator().manual_seed(0)
     answers = ["a red circle left of a blue square", "two", "a circle", "yes"]
     with open(root / "data.jsonl", "w") as f:
         for i in range(n):
-            w, h = [(56, 56), (112, 50), (50, 112), (100, 100)][i % 4]
+            w, h = sizes[i % len(sizes)]
             pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=rng).numpy()
             Image.fromarray(pixels).save(root / f"{i}.png")
             answer = answers[i % len(answers)]
@@ -148,6 +158,80 @@ def write_items(root, n=8):
             data.save_maps(root / "attn" / f"item{i}.safetensors", torch.rand(len(words), 32, 32, generator=rng),
                               words, {"text": answer})
     return root / "data.jsonl"
+
+
+# ---- train.py's own loop at Llama-3.2-11B geometry ----
+
+# (--loss, --activation-checkpointing, --num-workers or None for the part's default)
+LOOP_ARMS = (("ar", False, None), ("lavender", False, None), ("ar", True, None), ("lavender", True, None),
+             ("lavender", False, 0))
+
+
+def random_llama32(smoke, device):
+    """A stand-in for models.load_vlm: Llama-3.2-11B-Vision's geometry (models.llama32_size; smoke:
+    the tiny preset's), random weights built on `device` in the dtype train.build asks for, and a
+    processor of its tiles (560 px, up to 4) with the tiny BPE; the 11B model keeps its 128,256-row
+    vocabulary, of which the BPE uses the first few hundred."""
+    size = models.MLLAMA_SIZES["tiny"] if smoke else models.llama32_size(1, 560)
+    tokenizer = models.bpe_tokenizer()
+    ids = {**models.tokenizer_ids(tokenizer), **({} if smoke else {"vocab_size": 128256})}
+    processor = models.mllama_processor(tokenizer, size)
+    return lambda name, path=None, dtype=torch.float32: (models.mllama(size, ids, 0, device, dtype), processor)
+
+
+def loop_arm(tmp, items, loss, checkpointing, workers, steps, batch):
+    """One train.train run (one process, no torchrun) of `steps` steps; returns (its log rows, its
+    peak memory in GiB: max_memory_allocated on a GPU, the process's peak RSS on a CPU)."""
+    import resource
+    import train
+    out = Path(tmp) / f"{loss}-{checkpointing}-{workers}"
+    args = train.build_parser().parse_args(
+        ["--model", "llama32", "--data", str(items), "--out", str(out), "--loss", loss, "--max-steps", str(steps),
+         "--batch-size", str(batch), "--num-workers", str(workers), "--align-words", "label", "--save-every", "0",
+         "--no-progress", *(["--activation-checkpointing"] if checkpointing else [])])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train.train(args)
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        gc.collect()  # the capture's hooks and the model reference each other: free this arm's model now
+        torch.cuda.empty_cache()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB -> GiB, the process so far
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    shutil.rmtree(out)  # at 11B a Lavender run writes about 3 GB (projections, AdamW state)
+    return log, peak
+
+
+def part_loop(smoke, tiles):
+    """train.py's loop itself (train.train: DataLoader, forward, backward, AdamW, log) for 20 steps
+    (smoke: 4, tiny size) on one GPU at Llama-3.2-11B geometry with random bf16 weights, on
+    synthetic 560 px images of 1 or 4 tiles (560 or 1120 px squares), batch 4: each arm of LOOP_ARMS.
+    Step time and data wait: medians over the steps after the first two (warm-up)."""
+    import tempfile
+    models.load_vlm = random_llama32(smoke, "cpu" if smoke else "cuda")  # this process only
+    side = (56 if smoke else 560) * (2 if tiles == 4 else 1)
+    steps, batch, workers = (4, 2, 2) if smoke else (20, 4, 4)
+    part = f"train.py loop, llama32{' (tiny preset size)' if smoke else ''}, {tiles} tile(s) of " \
+           f"{side // (2 if tiles == 4 else 1)} px, batch {batch}, {steps} steps"
+    rows, step_of = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        items = write_items(tmp, n=4 * batch, sizes=[(side, side)])
+        for loss, checkpointing, arm_workers in LOOP_ARMS:
+            arm_workers = workers if arm_workers is None else arm_workers
+            log, peak = loop_arm(tmp, items, loss, checkpointing, arm_workers, steps, batch)
+            median = lambda key: sorted(r[key] for r in log[2:])[(len(log) - 2) // 2]  # noqa: E731
+            step_of[loss, checkpointing, arm_workers] = (median("seconds"), peak)
+            ar = step_of.get(("ar", checkpointing, arm_workers))  # lavender against ar in the same loop
+            ratio, note = "", f"data wait {median('data_seconds'):.4f} s/step; first step {log[0]['seconds']:.2f} s"
+            if loss == "lavender" and ar:
+                ratio = f"{median('seconds') / ar[0]:.3f} of ar"
+                note += f"; memory {peak / ar[1]:.3f} of ar; {log[-1]['aligned_words']} words aligned"
+            elif arm_workers != workers:  # the arm without workers against the one with
+                ratio = f"{median('seconds') / step_of[loss, checkpointing, workers][0]:.3f} of {workers} workers'"
+            arm = f"{loss}, checkpointing {'on' if checkpointing else 'off'}, {arm_workers} workers"
+            rows.append(row(part, arm, median("seconds"), "s/step", peak, ratio, note))
+    return rows
 
 
 def part_fsdp(smoke):
@@ -200,11 +284,19 @@ def bench_gpu(smoke=False, out=None, parts=tuple(GPU_PARTS)):
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py: no CUDA device here; `python bench_gpu.py --smoke` runs the same parts "
                          "at tiny sizes on the CPU")
-    rows, t0 = [], time.perf_counter()
-    for i, name in enumerate(parts):
+    t0 = time.perf_counter()
+
+    def timed(name):
         t1 = time.perf_counter()
-        rows += run_part(name, smoke, GPU_PARTS[name])
-        print(f"[{i + 1}/{len(parts)}] {name}: {time.perf_counter() - t1:.0f} s", flush=True)
+        part_rows = run_part(name, smoke, GPU_PARTS[name] * (SMOKE_TIME_FACTOR if smoke else 1))
+        print(f"{name}: {time.perf_counter() - t1:.0f} s", flush=True)
+        return part_rows
+
+    # on the GPU one part at a time (each owns the device); --smoke's figures measure nothing, so
+    # its one-thread parts share the CPU's cores, two at a time on two
+    workers = max(1, min(len(parts), len(os.sched_getaffinity(0)))) if smoke else 1
+    with ThreadPoolExecutor(workers) as pool:
+        rows = [row for part_rows in pool.map(timed, parts) for row in part_rows]
     if smoke:
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                     if line.startswith("model name")), "")
@@ -233,12 +325,13 @@ def gpu_part(name, smoke):
     if name.startswith("extract-b"):
         return part_extract(int(name.removeprefix("extract-b")), smoke)
     return {"train": part_train, "aggregate": part_aggregate, "fsdp": part_fsdp,
+            "loop-1tile": lambda smoke: part_loop(smoke, 1), "loop-4tiles": lambda smoke: part_loop(smoke, 4),
             "aggregate-idefics": lambda smoke: part_aggregate(smoke, "idefics"),
             "aggregate-qwen": lambda smoke: part_aggregate(smoke, "qwen2vl")}[name](smoke)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Every GPU figure, one part per process, one table (under 8 min on an H100).")
+    p = argparse.ArgumentParser(description="Every GPU figure, one part per process, one table (under 20 min on an H100).")
     p.add_argument("--smoke", action="store_true", help="the same parts at tiny sizes on the CPU (a check of the code)")
     p.add_argument("--out", default=None, help="where the table goes (default bench_gpu.md, bench_gpu_smoke.md)")
     p.add_argument("--parts", default=",".join(GPU_PARTS), help=f"comma-separated subset of {', '.join(GPU_PARTS)}")

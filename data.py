@@ -18,15 +18,17 @@ import json
 import math
 import os
 import re
+import sys
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 import snowballstemmer
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 import models  # FAMILIES: a family's own prompts (IDEFICS: no chat template) and image tokens
 from aligner import MAP_SIZE  # the one map size of DM and VLM maps
@@ -58,6 +60,20 @@ def read_items(jsonl_path):
     return items
 
 
+def read_items_or_exit(path, flag="--data", then=""):
+    """read_items for a script: a missing or malformed file ends the run with one line naming the
+    flag, the file (and the line) instead of a traceback. then: what to do next, after the
+    missing-file line (train.py: the extract.py command that makes the attention store)."""
+    if not Path(path).is_file():
+        fields = '{"id", "image", "question", "answer"}'
+        raise SystemExit(f"{flag} {path}: no such file (looked for {Path(path).resolve()}). Write "
+                         f"the dataset there as a JSONL of {fields} lines (README, 'Data'){then}")
+    try:
+        return read_items(path)
+    except (OSError, ValueError) as err:  # not UTF-8, not JSON, a missing field: with its line
+        raise SystemExit(f"{flag}: {err}") from None
+
+
 def jsonl_lines(path):
     """(line number, text, parsed object) of every non-blank line of a JSONL file (the dataset,
     prediction files); ValueError naming the file and the line when one is not UTF-8 or not JSON."""
@@ -74,7 +90,22 @@ def jsonl_lines(path):
                 yield n, line, row
 
 
-# ---- the attention store: <attn>/<id>.safetensors (DESIGN.md, "Formats") ----
+def progress_bar(iterable=None, show=True, **kwargs):
+    """The progress bar of every script: tqdm, drawn only when show (no --quiet; rank 0) and its
+    output (stderr) is a terminal, so a piped or logged run holds no bar redraws (tqdm's
+    disable=None)."""
+    return tqdm(iterable, disable=None if show else True, **kwargs)
+
+
+def library_bars(show=True):
+    """transformers' own bars (loading weights) by progress_bar's rule: on only when show and
+    stderr is a terminal. Process-wide: the scripts call it once, at their start."""
+    from transformers.utils import logging
+    on = show and sys.stderr.isatty()
+    (logging.enable_progress_bar if on else logging.disable_progress_bar)()
+
+
+# ---- the attention store: <attn>/<id>.safetensors (DESIGN.md, "Attention store") ----
 
 def maps_path(attn_dir, item_id):
     """<attn_dir>/<id>.safetensors"""
@@ -82,7 +113,8 @@ def maps_path(attn_dir, item_id):
 
 
 def save_maps(path, maps, words, meta):
-    """Write maps (n_words, 32, 32) in [0, 1] as float16 'maps' with the DESIGN.md metadata.
+    """Write maps (n_words, 32, 32) in [0, 1] as float16 'maps' with the metadata of DESIGN.md,
+    "Attention store".
 
     Atomic: a hidden temp file in the same folder, then os.replace, so a kill at any moment leaves
     either no file or a complete one (resume trusts any <id>.safetensors it can read).
@@ -177,10 +209,13 @@ def open_image(path):
     Modes: integer grey (I;16, I) is read as 16-bit when any value exceeds 255 (else as 8-bit),
     float grey (F) as [0, 1] when it stays within it; anything with transparency (RGBA, LA, or a
     transparent palette colour) is composited on white; CMYK, YCbCr, P, L, 1 convert with PIL.
-    Decoding every pixel here (img.load) is what finds a truncated file; PIL's verify() does not.
+    An EXIF orientation (a phone photo, VizWiz's) is applied, so the picture is upright as a viewer
+    shows it. Decoding every pixel here (img.load) is what finds a truncated file; PIL's verify()
+    does not.
     """
     with Image.open(path) as img:
         img.load()
+        img = ImageOps.exif_transpose(img)  # orientation tags 2-8: the pixels turned upright
         if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float grey
             arr = np.asarray(img, dtype=np.float32)
             arr = arr / 257.0 if arr.max() > 255 else arr * 255.0 if img.mode == "F" and arr.max() <= 1 else arr
@@ -203,9 +238,10 @@ def load_image(path, res):
 def item_regions(item, root, normalize):
     """{normalised word: (H, W) bool array} from an item's "masks" (binary PNG, same size as the image)
     and "boxes" ([x0, y0, x1, y1] in pixels, x1/y1 exclusive) entries, where the words of its answer
-    are in the image (evaluate.py's pointing); {} when it has neither."""
+    are in the image (evaluate.py's pointing), on the upright image (open_image: its EXIF
+    orientation applied); {} when it has neither."""
     regions = {}
-    width, height = Image.open(item["image_path"]).size
+    width, height = open_image(item["image_path"]).size  # upright, as the models see it
     for word, rel in (item.get("masks") or {}).items():
         mask = Image.open(Path(root) / rel).convert("L")
         if mask.size != (width, height):
@@ -224,30 +260,41 @@ def item_regions(item, root, normalize):
 # when two words are the same (§6 (5): exact or root) ----
 
 # CLIP's pre-tokenizer pattern (case-insensitive): English clitics, runs of letters, single
-# digits, runs of other symbols. Llama 3's splits the same clitics off.
-PIECE = re.compile(r"'(?:s|t|re|ve|m|ll|d)|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
+# digits, other symbols (one at a time here, so that a combining mark, which neither pattern
+# counts as a letter, can join the letters before it). Llama 3's splits the same clitics off.
+CLITIC = r"'(?:s|t|re|ve|m|ll|d)"
+PIECE = re.compile(CLITIC + r"|[^\W\d_]+|\d|[^\s\w]|_", re.IGNORECASE)
+
+
+def _wordlike(s):
+    """True when every character of s is a letter, a combining mark or a digit (L, M, N)."""
+    return all(unicodedata.category(c)[0] in "LMN" for c in s)
 
 
 def split_words(text):
     """The words of a text: [(word, start, end), ...] in order, lower-cased, with their characters.
 
     Pieces as CLIP's pre-tokenizer cuts them (clitics, letter runs, single digits, symbols), then
-    touching letter/digit pieces glued back together (CLIP cuts "25" into "2" "5" and "mp3" into
-    "mp" "3"); pieces without a letter or digit are dropped. Both sides of the alignment use this
-    rule (the DM store's words and the VLM's answer words), so they reach the same words:
+    touching letter, mark and digit pieces glued back together (CLIP cuts "25" into "2" "5",
+    "mp3" into "mp" "3", and a decomposed "e" + U+0301 "é" apart); pieces without a letter or
+    digit are dropped. A word is lower-cased and in Unicode NFC, so a decomposed "café" is the
+    word "café". Both sides of the alignment use this rule (the DM store's words and the VLM's
+    answer words), so they reach the same words:
 
         "A dog's toy, don't!" -> [("a", 0, 1), ("dog", 2, 5), ("'s", 5, 7), ("toy", 8, 11),
                                    ("don", 13, 16), ("'t", 16, 18)]
         "naïve café, 25 mp3s" -> [("naïve", 0, 5), ("café", 6, 10), ("25", 12, 14), ("mp3s", 15, 19)]
+        "a t-shirt, 3.5 kg"   -> [("a", 0, 1), ("t", 2, 3), ("shirt", 4, 9), ("3", 11, 12),
+                                   ("5", 13, 14), ("kg", 15, 17)]
     """
     spans = []
     for m in PIECE.finditer(text):
         start, end = m.span()
-        if spans and spans[-1][1] == start and text[spans[-1][0]:end].isalnum():
-            spans[-1][1] = end  # "2" "5" -> "25"
+        if spans and spans[-1][1] == start and _wordlike(text[spans[-1][0]:end]):
+            spans[-1][1] = end  # "2" "5" -> "25"; "cafe" U+0301 -> "café"
         else:
             spans.append([start, end])
-    return [(text[a:b].lower(), a, b) for a, b in spans
+    return [(unicodedata.normalize("NFC", text[a:b].lower()), a, b) for a, b in spans
             if any(unicodedata.category(c)[0] in "LN" for c in text[a:b])]
 
 
@@ -255,8 +302,17 @@ _STEMMER = snowballstemmer.stemmer("english")
 
 
 def normalize_word(w):
-    """Lower-case, strip surrounding punctuation: "Circle," -> "circle", "'s" -> "s"."""
-    return re.sub(r"^\W+|\W+$", "", w.lower())
+    """Lower-case, NFC, strip surrounding punctuation, but not the apostrophe that opens an
+    English clitic (a word of its own in split_words, so that the "'s" of "it's" and the "s" of
+    "U.S." stay two words): "Circle," -> "circle", "'s" -> "'s", "s." -> "s"."""
+    w = unicodedata.normalize("NFC", w.lower())
+    return re.sub(rf"^(?!{CLITIC}\b)\W+|\W+$", "", w)
+
+
+def _root(w):
+    """The Snowball stem of a normalised word; a clitic ("'s", "'re") is its own root."""
+    w = normalize_word(w)
+    return w if w.startswith("'") else _STEMMER.stemWord(w)
 
 
 def match_words(vlm_words, dm_words, mode="exact"):
@@ -265,10 +321,11 @@ def match_words(vlm_words, dm_words, mode="exact"):
     exact: equal after normalize_word; root: same Snowball (Porter 2) stem, e.g.
     match_words(["circles", "Red"], ["red", "circle"], "exact") -> [None, 0]
     match_words(["circles", "Red"], ["red", "circle"], "root")  -> [1, 0]
+    match_words(["s", "'s"], ["'s", "s"], "exact")               -> [1, 0]
     """
     if mode not in ("exact", "root"):
         raise ValueError(f"unknown word match {mode!r}; choose 'exact' or 'root'")
-    key = normalize_word if mode == "exact" else (lambda w: _STEMMER.stemWord(normalize_word(w)))
+    key = normalize_word if mode == "exact" else _root
     dm_keys = {}
     for j, w in enumerate(dm_words):
         if normalize_word(w):

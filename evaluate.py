@@ -40,11 +40,11 @@ report as one process would.
 import argparse
 import gc
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import data
 from aggregate import AGGREGATIONS, LAYER_SUBSETS, aligned_layers, attention_capture, label_plan, vlm_word_maps
@@ -52,8 +52,9 @@ from distributed import exit_if_torchrun, gather_objects, setup_distributed, tea
 from figures import draw_entropy_histograms, draw_overlays
 from metrics import (METRICS, accuracy_summary, check_items, describe_metric, read_predictions, run_scores,
                      score_items, write_predictions)
-from models import load_vlm, maps_have_positions
+from models import load_vlm, maps_have_positions, resolve_dtype
 from runs import load_run, run_problem
+from vqa_rules import VQA_RULES
 
 # ---------------------------------------------------------------------------------------------
 # attention measures: entropy (App. B eq. 23), alignment MSE (eq. 9), pointing
@@ -116,7 +117,8 @@ def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, d
     eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id} - {None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     answers = []
-    for start in tqdm(range(0, len(items), batch_size), desc="generate", disable=not show, leave=False):
+    for start in data.progress_bar(range(0, len(items), batch_size), show, desc="generate",
+                                   leave=False):
         batch = data.model_inputs(data.collate(processor, items[start:start + batch_size], with_answer=False), device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
         new = out[:, batch["input_ids"].shape[1]:]                       # (B, new tokens)
@@ -154,7 +156,8 @@ def answer_maps(model, processor, items, dm_store, own, head=None, batch_size=4,
     if head is not None:
         captures.append(attention_capture(model, head["layers"], learned=head["learned"]))
     try:
-        for start in tqdm(range(0, len(items), batch_size), desc="attention", disable=not show, leave=False):
+        for start in data.progress_bar(range(0, len(items), batch_size), show, desc="attention",
+                                       leave=False):
             chunk = items[start:start + batch_size]
             batch = data.collate(processor, chunk, with_answer=True)
             dm_words = [dm_store[it["id"]][1] if it["id"] in dm_store else None for it in chunk]
@@ -207,8 +210,10 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
     show = not args.quiet and rank == 0
     model.to(device).eval()
     mine = list(range(rank, len(items), world))
+    start = time.perf_counter()
     predictions = generate_answers(model, processor, [items[i] for i in mine], args.batch_size, args.max_new_tokens,
                                    device, show)
+    seconds = gather_objects([time.perf_counter() - start], world)  # every rank's generation time
     results = []  # one dict per item of this rank: its prediction and, with a DM store, its per-word measures
     for i, prediction in zip(mine, predictions):
         results.append({"index": i, "record": {"id": items[i]["id"], "prediction": prediction}})
@@ -230,13 +235,15 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
                                      for kind in ("own", "head") if m[kind] is not None}
     results = sorted(gather_objects(results, world), key=lambda r: r["index"])  # every rank: all items
     # scored once gathered: CIDEr-D's document frequencies are over the whole set
-    records = score_items(items, [r["record"]["prediction"] for r in results], args.metric)
+    records = score_items(items, [r["record"]["prediction"] for r in results], args.metric,
+                          args.vqa_rule)
     for record, r in zip(records, results):  # per item: did the own map of each answer word point at its object
         if "own" in r:
             record["own_pointing"] = r["own"]["hits"]
     if rank == 0:
         write_predictions(out_dir / name, records, args.vlmevalkit)
-    report = {"name": name, **run_scores(records)}
+    report = {"name": name, **run_scores(records), "generate_seconds": max(seconds),
+              "items_per_second": len(items) / max(max(seconds), 1e-9)}  # all ranks together
     pictures = {}
     if dm_store:
         pictures = {r["record"]["id"]: r["picture"] for r in results if "picture" in r}
@@ -256,7 +263,7 @@ def evaluate_model(name, model, processor, settings, items, dm_store, regions, a
 
 def read_scored_items(args):
     """The --data items (the first --limit), checked against the metric before any model runs."""
-    items = data.read_items(args.data)[:args.limit or None]
+    items = data.read_items_or_exit(args.data)[:args.limit or None]
     try:
         check_items(items, args.metric)
     except ValueError as err:
@@ -269,25 +276,26 @@ def score_files(args):
     loaded and no image opened. Each file is a run, named by its folder when it is called
     predictions.jsonl (a run folder of an earlier report), else by its file name."""
     out_dir = Path(args.out)
-    items, known = read_scored_items(args), {it["id"] for it in data.read_items(args.data)}
+    items, known = read_scored_items(args), {it["id"] for it in data.read_items_or_exit(args.data)}
     names = [Path(p).parent.name if Path(p).name == "predictions.jsonl" else Path(p).stem for p in args.score]
     runs = []
     for i, path in enumerate(args.score):
         try:
             predictions = read_predictions(path)
-        except ValueError as err:
+        except (OSError, ValueError) as err:  # missing, not UTF-8, not JSON, a line without fields
             raise SystemExit(f"--score {err}") from None
         unknown = [k for k in predictions if k not in known]
         missing = [it["id"] for it in items if it["id"] not in predictions]
         if unknown or missing:
             raise SystemExit(f"--score {path} does not match --data {args.data}: {len(missing)} item(s) without a "
                              f"prediction {missing[:5]}, {len(unknown)} prediction(s) for unknown ids {unknown[:5]}")
-        records = score_items(items, [predictions[it["id"]] for it in items], args.metric)
+        records = score_items(items, [predictions[it["id"]] for it in items], args.metric,
+                              args.vqa_rule)
         name = names[i] if names.count(names[i]) == 1 else f"{names[i]}-{i}"
         write_predictions(out_dir / name, records, args.vlmevalkit)
         runs.append({"name": name, "predictions": str(path), **run_scores(records)})
     report = {"data": str(args.data), "items": len(items), "out": str(out_dir),
-              "metric": describe_metric(args.metric), "runs": runs, "figures": []}
+              "metric": describe_metric(args.metric, args.vqa_rule), "runs": runs, "figures": []}
     write_report(report, out_dir)
     print(summary_line(report))
     return report
@@ -364,7 +372,8 @@ def summary_line(report):
     for r in report["runs"]:
         mse = r.get("alignment_mse") or {}
         parts.append(f"{r['name']} {_pct(r['accuracy']['all']).split(' (')[0]}%"
-                     + (f" mse {mse['mean']:.4f}" if mse.get("mean") is not None else ""))
+                     + (f" mse {mse['mean']:.4f}" if mse.get("mean") is not None else "")
+                     + (f" {r['items_per_second']:.2f} items/s" if "items_per_second" in r else ""))
     return (f"evaluated {len(report['runs'])} model(s) on {report['items']} items: " + "; ".join(parts)
             + f" -> {report['out']}/report.md")
 
@@ -392,10 +401,7 @@ def item_problems(items, attn_dir, root):
 def read_test_data(args):
     """(items, dm_store, regions): --data and --attn read, every item checked (item_problems); a
     problem stops the evaluation with the items named, before any model is loaded."""
-    try:
-        items = read_scored_items(args)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"--data: {err}") from None
+    items = read_scored_items(args)  # a missing or malformed file: one line, before any model
     root = Path(args.data).resolve().parent
     problems = item_problems(items, args.attn, root)
     if problems:
@@ -442,6 +448,7 @@ def evaluate(args):
         raise SystemExit("evaluate.py needs --data (the test JSONL) and --out (the report's folder)")
     if args.score:
         return score_files(args)
+    data.library_bars(not args.quiet)
     rank, world, device, _ = setup_distributed()
     device = str(device) if world > 1 else args.device  # under torchrun: this rank's GPU (or the CPU)
     try:
@@ -461,12 +468,13 @@ def evaluate_ranks(args, rank, world, device):
 
     # ---- each model in turn: load, generate, score, read its attention ----
     runs, pictures = [], {}
+    dtype = resolve_dtype(args.dtype, device)  # auto: bf16 on a GPU, fp32 on a CPU
     for name, run_dir in models_to_evaluate(args):
-        if run_dir is None:
-            model, processor = load_vlm(args.model, args.model_path, dtype=getattr(torch, args.dtype))
+        if run_dir is None:  # the weights go to this rank's device as they load
+            model, processor = load_vlm(args.model, args.model_path, dtype, device)
             lavender = None
         else:  # a LoRA or full run, loaded whole on this one process (also one trained under FSDP)
-            model, processor, lavender, config = open_run(run_dir, device, getattr(torch, args.dtype))
+            model, processor, lavender, config = open_run(run_dir, device, dtype)
             if args.model and config.get("model") != args.model:
                 raise SystemExit(f"--run-dir {run_dir} was trained from --model {config.get('model')}, not {args.model}")
         settings = capture_settings(lavender, model, args) if dm_store else None
@@ -480,7 +488,7 @@ def evaluate_ranks(args, rank, world, device):
             torch.cuda.empty_cache()
 
     report = {"data": str(args.data), "items": len(items), "items_with_attention": len(dm_store), "out": str(out_dir),
-              "metric": describe_metric(args.metric),
+              "metric": describe_metric(args.metric, args.vqa_rule),
               "runs": runs, "figures": []}
 
     if rank != 0:  # every figure is on rank 0 now; the files are its job
@@ -527,14 +535,20 @@ def build_parser():
                    help="every model's own maps: the text-to-image attention layers read")
     p.add_argument("--match", default="exact", choices=["exact", "root"], help="VLM-to-DM word matching")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="the VLM's dtype, base model and runs (bfloat16 on a GPU halves the memory)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the VLM's dtype, base model and runs; auto: bfloat16 on a GPU (half the "
+                        "memory), float32 on a CPU")
     # scoring
     p.add_argument("--metric", default="auto", choices=["auto", *METRICS],
                    help="how answers are scored: auto (each item's \"metric\" field, written by prepare.py convert; "
                         "else choice for a question with lettered options, else exact), or one metric for every item: "
                         "exact, vqa (VQAv2/OK-VQA/TextVQA/VizWiz), anls (DocVQA/InfoVQA), relaxed (ChartQA), choice, "
                         "cider (CIDEr-D, captions); see metrics.py")
+    p.add_argument("--vqa-rule", default="vlmevalkit", choices=list(VQA_RULES),
+                   help="how vqa items' answers are processed before matching (vqa_rules.py): "
+                        "vlmevalkit (the paper's harness), lmms-eval (its VQAv2), "
+                        "lmms-eval-textvqa (its TextVQA/OK-VQA/VizWiz), official "
+                        "(GT-Vision-Lab/VQA: processed only when the ten answers disagree)")
     p.add_argument("--score", action="append", default=[], metavar="PRED.jsonl",
                    help="score a prediction file of any model (lines {\"id\", \"prediction\"}; VLMEvalKit's \"index\" "
                         "is read as the id) against --data, without loading a model; repeat to compare files")

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from aligner import MAP_SIZE, min_max  # the one map size and normalisation of DM and VLM maps
-from data import ID_PATTERN, is_complete, load_image, load_maps, maps_path, read_items, save_maps, split_words
-from models import DM_PRESETS, PRESETS, load_dm, scheduler_config
+from data import (ID_PATTERN, is_complete, library_bars, load_image, load_maps, maps_path,
+                  progress_bar, read_items_or_exit, save_maps, split_words)
+from models import DM_PRESETS, PRESETS, load_dm, resolve_dtype, scheduler_config
 
 # ---- words: data.split_words (the rule of both sides) located among CLIP's tokens ----
 
@@ -53,12 +54,10 @@ def text_words(tokenizer, text, max_tokens=75, item_id=None):
     if len(offsets) > max_tokens:
         warnings.warn(f"item {item_id!r}: answer has {len(offsets)} CLIP tokens; keeping the first {max_tokens} "
                       f"(CLIP's limit), words after that get no map")
-        offsets = offsets[:max_tokens]
-    kept_end = offsets[-1][1] if offsets else 0
     words, positions = [], []
     for word, start, end in split_words(text):
         tokens = [1 + j for j, (a, b) in enumerate(offsets) if a < end and b > start]  # +1: the start token
-        if not tokens or end > kept_end:
+        if not tokens or tokens[-1] > max_tokens:
             continue  # beyond the limit, or cut in two by it
         if word not in words:
             words.append(word)
@@ -236,7 +235,6 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
     (sd14 at 512 px: 1 = 64², 2 = 32², 4 = 16², 8 = 8²). capture_steps: "all", "inversion", "denoise".
     Returns dict(done, skipped, failed, seconds, rank, world_size).
     """
-    from tqdm import tqdm
     t0, out_dir = time.time(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps, "res": dm["res"],
@@ -252,8 +250,8 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
 
     todo = items_to_do(items, dm, out_dir, rank, world_size, fail, summary)  # cheap checks: no UNet yet
     # ---- the UNet work, batch_size items per call ----
-    show = progress if progress is not None else rank == 0  # tqdm on rank 0 only
-    bar = tqdm(total=len(todo), desc=f"extract {dm['name']}", disable=not show, unit="item")
+    show = progress if progress is not None else rank == 0  # a bar on rank 0 only
+    bar = progress_bar(show=show, total=len(todo), desc=f"extract {dm['name']}", unit="item")
     for start in range(0, len(todo), batch_size):
         batch, images = [], []
         for item, words, positions in todo[start:start + batch_size]:
@@ -414,6 +412,8 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:0, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="DM weights; auto: float16 on GPU, float32 on CPU (attention is accumulated in float32 either way)")
+    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="no progress bar (none either when stderr is not a terminal)")
     # ---- the authors' layout ----
     p.add_argument("--export-jpeg", default=None, metavar="DIR", help="write --out's maps in the authors' layout, "
                    "<DIR>/<image file name>/lpm_attention/<image stem>/attention_<word>.jpg, then stop")
@@ -424,9 +424,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    library_bars(not args.quiet)
     if not args.data:
         raise SystemExit("--data is required: a JSONL of {id, image, question, answer} lines")
-    items = read_items(args.data)[:args.limit]
+    items = read_items_or_exit(args.data)[:args.limit]
+    folder = ("--out", args.out) if args.export_jpeg else ("--import-jpeg", args.import_jpeg)
+    if (args.export_jpeg or args.import_jpeg) and not Path(folder[1]).is_dir():
+        raise SystemExit(f"{folder[0]} {folder[1]}: no such folder (looked for "
+                         f"{Path(folder[1]).resolve()}); it holds the maps to convert")
     if args.export_jpeg:
         n_items, n_maps = export_jpeg(items, args.out, args.export_jpeg)
         return print(f"exported {n_maps} maps of {n_items} items to {args.export_jpeg}")
@@ -439,11 +444,10 @@ def main(argv=None):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     device = cuda if args.device == "auto" else args.device
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "auto": torch.float16 if device.startswith("cuda") else torch.float32}[args.dtype]
-    dm = load_dm(args.dm, args.dm_path, device, dtype)
+    dm = load_dm(args.dm, args.dm_path, device, resolve_dtype(args.dtype, device, "float16"))
     s = extract(items, dm, args.out, args.inversion_steps, args.denoise_steps, args.capture_steps,
-                parse_layers(args.layers, args.dm), args.batch_size, rank, world_size)
+                parse_layers(args.layers, args.dm), args.batch_size, rank, world_size,
+                progress=rank == 0 and not args.quiet)
     # one line per rank (no collectives to merge them); items of other ranks are not counted here
     print(f"extract rank {rank}/{world_size}: {s['done']} done, {s['skipped']} skipped as complete, "
           f"{s['failed']} failed (reasons in {Path(args.out) / 'failures.jsonl'}), {s['seconds']:.1f} s")

@@ -175,10 +175,12 @@ def tiny_idefics(tokenizer, seed=0, resampler=True, qk_norms=False):
     return stop_at_end_of_utterance(model, processor), processor
 
 
-def load(source, dtype):
-    """(model, processor) of an IDEFICS folder or hub id, stopping at <end_of_utterance>."""
-    processor = IdeficsProcessor.from_pretrained(source)
-    model = IdeficsForVisionText2Text.from_pretrained(source, dtype=dtype)
+def load(source, dtype, device=None, local_files_only=False):
+    """(model, processor) of an IDEFICS folder or hub id, stopping at <end_of_utterance>; the
+    weights placed on `device` as they load."""
+    processor = IdeficsProcessor.from_pretrained(source, local_files_only=local_files_only)
+    model = IdeficsForVisionText2Text.from_pretrained(source, dtype=dtype, device_map=device,
+                                                      local_files_only=local_files_only)
     return stop_at_end_of_utterance(model, processor), processor
 
 

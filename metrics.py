@@ -4,8 +4,9 @@ Each metric turns a model's answer and the item's reference answers into a score
   - exact:   normalised exact match against any reference (the paper's ablation metric, §8);
   - choice:  the letter of a multiple-choice answer, options A to the last one listed (MMBench,
              ScienceQA, MMStar, SEED, WorldMedQA-V, §7.5);
-  - vqa:     the official VQA accuracy, leave-one-annotator-out over ten answers (VQAv2, OK-VQA,
-             TextVQA, VizWiz);
+  - vqa:     VQA accuracy, leave-one-annotator-out over ten answers (VQAv2, OK-VQA, TextVQA,
+             VizWiz), under a harness's rule by name (vqa_rules.py: vlmevalkit, the paper's
+             harness and the default; lmms-eval; lmms-eval-textvqa; official, GT-Vision-Lab/VQA);
   - anls:    average normalised Levenshtein similarity, threshold 0.5 (DocVQA, InfoVQA);
   - relaxed: ChartQA's relaxed accuracy, 5% tolerance for numbers;
   - cider:   CIDEr-D for captions (COCO, Flickr30k), in plain Python, without Java.
@@ -25,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from data import jsonl_lines
+from vqa_rules import VQA_RULES, check_rule, vqa_accuracy, vqa_normalize  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # exact match and multiple choice
@@ -114,82 +116,6 @@ def score_prediction(prediction, answer, question):
         picked = extract_choice(prediction, choices)
         return {"correct": picked == reference, "kind": "choice", "letter": picked, "reference_letter": reference}
     return {"correct": normalize_answer(prediction) == normalize_answer(answer), "kind": "exact"}
-
-
-# ---------------------------------------------------------------------------------------------
-# VQA accuracy (VQAv2, OK-VQA, TextVQA, VizWiz)
-# ---------------------------------------------------------------------------------------------
-# The official evaluation (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py):
-# its punctuation list, its number words (with "none" -> "0"), its contractions, word for word.
-
-VQA_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
-                   ",", "?", "!"]
-VQA_NUMBER_WORDS = dict(NUMBER_WORDS, none="0")
-VQA_CONTRACTIONS = dict(pair.split(":") for pair in """
-    aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've
-    couldnt've:couldn't've didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've
-    hadn'tve:hadn't've hasnt:hasn't havent:haven't hed:he'd hed've:he'd've he'dve:he'd've hes:he's
-    howd:how'd howll:how'll hows:how's Id've:I'd've I'dve:I'd've Im:I'm Ive:I've isnt:isn't itd:it'd
-    itd've:it'd've it'dve:it'd've itll:it'll let's:let's maam:ma'am mightnt:mightn't
-    mightnt've:mightn't've mightn'tve:mightn't've mightve:might've mustnt:mustn't mustve:must've
-    neednt:needn't notve:not've oclock:o'clock oughtnt:oughtn't ow's'at:'ow's'at 'ows'at:'ow's'at
-    'ow'sat:'ow's'at shant:shan't shed've:she'd've she'dve:she'd've she's:she's shouldve:should've
-    shouldnt:shouldn't shouldnt've:shouldn't've shouldn'tve:shouldn't've somebody'd:somebodyd
-    somebodyd've:somebody'd've somebody'dve:somebody'd've somebodyll:somebody'll somebodys:somebody's
-    someoned:someone'd someoned've:someone'd've someone'dve:someone'd've someonell:someone'll
-    someones:someone's somethingd:something'd somethingd've:something'd've
-    something'dve:something'd've somethingll:something'll thats:that's thered:there'd
-    thered've:there'd've there'dve:there'd've therere:there're theres:there's theyd:they'd
-    theyd've:they'd've they'dve:they'd've theyll:they'll theyre:they're theyve:they've twas:'twas
-    wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've werent:weren't whatll:what'll whatre:what're
-    whats:what's whatve:what've whens:when's whered:where'd wheres:where's whereve:where've whod:who'd
-    whod've:who'd've who'dve:who'd've wholl:who'll whos:who's whove:who've whyll:why'll whyre:why're
-    whys:why's wont:won't wouldve:would've wouldnt:wouldn't wouldnt've:wouldn't've
-    wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've
-    y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've you'dve:you'd've
-    youll:you'll youre:you're youve:you've""".split())
-
-
-def vqa_normalize(answer):
-    """The official answer normalisation (processPunctuation, then processDigitArticle).
-
-    Punctuation: a mark next to a space, or any mark when the text has a digit-comma-digit, is
-    deleted; otherwise it becomes a space; a period is deleted unless a digit follows (what the
-    official pattern "(?!<=\\d)(\\.)(?!\\d)" does). Then lower case, number words to digits,
-    articles dropped, contractions restored.
-    "Two dogs." -> "2 dogs";  "dont know" -> "don't know";  "black/white" -> "black white";
-    "1,000" -> "1000";  "yes, it is" -> "yes it is";  "3.5" -> "3.5"
-    """
-    text = str(answer).replace("\n", " ").replace("\t", " ").strip()
-    out = text
-    digit_comma = re.search(r"\d,\d", text) is not None
-    for mark in VQA_PUNCTUATION:
-        gone = mark + " " in text or " " + mark in text or digit_comma
-        out = out.replace(mark, "" if gone else " ")
-    out = re.sub(r"\.(?!\d)", "", out)
-    words = [VQA_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
-    return " ".join(VQA_CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
-
-
-def vqa_accuracy(prediction, answers):
-    """VQA accuracy: min(#annotators who gave the prediction / 3, 1), averaged over the ten subsets
-    that leave one annotator out (each subset holds the other nine), after vqa_normalize on both
-    sides (as VLMEvalKit and lmms-eval do; VQAv2's own annotations are stored normalised already).
-
-    Worked example: prediction "Two." and answers 2 x "2", 8 x "3" (the prediction reads "2"):
-      leave out a "2" (2 subsets): one "2" among the other nine -> min(1/3, 1) = 1/3
-      leave out a "3" (8 subsets): two "2"s among the other nine -> min(2/3, 1) = 2/3
-      accuracy = (2 * 1/3 + 8 * 2/3) / 10 = 0.6   (not min(2/3, 1) = 0.667: the average differs)
-    Any count of answers works the same way; a single reference has no one to leave out, so it
-    scores 1 on a match and 0 otherwise.
-    """
-    predicted = vqa_normalize(prediction)
-    given = [vqa_normalize(a) for a in answers]
-    if len(given) == 1:
-        return float(given[0] == predicted)
-    matches = sum(a == predicted for a in given)
-    # leaving out annotator i removes one match exactly when annotator i gave the prediction
-    return sum(min((matches - (a == predicted)) / 3, 1.0) for a in given) / len(given)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,10 +303,12 @@ def score_choice(prediction, item):
     return {"score": float(letter == reference), "letter": letter, "reference_letter": reference}
 
 
-def score_items(items, predictions, metric="auto"):
+def score_items(items, predictions, metric="auto", vqa_rule="vlmevalkit"):
     """One record per item: id, question, answer (and answers), prediction, category, kind (the
     metric), score, correct (score == 1; None for cider, which has no full mark), and for choice
-    items the letters. CIDEr-D items are scored together (their document frequencies)."""
+    items the letters. CIDEr-D items are scored together (their document frequencies). vqa items
+    are scored under `vqa_rule` (vqa_rules.VQA_RULES)."""
+    check_rule(vqa_rule)
     records = []
     for item, prediction in zip(items, predictions):
         kind = pick_metric(item, metric)
@@ -389,6 +317,8 @@ def score_items(items, predictions, metric="auto"):
                   "prediction": prediction, "category": item.get("category"), "kind": kind}
         if kind == "choice":
             record.update(score_choice(prediction, item))
+        elif kind == "vqa":
+            record["score"] = vqa_accuracy(prediction, references(item), rule=vqa_rule)
         elif kind != "cider":
             record["score"] = float(METRICS[kind][0](prediction, references(item)))
         records.append(record)
@@ -493,12 +423,13 @@ def check_items(items, metric="auto"):
             score_choice("", item)
 
 
-def describe_metric(metric):
+def describe_metric(metric, vqa_rule="vlmevalkit"):
     """report.json's one line on how the items were scored."""
     which = ("each item's own \"metric\" field, else the letter for a multiple-choice question, else exact match"
              if metric == "auto" else f"{metric} for every item")
-    return (f"--metric {metric}: {which}; the mean score with a 95% interval (Wilson for 0/1 scores, "
-            "Student t for soft scores and CIDEr-D)")
+    return (f"--metric {metric}: {which}; vqa items under the {vqa_rule} rule (--vqa-rule); "
+            "the mean score with a 95% interval (Wilson for 0/1 scores, Student t for soft "
+            "scores and CIDEr-D)")
 
 
 # ---------------------------------------------------------------------------------------------

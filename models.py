@@ -24,6 +24,7 @@ from transformers import (IdeficsProcessor, MllamaConfig, MllamaForConditionalGe
                           MllamaImageProcessorPil, MllamaProcessor, PreTrainedTokenizerFast)
 
 import flamingo
+import hub
 import qwen
 
 ROOT = Path(__file__).resolve().parent
@@ -248,28 +249,34 @@ def tiny_qwen2vl(seed=0, model_type="qwen2_vl"):
     return qwen.tiny_qwen2vl(bpe_tokenizer(), CHAT_TEMPLATE, seed, model_type)
 
 
-def load_vlm(name, path=None, dtype=torch.float32):
-    """(model, processor) for a preset name; `path` is a local copy (a save_pretrained folder)."""
+def resolve_dtype(name, device, gpu="bfloat16"):
+    """The torch dtype of a --dtype flag: "auto" is `gpu` on a CUDA device (train.py's LoRA and
+    evaluate.py: bfloat16; extract.py: float16), float32 on a CPU; any other name is that dtype."""
+    if name == "auto":
+        name = gpu if torch.device(device).type == "cuda" else "float32"
+    return getattr(torch, name)
+
+
+def load_vlm(name, path=None, dtype=torch.float32, device=None):
+    """(model, processor) for a preset name; `path` is a local copy (a save_pretrained folder).
+    device: where the weights are placed as they load (device_map; None: the CPU). Hub presets
+    load from local files only when they can (hub.weights_source), else fail fast."""
     if name not in VLM_PRESETS:
         raise SystemExit(f"unknown --model {name!r}; choose one of {VLM_PRESETS}")
     built = {"tiny": tiny_vlm, "tiny-idefics": tiny_idefics, "tiny-qwen2vl": tiny_qwen2vl}.get(name)
     if built is not None and path is None:  # built here from a config
         model, processor = built()
-        return model.to(dtype), processor
-    hub_id = PRESETS[name]["hub_id"]
-    source = path or preset_path(name) or hub_id
-    if hub_id is None and not Path(source).is_dir():
-        raise SystemExit(f"--model {name}: no model folder at {source!r}; for 'toy' run `python toy.py` "
-                         f"first (it writes toy_models/toy-vlm), or pass --model-path DIR (a "
-                         f"save_pretrained folder)")
+        return model.to(device=device, dtype=dtype), processor
+    hub_id, path = PRESETS[name]["hub_id"], path or preset_path(name)
+    if hub_id is None and not Path(path).is_dir():
+        raise SystemExit(f"--model {name}: no model folder at {path!r}; for 'toy' run `python "
+                         f"toy.py` first (it writes toy_models/toy-vlm), or pass --model-path DIR "
+                         f"(a save_pretrained folder)")
+    source, local = hub.weights_source("--model", name, hub_id, path)
     try:
-        model, processor = FAMILIES[PRESETS[name]["family"]]["load"](source, dtype)
+        return FAMILIES[PRESETS[name]["family"]]["load"](source, dtype, device, local)
     except (OSError, ValueError) as err:  # (a path that is neither a folder nor a hub id: ValueError)
-        raise SystemExit(
-            f"could not load --model {name} from {source!r}: {err}\n"
-            f"Download {hub_id or 'the weights'} on a machine with network access "
-            f"(e.g. `hf download {hub_id} --local-dir DIR`) and pass --model-path DIR.") from None
-    return model, processor
+        raise hub.load_error("--model", name, source, err, hub_id) from None
 
 
 # ---- Stable Diffusion's parts at every size ----
@@ -373,16 +380,16 @@ def save_dm(dm, folder):
         dm[part].save_pretrained(Path(folder) / part)
 
 
-def load_dm_folder(folder):
+def load_dm_folder(folder, local_files_only=False):
     """dm parts from a folder (or hub id) in diffusers component layout, with a DDIM scheduler."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-    schedule = DDIMScheduler.load_config(folder, subfolder="scheduler")
-    return dict(vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-                unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-                text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-                tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-                scheduler=DDIMScheduler.from_config(scheduler_config(schedule, DDIMScheduler)))
+    local = dict(local_files_only=local_files_only)
+    schedule = DDIMScheduler.load_config(folder, subfolder="scheduler", **local)
+    parts = dict(vae=AutoencoderKL, unet=UNet2DConditionModel, text_encoder=CLIPTextModel,
+                 tokenizer=CLIPTokenizer)
+    dm = {part: cls.from_pretrained(folder, subfolder=part, **local) for part, cls in parts.items()}
+    return dict(dm, scheduler=DDIMScheduler.from_config(scheduler_config(schedule, DDIMScheduler)))
 
 
 def load_dm(name, path=None, device="cpu", dtype=torch.float32):
@@ -390,20 +397,24 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
     eval mode.
 
     One code path for every preset given a folder in diffusers component layout; "tiny-sd"
-    without a path is built here. res = unet sample_size * the VAE's downsampling factor.
+    without a path is built here. res = unet sample_size * the VAE's downsampling factor. Hub
+    presets load from local files only when they can (hub.weights_source), else fail fast.
     """
     if name not in DM_PRESETS:
         raise SystemExit(f"unknown --dm {name!r}; choose one of {DM_PRESETS} or give --dm-path")
     hub_id, dm = PRESETS[name]["hub_id"], tiny_sd() if name == "tiny-sd" and path is None else None
     if dm is None:
-        source = path or preset_path(name) or hub_id
+        path = path or preset_path(name)
+        if hub_id is None and not Path(path).is_dir():
+            raise SystemExit(f"--dm {name}: no diffusion model weights at {path!r}; make it with "
+                             f"toy.py, or point --dm-path at a folder with unet/ vae/ "
+                             f"text_encoder/ tokenizer/ scheduler/")
+        source, local = hub.weights_source("--dm", name, hub_id, path, "unet/config.json",
+                                           "--dm-path")
         try:
-            dm = load_dm_folder(source)
+            dm = load_dm_folder(source, local)
         except (OSError, ValueError) as e:
-            get = f"download {hub_id} (hf download {hub_id})" if hub_id else "make it with toy.py"
-            raise SystemExit(f"--dm {name}: no diffusion model weights at {str(source)!r} "
-                             f"({type(e).__name__}: {str(e).splitlines()[0]}); {get}, or point --dm-path "
-                             f"at a folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/") from None
+            raise hub.load_error("--dm", name, source, e, hub_id, "--dm-path") from None
     for part in ("vae", "unet", "text_encoder"):
         if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op one)
             dm[part].to(dtype=dtype)
@@ -425,7 +436,7 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
 # checkpointing wrap the model: each function finds its piece inside any of them.
 
 # LoRA targets (§6 (4)): q/v projections of the LANGUAGE model only. "q_proj" alone would also
-# match Mllama's vision encoder (the authors' release adapts both, see REFERENCE.md). Qwen2-VL's
+# match Mllama's vision encoder (the authors' release adapts both: DIFFERENCES.md). Qwen2-VL's
 # text side matches it too (its vision blocks have one fused `qkv`); IDEFICS has its own.
 LORA_TARGETS = r".*language_model\..*\.(q_proj|v_proj)"
 
@@ -549,10 +560,12 @@ def mllama_vision_geometry(model):
     raise ValueError(f"{type(model).__name__} has no config.vision_config")
 
 
-def load_mllama(source, dtype):
-    """(model, processor) of an Mllama folder or hub id."""
-    processor = MllamaProcessor.from_pretrained(source)
-    return MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype), processor
+def load_mllama(source, dtype, device=None, local_files_only=False):
+    """(model, processor) of an Mllama folder or hub id, the weights on `device` as they load."""
+    processor = MllamaProcessor.from_pretrained(source, local_files_only=local_files_only)
+    model = MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype, device_map=device,
+                                                           local_files_only=local_files_only)
+    return model, processor
 
 
 # One entry per family; a new family adds its file (builders, loader, where its layers are, its

@@ -14,6 +14,7 @@ common reference (ties: the first given).
 
     python prepare.py convert textvqa TextVQA_0.5.1_val.json --images train_images/ --out textvqa_val.jsonl
     python prepare.py convert llava llava_v1_5_mix665k.json --images /data/llava --out llava.jsonl
+    python prepare.py convert vlmevalkit MMBench_DEV_EN.tsv --out mmbench.jsonl  # + mmbench_images/
 """
 import argparse
 import json
@@ -21,6 +22,8 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
+
+from benchmark_files import convert_parquet, convert_vlmevalkit
 
 CAPTION_PROMPT = "Describe the image in one sentence."
 KINDS = {str: "a string", int: "an integer", list: "a list", dict: "an object", float: "a number"}
@@ -289,7 +292,10 @@ def convert_captions(paths, images, args):
 
 CONVERTERS = {"llava": convert_llava, "vqav2": convert_vqav2, "okvqa": convert_vqav2, "textvqa": convert_textvqa,
               "vizwiz": convert_vizwiz, "docvqa": convert_docvqa, "infovqa": convert_docvqa,
-              "chartqa": convert_chartqa, "coco-captions": convert_captions, "flickr30k": convert_captions}
+              "chartqa": convert_chartqa, "coco-captions": convert_captions,
+              "flickr30k": convert_captions,
+              "vlmevalkit": convert_vlmevalkit, "parquet": convert_parquet}  # benchmark_files.py
+WRITES_IMAGES = {"vlmevalkit", "parquet"}  # images inside the file: written beside the JSONL
 
 
 def convert(args):
@@ -297,6 +303,8 @@ def convert(args):
     images = Path(args.images) if args.images else Path(args.files[0]).resolve().parent
     if args.images is None and args.format == "chartqa":
         images = images / "png"
+    if args.images is None and args.format in WRITES_IMAGES:
+        images = Path(args.out).parent / f"{Path(args.out).stem}_images"
     try:
         written, skipped, examples = write_converted(CONVERTERS[args.format](args.files, images, args),
                                                      args.out, args.limit, args.suffix)
@@ -320,11 +328,14 @@ def build_parser():
                        description="convert FORMAT FILE... --out data.jsonl; each format's files and fields are in "
                                    "the docstring of prepare.convert_<format>")
     c.add_argument("format", choices=CONVERTERS, help="the dataset's format (okvqa reads as vqav2, infovqa as "
-                   "docvqa, flickr30k as coco-captions)")
+                   "docvqa, flickr30k as coco-captions); vlmevalkit: VLMEvalKit's TSVs, parquet: "
+                   "lmms-eval's Parquet copies (needs pyarrow), any benchmark (benchmark_files.py)")
     c.add_argument("files", nargs="+", help="the official JSON file(s): vqav2/okvqa a questions and an "
                    "annotations file; chartqa test_human.json and/or test_augmented.json; the others one file")
     c.add_argument("--images", default=None, help="the image folder the dataset's image names start from "
-                   "(default: the first file's folder; chartqa: its png/)")
+                   "(default: the first file's folder; chartqa: its png/); vlmevalkit and parquet: "
+                   "the folder the images are written to (default: <out stem>_images/ beside "
+                   "--out)")
     c.add_argument("--out", required=True, help="the JSONL to write (image paths are written relative to it)")
     c.add_argument("--split", default="test", choices=["train", "val", "test", "restval", "all"],
                    help="captions: the Karpathy split to keep")

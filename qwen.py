@@ -119,13 +119,20 @@ def tiny_qwen2vl(tokenizer, chat_template, seed=0, model_type="qwen2_vl"):
     return qwen2vl((QWEN_TINY["text"], QWEN_TINY[model_type]), ids, model_type, seed), processor
 
 
-def load(source, dtype):
-    """(model, processor) of a Qwen2-VL or Qwen2.5-VL folder or hub id; images bounded by
-    QWEN_MAX_PIXELS (or the folder's own max_pixels when smaller)."""
-    processor = QwenImageTextProcessor.from_pretrained(source)
+def load(source, dtype, device=None, local_files_only=False):
+    """(model, processor) of a Qwen2-VL or Qwen2.5-VL folder or hub id, the weights placed on
+    `device` as they load; images bounded by QWEN_MAX_PIXELS (or the folder's own max_pixels
+    when smaller)."""
+    local = dict(local_files_only=local_files_only)
+    processor = QwenImageTextProcessor.from_pretrained(source, **local)
     bound = min(processor.image_processor.size["longest_edge"], QWEN_MAX_PIXELS)
-    processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, max_pixels=bound)
-    return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype), processor
+    processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, max_pixels=bound,
+                                                                          **local)
+    # adapter_kwargs: the Auto class looks for an adapter_config.json without local_files_only
+    # (transformers 5.25), which would reach for the network from a complete cache
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=device,
+                                                        adapter_kwargs=local, **local)
+    return model, processor
 
 
 def image_tokens(processor, image):

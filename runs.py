@@ -1,4 +1,4 @@
-"""The run folder of train.py (DESIGN.md, "Run directory"): checkpoints that survive a kill,
+"""The run folder of train.py (DESIGN.md, "Run folder"): checkpoints that survive a kill,
 resume that refuses a changed experiment, the outputs, and load_run, which reads a finished run.
 
     runs/<name>/config.json            every setting (refused on --resume if it would change the experiment)
@@ -12,6 +12,7 @@ complete checkpoint in place (recover_checkpoint finishes a save that was killed
 calls the functions that save or load (DCP is a collective); rank 0 alone writes the other files.
 
     python -c "import runs; model, processor, lavender, config = runs.load_run('runs/tiny-lavender')"
+    python runs.py export runs/tiny-lavender exported/   # LoRA merged: one from_pretrained folder
 """
 import contextlib
 import hashlib
@@ -20,6 +21,8 @@ import json
 import os
 import random
 import shutil
+import threading
+import signal
 from pathlib import Path
 
 import torch
@@ -221,7 +224,8 @@ RUN_FILES = ("config.json", "log.jsonl", "skipped.jsonl", CHECKPOINT, NEW, OLD, 
 # and --attn as paths: the data file is compared by its sha256, the attention folder resolved).
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "total_steps", "save_every", "progress", "resume", "overwrite",
                      "out", "dist_timeout", "activation_checkpointing", "world",
-                     "batch_size", "grad_accum", "skip_bad_items", "max_length", "data", "attn"}
+                     "batch_size", "grad_accum", "skip_bad_items", "max_length", "data", "attn",
+                     "num_workers"}
 
 
 def may_change_flags():
@@ -323,12 +327,23 @@ def save_outputs(args, out, model, aligner, processor, rank):
     lavender.update({f"aligner.{k}": v for k, v in aligner_sd.items()})
     rest = {k: v for k, v in vlm_sd.items() if "lavender_" not in k}
     if args.peft == "lora":  # loadable by PeftModel.from_pretrained(base, "<run>/adapter")
-        model.save_pretrained(Path(out) / "adapter", state_dict=rest)
+        for config in model.peft_config.values():  # AutoPeftModel reads the base from here
+            config.base_model_name_or_path = base_name(args.model, args.model_path)
+        # save_embedding_layers=False: LoRA adapts q/v only; "auto" would ask the hub about the base
+        model.save_pretrained(Path(out) / "adapter", state_dict=rest, save_embedding_layers=False)
     else:
         models.base_model(model).save_pretrained(Path(out) / "model", state_dict=rest)
         processor.save_pretrained(Path(out) / "model")
     if lavender:
         save_file({k: v.contiguous() for k, v in lavender.items()}, Path(out) / "lavender.safetensors")
+
+
+def base_name(preset, model_path):
+    """The adapter's base_model_name_or_path: --model-path (absolute) when given, else the preset's
+    hub id, else its folder (toy) or, for the presets built from a config (tiny), its name."""
+    if model_path is not None:
+        return str(Path(model_path).resolve())
+    return models.PRESETS[preset]["hub_id"] or models.preset_path(preset) or preset
 
 
 def new_aligner(model, config):
@@ -350,10 +365,10 @@ def load_run(run_dir, device="cpu", dtype=torch.float32):
     config = json.loads((run_dir / "config.json").read_text())
     if config["peft"] == "lora":
         from peft import PeftModel
-        base, processor = models.load_vlm(config["model"], config["model_path"], dtype=dtype)
+        base, processor = models.load_vlm(config["model"], config["model_path"], dtype, device)
         model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     else:
-        model, processor = models.load_vlm(config["model"], str(run_dir / "model"), dtype=dtype)
+        model, processor = models.load_vlm(config["model"], str(run_dir / "model"), dtype, device)
     lavender = dict(aligner=None, layers=config.get("aligned_layers", []), aggregation=config["aggregate"],
                     aligner_mode=config["aligner_mode"], match=config["match"], align_words=config["align_words"],
                     learned=config["loss"] == "lavender" and config["aggregate"] == "learn")
@@ -392,3 +407,46 @@ def run_problem(run_dir):
         return f"{weights.relative_to(run_dir)} is missing: the run did not finish (train.py --resume)"
     return None
 
+
+# ---- stopping on a signal: pre-emption (SIGTERM) and Ctrl-C (SIGINT) ----
+
+class Stopped(Exception):
+    """A signal stopped training at a step boundary, after its checkpoint was written."""
+
+    def __init__(self, signum, step, out):
+        self.signum, self.step = int(signum), step
+        super().__init__(f"stopped by {signal.Signals(self.signum).name} after step {step}; the checkpoint "
+                         f"is in {out / CHECKPOINT}: continue with the same command and --resume")
+
+
+@contextlib.contextmanager
+def signals_to_flag():
+    """While training, SIGTERM (how schedulers pre-empt) and SIGINT (Ctrl-C) only set flag["signal"]:
+    the loop saves a checkpoint at the next step boundary and stops. A second Ctrl-C stops at once.
+    (Signal handlers can only be set in the main thread; elsewhere signals keep their behaviour.)"""
+    flag = {"signal": 0}
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and flag["signal"] == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def main():
+    """python runs.py export RUN OUT: a run as one checkpoint other harnesses load (export.py)."""
+    import export  # (export.py reads runs with this module's functions)
+    export.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,8 @@ then every step of the paper runs on it for real, through the real scripts:
 
   1. `python toy.py`: extract DM maps (extract.py), fine-tune AR, Lavender and the oracle (Lavender
      with the world's object masks as targets, world.oracle_store) with the same budget and seeds
-     (train.py), evaluate (evaluate.py), print one table, write toy_report.md and toy_report.json.
+     (train.py), evaluate (evaluate.py), print one table, write toy_out/toy_report.md and
+     toy_report.json (`--report toy_report.md` refreshes the report shipped with the repository).
   2. `python toy.py protocol`: every ablation arm over several worlds and seeds, paired against AR
      of the same world and seed (protocol.json, protocol.md).
 
@@ -174,6 +175,7 @@ def finetune(args, data_path, attn, run_dir, loss, seed, overrides=None):
         "out": str(run_dir), "loss": loss, "seed": seed, "max_steps": args.steps, "batch_size": args.batch_size,
         "lr": args.lr, "lam": args.lam, "aggregate": args.aggregate, "aligner": args.aligner,
         "aligner_mode": args.aligner_mode, "align_words": args.align_words, "peft": args.peft,
+        "att_pooling": args.att_pooling,
         "pretrain_aligner_steps": args.pretrain_aligner_steps if loss == "lavender" else 0,
         "overwrite": True,  # a run with other settings in the same folder is replaced
         "progress": not args.quiet, **(overrides or {})})
@@ -222,11 +224,12 @@ def demo(args):
     table = markdown_table(rows)
     print("\n" + table + f"\n\nwall time {minutes:.1f} min; seeds {args.seeds}; {args.steps} steps of batch "
           f"{args.batch_size} per run; reports in {out}/eval-*/report.md")
-    if args.report:
-        write_report(Path(args.report), table, reports, args, minutes, out)
+    report = out / "toy_report.md" if args.report is None else args.report  # '': none
+    if report:
+        write_report(Path(report), table, reports, args, minutes, out)
         figures = dict(demo_json(reports, perception), minutes=round(minutes, 2), seeds=args.seeds)
-        Path(args.report).with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
-        stage(f"wrote {args.report} and {Path(args.report).with_suffix('.json')}")
+        Path(report).with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
+        stage(f"wrote {report} and {Path(report).with_suffix('.json')}")
     return rows
 
 
@@ -422,7 +425,7 @@ def protocol_table(rows):
 def write_report(path, table, reports, args, minutes, out):
     """toy_report.md with the table and the pictures (copied beside it, into toy_report/)."""
     pictures = path.parent / "toy_report"
-    pictures.mkdir(exist_ok=True)
+    pictures.mkdir(parents=True, exist_ok=True)
     shown = []
     for split in ("test-id", "test-ood"):
         for fig in reports[split]["figures"][:3]:
@@ -439,7 +442,7 @@ def write_report(path, table, reports, args, minutes, out):
     notes = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
     path.write_text(
         "# The miniature world: Lavender vs autoregressive fine-tuning\n\n"
-        f"Made by `python toy.py` ({minutes:.1f} min on this machine; finished runs of the same settings in "
+        f"Made by `python toy.py --report {relative(path.resolve())}` ({minutes:.1f} min on this machine; finished runs of the same settings in "
         f"{relative(out)}/runs are reused, not retrained). Mean ± sample std over seeds {args.seeds}; accuracy is "
         "exact match. The VLM's own attention is read the same way for every model: its pretrained cross-attention, "
         "averaged over heads and layers (evaluate.py's mean-mean), no Aligner, min-max normalised like the DM maps; "
@@ -499,19 +502,26 @@ def build_parser():
     p.add_argument("--aligner", default="sim", help="train.py --aligner (sim, light, deep, mlp, none)")
     p.add_argument("--aligner-mode", default="auto", help="train.py --aligner-mode (auto, per-layer, after)")
     p.add_argument("--align-words", default="predicted", help="train.py --align-words (predicted, label)")
+    p.add_argument("--att-pooling", default="words", choices=("words", "samples"),
+                   help="train.py --att-pooling (words: the release's; samples: the protocol "
+                        "table's runs)")
     p.add_argument("--pretrain-aligner-steps", type=int, default=0, help="Lavender runs: Aligner pre-training steps")
     p.add_argument("--dm-categories", nargs="+", default=list(world.KINDS), choices=world.KINDS,
                    help="fine-tuning items whose answer gets a DM map (and an oracle mask); the others train with "
                         "L_VLM alone. 'colour-at' alone aligns only colour words (like the release's adjectives-only filter)")
     # ---- demo output ----
     p.add_argument("--limit", type=int, default=0, help="extract and evaluate only the first N items of each split (quick test; 0: all)")
-    p.add_argument("--report", default=str(ROOT / "toy_report.md"), help="where the demo writes its report ('' for none)")
+    p.add_argument("--report", default=None,
+                   help="where the demo writes its report and pictures (default "
+                        "<out>/toy_report.md; toy_report.md refreshes the shipped one and "
+                        "toy_report/; '' for none)")
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress bars")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    data.library_bars(not args.quiet)
     torch.set_num_threads(args.threads)
     if args.command == "build":
         paths = world.build_world(args.world, args.seed)

@@ -13,9 +13,10 @@ Set-up, in the order it happens: torchrun env -> process group (nccl on GPU, glo
 explicit 1-D device mesh (distributed.py) -> load the preset (models.py) -> PEFT LoRA -> parallel
 projections -> attention capture -> activation checkpointing -> fully_shard every decoder/encoder
 layer, then the root (shard) -> optimizer. Plain `python train.py` is one rank with no process
-group and no sharding. Items, attention maps and batches come from data.py; the run folder
-(checkpoints written new, renamed, then the old one deleted; --resume refusing a changed
-experiment; the outputs) is runs.py's. Before step 1 every item is checked; SIGTERM/SIGINT save
+group and no sharding. Items and attention maps come from data.py, the training set and its
+batches (DataLoader workers, the run's order) from loader.py; the run folder (checkpoints written
+new, renamed, then the old one deleted; --resume refusing a changed experiment; the outputs) is
+runs.py's. Before step 1 every item is checked; SIGTERM/SIGINT save
 at the next step boundary.
 
     torchrun --nproc_per_node 8 train.py --model llama32   # reads data/train.jsonl, data/attn/
@@ -23,28 +24,27 @@ at the next step boundary.
     python bench.py train      # CPU: Lavender step vs autoregressive step, time and peak memory
 """
 import argparse
-import contextlib
 import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import aggregate
 import aligner as aligner_lib
 import data
+import loader
 import models
 import runs
+from runs import Stopped, signals_to_flag  # pre-emption: a checkpoint at the next step
 from distributed import all_reduce_sum, any_rank, exit_if_torchrun, gather_objects, setup_distributed, teardown
 
 
@@ -70,10 +70,10 @@ def build(args, device, mesh):
             aggregate.aligner_placement(args.aggregate, args.aligner_mode)
         except ValueError as err:
             raise SystemExit(str(err)) from None
-    frozen = args.frozen_dtype  # the frozen base weights' dtype; auto: bf16 on a GPU with LoRA, else fp32
-    if frozen == "auto":
-        frozen = "bfloat16" if device.type == "cuda" and args.peft == "lora" else "float32"
-    model, processor = models.load_vlm(args.model, args.model_path, dtype=getattr(torch, frozen))
+    # the frozen base weights' dtype; auto: bf16 on a GPU with LoRA, else fp32
+    gpu = "bfloat16" if args.peft == "lora" else "float32"
+    frozen = models.resolve_dtype(args.frozen_dtype, device, gpu)
+    model, processor = models.load_vlm(args.model, args.model_path, dtype=frozen)
     model = apply_peft(model, args)
     aligner, capture, layers = None, None, []
     if args.loss == "lavender":
@@ -95,7 +95,7 @@ def build(args, device, mesh):
         model.to(device)
         aligner = aligner.to(device) if aligner is not None else None
     else:  # fully_shard moves each rank's shard to its device: the full model never sits on one GPU
-        model, aligner = shard(model, aligner, mesh, device)
+        model, aligner = shard(model, aligner, mesh, torch.bfloat16 if device.type == "cuda" else torch.float32)
     return model, processor, aligner, capture, layers
 
 
@@ -107,7 +107,7 @@ def trainable_in_float32(model):
             p.data = p.data.float()
 
 
-def shard(model, aligner, mesh, device):
+def shard(model, aligner, mesh, param_dtype=torch.float32):
     """FSDP2: every `_no_split_modules` layer (vision encoder layer, self-attention and cross-attention
     decoder layer) is one unit: the largest piece that is always used whole, so only one layer's
     full weights exist at a time; then the root (embeddings, lm_head, norms). Parallel projections
@@ -115,11 +115,11 @@ def shard(model, aligner, mesh, device):
     model's forward, so it is its own FSDP root over the same mesh: all trainable parameters are
     then DTensors on one mesh and one AdamW, one clip_grad_norm_ and one DCP checkpoint cover
     them (a replicated Aligner would mix plain tensors and DTensors in the optimizer).
-    bf16 compute with fp32 gradient reduction on GPU; fp32 everywhere on CPU.
+    The model computes in param_dtype (build: bf16 on a GPU, fp32 on a CPU) with fp32 master
+    weights and gradient reduction; the Aligner in fp32, as the maps it reads (fp32 softmax).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     units = set(models.base_model(model)._no_split_modules)
     for module in list(model.modules()):
         if type(module).__name__ in units:
@@ -128,8 +128,8 @@ def shard(model, aligner, mesh, device):
     # A rank whose batch aligns no word leaves the parallel projections without a gradient while
     # another rank has one: reduce-scatter zeros for them so the collectives still match.
     model.set_reduce_scatter_unused_params(True)
-    if aligner is not None:
-        fully_shard(aligner, mesh=mesh, mp_policy=mp)
+    if aligner is not None:  # no cast: fp32 weights on the fp32 maps
+        fully_shard(aligner, mesh=mesh, mp_policy=MixedPrecisionPolicy())
     return model, aligner
 
 
@@ -138,34 +138,7 @@ def trainable_modules(model, aligner):
     return nn.ModuleDict({"vlm": model, **({"aligner": aligner} if aligner is not None else {})})
 
 
-# ---- the data: read, and every item checked before step 1 ----
-
-def extract_command(data, attn):
-    return f"torchrun --nproc_per_node 8 extract.py --dm sd14 --data {data} --out {attn}"
-
-
-def read_data(args):
-    """(items, attention folder or None): --data read, and for --loss lavender the attention store
-    found; what is missing is named, with where it was looked for and how to make it."""
-    path = Path(args.data)
-    attn = Path(args.attn) if args.attn else path.parent / "attn"
-    if not path.is_file():
-        raise SystemExit(f"--data {path}: no such file (looked for {path.resolve()}). Write the training "
-                         f"set there as a JSONL of {{\"id\", \"image\", \"question\", \"answer\"}} lines "
-                         f"(README, 'Data'), then make the attention targets: {extract_command(path, attn)}")
-    try:
-        items = data.read_items(path)
-    except (OSError, ValueError) as err:  # a line that is not UTF-8 or not JSON: the message names it
-        raise SystemExit(f"--data: {err}") from None
-    if args.loss == "ar":
-        return items, None
-    if not attn.is_dir():
-        where = "--attn" if args.attn else "the default --attn, attn/ beside --data"
-        raise SystemExit(f"--loss lavender needs the attention store of extract.py: {where} {attn} does "
-                         f"not exist (looked for {attn.resolve()}). Make it with "
-                         f"`{extract_command(path, attn)}`, pass --attn DIR, or train without it: --loss ar")
-    return items, attn
-
+# ---- the data (loader.read_data): every item checked before step 1 ----
 
 def max_length(args, model):
     """--max-length, or by default 2048 tokens (the model's context if shorter)."""
@@ -193,8 +166,8 @@ def checked_items(args, items, attn_dir, processor, limit, rank, world, out):
     ids), each rank a share, the results gathered so that every rank, and the message, see every
     bad item. Bad items stop the run with their list, or with --skip-bad-items are left out and
     recorded in <out>/skipped.jsonl. A Lavender run with no word to align is refused."""
-    share = tqdm(range(rank, len(items), world), desc="check data", disable=rank != 0 or not args.progress,
-                 leave=False)
+    share = data.progress_bar(range(rank, len(items), world), show=rank == 0 and args.progress,
+                              desc="check data", leave=False)
     checked = dict(gather_objects([(i, check(args, items[i], processor, attn_dir, limit)) for i in share], world))
     problems = {i: problem for i, (problem, _, _) in checked.items() if problem}
     problems.update(data.duplicate_ids(items))  # a repeated id also fails its maps' text check: say why
@@ -211,21 +184,10 @@ def checked_items(args, items, attn_dir, processor, limit, rank, world, out):
         raise SystemExit(f"--loss lavender would align nothing: of {len(good)} items, {with_maps} have an "
                          f"attention file in {attn_dir} and none has an answer word among its file's words "
                          f"(--match {args.match}). Make the store for this --data with "
-                         f"`{extract_command(args.data, attn_dir)}`, or use --loss ar")
+                         f"`{loader.extract_command(args.data, attn_dir)}`, or use --loss ar")
     skipped = [{"id": items[i]["id"], "line": items[i].get("line"), "reason": problems[i]}
                for i in sorted(problems)]
     return [items[i] for i in good], skipped, counts
-
-
-def read_batch(processor, items, attn_dir, rank):
-    """(batch, [(DM maps, words) or (None, None)]) of a micro-batch. Every item passed the checks
-    before step 1; a failure now (a file changed during training) names the items and the rank."""
-    try:
-        return data.collate(processor, items), [data.read_maps(attn_dir, it["id"]) for it in items]
-    except Exception as err:
-        raise RuntimeError(f"rank {rank}: items {[it['id'] for it in items]} could not be read "
-                           f"({type(err).__name__}: {err}); they passed the checks before step 1, so a "
-                           f"file changed since") from err
 
 
 # ---- the losses of one micro-batch: eq. 6, eq. 9/17 ----
@@ -239,7 +201,7 @@ def vlm_loss_sum(logits, labels):
 
 def micro_batch_losses(args, model, aligner, capture, batch, dm, device, tokenizer):
     """(ce_sum, att, n_aligned) for one micro-batch: the pieces of eq. 10. att is eq. 9/17 as
-    aligner.attention_loss takes it (the mean over samples of each sample's mean word MSE)."""
+    aligner.attention_loss pools it (--att-pooling: over the micro-batch's words, or per sample)."""
     inputs = data.model_inputs(batch, device)
     labels = batch["labels"].to(device)
     if capture is None:  # --loss ar: no hooks, no maps
@@ -269,41 +231,8 @@ def alignment_loss(args, capture, aligner, plan, dm_maps, batch, device, recompu
                                        aligner_mode=args.aligner_mode,
                                        recompute=recompute and args.aligner_norm != "batch")  # (B, W, 32, 32)
     target = aggregate.dm_targets(dm_maps, plan["dm_index"]).to(device)  # (B, W, 32, 32)
-    return aligner_lib.attention_loss(vlm_maps, target, mask.to(device)), int(mask.sum())  # eq. 9/17
-
-
-# ---- stopping on a signal: pre-emption (SIGTERM) and Ctrl-C (SIGINT) ----
-
-class Stopped(Exception):
-    """A signal stopped training at a step boundary, after its checkpoint was written."""
-
-    def __init__(self, signum, step, out):
-        self.signum, self.step = int(signum), step
-        super().__init__(f"stopped by {signal.Signals(self.signum).name} after step {step}; the checkpoint "
-                         f"is in {out / runs.CHECKPOINT}: continue with the same command and --resume")
-
-
-@contextlib.contextmanager
-def signals_to_flag():
-    """While training, SIGTERM (how schedulers pre-empt) and SIGINT (Ctrl-C) only set flag["signal"]:
-    the loop saves a checkpoint at the next step boundary and stops. A second Ctrl-C stops at once.
-    (Signal handlers can only be set in the main thread; elsewhere signals keep their behaviour.)"""
-    flag = {"signal": 0}
-
-    def handler(signum, frame):
-        if signum == signal.SIGINT and flag["signal"] == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag["signal"] = signum
-
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    att = aligner_lib.attention_loss(vlm_maps, target, mask.to(device), args.att_pooling)  # eq. 9
+    return att, int(mask.sum())
 
 
 # ---- the training loop ----
@@ -312,12 +241,70 @@ def train(args):
     """Fine-tune with --loss ar or lavender; returns the run directory (the library entry of toy.py).
     Raises Stopped after saving a checkpoint when SIGTERM or SIGINT arrives."""
     args.out = args.out or f"runs/{args.model}-{args.loss}"
+    data.library_bars(args.progress)
     rank, world, device, mesh = setup_distributed(args.dist_timeout)
+    if args.num_workers is None:  # a few on a GPU, whose step is short; none on a CPU (no core to spare)
+        args.num_workers = 4 if device.type == "cuda" else 0
+    if args.num_workers < 0:
+        raise SystemExit(f"--num-workers {args.num_workers}: give 0 (batches built in the loop) or more")
     try:
         with signals_to_flag() as stop:  # from here on, SIGTERM/SIGINT stop at the next step boundary
             return fit(args, rank, world, device, mesh, stop)
     finally:
         teardown(world)
+
+
+NOTHING_ALIGNED_STEPS = 5  # a --loss lavender run warns when its first 5 steps align no word
+
+
+def warn_if_nothing_aligned(args, steps_run, steps_aligned, master=True):
+    """Warn (rank 0) when a --loss lavender run's first NOTHING_ALIGNED_STEPS steps aligned no word:
+    such a run trains L_VLM alone (loss_att 0), autoregressive fine-tuning under another name."""
+    if not master or args.loss != "lavender" or steps_run != NOTHING_ALIGNED_STEPS or steps_aligned:
+        return
+    why = ("--align-words predicted aligns only the answer words the model predicts, and it "
+           "predicts none of the DM's words (as a random or untrained model does); "
+           "--align-words label aligns the answer's own words" if args.align_words == "predicted"
+           else "check that the attention store's words are the answers' words")
+    warnings.warn(f"the first {steps_run} steps aligned no word (aligned_words 0, loss_att 0), "
+                  f"so this run trains L_VLM alone: {why}", stacklevel=2)
+
+
+def aligned_summary(args, steps_run, steps_aligned):
+    """'; 3 of 10 steps aligned a word' for a --loss lavender run's last line ('' for --loss ar)."""
+    lavender = args.loss == "lavender"
+    return f"; {steps_aligned} of {steps_run} steps aligned a word" if lavender else ""
+
+
+def next_micro_batches(args, run, batches, schedule, step, rank, world, stop):
+    """This step's [(batch, dm)] from the loader; when its workers ended (the stop signal reaches
+    them too, as Slurm's does), the rank builds this step's micro-batches itself."""
+    try:
+        return [next(batches) for _ in range(args.grad_accum)]
+    except (RuntimeError, OSError):
+        if not stop["signal"]:
+            raise
+        this_step = {**schedule, "first_step": step, "total_steps": step + 1}
+        return loader.built_here(run.items, run.processor, run.attn_dir, this_step, rank, world)
+
+
+def check_finite(total, loss_vlm, loss_att, micro, step, world):
+    """Stop with the step's items named when the loss is not finite; every rank sees the same
+    reduced value, so all stop together."""
+    if math.isfinite(total):
+        return
+    ids = gather_objects([i for b, _ in micro for i in b["ids"]], world)
+    raise FloatingPointError(f"non-finite loss at step {step + 1} (loss_vlm {loss_vlm}, loss_att "
+                             f"{loss_att}); items of this step: {ids}. Nothing was saved from this "
+                             f"step on; check these items or lower --lr")
+
+
+def log_step(log, bar, last):
+    """One line of log.jsonl (rank 0) and the progress bar."""
+    log.write(json.dumps(last) + "\n")
+    log.flush()
+    bar.update(1)
+    bar.set_postfix(loss=f"{last['loss']:.4f}")
 
 
 def fit(args, rank, world, device, mesh, stop):
@@ -326,34 +313,35 @@ def fit(args, rank, world, device, mesh, stop):
     master = rank == 0  # only rank 0 prints and writes; every rank runs every collective
     run = start(args, rank, world, device, mesh)  # everything before step 1, every check passed
     step, last, signum, t_start = run.step, {}, 0, time.time()
-    bar = tqdm(total=run.total_steps, initial=step, desc=f"train {args.loss}", disable=not master or not args.progress)
+    steps_aligned = 0  # steps of this process that aligned any word
+    bar = data.progress_bar(show=master and args.progress, total=run.total_steps, initial=step,
+                            desc=f"train {args.loss}")
+    # this rank's micro-batches from the step the run starts at, built ahead by --num-workers
+    # processes; the order depends on (seed, epoch) alone: every rank agrees
+    schedule = dict(seed=args.seed, steps_per_epoch=run.steps_per_epoch, first_step=step, total_steps=run.total_steps,
+                    batch_size=args.batch_size, grad_accum=args.grad_accum)
+    batches = loader.micro_batch_loader(run.items, run.processor, run.attn_dir, schedule, rank, world,
+                                        args.num_workers, pin_memory=device.type == "cuda")
     while step < run.total_steps:
         t0 = time.time()
-        epoch, in_epoch = divmod(step, run.steps_per_epoch)
+        epoch = step // run.steps_per_epoch
         pretraining = step < args.pretrain_aligner_steps  # §6 (1): only the Aligner (+ projections) learn
-        # this rank's micro-batches of the step; the order depends on (seed, epoch) alone: every rank agrees
-        order = data.epoch_order(len(run.items), args.seed, epoch)
-        micro = [read_batch(run.processor, [run.items[i] for i in idx], run.attn_dir, rank)  # [(batch, dm)]
-                 for idx in data.micro_batches(order, in_epoch, args.batch_size, args.grad_accum, rank, world)]
+        micro = next_micro_batches(args, run, batches, schedule, step, rank, world, stop)
+        data_seconds = time.time() - t0  # the wait for them: ~0 when the workers keep ahead
         # forward and backward of each micro-batch; the step's losses over the global batch
         loss_vlm, loss_att, n_words = train_step(args, run, micro, world)
         total = loss_vlm + args.lam * loss_att  # eq. 10/12
-        if not math.isfinite(total):  # every rank sees the same reduced value, so all stop together
-            ids = gather_objects([i for b, _ in micro for i in b["ids"]], world)
-            raise FloatingPointError(f"non-finite loss at step {step + 1} (loss_vlm {loss_vlm}, loss_att {loss_att}); "
-                                     f"items of this step: {ids}. Nothing was saved from this step on; check these "
-                                     f"items or lower --lr")
+        check_finite(total, loss_vlm, loss_att, micro, step, world)
         grad_norm, lr = optimizer_step(args, run, pretraining)  # clip, AdamW, the schedule
         step += 1
+        steps_aligned += n_words > 0
+        warn_if_nothing_aligned(args, step - run.step, steps_aligned, master)
         # log one line per step (rank 0)
         last = {"step": step, "epoch": epoch, "loss": total, "loss_vlm": loss_vlm, "loss_att": loss_att,
                 "aligned_words": n_words, "lr": lr, "phase": "aligner" if pretraining else "all",
-                "grad_norm": grad_norm, "seconds": round(time.time() - t0, 4)}
+                "grad_norm": grad_norm, "seconds": round(time.time() - t0, 4), "data_seconds": round(data_seconds, 4)}
         if master:
-            run.log.write(json.dumps(last) + "\n")
-            run.log.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}")
+            log_step(run.log, bar, last)
         # a checkpoint every --save-every steps, and now when any rank got SIGTERM/SIGINT
         signum = any_rank(stop["signal"], world) if step < run.total_steps else 0
         if signum or (args.save_every and step % args.save_every == 0 and step < run.total_steps):
@@ -373,7 +361,8 @@ def fit(args, rank, world, device, mesh, stop):
     if master:
         print(f"trained {args.loss} for {step} steps on {world} rank(s) in {time.time() - t_start:.1f}s; last loss "
               f"{last.get('loss', float('nan')):.4f} (vlm {last.get('loss_vlm', float('nan')):.4f}, att "
-              f"{last.get('loss_att', float('nan')):.4f}); run in {run.out}")
+              f"{last.get('loss_att', float('nan')):.4f})"
+              f"{aligned_summary(args, step - run.step, steps_aligned)}; run in {run.out}")
     return str(run.out)
 
 
@@ -389,7 +378,7 @@ def start(args, rank, world, device, mesh):
     if saved:
         runs.refuse_changes(saved["config"], {**vars(args), "world": world, "global_batch": global_batch},
                             vars(args), only_given=True)
-    items, attn_dir = read_data(args)
+    items, attn_dir = loader.read_data(args)
     model, processor, aligner, capture, layers = build(args, device, mesh)
     limit = max_length(args, model)
     items, skipped, counts = checked_items(args, items, attn_dir, processor, limit, rank, world, out)
@@ -427,11 +416,16 @@ def start(args, rank, world, device, mesh):
 def train_step(args, run, micro, world):
     """Forward and backward of this rank's micro-batches of one step. Each loss is this rank's
     share of the global batch's mean (FSDP averages gradients over ranks), so 1 rank x 2
-    micro-batches and 2 ranks x 1 give the same gradients. Returns the step's (loss_vlm, loss_att,
-    aligned words) over the global batch, the same on every rank."""
+    micro-batches and 2 ranks x 1 give the same gradients. L_att with --att-pooling words (the
+    release's): each micro-batch pooled over its own aligned words, then the mean over the step's
+    micro-batches and ranks (the release divides each micro-batch's loss by the accumulation steps,
+    DDP averages ranks), so the same global batch split into other micro-batches weighs its words
+    differently; with samples: the mean over the global batch's samples, whatever the split.
+    Returns the step's (loss_vlm, loss_att, aligned words) over the global batch, the same on every
+    rank."""
     # eq. 6 is a mean over the answer tokens of the global batch: count them on every rank first
     n_tokens = all_reduce_sum([sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in micro)], world)[0]
-    sums = [0.0, 0.0, 0.0]  # this rank's summed CE, summed per-sample word MSE, aligned words
+    sums = [0.0, 0.0, 0.0]  # this rank's summed CE, its share of the step's L_att, aligned words
     for m, (batch, dm) in enumerate(micro):
         if run.mesh is not None:  # reduce-scatter gradients only after the last micro-batch
             for module in run.modules.values():
@@ -439,14 +433,17 @@ def train_step(args, run, micro, world):
         ce_sum, att, n_aligned = micro_batch_losses(args, run.model, run.aligner, run.capture, batch, dm, run.device,
                                                     run.processor.tokenizer)
         loss_vlm = ce_sum / max(n_tokens, 1) * world  # eq. 6, per answer token of the global batch
-        share = len(batch["ids"]) / run.global_batch * world  # eq. 9: per sample of the global batch
-        loss_att = att * share if att is not None else 0.0
+        # this micro-batch's weight in the step's L_att (eq. 9/17): its samples' share of the global
+        # batch, or one micro-batch of the step's world x len(micro) (words); x world: FSDP averages
+        by_samples = args.att_pooling == "samples"
+        weight = len(batch["ids"]) / run.global_batch if by_samples else 1 / (world * len(micro))
+        loss_att = att * weight * world if att is not None else 0.0
         aligner_lib.total_loss(loss_vlm, loss_att, args.lam).backward()  # eq. 10/12
         sums[0] += ce_sum.item()
-        sums[1] += att.item() * len(batch["ids"]) if att is not None else 0.0
+        sums[1] += att.item() * weight if att is not None else 0.0
         sums[2] += n_aligned
     ce, att_sum, n_words = all_reduce_sum(sums, world)
-    return ce / max(n_tokens, 1), att_sum / run.global_batch, int(n_words)
+    return ce / max(n_tokens, 1), att_sum, int(n_words)
 
 
 def optimizer_step(args, run, pretraining):
@@ -498,6 +495,9 @@ def build_parser():
     add("--max-length", type=int, default=None,
         help="longest item in tokens (prompt + answer); a longer one is a bad item. Default: 2048, or the "
              "model's context if shorter")
+    add("--num-workers", type=int, default=None,
+        help="processes that build the batches ahead of the step (DataLoader workers); default 4 on a GPU, "
+             "0 on a CPU (in the loop). The same batches, in the same order, with any number")
     add("--skip-bad-items", action=argparse.BooleanOptionalAction, default=False,
         help="train without the items that fail the checks before step 1 (listed in <out>/skipped.jsonl); "
              "default: stop before step 1 and name them")
@@ -521,6 +521,10 @@ def build_parser():
     add("--match", default="exact", choices=["exact", "root"], help="word sampling (§6 (5)): same word or same stem")
     add("--align-words", default="predicted", choices=aggregate.ALIGN_WORDS,
         help="§6 (5): align the word the model predicts at a row (the paper and the release), or the label word")
+    add("--att-pooling", default="words", choices=aligner_lib.POOLINGS,
+        help="eq. 9/17 over a micro-batch: words: the sum of its aligned words' MSE over their "
+             "number (the authors' release); samples: each sample's mean over its words, then "
+             "over samples")
     add("--pretrain-aligner-steps", type=int, default=0,
         help="first N steps train only the Aligner and parallel projections, VLM frozen (§6 (1), Fig. 21)")
     # ---- fine-tuning and optimisation ----
@@ -555,7 +559,9 @@ def build_parser():
         help="replace the run in a non-empty --out (its run files are deleted once the checks pass)")
     add("--dist-timeout", type=float, default=10,
         help="minutes a collective waits for a stalled rank before the job fails")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar on rank 0")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True,
+        help="tqdm bar on rank 0 when stderr is a terminal (--no-progress: none)")
+    add("--quiet", dest="progress", action="store_false", help="no progress bars: --no-progress")
     return p
 
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from aligner import NORMS, VARIANTS, Aligner, aligner_channels, attention_loss, min_max, total_loss
+from aligner import (NORMS, POOLINGS, VARIANTS, Aligner, aligner_channels, attention_loss, min_max,
+                     pooling_difference, total_loss)
 
-# The release's DiffagFovProjection with 32 heads in and hidden 32, layer by layer (REFERENCE.md):
+# The release's DiffagFovProjection (diffag/diffag_xattn_manager.py) with 32 heads in and hidden
+# 32, layer by layer, as aligner.py's docstring lists it:
 # "E" = conv 3x3 no bias, "N" = InstanceNorm2d without affine, "A" = ReLU6, "S" = the squeeze conv
 # 3x3 back to the input width, "O" = the 1x1 output conv with bias.
 RELEASE = {"light": "ENA" + "SNA" + "O", "sim": "ENA" + "ENA" + "SNA" + "O",
@@ -108,23 +110,71 @@ def test_attention_loss_worked_examples():
     mask = torch.tensor([[True, True, False], [True, False, False]])
     assert float(attention_loss(pred, pred.detach().clone(), mask).detach()) == 0.0  # identical maps
     # per-word MSE; sample 0 aligns words with MSE 1 and 4 (and not the 9), sample 1 one word with
-    # MSE 4: per-sample means 2.5 and 4, their mean over the 2 samples 3.25
+    # MSE 4: per-sample means 2.5 and 4, their mean over the 2 samples 3.25; over the 3 words 9 / 3
     target = pred.detach().clone()
     target[0, 0] += 1.0
     target[0, 1] += 2.0
     target[0, 2] += 3.0
     target[1, 0] += 2.0
-    assert torch.allclose(attention_loss(pred, target, mask), torch.tensor(3.25))
-    # a sample with no aligned word counts as 0 in the mean over samples: (2.5 + 0) / 2
-    assert torch.allclose(attention_loss(pred, target, torch.tensor([[True, True, False], [False] * 3])),
-                          torch.tensor(1.25))
-    # no aligned word at all: exactly zero, not NaN, and backward still runs
-    loss = attention_loss(pred, target, torch.zeros(2, 3, dtype=torch.bool))
-    assert float(loss.detach()) == 0.0 and not torch.isnan(loss)
-    loss.backward()
-    assert torch.equal(pred.grad, torch.zeros_like(pred))
-    empty = torch.zeros(2, 0, 32, 32, requires_grad=True)
-    assert float(attention_loss(empty, empty.detach(), torch.zeros(2, 0, dtype=torch.bool))) == 0.0
+    assert torch.allclose(attention_loss(pred, target, mask, "samples"), torch.tensor(3.25))
+    assert torch.allclose(attention_loss(pred, target, mask), torch.tensor(3.0))  # default: "words"
+    # a sample with no aligned word counts as 0 in the mean over samples: (2.5 + 0) / 2; over
+    # words it is absent: (1 + 4) / 2
+    one_sample = torch.tensor([[True, True, False], [False] * 3])
+    assert torch.allclose(attention_loss(pred, target, one_sample, "samples"), torch.tensor(1.25))
+    assert torch.allclose(attention_loss(pred, target, one_sample, "words"), torch.tensor(2.5))
+    for pooling in POOLINGS:  # no aligned word at all: exactly 0, not NaN, and backward still runs
+        pred.grad = None
+        loss = attention_loss(pred, target, torch.zeros(2, 3, dtype=torch.bool), pooling)
+        assert float(loss.detach()) == 0.0 and not torch.isnan(loss)
+        loss.backward()
+        assert torch.equal(pred.grad, torch.zeros_like(pred))
+        empty = torch.zeros(2, 0, 32, 32, requires_grad=True)
+        none = torch.zeros(2, 0, dtype=torch.bool)
+        assert float(attention_loss(empty, empty.detach(), none, pooling).detach()) == 0.0
+    with pytest.raises(ValueError, match="pooling 'tokens'"):
+        attention_loss(pred, target, mask, "tokens")
+
+
+def test_attention_loss_pooling_three_words_and_two():
+    """Sample 0 aligns 3 words, sample 1 aligns 2 (the 6th slot is padding). pred is constant v per
+    word and target 0, so a word's MSE is v^2 and its gradient 2v / 1024 per pixel x its weight.
+    v = 1, 2, 3 | 2, 4 -> MSE 1, 4, 9 | 4, 16.
+    words:   (1 + 4 + 9 + 4 + 16) / 5 = 34 / 5 = 6.8; every word weighs 1/5.
+    samples: ((1 + 4 + 9) / 3 + (4 + 16) / 2) / 2 = (14/3 + 10) / 2 = 22/3; sample 0's words weigh
+             1/6 each, sample 1's 1/4.
+    L_VLM + 10 L_att (L_VLM = 2): 70 and 2 + 220/3 = 75.33..."""
+    v = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 7.0]])
+    pred = v[:, :, None, None].expand(2, 3, 32, 32).clone().requires_grad_()
+    target = torch.zeros(2, 3, 32, 32)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    weights = {"words": torch.full((2, 3), 1 / 5),
+               "samples": torch.tensor([[1 / 6] * 3, [1 / 4] * 3])}
+    for pooling, value in (("words", 34 / 5), ("samples", 22 / 3)):
+        pred.grad = None
+        loss = attention_loss(pred, target, mask, pooling)
+        assert torch.allclose(loss, torch.tensor(value))
+        assert torch.allclose(total_loss(torch.tensor(2.0), loss), torch.tensor(2 + 10 * value))
+        loss.backward()
+        expected = (2 * v / 1024 * weights[pooling] * mask)[:, :, None, None].expand(2, 3, 32, 32)
+        assert torch.allclose(pred.grad, expected)
+
+
+def test_attention_loss_words_is_the_releases_loop_and_equals_samples_at_batch_1():
+    """"words" = the release's loop (nn.MSELoss per aligned word, summed, over the count, with its
+    1e-8s); at batch 1 both poolings are the mean over the one sample's words."""
+    torch.manual_seed(0)
+    pred, target = torch.rand(4, 5, 32, 32), torch.rand(4, 5, 32, 32)
+    mask = torch.rand(4, 5) < 0.6
+    total, count = 0.0, 0
+    for b, w in mask.nonzero().tolist():
+        total, count = total + nn.MSELoss()(target[b, w], pred[b, w]), count + 1
+    assert torch.allclose(attention_loss(pred, target, mask), (total + 1e-8) / (count + 1e-8))
+    for b in range(4):
+        one = (pred[b:b + 1], target[b:b + 1], mask[b:b + 1])
+        assert torch.allclose(attention_loss(*one, "words"), attention_loss(*one, "samples"))
+    assert max(pooling_difference(batch=1, trials=5).values()) < 1e-6
+    assert pooling_difference(batch=4, trials=5)["max_dloss"] > 0  # they differ once samples differ
 
 
 def test_total_loss_and_gradient_to_aligner():

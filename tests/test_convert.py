@@ -2,12 +2,17 @@
 formats' documentation, never downloaded), converted to the JSONL of DESIGN.md, malformed ones
 included. Pure Python and tiny files in tmp_path. Run: python -m pytest -q tests/test_convert.py
 """
+import base64
+import csv
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+import metrics as M
 import prepare
 from data import read_items
 
@@ -255,3 +260,105 @@ def test_converted_textvqa_is_scored_with_vqa_accuracy(tmp_path):
                                                      str(tmp_path / "textvqa.jsonl"), "--out", str(tmp_path / "eval")]))
     assert report["runs"][0]["accuracy"]["all"]["accuracy"] == pytest.approx((0.6 + 1.0) / 2)
     assert report["runs"][0]["metrics"] == {"vqa": 2}
+
+
+# ---- the benchmark files users already hold: VLMEvalKit TSV, lmms-eval Parquet ----
+
+
+def image_bytes(fmt, colour):
+    """A tiny image file's bytes in `fmt` (PNG, JPEG)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_tsv(path, header, rows):
+    """A TSV as VLMEvalKit writes it (pandas to_csv, sep '\\t': csv's default quoting)."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def test_vlmevalkit_tsv_options_references_and_skips(tmp_path, capsys):
+    """Rows 10 and 13 hold images (PNG, JPEG), 11 refers back to 10, 12 forward to 13; 14's image
+    is no image, 15 refers to no row, 16 holds several: 4 items, 3 skipped."""
+    png, jpeg = image_bytes("PNG", "red"), image_bytes("JPEG", "blue")
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    header = ["index", "image", "question", "hint", "A", "B", "C", "D", "answer", "category"]
+    rows = [[10, b64(png), "Which colour?", "Look closely", "red", "blue", "", "", "A", "colour"],
+            [11, "10", "Which shape?", "", "circle", "square", "triangle", "", "C", "shape"],
+            [12, "13", "Is it blue?", "", "yes", "no", "", "", "A", "colour"],
+            [13, b64(jpeg), "Which colour?", "", "red", "blue", "", "", "B", "colour"],
+            [14, b64(b"not an image, only text" * 4), "Q?", "", "x", "y", "", "", "A", ""],
+            [15, "99", "Q?", "", "x", "y", "", "", "A", ""],
+            [16, str([b64(png), b64(png)]), "Q?", "", "x", "y", "", "", "A", ""]]
+    tsv = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", header, rows)
+    items = convert("vlmevalkit", tsv, "--out", tmp_path / "out" / "mmbench.jsonl")
+    said = capsys.readouterr().out
+    assert "wrote 4 items" in said and "skipped 3" in said and "several images: 1" in said
+    assert [it["id"] for it in items] == ["10", "11", "13", "12"]  # 12 waits for 13's image
+    first = items[0]
+    assert first["question"] == ("Hint: Look closely\nQuestion: Which colour?\nOptions:\nA. red\n"
+                                 "B. blue")
+    assert first["answer"] == "A" and first["metric"] == "choice" and first["category"] == "colour"
+    assert M.parse_choices(first["question"]) == {"A": "red", "B": "blue"}
+    out = tmp_path / "out"  # image paths are relative to the JSONL's folder
+    assert Path(first["image"]).parent == Path("mmbench_images")
+    assert (out / first["image"]).read_bytes() == png
+    assert items[1]["image"] == first["image"]  # a reference shares its row's file
+    assert items[3]["image"] == items[2]["image"] and Path(items[2]["image"]).suffix == ".jpg"
+    assert (out / items[2]["image"]).read_bytes() == jpeg
+    assert len(list((out / "mmbench_images").iterdir())) == 2
+    scores = [r["score"] for r in M.score_items(items, ["A", "C", "(B)", "B"])]
+    assert scores == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_vlmevalkit_vqa_tsv_answers_and_bad_files(tmp_path):
+    """A VQA TSV's answer cell is a Python list literal: all ten kept, metric vqa by the number of
+    answers; DocVQA's by the file name (anls). A missing column or answer names the file and row."""
+    png = base64.b64encode(image_bytes("PNG", "green")).decode()
+    answers = str(["two"] * 3 + ["2"] * 6 + ["3"])
+    tsv = write_tsv(tmp_path / "TextVQA_VAL.tsv", ["index", "image", "question", "answer"],
+                    [[0, png, "How many?", answers]])
+    [item] = convert("vlmevalkit", tsv, "--out", tmp_path / "textvqa.jsonl")
+    assert item["answers"] == ["two"] * 3 + ["2"] * 6 + ["3"] and item["answer"] == "2"
+    assert item["metric"] == "vqa" and "category" not in item
+    doc = write_tsv(tmp_path / "DocVQA_VAL.tsv", ["index", "image", "question", "answer"],
+                    [[0, png, "Title?", str(["Report", "report 2020"])]])
+    assert convert("vlmevalkit", doc, "--out", tmp_path / "doc.jsonl")[0]["metric"] == "anls"
+    bare = write_tsv(tmp_path / "bare.tsv", ["index", "image_path", "question"],
+                     [[0, "a.jpg", "Q?"]])
+    with pytest.raises(SystemExit, match=r"bare.tsv: no column 'image' \(a TSV with image_path"):
+        convert("vlmevalkit", bare, "--out", tmp_path / "bare.jsonl")
+    test_split = write_tsv(tmp_path / "test.tsv", ["index", "image", "question"], [[0, png, "Q?"]])
+    with pytest.raises(SystemExit, match=r"test.tsv, row 1: no 'answer' or 'answers'"):
+        convert("vlmevalkit", test_split, "--out", tmp_path / "test.jsonl")
+
+
+def test_parquet_needs_pyarrow_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow then raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(SystemExit, match="convert parquet: reading Parquet needs pyarrow.*pip"):
+        convert("parquet", tmp_path / "x.parquet", "--out", tmp_path / "x.jsonl")
+
+
+def test_lmms_eval_parquet_vqav2_layout(tmp_path):
+    """lmms-lab/VQAv2's columns: answers as {"answer", "answer_confidence", "answer_id"} objects,
+    the image as the datasets Image struct; a row without image bytes is skipped. Needs pyarrow."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    png = image_bytes("PNG", "red")
+    answers = [[{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                for i, a in enumerate(x)] for x in (["yes"] * 9 + ["no"], ["2"] * 10)]
+    table = pa.table({"question_id": [7, 8], "question": ["Is it red?", "How many?"],
+                      "answers": answers,
+                      "multiple_choice_answer": ["yes", "2"], "answer_type": ["yes/no", "number"],
+                      "image": [{"bytes": png, "path": "a.png"}, {"bytes": None, "path": "b.png"}]})
+    pq.write_table(table, str(tmp_path / "validation-00000-of-00001.parquet"))
+    path = tmp_path / "validation-00000-of-00001.parquet"
+    [item] = convert("parquet", path, "--out", tmp_path / "v.jsonl")
+    assert item["id"] == "7" and item["answer"] == "yes" and item["answers"] == ["yes"] * 9 + ["no"]
+    assert item["metric"] == "vqa" and item["category"] == "yes/no"
+    assert (tmp_path / item["image"]).read_bytes() == png

@@ -163,10 +163,12 @@ def test_pictures_are_written(tmp_path):
 # ---- the model side ----
 
 
-def test_batched_greedy_generation_equals_one_by_one(tiny_dataset):
-    """Left padding must not change any item's greedy answer."""
-    model, processor = models.tiny_vlm()
-    items = data.read_items(tiny_dataset)[:4]     # tile layouts 1x1, 1x2, 2x1, 2x2: prompts of different lengths
+@pytest.mark.parametrize("preset", ["tiny", "tiny-idefics", "tiny-qwen2vl"])
+def test_batched_greedy_generation_equals_one_by_one(tiny_dataset, preset):
+    """Left padding must not change any item's greedy answer, in each family (Mllama, IDEFICS,
+    Qwen2-VL: the README says batched generation works for all three)."""
+    model, processor = models.load_vlm(preset)
+    items = data.read_items(tiny_dataset)[:4]     # 4 image sizes (Mllama: tile layouts 1x1, 1x2, 2x1, 2x2), prompts of different lengths
     batched = E.generate_answers(model.eval(), processor, items, batch_size=4, max_new_tokens=5, show=False)
     single = [E.generate_answers(model, processor, [it], batch_size=1, max_new_tokens=5, show=False)[0] for it in items]
     assert batched == single and any(batched)
@@ -241,7 +243,9 @@ def test_end_to_end_two_runs_and_base(two_runs, capsys):
     assert json.loads((out / "report.json").read_text())["runs"][2]["name"] == "lavender"
     assert Image.open(out / "entropy.png").size[1] > 3 * 150
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["item000.png", "item001.png"]
-    assert "evaluated 3 model(s) on 6 items" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "evaluated 3 model(s) on 6 items" in summary and summary.count(" items/s") == 3
+    assert all(r["items_per_second"] > 0 for r in report["runs"])
 
 
 def test_two_ranks_write_the_one_process_report(two_runs, tmp_path):

@@ -290,9 +290,10 @@ def test_missing_weights_give_one_clear_error(tmp_path):
 # ---- the authors' layout --------------------------------------------------------------------
 
 def release_reader(root, image_name):
-    """The authors' training-time reader of their published maps, as REFERENCE.md describes it (not
-    their code): every attention_<word>.jpg in any subfolder of <root>/<image file name>/lpm_attention/,
-    the word cut out of the file name at "_" and ".", pixels / 255."""
+    """The authors' training-time reader of their published maps (load_sd_attn in the release's
+    diffag/diffag_utils.py), written here from what it does, not copied: every attention_<word>.jpg
+    in any subfolder of <root>/<image file name>/lpm_attention/, the word cut out of the file name
+    at "_" and ".", pixels / 255."""
     maps = {}
     for sub in sorted((Path(root) / image_name / "lpm_attention").iterdir()):
         for jpg in sorted(sub.glob("attention_*.jpg")):

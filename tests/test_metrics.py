@@ -47,6 +47,55 @@ def test_vqa_accuracy_worked_example():
     assert M.vqa_accuracy("The dog.", ["dog"]) == 1.0 and M.vqa_accuracy("cat", ["dog"]) == 0.0
 
 
+RULES = ("vlmevalkit", "lmms-eval", "lmms-eval-textvqa", "official")  # the order of `expected`
+
+
+@pytest.mark.parametrize("prediction, answers, expected", [
+    # case: ten "yes" agree, so the official script processes nothing and compares "Yes" == "yes"
+    ("Yes", ["yes"] * 10, (1, 1, 1, 0)),
+    # number word, article, hyphen against unanimous references: the same, processed or not
+    ("two", ["2"] * 10, (1, 1, 1, 0)),
+    ("a dog", ["dog"] * 10, (1, 1, 1, 0)),
+    ("t-shirt", ["t shirt"] * 10, (1, 1, 1, 0)),
+    # split references: every rule processes both sides; "-" between letters becomes a space, so
+    # "t-shirt" = the 4 "t shirt": leave out one of them -> 3 others -> 1; one of the 6 -> 4 -> 1
+    ("t-shirt", ["t shirt"] * 4 + ["shirt"] * 6, (1, 1, 1, 1)),
+    # trailing period after a word: deleted by every rule once processed -> "dog" (4 of 10) -> 1
+    ("dog.", ["dog"] * 4 + ["cat"] * 6, (1, 1, 1, 1)),
+    ("dog.", ["dog"] * 10, (1, 1, 1, 0)),  # unanimous: "dog." != "dog"
+    # trailing period after a digit: VLMEvalKit's (?<!\d)\.(?!\d) keeps it ("2." != "2"); the
+    # official and lmms-eval pattern deletes it -> "2", 4 of 10 -> 1
+    ("2.", ["2"] * 4 + ["3"] * 6, (0, 1, 1, 1)),
+    # "Two." -> "2": 2 x "2", 8 x "3" -> (2 x 1/3 + 8 x 2/3) / 10 = 0.6 under every rule
+    ("Two.", ["2"] * 2 + ["3"] * 8, (0.6, 0.6, 0.6, 0.6)),
+    # "1,,000": lmms-eval's digit-comma test (?<=\d),+(?=\d) matches, so the commas are deleted
+    # -> "1000" (4 of 10) -> 1, and its TextVQA processor deletes commas first (the same); the
+    # others' \d,\d does not match, each comma becomes a space -> "1 000" -> 0
+    ("1,,000", ["1000"] * 4 + ["100"] * 6, (0, 1, 1, 0)),
+    # lmms-eval's TextVQA processor deletes every comma first: "black,white" -> "blackwhite";
+    # the others space it -> "black white" (3 of 10: leave out one of them -> 2/3, else 1) = 0.9
+    ("black,white", ["black white"] * 3 + ["white"] * 7, (0.9, 0.9, 0, 0.9)),
+    # every harness passes re.UNICODE (= 32) as sub's count: of 33 periods one is left
+    ("yes" + "." * 33, ["yes"] * 4 + ["no"] * 6, (0, 0, 0, 0)),
+    ("yes" + "." * 32, ["yes"] * 4 + ["no"] * 6, (1, 1, 1, 1)),
+])
+def test_vqa_rules_where_they_agree_and_part(prediction, answers, expected):
+    """Expected values derived by hand from each harness's code (vqa_rules.py names the files),
+    in the order of RULES."""
+    for rule, want in zip(RULES, expected):
+        assert M.vqa_accuracy(prediction, answers, rule=rule) == pytest.approx(want), rule
+
+
+def test_vqa_rule_by_name_through_score_items():
+    item = {"id": "q1", "question": "Is it?", "answer": "yes", "answers": ["yes"] * 10,
+            "metric": "vqa"}
+    assert M.score_items([item], ["Yes"])[0]["score"] == 1.0  # default: vlmevalkit
+    assert M.score_items([item], ["Yes"], vqa_rule="official")[0]["score"] == 0.0
+    with pytest.raises(ValueError, match="unknown VQA rule 'coco'.*official"):
+        M.score_items([item], ["Yes"], vqa_rule="coco")
+    assert "official rule" in M.describe_metric("auto", "official")
+
+
 # ---- ANLS and relaxed accuracy ----
 
 

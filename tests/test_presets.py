@@ -57,3 +57,20 @@ def test_every_family_has_one_full_entry_and_its_tiny_preset_dispatches_through_
         assert layers and all(hasattr(models.attention_module(model, i), "q_proj") for i in layers)
         assert isinstance(models.lora_targets(model), str) and models.text_config(model).num_attention_heads > 0
         assert models.maps_have_positions(model) == (family != "idefics")  # tiny-idefics: resampler latents
+
+
+def test_dtype_resolution_follows_the_device():
+    """--dtype auto (evaluate.py, train.py's --frozen-dtype, extract.py): the GPU dtype on CUDA,
+    float32 on a CPU; a named dtype is itself on either."""
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    assert models.resolve_dtype("auto", "cuda:3") == torch.bfloat16
+    assert models.resolve_dtype("auto", torch.device("cuda", 0), "float16") == torch.float16  # extract.py
+    assert models.resolve_dtype("auto", "cuda", "float32") == torch.float32                # train.py, full fine-tune
+    assert models.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert models.resolve_dtype("float32", "cuda") == torch.float32
+
+
+def test_load_vlm_places_and_casts_the_weights():
+    """load_vlm(dtype, device): every weight in that dtype on that device as the call returns."""
+    model, _ = models.load_vlm("tiny", dtype=torch.bfloat16, device="cpu")
+    assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.bfloat16, "cpu")}

@@ -264,10 +264,12 @@ def test_shipped_toy_vlm_loads_through_train_and_answers(small_world):
 # ---------------------------------------------------------------------------------------------
 
 def test_quick_demo_end_to_end(small_world, tmp_path):
+    """The demo with its default report, <out>/toy_report.md: the shipped one stays untouched."""
     world, _ = small_world
+    shipped = (toy.ROOT / "toy_report.md").read_bytes()
     rows = toy.main(["--world", str(world), "--out", str(tmp_path / "demo"), "--seeds", "0", "--steps", "2",
                      "--batch-size", "4", "--limit", "8", "--inversion-steps", "2", "--denoise-steps", "1",
-                     "--report", str(tmp_path / "toy_report.md"), "--quiet"])
+                     "--quiet"])
     table = dict((r[0], r[1:]) for r in rows)
     for split in ("test-id", "test-ood"):
         for value in table[f"accuracy {split}"]:                     # base, AR, Lavender: all measured
@@ -288,8 +290,10 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
     assert {"dm_pointing", "dm_entropy", "base_own_entropy", "base_accuracy"} <= set(figures)
     lavender_log = [json.loads(l) for l in open(tmp_path / "demo" / "runs" / "lavender-s0" / "log.jsonl")]
     assert any(entry["aligned_words"] > 0 for entry in lavender_log)   # the DM maps reached the loss
-    report = (tmp_path / "toy_report.md").read_text()
+    report = (tmp_path / "demo" / "toy_report.md").read_text()
     assert "| accuracy test-id |" in report and "toy_report/" in report
+    assert any((tmp_path / "demo" / "toy_report").glob("test-id-*.png"))  # its pictures beside it
+    assert (toy.ROOT / "toy_report.md").read_bytes() == shipped
 
 
 def test_demo_dm_categories_limits_the_fine_tuning_maps(small_world, tmp_path):

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 import aggregate
 import aligner as aligner_lib
 import data
+import loader
 import models
 import runs
 import train
@@ -84,7 +85,7 @@ def image_size(item):
 
 
 def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
-    """torchrun 2 ranks x batch 1 (FSDP2, activation checkpointing) == 1 rank x 2 accumulated
+    """torchrun 2 ranks x batch 1 (FSDP2, activation checkpointing, a loader worker each) == 1 rank x 2 accumulated
     micro-batches of 1 (same global batch, no dropout) at steps 1-3, where the 2-rank run is
     pre-empted during step 2 by a SIGTERM that reaches rank 1 alone (both ranks stop after step 2
     and save) and resumes from its sharded checkpoint for step 3; the adapter loads with
@@ -97,13 +98,15 @@ def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
     flags = ["--lora-dropout", "0", "--lr", "1e-3", "--batch-size", "1"]
     _, one = run(tiny_dataset, tmp_path / "one", "--grad-accum", "2", "--max-steps", "3", *flags)
     two = tmp_path / "two"
-    said = torchrun(tiny_dataset, two, "--max-steps", "3", "--activation-checkpointing", *flags, fails=True,
+    said = torchrun(tiny_dataset, two, "--max-steps", "3", "--activation-checkpointing", "--num-workers", "1", *flags,
+                    fails=True,
                     script=ROOT / "tests" / "preempted_train.py", env={"PREEMPT_RANK": "1", "PREEMPT_STEP": "2"})
     assert "stopped by SIGTERM after step 2" in said and "exitcode  : 143" in said
     assert json.loads((two / "checkpoint" / "train_state.json").read_text())["step"] == 2
     assert [p.name for p in two.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint"]
     shutil.copytree(two, tmp_path / "two-then-one")
-    resumed = torchrun(tiny_dataset, two, "--max-steps", "3", "--resume", "--activation-checkpointing", *flags)
+    resumed = torchrun(tiny_dataset, two, "--max-steps", "3", "--resume", "--activation-checkpointing", "--num-workers", "1",
+                       *flags)
     assert [r["step"] for r in resumed] == [1, 2, 3]  # the log continues where it stopped
     # the same checkpoint resumed on ONE rank with the same global batch (1 x 2 micro-batches of 1):
     # DCP reshards the FSDP2 checkpoint onto plain tensors and step 3 sees the same items
@@ -205,13 +208,40 @@ def test_bad_input_stops_early_and_saves_nothing(tmp_path, monkeypatch):
     data = write_dataset(tmp_path / "e", n=4)
     os.remove(tmp_path / "e" / "attn" / "item001.safetensors")
     # a non-finite loss names the step and the items, and leaves no adapter behind
-    monkeypatch.setattr(aligner_lib, "attention_loss", lambda pred, target, mask: pred.sum() * float("nan"))
+    nan_loss = lambda pred, *rest: pred.sum() * float("nan")  # noqa: E731
+    monkeypatch.setattr(aligner_lib, "attention_loss", nan_loss)
     with pytest.raises(FloatingPointError, match=r"step 1 .*item00"):
         run(data, tmp_path / "nan", "--batch-size", "2", "--max-steps", "1")
     assert not (tmp_path / "nan" / "adapter").exists() and not (tmp_path / "nan" / "checkpoint").exists()
     monkeypatch.undo()
     run_dir, _ = run(data, tmp_path / "ok", "--batch-size", "2", "--max-steps", "1")
     assert json.loads((run_dir / "config.json").read_text())["items_without_attention"] == 1
+
+
+def test_only_non_reentrant_checkpointing_lets_the_attention_loss_reach_the_vlm():
+    """Why --activation-checkpointing passes use_reentrant=False: a reentrant checkpoint runs the
+    layer's forward under no_grad, so maps captured inside it carry no graph and L_att reaches
+    nothing in the model (the authors' release checkpoints reentrantly: DIFFERENCES.md)."""
+    from test_aggregate import _att_loss, make_batch
+    grads = {}
+    for reentrant in (None, False, True):  # None: no checkpointing
+        model, processor = models.tiny_vlm()
+        image = Image.new("RGB", (120, 40), (200, 10, 10))
+        batch = make_batch(processor, [(image, "what colour is the circle?", "a red circle")])
+        layers = aggregate.aligned_layers(model)
+        aggregate.add_parallel_projections(model, layers, init="copy")
+        if reentrant is not None:
+            kwargs = {"use_reentrant": reentrant}
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            model.enable_input_require_grads()  # what a reentrant checkpoint needs for L_VLM
+        model.train()
+        with aggregate.AttentionCapture(model, layers, learned=True) as capture:
+            _, loss_att, maps = _att_loss(model, processor, batch, capture, "learn", None, "auto")
+            if maps.requires_grad:
+                loss_att.backward()
+        grads[reentrant] = models.cross_attention(model, layers[0]).lavender_q_proj.weight.grad
+    assert grads[None].abs().sum() > 0 and torch.allclose(grads[False], grads[None], atol=1e-6)
+    assert grads[True] is None  # the maps were captured without a graph
 
 
 def test_micro_batches_split_one_global_batch():
@@ -221,6 +251,93 @@ def test_micro_batches_split_one_global_batch():
     assert data.micro_batches(order, 1, 2, 2, 1, 2) == [[110, 111], [114, 115]]
     assert data.micro_batches(order, 0, 4, 1, 0, 1) == [[100, 101, 102, 103]]
     assert data.epoch_order(16, 42, 0) == data.epoch_order(16, 42, 0) != data.epoch_order(16, 42, 1)
+    # the loader's sampler from step 3 of 4-step epochs: epoch 0's last pair, then epoch 1's first
+    schedule = dict(seed=42, steps_per_epoch=4, first_step=3, total_steps=5, batch_size=2, grad_accum=1)
+    assert list(loader.step_batches(8, rank=0, world=1, **schedule)) == \
+        [data.epoch_order(8, 42, 0)[6:8], data.epoch_order(8, 42, 1)[0:2]]
+    # 2 ranks x 2 micro-batches of 1: rank r's micro-batch m is micro_batches' at every step
+    schedule.update(first_step=0, total_steps=4, batch_size=1, grad_accum=2)
+    for r in (0, 1):
+        assert list(loader.step_batches(16, rank=r, world=2, **schedule)) == [
+            mb for s in range(4) for mb in data.micro_batches(data.epoch_order(16, 42, s // 4), s % 4, 1, 2, r, 2)]
+
+
+def test_workers_give_the_same_losses_bit_for_bit_and_resume(tmp_path, tiny_dataset):
+    """--num-workers 2 (batches built in two processes) == --num-workers 0, exactly, over an epoch
+    boundary with 2 accumulated micro-batches and LoRA dropout on (so a draw from the global RNG
+    would show); a run stopped after step 2 and resumed with workers reaches the same steps 3-4."""
+    flags = ("--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3", "--max-steps", "4")  # 3 steps an epoch
+    _, plain = run(tiny_dataset, tmp_path / "w0", "--num-workers", "0", *flags)
+    _, workers = run(tiny_dataset, tmp_path / "w2", "--num-workers", "2", *flags)
+    run(tiny_dataset, tmp_path / "cut", "--num-workers", "2", *flags[:-1], "2")
+    _, resumed = run(tiny_dataset, tmp_path / "cut", "--num-workers", "2", "--resume", *flags)
+    keys = ("loss_vlm", "loss_att", "aligned_words", "grad_norm", "epoch")
+    assert [r["epoch"] for r in plain] == [0, 0, 0, 1] and all(r["aligned_words"] > 0 for r in plain)
+    for rows in (workers, resumed):
+        assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in plain]
+    assert all(r["data_seconds"] >= 0 and r["data_seconds"] <= r["seconds"] for r in workers + plain)
+
+
+def test_a_sigterm_ends_the_workers_quietly(tiny_dataset):
+    """A scheduler's SIGTERM to every process (Slurm) ends the loader's workers with exit code 0,
+    not as killed by a signal, which would fail the main process at once (DataLoader's SIGCHLD
+    handler) while it finishes the step whose micro-batches it holds and saves."""
+    import multiprocessing
+    import signal
+    items, (_, processor) = data.read_items(tiny_dataset), models.tiny_vlm()
+    schedule = dict(seed=42, steps_per_epoch=3, first_step=0, total_steps=3, batch_size=2, grad_accum=1)
+    batches = loader.micro_batch_loader(items, processor, Path(tiny_dataset).parent / "attn", schedule, 0, 1, 2)
+    held = next(batches)  # this step's micro-batch
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+        w.join(timeout=30)
+    assert [w.exitcode for w in workers] == [0, 0]
+    order = data.epoch_order(len(items), 42, 0)  # the main process goes on with what it holds
+    assert held[0]["ids"] == [items[i]["id"] for i in order[:2]] and len(held[1]) == 2
+    del batches  # and ends the loader without an error
+
+
+def test_a_stop_signal_that_ends_a_worker_mid_step_still_trains_and_saves_that_step(tmp_path, tiny_dataset,
+                                                                                    monkeypatch):
+    """Slurm's SIGTERM reaches every process: here worker 1 signals the main process and ends
+    before it delivers step 1's second micro-batch. The main process builds that step itself,
+    trains it as the uninterrupted run does, saves after it and stops."""
+    import signal
+    flags = ("--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3", "--max-steps", "3")
+    _, full = run(tiny_dataset, tmp_path / "full", *flags)
+    read_batch = loader.read_batch
+
+    def preempted(*args):
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.id == 1:  # the worker of micro-batches 2, 4, ...
+            os.kill(os.getppid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # ends this worker, quietly (loader.quiet_stop)
+        return read_batch(*args)
+    monkeypatch.setattr(loader, "read_batch", preempted)
+    with pytest.raises(train.Stopped, match="SIGTERM after step 1"):
+        run(tiny_dataset, tmp_path / "cut", "--num-workers", "2", *flags)
+    log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    keys = ("loss_vlm", "loss_att", "aligned_words", "grad_norm")
+    assert [[r[k] for k in keys] for r in log] == [[r[k] for k in keys] for r in full[:1]]
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "train_state.json").read_text())["step"] == 1
+
+
+def test_att_pooling_per_micro_batch(tmp_path, tiny_dataset):
+    """--att-pooling: a micro-batch of 2 pooled per sample trains as 2 micro-batches of 1 (one
+    sample each, so either pooling), the same losses in both steps; pooled over its words (the
+    default, the release's) the same step weighs the two items' words otherwise."""
+    flags = ["--lora-dropout", "0", "--lr", "1e-3", "--max-steps", "2"]
+    _, samples = run(tiny_dataset, tmp_path / "samples", "--att-pooling", "samples",
+                     "--batch-size", "2", *flags)
+    _, accum = run(tiny_dataset, tmp_path / "accum", "--grad-accum", "2", "--batch-size", "1",
+                   *flags)
+    same_steps(samples, accum)
+    _, words = run(tiny_dataset, tmp_path / "words", "--batch-size", "2", *flags)
+    assert words[0]["loss_vlm"] == samples[0]["loss_vlm"]  # step 1: the same model, the same batch
+    assert words[0]["aligned_words"] == samples[0]["aligned_words"]
+    assert words[0]["loss_att"] != pytest.approx(samples[0]["loss_att"], rel=1e-4)
 
 
 @pytest.mark.parametrize("flags", [["--aggregate", "mean-mean", "--aligner", "none"],
