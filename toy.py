@@ -136,8 +136,8 @@ def markdown_table(rows, header=("measure", "base (toy)", "AR", "Lavender", "ora
 
 def prepare_world(args, world_seed, world_dir, out, stage):
     """Draw the world of `world_seed` (cached) and extract its DM maps (extract.py, the sd14 code
-    path) for every item whose answer names an object; yes/no answers name none: those items train
-    with L_VLM alone (train.py counts them). Returns (paths {split: jsonl}, {split: attention dir})."""
+    path) for every item whose answer names an object (every colour-at item), and write the oracle's
+    store of the same items. Returns (paths {split: jsonl}, {split: attention dir}, with "oracle")."""
     stage(f"world {world_seed}: {world_dir}")
     paths = world.build_world(world_dir, world_seed, args.finetune_items)
     dm = models.load_dm("toy-sd", path=args.dm_path)
@@ -148,21 +148,16 @@ def prepare_world(args, world_seed, world_dir, out, stage):
         "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"))
         + (Path(world_dir) / "world.json").read_bytes()
         + f"{args.inversion_steps}/{args.denoise_steps}/{args.capture_steps}".encode()).hexdigest()[:10]
-    # fine-tuning maps only for the answers of --dm-categories (a folder per choice, so that a cached
-    # folder never holds maps of other categories); the test splits always get every map
-    attn = {"finetune": out / "attn" / key / f"finetune-{'+'.join(sorted(args.dm_categories))}",
-            "test-id": out / "attn" / key / "test-id", "test-ood": out / "attn" / key / "test-ood"}
+    attn = {split: out / "attn" / key / split for split in ("finetune", "test-id", "test-ood")}
     for split, folder in attn.items():
         items = [it for it in data.read_items(paths[split]) if it.get("masks")][:args.limit or None]
-        if split == "finetune":
-            items = [it for it in items if it["category"] in args.dm_categories]
         stage(f"extract {split}: {len(items)} items")
         extract.extract(items, dm, folder, inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
                         capture_steps=args.capture_steps, batch_size=64, progress=not args.quiet)
     # the oracle's store: the world's object masks as targets, for the same items (world.oracle_store)
-    attn["oracle"] = out / "attn" / f"oracle-{key}" / f"finetune-{'+'.join(sorted(args.dm_categories))}"
+    attn["oracle"] = out / "attn" / f"oracle-{key}" / "finetune"
     items = [it for it in data.read_items(paths["finetune"]) if it.get("masks")]
-    world.oracle_store([it for it in items if it["category"] in args.dm_categories], world_dir, attn["oracle"])
+    world.oracle_store(items, world_dir, attn["oracle"])
     return paths, attn
 
 
@@ -493,7 +488,7 @@ def build_parser():
                    help="protocol: smaller finetune splits, AR and Lavender each (none: --data-sizes alone)")
     p.add_argument("--finetune-items", type=int, default=None,
                    help="size of the world's finetune split (default 400; another size draws another world: use its own --world)")
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per fine-tuning run")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per fine-tuning run")
     p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     p.add_argument("--peft", default="lora", choices=("lora", "full"), help="LoRA (paper) or full fine-tuning")
@@ -506,9 +501,6 @@ def build_parser():
                    help="train.py --att-pooling (words: the release's; samples: the protocol "
                         "table's runs)")
     p.add_argument("--pretrain-aligner-steps", type=int, default=0, help="Lavender runs: Aligner pre-training steps")
-    p.add_argument("--dm-categories", nargs="+", default=list(world.KINDS), choices=world.KINDS,
-                   help="fine-tuning items whose answer gets a DM map (and an oracle mask); the others train with "
-                        "L_VLM alone. 'colour-at' alone aligns only colour words (like the release's adjectives-only filter)")
     # ---- demo output ----
     p.add_argument("--limit", type=int, default=0, help="extract and evaluate only the first N items of each split (quick test; 0: all)")
     p.add_argument("--report", default=None,

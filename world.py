@@ -4,11 +4,11 @@ paper: base_models.py trains the toy models on it, toy.py runs the method on it)
 
 build_world() draws every split, deterministic by seed, in the DESIGN.md JSONL format, so every
 script reads it unchanged: captions such as "red at top left, blue at bottom right and green at top
-right", questions that name one object among 3-4 by one attribute and ask for the other ("what
-colour is the object at the top left?", "where is the red object?"); shapes and textures are drawn,
-never named.
+right", questions that name one object among 3-4 by its cell and ask its colour ("what colour is
+the object at the top left?"); shapes and textures are drawn, never named.
 Splits: pretrain (the base models' training; questions about one object only on one-object images,
-so every attribute is seen but selecting an object never is; counts and captions on crowded ones),
+its colour and its cell, so every attribute is seen but selecting an object never is; counts and
+captions on crowded ones),
 finetune (3 objects: selection needed), test-id (3 objects), test-ood (4 objects, more distractors,
 questions about colour-cell pairs never seen in fine-tuning), test-one (held-out one-object
 images: can the base model perceive what it is asked?), plus test-captions (a caption per test-id
@@ -49,9 +49,12 @@ RADII = (4.5, 6.5)                                     # half-extent range: 9-13
 HELD_OUT = (("red", "top left"), ("green", "top right"), ("blue", "bottom left"),
             ("yellow", "bottom right"), ("purple", "top left"))
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
-# The questions of fine-tuning and test: each names one object among 3-4 (by its cell or by its
-# colour) and asks for the other attribute, so answering needs that object found.
-KINDS = ("colour-at", "position")
+# The questions of fine-tuning and test: each names one object among 3-4 by its cell and asks its
+# colour, so answering needs that object found; the answer is a colour word, the one kind of word
+# toy-sd localises (toy_report.md, world v5). Pre-training and test-one also ask the position of a
+# named colour, so that the base model is seen to perceive both attributes of an object.
+KINDS = ("colour-at",)
+PERCEPTION_KINDS = ("colour-at", "position")
 # split: (images, objects per image (min, max), question kinds, seed offset); test-ood has every
 # cell filled (more distractors) and asks about held-out pairs
 SPLITS = {
@@ -59,7 +62,7 @@ SPLITS = {
     "finetune": (400, (3, 3), KINDS, 1),
     "test-id": (300, (3, 3), KINDS, 2),
     "test-ood": (300, (4, 4), KINDS, 3),
-    "test-one": (200, (1, 1), KINDS, 4),                 # perception alone: one object, held out
+    "test-one": (200, (1, 1), PERCEPTION_KINDS, 4),                 # perception alone: one object, held out
 }
 CAPTION_PROMPT = "describe the image."
 
@@ -154,7 +157,7 @@ def questions(rng, objects, kind, o_index=None):
     objects[o_index] (drawn when None)."""
     if o_index is None:
         o_index = int(rng.integers(len(objects)))
-    if kind in KINDS:
+    if kind in PERCEPTION_KINDS:
         q, a = question(objects[o_index], kind)
         return q, a, o_index                                    # the answer's words name the object: mask
     if kind == "count":
@@ -169,7 +172,7 @@ def pretrain_kinds(n_objects):
     (colour, cell) but selecting one object among others never is; multi-object scenes get counting
     and captions."""
     if n_objects == 1:
-        return (*KINDS, "count", "caption")
+        return (*PERCEPTION_KINDS, "count", "caption")
     return ("count", "caption")
 
 
@@ -289,7 +292,7 @@ def build_world(out_dir, seed=0, finetune_items=None):
     if finetune_items is not None:
         splits["finetune"] = (finetune_items, *SPLITS["finetune"][1:])
     stamp = {"seed": seed, "splits": {k: list(map(str, v)) for k, v in splits.items()}, "held_out": HELD_OUT,
-             "version": 4}
+             "version": 5}
     paths = {split: out_dir / f"{split}.jsonl" for split in (*SPLITS, "test-captions")}
     info = out_dir / "world.json"
     if info.exists() and json.loads(info.read_text()) == json.loads(json.dumps(stamp)) and all(p.exists() for p in paths.values()):

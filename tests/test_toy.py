@@ -149,7 +149,7 @@ def test_answers_are_true_of_the_scene(small_world):
                 assert a == world.COUNT_WORDS[len(objs)]
             elif kind == "caption":
                 assert a == world.caption(objs)
-    assert seen == {*world.KINDS, "count", "caption"}
+    assert seen == {*world.PERCEPTION_KINDS, "count", "caption"}
 
 
 def test_splits_follow_the_design(small_world):
@@ -173,9 +173,10 @@ def test_splits_follow_the_design(small_world):
 def test_oracle_store_is_the_masks_in_the_store_format(small_world, tmp_path):
     """world.oracle_store: one file per item with a mask, the answer word's mask as its map, read
     back by data.check_maps as a usable target for that answer (the format train.py reads); a
-    two-word answer ("top left") gets both words, each with the object's mask."""
+    two-word answer ("top left", a test-one position question) gets both words, each with the
+    object's mask."""
     out, paths = small_world
-    items = data.read_items(paths["finetune"])
+    items = data.read_items(paths["finetune"]) + data.read_items(paths["test-one"])
     assert world.oracle_store(items, out, tmp_path / "oracle") == len(items)
     assert {len(it["answer"].split()) for it in items} == {1, 2}
     for it in items:
@@ -256,7 +257,7 @@ def test_shipped_toy_vlm_loads_through_train_and_answers(small_world):
     assert processor.tokenizer.convert_tokens_to_ids("<|image|>") == model.config.image_token_index
     items = data.read_items(paths["test-one"])[:20]                   # held-out one-object scenes
     accuracy = base_models.kind_accuracy(model, processor, items)
-    assert all(accuracy[k] >= VQA_THRESHOLD for k in world.KINDS), accuracy
+    assert all(accuracy[k] >= VQA_THRESHOLD for k in world.PERCEPTION_KINDS), accuracy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,24 +295,6 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
     assert "| accuracy test-id |" in report and "toy_report/" in report
     assert any((tmp_path / "demo" / "toy_report").glob("test-id-*.png"))  # its pictures beside it
     assert (toy.ROOT / "toy_report.md").read_bytes() == shipped
-
-
-def test_demo_dm_categories_limits_the_fine_tuning_maps(small_world, tmp_path):
-    """--dm-categories colour-at: DM maps (and oracle masks) only for colour-at answers in
-    fine-tuning (position items then train with L_VLM alone); the test splits keep every map, so
-    pointing and MSE are measured on every category."""
-    world, _ = small_world
-    toy.main(["--world", str(world), "--out", str(tmp_path / "demo"), "--seeds", "0", "--steps", "2",
-              "--batch-size", "4", "--limit", "8", "--inversion-steps", "2", "--denoise-steps", "1",
-              "--report", "", "--quiet", "--dm-categories", "colour-at"])
-    expected = [it["id"] for it in data.read_items(world / "finetune.jsonl") if it.get("masks")][:8]
-    dm = [p.name for p in (tmp_path / "demo" / "attn").glob("[!o]*/finetune-*/*.safetensors")]
-    assert dm and all(p.split(".")[0].endswith("-colour-at") for p in dm), dm
-    assert len(dm) == sum(i.endswith("-colour-at") for i in expected)
-    oracle = [p.name for p in (tmp_path / "demo" / "attn").glob("oracle-*/finetune-*/*.safetensors")]
-    assert oracle and all(p.split(".")[0].endswith("-colour-at") for p in oracle), oracle   # the masks too
-    tests = [p.name for p in (tmp_path / "demo" / "attn").glob("*/test-id/*.safetensors")]
-    assert any(p.split(".")[0].endswith("-position") for p in tests)      # test maps: every category
 
 
 def test_retraining_paths_write_loadable_models(small_world, tmp_path):
