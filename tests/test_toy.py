@@ -285,7 +285,7 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
         config = json.loads((tmp_path / "demo" / "runs" / f"{arm}-s0" / "config.json").read_text())
         assert config["loss"] == loss and config["max_steps"] == 2 and config["model"] == "toy"
     assert "oracle-" in json.loads((tmp_path / "demo" / "runs" / "oracle-s0" / "config.json").read_text())["attn"]
-    figures = json.loads((tmp_path / "toy_report.json").read_text())
+    figures = json.loads((tmp_path / "demo" / "toy_report.json").read_text())
     for arm in ("ar", "lavender", "oracle"):
         assert set(figures[arm]["accuracy"]) == {"test-id", "test-ood"} and "own_pointing" in figures[arm]
     assert {"dm_pointing", "dm_entropy", "base_own_entropy", "base_accuracy"} <= set(figures)
