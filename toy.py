@@ -88,9 +88,13 @@ def demo_table(reports, seeds):
     for split in ("test-id", "test-ood"):
         rows.append((f"accuracy {split}", *[mean_spread(column(k, acc, split)) for k in DEMO_MODELS]))
     for split in ("test-id", "test-ood"):
-        for k in world.KINDS:
+        for k in world.KINDS if len(world.KINDS) > 1 else ():
             pick = lambda r, k=k: (r["accuracy"].get(k) or {}).get("accuracy")             # noqa: E731
             rows.append((f"  {k} ({split})", *[mean_spread(column(m, pick, split)) for m in DEMO_MODELS]))
+    gaps = demo_paired(reports)
+    for split in ("test-id", "test-ood"):
+        cells = [paired_cell(gaps[arm][split]) for arm in DEMO_MODELS[2:]]
+        rows.append((f"  minus AR, paired by seed [95% t] ({split})", "", "", *cells))
     dm = reports["test-id"].get("dm") or {}
     head = lambda pick: lambda r: pick(as_run(r["head"])) if r.get("head") else None       # noqa: E731
     rows.append(("VLM's own attention: entropy (nats, test-id)", *[mean_spread(column(k, ent)) for k in DEMO_MODELS]))
@@ -106,13 +110,33 @@ def demo_table(reports, seeds):
     return rows
 
 
+def demo_paired(reports):
+    """{arm: {split: paired(...)}}: each model kind after AR minus AR of the same seed, accuracy."""
+    acc = MEASURES["accuracy test-id"][1]
+    gaps = {}
+    for arm in DEMO_MODELS[2:]:
+        for split in ("test-id", "test-ood"):
+            by_seed = {r["name"].rsplit("-s", 1)[1]: {arm: acc(r)} for r in runs_of(reports, split, arm)}
+            for r in runs_of(reports, split, "ar"):
+                by_seed.get(r["name"].rsplit("-s", 1)[1], {})["ar"] = acc(r)
+            gaps.setdefault(arm, {})[split] = paired(list(by_seed.values()), arm)
+    return gaps
+
+
+def paired_cell(gap):
+    """'+0.021 [-0.042, +0.084] 2/3': a paired difference, its interval and its wins."""
+    if gap is None:
+        return "-"
+    low, high = gap["ci95"]
+    return f"{gap['mean']:+.3f} [{low:+.3f}, {high:+.3f}] {gap['wins']}/{gap['n']}"
+
+
 def demo_json(reports, perception):
     """toy_report.json: the demo's figures by key, means over seeds (forks compare runs with it)."""
     mean = lambda xs: float(np.mean(xs)) if xs and None not in xs else None               # noqa: E731
     pick = {name: MEASURES[name][1] for name in MEASURES}
     dm = reports["test-id"].get("dm") or {}
     result = {"dm_pointing": (dm.get("pointing") or {}).get("accuracy"),
-              "dm_pointing_by_word": {k: (dm.get("pointing") or {}).get(k) for k in ("colour", "shape")},
               "dm_entropy": (dm.get("entropy") or {}).get("mean"),
               "base_own_entropy": pick["own entropy test-id"](runs_of(reports, "test-id", "base")[0]),
               "base_accuracy": {s: pick["accuracy test-id"](runs_of(reports, s, "base")[0])
@@ -126,6 +150,9 @@ def demo_json(reports, perception):
                        "own_pointing": mean([pick["own pointing test-id"](r) for r in runs["test-id"]]),
                        "own_entropy": mean([pick["own entropy test-id"](r) for r in runs["test-id"]]),
                        "seeds": len(runs["test-id"])}
+    for arm, gaps in demo_paired(reports).items():  # minus AR of the same seed, accuracy
+        result[arm]["minus_ar"] = {s: gap and {"mean": gap["mean"], "low": gap["ci95"][0], "high": gap["ci95"][1],
+                                               "n": gap["n"]} for s, gap in gaps.items()}
     return result
 
 
