@@ -151,8 +151,8 @@ def demo_json(reports, perception):
                        "own_entropy": mean([pick["own entropy test-id"](r) for r in runs["test-id"]]),
                        "seeds": len(runs["test-id"])}
     for arm, gaps in demo_paired(reports).items():  # minus AR of the same seed, accuracy
-        result[arm]["minus_ar"] = {s: gap and {"mean": gap["mean"], "low": gap["ci95"][0], "high": gap["ci95"][1],
-                                               "n": gap["n"]} for s, gap in gaps.items()}
+        result[arm]["minus_ar"] = {s: gap and {k: gap[k] for k in ("mean", "low", "high", "n")}
+                                   for s, gap in gaps.items()}
     return result
 
 
@@ -340,7 +340,9 @@ def paired(values, arm, base="ar"):
     if not diffs:
         return None
     lo, hi = t_interval(diffs, low=-math.inf, high=math.inf)
-    return {"mean": float(np.mean(diffs)), "ci95": [lo, hi], "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
+    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731 -- one pair: no interval
+    return {"mean": float(np.mean(diffs)), "low": finite(lo), "high": finite(hi), "ci95": [lo, hi],
+            "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
 
 
 def protocol(args):

@@ -288,6 +288,11 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
     figures = json.loads((tmp_path / "demo" / "toy_report.json").read_text())
     for arm in ("ar", "lavender", "oracle"):
         assert set(figures[arm]["accuracy"]) == {"test-id", "test-ood"} and "own_pointing" in figures[arm]
+    for arm in ("lavender", "oracle"):                                 # minus AR of the same seed
+        gap = figures[arm]["minus_ar"]["test-id"]
+        assert gap["n"] == 1 and gap["low"] is None and gap["high"] is None   # one seed: no interval
+        expected = figures[arm]["accuracy"]["test-id"] - figures["ar"]["accuracy"]["test-id"]
+        assert gap["mean"] == pytest.approx(expected)
     assert {"dm_pointing", "dm_entropy", "base_own_entropy", "base_accuracy"} <= set(figures)
     lavender_log = [json.loads(l) for l in open(tmp_path / "demo" / "runs" / "lavender-s0" / "log.jsonl")]
     assert any(entry["aligned_words"] > 0 for entry in lavender_log)   # the DM maps reached the loss
