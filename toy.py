@@ -23,8 +23,10 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,23 @@ TOY_MODELS = ROOT / "toy_models"
 # ---------------------------------------------------------------------------------------------
 # the demo: extract -> fine-tune AR and Lavender -> evaluate, every stage through the real scripts
 # ---------------------------------------------------------------------------------------------
+
+def _one_thread_worker(show_bars):
+    torch.set_num_threads(1)
+    data.library_bars(show_bars)
+
+
+def in_parallel(args, fn, calls):
+    """[fn(*call) for call in calls], on --threads worker processes of one torch thread each: a toy
+    model's step gains little from a second thread, a second process doubles the work done. Every
+    call runs on one thread wherever it runs, so the figures do not depend on --threads."""
+    if args.threads <= 1 or len(calls) <= 1:
+        return [fn(*call) for call in calls]
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
+    with ProcessPoolExecutor(min(args.threads, len(calls)), mp_context=context,
+                             initializer=_one_thread_worker, initargs=(not args.quiet,)) as pool:
+        return list(pool.map(fn, *zip(*calls)))
+
 
 def settings(script, **values):
     """A script's settings as its command line gives them, to call it as a function: every flag's
@@ -167,7 +186,6 @@ def prepare_world(args, world_seed, world_dir, out, stage):
     store of the same items. Returns (paths {split: jsonl}, {split: attention dir}, with "oracle")."""
     stage(f"world {world_seed}: {world_dir}")
     paths = world.build_world(world_dir, world_seed, args.finetune_items)
-    dm = models.load_dm("toy-sd", path=args.dm_path)
     # extract.py skips complete map files (resume), so key the cache on the DM's weights, the
     # extraction settings and the world (its seed and splits): a retrained toy-sd, other steps or
     # another world's items under the same ids must never reuse stale maps
@@ -176,16 +194,22 @@ def prepare_world(args, world_seed, world_dir, out, stage):
         + (Path(world_dir) / "world.json").read_bytes()
         + f"{args.inversion_steps}/{args.denoise_steps}/{args.capture_steps}".encode()).hexdigest()[:10]
     attn = {split: out / "attn" / key / split for split in ("finetune", "test-id", "test-ood")}
-    for split, folder in attn.items():
-        items = [it for it in data.read_items(paths[split]) if it.get("masks")][:args.limit or None]
-        stage(f"extract {split}: {len(items)} items")
-        extract.extract(items, dm, folder, inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
-                        capture_steps=args.capture_steps, batch_size=64, progress=not args.quiet)
+    stage(f"extract {', '.join(attn)} ({args.threads} processes)")
+    in_parallel(args, extract_split, [(args, paths[split], folder) for split, folder in attn.items()])
     # the oracle's store: the world's object masks as targets, for the same items (world.oracle_store)
     attn["oracle"] = out / "attn" / f"oracle-{key}" / "finetune"
     items = [it for it in data.read_items(paths["finetune"]) if it.get("masks")]
     world.oracle_store(items, world_dir, attn["oracle"])
     return paths, attn
+
+
+def extract_split(args, data_path, folder):
+    """extract.py's maps of every item of a split whose answer names an object (--limit: the first N)."""
+    items = [it for it in data.read_items(data_path) if it.get("masks")][:args.limit or None]
+    dm = models.load_dm("toy-sd", path=args.dm_path)
+    return extract.extract(items, dm, folder, inversion_steps=args.inversion_steps,
+                           denoise_steps=args.denoise_steps, capture_steps=args.capture_steps,
+                           batch_size=64, progress=not args.quiet)
 
 
 def finetune(args, data_path, attn, run_dir, loss, seed, overrides=None):
@@ -212,14 +236,18 @@ def finetune(args, data_path, attn, run_dir, loss, seed, overrides=None):
 
 def evaluate_runs(args, paths, attn, runs, out, stage):
     """evaluate.py on test-id and test-ood: the base model and every run; {split: report}."""
-    reports = {}
-    for split in ("test-id", "test-ood"):
-        stage(f"evaluate {split}: base + {len(runs)} runs")
-        reports[split] = evaluate.evaluate(settings(
-            evaluate, model="toy", model_path=str(args.vlm_path), base=True, run=list(runs), data=str(paths[split]),
-            attn=str(attn[split]), out=str(out / f"eval-{split}"), batch_size=50, figures=3, max_new_tokens=4,
-            limit=args.limit, quiet=args.quiet))
-    return reports
+    splits = ("test-id", "test-ood")
+    stage(f"evaluate {' and '.join(splits)}: base + {len(runs)} runs")
+    calls = [(args, paths[split], attn[split], list(runs), out / f"eval-{split}") for split in splits]
+    return dict(zip(splits, in_parallel(args, evaluate_split, calls)))
+
+
+def evaluate_split(args, data_path, attn_dir, runs, out_dir):
+    """evaluate.py on one split: the base model and every run; its report."""
+    return evaluate.evaluate(settings(
+        evaluate, model="toy", model_path=str(args.vlm_path), base=True, run=runs, data=str(data_path),
+        attn=str(attn_dir), out=str(out_dir), batch_size=50, figures=3, max_new_tokens=4,
+        limit=args.limit, quiet=args.quiet))
 
 
 def demo(args):
@@ -229,13 +257,13 @@ def demo(args):
     stage = lambda text: print(f"[toy {time.time() - t0:5.0f}s] {text}", flush=True)        # noqa: E731
     paths, attn = prepare_world(args, args.seed, args.world, out, stage)
     # ---- fine-tune: AR and Lavender, the same budget, data and seeds ----
-    runs = []
-    for seed in args.seeds:
-        for arm, loss, targets in (("ar", "ar", None), ("lavender", "lavender", attn["finetune"]),
-                                   ("oracle", "lavender", attn["oracle"])):
-            stage(f"fine-tune {arm}, seed {seed}: {args.steps} steps of {args.batch_size}")
-            runs.append(finetune(args, paths["finetune"], targets or attn["finetune"], out / "runs" / f"{arm}-s{seed}",
-                                 loss, seed, ORACLE_ARMS.get(arm)))
+    arms = (("ar", "ar", attn["finetune"]), ("lavender", "lavender", attn["finetune"]),
+            ("oracle", "lavender", attn["oracle"]))
+    calls = [(args, paths["finetune"], targets, out / "runs" / f"{arm}-s{seed}", loss, seed, ORACLE_ARMS.get(arm))
+             for seed in args.seeds for arm, loss, targets in arms]
+    stage(f"fine-tune AR, Lavender and the oracle, seeds {args.seeds}: {len(calls)} runs of {args.steps} steps "
+          f"of {args.batch_size} ({args.threads} processes)")
+    runs = in_parallel(args, finetune, calls)
     reports = evaluate_runs(args, paths, attn, runs, out, stage)
     stage("perception: the base model on one-object images (test-one)")
     model, processor = models.load_vlm("toy", path=args.vlm_path)[:2]
@@ -300,7 +328,6 @@ def protocol_runs(args, paths, attn, world_out, stage):
     """Every fine-tuning run of one world: {(arm, seed): run dir}; "ar" and the chosen arms
     (protocol_arms) at the full finetune split, "ar-nN" and "lavender-nN" on its first N items
     (--data-sizes)."""
-    runs = {}
     for n in args.data_sizes:  # the first n items: a larger split begins with a smaller one (build_split)
         lines = Path(paths["finetune"]).read_text().splitlines()[:n]
         (Path(paths["finetune"]).parent / f"finetune-{n}.jsonl").write_text("\n".join(lines) + "\n")
@@ -310,12 +337,11 @@ def protocol_runs(args, paths, attn, world_out, stage):
     jobs += [(a, "lavender", o, full, attn["oracle"]) for a, o in ORACLE_ARMS.items()]
     jobs += [(f"{loss}-n{n}", loss, {}, Path(full).parent / f"finetune-{n}.jsonl", store)
              for n in args.data_sizes for loss in ("ar", "lavender")]
-    for seed in args.seeds:
-        for arm, loss, overrides, data_path, targets in jobs:
-            stage(f"fine-tune {arm}, seed {seed}")
-            runs[arm, seed] = finetune(args, data_path, targets, world_out / "runs" / f"{arm}-s{seed}", loss,
-                                       seed, overrides)
-    return runs
+    keys = [(arm, seed) for seed in args.seeds for arm, *_ in jobs]
+    calls = [(args, data_path, targets, world_out / "runs" / f"{arm}-s{seed}", loss, seed, overrides)
+             for seed in args.seeds for arm, loss, overrides, data_path, targets in jobs]
+    stage(f"fine-tune {len(calls)} runs ({len(jobs)} arms x seeds {args.seeds}, {args.threads} processes)")
+    return dict(zip(keys, in_parallel(args, finetune, calls)))
 
 
 def pointing_split(eval_dir):
@@ -493,7 +519,10 @@ def build_parser():
     p.add_argument("--world", default=str(ROOT / "toy_out" / "world"), help="where the world is drawn (a cache)")
     p.add_argument("--out", default=None, help="output folder (demo: toy_out; train-sd: toy_models/toy-sd; "
                                                "train-vlm: toy_models/toy-vlm; measure-sd: toy_out/measure-sd)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPU cores: the demo and the protocol run their extractions, fine-tuning runs and "
+                        "evaluations on this many processes of one thread each (1: in this process); "
+                        "train-sd, train-vlm and measure-sd use this many torch threads")
     # ---- base models ----
     p.add_argument("--dm-path", default=str(TOY_MODELS / "toy-sd"), help="toy-sd folder (diffusers layout)")
     p.add_argument("--vlm-path", default=str(TOY_MODELS / "toy-vlm"), help="toy VLM folder (save_pretrained)")
