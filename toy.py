@@ -15,9 +15,9 @@ then every step of the paper runs on it for real, through the real scripts:
     python toy.py                     # the demo (shipped weights in toy_models/, world cached in toy_out/)
     python toy.py protocol            # every arm x --worlds x --seeds
     python toy.py build               # draw the world only (world.py)
-    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (base_models.py; about 20 min on 2 cores)
+    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (base_models.py; 1500 steps of 16, 24-35 min)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
-    python toy.py measure-sd          # toy-sd pointing on held-out images (colour and shape words apart)
+    python toy.py measure-sd          # toy-sd pointing on held-out images (colour and cell words apart)
 """
 import argparse
 import hashlib
@@ -195,7 +195,9 @@ def prepare_world(args, world_seed, world_dir, out, stage):
         + f"{args.inversion_steps}/{args.denoise_steps}/{args.capture_steps}".encode()).hexdigest()[:10]
     attn = {split: out / "attn" / key / split for split in ("finetune", "test-id", "test-ood")}
     stage(f"extract {', '.join(attn)} ({args.threads} processes)")
-    in_parallel(args, extract_split, [(args, paths[split], folder) for split, folder in attn.items()])
+    shards = max(1, args.threads)  # each split in shards, so that the processes finish together
+    in_parallel(args, extract_split, [(args, paths[split], folder, shard, shards)
+                                      for split, folder in attn.items() for shard in range(shards)])
     # the oracle's store: the world's object masks as targets, for the same items (world.oracle_store)
     attn["oracle"] = out / "attn" / f"oracle-{key}" / "finetune"
     items = [it for it in data.read_items(paths["finetune"]) if it.get("masks")]
@@ -203,9 +205,10 @@ def prepare_world(args, world_seed, world_dir, out, stage):
     return paths, attn
 
 
-def extract_split(args, data_path, folder):
-    """extract.py's maps of every item of a split whose answer names an object (--limit: the first N)."""
-    items = [it for it in data.read_items(data_path) if it.get("masks")][:args.limit or None]
+def extract_split(args, data_path, folder, shard=0, shards=1):
+    """extract.py's maps of every item of a split whose answer names an object (--limit: the first
+    N), or of its shard-th of `shards` interleaved shares (each map is a file of its own)."""
+    items = [it for it in data.read_items(data_path) if it.get("masks")][:args.limit or None][shard::shards]
     dm = models.load_dm("toy-sd", path=args.dm_path)
     return extract.extract(items, dm, folder, inversion_steps=args.inversion_steps,
                            denoise_steps=args.denoise_steps, capture_steps=args.capture_steps,
