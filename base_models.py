@@ -3,15 +3,25 @@
 size), the stand-ins for Stable Diffusion and Llama-3.2-Vision, and the probes that measure them.
 The weights they write are the shipped toy_models/; toy.py's demo fine-tunes from them.
 
-  - toy-sd: a VAE fitted briefly, then the UNet and a CLIP text encoder trained together on the
-    pretrain split's whole captions; saved in the diffusers component layout, so that extract.py
-    runs the sd14 path. Probe: pointing of its extracted maps (measure_sd).
-  - toy VLM: every weight pre-trained on the pretrain split with the next-token loss: competent but
-    imperfect, the starting point of fine-tuning as Llama-3.2 is. Probe: VQA accuracy.
+  - toy-sd: a VAE fitted briefly, then the UNet and a CLIP text encoder trained together on
+    prompts about the pretrain split's scenes (sd_prompt: whole captions, one object's phrase, one
+    colour, one cell); saved in the diffusers component layout, so that extract.py runs the sd14
+    path. Probe: pointing of its extracted maps (measure_sd).
+    Why world v1's maps were flat (measured there): each pixel gave 73-82% of its attention to the
+    padding end tokens and 5-12% to the start token, the answer word 6-15%; toy-sd was trained on
+    whole captions while extraction conditions it on the answer alone (answer-word pointing 0.62
+    alone, 0.86 with the caption). What changed: prompts in the answers' own forms are a share of
+    its training, so the one-word condition is not out of distribution, and the answers of
+    fine-tuning and test are colour words, which one patch shows. What it gives is not yet sharp:
+    0.35 pointing on world v5's test-id answers and entropy 6.82 nats (toy_report.md, v5).
+  - toy VLM: every weight pre-trained on the pretrain split with the next-token loss, each batch
+    drawn a kind then an item: it perceives every asked attribute on one-object images (1.00 on
+    test-one for both kinds) but has never had to select one object among several, the skill
+    fine-tuning can teach. Probe: VQA accuracy per kind (kind_accuracy).
 
-    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (2400 steps, about 20 min on 2 cores)
+    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (1500 steps of 16, about 24 min on a busy 2-core machine)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
-    python toy.py measure-sd          # toy-sd pointing on held-out images (colour and shape words apart)
+    python toy.py measure-sd          # toy-sd pointing on held-out images (colour and cell words apart)
 """
 import json
 import math
@@ -102,7 +112,7 @@ def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0):
     return latents * vae.config.scaling_factor, l1
 
 
-def train_sd(out_dir, world_dir, seed=0, steps=2400, batch=32, lr=1e-3, vae_steps=300, save_every=400,
+def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_steps=300, save_every=300,
              init_from=None):
     """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir.
 
@@ -124,7 +134,7 @@ def train_sd(out_dir, world_dir, seed=0, steps=2400, batch=32, lr=1e-3, vae_step
         latents, vae_steps = latents * dm["vae"].config.scaling_factor, 0  # (N, 4, 32, 32), the saved factor
     else:
         latents, vae_l1 = train_vae(dm["vae"], images, steps=vae_steps, seed=seed)  # (N, 4, 32, 32)
-    log = fit_unet(dm, latents, [s["caption"] for s in scenes], steps, batch, lr, seed, save_every, out_dir)
+    log = fit_unet(dm, latents, [s["objects"] for s in scenes], steps, batch, lr, seed, save_every, out_dir)
     models.save_dm(dm, out_dir)
     summary = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "init_from": str(init_from) if init_from else None,
                "vae_steps": vae_steps, "vae_l1": round(vae_l1, 4),
@@ -136,22 +146,37 @@ def train_sd(out_dir, world_dir, seed=0, steps=2400, batch=32, lr=1e-3, vae_step
     return Path(out_dir)
 
 
-def fit_unet(dm, latents, captions, steps, batch, lr, seed, save_every, out_dir):
+PROMPT_MIX = (0.4, 0.2, 0.2, 0.2)  # toy-sd's prompts: caption, one object's phrase, colour, cell
+
+
+def sd_prompt(objects, rng):
+    """One training prompt for a scene, drawn with PROMPT_MIX: its whole caption, one object's
+    phrase ("red at top left"), one object's colour ("red") or cell ("top left"), the answers'
+    forms. Extraction conditions toy-sd on an item's answer: a model trained on whole captions
+    alone never saw such a prompt (world v1: one-word answers pointed 0.62, the caption 0.86)."""
+    kind = rng.choice(len(PROMPT_MIX), p=PROMPT_MIX)
+    o = objects[rng.integers(len(objects))]
+    return (world.caption(objects), f"{o['colour']} at {o['cell']}", o["colour"], o["cell"])[kind]
+
+
+def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
     """The UNet and the text encoder trained together (there is no pretrained CLIP here) on the
-    latents and their captions: DDPM noise, epsilon prediction, MSE. Every `save_every` steps a
-    step<N>/ folder is saved under out_dir. Returns the per-step losses."""
+    latents and prompts about their scenes (sd_prompt): DDPM noise, epsilon prediction, MSE. Every
+    `save_every` steps a step<N>/ folder is saved under out_dir. Returns the per-step losses."""
     from diffusers import DDPMScheduler
     unet, text_encoder, tokenizer = dm["unet"], dm["text_encoder"], dm["tokenizer"]
     noise_scheduler = DDPMScheduler.from_config(dm["scheduler"].config)
     params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
     g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     unet.train()
     text_encoder.train()
 
     def loss_of_step(step):
         idx = torch.randint(len(latents), (batch,), generator=g)
-        ids = tokenizer([captions[i] for i in idx.tolist()], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids  # (B, 16)
+        prompts = [sd_prompt(scenes[i], rng) for i in idx.tolist()]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids  # (B, 24)
         x0 = latents[idx]  # (B, 4, 32, 32)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
@@ -184,7 +209,7 @@ def dm_pointing(items, attn_dir):
     share = lambda hs: round(float(np.mean(hs)), 4) if hs else float("nan")  # noqa: E731
     return {"accuracy": share([h for h, _, _ in hits]), "hits": int(sum(h for h, _, _ in hits)), "n": len(hits),
             "colour": share([h for h, w, _ in hits if w in world.COLOURS]),
-            "shape": share([h for h, w, _ in hits if w in world.SHAPES]), "entropy": share([e for _, _, e in hits])}
+            "cell": share([h for h, w, _ in hits if w in {x for c in world.CELLS for x in c.split()}]), "entropy": share([e for _, _, e in hits])}
 
 
 def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, **extract_kwargs):
@@ -219,36 +244,52 @@ def toy_vlm(seed=0):
     return models.small_vlm("toy", toy_vlm_tokenizer(), seed)
 
 
-def exact_accuracy(model, processor, items, batch_size=64):
-    """Exact-match accuracy of greedy answers, scored as evaluate.py scores them."""
-    answers = evaluate.generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=12, show=False)
-    return float(np.mean([score_prediction(a, it["answer"], it["question"])["correct"] for a, it in zip(answers, items)]))
+def kind_accuracy(model, processor, items, batch_size=64):
+    """{"all": accuracy, kind: accuracy, ...}: exact match of greedy answers, scored as evaluate.py
+    scores them, over every item and per item category."""
+    answers = evaluate.generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=6, show=False)
+    correct = {}
+    for a, it in zip(answers, items):
+        hit = score_prediction(a, it["answer"], it["question"])["correct"]
+        correct.setdefault("all", []).append(hit)
+        correct.setdefault(it["category"], []).append(hit)
+    return {k: round(float(np.mean(v)), 4) for k, v in correct.items()}
 
 
-def train_vlm(out_dir, world_dir, seed=0, steps=1200, batch=32, lr=1e-3):
+def train_vlm(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, init_from=None):
     """Pre-train the toy Mllama on the pretrain split: every weight, next-token loss on the answers
-    (eq. 6), batches from data.collate (the fine-tuning data path), a plain loop (world-building)."""
+    (eq. 6), batches from data.collate (the fine-tuning data path), a plain loop (world-building).
+
+    Each batch draws a question kind uniformly, then an item of that kind: drawn by item, captions
+    and counts (every image has them) outweighed the one-object questions, and the model answered
+    every texture question "striped" (0.19 on test-one) although a linear probe on its vision
+    features read texture at 0.96. init_from: a toy-vlm folder to continue from."""
     paths = world.build_world(world_dir, seed)
     items = data.read_items(paths["pretrain"])
-    tests = {s: data.read_items(paths[s]) for s in ("test-id", "test-ood")}
+    by_kind = {}
+    for it in items:
+        by_kind.setdefault(it["category"], []).append(it)
+    kinds = sorted(by_kind)
+    tests = {s: data.read_items(paths[s]) for s in ("test-one", "test-id", "test-ood")}
     model, processor = toy_vlm(seed)
+    if init_from:
+        model, processor = models.load_vlm("toy", path=str(init_from))[:2]
     rng = np.random.default_rng(seed)
     t0 = time.time()
     model.train()
 
     def loss_of_step(step):
-        picked = data.collate(processor, [items[i] for i in rng.integers(len(items), size=batch)])
+        drawn = [by_kind[kinds[k]] for k in rng.integers(len(kinds), size=batch)]
+        picked = data.collate(processor, [pool[rng.integers(len(pool))] for pool in drawn])
         return model(**data.model_inputs(picked), labels=picked["labels"]).loss
     log = fit_base(list(model.parameters()), loss_of_step, steps, lr, "toy vlm")
     model.eval()
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)  # saved first: the probe below is extra
     processor.save_pretrained(out_dir)
-    single = [it for it in items[-1000:] if it["category"] in ("colour", "shape")]  # seen scenes: a sanity check
     summary = {"seed": seed, "steps": steps, "batch": batch, "final_loss": round(float(np.mean(log[-100:])), 4),
                "params": sum(p.numel() for p in model.parameters()), "minutes": round((time.time() - t0) / 60, 1),
-               "acc_pretrain_one_object": exact_accuracy(model, processor, single),
-               **{f"acc_{s}": exact_accuracy(model, processor, v) for s, v in tests.items()}}
+               **{f"acc_{s}": kind_accuracy(model, processor, v) for s, v in tests.items()}}
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2))
     print(f"toy vlm: {summary}")
     return out_dir

@@ -288,10 +288,10 @@ def load_vlm(name, path=None, dtype=torch.float32, device=None):
 # toy-sd: a 1-level VAE (16 channels, no downsampling): 32 px images -> 4 x 32 x 32 latents, pixel
 # space in all but name, kept so that extraction runs SD's encode -> UNet path unchanged. UNet
 # blocks 32/32/64 at 32, 16 and 8 px; cross-attention at 16 and 8 px and in the mid block, none at
-# 32 px; 4-channel heads. Text encoder: hidden 64, two causal layers, 16 positions (SD: 77; with 77
+# 32 px; 4-channel heads. Text encoder: hidden 64, two causal layers, 24 positions (SD: 77; with 77
 # the ~65 padding columns took ~70% of every pixel's attention, and the world's longest caption is
-# 14 tokens with the start and end tokens). Why this recipe (toy-sd pointing on 750 held-out
-# caption words, toy_report.md): a 2-level VAE (16x16 latents) with a position-free, layer-free
+# 21 tokens with the start and end tokens). Why this recipe (world v1, toy-sd pointing on 750
+# held-out caption words, toy_report.md): a 2-level VAE (16x16 latents) with a position-free, layer-free
 # encoder (a bag of word vectors) pointed 46%: colour words 89%, shape words 2%. A bag of words
 # cannot tell which shape goes with which colour in "a red circle left of a blue square", so the
 # UNet learned to ignore shape words. This recipe points 84.5% (colour 91%, shape 78%); with one
@@ -319,7 +319,7 @@ SD_SIZES = {
                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                      cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16),
         "text_encoder": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=2, max_position_embeddings=16)},
+                             num_attention_heads=2, max_position_embeddings=24)},
     "sd14": {
         "unet": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
         "vae": dict(down_block_types=("DownEncoderBlock2D",) * 4,

@@ -5,25 +5,28 @@ No weights can be downloaded here, so the project draws its own world (world.py)
 own "pretrained" models on it (base_models.py: toy-sd and the toy VLM, shipped in toy_models/);
 then every step of the paper runs on it for real, through the real scripts:
 
-  1. `python toy.py`: extract DM maps (extract.py), fine-tune AR and Lavender with the same budget
-     and seeds (train.py), evaluate (evaluate.py), print one table, write toy_out/toy_report.md
-     (`--report toy_report.md` refreshes the report shipped with the repository).
+  1. `python toy.py`: extract DM maps (extract.py), fine-tune AR, Lavender and the oracle (Lavender
+     with the world's object masks as targets, world.oracle_store) with the same budget and seeds
+     (train.py), evaluate (evaluate.py), print one table, write toy_out/toy_report.md and
+     toy_report.json (`--report toy_report.md` refreshes the report shipped with the repository).
   2. `python toy.py protocol`: every ablation arm over several worlds and seeds, paired against AR
      of the same world and seed (protocol.json, protocol.md).
 
     python toy.py                     # the demo (shipped weights in toy_models/, world cached in toy_out/)
     python toy.py protocol            # every arm x --worlds x --seeds
     python toy.py build               # draw the world only (world.py)
-    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (base_models.py; about 20 min on 2 cores)
+    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (base_models.py; 1500 steps of 16, 24-35 min)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
-    python toy.py measure-sd          # toy-sd pointing on held-out images (colour and shape words apart)
+    python toy.py measure-sd          # toy-sd pointing on held-out images (colour and cell words apart)
 """
 import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,23 @@ TOY_MODELS = ROOT / "toy_models"
 # ---------------------------------------------------------------------------------------------
 # the demo: extract -> fine-tune AR and Lavender -> evaluate, every stage through the real scripts
 # ---------------------------------------------------------------------------------------------
+
+def _one_thread_worker(show_bars):
+    torch.set_num_threads(1)
+    data.library_bars(show_bars)
+
+
+def in_parallel(args, fn, calls):
+    """[fn(*call) for call in calls], on --threads worker processes of one torch thread each: a toy
+    model's step gains little from a second thread, a second process doubles the work done. Every
+    call runs on one thread wherever it runs, so the figures do not depend on --threads."""
+    if args.threads <= 1 or len(calls) <= 1:
+        return [fn(*call) for call in calls]
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
+    with ProcessPoolExecutor(min(args.threads, len(calls)), mp_context=context,
+                             initializer=_one_thread_worker, initargs=(not args.quiet,)) as pool:
+        return list(pool.map(fn, *zip(*calls)))
+
 
 def settings(script, **values):
     """A script's settings as its command line gives them, to call it as a function: every flag's
@@ -68,48 +88,104 @@ def mean_spread(values):
     return f"{np.mean(values):.3f} ± {spread:.3f}"
 
 
+DEMO_MODELS = ("base", "ar", "lavender", "oracle")  # the demo's columns
+
+
+def runs_of(reports, split, kind):
+    """The run reports of one model kind ("ar": "ar-s0", "ar-s1", ...) in evaluate.py's {split: report}."""
+    return [r for r in reports[split]["runs"] if r["name"] == kind or r["name"].startswith(kind + "-s")]
+
+
 def demo_table(reports, seeds):
     """Rows of the demo table from evaluate.py's reports {split: report}: one column per model kind."""
-    def runs_of(split, kind):
-        return [r for r in reports[split]["runs"] if r["name"] == kind or r["name"].startswith(kind + "-s")]
-
     def column(kind, pick, split="test-id"):
-        return [pick(r) for r in runs_of(split, kind)]
+        return [pick(r) for r in runs_of(reports, split, kind)]
     acc, ent, point, mse = (MEASURES[m][1] for m in ("accuracy test-id", "own entropy test-id",
                                                      "own pointing test-id", "own MSE to DM test-id"))
-    kinds = ("base", "ar", "lavender")
+    blank = [""] * (len(DEMO_MODELS) - 2)
     rows = []
     for split in ("test-id", "test-ood"):
-        rows.append((f"accuracy {split}", *[mean_spread(column(k, acc, split)) for k in ("base", "ar", "lavender")]))
+        rows.append((f"accuracy {split}", *[mean_spread(column(k, acc, split)) for k in DEMO_MODELS]))
     for split in ("test-id", "test-ood"):
-        for k in ("colour", "shape", "yesno"):
+        for k in world.KINDS if len(world.KINDS) > 1 else ():
             pick = lambda r, k=k: (r["accuracy"].get(k) or {}).get("accuracy")             # noqa: E731
-            rows.append((f"  {k} ({split})", *[mean_spread(column(kk, pick, split)) for kk in ("base", "ar", "lavender")]))
+            rows.append((f"  {k} ({split})", *[mean_spread(column(m, pick, split)) for m in DEMO_MODELS]))
+    gaps = demo_paired(reports)
+    for split in ("test-id", "test-ood"):
+        cells = [paired_cell(gaps[arm][split]) for arm in DEMO_MODELS[2:]]
+        rows.append((f"  minus AR, paired by seed [95% t] ({split})", "", "", *cells))
     dm = reports["test-id"].get("dm") or {}
     head = lambda pick: lambda r: pick(as_run(r["head"])) if r.get("head") else None       # noqa: E731
-    rows.append(("VLM's own attention: entropy (nats, test-id)", *[mean_spread(column(k, ent)) for k in kinds]))
-    rows.append(("VLM's own attention: pointing (test-id)", *[mean_spread(column(k, point)) for k in kinds]))
-    rows.append(("VLM's own attention: MSE to the DM map (test-id)", *[mean_spread(column(k, mse)) for k in kinds]))
-    rows.append(("Aligner head: entropy (test-id)", "", "", mean_spread(column("lavender", head(ent)))))
-    rows.append(("Aligner head: pointing (test-id)", "", "", mean_spread(column("lavender", head(point)))))
-    rows.append(("Aligner head: MSE to the DM map (test-id)", "", "", mean_spread(column("lavender", head(mse)))))
+    rows.append(("VLM's own attention: entropy (nats, test-id)", *[mean_spread(column(k, ent)) for k in DEMO_MODELS]))
+    rows.append(("VLM's own attention: pointing (test-id)", *[mean_spread(column(k, point)) for k in DEMO_MODELS]))
+    rows.append(("VLM's own attention: MSE to the DM map (test-id)",
+                 *[mean_spread(column(k, mse)) for k in DEMO_MODELS]))
+    for name, pick in (("entropy", ent), ("pointing", point), ("MSE to the DM map", mse)):
+        rows.append((f"Aligner head: {name} (test-id)", "", "", *[mean_spread(column(k, head(pick)))
+                                                                   for k in DEMO_MODELS[2:]]))
     rows.append(("DM maps of the same words: entropy, pointing (test-id)",
-                 f"{dm['entropy']['mean']:.3f}, {dm['pointing']['accuracy']:.3f}" if dm.get("pointing") else "-", "", ""))
+                 f"{dm['entropy']['mean']:.3f}, {dm['pointing']['accuracy']:.3f}" if dm.get("pointing") else "-",
+                 "", *blank))
     return rows
 
 
-def markdown_table(rows, header=("measure", "base (toy)", "AR", "Lavender")):
+def demo_paired(reports):
+    """{arm: {split: paired(...)}}: each model kind after AR minus AR of the same seed, accuracy."""
+    acc = MEASURES["accuracy test-id"][1]
+    gaps = {}
+    for arm in DEMO_MODELS[2:]:
+        for split in ("test-id", "test-ood"):
+            by_seed = {r["name"].rsplit("-s", 1)[1]: {arm: acc(r)} for r in runs_of(reports, split, arm)}
+            for r in runs_of(reports, split, "ar"):
+                by_seed.get(r["name"].rsplit("-s", 1)[1], {})["ar"] = acc(r)
+            gaps.setdefault(arm, {})[split] = paired(list(by_seed.values()), arm)
+    return gaps
+
+
+def paired_cell(gap):
+    """'+0.021 [-0.042, +0.084] 2/3': a paired difference, its interval and its wins."""
+    if gap is None:
+        return "-"
+    low, high = gap["ci95"]
+    return f"{gap['mean']:+.3f} [{low:+.3f}, {high:+.3f}] {gap['wins']}/{gap['n']}"
+
+
+def demo_json(reports, perception):
+    """toy_report.json: the demo's figures by key, means over seeds (forks compare runs with it)."""
+    mean = lambda xs: float(np.mean(xs)) if xs and None not in xs else None               # noqa: E731
+    pick = {name: MEASURES[name][1] for name in MEASURES}
+    dm = reports["test-id"].get("dm") or {}
+    result = {"dm_pointing": (dm.get("pointing") or {}).get("accuracy"),
+              "dm_entropy": (dm.get("entropy") or {}).get("mean"),
+              "base_own_entropy": pick["own entropy test-id"](runs_of(reports, "test-id", "base")[0]),
+              "base_accuracy": {s: pick["accuracy test-id"](runs_of(reports, s, "base")[0])
+                                for s in ("test-id", "test-ood")},
+              "base_accuracy_one_object": perception}
+    for arm in DEMO_MODELS[1:]:
+        runs = {s: runs_of(reports, s, arm) for s in ("test-id", "test-ood")}
+        result[arm] = {"accuracy": {s: mean([pick["accuracy test-id"](r) for r in runs[s]]) for s in runs},
+                       "accuracy_by_kind": {s: {k: mean([(r["accuracy"].get(k) or {}).get("accuracy")
+                                                         for r in runs[s]]) for k in world.KINDS} for s in runs},
+                       "own_pointing": mean([pick["own pointing test-id"](r) for r in runs["test-id"]]),
+                       "own_entropy": mean([pick["own entropy test-id"](r) for r in runs["test-id"]]),
+                       "seeds": len(runs["test-id"])}
+    for arm, gaps in demo_paired(reports).items():  # minus AR of the same seed, accuracy
+        result[arm]["minus_ar"] = {s: gap and {k: gap[k] for k in ("mean", "low", "high", "n")}
+                                   for s, gap in gaps.items()}
+    return result
+
+
+def markdown_table(rows, header=("measure", "base (toy)", "AR", "Lavender", "oracle (masks)")):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 def prepare_world(args, world_seed, world_dir, out, stage):
     """Draw the world of `world_seed` (cached) and extract its DM maps (extract.py, the sd14 code
-    path) for every item whose answer names an object; yes/no answers name none: those items train
-    with L_VLM alone (train.py counts them). Returns (paths {split: jsonl}, {split: attention dir})."""
+    path) for every item whose answer names an object (every colour-at item), and write the oracle's
+    store of the same items. Returns (paths {split: jsonl}, {split: attention dir}, with "oracle")."""
     stage(f"world {world_seed}: {world_dir}")
     paths = world.build_world(world_dir, world_seed, args.finetune_items)
-    dm = models.load_dm("toy-sd", path=args.dm_path)
     # extract.py skips complete map files (resume), so key the cache on the DM's weights, the
     # extraction settings and the world (its seed and splits): a retrained toy-sd, other steps or
     # another world's items under the same ids must never reuse stale maps
@@ -117,18 +193,26 @@ def prepare_world(args, world_seed, world_dir, out, stage):
         "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"))
         + (Path(world_dir) / "world.json").read_bytes()
         + f"{args.inversion_steps}/{args.denoise_steps}/{args.capture_steps}".encode()).hexdigest()[:10]
-    # fine-tuning maps only for the answers of --dm-categories (a folder per choice, so that a cached
-    # folder never holds maps of other categories); the test splits always get every map
-    attn = {"finetune": out / "attn" / key / f"finetune-{'+'.join(sorted(args.dm_categories))}",
-            "test-id": out / "attn" / key / "test-id", "test-ood": out / "attn" / key / "test-ood"}
-    for split, folder in attn.items():
-        items = [it for it in data.read_items(paths[split]) if it.get("masks")][:args.limit or None]
-        if split == "finetune":
-            items = [it for it in items if it["category"] in args.dm_categories]
-        stage(f"extract {split}: {len(items)} items")
-        extract.extract(items, dm, folder, inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
-                        capture_steps=args.capture_steps, batch_size=64, progress=not args.quiet)
+    attn = {split: out / "attn" / key / split for split in ("finetune", "test-id", "test-ood")}
+    stage(f"extract {', '.join(attn)} ({args.threads} processes)")
+    shards = max(1, args.threads)  # each split in shards, so that the processes finish together
+    in_parallel(args, extract_split, [(args, paths[split], folder, shard, shards)
+                                      for split, folder in attn.items() for shard in range(shards)])
+    # the oracle's store: the world's object masks as targets, for the same items (world.oracle_store)
+    attn["oracle"] = out / "attn" / f"oracle-{key}" / "finetune"
+    items = [it for it in data.read_items(paths["finetune"]) if it.get("masks")]
+    world.oracle_store(items, world_dir, attn["oracle"])
     return paths, attn
+
+
+def extract_split(args, data_path, folder, shard=0, shards=1):
+    """extract.py's maps of every item of a split whose answer names an object (--limit: the first
+    N), or of its shard-th of `shards` interleaved shares (each map is a file of its own)."""
+    items = [it for it in data.read_items(data_path) if it.get("masks")][:args.limit or None][shard::shards]
+    dm = models.load_dm("toy-sd", path=args.dm_path)
+    return extract.extract(items, dm, folder, inversion_steps=args.inversion_steps,
+                           denoise_steps=args.denoise_steps, capture_steps=args.capture_steps,
+                           batch_size=64, progress=not args.quiet)
 
 
 def finetune(args, data_path, attn, run_dir, loss, seed, overrides=None):
@@ -155,14 +239,18 @@ def finetune(args, data_path, attn, run_dir, loss, seed, overrides=None):
 
 def evaluate_runs(args, paths, attn, runs, out, stage):
     """evaluate.py on test-id and test-ood: the base model and every run; {split: report}."""
-    reports = {}
-    for split in ("test-id", "test-ood"):
-        stage(f"evaluate {split}: base + {len(runs)} runs")
-        reports[split] = evaluate.evaluate(settings(
-            evaluate, model="toy", model_path=str(args.vlm_path), base=True, run=list(runs), data=str(paths[split]),
-            attn=str(attn[split]), out=str(out / f"eval-{split}"), batch_size=50, figures=3, max_new_tokens=4,
-            limit=args.limit, quiet=args.quiet))
-    return reports
+    splits = ("test-id", "test-ood")
+    stage(f"evaluate {' and '.join(splits)}: base + {len(runs)} runs")
+    calls = [(args, paths[split], attn[split], list(runs), out / f"eval-{split}") for split in splits]
+    return dict(zip(splits, in_parallel(args, evaluate_split, calls)))
+
+
+def evaluate_split(args, data_path, attn_dir, runs, out_dir):
+    """evaluate.py on one split: the base model and every run; its report."""
+    return evaluate.evaluate(settings(
+        evaluate, model="toy", model_path=str(args.vlm_path), base=True, run=runs, data=str(data_path),
+        attn=str(attn_dir), out=str(out_dir), batch_size=50, figures=3, max_new_tokens=4,
+        limit=args.limit, quiet=args.quiet))
 
 
 def demo(args):
@@ -172,13 +260,18 @@ def demo(args):
     stage = lambda text: print(f"[toy {time.time() - t0:5.0f}s] {text}", flush=True)        # noqa: E731
     paths, attn = prepare_world(args, args.seed, args.world, out, stage)
     # ---- fine-tune: AR and Lavender, the same budget, data and seeds ----
-    runs = []
-    for seed in args.seeds:
-        for loss in ("ar", "lavender"):
-            stage(f"fine-tune {loss}, seed {seed}: {args.steps} steps of {args.batch_size}")
-            runs.append(finetune(args, paths["finetune"], attn["finetune"], out / "runs" / f"{loss}-s{seed}", loss, seed))
+    arms = (("ar", "ar", attn["finetune"]), ("lavender", "lavender", attn["finetune"]),
+            ("oracle", "lavender", attn["oracle"]))
+    calls = [(args, paths["finetune"], targets, out / "runs" / f"{arm}-s{seed}", loss, seed, ORACLE_ARMS.get(arm))
+             for seed in args.seeds for arm, loss, targets in arms]
+    stage(f"fine-tune AR, Lavender and the oracle, seeds {args.seeds}: {len(calls)} runs of {args.steps} steps "
+          f"of {args.batch_size} ({args.threads} processes)")
+    runs = in_parallel(args, finetune, calls)
     reports = evaluate_runs(args, paths, attn, runs, out, stage)
-    # ---- one table, and toy_report.md ----
+    stage("perception: the base model on one-object images (test-one)")
+    model, processor = models.load_vlm("toy", path=args.vlm_path)[:2]
+    perception = base_models.kind_accuracy(model.eval(), processor, data.read_items(paths["test-one"]))
+    # ---- one table, toy_report.md and toy_report.json ----
     minutes = (time.time() - t0) / 60
     rows = demo_table(reports, args.seeds)
     table = markdown_table(rows)
@@ -187,7 +280,9 @@ def demo(args):
     report = out / "toy_report.md" if args.report is None else args.report  # '': none
     if report:
         write_report(Path(report), table, reports, args, minutes, out)
-        stage(f"wrote {report}")
+        figures = dict(demo_json(reports, perception), minutes=round(minutes, 2), seeds=args.seeds)
+        Path(report).with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
+        stage(f"wrote {report} and {Path(report).with_suffix('.json')}")
     return rows
 
 
@@ -208,6 +303,10 @@ DATA_SIZES = [40, 80]  # smaller finetune splits (the first N items), AR and Lav
 # Chosen after the protocol's first results (toy_report.md), aimed at its failing link (b): the
 # model's own attention aligned directly, with no parallel head and no Aligner in between
 FOLLOW_UPS = {"own-direct": {"aggregate": "mean-mean", "aligner": "none"}}
+# The oracle: the same Lavender runs with the world's object masks as targets (world.oracle_store)
+# instead of the DM's maps, the bound of what aligning attention can give in this world; with the
+# default aggregation, and on the model's own attention (mean-mean, no Aligner)
+ORACLE_ARMS = {"oracle": {}, "oracle-own": FOLLOW_UPS["own-direct"]}
 MEASURES = {  # name: (split, how a run report gives it); the demo's table reads them too
     "accuracy test-id": ("test-id", lambda r: r["accuracy"]["all"]["accuracy"]),
     "accuracy test-ood": ("test-ood", lambda r: r["accuracy"]["all"]["accuracy"]),
@@ -232,20 +331,20 @@ def protocol_runs(args, paths, attn, world_out, stage):
     """Every fine-tuning run of one world: {(arm, seed): run dir}; "ar" and the chosen arms
     (protocol_arms) at the full finetune split, "ar-nN" and "lavender-nN" on its first N items
     (--data-sizes)."""
-    runs = {}
     for n in args.data_sizes:  # the first n items: a larger split begins with a smaller one (build_split)
         lines = Path(paths["finetune"]).read_text().splitlines()[:n]
         (Path(paths["finetune"]).parent / f"finetune-{n}.jsonl").write_text("\n".join(lines) + "\n")
     arms = protocol_arms(args)
-    jobs = [("ar", "ar", {}, paths["finetune"])] + [(a, "lavender", o, paths["finetune"]) for a, o in arms.items()]
-    jobs += [(f"{loss}-n{n}", loss, {}, Path(paths["finetune"]).parent / f"finetune-{n}.jsonl")
+    full, store = paths["finetune"], attn["finetune"]
+    jobs = [("ar", "ar", {}, full, store)] + [(a, "lavender", o, full, store) for a, o in arms.items()]
+    jobs += [(a, "lavender", o, full, attn["oracle"]) for a, o in ORACLE_ARMS.items()]
+    jobs += [(f"{loss}-n{n}", loss, {}, Path(full).parent / f"finetune-{n}.jsonl", store)
              for n in args.data_sizes for loss in ("ar", "lavender")]
-    for seed in args.seeds:
-        for arm, loss, overrides, data_path in jobs:
-            stage(f"fine-tune {arm}, seed {seed}")
-            runs[arm, seed] = finetune(args, data_path, attn["finetune"], world_out / "runs" / f"{arm}-s{seed}", loss,
-                                       seed, overrides)
-    return runs
+    keys = [(arm, seed) for seed in args.seeds for arm, *_ in jobs]
+    calls = [(args, data_path, targets, world_out / "runs" / f"{arm}-s{seed}", loss, seed, overrides)
+             for seed in args.seeds for arm, loss, overrides, data_path, targets in jobs]
+    stage(f"fine-tune {len(calls)} runs ({len(jobs)} arms x seeds {args.seeds}, {args.threads} processes)")
+    return dict(zip(keys, in_parallel(args, finetune, calls)))
 
 
 def pointing_split(eval_dir):
@@ -270,7 +369,9 @@ def paired(values, arm, base="ar"):
     if not diffs:
         return None
     lo, hi = t_interval(diffs, low=-math.inf, high=math.inf)
-    return {"mean": float(np.mean(diffs)), "ci95": [lo, hi], "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
+    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731 -- one pair: no interval
+    return {"mean": float(np.mean(diffs)), "low": finite(lo), "high": finite(hi), "ci95": [lo, hi],
+            "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
 
 
 def protocol(args):
@@ -421,14 +522,17 @@ def build_parser():
     p.add_argument("--world", default=str(ROOT / "toy_out" / "world"), help="where the world is drawn (a cache)")
     p.add_argument("--out", default=None, help="output folder (demo: toy_out; train-sd: toy_models/toy-sd; "
                                                "train-vlm: toy_models/toy-vlm; measure-sd: toy_out/measure-sd)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPU cores: the demo and the protocol run their extractions, fine-tuning runs and "
+                        "evaluations on this many processes of one thread each (1: in this process); "
+                        "train-sd, train-vlm and measure-sd use this many torch threads")
     # ---- base models ----
     p.add_argument("--dm-path", default=str(TOY_MODELS / "toy-sd"), help="toy-sd folder (diffusers layout)")
     p.add_argument("--vlm-path", default=str(TOY_MODELS / "toy-vlm"), help="toy VLM folder (save_pretrained)")
-    p.add_argument("--base-steps", type=int, default=None, help="train-sd / train-vlm: training steps (2400 / 1200)")
+    p.add_argument("--base-steps", type=int, default=None, help="train-sd / train-vlm: training steps (1500 / 1000)")
     p.add_argument("--init-from", default=None, help="train-sd: continue from this toy-sd folder (its VAE stays frozen)")
     p.add_argument("--sd-lr", type=float, default=1e-3, help="train-sd: peak learning rate (warm-up + cosine)")
-    p.add_argument("--save-every", type=int, default=400, help="train-sd: save a step<N>/ checkpoint every N steps")
+    p.add_argument("--save-every", type=int, default=300, help="train-sd: save a step<N>/ checkpoint every N steps")
     # ---- extraction (extract.py) ----
     p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (extract.py)")
     p.add_argument("--denoise-steps", type=int, default=5, help="denoising steps after the inversion (extract.py)")
@@ -444,8 +548,8 @@ def build_parser():
     p.add_argument("--data-sizes", type=int, nargs="*", default=DATA_SIZES,
                    help="protocol: smaller finetune splits, AR and Lavender each (none: --data-sizes alone)")
     p.add_argument("--finetune-items", type=int, default=None,
-                   help="size of the world's finetune split (default 160; another size draws another world: use its own --world)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per fine-tuning run")
+                   help="size of the world's finetune split (default 400; another size draws another world: use its own --world)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per fine-tuning run")
     p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     p.add_argument("--peft", default="lora", choices=("lora", "full"), help="LoRA (paper) or full fine-tuning")
@@ -458,9 +562,6 @@ def build_parser():
                    help="train.py --att-pooling (words: the release's; samples: the protocol "
                         "table's runs)")
     p.add_argument("--pretrain-aligner-steps", type=int, default=0, help="Lavender runs: Aligner pre-training steps")
-    p.add_argument("--dm-categories", nargs="+", default=["colour", "shape"], choices=("colour", "shape"),
-                   help="fine-tuning items whose answer gets a DM map; the others train with L_VLM alone. 'colour' "
-                        "alone aligns only the words toy-sd localises (like the release's adjectives-only filter)")
     # ---- demo output ----
     p.add_argument("--limit", type=int, default=0, help="extract and evaluate only the first N items of each split (quick test; 0: all)")
     p.add_argument("--report", default=None,
@@ -479,10 +580,10 @@ def main(argv=None):
         paths = world.build_world(args.world, args.seed)
         print(f"world: {', '.join(f'{k}={v}' for k, v in paths.items())}")
     elif args.command == "train-sd":
-        base_models.train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.base_steps or 2400,
+        base_models.train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.base_steps or 1500,
                  lr=args.sd_lr, save_every=args.save_every, init_from=args.init_from)
     elif args.command == "train-vlm":
-        base_models.train_vlm(args.out or TOY_MODELS / "toy-vlm", args.world, seed=args.seed, steps=args.base_steps or 1200)
+        base_models.train_vlm(args.out or TOY_MODELS / "toy-vlm", args.world, seed=args.seed, steps=args.base_steps or 1000)
     elif args.command == "measure-sd":
         result = base_models.measure_sd(args.dm_path, args.world, args.out or ROOT / "toy_out" / "measure-sd", seed=args.seed,
                             inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,

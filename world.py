@@ -1,14 +1,19 @@
-"""The miniature world: 32x32 images of 1-3 coloured shapes, their captions, VQA pairs about them,
-and the mask of the object every answer word names (not in the paper: base_models.py trains the
-toy models on it, toy.py runs the method on it).
+"""The miniature world: 32x32 images of 1-4 coloured, textured objects, one per quadrant, their
+captions, VQA pairs about them, and the mask of the object every answer word names (not in the
+paper: base_models.py trains the toy models on it, toy.py runs the method on it).
 
 build_world() draws every split, deterministic by seed, in the DESIGN.md JSONL format, so every
-script reads it unchanged: captions such as "a red circle left of a blue square", questions about
-the colour of a shape, the shape of a colour, a position, a count, yes/no. Splits: pretrain (the
-base models' training; one object per image for VQA, so the VLM never needs to localise), finetune
-(small, 2-3 objects, where it must: "what colour is the circle?"), test-id, and test-ood
-(colour-shape pairs never seen in fine-tuning), plus test-captions (a caption per test-id image,
-every colour and shape word with its mask).
+script reads it unchanged: captions such as "red at top left, blue at bottom right and green at top
+right", questions that name one object among 3-4 by its cell and ask its colour ("what colour is
+the object at the top left?"); shapes and textures are drawn, never named.
+Splits: pretrain (the base models' training; questions about one object only on one-object images,
+its colour and its cell, so every attribute is seen but selecting an object never is; counts and
+captions on crowded ones),
+finetune (3 objects: selection needed), test-id (3 objects), test-ood (4 objects, more distractors,
+questions about colour-cell pairs never seen in fine-tuning), test-one (held-out one-object
+images: can the base model perceive what it is asked?), plus test-captions (a caption per test-id
+image, every colour word with its mask). oracle_store writes the masks as an
+attention store: the targets of toy.py's oracle arm.
 
     python toy.py build --world toy_out/world      # draw the world alone
 """
@@ -20,24 +25,44 @@ from PIL import Image
 from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------
-# the world: shapes x colours x positions x sizes
+# the world: colours x textures x cells, shapes and sizes drawn
 # ---------------------------------------------------------------------------------------------
 
 SIZE = 32                                              # image side in pixels
 BACKGROUND = (16, 16, 16)
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (60, 90, 235),
            "yellow": (235, 215, 40), "purple": (160, 60, 200)}
-SHAPES = ("circle", "square", "triangle")
-# Colour-shape pairs never shown in fine-tuning; test-ood asks about exactly these (pre-training
+# Objects are named by colour and cell only. Shape and texture (which pixels are lit in the colour,
+# the others in DIM of it) are drawn, never named: the toy VLM answered shape (v1, v2) and texture
+# (v3) questions at chance on one-object images, so a question about them could not tell a failure
+# to select the object from a failure to see it (toy_report.md, world versions).
+TEXTURES = ("solid", "striped", "checked", "dotted")
+DIM = 0.35
+SHAPES = ("circle", "square", "triangle", "cross")
+# The four quadrants, each a 16x16 cell holding at most one object: "the object at the top left"
+# names exactly one object, and an object never spills into another's cell.
+CELLS = {"top left": (0, 0), "top right": (16, 0), "bottom left": (0, 16), "bottom right": (16, 16)}
+CELL = 16
+RADII = (4.5, 6.5)                                     # half-extent range: 9-13 px objects
+# Colour-cell pairs never shown in fine-tuning; test-ood asks about exactly these (pre-training
 # shows every pair, so the concepts are known, only their binding in multi-object scenes is new).
-HELD_OUT = (("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "circle"))
-COUNT_WORDS = ("zero", "one", "two", "three")
-# split: (images, objects per image (min, max), question kinds, seed offset)
+HELD_OUT = (("red", "top left"), ("green", "top right"), ("blue", "bottom left"),
+            ("yellow", "bottom right"), ("purple", "top left"))
+COUNT_WORDS = ("zero", "one", "two", "three", "four")
+# The questions of fine-tuning and test: each names one object among 3-4 by its cell and asks its
+# colour, so answering needs that object found; the answer is a colour word, the one kind of word
+# toy-sd localises (toy_report.md, world v5). Pre-training and test-one also ask the position of a
+# named colour, so that the base model is seen to perceive both attributes of an object.
+KINDS = ("colour-at",)
+PERCEPTION_KINDS = ("colour-at", "position")
+# split: (images, objects per image (min, max), question kinds, seed offset); test-ood has every
+# cell filled (more distractors) and asks about held-out pairs
 SPLITS = {
-    "pretrain": (4000, (1, 3), None, 0),
-    "finetune": (160, (2, 3), ("colour", "shape", "yesno"), 1),
-    "test-id": (150, (2, 3), ("colour", "shape", "yesno"), 2),
-    "test-ood": (150, (2, 3), ("colour", "shape", "yesno"), 3),
+    "pretrain": (4000, (1, 4), None, 0),
+    "finetune": (400, (3, 3), KINDS, 1),
+    "test-id": (300, (3, 3), KINDS, 2),
+    "test-ood": (300, (4, 4), KINDS, 3),
+    "test-one": (200, (1, 1), PERCEPTION_KINDS, 4),                 # perception alone: one object, held out
 }
 CAPTION_PROMPT = "describe the image."
 
@@ -53,101 +78,102 @@ def shape_mask(shape, cx, cy, r, size=SIZE):
     if shape == "triangle":                                         # apex up, base at cy + r
         t = (y - (cy - r)) / (2 * r)                                # 0 at the apex, 1 at the base
         return (t >= 0) & (t <= 1) & (np.abs(x - cx) <= t * r * 1.1)
+    if shape == "cross":                                            # a plus sign, arms r/3 thick
+        inside = (np.abs(x - cx) <= r) & (np.abs(y - cy) <= r)
+        return inside & ((np.abs(x - cx) <= r / 3 + 0.5) | (np.abs(y - cy) <= r / 3 + 0.5))
     raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
-def draw_scene(rng, n_objects, allowed=None):
-    """One scene: list of objects {colour, shape, cx, cy, r}, distinct colours and distinct shapes
-    (so "the circle" and "the red object" each name exactly one object), boxes not overlapping.
+def texture_lit(texture, size=SIZE):
+    """Boolean (size, size): the pixels a texture lights (the rest of the object is dim)."""
+    y, x = np.mgrid[0:size, 0:size]
+    lit = {"solid": np.ones((size, size), bool), "striped": y % 2 == 0, "checked": (x + y) % 2 == 0,
+           "dotted": (x % 2 == 0) & (y % 2 == 0)}
+    if texture not in lit:
+        raise ValueError(f"unknown texture {texture!r}; choose one of {TEXTURES}")
+    return lit[texture]
 
-    allowed: optional set of (colour, shape) pairs to draw from (fine-tuning excludes HELD_OUT).
+
+def draw_scene(rng, n_objects, allowed=None):
+    """One scene: list of objects {colour, cell, shape, texture, cx, cy, r}, distinct colours and
+    distinct cells (so "the red object" and "the object at the top left" each name exactly one
+    object), each object inside its cell.
+
+    allowed: optional set of (colour, cell) pairs to draw from (fine-tuning excludes HELD_OUT).
     """
     for _ in range(1000):                                           # rejection sampling
-        shapes = rng.choice(SHAPES, size=n_objects, replace=False)
         colours = rng.choice(list(COLOURS), size=n_objects, replace=False)
-        pairs = list(zip(colours.tolist(), shapes.tolist()))
-        if allowed is not None and not all(p in allowed for p in pairs):
-            continue
-        objects = []
-        for colour, shape in pairs:
-            r = float(rng.uniform(3.5, 6.0))                        # sizes: small to large
-            for _ in range(100):
-                cx, cy = rng.uniform(r + 1, SIZE - r - 1, size=2)
-                if all(abs(cx - o["cx"]) > r + o["r"] + 1 or abs(cy - o["cy"]) > r + o["r"] + 1 for o in objects):
-                    objects.append({"colour": colour, "shape": shape, "cx": float(cx), "cy": float(cy), "r": r})
-                    break
-        if len(objects) == n_objects:
-            return objects
-    raise RuntimeError(f"could not place {n_objects} objects on a {SIZE}x{SIZE} canvas")
+        cells = rng.choice(list(CELLS), size=n_objects, replace=False)
+        pairs = list(zip(colours.tolist(), cells.tolist()))
+        if allowed is None or all(p in allowed for p in pairs):
+            break
+    else:
+        raise RuntimeError(f"no {n_objects} colour-cell pairs among {sorted(allowed)}")
+    objects = []
+    for colour, cell in pairs:
+        shape, texture, r = str(rng.choice(SHAPES)), str(rng.choice(TEXTURES)), float(rng.uniform(*RADII))
+        x0, y0 = CELLS[cell]
+        cx, cy = rng.uniform(r + 0.5, CELL - r - 0.5, size=2) + (x0, y0)
+        objects.append({"colour": colour, "texture": texture, "shape": shape, "cell": cell,
+                        "cx": float(cx), "cy": float(cy), "r": r})
+    return objects
 
 
 def render(objects):
-    """(image uint8 (32, 32, 3), masks: list of bool (32, 32), one per object, exactly its drawn pixels)."""
+    """(image uint8 (32, 32, 3), masks: list of bool (32, 32), one per object, exactly its drawn
+    pixels: lit ones in its colour, the others of its texture in DIM of it)."""
     image = np.zeros((SIZE, SIZE, 3), np.uint8) + np.array(BACKGROUND, np.uint8)
     masks = [shape_mask(o["shape"], o["cx"], o["cy"], o["r"]) for o in objects]
     for o, m in zip(objects, masks):
-        image[m] = COLOURS[o["colour"]]
+        colour = np.array(COLOURS[o["colour"]])
+        lit = texture_lit(o["texture"])
+        image[m & lit] = colour
+        image[m & ~lit] = np.round(colour * DIM).astype(np.uint8)
     return image, masks
 
 
-def relation(a, b):
-    """Where object a is relative to b, by the larger offset: 'left of', 'right of', 'above', 'below'."""
-    dx, dy = a["cx"] - b["cx"], a["cy"] - b["cy"]
-    if abs(dx) >= abs(dy):
-        return "left of" if dx < 0 else "right of"
-    return "above" if dy < 0 else "below"
-
-
 def caption(objects):
-    """'a red circle' / 'a red circle left of a blue square' / 'a red circle, a blue square and a green triangle'."""
-    names = [f"a {o['colour']} {o['shape']}" for o in objects]
-    if len(objects) == 1:
+    """'red at top left' / 'red at top left and blue at bottom right' / 'red at top left, blue at
+    top right and green at bottom left', the objects in reading order of the cells."""
+    order = sorted(objects, key=lambda o: list(CELLS).index(o["cell"]))
+    names = [f"{o['colour']} at {o['cell']}" for o in order]
+    if len(names) == 1:
         return names[0]
-    if len(objects) == 2:
-        return f"{names[0]} {relation(objects[0], objects[1])} {names[1]}"
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def side(o):
-    """Coarse position of one object in the image: left, right, top or bottom (larger offset from centre)."""
-    dx, dy = o["cx"] - SIZE / 2, o["cy"] - SIZE / 2
-    if abs(dx) >= abs(dy):
-        return "left" if dx < 0 else "right"
-    return "top" if dy < 0 else "bottom"
-
-
-def questions(rng, objects, kind):
-    """One (question, answer, index of the object the answer names or None) of a given kind."""
-    o_index = int(rng.integers(len(objects)))
-    o = objects[o_index]
-    if kind == "colour":                                            # answer names the object: mask
-        return f"what colour is the {o['shape']}?", o["colour"], o_index
-    if kind == "shape":
-        return f"what shape is the {o['colour']} object?", o["shape"], o_index
+def question(o, kind):
+    """(question, answer) of a kind about object o: the object is named by one attribute and the
+    answer is another."""
+    if kind == "colour-at":
+        return f"what colour is the object at the {o['cell']}?", o["colour"]
     if kind == "position":
-        return f"where is the {o['colour']} {o['shape']}?", side(o), None
+        return f"where is the {o['colour']} object?", o["cell"]
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def questions(rng, objects, kind, o_index=None):
+    """One (question, answer, index of the object the answer names or None) of a given kind about
+    objects[o_index] (drawn when None)."""
+    if o_index is None:
+        o_index = int(rng.integers(len(objects)))
+    if kind in PERCEPTION_KINDS:
+        q, a = question(objects[o_index], kind)
+        return q, a, o_index                                    # the answer's words name the object: mask
     if kind == "count":
         return "how many objects are there?", COUNT_WORDS[len(objects)], None
-    if kind == "yesno":                                             # half true, half a swapped pair
-        if rng.random() < 0.5:
-            return f"is there a {o['colour']} {o['shape']}?", "yes", None
-        present = {(p["colour"], p["shape"]) for p in objects}
-        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present and
-                  (c in {p["colour"] for p in objects} or s in {p["shape"] for p in objects})]
-        c, s = absent[int(rng.integers(len(absent)))]
-        return f"is there a {c} {s}?", "no", None
     if kind == "caption":
         return CAPTION_PROMPT, caption(objects), None
     raise ValueError(f"unknown question kind {kind!r}")
 
 
 def pretrain_kinds(n_objects):
-    """Pre-training asks binding questions only of one-object scenes: localisation is never needed
-    there, so fine-tuning is where selecting the named object is learnt; multi-object scenes get
-    counting only."""
+    """Pre-training asks about one object only in one-object scenes: every attribute is seen there
+    (colour, cell) but selecting one object among others never is; multi-object scenes get counting
+    and captions."""
     if n_objects == 1:
-        return ("colour", "shape", "position", "count", "yesno", "caption")
-    return ("count",)
+        return (*PERCEPTION_KINDS, "count", "caption")
+    return ("count", "caption")
 
 
 def save_mask(mask, path):
@@ -161,14 +187,14 @@ def build_split(out_dir, split, seed, spec=None):
     n_images, (lo, hi), kinds, offset = spec or SPLITS[split]
     rng = np.random.default_rng([seed, offset])                    # one stream per split: splits independent
     allowed = None
-    every_pair = {(c, s) for c in COLOURS for s in SHAPES}
+    every_pair = {(c, cell) for c in COLOURS for cell in CELLS}
     if split == "finetune":
         allowed = every_pair - set(HELD_OUT)
     items = []
     for i in range(n_images):
         n_objects = int(rng.integers(lo, hi + 1))
         objects = draw_scene(rng, n_objects, allowed)
-        while split == "test-ood" and not any((o["colour"], o["shape"]) in HELD_OUT for o in objects):
+        while split == "test-ood" and not any((o["colour"], o["cell"]) in HELD_OUT for o in objects):
             objects = draw_scene(rng, n_objects, allowed)           # test-ood: every scene has a held-out pair
         image, masks = render(objects)
         image_id = f"{split}-{i:05d}"
@@ -178,23 +204,19 @@ def build_split(out_dir, split, seed, spec=None):
         # pre-training: every kind its scene allows; the small splits: one question per image
         picked = pretrain_kinds(n_objects) if kinds is None else [kinds[int(rng.integers(len(kinds)))]]
         for kind in picked:
-            q, a, o_index = questions(rng, objects, kind)
-            if split == "test-ood" and kind in ("colour", "shape"):
-                # ask about a held-out object: that is what the split tests
-                o_index = next(k for k, o in enumerate(objects) if (o["colour"], o["shape"]) in HELD_OUT)
-                o = objects[o_index]
-                q, a = ((f"what colour is the {o['shape']}?", o["colour"]) if kind == "colour" else
-                        (f"what shape is the {o['colour']} object?", o["shape"]))
+            # test-ood asks about a held-out object: that is what the split tests
+            held = [k for k, o in enumerate(objects) if (o["colour"], o["cell"]) in HELD_OUT]
+            q, a, o_index = questions(rng, objects, kind, held[0] if split == "test-ood" else None)
             item = {"id": f"{image_id}-{kind}", "image": f"images/{image_id}.png", "question": q, "answer": a,
                     "category": kind, "caption": caption(objects), "objects": objects}
-            # masks: the object each answer word names (colour and shape words of a caption, or the
-            # one-word answer of a colour/shape question); words naming no object get none
+            # masks: the object each answer word names (every word of a question's answer: "red",
+            # or "top" and "left"; the colour words of a caption); words naming no object get none
             masks_of = {}
             if o_index is not None:
-                masks_of[a] = f"masks/{image_id}-{o_index}.png"
+                masks_of = {word: f"masks/{image_id}-{o_index}.png" for word in a.split()}
             if kind == "caption":
                 for k, o in enumerate(objects):
-                    masks_of[o["colour"]] = masks_of[o["shape"]] = f"masks/{image_id}-{k}.png"
+                    masks_of[o["colour"]] = f"masks/{image_id}-{k}.png"
             if masks_of:
                 item["masks"] = masks_of
             items.append(item)
@@ -204,15 +226,53 @@ def build_split(out_dir, split, seed, spec=None):
     return items
 
 
+def oracle_store(items, root, out_dir, dm_name="oracle-masks"):
+    """The attention store of the ground truth: for each item, one map per answer word that has a
+    mask (the object it names), that mask area-resized to 32x32 and min-max normalised, written by
+    data.save_maps in the format extract.py writes (words as data.split_words cuts the answer,
+    metadata text = the answer), so train.py and evaluate.py read it as they read DM maps. Items
+    without such a word get no file (they train with L_VLM alone). Returns the number of files.
+
+    A mask filed under a word that is not in the answer, an empty mask, or a mask of another size
+    than its image is refused (ValueError naming the item and word): a silently wrong target would
+    train the model toward the wrong place.
+    """
+    import torch
+    from data import MAP_SIZE, item_regions, maps_path, save_maps, split_words
+    written = 0
+    for it in items:
+        regions = item_regions(it, root, lambda w: w.lower())          # {word: (H, W) bool}
+        words = list(dict.fromkeys(w for w, _, _ in split_words(it["answer"])))
+        stray = sorted(set(regions) - set(words))
+        if stray:
+            raise ValueError(f"item {it['id']!r}: masks for {stray}, which are not words of its answer "
+                             f"{it['answer']!r}")
+        maps, kept = [], []
+        for word in words:
+            if word not in regions:
+                continue
+            if not regions[word].any():
+                raise ValueError(f"item {it['id']!r}: the mask of {word!r} is empty")
+            mask = Image.fromarray(regions[word].astype(np.float32))
+            m = np.asarray(mask.resize((MAP_SIZE, MAP_SIZE), Image.BOX), np.float32)   # (32, 32) coverage
+            maps.append((m - m.min()) / max(m.max() - m.min(), 1e-8))
+            kept.append(word)
+        if kept:
+            save_maps(maps_path(out_dir, it["id"]), torch.from_numpy(np.stack(maps)), kept,
+                      {"text": it["answer"], "dm": dm_name, "res": SIZE})
+            written += 1
+    return written
+
+
 def write_captions(out_dir, items):
     """test-captions.jsonl: one captioning item per test-id image (never seen by toy-sd in training),
-    masks for every colour and shape word: the toy-sd pointing check runs on these."""
+    masks for every colour word: the toy-sd pointing check runs on these."""
     lines = {}
     for it in items:
         image_id = Path(it["image"]).stem
         masks = {}
         for k, o in enumerate(it["objects"]):
-            masks[o["colour"]] = masks[o["shape"]] = f"masks/{image_id}-{k}.png"
+            masks[o["colour"]] = f"masks/{image_id}-{k}.png"
         lines[image_id] = {"id": f"{image_id}-caption", "image": it["image"], "question": CAPTION_PROMPT,
                            "answer": it["caption"], "category": "caption", "caption": it["caption"],
                            "objects": it["objects"], "masks": masks}
@@ -224,7 +284,7 @@ def write_captions(out_dir, items):
 def build_world(out_dir, seed=0, finetune_items=None):
     """Draw every split of the world into out_dir (deterministic by seed); returns {split: jsonl path}.
 
-    finetune_items: the finetune split's size (default SPLITS', 160). A cached world (world.json
+    finetune_items: the finetune split's size (default SPLITS', 400). A cached world (world.json
     with the same seed and splits) is reused as it is.
     """
     out_dir = Path(out_dir)
@@ -232,7 +292,7 @@ def build_world(out_dir, seed=0, finetune_items=None):
     if finetune_items is not None:
         splits["finetune"] = (finetune_items, *SPLITS["finetune"][1:])
     stamp = {"seed": seed, "splits": {k: list(map(str, v)) for k, v in splits.items()}, "held_out": HELD_OUT,
-             "version": 1}
+             "version": 5}
     paths = {split: out_dir / f"{split}.jsonl" for split in (*SPLITS, "test-captions")}
     info = out_dir / "world.json"
     if info.exists() and json.loads(info.read_text()) == json.loads(json.dumps(stamp)) and all(p.exists() for p in paths.values()):
@@ -256,8 +316,8 @@ PUNCTUATION = (",", ".", "?")
 
 def world_words():
     """Every word the world's texts use (captions, questions, answers), sorted."""
-    words = set(COLOURS) | set(SHAPES) | set(COUNT_WORDS)
-    words |= set("a and left right of above below top bottom yes no what colour shape is the object where "
+    words = set(COLOURS) | set(TEXTURES) | set(COUNT_WORDS)
+    words |= set("and left right top bottom at what colour is the object where "
                  "how many objects are there describe image".split())
     return sorted(words)
 

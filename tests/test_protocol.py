@@ -39,6 +39,7 @@ def test_protocol_table_pairs_by_world_and_seed():
     table = toy.protocol_table(rows())
     lav = table["accuracy test-id"]["lavender"]
     assert lav["n"] == 6 and lav["mean"] == pytest.approx(0.02)  # (0.01 + 0.02 + 0.03) / 3, both worlds
+    assert [lav["low"], lav["high"]] == lav["ci95"] and lav["low"] < 0.02 < lav["high"]  # protocol.json keys
     assert table["accuracy test-id"]["base"]["mean"] == pytest.approx(-0.105)  # 0.3 - (0.40, 0.41)
     assert table["accuracy test-id"]["lavender-n40"]["mean"] == pytest.approx(0.02)
     links = table["links"]

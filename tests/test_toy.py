@@ -22,10 +22,11 @@ import world
 SHIPPED_SD = toy.TOY_MODELS / "toy-sd"
 SHIPPED_VLM = toy.TOY_MODELS / "toy-vlm"
 # Set below what was measured on many held-out items (toy_report.md), since the tests use a dozen:
-POINTING_THRESHOLD = 0.6      # toy-sd caption words: 84.5% measured on 750 held-out words; chance ~ 6%
-COLOUR_POINTING_THRESHOLD = 0.8   # its colour words alone: 91% of 375
-SHAPE_POINTING_THRESHOLD = 0.4    # its shape words alone: 78% of 375
-VQA_THRESHOLD = 0.5           # toy VLM, one-object colour/shape questions: 67% measured on 496 items
+# toy-sd caption (colour) words, 12 held-out images: 0.29 measured for the shipped toy-sd (chance
+# about 0.1, an object's share of the image); a sharp teacher would point at 0.9, which the
+# shipped toy-sd does not reach (toy_report.md, world versions): this checks it beats chance
+POINTING_THRESHOLD = 0.2
+VQA_THRESHOLD = 0.9           # toy VLM, one-object questions (test-one): 1.00 measured on 200 items
 
 
 @pytest.fixture(scope="module")
@@ -84,60 +85,128 @@ def test_a_larger_finetune_split_extends_the_smaller_one(small_world, tmp_path):
     assert (tmp_path / "big" / "world.json").read_text() != (out / "world.json").read_text()
 
 
+def object_of(item, rel):
+    """The object a mask file (masks/<image>-<k>.png) is of."""
+    return item["objects"][int(Path(rel).stem.rsplit("-", 1)[1])]
+
+
 def test_masks_match_drawings(small_world):
-    """Every mask is exactly the pixels of its object's colour (objects never overlap), and the
-    word a mask is filed under names that object's colour or shape."""
+    """Every mask is exactly the pixels drawn in its object's colour (lit) or its dim (objects never
+    overlap: one per cell), inside the object's cell, and the word a mask is filed under names
+    that object's colour or cell."""
     out, paths = small_world
     checked = 0
-    for split in ("finetune", "test-id", "test-ood", "test-captions"):
+    for split in ("finetune", "test-id", "test-ood", "test-one", "test-captions"):
         for item in read(paths[split]):
             pixels = np.asarray(Image.open(out / item["image"]).convert("RGB"))    # (32, 32, 3)
             for word, rel in item.get("masks", {}).items():
                 mask = np.asarray(Image.open(out / rel)) > 127                     # (32, 32)
-                k = int(Path(rel).stem.rsplit("-", 1)[1])
-                obj = item["objects"][k]
-                assert word in (obj["colour"], obj["shape"]), (item["id"], word, obj)
-                coloured = (pixels == world.COLOURS[obj["colour"]]).all(-1)          # (32, 32)
-                assert mask.sum() >= 20 and np.array_equal(mask, coloured), (item["id"], word)
+                obj = object_of(item, rel)
+                assert word in (obj["colour"], *obj["cell"].split()), (item["id"], word, obj)
+                lit = np.array(world.COLOURS[obj["colour"]])
+                dim = np.round(lit * world.DIM)
+                drawn = (pixels == lit).all(-1) | (pixels == dim).all(-1)           # (32, 32)
+                assert mask.sum() >= 20 and np.array_equal(mask, drawn), (item["id"], word)
                 assert np.array_equal(mask, world.shape_mask(obj["shape"], obj["cx"], obj["cy"], obj["r"]))
+                x0, y0 = world.CELLS[obj["cell"]]
+                ys, xs = mask.nonzero()
+                assert xs.min() >= x0 and xs.max() < x0 + 16 and ys.min() >= y0 and ys.max() < y0 + 16
+                # the texture: lit pixels exactly where the texture lights them
+                assert np.array_equal((pixels == lit).all(-1) & mask, world.texture_lit(obj["texture"]) & mask)
                 checked += 1
     assert checked > 30
 
 
+def test_texture_worked_example():
+    """A 4x4 corner of each texture (1 = lit): each shows in any 2x2 pixels."""
+    corner = {t: world.texture_lit(t)[:4, :4].astype(int).tolist() for t in world.TEXTURES}
+    assert corner["solid"] == [[1] * 4] * 4
+    assert corner["striped"] == [[1] * 4, [0] * 4, [1] * 4, [0] * 4]
+    assert corner["checked"] == [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]
+    assert corner["dotted"] == [[1, 0, 1, 0], [0] * 4, [1, 0, 1, 0], [0] * 4]
+
+
 def test_answers_are_true_of_the_scene(small_world):
+    """Each answer follows from the scene alone, the question names exactly one object, and the
+    answer's mask is of that object."""
     out, paths = small_world
-    for split in ("pretrain", "finetune", "test-id", "test-ood"):
+    seen = set()
+    for split in ("pretrain", "finetune", "test-id", "test-ood", "test-one"):
         for item in read(paths[split]):
-            objs, q, a = item["objects"], item["question"], item["answer"]
-            pairs = {(o["colour"], o["shape"]) for o in objs}
-            if item["category"] == "colour":
-                assert (a, q.split()[-1].rstrip("?")) in pairs
-            elif item["category"] == "shape":
-                assert (q.split()[-2], a) in pairs
-            elif item["category"] == "count":
+            objs, q, a, kind = item["objects"], item["question"], item["answer"], item["category"]
+            seen.add(kind)
+            assert len({o["colour"] for o in objs}) == len({o["cell"] for o in objs}) == len(objs)
+            named = {"colour-at": [o for o in objs if q.endswith(f"at the {o['cell']}?")],
+                     "position": [o for o in objs if q == f"where is the {o['colour']} object?"]}
+            if kind in named:
+                assert len(named[kind]) == 1, (item["id"], q)               # one object fits the question
+                o = named[kind][0]
+                assert a == {"colour-at": o["colour"], "position": o["cell"]}[kind], (item["id"], q, a)
+                # every answer word has the mask of that object ("top left": "top" and "left")
+                assert list(item["masks"]) == a.split()
+                assert all(object_of(item, rel) == o for rel in item["masks"].values())
+            elif kind == "count":
                 assert a == world.COUNT_WORDS[len(objs)]
-            elif item["category"] == "yesno":
-                c, s = q.rstrip("?").split()[-2:]
-                assert a == ("yes" if (c, s) in pairs else "no")
-            assert len({o["colour"] for o in objs}) == len(objs) == len({o["shape"] for o in objs})
+            elif kind == "caption":
+                assert a == world.caption(objs)
+    assert seen == {*world.PERCEPTION_KINDS, "count", "caption"}
 
 
 def test_splits_follow_the_design(small_world):
-    """pretrain asks binding questions only of one-object scenes; fine-tuning never shows a held-out
-    colour-shape pair; every test-ood colour/shape question is about a held-out pair."""
+    """pretrain asks about one object only in one-object scenes; fine-tuning never shows a held-out
+    colour-cell pair; test-ood fills every cell and asks about a held-out pair."""
     _, paths = small_world
     for item in read(paths["pretrain"]):
-        if item["category"] in ("colour", "shape", "yesno", "position", "caption"):
+        if item["category"] not in ("count", "caption"):
             assert len(item["objects"]) == 1
     held = {tuple(p) for p in world.HELD_OUT}
-    for item in read(paths["finetune"]):
-        assert not {(o["colour"], o["shape"]) for o in item["objects"]} & held
-        assert len(item["objects"]) >= 2
-    for item in read(paths["test-ood"]):
-        if item["category"] in ("colour", "shape"):
-            k = int(Path(item["masks"][item["answer"]]).stem.rsplit("-", 1)[1])
-            o = item["objects"][k]
-            assert (o["colour"], o["shape"]) in held
+    for split, n in (("finetune", 3), ("test-id", 3), ("test-ood", 4), ("test-one", 1)):
+        for item in read(paths[split]):
+            assert len(item["objects"]) == n
+            if split == "finetune":
+                assert not {(o["colour"], o["cell"]) for o in item["objects"]} & held
+            if split == "test-ood":
+                o = object_of(item, item["masks"][item["answer"].split()[0]])
+                assert (o["colour"], o["cell"]) in held
+
+
+def test_oracle_store_is_the_masks_in_the_store_format(small_world, tmp_path):
+    """world.oracle_store: one file per item with a mask, the answer word's mask as its map, read
+    back by data.check_maps as a usable target for that answer (the format train.py reads); a
+    two-word answer ("top left", a test-one position question) gets both words, each with the
+    object's mask."""
+    out, paths = small_world
+    items = data.read_items(paths["finetune"]) + data.read_items(paths["test-one"])
+    assert world.oracle_store(items, out, tmp_path / "oracle") == len(items)
+    assert {len(it["answer"].split()) for it in items} == {1, 2}
+    for it in items:
+        path = data.maps_path(tmp_path / "oracle", it["id"])
+        assert data.check_maps(path, it["answer"]) == (it["answer"].split(), None)
+        maps, words, meta = data.load_maps(path)
+        assert maps.shape == (len(words), 32, 32) and meta["dm"] == "oracle-masks"
+        for word, m in zip(words, maps):
+            mask = np.asarray(Image.open(out / it["masks"][word])) > 127
+            assert torch.equal(m, torch.from_numpy(mask).float())
+
+
+def test_oracle_store_resizes_and_refuses_stray_masks(tmp_path):
+    """A 64x64 mask becomes its 32x32 coverage (min-max: a half-covered cell is 0.5); a mask filed
+    under a word that is not in the answer, or an empty one, is refused, naming the item."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[0:4, 0:3] = 255                                        # cells (0, 0) and (1, 0) full, (0, 1) and (1, 1) half
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "im.png")
+    item = {"id": "x", "image_path": str(tmp_path / "im.png"), "answer": "Red.", "masks": {"red": "m.png"}}
+    world.oracle_store([item], tmp_path, tmp_path / "store")
+    maps, words, _ = data.load_maps(data.maps_path(tmp_path / "store", "x"))
+    assert words == ["red"] and maps.shape == (1, 32, 32)
+    assert maps[0, :2, :2].tolist() == [[1.0, 0.5], [1.0, 0.5]] and maps[0].sum() == 3.0
+    with pytest.raises(ValueError, match="item 'x': masks for \\['blue'\\]"):
+        world.oracle_store([dict(item, masks={"blue": "m.png"})], tmp_path, tmp_path / "store2")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="item 'x': the mask of 'red' is empty"):
+        world.oracle_store([dict(item, masks={"red": "empty.png"})], tmp_path, tmp_path / "store3")
+    assert world.oracle_store([dict(item, masks={})], tmp_path, tmp_path / "store4") == 0
 
 
 def test_world_reads_through_the_project(small_world):
@@ -157,9 +226,9 @@ def test_world_reads_through_the_project(small_world):
 
 def test_clip_tokenizer_worked_example():
     tok = base_models.toy_sd_tokenizer()
-    pieces = tok.convert_ids_to_tokens(tok("a red circle, left of a blue square? redd").input_ids)
-    assert pieces == ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", ",</w>", "left</w>", "of</w>", "a</w>",
-                      "blue</w>", "square</w>", "?</w>", "re", "d", "d</w>", "<|endoftext|>"]
+    pieces = tok.convert_ids_to_tokens(tok("red at top left, blue? redd").input_ids)
+    assert pieces == ["<|startoftext|>", "red</w>", "at</w>", "top</w>", "left</w>", ",</w>", "blue</w>", "?</w>",
+                      "re", "d", "d</w>", "<|endoftext|>"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,17 +246,18 @@ def test_shipped_toy_sd_points_at_objects(small_world, tmp_path):
                               progress=False)
     assert summary["done"] == len(items)
     result = base_models.dm_pointing(items, tmp_path / "attn")
-    assert result["n"] >= 40
+    assert result["n"] >= 20
     assert result["accuracy"] >= POINTING_THRESHOLD, result
-    assert result["colour"] >= COLOUR_POINTING_THRESHOLD and result["shape"] >= SHAPE_POINTING_THRESHOLD, result
+    assert result["colour"] == result["accuracy"], result                 # caption masks: colour words
 
 
 def test_shipped_toy_vlm_loads_through_train_and_answers(small_world):
     _, paths = small_world
     model, processor = models.load_vlm("toy", str(SHIPPED_VLM))
     assert processor.tokenizer.convert_tokens_to_ids("<|image|>") == model.config.image_token_index
-    items = [it for it in data.read_items(paths["pretrain"]) if it["category"] in ("colour", "shape")][:20]
-    assert base_models.exact_accuracy(model, processor, items) >= VQA_THRESHOLD   # one-object scenes: the pre-training task
+    items = data.read_items(paths["test-one"])[:20]                   # held-out one-object scenes
+    accuracy = base_models.kind_accuracy(model, processor, items)
+    assert all(accuracy[k] >= VQA_THRESHOLD for k in world.PERCEPTION_KINDS), accuracy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,30 +281,25 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
         assert 0.0 <= float(value.split(" ± ")[0]) <= 1.0
     assert table["Aligner head: pointing (test-id)"][:2] == ("", "")  # a head is Lavender's alone
     assert 0.0 <= float(table["Aligner head: pointing (test-id)"][2].split(" ± ")[0]) <= 1.0
-    for loss in ("ar", "lavender"):
-        config = json.loads((tmp_path / "demo" / "runs" / f"{loss}-s0" / "config.json").read_text())
+    for arm, loss in (("ar", "ar"), ("lavender", "lavender"), ("oracle", "lavender")):
+        config = json.loads((tmp_path / "demo" / "runs" / f"{arm}-s0" / "config.json").read_text())
         assert config["loss"] == loss and config["max_steps"] == 2 and config["model"] == "toy"
+    assert "oracle-" in json.loads((tmp_path / "demo" / "runs" / "oracle-s0" / "config.json").read_text())["attn"]
+    figures = json.loads((tmp_path / "demo" / "toy_report.json").read_text())
+    for arm in ("ar", "lavender", "oracle"):
+        assert set(figures[arm]["accuracy"]) == {"test-id", "test-ood"} and "own_pointing" in figures[arm]
+    for arm in ("lavender", "oracle"):                                 # minus AR of the same seed
+        gap = figures[arm]["minus_ar"]["test-id"]
+        assert gap["n"] == 1 and gap["low"] is None and gap["high"] is None   # one seed: no interval
+        expected = figures[arm]["accuracy"]["test-id"] - figures["ar"]["accuracy"]["test-id"]
+        assert gap["mean"] == pytest.approx(expected)
+    assert {"dm_pointing", "dm_entropy", "base_own_entropy", "base_accuracy"} <= set(figures)
     lavender_log = [json.loads(l) for l in open(tmp_path / "demo" / "runs" / "lavender-s0" / "log.jsonl")]
     assert any(entry["aligned_words"] > 0 for entry in lavender_log)   # the DM maps reached the loss
     report = (tmp_path / "demo" / "toy_report.md").read_text()
     assert "| accuracy test-id |" in report and "toy_report/" in report
     assert any((tmp_path / "demo" / "toy_report").glob("test-id-*.png"))  # its pictures beside it
     assert (toy.ROOT / "toy_report.md").read_bytes() == shipped
-
-
-def test_demo_dm_categories_limits_the_fine_tuning_maps(small_world, tmp_path):
-    """--dm-categories colour: DM maps only for colour answers in fine-tuning (shape items then train
-    with L_VLM alone); the test splits keep every map, so pointing and MSE are measured on every category."""
-    world, _ = small_world
-    toy.main(["--world", str(world), "--out", str(tmp_path / "demo"), "--seeds", "0", "--steps", "2",
-              "--batch-size", "4", "--limit", "8", "--inversion-steps", "2", "--denoise-steps", "1",
-              "--report", "", "--quiet", "--dm-categories", "colour"])
-    finetune = [p.name for p in (tmp_path / "demo" / "attn").glob("*/finetune-*/*.safetensors")]
-    expected = [it["id"] for it in data.read_items(world / "finetune.jsonl") if it.get("masks")][:8]
-    assert finetune and all(p.split(".")[0].endswith("-colour") for p in finetune), finetune
-    assert len(finetune) == sum(i.endswith("-colour") for i in expected)
-    tests = [p.name for p in (tmp_path / "demo" / "attn").glob("*/test-id/*.safetensors")]
-    assert any(p.split(".")[0].endswith("-shape") for p in tests)      # test maps: every category
 
 
 def test_retraining_paths_write_loadable_models(small_world, tmp_path):
