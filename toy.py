@@ -144,7 +144,7 @@ def demo_paired(reports):
 
 def paired_cell(gap):
     """'+0.021 [-0.042, +0.084] 2/3': a paired difference, its interval and its wins."""
-    if gap is None:
+    if not gap:
         return "-"
     low, high = gap["ci95"]
     return f"{gap['mean']:+.3f} [{low:+.3f}, {high:+.3f}] {gap['wins']}/{gap['n']}"
@@ -364,7 +364,8 @@ def as_run(head):
 
 
 def paired(values, arm, base="ar"):
-    """Paired differences arm - base over (world, seed): dict(mean, ci95, n, wins) (t interval)."""
+    """Paired differences arm - base over (world, seed): dict(mean, low, high, ci95, n, wins) (t
+    interval; low and high None for a single pair)."""
     diffs = [v[arm] - v[base] for v in values if v.get(arm) is not None and v.get(base) is not None]
     if not diffs:
         return None
@@ -415,7 +416,7 @@ def protocol(args):
 def protocol_markdown(result):
     """The protocol's tables: per measure, each arm's paired difference against AR (mean [95% t
     interval], arm ahead in k of n pairs), the raw means, and the links of the paper's argument."""
-    fmt = lambda d: "-" if not d else f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] {d['wins']}/{d['n']}"  # noqa: E731
+    fmt = paired_cell
     mean = lambda rows, name, arm: np.mean([r[name][arm] for r in rows if r[name].get(arm) is not None])  # noqa: E731
     rows, paired_ = result["rows"], result["paired"]
     names = list(MEASURES)
