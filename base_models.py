@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import aggregate
 import data
 import evaluate
 import extract
@@ -224,6 +225,85 @@ def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, **extract_kwargs):
         extract.extract(items, dm, Path(out_dir) / split, batch_size=32, **extract_kwargs)
         result[name] = dm_pointing(items, Path(out_dir) / split)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention ceiling: what the toy VLM answers when its cross-attention looks at the right object
+# ---------------------------------------------------------------------------------------------
+
+class SteeredAttention:
+    """transformers' attention interface (registered as NAME): eager attention everywhere, except
+    in the cross-attention layers at the rows set in `rows` (B,), one text position per sample,
+    where the probabilities become (1 - alpha) p + alpha m, m = `targets` (B, n_image_tokens), a
+    distribution over the image tokens. The layer's values, output projection and gate are its own:
+    only where it looks changes."""
+    NAME = "lavender-steered"
+
+    def __init__(self):
+        self.rows, self.targets, self.alpha = None, None, 0.0
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        from transformers.models.mllama import modeling_mllama as mllama
+        out, weights = mllama.eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
+        if self.rows is None or self.alpha == 0 or not isinstance(module, mllama.MllamaTextCrossAttention):
+            return out, weights
+        b = torch.arange(weights.shape[0])
+        weights = weights.clone()  # (B, H, T, N)
+        weights[b, :, self.rows] = (1 - self.alpha) * weights[b, :, self.rows] + self.alpha * self.targets[:, None].to(weights)
+        values = mllama.repeat_kv(value, module.num_key_value_groups)  # (B, H, N, d)
+        return torch.matmul(weights, values).transpose(1, 2).contiguous(), weights
+
+
+STEERED = SteeredAttention()
+
+
+def register_steered():
+    """SteeredAttention under its name in transformers' attention interface, with eager attention's
+    masks (an implementation name without a mask function gets no causal mask)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    AttentionInterface.register(SteeredAttention.NAME, STEERED)
+    AttentionMaskInterface.register(SteeredAttention.NAME, eager_mask)
+
+
+def mask_targets(items, patch=4):
+    """(B, 1 + P²) the share of each item's answer object in each patch of the toy VLM's one tile
+    (its CLS token first, weight 0), from the item's mask: where an ideal look at the object goes."""
+    targets = []
+    for it in items:
+        (rel,) = it["masks"].values()
+        mask = torch.from_numpy(np.asarray(Image.open(Path(it["image_path"]).parent.parent / rel).convert("L")) > 127)
+        share = F.avg_pool2d(mask.float()[None, None], patch).flatten()  # (P², ) in reading order
+        targets.append(torch.cat([torch.zeros(1), share / share.sum()]))
+    return torch.stack(targets)
+
+
+@torch.no_grad()
+def attention_ceiling(model, processor, items, alphas=(0.0, 1.0), batch_size=50):
+    """{alpha: accuracy}: the answer's first token, teacher-forced, when every cross-attention layer
+    reads the answer's prediction row steered to the asked object (SteeredAttention; alpha 0 = the
+    model as it is). Near 1 at alpha 1 while low at 0: the answers fail at selecting the object, which
+    an attention target can teach; near alpha 0's: the model does not read the object through
+    cross-attention and no attention target can help."""
+    register_steered()
+    items = [it for it in items if len(it.get("masks") or {}) == 1]
+    config = model.config.get_text_config()
+    before, config._attn_implementation = config._attn_implementation, SteeredAttention.NAME
+    hits = {a: 0 for a in alphas}
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            batch = data.collate(processor, chunk)
+            rows = aggregate.answer_rows(batch["labels"])[:, 0]  # the row that predicts the answer's first token
+            gold = batch["input_ids"][torch.arange(len(chunk)), rows + 1]
+            STEERED.rows, STEERED.targets = rows, mask_targets(chunk)
+            for a in alphas:
+                STEERED.alpha = a
+                logits = model(**data.model_inputs(batch)).logits
+                hits[a] += int((logits[torch.arange(len(chunk)), rows].argmax(-1) == gold).sum())
+    finally:
+        config._attn_implementation, STEERED.rows, STEERED.alpha = before, None, 0.0
+    return {a: round(hits[a] / max(len(items), 1), 4) for a in alphas}
 
 
 # ---------------------------------------------------------------------------------------------

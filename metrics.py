@@ -380,6 +380,26 @@ def t_interval(scores, low=0.0, high=1.0):
     return max(low, mean - half), min(high, mean + half)
 
 
+def paired(values, arm, base="ar"):
+    """Paired differences arm - base over (world, seed): dict(mean, low, high, ci95, n, wins) (t
+    interval; low and high None for a single pair)."""
+    diffs = [v[arm] - v[base] for v in values if v.get(arm) is not None and v.get(base) is not None]
+    if not diffs:
+        return None
+    lo, hi = t_interval(diffs, low=-math.inf, high=math.inf)
+    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731 -- one pair: no interval
+    return {"mean": sum(diffs) / len(diffs), "low": finite(lo), "high": finite(hi), "ci95": [lo, hi],
+            "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
+
+
+def paired_cell(gap):
+    """'+0.021 [-0.042, +0.084] 2/3': a paired difference, its interval and its wins."""
+    if not gap:
+        return "-"
+    low, high = gap["ci95"]
+    return f"{gap['mean']:+.3f} [{low:+.3f}, {high:+.3f}] {gap['wins']}/{gap['n']}"
+
+
 def accuracy_summary(scores, high=1.0):
     """dict(accuracy (the mean score), ci95 [lo, hi], interval, correct (the sum of the scores: the
     count of correct items for 0/1 scores), n) for a list of booleans or scores; accuracy None if

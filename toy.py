@@ -5,12 +5,12 @@ No weights can be downloaded here, so the project draws its own world (world.py)
 own "pretrained" models on it (base_models.py: toy-sd and the toy VLM, shipped in toy_models/);
 then every step of the paper runs on it for real, through the real scripts:
 
-  1. `python toy.py`: extract DM maps (extract.py), fine-tune AR, Lavender and the oracle (Lavender
-     with the world's object masks as targets, world.oracle_store) with the same budget and seeds
-     (train.py), evaluate (evaluate.py), print one table, write toy_out/toy_report.md and
-     toy_report.json (`--report toy_report.md` refreshes the report shipped with the repository).
-  2. `python toy.py protocol`: every ablation arm over several worlds and seeds, paired against AR
-     of the same world and seed (protocol.json, protocol.md).
+  1. `python toy.py`: extract DM maps (extract.py), fine-tune AR, Lavender and the oracle (the
+     world's object masks as targets, world.oracle_store) with the same budget and seeds (train.py),
+     evaluate (evaluate.py) and measure the attention ceiling (base_models.py); print one table,
+     write toy_out/toy_report.md and .json (`--report toy_report.md`: the shipped report).
+  2. `python toy.py protocol`: every arm over several worlds and seeds, paired against AR of the
+     same world and seed, with the oracle and the controls (protocol.json, protocol.md).
 
     python toy.py                     # the demo (shipped weights in toy_models/, world cached in toy_out/)
     python toy.py protocol            # every arm x --worlds x --seeds
@@ -22,7 +22,6 @@ then every step of the paper runs on it for real, through the real scripts:
 import argparse
 import hashlib
 import json
-import math
 import multiprocessing
 import shutil
 import time
@@ -39,7 +38,7 @@ import extract
 import models
 import train
 import world
-from metrics import t_interval
+from metrics import paired, paired_cell
 from runs import file_sha256
 
 ROOT = Path(__file__).resolve().parent
@@ -142,14 +141,6 @@ def demo_paired(reports):
     return gaps
 
 
-def paired_cell(gap):
-    """'+0.021 [-0.042, +0.084] 2/3': a paired difference, its interval and its wins."""
-    if not gap:
-        return "-"
-    low, high = gap["ci95"]
-    return f"{gap['mean']:+.3f} [{low:+.3f}, {high:+.3f}] {gap['wins']}/{gap['n']}"
-
-
 def demo_json(reports, perception):
     """toy_report.json: the demo's figures by key, means over seeds (forks compare runs with it)."""
     mean = lambda xs: float(np.mean(xs)) if xs and None not in xs else None               # noqa: E731
@@ -198,10 +189,13 @@ def prepare_world(args, world_seed, world_dir, out, stage):
     shards = max(1, args.threads)  # each split in shards, so that the processes finish together
     in_parallel(args, extract_split, [(args, paths[split], folder, shard, shards)
                                       for split, folder in attn.items() for shard in range(shards)])
-    # the oracle's store: the world's object masks as targets, for the same items (world.oracle_store)
-    attn["oracle"] = out / "attn" / f"oracle-{key}" / "finetune"
+    # the oracle's store (the world's object masks as targets, for the same items) and the controls':
+    # another object's mask, another item's DM map (world.py)
+    attn.update({name: out / "attn" / f"{name}-{key}" / "finetune" for name in ("oracle", *CONTROL_ARMS)})
     items = [it for it in data.read_items(paths["finetune"]) if it.get("masks")]
     world.oracle_store(items, world_dir, attn["oracle"])
+    world.oracle_store(world.other_object_items(items), world_dir, attn["control-object"])
+    world.other_item_store(items, attn["finetune"], attn["control-map"], seed=world_seed)
     return paths, attn
 
 
@@ -271,16 +265,21 @@ def demo(args):
     stage("perception: the base model on one-object images (test-one)")
     model, processor = models.load_vlm("toy", path=args.vlm_path)[:2]
     perception = base_models.kind_accuracy(model.eval(), processor, data.read_items(paths["test-one"]))
+    stage("the attention ceiling: the base model with its cross-attention steered to the asked object")
+    ceiling = {s: base_models.attention_ceiling(model, processor, data.read_items(paths[s])[:args.limit])[1.0]
+               for s in ("test-id", "test-ood")}
     # ---- one table, toy_report.md and toy_report.json ----
     minutes = (time.time() - t0) / 60
-    rows = demo_table(reports, args.seeds)
+    rows = demo_table(reports, args.seeds) + [("base, cross-attention steered to the object: accuracy test-id, "
+                                               "test-ood", f"{ceiling['test-id']:.3f}, {ceiling['test-ood']:.3f}", "", "", "")]
     table = markdown_table(rows)
     print("\n" + table + f"\n\nwall time {minutes:.1f} min; seeds {args.seeds}; {args.steps} steps of batch "
           f"{args.batch_size} per run; reports in {out}/eval-*/report.md")
     report = out / "toy_report.md" if args.report is None else args.report  # '': none
     if report:
         write_report(Path(report), table, reports, args, minutes, out)
-        figures = dict(demo_json(reports, perception), minutes=round(minutes, 2), seeds=args.seeds)
+        figures = dict(demo_json(reports, perception), attention_ceiling=ceiling, minutes=round(minutes, 2),
+                       seeds=args.seeds)
         Path(report).with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
         stage(f"wrote {report} and {Path(report).with_suffix('.json')}")
     return rows
@@ -300,13 +299,20 @@ ARMS = {"lavender": {}, "mean-mean": {"aggregate": "mean-mean"}, "mean-max": {"a
         "layers-first": {"layers": "first"}, "layers-last": {"layers": "last"}, "lam-1": {"lam": 1.0},
         "lam-100": {"lam": 100.0}, "root": {"match": "root"}, "label-words": {"align_words": "label"}}
 DATA_SIZES = [40, 80]  # smaller finetune splits (the first N items), AR and Lavender each (§7.4, Fig. 27)
+# The path the answers read (base_models.attention_ceiling: steering the last cross-attention layer
+# alone to the object nearly solves the task, the first alone does not): the model's own attention
+# (no parallel head, no Aligner) of the last layer, at every answer word (label words)
+READ_PATH = {"aggregate": "mean-mean", "aligner": "none", "layers": "last", "align_words": "label"}
 # Chosen after the protocol's first results (toy_report.md), aimed at its failing link (b): the
-# model's own attention aligned directly, with no parallel head and no Aligner in between
-FOLLOW_UPS = {"own-direct": {"aggregate": "mean-mean", "aligner": "none"}}
-# The oracle: the same Lavender runs with the world's object masks as targets (world.oracle_store)
-# instead of the DM's maps, the bound of what aligning attention can give in this world; with the
-# default aggregation, and on the model's own attention (mean-mean, no Aligner)
-ORACLE_ARMS = {"oracle": {}, "oracle-own": FOLLOW_UPS["own-direct"]}
+# model's own attention aligned directly; and on the read path
+FOLLOW_UPS = {"own-direct": {"aggregate": "mean-mean", "aligner": "none"}, "lavender-read": READ_PATH}
+# The oracle: Lavender runs with the world's object masks as targets (world.oracle_store) instead of
+# the DM's maps, the bound of what aligning attention gives in this world: on the read path (the
+# demo's), with the default settings, and on the own attention of every layer
+ORACLE_ARMS = {"oracle": READ_PATH, "oracle-default": {}, "oracle-own": FOLLOW_UPS["own-direct"]}
+# Controls on the read path: targets in the right format at the wrong place (another object's mask)
+# or from the wrong image (another item's DM map of the same word). What they also give is not grounding
+CONTROL_ARMS = {"control-object": READ_PATH, "control-map": READ_PATH}
 MEASURES = {  # name: (split, how a run report gives it); the demo's table reads them too
     "accuracy test-id": ("test-id", lambda r: r["accuracy"]["all"]["accuracy"]),
     "accuracy test-ood": ("test-ood", lambda r: r["accuracy"]["all"]["accuracy"]),
@@ -338,6 +344,7 @@ def protocol_runs(args, paths, attn, world_out, stage):
     full, store = paths["finetune"], attn["finetune"]
     jobs = [("ar", "ar", {}, full, store)] + [(a, "lavender", o, full, store) for a, o in arms.items()]
     jobs += [(a, "lavender", o, full, attn["oracle"]) for a, o in ORACLE_ARMS.items()]
+    jobs += [(a, "lavender", o, full, attn[a]) for a, o in CONTROL_ARMS.items()]
     jobs += [(f"{loss}-n{n}", loss, {}, Path(full).parent / f"finetune-{n}.jsonl", store)
              for n in args.data_sizes for loss in ("ar", "lavender")]
     keys = [(arm, seed) for seed in args.seeds for arm, *_ in jobs]
@@ -361,18 +368,6 @@ def as_run(head):
     head = head or {}
     return {"accuracy": {"all": {"accuracy": None}}, "pointing": head.get("pointing"),
             "alignment_mse": head.get("alignment_mse"), "vlm_entropy": head.get("entropy")}
-
-
-def paired(values, arm, base="ar"):
-    """Paired differences arm - base over (world, seed): dict(mean, low, high, ci95, n, wins) (t
-    interval; low and high None for a single pair)."""
-    diffs = [v[arm] - v[base] for v in values if v.get(arm) is not None and v.get(base) is not None]
-    if not diffs:
-        return None
-    lo, hi = t_interval(diffs, low=-math.inf, high=math.inf)
-    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731 -- one pair: no interval
-    return {"mean": float(np.mean(diffs)), "low": finite(lo), "high": finite(hi), "ci95": [lo, hi],
-            "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
 
 
 def protocol(args):
@@ -434,6 +429,10 @@ def protocol_markdown(result):
     lines += ["", f"DM maps (test-id answer words): pointing {np.mean([r['dm pointing test-id'] for r in rows]):.3f}, "
               f"entropy {np.mean([r['dm entropy test-id'] for r in rows]):.3f}", ""]
     lines += [f"- {name}: {fmt(d)}" for name, d in paired_["links"].items()]
+    gain = {arm: (paired_["accuracy test-id"].get(arm) or {}).get("mean") for arm in ("oracle", "lavender-read")}
+    if None not in gain.values():  # (d): Lavender on the oracle's path, against the oracle
+        lines.append(f"- (d) share of the oracle's test-id gain over AR that Lavender on the same path recovers: "
+                     f"{gain['lavender-read']:+.3f} / {gain['oracle']:+.3f}")
     lines += ["", "Is a grounded answer a better one? Test-id accuracy on the items whose answer word's own map "
               "points at its object against the items where it misses (mean over worlds and seeds; the "
               "difference paired by world and seed, base by world):", "",
@@ -472,7 +471,11 @@ def protocol_table(rows):
         table["grounded answers"][model] = paired(pairs, "points", "misses")
     table["links"] = {"(a) DM - base own pointing (per world)": paired(per_world, "dm", "base"),
                       "(a) DM - Lavender own pointing": paired(pointing, "dm", "lavender"),
-                      "(b) Lavender - base own pointing": paired(pointing, "lavender", "base")}
+                      "(b) Lavender - base own pointing": paired(pointing, "lavender", "base"),
+                      "(b) Lavender on the read path - AR own pointing": paired(pointing, "lavender-read", "ar")}
+    accuracy = [r["accuracy test-id"] for r in rows]  # the controls: is a gain grounding or regularisation?
+    table["links"]["(c) oracle - control-object accuracy test-id"] = paired(accuracy, "oracle", "control-object")
+    table["links"]["(c) lavender-read - control-map accuracy test-id"] = paired(accuracy, "lavender-read", "control-map")
     return table
 
 
@@ -545,7 +548,8 @@ def build_parser():
     p.add_argument("--follow-ups", action=argparse.BooleanOptionalAction, default=False,
                    help="protocol: also the FOLLOW_UPS arms (chosen after the first results, reported as such)")
     p.add_argument("--arms", nargs="+", default=None,
-                   help="protocol: only these arms of ARMS and FOLLOW_UPS (with AR and the default Lavender)")
+                   help="protocol: only these arms of ARMS and FOLLOW_UPS (AR, the default Lavender, "
+                        "ORACLE_ARMS and CONTROL_ARMS always run)")
     p.add_argument("--data-sizes", type=int, nargs="*", default=DATA_SIZES,
                    help="protocol: smaller finetune splits, AR and Lavender each (none: --data-sizes alone)")
     p.add_argument("--finetune-items", type=int, default=None,
@@ -559,16 +563,12 @@ def build_parser():
     p.add_argument("--aligner", default="sim", help="train.py --aligner (sim, light, deep, mlp, none)")
     p.add_argument("--aligner-mode", default="auto", help="train.py --aligner-mode (auto, per-layer, after)")
     p.add_argument("--align-words", default="predicted", help="train.py --align-words (predicted, label)")
-    p.add_argument("--att-pooling", default="words", choices=("words", "samples"),
-                   help="train.py --att-pooling (words: the release's; samples: the protocol "
-                        "table's runs)")
+    p.add_argument("--att-pooling", default="words", choices=("words", "samples"), help="train.py --att-pooling")
     p.add_argument("--pretrain-aligner-steps", type=int, default=0, help="Lavender runs: Aligner pre-training steps")
     # ---- demo output ----
     p.add_argument("--limit", type=int, default=0, help="extract and evaluate only the first N items of each split (quick test; 0: all)")
-    p.add_argument("--report", default=None,
-                   help="where the demo writes its report and pictures (default "
-                        "<out>/toy_report.md; toy_report.md refreshes the shipped one and "
-                        "toy_report/; '' for none)")
+    p.add_argument("--report", default=None, help="where the demo writes its report and pictures (default "
+                   "<out>/toy_report.md; toy_report.md refreshes the shipped one and toy_report/; '' for none)")
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress bars")
     return p
 

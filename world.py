@@ -264,6 +264,47 @@ def oracle_store(items, root, out_dir, dm_name="oracle-masks"):
     return written
 
 
+def other_object_items(items):
+    """Control targets: each item with its answer's mask replaced by the mask of another object of
+    the same image (the next in drawing order; build_split files object k's mask as
+    masks/<image id>-<k>.png), so that oracle_store writes a store of wrong places in the right
+    format. A gain these targets also give is regularisation, not grounding. Items with one object
+    or no mask are left out."""
+    controls = []
+    for it in items:
+        rels = set((it.get("masks") or {}).values())
+        if len(it.get("objects") or []) < 2 or not rels:
+            continue
+        if len(rels) != 1:
+            raise ValueError(f"item {it['id']!r}: its answer words name more than one object: {it['masks']}")
+        stem, k = rels.pop().removesuffix(".png").rsplit("-", 1)
+        other = f"{stem}-{(int(k) + 1) % len(it['objects'])}.png"
+        controls.append({**it, "masks": {word: other for word in it["masks"]}})
+    return controls
+
+
+def other_item_store(items, attn_dir, out_dir, seed=0):
+    """Control targets: each item gets the maps of another item with the same answer (so another
+    image) from the store attn_dir, saved under its own id in the store's format: maps of the right
+    words in the wrong images. Items without maps, or whose answer no other item with maps shares,
+    get no file. Returns the number of files."""
+    from data import maps_path, read_maps, save_maps
+    rng = np.random.default_rng(seed)
+    donors = {}  # answer -> ids of the items with maps
+    for it in items:
+        if maps_path(attn_dir, it["id"]).exists():
+            donors.setdefault(it["answer"], []).append(it["id"])
+    written = 0
+    for it in items:
+        others = [i for i in donors.get(it["answer"], []) if i != it["id"]]
+        if not others or it["id"] not in donors[it["answer"]]:
+            continue
+        maps, words = read_maps(attn_dir, others[int(rng.integers(len(others)))])
+        save_maps(maps_path(out_dir, it["id"]), maps, words, {"text": it["answer"], "dm": "other-item", "res": SIZE})
+        written += 1
+    return written
+
+
 def write_captions(out_dir, items):
     """test-captions.jsonl: one captioning item per test-id image (never seen by toy-sd in training),
     masks for every colour word: the toy-sd pointing check runs on these."""

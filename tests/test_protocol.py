@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+import metrics
 import toy
 
 
@@ -11,11 +12,11 @@ def test_paired_worked_example():
     # differences 0.1, 0.2, 0.3, every one with the arm above AR:
     # mean 0.2, s = 0.1, t(2) = 4.3027, half-width 4.3027 * 0.1 / sqrt(3) = 0.2484
     values = [{"ar": 0.5, "x": 0.6}, {"ar": 0.4, "x": 0.6}, {"ar": 0.3, "x": 0.6}, {"ar": 0.3, "x": None}]
-    d = toy.paired(values, "x")
+    d = metrics.paired(values, "x")
     assert d["n"] == 3 and d["wins"] == 3  # the pair with no value is left out
     assert d["mean"] == pytest.approx(0.2)
     assert d["ci95"] == pytest.approx([0.2 - 0.2484, 0.2 + 0.2484], abs=1e-4)
-    assert toy.paired([{"ar": 0.1}], "x") is None
+    assert metrics.paired([{"ar": 0.1}], "x") is None
 
 
 def rows(worlds=(0, 1), seeds=(0, 1, 2), sizes=(40,)):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import aggregate
 import base_models
 import data
 import extract
@@ -189,6 +190,39 @@ def test_oracle_store_is_the_masks_in_the_store_format(small_world, tmp_path):
             assert torch.equal(m, torch.from_numpy(mask).float())
 
 
+def test_control_stores_are_wrong_targets_in_the_right_format(small_world, tmp_path):
+    """The protocol's controls: world.other_object_items points each answer word at another object
+    of the same image (a mask disjoint from the asked object's); world.other_item_store gives each
+    item the maps of another item with the same answer, under its own id, readable as a target."""
+    out, paths = small_world
+    items = [it for it in data.read_items(paths["finetune"]) if it.get("masks")]
+    controls = world.other_object_items(items)
+    assert len(controls) == sum(len(it["objects"]) > 1 for it in items) > 0
+    by_id = {it["id"]: it for it in items}
+    for c in controls:
+        (word, rel), = c["masks"].items()
+        (right,) = by_id[c["id"]]["masks"].values()
+        assert word == c["answer"] and rel != right and Path(rel).stem.rsplit("-", 1)[0] == Path(right).stem.rsplit("-", 1)[0]
+        assert not ((np.asarray(Image.open(out / rel)) > 127) & (np.asarray(Image.open(out / right)) > 127)).any()
+    assert world.oracle_store(controls, out, tmp_path / "object") == len(controls)
+    # another item's map: a store with one distinct map per item, then swapped between same-answer items
+    store = tmp_path / "dm"
+    for n, it in enumerate(items):
+        data.save_maps(data.maps_path(store, it["id"]), torch.full((1, 32, 32), n / len(items)), [it["answer"]],
+                       {"text": it["answer"]})
+    written = world.other_item_store(items, store, tmp_path / "other", seed=0)
+    shared = [it for it in items if sum(o["answer"] == it["answer"] for o in items) > 1]
+    assert written == len(shared) > 0
+    for n, it in enumerate(items):
+        path = data.maps_path(tmp_path / "other", it["id"])
+        assert path.exists() == (it in shared)
+        if it in shared:
+            maps, words, meta = data.load_maps(path)
+            donor = items[round(float(maps[0, 0, 0]) * len(items))]
+            assert donor["id"] != it["id"] and donor["answer"] == it["answer"] == words[0] == meta["text"]
+            assert data.check_maps(path, it["answer"]) == ([it["answer"]], None)
+
+
 def test_oracle_store_resizes_and_refuses_stray_masks(tmp_path):
     """A 64x64 mask becomes its 32x32 coverage (min-max: a half-covered cell is 0.5); a mask filed
     under a word that is not in the answer, or an empty one, is refused, naming the item."""
@@ -258,6 +292,48 @@ def test_shipped_toy_vlm_loads_through_train_and_answers(small_world):
     items = data.read_items(paths["test-one"])[:20]                   # held-out one-object scenes
     accuracy = base_models.kind_accuracy(model, processor, items)
     assert all(accuracy[k] >= VQA_THRESHOLD for k in world.PERCEPTION_KINDS), accuracy
+
+
+def test_steered_attention_changes_only_where_the_row_looks(small_world):
+    """SteeredAttention at alpha 0 is the model's own forward; at alpha 1 the positions before the
+    steered row keep their logits (causal) and the row's change; the mask targets are distributions
+    on the asked object's patches; attention_ceiling at alpha 0 is the plain teacher-forced accuracy
+    and leaves the model's attention as it was."""
+    _, paths = small_world
+    model, processor = models.load_vlm("toy", str(SHIPPED_VLM))  # trained: a new model's gates are 0
+    model.eval()
+    items = [it for it in data.read_items(paths["test-id"]) if it.get("masks")][:3]
+    batch = data.collate(processor, items)
+    inputs = data.model_inputs(batch)
+    plain = model(**inputs).logits
+    rows = aggregate.answer_rows(batch["labels"])[:, 0]
+    base_models.register_steered()
+    config = model.config.get_text_config()
+    own_implementation, config._attn_implementation = config._attn_implementation, base_models.SteeredAttention.NAME
+    one = torch.zeros(len(items), 65)
+    one[:, 10] = 1.0
+    base_models.STEERED.rows, base_models.STEERED.targets = rows, one
+    base_models.STEERED.alpha = 0.0
+    assert torch.allclose(model(**inputs).logits, plain, atol=1e-5)
+    base_models.STEERED.alpha = 1.0
+    steered = model(**inputs).logits
+    base_models.STEERED.alpha = 0.0
+    for b, r in enumerate(rows.tolist()):
+        assert torch.allclose(steered[b, :r], plain[b, :r], atol=1e-5)
+        assert not torch.allclose(steered[b, r], plain[b, r], atol=1e-4)
+    targets = base_models.mask_targets(items)
+    assert targets.shape == (3, 65) and torch.allclose(targets.sum(1), torch.ones(3)) and (targets[:, 0] == 0).all()
+    for it, t in zip(items, targets):  # the asked object's patches, in its cell's quadrant
+        cell = next(o["cell"] for o in it["objects"] if o["colour"] == it["answer"])
+        rows_, cols_ = np.nonzero(t[1:].reshape(8, 8).numpy())
+        x0, y0 = world.CELLS[cell]
+        assert (rows_ >= y0 // 4).all() and (rows_ < (y0 + world.CELL) // 4 + 1).all()
+        assert (cols_ >= x0 // 4).all() and (cols_ < (x0 + world.CELL) // 4 + 1).all()
+    config._attn_implementation = own_implementation
+    ceiling = base_models.attention_ceiling(model, processor, items, alphas=(0.0,))
+    assert config._attn_implementation == own_implementation and base_models.STEERED.rows is None
+    own = (plain[torch.arange(3), rows].argmax(-1) == batch["input_ids"][torch.arange(3), rows + 1]).float().mean()
+    assert ceiling[0.0] == pytest.approx(float(own), abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
