@@ -17,7 +17,9 @@ The weights they write are the shipped toy_models/; toy.py's demo fine-tunes fro
   - toy VLM: every weight pre-trained on the pretrain split with the next-token loss, each batch
     drawn a kind then an item: it perceives every asked attribute on one-object images (1.00 on
     test-one for both kinds) but has never had to select one object among several, the skill
-    fine-tuning can teach. Probe: VQA accuracy per kind (kind_accuracy).
+    fine-tuning can teach. Probes: VQA accuracy per kind (kind_accuracy), and the attention
+    ceiling (attention_ceiling): its answers when the cross-attention of the row that predicts the
+    answer is steered to the asked object, which says whether an attention target can help at all.
 
     python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (1500 steps of 16, about 24 min on a busy 2-core machine)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm

@@ -266,8 +266,8 @@ def demo(args):
     model, processor = models.load_vlm("toy", path=args.vlm_path)[:2]
     perception = base_models.kind_accuracy(model.eval(), processor, data.read_items(paths["test-one"]))
     stage("the attention ceiling: the base model with its cross-attention steered to the asked object")
-    ceiling = {s: base_models.attention_ceiling(model, processor, data.read_items(paths[s])[:args.limit])[1.0]
-               for s in ("test-id", "test-ood")}
+    tests = {s: data.read_items(paths[s])[:args.limit or None] for s in ("test-id", "test-ood")}
+    ceiling = {s: base_models.attention_ceiling(model, processor, items)[1.0] for s, items in tests.items()}
     # ---- one table, toy_report.md and toy_report.json ----
     minutes = (time.time() - t0) / 60
     rows = demo_table(reports, args.seeds) + [("base, cross-attention steered to the object: accuracy test-id, "

@@ -360,7 +360,8 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
     for arm, loss in (("ar", "ar"), ("lavender", "lavender"), ("oracle", "lavender")):
         config = json.loads((tmp_path / "demo" / "runs" / f"{arm}-s0" / "config.json").read_text())
         assert config["loss"] == loss and config["max_steps"] == 2 and config["model"] == "toy"
-    assert "oracle-" in json.loads((tmp_path / "demo" / "runs" / "oracle-s0" / "config.json").read_text())["attn"]
+    oracle = json.loads((tmp_path / "demo" / "runs" / "oracle-s0" / "config.json").read_text())
+    assert "oracle-" in oracle["attn"] and all(oracle[k] == v for k, v in toy.READ_PATH.items())
     figures = json.loads((tmp_path / "demo" / "toy_report.json").read_text())
     for arm in ("ar", "lavender", "oracle"):
         assert set(figures[arm]["accuracy"]) == {"test-id", "test-ood"} and "own_pointing" in figures[arm]
@@ -370,6 +371,8 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
         expected = figures[arm]["accuracy"]["test-id"] - figures["ar"]["accuracy"]["test-id"]
         assert gap["mean"] == pytest.approx(expected)
     assert {"dm_pointing", "dm_entropy", "base_own_entropy", "base_accuracy"} <= set(figures)
+    assert set(figures["attention_ceiling"]) == {"test-id", "test-ood"}
+    assert all(0.0 <= v <= 1.0 for v in figures["attention_ceiling"].values())
     lavender_log = [json.loads(l) for l in open(tmp_path / "demo" / "runs" / "lavender-s0" / "log.jsonl")]
     assert any(entry["aligned_words"] > 0 for entry in lavender_log)   # the DM maps reached the loss
     report = (tmp_path / "demo" / "toy_report.md").read_text()
