@@ -237,17 +237,19 @@ class SteeredAttention:
     """transformers' attention interface (registered as NAME): eager attention everywhere, except
     in the cross-attention layers at the rows set in `rows` (B,), one text position per sample,
     where the probabilities become (1 - alpha) p + alpha m, m = `targets` (B, n_image_tokens), a
-    distribution over the image tokens. The layer's values, output projection and gate are its own:
-    only where it looks changes."""
+    distribution over the image tokens; `layers`: the text layers steered (None: every
+    cross-attention layer). The layer's values, output projection and gate are its own: only where
+    it looks changes."""
     NAME = "lavender-steered"
 
     def __init__(self):
-        self.rows, self.targets, self.alpha = None, None, 0.0
+        self.rows, self.targets, self.alpha, self.layers = None, None, 0.0, None
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         from transformers.models.mllama import modeling_mllama as mllama
         out, weights = mllama.eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
-        if self.rows is None or self.alpha == 0 or not isinstance(module, mllama.MllamaTextCrossAttention):
+        if (self.rows is None or self.alpha == 0 or not isinstance(module, mllama.MllamaTextCrossAttention)
+                or (self.layers is not None and module.layer_idx not in self.layers)):
             return out, weights
         b = torch.arange(weights.shape[0])
         weights = weights.clone()  # (B, H, T, N)
@@ -281,16 +283,17 @@ def mask_targets(items, patch=4):
 
 
 @torch.no_grad()
-def attention_ceiling(model, processor, items, alphas=(0.0, 1.0), batch_size=50):
-    """{alpha: accuracy}: the answer's first token, teacher-forced, when every cross-attention layer
-    reads the answer's prediction row steered to the asked object (SteeredAttention; alpha 0 = the
-    model as it is). Near 1 at alpha 1 while low at 0: the answers fail at selecting the object, which
+def attention_ceiling(model, processor, items, alphas=(0.0, 1.0), layers=None, batch_size=50):
+    """{alpha: accuracy}: the answer's first token, teacher-forced, when the cross-attention layers
+    (`layers`, text layer indices; None: all) read the answer's prediction row steered to the asked
+    object (SteeredAttention; alpha 0 = the model as it is). Near 1 at alpha 1 while low at 0: the answers fail at selecting the object, which
     an attention target can teach; near alpha 0's: the model does not read the object through
     cross-attention and no attention target can help."""
     register_steered()
     items = [it for it in items if len(it.get("masks") or {}) == 1]
     config = model.config.get_text_config()
     before, config._attn_implementation = config._attn_implementation, SteeredAttention.NAME
+    STEERED.layers = layers
     hits = {a: 0 for a in alphas}
     try:
         for start in range(0, len(items), batch_size):
@@ -304,7 +307,7 @@ def attention_ceiling(model, processor, items, alphas=(0.0, 1.0), batch_size=50)
                 logits = model(**data.model_inputs(batch)).logits
                 hits[a] += int((logits[torch.arange(len(chunk)), rows].argmax(-1) == gold).sum())
     finally:
-        config._attn_implementation, STEERED.rows, STEERED.alpha = before, None, 0.0
+        config._attn_implementation, STEERED.rows, STEERED.alpha, STEERED.layers = before, None, 0.0, None
     return {a: round(hits[a] / max(len(items), 1), 4) for a in alphas}
 
 

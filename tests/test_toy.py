@@ -315,7 +315,9 @@ def test_steered_attention_changes_only_where_the_row_looks(small_world):
     base_models.STEERED.rows, base_models.STEERED.targets = rows, one
     base_models.STEERED.alpha = 0.0
     assert torch.allclose(model(**inputs).logits, plain, atol=1e-5)
-    base_models.STEERED.alpha = 1.0
+    base_models.STEERED.alpha, base_models.STEERED.layers = 1.0, [0]  # layer 0 has no cross-attention
+    assert torch.allclose(model(**inputs).logits, plain, atol=1e-5)
+    base_models.STEERED.layers = None
     steered = model(**inputs).logits
     base_models.STEERED.alpha = 0.0
     for b, r in enumerate(rows.tolist()):
