@@ -393,9 +393,12 @@ def paired(values, arm, base="ar"):
 
 
 def paired_cell(gap):
-    """'+0.021 [-0.042, +0.084] 2/3': a paired difference, its interval and its wins."""
+    """'+0.021 [-0.042, +0.084] 2/3': a paired difference, its interval and its wins ('+0.021 1/1'
+    for a single pair)."""
     if not gap:
         return "-"
+    if gap["low"] is None or gap["high"] is None:  # one pair: no interval
+        return f"{gap['mean']:+.3f} {gap['wins']}/{gap['n']}"
     low, high = gap["ci95"]
     return f"{gap['mean']:+.3f} [{low:+.3f}, {high:+.3f}] {gap['wins']}/{gap['n']}"
 

@@ -166,7 +166,7 @@ def demo_json(reports, perception):
     return result
 
 
-def markdown_table(rows, header=("measure", "base (toy)", "AR", "Lavender", "oracle (masks)")):
+def markdown_table(rows, header=("measure", "base (toy)", "AR", "Lavender", "oracle (masks, read path)")):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 

@@ -17,6 +17,10 @@ def test_paired_worked_example():
     assert d["mean"] == pytest.approx(0.2)
     assert d["ci95"] == pytest.approx([0.2 - 0.2484, 0.2 + 0.2484], abs=1e-4)
     assert metrics.paired([{"ar": 0.1}], "x") is None
+    assert metrics.paired_cell(d) == "+0.200 [-0.048, +0.448] 3/3"
+    one = metrics.paired([{"ar": 0.5, "x": 0.4}], "x")
+    assert one["low"] is None and metrics.paired_cell(one) == "-0.100 0/1"  # one pair: no interval
+    assert metrics.paired_cell(None) == "-"
 
 
 def rows(worlds=(0, 1), seeds=(0, 1, 2), sizes=(40,)):
