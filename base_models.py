@@ -42,6 +42,7 @@ import evaluate
 import extract
 import models
 import world
+from aligner import min_max
 from metrics import score_prediction
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +310,39 @@ def attention_ceiling(model, processor, items, alphas=(0.0, 1.0), layers=None, b
     finally:
         config._attn_implementation, STEERED.rows, STEERED.alpha, STEERED.layers = before, None, 0.0, None
     return {a: round(hits[a] / max(len(items), 1), 4) for a in alphas}
+
+
+@torch.no_grad()
+def raw_entropies(model, processor, dm, items, batch_size=16, inversion_steps=5, denoise_steps=5):
+    """{"dm": {"raw", "min-max"}, "vlm": {"raw", "min-max"}}: the mean entropy (nats, evaluate.py's
+    attention_entropy) of the answer word's map before and after min-max normalisation, on both
+    sides. The floor min-max sets to 0 is what makes a flat map look peaked: a map of near-equal
+    values spans [0, 1] after it. DM: extract.py's word map without the normalisation; VLM: its own
+    attention at the row that predicts the answer's first token, mean over heads and every
+    cross-attention layer (aggregate.token_maps, evaluate.py's ruler). Items of one-word answers."""
+    entropies = {"dm": [], "vlm": []}  # (raw, min-max) per item
+    capture = aggregate.AttentionCapture(model, aggregate.aligned_layers(model))
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            answers = [it["answer"] for it in chunk]
+            positions = [extract.text_words(dm["tokenizer"], a)[1] for a in answers]
+            columns = 1 + max(occ[-1] for p in positions for word in p for occ in word)
+            images = torch.stack([data.load_image(it["image_path"], dm["res"]) for it in chunk])
+            attention = extract.dm_attention(dm, images, answers, columns, inversion_steps, denoise_steps)
+            for b, p in enumerate(positions):
+                raw = extract.word_maps(attention[b], extract.word_weights(p, columns), normalise=False)[0]
+                entropies["dm"].append((raw, min_max(raw)))
+            batch = data.collate(processor, chunk)
+            capture.set_rows(aggregate.answer_rows(batch["labels"])[:, :1])  # (B, 1)
+            model(**data.model_inputs(batch))
+            maps = aggregate.token_maps(capture.probs, batch, aggregate.vision_geometry(model), "mean-mean")
+            entropies["vlm"] += [(m, min_max(m)) for m in maps[:, 0]]  # (32, 32) each
+    finally:
+        capture.remove()
+    mean = lambda maps: round(float(evaluate.attention_entropy(torch.stack(maps)).mean()), 4)  # noqa: E731
+    return {side: {"raw": mean([r for r, _ in pairs]), "min-max": mean([m for _, m in pairs])}
+            for side, pairs in entropies.items()}
 
 
 # ---------------------------------------------------------------------------------------------

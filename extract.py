@@ -210,12 +210,13 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     return store["sum"] / store["count"]                                       # (B, columns, h, w)
 
 
-def word_maps(attention, W):
-    """(n_words, 32, 32) maps in [0, 1] from one item's attention (T, h, w) and weights W (n_words, T)."""
+def word_maps(attention, W, normalise=True):
+    """(n_words, 32, 32) maps in [0, 1] from one item's attention (T, h, w) and weights W (n_words, T);
+    normalise=False: the mean attention probabilities themselves, before min-max."""
     maps = torch.einsum("nt,thw->nhw", W.to(attention), attention)            # (n_words, h, w)
     maps = F.interpolate(maps[None], size=(MAP_SIZE, MAP_SIZE), mode="bilinear", antialias=True,
                          align_corners=False)[0]                                # (n_words, 32, 32)
-    return min_max(maps)
+    return min_max(maps) if normalise else maps
 
 
 # ---- extraction: items -> attn/<id>.safetensors, sharded by rank, resumable ----

@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_toy.py
 """
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 import aggregate
 import base_models
 import data
+import evaluate
 import extract
 import models
 import toy
@@ -188,6 +190,21 @@ def test_oracle_store_is_the_masks_in_the_store_format(small_world, tmp_path):
         for word, m in zip(words, maps):
             mask = np.asarray(Image.open(out / it["masks"][word])) > 127
             assert torch.equal(m, torch.from_numpy(mask).float())
+
+
+def test_raw_entropies_before_and_after_min_max(small_world, tmp_path):
+    """base_models.raw_entropies: on the DM side, the min-max entropy is that of the maps extract.py
+    stores for the same items and steps; raw entropies are entropies of 32x32 distributions."""
+    _, paths = small_world
+    items = [it for it in data.read_items(paths["test-id"]) if it.get("masks")][:4]
+    dm = models.load_dm("toy-sd", path=SHIPPED_SD)
+    model, processor = models.load_vlm("toy", str(SHIPPED_VLM))
+    result = base_models.raw_entropies(model.eval(), processor, dm, items, inversion_steps=2, denoise_steps=1)
+    extract.extract(items, dm, tmp_path / "attn", inversion_steps=2, denoise_steps=1, batch_size=16, progress=False)
+    stored = torch.cat([data.read_maps(tmp_path / "attn", it["id"])[0] for it in items])  # (4, 32, 32)
+    assert result["dm"]["min-max"] == pytest.approx(float(evaluate.attention_entropy(stored).mean()), abs=1e-2)
+    for side in ("dm", "vlm"):
+        assert 0.0 < result[side]["min-max"] <= result[side]["raw"] <= math.log(32 * 32) + 1e-4
 
 
 def test_control_stores_are_wrong_targets_in_the_right_format(small_world, tmp_path):
