@@ -250,13 +250,14 @@ class SteeredAttention:
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         from transformers.models.mllama import modeling_mllama as mllama
-        out, weights = mllama.eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
+        out, weights = mllama.eager_attention_forward(module, query, key, value, attention_mask,
+                                                      scaling=scaling)  # (B, T, H, d), (B, H, T, N)
         if (self.rows is None or self.alpha == 0 or not isinstance(module, mllama.MllamaTextCrossAttention)
                 or (self.layers is not None and module.layer_idx not in self.layers)):
             return out, weights
-        b = torch.arange(weights.shape[0])
-        weights = weights.clone()  # (B, H, T, N)
-        weights[b, :, self.rows] = (1 - self.alpha) * weights[b, :, self.rows] + self.alpha * self.targets[:, None].to(weights)
+        b, a = torch.arange(weights.shape[0]), self.alpha
+        weights = weights.clone()  # the steered rows, (B, H, N):
+        weights[b, :, self.rows] = (1 - a) * weights[b, :, self.rows] + a * self.targets[:, None].to(weights)
         values = mllama.repeat_kv(value, module.num_key_value_groups)  # (B, H, N, d)
         return torch.matmul(weights, values).transpose(1, 2).contiguous(), weights
 
@@ -279,7 +280,8 @@ def mask_targets(items, patch=4):
     targets = []
     for it in items:
         (rel,) = it["masks"].values()
-        mask = torch.from_numpy(np.asarray(Image.open(Path(it["image_path"]).parent.parent / rel).convert("L")) > 127)
+        root = Path(it["image_path"]).parent.parent  # the world folder: images/ and masks/
+        mask = torch.from_numpy(np.asarray(Image.open(root / rel).convert("L")) > 127)  # (32, 32)
         share = F.avg_pool2d(mask.float()[None, None], patch).flatten()  # (P², ) in reading order
         targets.append(torch.cat([torch.zeros(1), share / share.sum()]))
     return torch.stack(targets)
@@ -289,7 +291,8 @@ def mask_targets(items, patch=4):
 def attention_ceiling(model, processor, items, alphas=(0.0, 1.0), layers=None, batch_size=50):
     """{alpha: accuracy}: the answer's first token, teacher-forced, when the cross-attention layers
     (`layers`, text layer indices; None: all) read the answer's prediction row steered to the asked
-    object (SteeredAttention; alpha 0 = the model as it is). Near 1 at alpha 1 while low at 0: the answers fail at selecting the object, which
+    object (SteeredAttention; alpha 0 = the model as it is). Near 1 at alpha 1 while low at 0: the
+    answers fail at selecting the object, which
     an attention target can teach; near alpha 0's: the model does not read the object through
     cross-attention and no attention target can help."""
     register_steered()
@@ -302,7 +305,7 @@ def attention_ceiling(model, processor, items, alphas=(0.0, 1.0), layers=None, b
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             batch = data.collate(processor, chunk)
-            rows = aggregate.answer_rows(batch["labels"])[:, 0]  # the row that predicts the answer's first token
+            rows = aggregate.answer_rows(batch["labels"])[:, 0]  # (B,) predicts the answer's first token
             gold = batch["input_ids"][torch.arange(len(chunk)), rows + 1]
             STEERED.rows, STEERED.targets = rows, mask_targets(chunk)
             for a in alphas:

@@ -189,8 +189,7 @@ def prepare_world(args, world_seed, world_dir, out, stage):
     shards = max(1, args.threads)  # each split in shards, so that the processes finish together
     in_parallel(args, extract_split, [(args, paths[split], folder, shard, shards)
                                       for split, folder in attn.items() for shard in range(shards)])
-    # the oracle's store (the world's object masks as targets, for the same items) and the controls':
-    # another object's mask, another item's DM map (world.py)
+    # the oracle's store (the world's masks), the controls' (another object's mask, another item's map)
     attn.update({name: out / "attn" / f"{name}-{key}" / "finetune" for name in ("oracle", *CONTROL_ARMS)})
     items = [it for it in data.read_items(paths["finetune"]) if it.get("masks")]
     world.oracle_store(items, world_dir, attn["oracle"])
@@ -270,8 +269,9 @@ def demo(args):
     ceiling = {s: base_models.attention_ceiling(model, processor, items)[1.0] for s, items in tests.items()}
     # ---- one table, toy_report.md and toy_report.json ----
     minutes = (time.time() - t0) / 60
-    rows = demo_table(reports, args.seeds) + [("base, cross-attention steered to the object: accuracy test-id, "
-                                               "test-ood", f"{ceiling['test-id']:.3f}, {ceiling['test-ood']:.3f}", "", "", "")]
+    steered = f"{ceiling['test-id']:.3f}, {ceiling['test-ood']:.3f}"
+    rows = demo_table(reports, args.seeds) + [
+        ("base, cross-attention steered to the object: accuracy test-id, test-ood", steered, "", "", "")]
     table = markdown_table(rows)
     print("\n" + table + f"\n\nwall time {minutes:.1f} min; seeds {args.seeds}; {args.steps} steps of batch "
           f"{args.batch_size} per run; reports in {out}/eval-*/report.md")
@@ -431,8 +431,8 @@ def protocol_markdown(result):
     lines += [f"- {name}: {fmt(d)}" for name, d in paired_["links"].items()]
     gain = {arm: (paired_["accuracy test-id"].get(arm) or {}).get("mean") for arm in ("oracle", "lavender-read")}
     if None not in gain.values():  # (d): Lavender on the oracle's path, against the oracle
-        lines.append(f"- (d) share of the oracle's test-id gain over AR that Lavender on the same path recovers: "
-                     f"{gain['lavender-read']:+.3f} / {gain['oracle']:+.3f}")
+        lines.append("- (d) share of the oracle's test-id gain over AR that Lavender on the same path "
+                     f"recovers: {gain['lavender-read']:+.3f} / {gain['oracle']:+.3f}")
     lines += ["", "Is a grounded answer a better one? Test-id accuracy on the items whose answer word's own map "
               "points at its object against the items where it misses (mean over worlds and seeds; the "
               "difference paired by world and seed, base by world):", "",
@@ -474,8 +474,8 @@ def protocol_table(rows):
                       "(b) Lavender - base own pointing": paired(pointing, "lavender", "base"),
                       "(b) Lavender on the read path - AR own pointing": paired(pointing, "lavender-read", "ar")}
     accuracy = [r["accuracy test-id"] for r in rows]  # the controls: is a gain grounding or regularisation?
-    table["links"]["(c) oracle - control-object accuracy test-id"] = paired(accuracy, "oracle", "control-object")
-    table["links"]["(c) lavender-read - control-map accuracy test-id"] = paired(accuracy, "lavender-read", "control-map")
+    for arm, control in (("oracle", "control-object"), ("lavender-read", "control-map")):
+        table["links"][f"(c) {arm} - {control} accuracy test-id"] = paired(accuracy, arm, control)
     return table
 
 
@@ -563,7 +563,7 @@ def build_parser():
     p.add_argument("--aligner", default="sim", help="train.py --aligner (sim, light, deep, mlp, none)")
     p.add_argument("--aligner-mode", default="auto", help="train.py --aligner-mode (auto, per-layer, after)")
     p.add_argument("--align-words", default="predicted", help="train.py --align-words (predicted, label)")
-    p.add_argument("--att-pooling", default="words", choices=("words", "samples"), help="train.py --att-pooling")
+    p.add_argument("--att-pooling", default="words", choices=("words", "samples"), help="train.py's")
     p.add_argument("--pretrain-aligner-steps", type=int, default=0, help="Lavender runs: Aligner pre-training steps")
     # ---- demo output ----
     p.add_argument("--limit", type=int, default=0, help="extract and evaluate only the first N items of each split (quick test; 0: all)")

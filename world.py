@@ -300,7 +300,8 @@ def other_item_store(items, attn_dir, out_dir, seed=0):
         if not others or it["id"] not in donors[it["answer"]]:
             continue
         maps, words = read_maps(attn_dir, others[int(rng.integers(len(others)))])
-        save_maps(maps_path(out_dir, it["id"]), maps, words, {"text": it["answer"], "dm": "other-item", "res": SIZE})
+        meta = {"text": it["answer"], "dm": "other-item", "res": SIZE}
+        save_maps(maps_path(out_dir, it["id"]), maps, words, meta)
         written += 1
     return written
 
