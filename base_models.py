@@ -14,8 +14,9 @@ The weights they write are the shipped toy_models/; toy.py's demo fine-tunes fro
     its training, so the one-word condition is not out of distribution, and the answers of
     fine-tuning and test are colour words, which one patch shows. What it gives is not yet sharp:
     0.35 pointing on world v5's test-id answers and entropy 6.82 nats; before min-max its raw
-    answer-word attention has 6.9312 nats, a uniform 32x32 map's 6.9315 (raw_entropies;
-    toy_report.md, v5): it is still flat, and min-max stretches what differences remain.
+    answer-word map (each pixel's share of attention on the word, over the pixels) has 6.9312
+    nats, a uniform 32x32 map's 6.9315 (raw_entropies; toy_report.md, v5): the word's share barely
+    varies between pixels, and min-max stretches what differences remain.
   - toy VLM: every weight pre-trained on the pretrain split with the next-token loss, each batch
     drawn a kind then an item: it perceives every asked attribute on one-object images (1.00 on
     test-one for both kinds) but has never had to select one object among several, the skill

@@ -193,8 +193,10 @@ def test_oracle_store_is_the_masks_in_the_store_format(small_world, tmp_path):
 
 
 def test_raw_entropies_before_and_after_min_max(small_world, tmp_path):
-    """base_models.raw_entropies: on the DM side, the min-max entropy is that of the maps extract.py
-    stores for the same items and steps; raw entropies are entropies of 32x32 distributions."""
+    """base_models.raw_entropies: its min-max entropies are those of the maps the project compares,
+    on the DM side the maps extract.py stores for the same items and steps, on the VLM side
+    evaluate.py's own maps of the answer word (mean-mean, every layer); raw entropies lie between
+    them and a uniform map's."""
     _, paths = small_world
     items = [it for it in data.read_items(paths["test-id"]) if it.get("masks")][:4]
     dm = models.load_dm("toy-sd", path=SHIPPED_SD)
@@ -203,6 +205,12 @@ def test_raw_entropies_before_and_after_min_max(small_world, tmp_path):
     extract.extract(items, dm, tmp_path / "attn", inversion_steps=2, denoise_steps=1, batch_size=16, progress=False)
     stored = torch.cat([data.read_maps(tmp_path / "attn", it["id"])[0] for it in items])  # (4, 32, 32)
     assert result["dm"]["min-max"] == pytest.approx(float(evaluate.attention_entropy(stored).mean()), abs=1e-2)
+    own = {"aggregation": "mean-mean", "layers": aggregate.aligned_layers(model), "match": "exact", "aligner": None,
+           "aligner_mode": "auto", "learned": False}
+    store = {it["id"]: data.read_maps(tmp_path / "attn", it["id"]) for it in items}
+    maps = torch.cat([m["own"] for m in evaluate.answer_maps(model, processor, items, store, own, show=False)])
+    assert maps.shape == (4, 32, 32)
+    assert result["vlm"]["min-max"] == pytest.approx(float(evaluate.attention_entropy(maps).mean()), abs=1e-3)
     for side in ("dm", "vlm"):
         assert 0.0 < result[side]["min-max"] <= result[side]["raw"] <= math.log(32 * 32) + 1e-4
 
@@ -312,9 +320,11 @@ def test_shipped_toy_vlm_loads_through_train_and_answers(small_world):
 
 
 def test_steered_attention_changes_only_where_the_row_looks(small_world):
-    """SteeredAttention at alpha 0 is the model's own forward; at alpha 1 the positions before the
-    steered row keep their logits (causal) and the row's change; the mask targets are distributions
-    on the asked object's patches; attention_ceiling at alpha 0 is the plain teacher-forced accuracy
+    """SteeredAttention at alpha 0 is the model's own forward; at alpha 1, with a target one-hot on
+    image token 10, the steered row of each sample (a different position in each) reads exactly
+    that token's values in every head, the positions before it keep their logits (causal), and a
+    layer without cross-attention is left alone. The mask targets are distributions on the asked
+    object's patches, in its cell; attention_ceiling at alpha 0 is the plain teacher-forced accuracy
     and leaves the model's attention as it was."""
     _, paths = small_world
     model, processor = models.load_vlm("toy", str(SHIPPED_VLM))  # trained: a new model's gates are 0
@@ -323,34 +333,45 @@ def test_steered_attention_changes_only_where_the_row_looks(small_world):
     batch = data.collate(processor, items)
     inputs = data.model_inputs(batch)
     plain = model(**inputs).logits
-    rows = aggregate.answer_rows(batch["labels"])[:, 0]
+    rows = aggregate.answer_rows(batch["labels"])[:, 0] - torch.arange(3)  # (3,) a different row each
+    layer = models.attention_module(model, 3)  # the last cross-attention layer
+    seen = {}
+    hooks = [layer.v_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o)),
+             layer.o_proj.register_forward_pre_hook(lambda m, i: seen.__setitem__("o", i[0]))]
     base_models.register_steered()
     config = model.config.get_text_config()
-    own_implementation, config._attn_implementation = config._attn_implementation, base_models.SteeredAttention.NAME
+    own_implementation = config._attn_implementation
     one = torch.zeros(len(items), 65)
     one[:, 10] = 1.0
-    base_models.STEERED.rows, base_models.STEERED.targets = rows, one
-    base_models.STEERED.alpha = 0.0
-    assert torch.allclose(model(**inputs).logits, plain, atol=1e-5)
-    base_models.STEERED.alpha, base_models.STEERED.layers = 1.0, [0]  # layer 0 has no cross-attention
-    assert torch.allclose(model(**inputs).logits, plain, atol=1e-5)
-    base_models.STEERED.layers = None
-    steered = model(**inputs).logits
-    base_models.STEERED.alpha = 0.0
+    steer = base_models.STEERED
+    try:
+        config._attn_implementation = base_models.SteeredAttention.NAME
+        steer.rows, steer.targets, steer.alpha = rows, one, 0.0
+        assert torch.allclose(model(**inputs).logits, plain, atol=1e-5)
+        steer.alpha, steer.layers = 1.0, [0]  # layer 0 has no cross-attention
+        assert torch.allclose(model(**inputs).logits, plain, atol=1e-5)
+        steer.layers = None
+        steered = model(**inputs).logits
+    finally:
+        steer.rows, steer.alpha, steer.layers = None, 0.0, None
+        config._attn_implementation = own_implementation
+        for h in hooks:
+            h.remove()
+    values = seen["v"].view(3, 65, config.num_key_value_heads, -1)  # (B, N, KV heads, d)
+    groups = config.num_attention_heads // config.num_key_value_heads
     for b, r in enumerate(rows.tolist()):
+        assert torch.allclose(seen["o"][b, r], values[b, 10].repeat_interleave(groups, 0).flatten(), atol=1e-5)
         assert torch.allclose(steered[b, :r], plain[b, :r], atol=1e-5)
         assert not torch.allclose(steered[b, r], plain[b, r], atol=1e-4)
     targets = base_models.mask_targets(items)
     assert targets.shape == (3, 65) and torch.allclose(targets.sum(1), torch.ones(3)) and (targets[:, 0] == 0).all()
-    for it, t in zip(items, targets):  # the asked object's patches, in its cell's quadrant
-        cell = next(o["cell"] for o in it["objects"] if o["colour"] == it["answer"])
-        rows_, cols_ = np.nonzero(t[1:].reshape(8, 8).numpy())
-        x0, y0 = world.CELLS[cell]
-        assert (rows_ >= y0 // 4).all() and (rows_ < (y0 + world.CELL) // 4 + 1).all()
-        assert (cols_ >= x0 // 4).all() and (cols_ < (x0 + world.CELL) // 4 + 1).all()
-    config._attn_implementation = own_implementation
+    for it, t in zip(items, targets):  # the asked object's patches, inside its cell's 4x4 patches
+        x0, y0 = world.CELLS[next(o["cell"] for o in it["objects"] if o["colour"] == it["answer"])]
+        grid = t[1:].reshape(8, 8)
+        assert grid[y0 // 4:(y0 + world.CELL) // 4, x0 // 4:(x0 + world.CELL) // 4].sum() == pytest.approx(1.0)
     ceiling = base_models.attention_ceiling(model, processor, items, alphas=(0.0,))
-    assert config._attn_implementation == own_implementation and base_models.STEERED.rows is None
+    assert config._attn_implementation == own_implementation and steer.rows is None
+    rows = aggregate.answer_rows(batch["labels"])[:, 0]
     own = (plain[torch.arange(3), rows].argmax(-1) == batch["input_ids"][torch.arange(3), rows + 1]).float().mean()
     assert ceiling[0.0] == pytest.approx(float(own), abs=1e-4)
 
@@ -391,7 +412,8 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
         assert gap["mean"] == pytest.approx(expected)
     assert {"dm_pointing", "dm_entropy", "base_own_entropy", "base_accuracy"} <= set(figures)
     assert set(figures["attention_ceiling"]) == {"test-id", "test-ood"}
-    assert all(0.0 <= v <= 1.0 for v in figures["attention_ceiling"].values())
+    assert all(set(c) == {"as_is", "steered"} and 0.0 <= min(c.values()) <= max(c.values()) <= 1.0
+               for c in figures["attention_ceiling"].values())
     lavender_log = [json.loads(l) for l in open(tmp_path / "demo" / "runs" / "lavender-s0" / "log.jsonl")]
     assert any(entry["aligned_words"] > 0 for entry in lavender_log)   # the DM maps reached the loss
     report = (tmp_path / "demo" / "toy_report.md").read_text()
