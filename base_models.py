@@ -280,10 +280,8 @@ def mask_targets(items, patch=4):
     (its CLS token first, weight 0), from the item's mask: where an ideal look at the object goes."""
     targets = []
     for it in items:
-        (rel,) = it["masks"].values()
-        root = Path(it["image_path"]).parent.parent  # the world folder: images/ and masks/
-        mask = torch.from_numpy(np.asarray(Image.open(root / rel).convert("L")) > 127)  # (32, 32)
-        share = F.avg_pool2d(mask.float()[None, None], patch).flatten()  # (P², ) in reading order
+        (mask,) = data.item_regions(it, Path(it["image_path"]).parent.parent, lambda w: w).values()  # (32, 32)
+        share = F.avg_pool2d(torch.from_numpy(mask).float()[None, None], patch).flatten()  # (P², ) reading order
         targets.append(torch.cat([torch.zeros(1), share / share.sum()]))
     return torch.stack(targets)
 
@@ -293,9 +291,8 @@ def attention_ceiling(model, processor, items, alphas=(0.0, 1.0), layers=None, b
     """{alpha: accuracy}: the answer's first token, teacher-forced, when the cross-attention layers
     (`layers`, text layer indices; None: all) read the answer's prediction row steered to the asked
     object (SteeredAttention; alpha 0 = the model as it is). Near 1 at alpha 1 while low at 0: the
-    answers fail at selecting the object, which
-    an attention target can teach; near alpha 0's: the model does not read the object through
-    cross-attention and no attention target can help."""
+    answers fail at selecting the object, which an attention target can teach; near alpha 0's: the
+    model does not read the object through cross-attention and no attention target can help."""
     register_steered()
     items = [it for it in items if len(it.get("masks") or {}) == 1]
     config = model.config.get_text_config()
@@ -333,7 +330,7 @@ def raw_entropies(model, processor, dm, items, batch_size=16, inversion_steps=5,
             chunk = items[start:start + batch_size]
             answers = [it["answer"] for it in chunk]
             positions = [extract.text_words(dm["tokenizer"], a)[1] for a in answers]
-            columns = 1 + max(occ[-1] for p in positions for word in p for occ in word)
+            columns = extract.context_columns(positions)
             images = torch.stack([data.load_image(it["image_path"], dm["res"]) for it in chunk])
             attention = extract.dm_attention(dm, images, answers, columns, inversion_steps, denoise_steps)
             for b, p in enumerate(positions):

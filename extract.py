@@ -210,6 +210,12 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     return store["sum"] / store["count"]                                       # (B, columns, h, w)
 
 
+def context_columns(positions):
+    """How many context columns a batch needs: up to its last word piece (text_words' positions of
+    each item), not CLIP's end and padding tokens."""
+    return 1 + max(occ[-1] for item in positions for word in item for occ in word)
+
+
 def word_maps(attention, W, normalise=True):
     """(n_words, 32, 32) maps in [0, 1] from one item's attention (T, h, w) and weights W (n_words, T);
     normalise=False: the mean attention probabilities themselves, before min-max."""
@@ -264,8 +270,7 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
             except Exception as e:  # PIL raises several types for unreadable files
                 fail(item["id"], f"corrupt image: {item['image_path']} ({type(e).__name__}: {e})")
         if batch:
-            # context columns to keep: up to the last word piece of the batch (not CLIP's end/padding)
-            columns = 1 + max(occ[-1] for _, _, positions in batch for word in positions for occ in word)
+            columns = context_columns([positions for _, _, positions in batch])
             attention = dm_attention(dm, torch.stack(images), [item["answer"] for item, _, _ in batch], columns,
                                      inversion_steps, denoise_steps, capture_steps, layers)  # (B, columns, h, w)
             for b, (item, words, positions) in enumerate(batch):

@@ -171,10 +171,11 @@ def markdown_table(rows, header=("measure", "base (toy)", "AR", "Lavender", "ora
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def prepare_world(args, world_seed, world_dir, out, stage):
-    """Draw the world of `world_seed` (cached) and extract its DM maps (extract.py, the sd14 code
-    path) for every item whose answer names an object (every colour-at item), and write the oracle's
-    store of the same items. Returns (paths {split: jsonl}, {split: attention dir}, with "oracle")."""
+def prepare_world(args, world_seed, world_dir, out, stage, controls=False):
+    """Draw the world of `world_seed` (cached), extract its DM maps (extract.py, the sd14 code path)
+    for every item whose answer names an object, and write the oracle's store of the same items and,
+    with `controls`, the controls' (another object's mask, another item's DM map). Returns (paths
+    {split: jsonl}, {split: attention dir}, with "oracle" and CONTROL_ARMS' names)."""
     stage(f"world {world_seed}: {world_dir}")
     paths = world.build_world(world_dir, world_seed, args.finetune_items)
     # extract.py skips complete map files (resume), so key the cache on the DM's weights, the
@@ -189,12 +190,12 @@ def prepare_world(args, world_seed, world_dir, out, stage):
     shards = max(1, args.threads)  # each split in shards, so that the processes finish together
     in_parallel(args, extract_split, [(args, paths[split], folder, shard, shards)
                                       for split, folder in attn.items() for shard in range(shards)])
-    # the oracle's store (the world's masks), the controls' (another object's mask, another item's map)
     attn.update({name: out / "attn" / f"{name}-{key}" / "finetune" for name in ("oracle", *CONTROL_ARMS)})
     items = [it for it in data.read_items(paths["finetune"]) if it.get("masks")]
     world.oracle_store(items, world_dir, attn["oracle"])
-    world.oracle_store(world.other_object_items(items), world_dir, attn["control-object"])
-    world.other_item_store(items, attn["finetune"], attn["control-map"], seed=world_seed)
+    if controls:  # the protocol's arms alone read them
+        world.oracle_store(world.other_object_items(items), world_dir, attn["control-object"])
+        world.other_item_store(items, attn["finetune"], attn["control-map"], seed=world_seed)
     return paths, attn
 
 
@@ -269,17 +270,16 @@ def demo(args):
     ceiling = {s: base_models.attention_ceiling(model, processor, items) for s, items in tests.items()}
     # ---- one table, toy_report.md and toy_report.json ----
     minutes = (time.time() - t0) / 60
-    steered = f"{ceiling['test-id'][1.0]:.3f}, {ceiling['test-ood'][1.0]:.3f}"
-    rows = demo_table(reports, args.seeds) + [
-        ("base, cross-attention steered to the object: accuracy test-id, test-ood", steered, "", "", "")]
+    rows = demo_table(reports, args.seeds) + [("base, cross-attention steered to the object: accuracy test-id, "
+                                               "test-ood", f"{ceiling['test-id'][1.0]:.3f}, {ceiling['test-ood'][1.0]:.3f}", "", "", "")]
     table = markdown_table(rows)
     print("\n" + table + f"\n\nwall time {minutes:.1f} min; seeds {args.seeds}; {args.steps} steps of batch "
           f"{args.batch_size} per run; reports in {out}/eval-*/report.md")
     report = out / "toy_report.md" if args.report is None else args.report  # '': none
     if report:
         write_report(Path(report), table, reports, args, minutes, out)
-        ceiling = {s: {"as_is": c[0.0], "steered": c[1.0]} for s, c in ceiling.items()}  # teacher-forced
-        figures = dict(demo_json(reports, perception), attention_ceiling=ceiling, minutes=round(minutes, 2), seeds=args.seeds)
+        figures = dict(demo_json(reports, perception), minutes=round(minutes, 2), seeds=args.seeds,
+                       attention_ceiling={s: {"as_is": c[0.0], "steered": c[1.0]} for s, c in ceiling.items()})
         Path(report).with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
         stage(f"wrote {report} and {Path(report).with_suffix('.json')}")
     return rows
@@ -379,7 +379,7 @@ def protocol(args):
     rows = []  # one per (world, seed): {"world", "seed", measure: {arm: value}}, plus the DM's
     for world_seed in args.worlds:
         world_out = out / f"world-{world_seed}"
-        paths, attn = prepare_world(args, world_seed, world_out / "world", world_out, stage)
+        paths, attn = prepare_world(args, world_seed, world_out / "world", world_out, stage, controls=True)
         runs = protocol_runs(args, paths, attn, world_out, stage)
         order = list(runs)
         reports = evaluate_runs(args, paths, attn, [runs[k] for k in order], world_out, stage)
