@@ -137,13 +137,15 @@ def save_maps(path, maps, words, meta):
 def load_maps(path):
     """(maps float32 (n_words, 32, 32), words list[str], meta dict) of one attention file.
 
-    meta holds every metadata string; inversion_steps, denoise_steps and res as int when numeric.
+    meta holds every metadata string; inversion_steps, denoise_steps, res and null_text_iters as
+    int when numeric.
     """
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
         maps = f.get_tensor("maps").float()  # (n_words, 32, 32)
     words = json.loads(meta.pop("words"))
-    meta.update({k: int(meta[k]) for k in ("inversion_steps", "denoise_steps", "res") if meta.get(k, "").isdigit()})
+    numbers = ("inversion_steps", "denoise_steps", "res", "null_text_iters")
+    meta.update({k: int(meta[k]) for k in numbers if meta.get(k, "").isdigit()})
     return maps, words, meta
 
 

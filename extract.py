@@ -8,10 +8,13 @@ the UNet runs, capture M = softmax(QK^T / sqrt(d)) (eq. 13-14) in every cross-at
 module; average over heads, layers and steps (Hertz et al. 2022); merge CLIP's BPE pieces into
 words; resize each word's map to 32x32, min-max normalise, and save one safetensors file per item
 in the DESIGN.md format (attn/<id>.safetensors). The authors never released this part.
+`--inversion null-text` replaces the guidance-1 denoising by Mokady et al.'s null-text inversion
+(nulltext.py): guided denoising (w = 7.5) with the null embedding tuned at each step.
 
     python extract.py --dm sd14 --data data.jsonl --out attn/              # one process
     torchrun --nproc_per_node 8 extract.py --dm sd14 --data data.jsonl --out attn/
     python extract.py --dm tiny-sd --data data.jsonl --out /tmp/attn        # random tiny SD (tests)
+    python extract.py --dm sd14 --data data.jsonl --out attn/ --inversion null-text  # 5 + 5, w 7.5
     OMP_NUM_THREADS=1 python bench.py extract                                # capture overhead, CPU
 """
 import argparse
@@ -28,10 +31,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import nulltext
 from aligner import MAP_SIZE, min_max  # the one map size and normalisation of DM and VLM maps
 from data import (ID_PATTERN, is_complete, library_bars, load_image, load_maps, maps_path,
                   progress_bar, read_items_or_exit, save_maps, split_words)
 from models import DM_PRESETS, PRESETS, load_dm, resolve_dtype, scheduler_config
+
+INVERSIONS = ("ddim", "null-text")  # --inversion: guidance 1 both ways; Mokady et al. (nulltext.py)
 
 # ---- words: data.split_words (the rule of both sides) located among CLIP's tokens ----
 
@@ -189,10 +195,14 @@ def invert_and_denoise(unet, latents, context, inverse, forward, store=None, cap
 
 @torch.no_grad()
 def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10, capture_steps="denoise",
-                 layers=None):
+                 layers=None, inversion="ddim", guidance=nulltext.GUIDANCE,
+                 null_text_iters=nulltext.ITERATIONS):
     """Mean cross-attention (B, columns, h, w) over heads, the chosen layers and steps.
 
     images (B, 3, res, res) in [-1, 1]; texts: the answers the DM is conditioned on (eq. 7: y).
+    inversion "ddim": invert and denoise at guidance 1; "null-text": nulltext.py, guidance
+    `guidance`, null_text_iters Adam iterations per step, on one grid (denoise_steps must equal
+    inversion_steps: inversion_settings).
     """
     unet, device = dm["unet"], dm["unet"].device
     images = images.to(device=device, dtype=unet.dtype)
@@ -204,10 +214,65 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     inverse, forward = ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)
     store = new_store(latents.shape[-2:], columns, layers)
     with capturing(unet, store):
-        invert_and_denoise(unet, latents, context, inverse, forward, store, capture_steps)
+        if inversion == "null-text":
+            null_text(dm, latents, context, inverse, forward, store, capture_steps, guidance,
+                      null_text_iters)
+        else:
+            invert_and_denoise(unet, latents, context, inverse, forward, store, capture_steps)
     if store["count"] == 0:
         raise ValueError(f"no cross-attention was captured: --layers {layers} matches no attn2 layer of this UNet")
     return store["sum"] / store["count"]                                       # (B, columns, h, w)
+
+
+def null_text(dm, latents, context, inverse, forward, store, capture_steps, guidance, iters):
+    """--inversion null-text (nulltext.py): the pivot by DDIM inversion at guidance 1, then
+    Algorithm 1 from its end, capturing at capture_steps (the conditional branch only)."""
+    if list(forward.timesteps) != list(inverse.timesteps)[::-1]:
+        raise ValueError(f"null-text inversion denoises on the inversion's own grid: got "
+                         f"{len(inverse.timesteps)} inversion and {len(forward.timesteps)} "
+                         f"denoising steps; give equal counts")
+    pivot = nulltext.ddim_pivot(dm["unet"], latents, context, inverse, store, capture_steps)
+    if capture_steps != "inversion":  # else the denoising would change no map
+        null = nulltext.empty_prompt(dm, len(latents))                          # (B, 77, D)
+        nulltext.null_text_inversion(dm["unet"], pivot, context, null, forward, guidance, iters,
+                                     store, capture_steps)
+
+
+def inversion_settings(inversion, inversion_steps, denoise_steps=None, guidance=None, iters=None):
+    """(denoise_steps, guidance, iters, meta): the inversion flags resolved and checked (ValueError
+    naming the flag and value), and the store metadata they add.
+
+    ddim: denoise_steps 10 by default; guidance and iters do not apply (guidance 1) and no key is
+    added, so its stores are those of every extraction before the option ("inversion" absent
+    means ddim). null-text: one trailing grid of inversion_steps both ways. Each guided step must
+    land on a point of the pivot, which exists only at the inversion's timesteps; the inversion's
+    count because the paper's shortened inversion is 5 steps and each denoising step costs N + 2
+    UNet calls and N backwards. denoise_steps defaults to it and must equal it if given.
+    """
+    if inversion not in INVERSIONS:
+        raise ValueError(f"--inversion {inversion!r}: give one of {', '.join(INVERSIONS)}")
+    if inversion == "ddim":
+        for flag, value in (("--guidance", guidance), ("--null-text-iters", iters)):
+            if value is not None:
+                raise ValueError(f"{flag} {value}: only --inversion null-text uses it "
+                                 f"(--inversion ddim inverts and denoises at guidance 1)")
+        return (10 if denoise_steps is None else denoise_steps), None, None, {}
+    if denoise_steps is not None and denoise_steps != inversion_steps:
+        raise ValueError(f"--denoise-steps {denoise_steps} with --inversion null-text: its "
+                         f"denoising revisits the inversion's own {inversion_steps} timesteps "
+                         f"(each step lands on the inverted trajectory); leave --denoise-steps out "
+                         f"or give --inversion-steps' value, {inversion_steps}")
+    guidance = nulltext.GUIDANCE if guidance is None else float(guidance)
+    iters = nulltext.ITERATIONS if iters is None else iters
+    if not 1 < guidance < math.inf:
+        raise ValueError(f"--guidance {guidance}: null-text inversion tunes the unconditional "
+                         f"branch of a guided step, which guidance 1 ignores and below 1 inverts; "
+                         f"give a value above 1 (the paper: 7.5) or use --inversion ddim")
+    if not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"--null-text-iters {iters}: give a whole number >= 0 (the paper: 10; 0 "
+                         f"denoises with the empty prompt's embedding untuned)")
+    meta = {"inversion": inversion, "guidance": guidance, "null_text_iters": iters}
+    return inversion_steps, guidance, iters, meta
 
 
 def context_columns(positions):
@@ -227,8 +292,9 @@ def word_maps(attention, W, normalise=True):
 
 # ---- extraction: items -> attn/<id>.safetensors, sharded by rank, resumable ----
 
-def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_steps="denoise", layers=None,
-            batch_size=1, rank=0, world_size=1, progress=None):
+def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=None, capture_steps="denoise",
+            layers=None, batch_size=1, rank=0, world_size=1, progress=None, inversion="ddim",
+            guidance=None, null_text_iters=None):
     """Write <out_dir>/<id>.safetensors for this rank's share of items; returns a summary dict.
 
     Rank r of world_size takes items r, r + world_size, ... (no collectives: a rank's crash stops
@@ -240,12 +306,16 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
     first in `items`, whichever rank each occurrence falls to.
     layers: None (all attn2 layers) or a set of downsampling factors of the latent grid
     (sd14 at 512 px: 1 = 64², 2 = 32², 4 = 16², 8 = 8²). capture_steps: "all", "inversion", "denoise".
+    inversion ("ddim", "null-text"), guidance, null_text_iters, denoise_steps None: inversion_settings.
     Returns dict(done, skipped, failed, seconds, rank, world_size).
     """
     t0, out_dir = time.time(), Path(out_dir)
+    denoise_steps, guidance, null_text_iters, inversion_meta = inversion_settings(
+        inversion, inversion_steps, denoise_steps, guidance, null_text_iters)  # before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps, "res": dm["res"],
             "capture_steps": capture_steps, "layers": ",".join(map(str, sorted(layers))) if layers else "all"}
+    meta.update(inversion_meta)  # null-text's settings; ddim adds none
     ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)  # bad step counts fail now, not per batch
     summary = {"done": 0, "skipped": 0, "failed": 0}
     run = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
@@ -272,7 +342,8 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=10, capture_ste
         if batch:
             columns = context_columns([positions for _, _, positions in batch])
             attention = dm_attention(dm, torch.stack(images), [item["answer"] for item, _, _ in batch], columns,
-                                     inversion_steps, denoise_steps, capture_steps, layers)  # (B, columns, h, w)
+                                     inversion_steps, denoise_steps, capture_steps, layers,
+                                     inversion, guidance, null_text_iters)  # (B, columns, h, w)
             for b, (item, words, positions) in enumerate(batch):
                 maps = word_maps(attention[b], word_weights(positions, columns))  # (n_words, 32, 32)
                 save_maps(maps_path(out_dir, item["id"]), maps, words, dict(meta, text=item["answer"]))
@@ -406,7 +477,16 @@ def build_parser():
     p.add_argument("--limit", type=int, default=None, help="only the first N items (a quick look)")
     # ---- method (paper §5(1): 5 inversion + 10 denoising steps) ----
     p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (>= 1), guidance 1, conditioned on the answer")
-    p.add_argument("--denoise-steps", type=int, default=10, help="DDIM denoising steps (>= 1) from the inverted latent")
+    p.add_argument("--denoise-steps", type=int, default=None, help="DDIM denoising steps (>= 1) "
+                   "from the inverted latent; default 10 (ddim) or --inversion-steps (null-text, "
+                   "which denoises on the inversion's grid)")
+    p.add_argument("--inversion", default="ddim", choices=INVERSIONS, help="ddim: guidance 1 both "
+                   "ways; null-text: Mokady et al. 2022, the null embedding tuned at each step for "
+                   "--guidance (nulltext.py)")
+    p.add_argument("--guidance", type=float, default=None, help="null-text only: the guidance "
+                   f"scale w (> 1) the null text is tuned for (default {nulltext.GUIDANCE})")
+    p.add_argument("--null-text-iters", type=int, default=None, help="null-text only: Adam "
+                   f"iterations per denoising step (>= 0; default {nulltext.ITERATIONS})")
     p.add_argument("--capture-steps", default="denoise", choices=["denoise", "inversion", "all"],
                    help="which steps' attention is averaged: denoise (§5(1): 'attention maps are collected at each "
                    "denoising step'), inversion, or all")
@@ -445,6 +525,11 @@ def main(argv=None):
         n_items, found, total = import_jpeg(items, args.import_jpeg, args.out)
         return print(f"imported {n_items} of {len(items)} items into {args.out}: {found} of their {total} answer "
                      f"words have a map in {args.import_jpeg}")
+    try:  # a bad inversion flag stops the run before the DM loads
+        inversion_settings(args.inversion, args.inversion_steps, args.denoise_steps, args.guidance,
+                           args.null_text_iters)
+    except ValueError as e:
+        raise SystemExit(str(e))
     # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1. No process group:
     # ranks share nothing but the output folder.
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -453,7 +538,8 @@ def main(argv=None):
     dm = load_dm(args.dm, args.dm_path, device, resolve_dtype(args.dtype, device, "float16"))
     s = extract(items, dm, args.out, args.inversion_steps, args.denoise_steps, args.capture_steps,
                 parse_layers(args.layers, args.dm), args.batch_size, rank, world_size,
-                progress=rank == 0 and not args.quiet)
+                progress=rank == 0 and not args.quiet, inversion=args.inversion,
+                guidance=args.guidance, null_text_iters=args.null_text_iters)
     # one line per rank (no collectives to merge them); items of other ranks are not counted here
     print(f"extract rank {rank}/{world_size}: {s['done']} done, {s['skipped']} skipped as complete, "
           f"{s['failed']} failed (reasons in {Path(args.out) / 'failures.jsonl'}), {s['seconds']:.1f} s")
