@@ -30,6 +30,7 @@ The weights they write are the shipped toy_models/; toy.py's demo fine-tunes fro
 """
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ import data
 import evaluate
 import extract
 import models
+import nulltext
 import world
 from aligner import min_max
 from metrics import score_prediction
@@ -231,6 +233,56 @@ def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, **extract_kwargs):
         extract.extract(items, dm, Path(out_dir) / split, batch_size=32, **extract_kwargs)
         result[name] = dm_pointing(items, Path(out_dir) / split)
     return result
+
+
+def measure_null_text(dm_path="toy_models/toy-sd", world_dir="toy_out/world", n=96, seed=0):
+    """extract.py's --inversion ddim against null-text on toy-sd, world `seed`'s first n held-out
+    captions with masks: CPU seconds and pointing of each (dm_pointing, the words with a mask),
+    the mean absolute difference of each answer word's two maps, and reconstruction_errors on the
+    first 32 images.
+
+        python -c "import base_models; print(base_models.measure_null_text())"   # ~2 CPU min
+    """
+    items = [it for it in data.read_items(world.build_world(world_dir, seed)["test-captions"])
+             if it.get("masks")][:n]
+    dm, result = models.load_dm("toy-sd", path=dm_path), {}
+    with tempfile.TemporaryDirectory() as out:
+        for inversion in extract.INVERSIONS:
+            t0 = time.process_time()
+            extract.extract(items, dm, Path(out) / inversion, batch_size=32, progress=False,
+                            inversion=inversion)
+            result[inversion] = dict(dm_pointing(items, Path(out) / inversion),
+                                     cpu_s=round(time.process_time() - t0, 1))
+        maps = {inv: [data.read_maps(Path(out) / inv, it["id"])[0] for it in items]
+                for inv in extract.INVERSIONS}
+    mad = torch.cat([(a - b).abs().mean(dim=(1, 2)) for a, b in zip(*maps.values())])  # per map
+    result["maps"] = {"mean_abs_difference": round(mad.mean().item(), 4), "n": len(mad),
+                      "max": round(mad.max().item(), 4)}
+    result["reconstruction"] = reconstruction_errors(dm, items[:32])
+    return result
+
+
+@torch.no_grad()
+def reconstruction_errors(dm, items, steps=5, w=nulltext.GUIDANCE):
+    """MSE to the images' latents z*_0 of the latent that denoising from their DDIM inversion
+    reaches (one grid of `steps` both ways): at guidance 1 (--inversion ddim's own step), at w
+    with the empty prompt, at w with null-text's tuned embeddings."""
+    images = torch.stack([data.load_image(it["image_path"], dm["res"]) for it in items])
+    x0 = dm["vae"].encode(images).latent_dist.mean * dm["vae"].config.scaling_factor  # z*_0
+    ids = dm["tokenizer"]([it["answer"] for it in items], padding="max_length", truncation=True,
+                          max_length=dm["text_encoder"].config.max_position_embeddings,
+                          return_tensors="pt").input_ids
+    unet, context = dm["unet"], dm["text_encoder"](ids)[0]                   # (B, T, D)
+    null = nulltext.empty_prompt(dm, len(items))                             # ∅ untuned (B, T, D)
+    inverse, forward = extract.ddim_grids(dm["scheduler"], steps, steps)
+    pivot = nulltext.ddim_pivot(unet, x0, context, inverse)                  # z*_0 ... z*_T
+
+    def guided(scale):  # from z*_T, the empty prompt's embedding at every step
+        return nulltext.guided_denoise(unet, pivot[-1], context, [null] * steps, forward, scale)
+    ends = {"ddim, guidance 1": guided(1.0), f"empty prompt, guidance {w}": guided(w),
+            f"null-text, guidance {w}": nulltext.null_text_inversion(unet, pivot, context, null,
+                                                                     forward, w)[1]}
+    return {name: round((z - x0).pow(2).mean().item(), 5) for name, z in ends.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ output_attentions) for aggregate.py. Results, with the machine they came from: B
 
     OMP_NUM_THREADS=1 python bench.py extract   # extract.py vs plain SDPA vs Prompt-to-Prompt, SD-v1.4 geometry, 256 px
     OMP_NUM_THREADS=1 python bench.py extract --res 512 --repeats 1   # SD-v1.4's own 512 px
+    OMP_NUM_THREADS=1 python bench.py null-text # extract.py --inversion null-text over ddim, 64 px
     python bench.py aggregate                   # aggregate.py vs plain vs the release's eager attention
     python bench.py aggregate --model idefics   #   the same at IDEFICS-9B's proportions (no eager arm)
     python bench.py aggregate --model qwen2vl   #   at Qwen2-VL-7B's proportions (selfattn.py), + all 28 layers
@@ -38,6 +39,7 @@ import data
 import extract
 import flamingo
 import models
+import nulltext
 import qwen
 import train
 
@@ -225,6 +227,28 @@ def extract_memory(arm, res, columns=77):
     unet.set_attn_processor(processors)
     with torch.no_grad():
         return peak_rss(lambda: unet(latents, 501, encoder_hidden_states=context))
+
+
+def bench_null_text(res=64, steps=5, iters=10, repeats=2):
+    """CPU s per image of extract.py --inversion null-text (steps + steps, iters Adam steps each, w 7.5)
+    over ddim (steps + 2 steps), capture on, SD-v1.4's UNet geometry (random), arms alternating."""
+    unet, seconds = sd14_unet(), {"ddim": [], "null-text": []}
+    x0, (context, null) = torch.randn(1, 4, res // 8, res // 8), torch.randn(2, 1, 77, 768)  # seeded by the build
+    for r in data.progress_bar(range(repeats), desc=f"null-text {res} px"):
+        for arm in list(seconds)[r % 2:] + list(seconds)[:r % 2]:
+            inverse, forward = extract.ddim_grids(models.sd_scheduler(), steps, steps * (1 + (arm == "ddim")))
+            store, t0 = extract.new_store(x0.shape[-2:], 77), time.process_time()
+            with extract.capturing(unet, store), torch.no_grad():
+                if arm == "ddim":
+                    extract.invert_and_denoise(unet, x0, context, inverse, forward, store)
+                else:
+                    pivot = nulltext.ddim_pivot(unet, x0, context, inverse, store)
+                    nulltext.null_text_inversion(unet, pivot, context, null, forward, iters=iters, store=store)
+            seconds[arm].append(time.process_time() - t0)
+    best = {arm: min(s) for arm, s in seconds.items()}                     # per image, best of repeats
+    print(f"bench: SD-v1.4 geometry UNet (random), {res} px, best of {repeats}: ddim {best['ddim']:.1f}, "
+          f"null-text {best['null-text']:.1f} CPU s per image; null-text / ddim {best['null-text'] / best['ddim']:.2f}")
+    return best["null-text"] / best["ddim"]
 
 
 # ---- the VLM: llama32's proportions, scaled down ----
@@ -515,6 +539,9 @@ def build_parser():
     e.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps")
     e.add_argument("--denoise-steps", type=int, default=10, help="DDIM denoising steps")
     e.add_argument("--memory-arm", choices=EXTRACT_ARMS, help="internal: one arm's peak memory in this process")
+    n = sub.add_parser("null-text", help="extract.py --inversion null-text: CPU s per image over ddim")
+    n.add_argument("--res", type=int, default=64, help="image size in pixels (latents are 1/8)")
+    n.add_argument("--repeats", type=int, default=2, help="passes per arm; an arm's time is its best")
     a = sub.add_parser("aggregate", help="aggregate.py: VLM capture, forward time and peak memory")
     a.add_argument("--reps", type=int, default=7, help="timed forwards per arm (median reported)")
     a.add_argument("--memory-arm", choices=(*CAPTURE_ARMS, "every-layer"), help="internal: one arm's peak memory")
@@ -554,6 +581,8 @@ def main(argv=None):
         return print(json.dumps(extract_memory(args.memory_arm, args.res)))
     if args.which == "extract":
         return bench_extract(args.res, args.inversion_steps, args.denoise_steps, args.repeats)
+    if args.which == "null-text":
+        return bench_null_text(args.res, repeats=args.repeats)
     if args.which == "aggregate" and args.memory_arm:
         torch.set_num_threads(2)
         model, batch, rows = capture_setup(projections=args.memory_arm == "learn", model=args.model)
