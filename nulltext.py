@@ -19,7 +19,7 @@ is that second pass; tests/test_nulltext.py checks that both give the same maps)
 
 Follows Prompt-to-Prompt's null_text_w_ptp.ipynb (https://github.com/google/prompt-to-prompt,
 NullInversion.null_optimization): N = 10, lr 1e-2 (1 - i/100) at denoising step i, stop once the
-loss is below 1e-5 + 2e-5 i, w = 7.5. Written from the paper and that description, not copied.
+loss is below 1e-5 + 2e-5 i, w = 7.5.
 
     python extract.py --dm tiny-sd --data data.jsonl --out /tmp/attn --inversion null-text
 """
