@@ -16,7 +16,11 @@ The weights they write are the shipped toy_models/; toy.py's demo fine-tunes fro
     0.35 pointing on world v5's test-id answers and entropy 6.82 nats; before min-max its raw
     answer-word map (each pixel's share of attention on the word, over the pixels) has 6.9312
     nats, a uniform 32x32 map's 6.9315 (raw_entropies; toy_report.md, v5): the word's share barely
-    varies between pixels, and min-max stretches what differences remain.
+    varies between pixels, and min-max stretches what differences remain. Why: the text barely
+    enters its denoising (the MSE with a scene's own caption, another's, or none differ by at
+    most 1.3% at t = 200-950), so nothing asks its cross-attention to choose pixels. v-prediction
+    and one-word prompts make the prompt matter but move the word's share between pixels by a few
+    hundredths only, of either sign from run to run (toy_report.md lists the recipes tried).
   - toy VLM: every weight pre-trained on the pretrain split with the next-token loss, each batch
     drawn a kind then an item: it perceives every asked attribute on one-object images (1.00 on
     test-one for both kinds) but has never had to select one object among several, the skill
