@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import nulltext
+import teachers
 from aligner import MAP_SIZE, min_max  # the one map size and normalisation of DM and VLM maps
 from data import (ID_PATTERN, is_complete, library_bars, load_image, load_maps, maps_path,
                   progress_bar, read_items_or_exit, save_maps, split_words)
@@ -107,6 +108,8 @@ class CrossAttentionCapture:
         v = v.view(B, -1, H, d).transpose(1, 2)                              # (B, H, T, d)
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
+        if attn.upcast_attention:  # SD 2.x: its float16 scores overflow, diffusers' upcast them
+            q, k = q.float(), k.float()
         scores = (q * attn.scale) @ k.transpose(-1, -2)                      # (B, H, N, T)  QK^T/sqrt(d)
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[2], B)
@@ -179,8 +182,10 @@ def ddim_grids(scheduler, inversion_steps, denoise_steps):
     return inverse, forward
 
 
-def invert_and_denoise(unet, latents, context, inverse, forward, store=None, capture_steps="denoise"):
-    """Run the inversion then the denoising; with a store, capture attention at the chosen steps."""
+def invert_and_denoise(unet, latents, context, inverse, forward, store=None, capture_steps="denoise",
+                       added=None):
+    """Run the inversion then the denoising; with a store, capture attention at the chosen steps.
+    added: SDXL's added conditioning (teachers.encode_text), None for SD 1.x and 2.x."""
     dtype = unet.dtype
     for phase, scheduler in (("inversion", inverse), ("denoise", forward)):
         if store is not None:
@@ -188,7 +193,9 @@ def invert_and_denoise(unet, latents, context, inverse, forward, store=None, cap
                 break  # nothing more to capture: the denoising would change no map
             store["on"] = capture_steps in ("all", phase)
         for t in scheduler.timesteps:
-            eps = unet(latents.to(dtype), t, encoder_hidden_states=context).sample
+            # ε, or v for sd21: the schedulers read it by their config's prediction_type
+            eps = unet(latents.to(dtype), t, encoder_hidden_states=context,
+                       added_cond_kwargs=added).sample
             latents = scheduler.step(eps.float(), t, latents).prev_sample    # fp32 latent path
     return latents
 
@@ -205,12 +212,10 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     inversion_steps: inversion_settings).
     """
     unet, device = dm["unet"], dm["unet"].device
-    images = images.to(device=device, dtype=unet.dtype)
+    images = images.to(device=device, dtype=dm["vae"].dtype)  # (SDXL's VAE: float32, teachers.py)
     # the latent mean x scaling factor (SD's encoding, without sampling: deterministic)
     latents = dm["vae"].encode(images).latent_dist.mean.float() * dm["vae"].config.scaling_factor  # (B, 4, h, w)
-    ids = dm["tokenizer"](texts, padding="max_length", max_length=dm["text_encoder"].config.max_position_embeddings,
-              truncation=True, return_tensors="pt").input_ids.to(device)        # (B, 77)
-    context = dm["text_encoder"](ids)[0].to(unet.dtype)                        # (B, 77, D)
+    context, added = teachers.encode_text(dm, texts)              # (B, 77, D); SDXL's extras or None
     inverse, forward = ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)
     store = new_store(latents.shape[-2:], columns, layers)
     with capturing(unet, store):
@@ -218,7 +223,8 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
             null_text(dm, latents, context, inverse, forward, store, capture_steps, guidance,
                       null_text_iters)
         else:
-            invert_and_denoise(unet, latents, context, inverse, forward, store, capture_steps)
+            invert_and_denoise(unet, latents, context, inverse, forward, store, capture_steps,
+                               added)
     if store["count"] == 0:
         raise ValueError(f"no cross-attention was captured: --layers {layers} matches no attn2 layer of this UNet")
     return store["sum"] / store["count"]                                       # (B, columns, h, w)
@@ -275,6 +281,17 @@ def inversion_settings(inversion, inversion_steps, denoise_steps=None, guidance=
     return inversion_steps, guidance, iters, meta
 
 
+def check_dm(dm, inversion, inversion_steps, denoise_steps):
+    """ValueError before any work: step counts the DM's DDIM grids refuse, or --inversion
+    null-text with SDXL, whose added conditioning (teachers.encode_text) nulltext.py does not
+    tune."""
+    ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)
+    if inversion == "null-text" and "text_encoder_2" in dm:
+        raise ValueError(f"--inversion null-text with --dm {dm['name']}: nulltext.py tunes the "
+                         f"null context only, not SDXL's pooled text embedding; use --inversion "
+                         f"ddim")
+
+
 def context_columns(positions):
     """How many context columns a batch needs: up to its last word piece (text_words' positions of
     each item), not CLIP's end and padding tokens."""
@@ -316,7 +333,7 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=None, capture_s
     meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps, "res": dm["res"],
             "capture_steps": capture_steps, "layers": ",".join(map(str, sorted(layers))) if layers else "all"}
     meta.update(inversion_meta)  # null-text's settings; ddim adds none
-    ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)  # bad step counts fail now, not per batch
+    check_dm(dm, inversion, inversion_steps, denoise_steps)  # fail now, not per batch
     summary = {"done": 0, "skipped": 0, "failed": 0}
     run = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
 
@@ -471,7 +488,9 @@ def build_parser():
     p = argparse.ArgumentParser(description="Per-word Stable Diffusion cross-attention maps (Lavender §4.1).")
     # ---- data and model ----
     p.add_argument("--dm", default="sd14", choices=DM_PRESETS, help="diffusion model preset (models.py)")
-    p.add_argument("--dm-path", default=None, help="local folder in diffusers layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    p.add_argument("--dm-path", default=None, help="local folder in diffusers layout (unet/, "
+                   "vae/, text_encoder/, tokenizer/, scheduler/; sdxl: text_encoder_2/ and "
+                   "tokenizer_2/ too)")
     p.add_argument("--data", help="dataset JSONL (id, image, question, answer); the DM is conditioned on the answer")
     p.add_argument("--out", default="attn", help="attention store folder: <out>/<id>.safetensors, <out>/failures.jsonl")
     p.add_argument("--limit", type=int, default=None, help="only the first N items (a quick look)")
@@ -491,7 +510,8 @@ def build_parser():
                    help="which steps' attention is averaged: denoise (§5(1): 'attention maps are collected at each "
                    "denoising step'), inversion, or all")
     p.add_argument("--layers", default="preset", help="attn2 layers averaged: 'preset' (sd14: 16x16, as "
-                   "Prompt-to-Prompt; toy-sd: all), 'all', or downsampling factors of the latent grid, e.g. '2,4' "
+                   "Prompt-to-Prompt; sd21, sdxl: factor 4, teachers.py; toy-sd: all), 'all', "
+                   "or downsampling factors of the latent grid, e.g. '2,4' "
                    "(sd14 at 512 px: 1 = 64x64, 2 = 32x32, 4 = 16x16, 8 = 8x8)")
     # ---- performance ----
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet call (raise it on a GPU)")

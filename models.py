@@ -5,11 +5,12 @@ A preset is a name (`--model llama32`, `--dm sd14`): a hub id, or a size built h
 (random weights: the tiny presets of the tests, the benchmarks' scaled geometries), or a folder that
 toy.py trains. The same builder makes every size of a class: `mllama` the Llama-3.2-Vision classes
 (tiny, toy, llama32 at 1/16 width), `stable_diffusion` SD's diffusers parts (tiny-sd, toy-sd, sd14's
-geometry). With no network and no local copy, one error names the preset, the hub id and how to
-point at a local folder. The last part holds what differs between model families: one FAMILIES
-entry per family (Mllama's cross-attention here; IDEFICS' gated cross-attention in flamingo.py;
-Qwen2-VL's self-attention in qwen.py, its capture in selfattn.py), which the per-family functions
-(language_model, attention_layers, vision_geometry, ...) dispatch through.
+geometry; teachers.py builds tiny-sd21 and tiny-sdxl). With no network and no local copy, one
+error names the preset, the hub id and how to point at a local folder. The last part holds what
+differs between model families: one FAMILIES entry per family (Mllama's cross-attention here;
+IDEFICS' gated cross-attention in flamingo.py; Qwen2-VL's self-attention in qwen.py, its capture
+in selfattn.py), which the per-family functions (language_model, attention_layers,
+vision_geometry, ...) dispatch through.
 
     python -c "import models; m, p = models.tiny_vlm(); print(models.attention_layers(m))"
 """
@@ -26,6 +27,8 @@ from transformers import (IdeficsProcessor, MllamaConfig, MllamaForConditionalGe
 import flamingo
 import hub
 import qwen
+import teachers
+from teachers import clip_tokenizer  # SD's CLIP tokenizer built in memory, every DM preset's
 
 ROOT = Path(__file__).resolve().parent
 
@@ -38,7 +41,8 @@ ROOT = Path(__file__).resolve().parent
 # 32², 16², 8²): its 16x16 layers (factor 4), the maps Prompt-to-Prompt aggregates (Hertz et al.
 # 2022, which eq. 13-14 cite) and the first author's MCPL code with it; DAAM also drops 8x8.
 # toy-sd: all layers, measured best on it (held-out captions 0.84 pointing; 16x16 alone 0.62, 8x8
-# alone 0.53).
+# alone 0.53). sd21, sdxl: factor 4 (24x24 at 768 px, 32x32 at 1024 px): teachers.py says why.
+# text_encoders (DMs): 2 for SDXL's layout (text_encoder_2/, tokenizer_2/ too); absent: 1.
 PRESETS = {
     "llama32": dict(kind="vlm", family="mllama", hub_id="meta-llama/Llama-3.2-11B-Vision-Instruct",
                     path=None, about="40 text layers, cross-attention at 3, 8, ..., 38; 560 px tiles"),
@@ -63,6 +67,14 @@ PRESETS = {
                     about="SD's classes at a tiny size, random weights (tests)"),
     "toy-sd": dict(kind="dm", hub_id=None, path="toy_models/toy-sd", layers=None,
                    about="SD's classes at toy size, trained on the miniature world"),
+    "sd21": dict(kind="dm", hub_id="stabilityai/stable-diffusion-2-1", path=None, layers={4},
+                 about="Stable Diffusion 2.1, v-prediction: attn2 at 96², 48², 24², 12² (768)"),
+    "tiny-sd21": dict(kind="dm", hub_id=None, path=None, layers=None,
+                      about="sd21's structure at tiny-sd's size, random weights (tests)"),
+    "sdxl": dict(kind="dm", hub_id="stabilityai/stable-diffusion-xl-base-1.0", path=None,
+                 layers={4}, text_encoders=2, about="SDXL base 1.0: attn2 at 64², 32² (1024 px)"),
+    "tiny-sdxl": dict(kind="dm", hub_id=None, path=None, layers=None, text_encoders=2,
+                      about="sdxl's structure at tiny-sd's size, random weights (tests)"),
 }
 VLM_PRESETS = [name for name, p in PRESETS.items() if p["kind"] == "vlm"]
 DM_PRESETS = [name for name, p in PRESETS.items() if p["kind"] == "dm"]
@@ -120,41 +132,6 @@ def bpe_tokenizer(corpus=TINY_CORPUS, vocab_size=300, special=LLAMA_SPECIAL_TOKE
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **roles)
-
-
-def clip_tokenizer(words, alphabet, max_length=None):
-    """A CLIPTokenizer built in memory: every character of `alphabet` alone and as a word end
-    ("r", "r</w>"), and each of `words` one token.
-
-    CLIP's BPE marks a word's last piece with "</w>"; each word gets the merges that build it from
-    what the earlier merges leave ("r"+"e" -> "re", "re"+"d</w>" -> "red</w>"), so it becomes one
-    token, and any other word falls back to pieces, as SD's tokenizer splits rare words.
-    max_length: the padded text length (SD 1.x: 77); CLIP pads with its end token.
-    """
-    from transformers import CLIPTokenizer
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in alphabet:
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    merges = []
-    for word in words:
-        # tokenize with the merges so far (lowest rank first, as BPE does), then add merges that
-        # join what is left; a new merge ranks after every earlier one, so no earlier word changes
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            pairs = list(zip(pieces, pieces[1:]))
-            ranks = [merges.index(p) if p in merges else len(merges) for p in pairs]
-            k = int(np.argmin(ranks))
-            if ranks[k] == len(merges):
-                merges.append((pieces[k], pieces[k + 1]))
-            pieces[k:k + 2] = [pieces[k] + pieces[k + 1]]
-            vocab.setdefault(pieces[k], len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
-    if max_length is not None:
-        tokenizer.model_max_length = max_length
-    for word in words:
-        assert len(tokenizer.tokenize(word)) == 1, f"{word!r} is not one CLIP token"
-    return tokenizer
 
 
 # ---- Mllama (Llama-3.2-Vision's classes) at every size ----
@@ -376,12 +353,14 @@ def tiny_sd(seed=0):
 
 def save_dm(dm, folder):
     """Write a dm dict in the diffusers component layout that load_dm reads (unet/, vae/, ...)."""
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        dm[part].save_pretrained(Path(folder) / part)
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + teachers.SECOND_ENCODER:
+        if part in dm:  # SDXL's second encoder (teachers.py)
+            dm[part].save_pretrained(Path(folder) / part)
 
 
-def load_dm_folder(folder, local_files_only=False):
-    """dm parts from a folder (or hub id) in diffusers component layout, with a DDIM scheduler."""
+def load_dm_folder(folder, local_files_only=False, text_encoders=1):
+    """dm parts from a folder (or hub id) in diffusers component layout, with a DDIM scheduler;
+    text_encoders 2: SDXL's text_encoder_2/ and tokenizer_2/ too."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     local = dict(local_files_only=local_files_only)
@@ -389,6 +368,7 @@ def load_dm_folder(folder, local_files_only=False):
     parts = dict(vae=AutoencoderKL, unet=UNet2DConditionModel, text_encoder=CLIPTextModel,
                  tokenizer=CLIPTokenizer)
     dm = {part: cls.from_pretrained(folder, subfolder=part, **local) for part, cls in parts.items()}
+    dm.update(teachers.load_second_encoder(folder, local_files_only) if text_encoders == 2 else {})
     return dict(dm, scheduler=DDIMScheduler.from_config(scheduler_config(schedule, DDIMScheduler)))
 
 
@@ -396,13 +376,16 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
     """dict(vae, unet, text_encoder, tokenizer, scheduler, res, name) of a --dm preset, frozen, in
     eval mode.
 
-    One code path for every preset given a folder in diffusers component layout; "tiny-sd"
-    without a path is built here. res = unet sample_size * the VAE's downsampling factor. Hub
-    presets load from local files only when they can (hub.weights_source), else fail fast.
+    One code path for every preset given a folder in diffusers component layout; "tiny-sd",
+    "tiny-sd21" and "tiny-sdxl" without a path are built here. res = unet sample_size * the
+    VAE's downsampling factor. Hub presets load from local files only when they can
+    (hub.weights_source), else fail fast.
     """
     if name not in DM_PRESETS:
         raise SystemExit(f"unknown --dm {name!r}; choose one of {DM_PRESETS} or give --dm-path")
     hub_id, dm = PRESETS[name]["hub_id"], tiny_sd() if name == "tiny-sd" and path is None else None
+    if name in teachers.TINY_SIZES and path is None:  # tiny-sd21, tiny-sdxl
+        dm = teachers.tiny(name, clip_tokenizer(TINY_SD_WORDS, TINY_SD_ALPHABET), sd_scheduler())
     if dm is None:
         path = path or preset_path(name)
         if hub_id is None and not Path(path).is_dir():
@@ -412,12 +395,12 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
         source, local = hub.weights_source("--dm", name, hub_id, path, "unet/config.json",
                                            "--dm-path")
         try:
-            dm = load_dm_folder(source, local)
+            dm = load_dm_folder(source, local, PRESETS[name].get("text_encoders", 1))
         except (OSError, ValueError) as e:
             raise hub.load_error("--dm", name, source, e, hub_id, "--dm-path") from None
-    for part in ("vae", "unet", "text_encoder"):
-        if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op one)
-            dm[part].to(dtype=dtype)
+    for part in [p for p in ("vae", "unet", "text_encoder", "text_encoder_2") if p in dm]:
+        if dm[part].dtype != teachers.part_dtype(dm, part, dtype):  # (diffusers warns on any
+            dm[part].to(dtype=teachers.part_dtype(dm, part, dtype))  # dtype .to(), even a no-op)
         dm[part].to(device=device).eval().requires_grad_(False)
     sample = np.atleast_1d(dm["unet"].config.sample_size)[0]
     scale = 2 ** (len(dm["vae"].config.block_out_channels) - 1)  # the VAE's downsampling
