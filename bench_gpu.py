@@ -15,6 +15,13 @@ checkpointing off and on: step time, data wait, peak memory.
     python bench_gpu.py --out bench_gpu.md      # on one GPU: at most 20 minutes (its parts' timeouts)
     python bench_gpu.py --parts train,fsdp      # some parts only
     python bench_gpu.py --parts loop-1tile,loop-4tiles   # train.py's loop alone: at most 10 minutes
+
+Not a part (it needs SD v1.4's weights and ImageNet-Segmentation's gtsegs_ijcv.mat on the machine;
+nothing here downloads them): the map-quality figure of BENCHMARKS.md, "Map quality",
+
+    python segment.py imagenet --mat gtsegs_ijcv.mat --out imagenet_seg/ --class-names names.json
+    python extract.py --dm sd14 --data imagenet_seg/data.jsonl --out attn_seg/ --batch-size 8
+    python segment.py score --data imagenet_seg/data.jsonl --attn attn_seg/
 """
 import argparse
 import gc
