@@ -211,6 +211,10 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     `guidance`, null_text_iters Adam iterations per step, on one grid (denoise_steps must equal
     inversion_steps: inversion_settings).
     """
+    if "transformer" in dm:  # SD3's joint attention and flow inversion (mmdit.py imports this)
+        import mmdit
+        return mmdit.dm_attention(dm, images, texts, columns, inversion_steps, denoise_steps,
+                                  capture_steps, layers)
     unet, device = dm["unet"], dm["unet"].device
     images = images.to(device=device, dtype=dm["vae"].dtype)  # (SDXL's VAE: float32, teachers.py)
     # the latent mean x scaling factor (SD's encoding, without sampling: deterministic)
@@ -285,7 +289,11 @@ def check_dm(dm, inversion, inversion_steps, denoise_steps):
     """ValueError before any work: step counts the DM's DDIM grids refuse, or --inversion
     null-text with SDXL, whose added conditioning (teachers.encode_text) nulltext.py does not
     tune."""
-    ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)
+    if "transformer" in dm and inversion != "ddim":  # SD3 (mmdit.py): its own Euler inversion
+        raise ValueError(f"--inversion {inversion} with --dm {dm['name']}: SD3 inverts its flow "
+                         f"by Euler steps (mmdit.py); use --inversion ddim")
+    if "transformer" not in dm:
+        ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)
     if inversion == "null-text" and "text_encoder_2" in dm:
         raise ValueError(f"--inversion null-text with --dm {dm['name']}: nulltext.py tunes the "
                          f"null context only, not SDXL's pooled text embedding; use --inversion "

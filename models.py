@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent
 # toy-sd: all layers, measured best on it (held-out captions 0.84 pointing; 16x16 alone 0.62, 8x8
 # alone 0.53). sd21, sdxl: factor 4 (24x24 at 768 px, 32x32 at 1024 px): teachers.py says why.
 # text_encoders (DMs): 2 for SDXL's layout (text_encoder_2/, tokenizer_2/ too); absent: 1.
+# family "mmdit" (DMs): SD3's multimodal DiT, loaded and captured by mmdit.py; absent: a UNet.
 PRESETS = {
     "llama32": dict(kind="vlm", family="mllama", hub_id="meta-llama/Llama-3.2-11B-Vision-Instruct",
                     path=None, about="40 text layers, cross-attention at 3, 8, ..., 38; 560 px tiles"),
@@ -75,6 +76,10 @@ PRESETS = {
                  layers={4}, text_encoders=2, about="SDXL base 1.0: attn2 at 64², 32² (1024 px)"),
     "tiny-sdxl": dict(kind="dm", hub_id=None, path=None, layers=None, text_encoders=2,
                       about="sdxl's structure at tiny-sd's size, random weights (tests)"),
+    "sd3": dict(kind="dm", hub_id="stabilityai/stable-diffusion-3-medium-diffusers", path=None,
+                layers=None, family="mmdit", about="SD3 medium: joint attention, 24 blocks (mmdit.py)"),
+    "tiny-sd3": dict(kind="dm", hub_id=None, path=None, layers=None, family="mmdit",
+                     about="sd3's classes at a tiny size, one CLIP encoder, random weights (tests)"),
 }
 VLM_PRESETS = [name for name, p in PRESETS.items() if p["kind"] == "vlm"]
 DM_PRESETS = [name for name, p in PRESETS.items() if p["kind"] == "dm"]
@@ -383,6 +388,9 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
     """
     if name not in DM_PRESETS:
         raise SystemExit(f"unknown --dm {name!r}; choose one of {DM_PRESETS} or give --dm-path")
+    if PRESETS[name].get("family") == "mmdit":  # SD3's DiT (mmdit.py imports this module)
+        import mmdit
+        return mmdit.load(name, path, device, dtype)
     hub_id, dm = PRESETS[name]["hub_id"], tiny_sd() if name == "tiny-sd" and path is None else None
     if name in teachers.TINY_SIZES and path is None:  # tiny-sd21, tiny-sdxl
         dm = teachers.tiny(name, clip_tokenizer(TINY_SD_WORDS, TINY_SD_ALPHABET), sd_scheduler())

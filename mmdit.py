@@ -1,0 +1,227 @@
+"""Stable Diffusion 3 as the teacher (§4.1, eq. 13-14): joint attention of a multimodal DiT.
+
+SD3 (stabilityai/stable-diffusion-3-medium-diffusers) has no UNet and no cross-attention: each
+of its transformer blocks runs ONE joint attention over the concatenated sequence [image tokens;
+text tokens] (Esser et al. 2024, MM-DiT). The word map read here is the image -> text block of
+those joint probabilities:
+
+    P = softmax([Q_img; Q_txt] [K_img; K_txt]^T / sqrt(d))     over ALL N + T keys
+    M = P[:N, N:]                                              (N image rows, T text columns)
+
+M is the direct analogue of SD's attn2 map (extract.CrossAttentionCapture): for each image token,
+the share of its attention that goes to each text token. Because the softmax also spans the image
+keys, a row of M sums to at most 1, not to 1. (ConceptAttention, Helbling et al. 2025, reads the
+attention OUTPUT space instead, projecting image outputs on concept outputs: a possible extension,
+not done here.) JointCapture averages M over heads and blocks into extract.new_store's running
+sum; the N image tokens form the (H/patch) x (W/patch) grid of the latent.
+
+Sampling: SD3 is a rectified flow, x_sigma = (1 - sigma) x_0 + sigma * noise, its transformer
+predicting the velocity v = noise - x_0 = dx/dsigma. The deterministic inversion is the Euler
+inversion of that ODE on the flow scheduler's sigmas, from the clean latent (sigma 0) up to
+noise (sigma 1), x_{s'} = x_s + (s' - s) v(x_s, s), and the denoising is the same Euler step
+downwards from sigma 1 to 0 (FlowMatchEulerDiscreteScheduler's step). Attention is captured at
+the denoising steps by default, as extract.py does; guidance 1 (the answer only) both ways.
+
+The tiny-sd3 test preset: SD3Transformer2DModel and a 16-channel AutoencoderKL at tiny size, and
+ONE CLIPTextModelWithProjection standing in for SD3's three encoders (its penultimate states are
+the context, its text_embeds the pooled projection). The real preset would build the context as
+StableDiffusion3Pipeline.encode_prompt does: CLIP-L's and CLIP-G's penultimate states
+concatenated (768 + 1280), zero-padded to T5's 4096 channels, T5's 256 states appended along the
+sequence, pooled = both CLIPs' text_embeds concatenated (768 + 1280). Loading those three
+encoders is not implemented: --dm sd3 stops with a message saying so.
+
+    python extract.py --dm tiny-sd3 --data data.jsonl --out /tmp/attn    # random tiny SD3 (tests)
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+import extract
+import hub
+import teachers
+from models import PRESETS, TINY_SD_ALPHABET, TINY_SD_WORDS
+
+# tiny-sd3: 32 px -> 16x16x16 latents (SD3's 16 channels) -> 8x8 tokens of 2x2 patches; two
+# joint blocks (the last one context_pre_only, as SD3's), 2 heads of 8 channels; a 32-d CLIP.
+TINY_SD3 = {
+    "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, projection_dim=32),
+    "vae": dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=32,
+                latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609),
+    "transformer": dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16,
+                        num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                        joint_attention_dim=32, caption_projection_dim=16,
+                        pooled_projection_dim=32, pos_embed_max_size=16),
+}
+SHIFT = 3.0  # SD3 medium's scheduler config: sigmas shifted towards noise
+
+
+def tiny_sd3(seed=0):
+    """dict(transformer, vae, text_encoder, tokenizer, scheduler) of tiny-sd3, random, seeded."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    tokenizer = teachers.clip_tokenizer(TINY_SD_WORDS, TINY_SD_ALPHABET)
+    torch.manual_seed(seed)
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return dict(
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**ids, **TINY_SD3["text_encoder"])),
+        vae=AutoencoderKL(**TINY_SD3["vae"]),
+        transformer=SD3Transformer2DModel(**TINY_SD3["transformer"]),
+        tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
+
+
+def load(name, path=None, device="cpu", dtype=torch.float32):
+    """The dm dict of tiny-sd3 (built here), frozen, eval mode; res = sample_size * 8 / 2.
+
+    sd3: the hub's or --dm-path's weights are looked for first (a clear SystemExit when there are
+    none), then it stops: its three-encoder conditioning is not implemented."""
+    if name != "tiny-sd3" or path is not None:
+        hub_id = PRESETS[name]["hub_id"]
+        hub.weights_source("--dm", name, hub_id, path, "transformer/config.json", "--dm-path")
+        raise SystemExit(f"--dm {name} ({hub_id or path}): loading SD3's three text encoders "
+                         f"(CLIP-L, CLIP-G, T5; mmdit.py says how they build the context) is not "
+                         f"implemented, so neither the hub weights nor a --dm-path folder can be "
+                         f"used yet; only --dm tiny-sd3 (one CLIP stand-in) runs")
+    dm = tiny_sd3()
+    for part in ("vae", "transformer", "text_encoder"):
+        if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op)
+            dm[part].to(dtype=dtype)
+        dm[part].to(device=device).eval().requires_grad_(False)
+    scale = 2 ** (len(dm["vae"].config.block_out_channels) - 1)  # the VAE's downsampling
+    return dict(dm, res=int(dm["transformer"].config.sample_size * scale), name=name)
+
+
+def encode_text(dm, texts):
+    """(context (B, 77, D), pooled (B, P)): the stand-in encoder's penultimate hidden states, as
+    SD3's CLIPs give theirs, and its text_embeds. Column j is CLIP token j, so extract.text_words'
+    positions index the text columns of the joint sequence."""
+    encoder = dm["text_encoder"]
+    ids = teachers.token_ids(dm["tokenizer"], encoder, texts, encoder.device)
+    out = encoder(ids, output_hidden_states=True)
+    dtype = dm["transformer"].dtype
+    return out.hidden_states[-2].to(dtype), out.text_embeds.to(dtype)
+
+
+# ---- the capture: a joint attention processor that also returns M = P[:N, N:] ----
+
+class JointCapture:
+    """JointAttnProcessor2_0's computation (diffusers attention_processor.py), plus the image ->
+    text probabilities of the joint softmax, averaged over heads, added into store["sum"].
+
+    The output is SDPA's, exactly as the default processor computes it; the probabilities of the
+    image rows are computed beside it (the scores over all N + T keys, softmax in fp32), so the
+    captured map cannot change what the model does.
+    """
+
+    def __init__(self, store):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 *args, **kwargs):
+        B, N, _ = hidden_states.shape                                   # N image tokens
+        H = attn.heads
+
+        def heads(x, norm=None):                                        # (B, H, L, d)
+            x = x.view(B, -1, H, x.shape[-1] // H).transpose(1, 2)
+            return x if norm is None else norm(x)
+        q = heads(attn.to_q(hidden_states), attn.norm_q)
+        k = heads(attn.to_k(hidden_states), attn.norm_k)
+        v = heads(attn.to_v(hidden_states))
+        c = encoder_hidden_states                                       # (B, T, D) text tokens
+        q = torch.cat([q, heads(attn.add_q_proj(c), attn.norm_added_q)], dim=2)  # (B, H, N+T, d)
+        k = torch.cat([k, heads(attn.add_k_proj(c), attn.norm_added_k)], dim=2)
+        v = torch.cat([v, heads(attn.add_v_proj(c))], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(B, -1, H * q.shape[-1]).to(q.dtype)
+        if self.store["on"]:
+            scale = 1 / math.sqrt(q.shape[-1])                          # SDPA's default scale
+            scores = (q[:, :, :N].float() * scale) @ k.float().transpose(-1, -2)  # (B, H, N, N+T)
+            self.accumulate(scores.softmax(dim=-1)[..., N:])            # (B, H, N, T) eq. 13
+        img, txt = out[:, :N], out[:, N:]
+        if not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        return attn.to_out[1](attn.to_out[0](img)), txt
+
+    def accumulate(self, probs):
+        """probs (B, H, N, T) -> the store's running sum (B, columns, h, w) over blocks."""
+        store, (h, w) = self.store, self.store["grid"]
+        T = store["columns"]
+        m = probs[..., :T].mean(dim=1).transpose(1, 2)                  # (B, T, N) heads averaged
+        m = m.reshape(len(m), T, h, w)                                  # (B, T, h, w) token grid
+        if store["sum"] is None:
+            store["sum"] = torch.zeros_like(m)
+        store["sum"] += m
+        store["count"] += 1
+
+
+@contextlib.contextmanager
+def capturing(transformer, store):
+    """extract.capturing for the joint ("attn") modules: JointCapture for the block, then the
+    original processors; SD3.5's image-only attn2 modules (dual attention) keep theirs."""
+    original = dict(transformer.attn_processors)                        # name -> processor
+    capture = JointCapture(store)
+    transformer.set_attn_processor({n: capture if n.endswith(".attn.processor") else p
+                                    for n, p in original.items()})
+    try:
+        yield store
+    finally:
+        transformer.set_attn_processor(original)
+
+
+# ---- flow inversion, then denoising (Euler both ways) ----
+
+def flow_sigmas(scheduler, steps):
+    """The flow scheduler's `steps` sigmas, descending from 1 to 0 (terminal 0 included)."""
+    scheduler.set_timesteps(steps)
+    return scheduler.sigmas.float().cpu()                               # (steps + 1,)
+
+
+def velocity(dm, x, sigma, context, pooled):
+    """v(x, sigma) of the transformer; its timestep is sigma * 1000, as the pipeline passes it."""
+    t = torch.full((len(x),), float(sigma) * 1000, device=x.device)
+    tr = dm["transformer"]
+    return tr(hidden_states=x.to(tr.dtype), timestep=t.to(tr.dtype), encoder_hidden_states=context,
+              pooled_projections=pooled).sample.float()
+
+
+def invert_and_denoise(dm, latents, context, pooled, inversion_steps, denoise_steps, store=None,
+                       capture_steps="denoise"):
+    """Euler inversion sigma 0 -> 1 on the flipped grid, then Euler denoising 1 -> 0:
+    x_{s'} = x_s + (s' - s) v(x_s, s) both ways (fp32 latent path)."""
+    up = flow_sigmas(dm["scheduler"], inversion_steps).flip(0)          # 0, ..., 1
+    down = flow_sigmas(dm["scheduler"], denoise_steps)                  # 1, ..., 0
+    for phase, grid in (("inversion", up), ("denoise", down)):
+        if store is not None:
+            if capture_steps == "inversion" and phase == "denoise":
+                break  # nothing more to capture
+            store["on"] = capture_steps in ("all", phase)
+        for s, s_next in zip(grid[:-1], grid[1:]):
+            latents = latents + (s_next - s) * velocity(dm, latents, s, context, pooled)
+    return latents
+
+
+def encode_image(dm, images):
+    """SD3's latent: (VAE mean - shift_factor) * scaling_factor, without sampling."""
+    vae = dm["vae"]
+    mean = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean.float()
+    return (mean - vae.config.shift_factor) * vae.config.scaling_factor  # (B, 16, h, w)
+
+
+@torch.no_grad()
+def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10,
+                 capture_steps="denoise", layers=None):
+    """extract.dm_attention for SD3: mean image -> text joint attention (B, columns, h/p, w/p)
+    over heads, blocks and the captured steps."""
+    if layers is not None:
+        raise ValueError(f"--layers {layers}: a DiT has one token grid, give --layers all")
+    latents = encode_image(dm, images)
+    context, pooled = encode_text(dm, texts)
+    p = dm["transformer"].config.patch_size
+    store = extract.new_store((latents.shape[-2] // p, latents.shape[-1] // p), columns)
+    with capturing(dm["transformer"], store):
+        invert_and_denoise(dm, latents, context, pooled, inversion_steps, denoise_steps, store,
+                           capture_steps)
+    return store["sum"] / store["count"]                                # (B, columns, h, w)
