@@ -85,16 +85,7 @@ def test_image_rows_over_text_columns_are_shares_of_all_keys(dm):
 
 # ---- extraction ---------------------------------------------------------------------------------
 
-def test_extract_writes_the_one_store_format(dm, tmp_path):
-    items = data.read_items(write_dataset(tmp_path, n=3, with_attn=False))
-    summary = extract.extract(items, dm, tmp_path / "out", batch_size=2, progress=False, **FAST)
-    assert (summary["done"], summary["failed"]) == (3, 0)
-    for item in items:
-        maps, words, meta = data.load_maps(data.maps_path(tmp_path / "out", item["id"]))
-        assert words == extract.text_words(dm["tokenizer"], item["answer"])[0]
-        assert maps.shape == (len(words), 32, 32) and torch.isfinite(maps).all()
-        assert maps.amin(dim=(1, 2)).eq(0).all() and maps.amax(dim=(1, 2)).eq(1).all()
-        assert (meta["dm"], meta["res"], meta["text"]) == ("tiny-sd3", 32, item["answer"])
+# the store format: tests/test_teachers.py::test_extract_writes_the_one_store_format
 
 
 def test_sd3_refuses_null_text_and_layer_factors(dm, tmp_path):

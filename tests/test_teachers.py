@@ -183,7 +183,10 @@ def test_sd21_grids_predict_v_and_the_steps_read_it_so():
 
 # ---- end to end -----------------------------------------------------------------------------
 
-def test_extract_writes_the_one_store_format(dm, tmp_path):
+@pytest.mark.parametrize("name", TINY + ("tiny-sd3",))
+def test_extract_writes_the_one_store_format(name, tmp_path):
+    """Every teacher, SD3's MM-DiT (mmdit.py) included, writes the one store format."""
+    dm = models.load_dm(name)
     items = data.read_items(write_dataset(tmp_path, n=3, with_attn=False))
     summary = extract.extract(items, dm, tmp_path / "out", batch_size=2, progress=False, **FAST)
     assert (summary["done"], summary["failed"]) == (3, 0)
