@@ -144,21 +144,22 @@ def new_store(grid, columns, factors=None):  # the accumulator the capture proce
     return {"on": True, "grid": tuple(grid), "columns": columns, "factors": factors, "sum": None, "count": 0}
 
 
-def capture_processors(processors, store):
-    """processors (name -> processor) with every attn2 one replaced by a CrossAttentionCapture."""
-    capture = CrossAttentionCapture(store)
-    return {name: capture if name.endswith("attn2.processor") else p for name, p in processors.items()}
+def capture_processors(processors, store, capture=None, suffix="attn2.processor"):
+    """processors (name -> processor) with every one whose name ends in `suffix` replaced by
+    `capture` (default: a CrossAttentionCapture on the attn2 modules)."""
+    capture = capture or CrossAttentionCapture(store)
+    return {name: capture if name.endswith(suffix) else p for name, p in processors.items()}
 
 
 @contextlib.contextmanager
-def capturing(unet, store):
-    """Install CrossAttentionCapture on every attn2 module for the block, then restore."""
-    original = dict(unet.attn_processors)                                   # name -> processor
-    unet.set_attn_processor(capture_processors(original, store))
+def capturing(model, store, capture=None, suffix="attn2.processor"):
+    """Install the capture processor (capture_processors) for the block, then restore."""
+    original = dict(model.attn_processors)                                  # name -> processor
+    model.set_attn_processor(capture_processors(original, store, capture, suffix))
     try:
         yield store
     finally:
-        unet.set_attn_processor(original)
+        model.set_attn_processor(original)
 
 
 # ---- DDIM inversion, then denoising ----

@@ -32,7 +32,6 @@ encoders is not implemented: --dm sd3 stops with a message saying so.
 
     python extract.py --dm tiny-sd3 --data data.jsonl --out /tmp/attn    # random tiny SD3 (tests)
 """
-import contextlib
 import math
 
 import torch
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 import extract
 import hub
+import models
 import teachers
 from models import PRESETS, TINY_SD_ALPHABET, TINY_SD_WORDS
 
@@ -85,13 +85,7 @@ def load(name, path=None, device="cpu", dtype=torch.float32):
                          f"(CLIP-L, CLIP-G, T5; mmdit.py says how they build the context) is not "
                          f"implemented, so neither the hub weights nor a --dm-path folder can be "
                          f"used yet; only --dm tiny-sd3 (one CLIP stand-in) runs")
-    dm = tiny_sd3()
-    for part in ("vae", "transformer", "text_encoder"):
-        if dm[part].dtype != dtype:  # (diffusers warns on any dtype .to(), even a no-op)
-            dm[part].to(dtype=dtype)
-        dm[part].to(device=device).eval().requires_grad_(False)
-    scale = 2 ** (len(dm["vae"].config.block_out_channels) - 1)  # the VAE's downsampling
-    return dict(dm, res=int(dm["transformer"].config.sample_size * scale), name=name)
+    return models.frozen(tiny_sd3(), name, device, dtype)
 
 
 def encode_text(dm, texts):
@@ -157,18 +151,10 @@ class JointCapture:
         store["count"] += 1
 
 
-@contextlib.contextmanager
 def capturing(transformer, store):
     """extract.capturing for the joint ("attn") modules: JointCapture for the block, then the
     original processors; SD3.5's image-only attn2 modules (dual attention) keep theirs."""
-    original = dict(transformer.attn_processors)                        # name -> processor
-    capture = JointCapture(store)
-    transformer.set_attn_processor({n: capture if n.endswith(".attn.processor") else p
-                                    for n, p in original.items()})
-    try:
-        yield store
-    finally:
-        transformer.set_attn_processor(original)
+    return extract.capturing(transformer, store, JointCapture(store), ".attn.processor")
 
 
 # ---- flow inversion, then denoising (Euler both ways) ----

@@ -406,11 +406,20 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
             dm = load_dm_folder(source, local, PRESETS[name].get("text_encoders", 1))
         except (OSError, ValueError) as e:
             raise hub.load_error("--dm", name, source, e, hub_id, "--dm-path") from None
-    for part in [p for p in ("vae", "unet", "text_encoder", "text_encoder_2") if p in dm]:
+    return frozen(dm, name, device, dtype)
+
+
+def frozen(dm, name, device="cpu", dtype=torch.float32):
+    """dm with its networks (VAE, UNet or SD3's transformer, text encoders) in `dtype` (SDXL's VAE
+    excepted: teachers.part_dtype) on `device`, frozen, in eval mode; res = the denoiser's
+    sample_size * the VAE's downsampling factor, and its preset name."""
+    parts = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2")
+    for part in [p for p in parts if p in dm]:
         if dm[part].dtype != teachers.part_dtype(dm, part, dtype):  # (diffusers warns on any
             dm[part].to(dtype=teachers.part_dtype(dm, part, dtype))  # dtype .to(), even a no-op)
         dm[part].to(device=device).eval().requires_grad_(False)
-    sample = np.atleast_1d(dm["unet"].config.sample_size)[0]
+    denoiser = dm["unet"] if "unet" in dm else dm["transformer"]
+    sample = np.atleast_1d(denoiser.config.sample_size)[0]
     scale = 2 ** (len(dm["vae"].config.block_out_channels) - 1)  # the VAE's downsampling
     dm.update(res=int(sample * scale), name=name)
     return dm
