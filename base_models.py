@@ -147,11 +147,14 @@ def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_step
         latents, vae_steps = latents * dm["vae"].config.scaling_factor, 0  # (N, 4, 32, 32), the saved factor
     else:
         latents, vae_l1 = train_vae(dm["vae"], images, steps=vae_steps, seed=seed)  # (N, 4, 32, 32)
-    log = fit_unet(dm, latents, [s["objects"] for s in scenes], steps, batch, lr, seed, save_every, out_dir)
+    log, denoise_log = fit_unet(dm, latents, [s["objects"] for s in scenes], steps, batch, lr, seed,
+                                save_every, out_dir)
     models.save_dm(dm, out_dir)
     summary = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "init_from": str(init_from) if init_from else None,
                "vae_steps": vae_steps, "vae_l1": round(vae_l1, 4),
-               "final_loss": round(float(np.mean(log[-100:])), 4), "minutes": round((time.time() - t0) / 60, 1),
+               "localise": LOCALISE, "final_loss": round(float(np.mean(log[-100:])), 4),
+               "final_denoise_mse": round(float(np.mean(denoise_log[-100:])), 4),
+               "minutes": round((time.time() - t0) / 60, 1),
                "unet_params": sum(p.numel() for p in dm["unet"].parameters()),
                "text_params": sum(p.numel() for p in dm["text_encoder"].parameters())}
     (Path(out_dir) / "training.json").write_text(json.dumps(summary, indent=2))
@@ -172,16 +175,65 @@ def sd_prompt(objects, rng):
     return (world.caption(objects), f"{o['colour']} at {o['cell']}", o["colour"], o["cell"])[kind]
 
 
+# weight of toy-sd's localisation loss (localisation_loss) beside the denoising MSE
+LOCALISE = 0.3
+
+
+def colour_masks(scenes):
+    """(N, n_colours, 32, 32) float: each scene's object masks by colour (world.COLOURS order; zero
+    where the scene has no object of that colour), the localisation loss's targets."""
+    masks = torch.zeros(len(scenes), len(world.COLOURS), world.SIZE, world.SIZE)
+    for i, objects in enumerate(scenes):
+        for o, m in zip(objects, world.render(objects)[1]):
+            masks[i, list(world.COLOURS).index(o["colour"])] = torch.from_numpy(m).float()
+    return masks
+
+
+def region_mean(maps, region):
+    """(K,) the mean of each map over its region (0 where the region is empty); both (K, 32, 32)."""
+    return (maps * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
+
+
+def localisation_loss(maps, ids, masks, colour_ids):
+    """FastComposer's balanced localisation loss (Xiao et al. 2023) on the colour words, with a
+    term for the distractors: for each colour token of a prompt whose object is drawn, the mean of
+    its map outside its object, plus its mean on the scene's other objects, minus its mean inside,
+    so that the named object's pixels attend to its word and no other pixel does, least of all
+    another object's. A map that is 1 on its object and 0 elsewhere gives -1.
+    maps: (B, T, 32, 32) each pixel's attention share on each text position, the mean over the
+    cross-attention layers (extract.py's capture); ids: (B, T);
+    masks: (B, n_colours, 32, 32) colour_masks; colour_ids: (n_colours,) the colour words' ids."""
+    is_colour = ids[:, :, None] == colour_ids[None, None]                 # (B, T, n_colours)
+    # one row per colour token
+    b, t, c = is_colour.nonzero(as_tuple=True)
+    mask = masks[b, c]                                                    # (K, 32, 32)
+    others = (masks[b].sum(1) - mask).clamp(0, 1)                         # the scene's other objects
+    present = mask.flatten(1).sum(1) > 0
+    if not present.any():
+        return maps.sum() * 0
+    m, mask, others = maps[b, t][present], mask[present], others[present]
+    loss = region_mean(m, 1 - mask) + region_mean(m, others) - region_mean(m, mask)
+    return loss.mean()
+
+
 def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
     """The UNet and the text encoder trained together (there is no pretrained CLIP here) on the
-    latents and prompts about their scenes (sd_prompt): DDPM noise, epsilon prediction, MSE. Every
-    `save_every` steps a step<N>/ folder is saved under out_dir. Returns the per-step losses."""
+    latents and prompts about their scenes (sd_prompt): DDPM noise, epsilon prediction, MSE, plus
+    LOCALISE x the localisation loss on the colour words' cross-attention maps (why: the module
+    docstring). Every `save_every` steps a step<N>/ folder is saved under out_dir. Returns the
+    per-step losses, the total and the denoising MSE alone."""
     from diffusers import DDPMScheduler
     unet, text_encoder, tokenizer = dm["unet"], dm["text_encoder"], dm["tokenizer"]
     noise_scheduler = DDPMScheduler.from_config(dm["scheduler"].config)
     params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
+    masks = colour_masks(scenes)                                          # (N, n_colours, 32, 32)
+    colour_ids = torch.tensor(tokenizer.convert_tokens_to_ids([c + "</w>" for c in world.COLOURS]))
+    # every cross-attention layer (32x32 and 16x16) learns to localise; extraction reads the
+    # 32x32 ones (models.PRESETS)
+    store = extract.new_store(latents.shape[-2:], tokenizer.model_max_length, None)
+    denoise_log = []
     unet.train()
     text_encoder.train()
 
@@ -189,18 +241,24 @@ def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
         idx = torch.randint(len(latents), (batch,), generator=g)
         prompts = [sd_prompt(scenes[i], rng) for i in idx.tolist()]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids  # (B, 24)
+                        truncation=True, return_tensors="pt").input_ids  # (B, T)
         x0 = latents[idx]  # (B, 4, 32, 32)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
         context = text_encoder(ids).last_hidden_state
-        return F.mse_loss(unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample,
-                          noise)  # epsilon prediction (DDPM)
+        store.update(sum=None, count=0)
+        with extract.capturing(unet, store):
+            noisy = noise_scheduler.add_noise(x0, noise, t)
+            predicted = unet(noisy, t, encoder_hidden_states=context).sample
+        denoise = F.mse_loss(predicted, noise)  # epsilon prediction (DDPM)
+        denoise_log.append(denoise.item())
+        maps = store["sum"] / store["count"]                              # (B, T, 32, 32)
+        return denoise + LOCALISE * localisation_loss(maps, ids, masks[idx], colour_ids)
 
     def save(step):
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             models.save_dm(dm, Path(out_dir) / f"step{step + 1}")
-    return fit_base(params, loss_of_step, steps, lr, "toy-sd unet", save)
+    return fit_base(params, loss_of_step, steps, lr, "toy-sd unet", save), denoise_log
 
 
 def dm_pointing(items, attn_dir):
@@ -236,6 +294,40 @@ def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, **extract_kwargs):
         items = [it for it in data.read_items(paths[split]) if it.get("masks")][:n]
         extract.extract(items, dm, Path(out_dir) / split, batch_size=32, **extract_kwargs)
         result[name] = dm_pointing(items, Path(out_dir) / split)
+    return result
+
+
+@torch.no_grad()
+def prompt_effect(dm_path="toy_models/toy-sd", world_dir="toy_out/world", n=256, seed=0,
+                  timesteps=(200, 500, 800, 950)):
+    """{t: {"caption", "another", "empty"}}: toy-sd's denoising MSE (epsilon) on the first n
+    pretrain scenes of world `seed` at each timestep, conditioned on each scene's own caption,
+    on another scene's, and on the empty prompt (the same noise for the three): how much the text
+    enters its denoising at all.
+
+        python -c "import base_models; print(base_models.prompt_effect())"   # ~1 CPU min
+    """
+    from diffusers import DDPMScheduler
+    paths = world.build_world(world_dir, seed)
+    scenes = list({it["image"]: it for it in data.read_items(paths["pretrain"])}.values())[:n]
+    dm = models.load_dm("toy-sd", path=dm_path)
+    images, _ = load_images(scenes, world_dir)
+    latents = dm["vae"].encode(images).latent_dist.mean * dm["vae"].config.scaling_factor
+    scheduler = DDPMScheduler.from_config(dm["scheduler"].config)
+    captions = [world.caption(s["objects"]) for s in scenes]
+    prompts = {"caption": captions, "another": captions[1:] + captions[:1], "empty": [""] * n}
+    result = {}
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(t))
+        noisy = scheduler.add_noise(latents, noise, torch.tensor([t]))
+        result[t] = {}
+        for name, texts in prompts.items():
+            ids = dm["tokenizer"](texts, padding="max_length", truncation=True,
+                                  max_length=dm["tokenizer"].model_max_length,
+                                  return_tensors="pt").input_ids
+            context = dm["text_encoder"](ids)[0]
+            predicted = dm["unet"](noisy, t, encoder_hidden_states=context).sample
+            result[t][name] = round(F.mse_loss(predicted, noise).item(), 5)
     return result
 
 
