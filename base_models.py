@@ -289,6 +289,7 @@ def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, **extract_kwargs):
     {"captions": {...}, "answers": {...}}."""
     paths = world.build_world(world_dir, seed)
     dm = models.load_dm("toy-sd", path=dm_path)
+    extract_kwargs = {"layers": models.PRESETS["toy-sd"]["layers"], **extract_kwargs}
     result = {}
     for name, split in (("captions", "test-captions"), ("answers", "test-id")):
         items = [it for it in data.read_items(paths[split]) if it.get("masks")][:n]
@@ -346,7 +347,7 @@ def measure_null_text(dm_path="toy_models/toy-sd", world_dir="toy_out/world", n=
         for inversion in extract.INVERSIONS:
             t0 = time.process_time()
             extract.extract(items, dm, Path(out) / inversion, batch_size=32, progress=False,
-                            inversion=inversion)
+                            inversion=inversion, layers=models.PRESETS["toy-sd"]["layers"])
             result[inversion] = dict(dm_pointing(items, Path(out) / inversion),
                                      cpu_s=round(time.process_time() - t0, 1))
         maps = {inv: [data.read_maps(Path(out) / inv, it["id"])[0] for it in items]
@@ -480,7 +481,8 @@ def raw_entropies(model, processor, dm, items, batch_size=16, inversion_steps=5,
             positions = [extract.text_words(dm["tokenizer"], a)[1] for a in answers]
             columns = extract.context_columns(positions)
             images = torch.stack([data.load_image(it["image_path"], dm["res"]) for it in chunk])
-            attention = extract.dm_attention(dm, images, answers, columns, inversion_steps, denoise_steps)
+            attention = extract.dm_attention(dm, images, answers, columns, inversion_steps, denoise_steps,
+                                             layers=models.PRESETS["toy-sd"]["layers"])
             for b, p in enumerate(positions):
                 raw = extract.word_maps(attention[b], extract.word_weights(p, columns), normalise=False)[0]
                 entropies["dm"].append((raw, min_max(raw)))

@@ -206,7 +206,8 @@ def extract_split(args, data_path, folder, shard=0, shards=1):
     dm = models.load_dm("toy-sd", path=args.dm_path)
     return extract.extract(items, dm, folder, inversion_steps=args.inversion_steps,
                            denoise_steps=args.denoise_steps, capture_steps=args.capture_steps,
-                           batch_size=64, progress=not args.quiet)
+                           layers=models.PRESETS["toy-sd"]["layers"], batch_size=64,
+                           progress=not args.quiet)
 
 
 def finetune(args, data_path, attn, run_dir, loss, seed, overrides=None):

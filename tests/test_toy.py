@@ -202,7 +202,8 @@ def test_raw_entropies_before_and_after_min_max(small_world, tmp_path):
     dm = models.load_dm("toy-sd", path=SHIPPED_SD)
     model, processor = models.load_vlm("toy", str(SHIPPED_VLM))
     result = base_models.raw_entropies(model.eval(), processor, dm, items, inversion_steps=2, denoise_steps=1)
-    extract.extract(items, dm, tmp_path / "attn", inversion_steps=2, denoise_steps=1, batch_size=16, progress=False)
+    extract.extract(items, dm, tmp_path / "attn", inversion_steps=2, denoise_steps=1, batch_size=16,
+                    layers=models.PRESETS["toy-sd"]["layers"], progress=False)
     stored = torch.cat([data.read_maps(tmp_path / "attn", it["id"])[0] for it in items])  # (4, 32, 32)
     assert result["dm"]["min-max"] == pytest.approx(float(evaluate.attention_entropy(stored).mean()), abs=1e-2)
     own = {"aggregation": "mean-mean", "layers": aggregate.aligned_layers(model), "match": "exact", "aligner": None,
@@ -358,7 +359,7 @@ def test_shipped_toy_sd_points_at_objects(small_world, tmp_path):
     assert dm["res"] == 32 and dm["vae"] is not None
     items = data.read_items(paths["test-captions"])[:12]
     summary = extract.extract(items, dm, tmp_path / "attn", inversion_steps=5, denoise_steps=5, batch_size=12,
-                              progress=False)
+                              layers=models.PRESETS["toy-sd"]["layers"], progress=False)
     assert summary["done"] == len(items)
     result = base_models.dm_pointing(items, tmp_path / "attn")
     assert result["n"] >= 20
