@@ -15,7 +15,7 @@ then every step of the paper runs on it for real, through the real scripts:
     python toy.py                     # the demo (shipped weights in toy_models/, world cached in toy_out/)
     python toy.py protocol            # every arm x --worlds x --seeds
     python toy.py build               # draw the world only (world.py)
-    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (base_models.py; 1500 steps of 16, 24-35 min)
+    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (base_models.py; 1500 steps of 16, 12 min on one core)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
     python toy.py measure-sd          # toy-sd pointing on held-out images (colour and cell words apart)
 """
@@ -204,9 +204,8 @@ def extract_split(args, data_path, folder, shard=0, shards=1):
     N), or of its shard-th of `shards` interleaved shares (each map is a file of its own)."""
     items = [it for it in data.read_items(data_path) if it.get("masks")][:args.limit or None][shard::shards]
     dm = models.load_dm("toy-sd", path=args.dm_path)
-    return extract.extract(items, dm, folder, inversion_steps=args.inversion_steps,
-                           denoise_steps=args.denoise_steps, capture_steps=args.capture_steps,
-                           layers=models.PRESETS["toy-sd"]["layers"], batch_size=64,
+    return extract.extract(items, dm, folder, args.inversion_steps, args.denoise_steps,
+                           args.capture_steps, models.PRESETS["toy-sd"]["layers"], batch_size=64,
                            progress=not args.quiet)
 
 
