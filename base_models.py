@@ -33,7 +33,7 @@ The weights they write are the shipped toy_models/; toy.py's demo fine-tunes fro
     ceiling (attention_ceiling): its answers when the cross-attention of the row that predicts the
     answer is steered to the asked object, which says whether an attention target can help at all.
 
-    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (1500 steps of 16, 12 min on one core)
+    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (1500 steps of 16, 12 min, 1 core)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
     python toy.py measure-sd          # toy-sd pointing on held-out images (colour and cell words apart)
 """
@@ -212,7 +212,8 @@ def localisation_loss(maps, ids, masks, colour_ids):
     # one row per colour token
     b, t, c = is_colour.nonzero(as_tuple=True)
     mask = masks[b, c]                                                    # (K, 32, 32)
-    others = (masks[b].sum(1) - mask).clamp(0, 1)                         # the scene's other objects
+    # the scene's other objects
+    others = (masks[b].sum(1) - mask).clamp(0, 1)
     present = mask.flatten(1).sum(1) > 0
     if not present.any():
         return maps.sum() * 0
@@ -486,8 +487,9 @@ def raw_entropies(model, processor, dm, items, batch_size=16, inversion_steps=5,
             positions = [extract.text_words(dm["tokenizer"], a)[1] for a in answers]
             columns = extract.context_columns(positions)
             images = torch.stack([data.load_image(it["image_path"], dm["res"]) for it in chunk])
-            attention = extract.dm_attention(dm, images, answers, columns, inversion_steps, denoise_steps,
-                                             layers=models.PRESETS["toy-sd"]["layers"])
+            layers = models.PRESETS["toy-sd"]["layers"]
+            attention = extract.dm_attention(dm, images, answers, columns, inversion_steps,
+                                             denoise_steps, layers=layers)
             for b, p in enumerate(positions):
                 raw = extract.word_maps(attention[b], extract.word_weights(p, columns), normalise=False)[0]
                 entropies["dm"].append((raw, min_max(raw)))

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent
 # 32², 16², 8²): its 16x16 layers (factor 4), the maps Prompt-to-Prompt aggregates (Hertz et al.
 # 2022, which eq. 13-14 cite) and the first author's MCPL code with it; DAAM also drops 8x8.
 # toy-sd (attn2 at 32², 16²): its 32x32 layers, measured best on it (test-id answers, 150 items:
-# pointing 0.92, entropy 5.03; all layers 0.94, 5.39). sd21, sdxl: factor 4 (24x24 at 768 px, 32x32 at 1024 px): teachers.py says why.
+# pointing 0.92, entropy 5.03; all layers 0.94, 5.39). sd21, sdxl: factor 4 (24x24 at 768 px,
+# 32x32 at 1024 px): teachers.py says why.
 # text_encoders (DMs): 2 for SDXL's layout (text_encoder_2/, tokenizer_2/ too); absent: 1.
 # family "mmdit" (DMs): SD3's multimodal DiT, loaded and captured by mmdit.py; absent: a UNet.
 PRESETS = {

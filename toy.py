@@ -15,7 +15,7 @@ then every step of the paper runs on it for real, through the real scripts:
     python toy.py                     # the demo (shipped weights in toy_models/, world cached in toy_out/)
     python toy.py protocol            # every arm x --worlds x --seeds
     python toy.py build               # draw the world only (world.py)
-    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (base_models.py; 1500 steps of 16, 12 min on one core)
+    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (1500 steps of 16, 12 min, 1 core)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
     python toy.py measure-sd          # toy-sd pointing on held-out images (colour and cell words apart)
 """
