@@ -16,12 +16,13 @@ The weights they write are the shipped toy_models/; toy.py's demo fine-tunes fro
     v-prediction, one-word prompts, masking the padding tokens and longer training moved that
     share by a few hundredths, of either sign from run to run. SD v1.4 learned where its words
     are from billions of captioned images, which two CPU cores cannot give a 1M-parameter UNet.
-    What changed: (1) the masks teach it, as FastComposer (Xiao et al. 2023) teaches a diffusion
-    model to localise its prompted subjects: the loss asks each colour word's map to be high on
-    its object and low elsewhere, lowest on the scene's other objects; (2) the UNet has SD v1.4's
-    layout, cross-attention at the finest latent levels (32x32 and 16x16 here) and none at the
-    coarsest, since at 16x16 and 8x8 a third of a word's map lay in a 2-pixel ring around its
-    object (the resampling of 2-pixel cells); extraction reads the 32x32 layers. On world 0's
+    What it has instead: (1) the masks teach it, as FastComposer (Xiao et al. 2023) teaches a
+    diffusion model to localise its prompted subjects: the loss asks each colour word's map to be
+    high on its object and low elsewhere, lowest on the scene's other objects; (2) the UNet has SD
+    v1.4's layout, cross-attention at every level, the finest included (32x32 and 16x16 blocks,
+    the 8x8 middle block), since with 16x16 and 8x8 layers alone a third of a word's map lay in a
+    2-pixel ring around its object (the resampling of 2-pixel cells); extraction reads the 32x32
+    layers. On world 0's
     test-id answers it points 0.92 with entropy 5.08, below the base VLM's own 5.46, and its
     denoising MSE rises from 0.034 to 0.057: a worse image model, a far better pointer. So the
     paper's premise that the teacher points holds here by construction; the world tests whether
@@ -134,11 +135,11 @@ def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_step
              init_from=None):
     """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir.
 
-    Whole captions (no one-word prompts) leave the binding of colour and shape as the only way to
-    denoise (models.SD_SIZES says why this recipe). init_from: a toy-sd folder to continue from (its
-    unet/, vae/, text_encoder/). Its VAE is kept frozen with its scaling factor, as the original
-    schedule freezes the VAE after its own phase, so no VAE step runs; the UNet and text encoder get
-    a fresh AdamW and warm-up + cosine over `steps`."""
+    Prompts in the forms extraction conditions on (sd_prompt), the denoising MSE plus LOCALISE x the
+    localisation loss (fit_unet; the module docstring says why). init_from: a toy-sd folder to
+    continue from (its unet/, vae/, text_encoder/). Its VAE is kept frozen with its scaling factor,
+    as the original schedule freezes the VAE after its own phase, so no VAE step runs; the UNet and
+    text encoder get a fresh AdamW and warm-up + cosine over `steps`."""
     torch.manual_seed(seed)
     paths = world.build_world(world_dir, seed)
     scenes = list({it["image"]: it for it in map(json.loads, open(paths["pretrain"]))}.values())  # one per image
@@ -236,8 +237,8 @@ def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
     rng = np.random.default_rng(seed)
     masks = colour_masks(scenes)                                          # (N, n_colours, 32, 32)
     colour_ids = torch.tensor(tokenizer.convert_tokens_to_ids([c + "</w>" for c in world.COLOURS]))
-    # every cross-attention layer (32x32 and 16x16) learns to localise; extraction reads the
-    # 32x32 ones (models.PRESETS)
+    # every cross-attention layer (32x32, 16x16, the 8x8 middle block) learns to localise;
+    # extraction reads the 32x32 ones (models.PRESETS)
     store = extract.new_store(latents.shape[-2:], tokenizer.model_max_length, None)
     denoise_log = []
     unet.train()

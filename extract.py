@@ -519,7 +519,7 @@ def build_parser():
                    help="which steps' attention is averaged: denoise (§5(1): 'attention maps are collected at each "
                    "denoising step'), inversion, or all")
     p.add_argument("--layers", default="preset", help="attn2 layers averaged: 'preset' (sd14: 16x16, as "
-                   "Prompt-to-Prompt; sd21, sdxl: factor 4, teachers.py; toy-sd: all), 'all', "
+                   "Prompt-to-Prompt; sd21, sdxl: factor 4, teachers.py; toy-sd: 32x32), 'all', "
                    "or downsampling factors of the latent grid, e.g. '2,4' "
                    "(sd14 at 512 px: 1 = 64x64, 2 = 32x32, 4 = 16x16, 8 = 8x8)")
     # ---- performance ----

@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parent
 # by default, as downsampling factors of the latent grid (None: all). sd14 (512 px, attn2 at 64²,
 # 32², 16², 8²): its 16x16 layers (factor 4), the maps Prompt-to-Prompt aggregates (Hertz et al.
 # 2022, which eq. 13-14 cite) and the first author's MCPL code with it; DAAM also drops 8x8.
-# toy-sd (attn2 at 32², 16²): its 32x32 layers, measured best on it (test-id answers, 150 items:
-# pointing 0.92, entropy 5.03; all layers 0.94, 5.39). sd21, sdxl: factor 4 (24x24 at 768 px,
-# 32x32 at 1024 px): teachers.py says why.
+# toy-sd (attn2 at 32², 16², 8²): its 32x32 layers, the sharpest maps, both above 0.9 pointing
+# (test-id answers, 150 items: 0.92, entropy 5.03; all layers 0.94, 5.39). sd21, sdxl: factor 4
+# (24x24 at 768 px, 32x32 at 1024 px): teachers.py says why.
 # text_encoders (DMs): 2 for SDXL's layout (text_encoder_2/, tokenizer_2/ too); absent: 1.
 # family "mmdit" (DMs): SD3's multimodal DiT, loaded and captured by mmdit.py; absent: a UNet.
 PRESETS = {
@@ -270,8 +270,9 @@ def load_vlm(name, path=None, dtype=torch.float32, device=None):
 # parameters; VAE 128/256/512/512; CLIP ViT-L/14 text encoder, 768 wide, 12 layers).
 # toy-sd: a 1-level VAE (16 channels, no downsampling): 32 px images -> 4 x 32 x 32 latents, pixel
 # space in all but name, kept so that extraction runs SD's encode -> UNet path unchanged. UNet
-# blocks 32/32/64 at 32, 16 and 8 px; cross-attention at 16 and 8 px and in the mid block, none at
-# 32 px; 4-channel heads. Text encoder: hidden 64, two causal layers, 24 positions (SD: 77; with 77
+# blocks 16/32/64 at 32, 16 and 8 px; cross-attention at 32 and 16 px and in the 8 px mid block, as
+# SD v1.4 has it at every level; 1, 4 and 4 heads (one at 32 px keeps its self-attention cheap).
+# Text encoder: hidden 64, two causal layers, 24 positions (SD: 77; with 77
 # the ~65 padding columns took ~70% of every pixel's attention, and the world's longest caption is
 # 21 tokens with the start and end tokens). Why this recipe (world v1, toy-sd pointing on 750
 # held-out caption words, toy_report.md): a 2-level VAE (16x16 latents) with a position-free, layer-free

@@ -178,13 +178,13 @@ def prepare_world(args, world_seed, world_dir, out, stage, controls=False):
     {split: jsonl}, {split: attention dir}, with "oracle" and CONTROL_ARMS' names)."""
     stage(f"world {world_seed}: {world_dir}")
     paths = world.build_world(world_dir, world_seed, args.finetune_items)
-    # extract.py skips complete map files (resume), so key the cache on the DM's weights, the
-    # extraction settings and the world (its seed and splits): a retrained toy-sd, other steps or
-    # another world's items under the same ids must never reuse stale maps
+    # extract.py resumes from complete map files, so the cache is keyed on the DM's weights, the
+    # extraction settings (steps, layers) and the world (seed, splits): no stale map is ever reused
+    settings = [args.inversion_steps, args.denoise_steps, args.capture_steps,
+                models.PRESETS["toy-sd"]["layers"]]
     key = hashlib.sha256(b"".join(Path(args.dm_path, part).read_bytes() for part in (
         "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"))
-        + (Path(world_dir) / "world.json").read_bytes()
-        + f"{args.inversion_steps}/{args.denoise_steps}/{args.capture_steps}".encode()).hexdigest()[:10]
+        + (Path(world_dir) / "world.json").read_bytes() + str(settings).encode()).hexdigest()[:10]
     attn = {split: out / "attn" / key / split for split in ("finetune", "test-id", "test-ood")}
     stage(f"extract {', '.join(attn)} ({args.threads} processes)")
     shards = max(1, args.threads)  # each split in shards, so that the processes finish together

@@ -348,7 +348,17 @@ def test_localisation_loss_worked_example():
     maps[0, 1] = mask[0] + masks[0, 1]
     maps[0, 2] = masks[0, 1]
     assert loss() == pytest.approx((4 / 960 - 1) / 2, abs=1e-6)
-    masks = torch.zeros(1, 2, 32, 32)
+    # a batch of two, each row reading its own scene's masks. Row 0: colour 0's word exactly on its
+    # object (-1), colour 1's word all 0 with its object drawn (0). Row 1: its colour 0 object is
+    # at the bottom right, the same map misses it (64 of 960 outside pixels lit: 64/960); colour 1
+    # is absent there. The loss is the mean over those three tokens.
+    second = torch.zeros(2, 32, 32)
+    second[0, 24:, 24:] = 1
+    masks, ids = torch.stack([masks[0], second]), torch.cat([ids, ids])
+    maps = torch.cat([maps, maps])
+    maps[:, 1], maps[:, 2] = mask[0], 0.0
+    assert loss() == pytest.approx((-1 + 0 + 64 / 960) / 3, abs=1e-6)
+    masks = torch.zeros(2, 2, 32, 32)
     assert loss() == 0.0
 
 
