@@ -237,9 +237,6 @@ def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
     rng = np.random.default_rng(seed)
     masks = colour_masks(scenes)                                          # (N, n_colours, 32, 32)
     colour_ids = torch.tensor(tokenizer.convert_tokens_to_ids([c + "</w>" for c in world.COLOURS]))
-    # every cross-attention layer (32x32, 16x16, the 8x8 middle block) learns to localise;
-    # extraction reads the 32x32 ones (models.PRESETS)
-    store = extract.new_store(latents.shape[-2:], tokenizer.model_max_length, None)
     denoise_log = []
     unet.train()
     text_encoder.train()
@@ -253,7 +250,9 @@ def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
         context = text_encoder(ids).last_hidden_state
-        store.update(sum=None, count=0)
+        # every cross-attention layer (32x32, 16x16, the 8x8 middle block) learns to localise;
+        # extraction reads the 32x32 ones (models.PRESETS)
+        store = extract.new_store(latents.shape[-2:], tokenizer.model_max_length, None)
         with extract.capturing(unet, store):
             noisy = noise_scheduler.add_noise(x0, noise, t)
             predicted = unet(noisy, t, encoder_hidden_states=context).sample
@@ -481,6 +480,7 @@ def raw_entropies(model, processor, dm, items, batch_size=16, inversion_steps=5,
     cross-attention layer (aggregate.token_maps, evaluate.py's ruler). Items of one-word answers."""
     entropies = {"dm": [], "vlm": []}  # (raw, min-max) per item
     capture = aggregate.AttentionCapture(model, aggregate.aligned_layers(model))
+    layers = models.PRESETS["toy-sd"]["layers"]  # the maps extraction stores
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -488,7 +488,6 @@ def raw_entropies(model, processor, dm, items, batch_size=16, inversion_steps=5,
             positions = [extract.text_words(dm["tokenizer"], a)[1] for a in answers]
             columns = extract.context_columns(positions)
             images = torch.stack([data.load_image(it["image_path"], dm["res"]) for it in chunk])
-            layers = models.PRESETS["toy-sd"]["layers"]
             attention = extract.dm_attention(dm, images, answers, columns, inversion_steps,
                                              denoise_steps, layers=layers)
             for b, p in enumerate(positions):
