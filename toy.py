@@ -298,7 +298,7 @@ ARMS = {"lavender": {}, "mean-mean": {"aggregate": "mean-mean"}, "mean-max": {"a
         "flow-multi": {"aggregate": "flow-multi"}, "pretrain-20": {"pretrain_aligner_steps": 20},
         "layers-first": {"layers": "first"}, "layers-last": {"layers": "last"}, "lam-1": {"lam": 1.0},
         "lam-100": {"lam": 100.0}, "root": {"match": "root"}, "label-words": {"align_words": "label"}}
-DATA_SIZES = [40, 80]  # smaller finetune splits (the first N items), AR and Lavender each (§7.4, Fig. 27)
+DATA_SIZES = [25, 50]  # smaller finetune splits (the first N items), AR and Lavender each (§7.4, Fig. 27)
 # The path the answers read (base_models.attention_ceiling: steering the last cross-attention layer
 # alone to the object nearly solves the task, the first alone does not): the model's own attention
 # (no parallel head, no Aligner) of the last layer, at every answer word (label words)
@@ -553,7 +553,7 @@ def build_parser():
     p.add_argument("--data-sizes", type=int, nargs="*", default=DATA_SIZES,
                    help="protocol: smaller finetune splits, AR and Lavender each (none: --data-sizes alone)")
     p.add_argument("--finetune-items", type=int, default=None,
-                   help="size of the world's finetune split (default 400; another size draws another world: use its own --world)")
+                   help="size of the world's finetune split (default 100; another size draws another world: use its own --world)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per fine-tuning run")
     p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
