@@ -289,13 +289,13 @@ def dm_pointing(items, attn_dir):
             "cell": share([h for h, w, _ in hits if w in {x for c in world.CELLS for x in c.split()}]), "entropy": share([e for _, _, e in hits])}
 
 
-def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, **extract_kwargs):
-    """Extract toy-sd maps (extract.extract, the sd14 code path) for held-out captions and for the
-    test-id answers of the world drawn with `seed`, and return their pointing accuracy:
-    {"captions": {...}, "answers": {...}}."""
+def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, name="toy-sd", **extract_kwargs):
+    """Extract the maps of toy-sd (or another toy teacher `name`, toy_teachers.py) for held-out
+    captions and for the test-id answers of the world drawn with `seed`, and return their
+    pointing accuracy: {"captions": {...}, "answers": {...}}."""
     paths = world.build_world(world_dir, seed)
-    dm = models.load_dm("toy-sd", path=dm_path)
-    extract_kwargs = {"layers": models.PRESETS["toy-sd"]["layers"], **extract_kwargs}
+    dm = models.load_dm(name, path=dm_path)
+    extract_kwargs = {"layers": models.PRESETS[name]["layers"], **extract_kwargs}
     result = {}
     for name, split in (("captions", "test-captions"), ("answers", "test-id")):
         items = [it for it in data.read_items(paths[split]) if it.get("masks")][:n]

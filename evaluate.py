@@ -188,6 +188,18 @@ def word_measures(maps, dm_maps, m, regions):
     return measures
 
 
+def pointing_split(eval_dir):
+    """(accuracy on the items whose answer word's own map points at its object, accuracy on the
+    items where it misses, their counts) from a run's predictions.jsonl: is a grounded answer a
+    better one?"""
+    lines = (Path(eval_dir) / "predictions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    hit = [r["correct"] for r in records if r.get("own_pointing") and all(r["own_pointing"])]
+    miss = [r["correct"] for r in records if r.get("own_pointing") and not all(r["own_pointing"])]
+    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+    return mean(hit), mean(miss), len(hit), len(miss)
+
+
 def attention_summary(results, key):
     """dict(entropy, alignment_mse, pointing, matched_words) over every item's words (item order)."""
     every = lambda name: [v for r in results for v in r[key][name]]  # noqa: E731

@@ -33,6 +33,7 @@ encoders is not implemented: --dm sd3 stops with a message saying so.
     python extract.py --dm tiny-sd3 --data data.jsonl --out /tmp/attn    # random tiny SD3 (tests)
 """
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,8 @@ def load(name, path=None, device="cpu", dtype=torch.float32):
 
     sd3: the hub's or --dm-path's weights are looked for first (a clear SystemExit when there are
     none), then it stops: its three-encoder conditioning is not implemented."""
+    if name == "toy-sd3":
+        return models.frozen(load_folder(path or models.preset_path(name)), name, device, dtype)
     if name != "tiny-sd3" or path is not None:
         hub_id = PRESETS[name]["hub_id"]
         hub.weights_source("--dm", name, hub_id, path, "transformer/config.json", "--dm-path")
@@ -86,6 +89,18 @@ def load(name, path=None, device="cpu", dtype=torch.float32):
                          f"implemented, so neither the hub weights nor a --dm-path folder can be "
                          f"used yet; only --dm tiny-sd3 (one CLIP stand-in) runs")
     return models.frozen(tiny_sd3(), name, device, dtype)
+
+
+def load_folder(folder):
+    """The parts of a folder in diffusers' SD3 layout with one CLIP encoder (toy_teachers.save)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    if not (Path(folder) / "transformer" / "config.json").is_file():
+        raise SystemExit(f"--dm toy-sd3: no weights at {str(folder)!r}; make them with "
+                         f"`python toy.py train-sd --dm toy-sd3`, or give --dm-path")
+    parts = dict(transformer=SD3Transformer2DModel, vae=AutoencoderKL, tokenizer=CLIPTokenizer,
+                 text_encoder=CLIPTextModelWithProjection, scheduler=FlowMatchEulerDiscreteScheduler)
+    return {part: cls.from_pretrained(folder, subfolder=part) for part, cls in parts.items()}
 
 
 def encode_text(dm, texts):
@@ -193,7 +208,8 @@ def encode_image(dm, images):
     """SD3's latent: (VAE mean - shift_factor) * scaling_factor, without sampling."""
     vae = dm["vae"]
     mean = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean.float()
-    return (mean - vae.config.shift_factor) * vae.config.scaling_factor  # (B, 16, h, w)
+    shift = vae.config.shift_factor or 0.0                              # toy-sd3's VAE has none
+    return (mean - shift) * vae.config.scaling_factor                   # (B, 16, h, w)
 
 
 @torch.no_grad()

@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent
 # 2022, which eq. 13-14 cite) and the first author's MCPL code with it; DAAM also drops 8x8.
 # toy-sd (attn2 at 32², 16², 8²): its 32x32 layers, the sharpest maps, both above 0.9 pointing
 # (test-id answers, 150 items: 0.92, entropy 5.03; all layers 0.94, 5.39). sd21, sdxl: factor 4
-# (24x24 at 768 px, 32x32 at 1024 px): teachers.py says why.
+# (24x24 at 768 px, 32x32 at 1024 px): teachers.py says why. toy-sdxl (attn2 at 16², 8²): its
+# 16x16 layers, DAAM's rule (all but the coarsest); pointing 0.84 there, 0.42 at 8x8, 0.82 both.
 # text_encoders (DMs): 2 for SDXL's layout (text_encoder_2/, tokenizer_2/ too); absent: 1.
 # family "mmdit" (DMs): SD3's multimodal DiT, loaded and captured by mmdit.py; absent: a UNet.
 PRESETS = {
@@ -81,6 +82,10 @@ PRESETS = {
                 layers=None, family="mmdit", about="SD3 medium: joint attention, 24 blocks (mmdit.py)"),
     "tiny-sd3": dict(kind="dm", hub_id=None, path=None, layers=None, family="mmdit",
                      about="sd3's classes at a tiny size, one CLIP encoder, random weights (tests)"),
+    "toy-sdxl": dict(kind="dm", hub_id=None, path="toy_models/toy-sdxl", layers={2}, text_encoders=2,
+                     about="SDXL's layout at toy size, trained on the miniature world (toy_teachers.py)"),
+    "toy-sd3": dict(kind="dm", hub_id=None, path="toy_models/toy-sd3", layers=None, family="mmdit",
+                    about="SD3's joint-attention DiT at toy size, trained on the miniature world"),
 }
 VLM_PRESETS = [name for name, p in PRESETS.items() if p["kind"] == "vlm"]
 DM_PRESETS = [name for name, p in PRESETS.items() if p["kind"] == "dm"]
@@ -113,8 +118,7 @@ TINY_CORPUS = [
     "a red circle left of a blue square", "what colour is the circle?", "what shape is red?",
     "how many objects are there?", "is there a green triangle?", "yes", "no", "two", "three",
     "the photograph shows two dogs playing on the grass", "describe the image in one sentence.",
-    "a man riding a horse on a beach", "user", "assistant",
-]
+    "a man riding a horse on a beach", "user", "assistant"]
 
 # tiny-sd's CLIP vocabulary: every character below alone and as a word end, and these words whole.
 TINY_SD_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&"

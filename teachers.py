@@ -123,17 +123,23 @@ def tiny(name, tokenizer, scheduler, seed=0):
     scheduler: SD's DDIM schedule (models.sd_scheduler). tiny-sd21 pads with "!" and predicts v,
     as SD 2.1; tiny-sdxl's second tokenizer is the same BPE padding with "!", as SDXL's.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    sizes, dm = TINY_SIZES[name], {}
+    from diffusers import DDIMScheduler
     if name == "tiny-sd21":
         tokenizer.pad_token = "!"
-        dm.update(tokenizer=tokenizer, scheduler=DDIMScheduler.from_config(
-            scheduler.config, prediction_type="v_prediction"))
-    else:
-        second = copy.deepcopy(tokenizer)
-        second.pad_token = "!"
-        dm.update(tokenizer=tokenizer, tokenizer_2=second, scheduler=scheduler)
+        scheduler = DDIMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
+    return tiny_parts(TINY_SIZES[name], tokenizer, scheduler, seed)
+
+
+def tiny_parts(sizes, tokenizer, scheduler, seed=0):
+    """The parts `sizes` names (vae, unet, text_encoder, text_encoder_2: their configs), random
+    weights, deterministic by seed; with text_encoder_2, SDXL's second tokenizer (the same BPE,
+    padding with "!") beside `tokenizer`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    dm = dict(tokenizer=tokenizer, scheduler=scheduler)
+    if "text_encoder_2" in sizes:
+        dm["tokenizer_2"] = copy.deepcopy(tokenizer)
+        dm["tokenizer_2"].pad_token = "!"
     encoders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     torch.manual_seed(seed)
     for part, config in sizes.items():

@@ -18,6 +18,7 @@ then every step of the paper runs on it for real, through the real scripts:
     python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (1500 steps of 16, 12 min, 1 core)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
     python toy.py measure-sd          # toy-sd pointing on held-out images (colour and cell words apart)
+    python toy.py --dm toy-sdxl       # any command with another teacher (toy_teachers.py)
 """
 import argparse
 import hashlib
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 import base_models
+import toy_teachers
 import data
 import evaluate
 import extract
@@ -180,11 +182,11 @@ def prepare_world(args, world_seed, world_dir, out, stage, controls=False):
     paths = world.build_world(world_dir, world_seed, args.finetune_items)
     # extract.py resumes from complete map files, so the cache is keyed on the DM's weights, the
     # extraction settings (steps, layers) and the world (seed, splits): no stale map is ever reused
-    settings = [args.inversion_steps, args.denoise_steps, args.capture_steps,
-                models.PRESETS["toy-sd"]["layers"]]
-    key = hashlib.sha256(b"".join(Path(args.dm_path, part).read_bytes() for part in (
-        "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"))
-        + (Path(world_dir) / "world.json").read_bytes() + str(settings).encode()).hexdigest()[:10]
+    layers = models.PRESETS[args.dm]["layers"]
+    settings = [args.dm, args.inversion_steps, args.denoise_steps, args.capture_steps, layers]
+    weights = b"".join(p.read_bytes() for p in sorted(Path(args.dm_path).glob("*/*.safetensors")))
+    stamp = (Path(world_dir) / "world.json").read_bytes() + str(settings).encode()
+    key = hashlib.sha256(weights + stamp).hexdigest()[:10]
     attn = {split: out / "attn" / key / split for split in ("finetune", "test-id", "test-ood")}
     stage(f"extract {', '.join(attn)} ({args.threads} processes)")
     shards = max(1, args.threads)  # each split in shards, so that the processes finish together
@@ -203,9 +205,9 @@ def extract_split(args, data_path, folder, shard=0, shards=1):
     """extract.py's maps of every item of a split whose answer names an object (--limit: the first
     N), or of its shard-th of `shards` interleaved shares (each map is a file of its own)."""
     items = [it for it in data.read_items(data_path) if it.get("masks")][:args.limit or None][shard::shards]
-    dm = models.load_dm("toy-sd", path=args.dm_path)
+    dm = models.load_dm(args.dm, path=args.dm_path)
     return extract.extract(items, dm, folder, args.inversion_steps, args.denoise_steps,
-                           args.capture_steps, models.PRESETS["toy-sd"]["layers"], batch_size=64,
+                           args.capture_steps, models.PRESETS[args.dm]["layers"], batch_size=64,
                            progress=not args.quiet)
 
 
@@ -354,15 +356,6 @@ def protocol_runs(args, paths, attn, world_out, stage):
     return dict(zip(keys, in_parallel(args, finetune, calls)))
 
 
-def pointing_split(eval_dir):
-    """(accuracy on the items whose answer word's own map points at its object, accuracy on the
-    items where it misses) from evaluate.py's predictions.jsonl: is a grounded answer a better one?"""
-    records = [json.loads(line) for line in (Path(eval_dir) / "predictions.jsonl").read_text().splitlines()]
-    hit = [r["correct"] for r in records if r.get("own_pointing") and all(r["own_pointing"])]
-    miss = [r["correct"] for r in records if r.get("own_pointing") and not all(r["own_pointing"])]
-    return (float(np.mean(hit)) if hit else None, float(np.mean(miss)) if miss else None, len(hit), len(miss))
-
-
 def as_run(head):
     """A Lavender run's Aligner-head measures (evaluate.py's report["head"]) in a run report's keys."""
     head = head or {}
@@ -393,9 +386,9 @@ def protocol(args):
                 row[name]["base"] = pick(by_run[split]["base", None])
                 row[name]["lavender head"] = pick(as_run(by_run[split]["lavender", seed].get("head")))
             row["accuracy when own map points / misses (test-id)"] = {
-                arm: pointing_split(world_out / "eval-test-id" / Path(runs[arm, seed]).name) for arm, s in order
+                arm: evaluate.pointing_split(world_out / "eval-test-id" / Path(runs[arm, seed]).name) for arm, s in order
                 if s == seed and arm in ("ar", "lavender")}
-            row["accuracy when own map points / misses (test-id)"]["base"] = pointing_split(
+            row["accuracy when own map points / misses (test-id)"]["base"] = evaluate.pointing_split(
                 world_out / "eval-test-id" / "base")
             rows.append(row)
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "minutes": (time.time() - t0) / 60,
@@ -531,7 +524,9 @@ def build_parser():
                         "evaluations on this many processes of one thread each (1: in this process); "
                         "train-sd, train-vlm and measure-sd use this many torch threads")
     # ---- base models ----
-    p.add_argument("--dm-path", default=str(TOY_MODELS / "toy-sd"), help="toy-sd folder (diffusers layout)")
+    p.add_argument("--dm", default="toy-sd", choices=("toy-sd", "toy-sdxl", "toy-sd3"),
+                   help="the teacher: toy-sd (SD v1.4's layout) or toy_teachers.py's SDXL and SD3 stand-ins")
+    p.add_argument("--dm-path", default=None, help="the teacher's folder (default toy_models/<--dm>)")
     p.add_argument("--vlm-path", default=str(TOY_MODELS / "toy-vlm"), help="toy VLM folder (save_pretrained)")
     p.add_argument("--base-steps", type=int, default=None, help="train-sd / train-vlm: training steps (1500 / 1000)")
     p.add_argument("--init-from", default=None, help="train-sd: continue from this toy-sd folder (its VAE stays frozen)")
@@ -575,21 +570,26 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.dm_path = args.dm_path or models.preset_path(args.dm)
     data.library_bars(not args.quiet)
     torch.set_num_threads(args.threads)
     if args.command == "build":
         paths = world.build_world(args.world, args.seed)
         print(f"world: {', '.join(f'{k}={v}' for k, v in paths.items())}")
+    elif args.command == "train-sd" and args.dm != "toy-sd":
+        out = args.out or TOY_MODELS / args.dm
+        toy_teachers.train(args.dm, out, args.world, args.seed, args.base_steps or 1500)
     elif args.command == "train-sd":
         base_models.train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.base_steps or 1500,
                  lr=args.sd_lr, save_every=args.save_every, init_from=args.init_from)
     elif args.command == "train-vlm":
         base_models.train_vlm(args.out or TOY_MODELS / "toy-vlm", args.world, seed=args.seed, steps=args.base_steps or 1000)
     elif args.command == "measure-sd":
-        result = base_models.measure_sd(args.dm_path, args.world, args.out or ROOT / "toy_out" / "measure-sd", seed=args.seed,
+        out = args.out or ROOT / "toy_out" / "measure-sd"
+        result = base_models.measure_sd(args.dm_path, args.world, out, seed=args.seed, name=args.dm,
                             inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
                             capture_steps=args.capture_steps)
-        print(f"toy-sd pointing: {json.dumps(result)}")
+        print(f"{args.dm} pointing: {json.dumps(result)}")
     elif args.command == "protocol":
         return protocol(args)
     else:

@@ -19,6 +19,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory, monkeypatch_module):
+    """The miniature world with small splits (the same generator, a hundredth of the images, at
+    least 8 per split), drawn once per test module: (folder, {split: jsonl path})."""
+    import world
+    small = {k: (max(8, v[0] // 100), *v[1:]) for k, v in world.SPLITS.items()}
+    monkeypatch_module.setattr(world, "SPLITS", small)
+    out = tmp_path_factory.mktemp("world")
+    return out, world.build_world(out, seed=3)
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Every test starts on one thread and leaves the count as it found it (toy.py sets --threads)."""

@@ -33,21 +33,6 @@ ENTROPY_BOUND = 5.46          # nats: the base VLM's own attention entropy on wo
 VQA_THRESHOLD = 0.9           # toy VLM, one-object questions (test-one): 1.00 measured on 200 items
 
 
-@pytest.fixture(scope="module")
-def small_world(tmp_path_factory, monkeypatch_module):
-    """A world with small splits (the same generator, fewer images), drawn once for the module."""
-    monkeypatch_module.setattr(world, "SPLITS", {k: (max(8, v[0] // 100), *v[1:]) for k, v in world.SPLITS.items()})
-    out = tmp_path_factory.mktemp("world")
-    return out, world.build_world(out, seed=3)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
 def digest(folder):
     """sha256 over every file of a folder (names and bytes), sorted."""
     h = hashlib.sha256()

@@ -1,0 +1,207 @@
+"""Toy counterparts of the other teachers: an SDXL-style UNet and an SD3-style multimodal DiT,
+trained on the miniature world by toy-sd's recipe, so that "does another teacher's architecture
+give better targets?" can be asked on a CPU (teachers.py and mmdit.py hold the real presets).
+
+Each stand-in keeps what makes its family differ from SD v1.4 and shrinks the rest:
+  - toy-sdxl (SDXL, teachers.py): two CLIP text encoders of different widths whose penultimate
+    states are concatenated into the context (32 + 48 = 80 channels), "text_time" added
+    conditioning (encoder 2's pooled projection and the 6 size ids), linear projections in the
+    transformer blocks, more transformer layers deeper (1, 2), and cross-attention at the inner
+    two levels only (16x16 and 8x8 of the 32x32 latent, as SDXL has it at 64x64 and 32x32 of
+    128x128, none at the outermost); DDPM epsilon prediction.
+  - toy-sd3 (SD3, mmdit.py): SD3Transformer2DModel, one joint attention over [image tokens; text
+    tokens] per block, 2x2 patches (16x16 tokens of the 32x32 latent), one CLIP encoder with
+    projection standing in for SD3's three (its penultimate states the context, its text_embeds
+    the pooled vector, as mmdit.encode_text reads them); a rectified flow trained by flow
+    matching, the velocity noise - x_0 at sigma drawn logit-normal as in SD3's training.
+Both share toy-sd's VAE (4 latent channels, frozen; SD3's has 16), so what differs between the
+three teachers is the denoiser and its text conditioning, not the latent space. Both are taught
+where their colour words are by the same localisation loss beside their denoising loss
+(base_models.localisation_loss, weight base_models.LOCALISE, on every text-to-image attention
+layer), since no CPU can give them what their real counterparts learned from captions.
+
+    python toy.py train-sd --dm toy-sdxl --seed 0     # -> toy_models/toy-sdxl
+    python toy.py train-sd --dm toy-sd3 --seed 0      # -> toy_models/toy-sd3
+    python toy.py measure-sd --dm toy-sdxl            # pointing on held-out images
+"""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import base_models
+import extract
+import models
+import teachers
+import world
+
+TEXT_POSITIONS = models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"]
+TINY_SDXL = teachers.TINY_SIZES["tiny-sdxl"]
+SIZES = {
+    # tiny-sdxl's layout (teachers.py) on toy-sd's 32x32 latent, with toy-sd's text length
+    "toy-sdxl": {
+        "text_encoder": dict(TINY_SDXL["text_encoder"], max_position_embeddings=TEXT_POSITIONS),
+        "text_encoder_2": dict(TINY_SDXL["text_encoder_2"], max_position_embeddings=TEXT_POSITIONS),
+        "unet": dict(TINY_SDXL["unet"], sample_size=32, attention_head_dim=(1, 4, 4))},
+    "toy-sd3": {
+        "text_encoder": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=2, max_position_embeddings=TEXT_POSITIONS,
+                             projection_dim=64),
+        "transformer": dict(sample_size=32, patch_size=2, in_channels=4, out_channels=4,
+                            num_layers=4, attention_head_dim=32, num_attention_heads=2,
+                            joint_attention_dim=64, caption_projection_dim=64,
+                            pooled_projection_dim=64, pos_embed_max_size=16)},
+}
+
+
+# SD3 shifts its sigmas toward noise by 3.0 for 1024 px images (more pixels keep more signal at a
+# given noise level); a 32 px image needs no shift
+SHIFT = 1.0
+
+
+def tokenizer():
+    """The toy teachers' CLIP tokenizer: toy-sd's words and letters, and "!" (SDXL's second
+    tokenizer pads with it)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz" + "".join(world.PUNCTUATION) + "!"
+    return teachers.clip_tokenizer(world.world_words(), alphabet, max_length=TEXT_POSITIONS)
+
+
+def build(name, vae, seed=0):
+    """dict of a toy teacher's parts, random weights (deterministic by seed), around `vae`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    sizes = SIZES[name]
+    if name == "toy-sdxl":
+        # teachers.tiny builds SDXL's parts from any sizes: two encoders, the second padding with "!"
+        dm = teachers.tiny_parts(sizes, tokenizer(), models.sd_scheduler(), seed)
+    else:
+        tok = tokenizer()
+        ids = dict(vocab_size=len(tok), bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        torch.manual_seed(seed)
+        config = CLIPTextConfig(**ids, **sizes["text_encoder"])
+        dm = dict(text_encoder=CLIPTextModelWithProjection(config), tokenizer=tok,
+                  transformer=SD3Transformer2DModel(**sizes["transformer"]),
+                  scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
+    return dict(dm, vae=vae, res=world.SIZE)
+
+
+def conditioning(dm, prompts):
+    """(context, extra kwargs of the denoiser): each family's text conditioning as its
+    extraction builds it (teachers.encode_text, mmdit.encode_text), with gradients."""
+    import mmdit
+    if "transformer" in dm:
+        context, pooled = mmdit.encode_text(dm, prompts)
+        return context, {"pooled_projections": pooled}
+    context, added = teachers.encode_text(dm, prompts)
+    return context, {"added_cond_kwargs": added}
+
+
+def denoising_loss(dm, x0, context, extra, g):
+    """The family's denoising loss at a random noise level: DDPM epsilon MSE for the UNet; for
+    the DiT, flow matching, x_s = (1 - s) x_0 + s noise, the velocity noise - x_0 regressed, s
+    logit-normal (SD3's training default), timestep s * 1000 as its pipeline passes it."""
+    noise = torch.randn(x0.shape, generator=g)
+    if "transformer" in dm:
+        sigma = torch.sigmoid(torch.randn(len(x0), generator=g))            # (B,)
+        s = sigma[:, None, None, None]
+        noisy = (1 - s) * x0 + s * noise
+        v = dm["transformer"](hidden_states=noisy, timestep=sigma * 1000,
+                              encoder_hidden_states=context, **extra).sample
+        return F.mse_loss(v, noise - x0)
+    from diffusers import DDPMScheduler
+    schedule = DDPMScheduler.from_config(dm["scheduler"].config)
+    t = torch.randint(0, schedule.config.num_train_timesteps, (len(x0),), generator=g)
+    noisy = schedule.add_noise(x0, noise, t)
+    predicted = dm["unet"](noisy, t, encoder_hidden_states=context, **extra).sample
+    return F.mse_loss(predicted, noise)
+
+
+def captured(dm, store):
+    """The capture of the family's text-to-image attention (every layer) into `store`."""
+    import mmdit
+    if "transformer" in dm:
+        return mmdit.capturing(dm["transformer"], store)
+    return extract.capturing(dm["unet"], store)
+
+
+def store_grid(dm, latents):
+    """The grid of the family's maps: the latent's for the UNet (extract.py resamples every layer
+    to it), the token grid (latent / patch) for the DiT."""
+    if "transformer" in dm:
+        patch = dm["transformer"].config.patch_size
+        return latents.shape[-2] // patch, latents.shape[-1] // patch
+    return tuple(latents.shape[-2:])
+
+
+def fit(dm, latents, scenes, steps, batch, lr, seed):
+    """The denoiser and the text encoders trained together on prompts about the scenes
+    (base_models.sd_prompt): the denoising loss plus LOCALISE x the localisation loss on the
+    colour words' maps, each map resized to the 32x32 masks. Returns (losses, denoising losses)."""
+    encoders = [dm[p] for p in ("text_encoder", "text_encoder_2") if p in dm]
+    denoiser = dm.get("transformer", dm.get("unet"))
+    params = [p for m in [denoiser, *encoders] for p in m.parameters() if p.requires_grad]
+    for m in [denoiser, *encoders]:
+        m.train()
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    masks = base_models.colour_masks(scenes)                           # (N, n_colours, 32, 32)
+    tok = dm["tokenizer"]
+    colour_ids = torch.tensor(tok.convert_tokens_to_ids([c + "</w>" for c in world.COLOURS]))
+    denoise_log = []
+
+    def loss_of_step(step):
+        idx = torch.randint(len(latents), (batch,), generator=g)
+        prompts = [base_models.sd_prompt(scenes[i], rng) for i in idx.tolist()]
+        ids = teachers.token_ids(tok, encoders[0], prompts, "cpu")     # (B, T)
+        context, extra = conditioning(dm, prompts)
+        store = extract.new_store(store_grid(dm, latents), TEXT_POSITIONS)
+        with captured(dm, store):
+            denoise = denoising_loss(dm, latents[idx], context, extra, g)
+        denoise_log.append(denoise.item())
+        maps = store["sum"] / store["count"]                           # (B, T, h, w)
+        maps = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear")  # (B, T, 32, 32)
+        local = base_models.localisation_loss(maps, ids, masks[idx], colour_ids)
+        return denoise + base_models.LOCALISE * local
+
+    log = base_models.fit_base(params, loss_of_step, steps, lr, f"{dm['name']} denoiser")
+    return log, denoise_log
+
+
+def save(dm, folder):
+    """A toy teacher in the diffusers component layout its loader reads (models.load_dm)."""
+    for part in ("unet", "transformer", "vae", "text_encoder", "tokenizer", "scheduler",
+                 *teachers.SECOND_ENCODER):
+        if part in dm:
+            dm[part].save_pretrained(Path(folder) / part)
+
+
+def train(name, out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3,
+          vae_path=models.ROOT / "toy_models" / "toy-sd"):
+    """Train toy-sdxl or toy-sd3 on the pretrain split's scenes with toy-sd's frozen VAE from
+    vae_path; save it under out_dir with training.json."""
+    t0 = time.time()
+    paths = world.build_world(world_dir, seed)
+    by_image = {it["image"]: it for it in map(json.loads, open(paths["pretrain"]))}
+    scenes = list(by_image.values())                                    # one per image
+    images, _ = base_models.load_images(scenes, world_dir)
+    vae = models.load_dm_folder(vae_path)["vae"].eval().requires_grad_(False)
+    latents, vae_l1 = base_models.vae_latents(vae, images)
+    latents = latents * vae.config.scaling_factor                       # (N, 4, 32, 32)
+    dm = dict(build(name, vae, seed), name=name)
+    objects = [s["objects"] for s in scenes]
+    log, denoise_log = fit(dm, latents, objects, steps, batch, lr, seed)
+    save(dm, out_dir)
+    denoiser = dm.get("transformer", dm.get("unet"))
+    summary = {"name": name, "seed": seed, "steps": steps, "batch": batch, "lr": lr,
+               "vae_from": Path(vae_path).name, "vae_l1": round(vae_l1, 4),
+               "localise": base_models.LOCALISE,
+               "final_loss": round(float(np.mean(log[-100:])), 4),
+               "final_denoise": round(float(np.mean(denoise_log[-100:])), 4),
+               "minutes": round((time.time() - t0) / 60, 1),
+               "denoiser_params": sum(p.numel() for p in denoiser.parameters())}
+    (Path(out_dir) / "training.json").write_text(json.dumps(summary, indent=2))
+    print(f"{name}: {summary}")
+    return Path(out_dir)
