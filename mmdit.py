@@ -22,15 +22,18 @@ noise (sigma 1), x_{s'} = x_s + (s' - s) v(x_s, s), and the denoising is the sam
 downwards from sigma 1 to 0 (FlowMatchEulerDiscreteScheduler's step). Attention is captured at
 the denoising steps by default, as extract.py does; guidance 1 (the answer only) both ways.
 
-The tiny-sd3 test preset: SD3Transformer2DModel and a 16-channel AutoencoderKL at tiny size, and
-ONE CLIPTextModelWithProjection standing in for SD3's three encoders (its penultimate states are
-the context, its text_embeds the pooled projection). The real preset would build the context as
-StableDiffusion3Pipeline.encode_prompt does: CLIP-L's and CLIP-G's penultimate states
-concatenated (768 + 1280), zero-padded to T5's 4096 channels, T5's 256 states appended along the
-sequence, pooled = both CLIPs' text_embeds concatenated (768 + 1280). Loading those three
-encoders is not implemented: --dm sd3 stops with a message saying so.
+The sd3 preset reads its folder's three encoders and builds the context as
+StableDiffusion3Pipeline.encode_prompt does (encode_text): CLIP-L's and CLIP-G's penultimate
+states concatenated (768 + 1280), zero-padded to T5's 4096 channels, T5's 256 states appended
+along the sequence, pooled = both CLIPs' text_embeds concatenated (768 + 1280). The word map
+reads the CLIP columns (the first 77), where extract.text_words' positions are; the softmax
+still spans the T5 keys. The tiny-sd3 test preset: SD3Transformer2DModel and a 16-channel
+AutoencoderKL at tiny size, and ONE CLIPTextModelWithProjection standing in for the three (its
+penultimate states are the context, its text_embeds the pooled projection); toy-sd3
+(toy_teachers.py) has the same one-encoder layout, trained on the miniature world.
 
     python extract.py --dm tiny-sd3 --data data.jsonl --out /tmp/attn    # random tiny SD3 (tests)
+    python extract.py --dm sd3 --dm-path /models/sd3-medium --data data.jsonl --out attn_sd3/
 """
 import math
 from pathlib import Path
@@ -58,6 +61,7 @@ TINY_SD3 = {
                         pooled_projection_dim=32, pos_embed_max_size=16),
 }
 SHIFT = 3.0  # SD3 medium's scheduler config: sigmas shifted towards noise
+T5_LENGTH = 256  # T5's text length in StableDiffusion3Pipeline (its max_sequence_length)
 
 
 def tiny_sd3(seed=0):
@@ -75,43 +79,74 @@ def tiny_sd3(seed=0):
 
 
 def load(name, path=None, device="cpu", dtype=torch.float32):
-    """The dm dict of tiny-sd3 (built here), frozen, eval mode; res = sample_size * 8 / 2.
+    """The dm dict of an SD3 preset, frozen, eval mode; res = sample_size * the VAE's factor.
 
-    sd3: the hub's or --dm-path's weights are looked for first (a clear SystemExit when there are
-    none), then it stops: its three-encoder conditioning is not implemented."""
+    tiny-sd3 is built here; toy-sd3 reads its folder (toy_teachers.py); sd3 reads the hub's or
+    --dm-path's folder in diffusers' layout with its three encoders (a clear SystemExit when
+    there are none)."""
+    if name == "tiny-sd3" and path is None:
+        return models.frozen(tiny_sd3(), name, device, dtype)
     if name == "toy-sd3":
         return models.frozen(load_folder(path or models.preset_path(name)), name, device, dtype)
-    if name != "tiny-sd3" or path is not None:
-        hub_id = PRESETS[name]["hub_id"]
-        hub.weights_source("--dm", name, hub_id, path, "transformer/config.json", "--dm-path")
-        raise SystemExit(f"--dm {name} ({hub_id or path}): loading SD3's three text encoders "
-                         f"(CLIP-L, CLIP-G, T5; mmdit.py says how they build the context) is not "
-                         f"implemented, so neither the hub weights nor a --dm-path folder can be "
-                         f"used yet; only --dm tiny-sd3 (one CLIP stand-in) runs")
-    return models.frozen(tiny_sd3(), name, device, dtype)
+    hub_id = PRESETS[name]["hub_id"]
+    source, local = hub.weights_source("--dm", name, hub_id, path, "transformer/config.json",
+                                       "--dm-path")
+    try:
+        dm = load_folder(source, local, encoders=3)
+    except (OSError, ValueError) as e:
+        raise hub.load_error("--dm", name, source, e, hub_id, "--dm-path") from None
+    return models.frozen(dm, name, device, dtype)
 
 
-def load_folder(folder):
-    """The parts of a folder in diffusers' SD3 layout with one CLIP encoder (toy_teachers.save)."""
+def load_folder(folder, local_files_only=False, encoders=1):
+    """The parts of a folder in diffusers' SD3 layout: transformer/, vae/, scheduler/, and CLIP-L
+    (text_encoder/, tokenizer/); encoders 3: CLIP-G (text_encoder_2/, tokenizer_2/) and T5
+    (text_encoder_3/, tokenizer_3/) too, as stabilityai's SD3 folders have them; 1: toy-sd3's
+    one CLIP (toy_teachers.save)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-    if not (Path(folder) / "transformer" / "config.json").is_file():
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import T5EncoderModel
+    if encoders == 1 and not (Path(folder) / "transformer" / "config.json").is_file():
         raise SystemExit(f"--dm toy-sd3: no weights at {str(folder)!r}; make them with "
                          f"`python toy.py train-sd --dm toy-sd3`, or give --dm-path")
     parts = dict(transformer=SD3Transformer2DModel, vae=AutoencoderKL, tokenizer=CLIPTokenizer,
-                 text_encoder=CLIPTextModelWithProjection, scheduler=FlowMatchEulerDiscreteScheduler)
-    return {part: cls.from_pretrained(folder, subfolder=part) for part, cls in parts.items()}
+                 text_encoder=CLIPTextModelWithProjection,
+                 scheduler=FlowMatchEulerDiscreteScheduler)
+    if encoders == 3:
+        parts.update(text_encoder_2=CLIPTextModelWithProjection, tokenizer_2=CLIPTokenizer,
+                     text_encoder_3=T5EncoderModel, tokenizer_3=AutoTokenizer)
+    local = dict(local_files_only=local_files_only)
+    return {part: cls.from_pretrained(folder, subfolder=part, **local) for part, cls in parts.items()}
 
 
 def encode_text(dm, texts):
-    """(context (B, 77, D), pooled (B, P)): the stand-in encoder's penultimate hidden states, as
-    SD3's CLIPs give theirs, and its text_embeds. Column j is CLIP token j, so extract.text_words'
-    positions index the text columns of the joint sequence."""
-    encoder = dm["text_encoder"]
-    ids = teachers.token_ids(dm["tokenizer"], encoder, texts, encoder.device)
-    out = encoder(ids, output_hidden_states=True)
+    """(context (B, L, D), pooled (B, P)): the transformer's text conditioning, as
+    StableDiffusion3Pipeline.encode_prompt builds it with guidance 1.
+
+    sd3: CLIP-L's and CLIP-G's penultimate hidden states concatenated (77, 768 + 1280), zero-padded
+    to T5's 4096 channels, T5's 256 states appended along the sequence (L = 77 + 256); pooled =
+    both CLIPs' text_embeds concatenated (768 + 1280). tiny-sd3 and toy-sd3: one CLIP, its
+    penultimate states and text_embeds. Either way column j < 77 is CLIP token j, so
+    extract.text_words' positions index the text columns of the joint sequence."""
     dtype = dm["transformer"].dtype
-    return out.hidden_states[-2].to(dtype), out.text_embeds.to(dtype)
+    states, pooled = [], []
+    for tokenizer, encoder in ((dm["tokenizer"], dm["text_encoder"]),
+                               (dm.get("tokenizer_2"), dm.get("text_encoder_2"))):
+        if encoder is None:
+            continue
+        ids = teachers.token_ids(tokenizer, encoder, texts, encoder.device)
+        out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])                            # (B, 77, D_i)
+        pooled.append(out.text_embeds)                                  # (B, P_i)
+    context, pooled = torch.cat(states, dim=-1), torch.cat(pooled, dim=-1)
+    if "text_encoder_3" in dm:
+        t5 = dm["text_encoder_3"]
+        ids = dm["tokenizer_3"](texts, padding="max_length", max_length=T5_LENGTH, truncation=True,
+                                add_special_tokens=True, return_tensors="pt").input_ids
+        t5_states = t5(ids.to(t5.device))[0]                           # (B, 256, 4096)
+        context = F.pad(context, (0, t5_states.shape[-1] - context.shape[-1]))
+        context = torch.cat([context, t5_states.to(context.dtype)], dim=-2)
+    return context.to(dtype), pooled.to(dtype)
 
 
 # ---- the capture: a joint attention processor that also returns M = P[:N, N:] ----

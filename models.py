@@ -82,8 +82,8 @@ PRESETS = {
                 layers=None, family="mmdit", about="SD3 medium: joint attention, 24 blocks (mmdit.py)"),
     "tiny-sd3": dict(kind="dm", hub_id=None, path=None, layers=None, family="mmdit",
                      about="sd3's classes at a tiny size, one CLIP encoder, random weights (tests)"),
-    "toy-sdxl": dict(kind="dm", hub_id=None, path="toy_models/toy-sdxl", layers={2}, text_encoders=2,
-                     about="SDXL's layout at toy size, trained on the miniature world (toy_teachers.py)"),
+    "toy-sdxl": dict(kind="dm", hub_id=None, path="toy_models/toy-sdxl", layers={2},
+                     text_encoders=2, about="SDXL's layout at toy size, trained on the world"),
     "toy-sd3": dict(kind="dm", hub_id=None, path="toy_models/toy-sd3", layers=None, family="mmdit",
                     about="SD3's joint-attention DiT at toy size, trained on the miniature world"),
 }
@@ -420,7 +420,7 @@ def frozen(dm, name, device="cpu", dtype=torch.float32):
     """dm with its networks (VAE, UNet or SD3's transformer, text encoders) in `dtype` (SDXL's VAE
     excepted: teachers.part_dtype) on `device`, frozen, in eval mode; res = the denoiser's
     sample_size * the VAE's downsampling factor, and its preset name."""
-    parts = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2")
+    parts = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
     for part in [p for p in parts if p in dm]:
         if dm[part].dtype != teachers.part_dtype(dm, part, dtype):  # (diffusers warns on any
             dm[part].to(dtype=teachers.part_dtype(dm, part, dtype))  # dtype .to(), even a no-op)

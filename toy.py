@@ -300,7 +300,7 @@ ARMS = {"lavender": {}, "mean-mean": {"aggregate": "mean-mean"}, "mean-max": {"a
         "flow-multi": {"aggregate": "flow-multi"}, "pretrain-20": {"pretrain_aligner_steps": 20},
         "layers-first": {"layers": "first"}, "layers-last": {"layers": "last"}, "lam-1": {"lam": 1.0},
         "lam-100": {"lam": 100.0}, "root": {"match": "root"}, "label-words": {"align_words": "label"}}
-DATA_SIZES = [25, 50]  # smaller finetune splits (the first N items), AR and Lavender each (§7.4, Fig. 27)
+DATA_SIZES = [25, 50]  # the finetune split's first N items, AR and Lavender each (§7.4, Fig. 27)
 # The path the answers read (base_models.attention_ceiling: steering the last cross-attention layer
 # alone to the object nearly solves the task, the first alone does not): the model's own attention
 # (no parallel head, no Aligner) of the last layer, at every answer word (label words)
@@ -385,11 +385,11 @@ def protocol(args):
                 row[name] = {arm: pick(by_run[split][arm, seed]) for arm, s in order if s == seed}
                 row[name]["base"] = pick(by_run[split]["base", None])
                 row[name]["lavender head"] = pick(as_run(by_run[split]["lavender", seed].get("head")))
-            row["accuracy when own map points / misses (test-id)"] = {
-                arm: evaluate.pointing_split(world_out / "eval-test-id" / Path(runs[arm, seed]).name) for arm, s in order
-                if s == seed and arm in ("ar", "lavender")}
-            row["accuracy when own map points / misses (test-id)"]["base"] = evaluate.pointing_split(
-                world_out / "eval-test-id" / "base")
+            evals = world_out / "eval-test-id"
+            key = "accuracy when own map points / misses (test-id)"
+            row[key] = {arm: evaluate.pointing_split(evals / Path(runs[arm, seed]).name)
+                        for arm, s in order if s == seed and arm in ("ar", "lavender")}
+            row[key]["base"] = evaluate.pointing_split(evals / "base")
             rows.append(row)
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "minutes": (time.time() - t0) / 60,
               "rows": rows, "paired": protocol_table(rows)}
@@ -525,8 +525,8 @@ def build_parser():
                         "train-sd, train-vlm and measure-sd use this many torch threads")
     # ---- base models ----
     p.add_argument("--dm", default="toy-sd", choices=("toy-sd", "toy-sdxl", "toy-sd3"),
-                   help="the teacher: toy-sd (SD v1.4's layout) or toy_teachers.py's SDXL and SD3 stand-ins")
-    p.add_argument("--dm-path", default=None, help="the teacher's folder (default toy_models/<--dm>)")
+                   help="the teacher: toy-sd, or toy_teachers.py's toy-sdxl and toy-sd3")
+    p.add_argument("--dm-path", default=None, help="its folder (default toy_models/<--dm>)")
     p.add_argument("--vlm-path", default=str(TOY_MODELS / "toy-vlm"), help="toy VLM folder (save_pretrained)")
     p.add_argument("--base-steps", type=int, default=None, help="train-sd / train-vlm: training steps (1500 / 1000)")
     p.add_argument("--init-from", default=None, help="train-sd: continue from this toy-sd folder (its VAE stays frozen)")
@@ -548,7 +548,7 @@ def build_parser():
     p.add_argument("--data-sizes", type=int, nargs="*", default=DATA_SIZES,
                    help="protocol: smaller finetune splits, AR and Lavender each (none: --data-sizes alone)")
     p.add_argument("--finetune-items", type=int, default=None,
-                   help="size of the world's finetune split (default 100; another size draws another world: use its own --world)")
+                   help="the finetune split's size (default 100; another size: another --world)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per fine-tuning run")
     p.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")

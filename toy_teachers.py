@@ -75,7 +75,7 @@ def build(name, vae, seed=0):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     sizes = SIZES[name]
     if name == "toy-sdxl":
-        # teachers.tiny builds SDXL's parts from any sizes: two encoders, the second padding with "!"
+        # SDXL's parts from these sizes: two encoders, the second padding with "!"
         dm = teachers.tiny_parts(sizes, tokenizer(), models.sd_scheduler(), seed)
     else:
         tok = tokenizer()

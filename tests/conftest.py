@@ -92,3 +92,22 @@ def write_dataset(root, n=6, seed=0, with_attn=True):
 def tiny_dataset(tmp_path):
     """Path of a 6-item data.jsonl with images and attn/ beside it (see write_dataset)."""
     return write_dataset(tmp_path)
+
+
+def extract_and_check_store(dm, items, out, **extract_kwargs):
+    """Run extract.extract on items and check the one store format every teacher writes: a map
+    per answer word (the word rule on the DM's tokenizer), 32x32, min-max normalised, with the
+    DM's name and the text in its settings. Returns each item's settings."""
+    import data
+    import extract
+    summary = extract.extract(items, dm, out, batch_size=2, progress=False, **extract_kwargs)
+    assert (summary["done"], summary["failed"]) == (len(items), 0)
+    settings = []
+    for item in items:
+        maps, words, meta = data.load_maps(data.maps_path(out, item["id"]))
+        assert words == extract.text_words(dm["tokenizer"], item["answer"])[0]
+        assert maps.shape == (len(words), 32, 32) and torch.isfinite(maps).all()
+        assert maps.amin(dim=(1, 2)).eq(0).all() and maps.amax(dim=(1, 2)).eq(1).all()
+        assert (meta["dm"], meta["res"], meta["text"]) == (dm["name"], 32, item["answer"])
+        settings.append(meta)
+    return settings

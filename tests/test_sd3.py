@@ -10,7 +10,8 @@ import data
 import extract
 import mmdit
 import models
-from conftest import write_dataset
+import teachers
+from conftest import extract_and_check_store, write_dataset
 
 FAST = dict(inversion_steps=2, denoise_steps=3)
 TEXTS = ["a red dog", "two blue circle"]
@@ -133,3 +134,77 @@ def test_real_preset_without_weights_fails_with_a_clear_message(monkeypatch):
     with pytest.raises(SystemExit, match=r"--dm sd3\b.*--dm-path") as err:
         models.load_dm("sd3")
     assert models.PRESETS["sd3"]["hub_id"] in str(err.value)
+
+
+# ---- the real preset's three encoders -----------------------------------------------------------
+
+def three_encoder_sd3(seed=0):
+    """An SD3 folder's parts at a tiny size: two CLIPs with projections (16 and 24 channels), a T5
+    encoder (48 channels) with a word-level tokenizer built in memory, the transformer reading
+    their 48-channel context and 40-channel pooled vector."""
+    import copy
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
+                              T5Config, T5EncoderModel)
+    clip = teachers.clip_tokenizer(models.TINY_SD_WORDS, models.TINY_SD_ALPHABET, max_length=77)
+    clip_g = copy.deepcopy(clip)
+    clip_g.pad_token = "!"
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *models.TINY_SD_WORDS])}
+    t5_tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    t5_tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    t5_tok.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                          special_tokens=[("</s>", 1)])
+    t5_tok = PreTrainedTokenizerFast(tokenizer_object=t5_tok, pad_token="<pad>", eos_token="</s>",
+                                     unk_token="<unk>")
+    torch.manual_seed(seed)
+
+    def clip_encoder(tokenizer, width):
+        ids = dict(vocab_size=len(clip), bos_token_id=0, eos_token_id=1,
+                   pad_token_id=tokenizer.pad_token_id)
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            **ids, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=width))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=48, d_ff=64, d_kv=8, num_layers=1,
+                                 num_heads=2, pad_token_id=0, eos_token_id=1))
+    parts = dict(
+        text_encoder=clip_encoder(clip, 16), tokenizer=clip,
+        text_encoder_2=clip_encoder(clip_g, 24), tokenizer_2=clip_g,
+        text_encoder_3=t5, tokenizer_3=t5_tok,
+        vae=AutoencoderKL(**mmdit.TINY_SD3["vae"]),
+        transformer=SD3Transformer2DModel(**dict(mmdit.TINY_SD3["transformer"],
+                                                 joint_attention_dim=48, pooled_projection_dim=40)),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=mmdit.SHIFT))
+    for module in parts.values():  # T5 has dropout: compare the models as they infer
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return parts
+
+
+def test_three_encoder_conditioning_is_the_pipelines():
+    """With CLIP-L, CLIP-G and T5, encode_text gives StableDiffusion3Pipeline.encode_prompt's
+    context (77 CLIP columns, zero-padded to T5's width, then T5's 256) and pooled vector."""
+    from diffusers import StableDiffusion3Pipeline
+    parts = three_encoder_sd3()
+    pipe = StableDiffusion3Pipeline(**parts)
+    with torch.no_grad():
+        want, _, want_pooled, _ = pipe.encode_prompt(TEXTS, None, None, device="cpu",
+                                                     do_classifier_free_guidance=False)
+        context, pooled = mmdit.encode_text(parts, TEXTS)
+    assert context.shape == (2, 77 + mmdit.T5_LENGTH, 48) and pooled.shape == (2, 40)
+    torch.testing.assert_close(context, want)
+    torch.testing.assert_close(pooled, want_pooled)
+    assert context[:, :77, 16 + 24:].abs().max() == 0                  # the padding of the CLIPs
+
+
+def test_real_preset_loads_a_three_encoder_folder_and_writes_the_store(tmp_path):
+    """--dm sd3 --dm-path reads a folder in SD3's layout (three encoders) and extracts the CLIP
+    words' maps from the image -> CLIP-column block of the joint attention."""
+    folder = tmp_path / "sd3"
+    for part, module in three_encoder_sd3().items():
+        module.save_pretrained(folder / part)
+    dm = models.load_dm("sd3", path=folder)
+    assert type(dm["text_encoder_3"]).__name__ == "T5EncoderModel" and dm["res"] == 32
+    items = data.read_items(write_dataset(tmp_path, n=2, with_attn=False))
+    extract_and_check_store(dm, items, tmp_path / "out", **FAST)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import data
-import extract
 import models
 import toy_teachers
 import world
+from conftest import extract_and_check_store
 
 NAMES = ("toy-sdxl", "toy-sd3")
 
@@ -32,14 +32,10 @@ def test_toy_teacher_trains_saves_loads_and_writes_the_store(name, small_world, 
     dm = models.load_dm(name, path=str(out))
     assert dm["res"] == world.SIZE and ("text_encoder_2" in dm) == (name == "toy-sdxl")
     items = [it for it in data.read_items(paths["test-id"]) if it.get("masks")][:2]
-    summary = extract.extract(items, dm, tmp_path / "attn", 2, 2, "denoise",
-                              models.PRESETS[name]["layers"], batch_size=2, progress=False)
-    assert (summary["done"], summary["failed"]) == (2, 0)
-    for item in items:
-        maps, words, meta = data.load_maps(data.maps_path(tmp_path / "attn", item["id"]))
-        assert words == extract.text_words(dm["tokenizer"], item["answer"])[0] == [item["answer"]]
-        assert maps.shape == (1, 32, 32) and maps.amax() == 1 and maps.amin() == 0
-        assert meta["dm"] == name
+    layers = models.PRESETS[name]["layers"]
+    settings = extract_and_check_store(dm, items, tmp_path / "attn", inversion_steps=2,
+                                       denoise_steps=2, layers=layers)
+    assert [meta["layers"] for meta in settings] == ["2" if layers else "all"] * 2
 
 
 @pytest.mark.parametrize("name", NAMES)
