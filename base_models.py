@@ -64,11 +64,13 @@ from metrics import score_prediction
 # toy-sd: SD's diffusers parts at models.py's toy-sd size, trained on the world's captions
 # ---------------------------------------------------------------------------------------------
 
-def toy_sd_tokenizer():
+def toy_sd_tokenizer(extra=""):
     """toy-sd's CLIPTokenizer (models.clip_tokenizer): the world's words one token each, any other
-    word in letters; texts padded with the end token, like SD 1.x, to its 16 positions (SD: 77)."""
-    return models.clip_tokenizer(world.world_words(), "abcdefghijklmnopqrstuvwxyz" + "".join(world.PUNCTUATION),
-                                 max_length=models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"])
+    word in letters (and the characters of `extra`); texts padded with the end token, like SD
+    1.x, to its 24 positions (SD: 77)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz" + "".join(world.PUNCTUATION) + extra
+    positions = models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"]
+    return models.clip_tokenizer(world.world_words(), alphabet, max_length=positions)
 
 
 def fit_base(params, loss_of_step, steps, lr, desc, after_step=None):
@@ -297,10 +299,10 @@ def measure_sd(dm_path, world_dir, out_dir, n=None, seed=0, name="toy-sd", **ext
     dm = models.load_dm(name, path=dm_path)
     extract_kwargs = {"layers": models.PRESETS[name]["layers"], **extract_kwargs}
     result = {}
-    for name, split in (("captions", "test-captions"), ("answers", "test-id")):
+    for key, split in (("captions", "test-captions"), ("answers", "test-id")):
         items = [it for it in data.read_items(paths[split]) if it.get("masks")][:n]
         extract.extract(items, dm, Path(out_dir) / split, batch_size=32, **extract_kwargs)
-        result[name] = dm_pointing(items, Path(out_dir) / split)
+        result[key] = dm_pointing(items, Path(out_dir) / split)
     return result
 
 

@@ -86,7 +86,7 @@ def load(name, path=None, device="cpu", dtype=torch.float32):
     there are none)."""
     if name == "tiny-sd3" and path is None:
         return models.frozen(tiny_sd3(), name, device, dtype)
-    if name == "toy-sd3":
+    if name != "sd3":  # tiny-sd3 or toy-sd3 from a folder: one CLIP
         return models.frozen(load_folder(path or models.preset_path(name)), name, device, dtype)
     hub_id = PRESETS[name]["hub_id"]
     source, local = hub.weights_source("--dm", name, hub_id, path, "transformer/config.json",
@@ -107,8 +107,8 @@ def load_folder(folder, local_files_only=False, encoders=1):
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer
     from transformers import T5EncoderModel
     if encoders == 1 and not (Path(folder) / "transformer" / "config.json").is_file():
-        raise SystemExit(f"--dm toy-sd3: no weights at {str(folder)!r}; make them with "
-                         f"`python toy.py train-sd --dm toy-sd3`, or give --dm-path")
+        raise SystemExit(f"--dm toy-sd3 or tiny-sd3: no weights at {str(folder)!r}; make them "
+                         f"with `python toy.py train-sd --dm toy-sd3`, or give --dm-path")
     parts = dict(transformer=SD3Transformer2DModel, vae=AutoencoderKL, tokenizer=CLIPTokenizer,
                  text_encoder=CLIPTextModelWithProjection,
                  scheduler=FlowMatchEulerDiscreteScheduler)
@@ -116,7 +116,8 @@ def load_folder(folder, local_files_only=False, encoders=1):
         parts.update(text_encoder_2=CLIPTextModelWithProjection, tokenizer_2=CLIPTokenizer,
                      text_encoder_3=T5EncoderModel, tokenizer_3=AutoTokenizer)
     local = dict(local_files_only=local_files_only)
-    return {part: cls.from_pretrained(folder, subfolder=part, **local) for part, cls in parts.items()}
+    return {part: cls.from_pretrained(folder, subfolder=part, **local)
+            for part, cls in parts.items()}
 
 
 def encode_text(dm, texts):
@@ -126,8 +127,9 @@ def encode_text(dm, texts):
     sd3: CLIP-L's and CLIP-G's penultimate hidden states concatenated (77, 768 + 1280), zero-padded
     to T5's 4096 channels, T5's 256 states appended along the sequence (L = 77 + 256); pooled =
     both CLIPs' text_embeds concatenated (768 + 1280). tiny-sd3 and toy-sd3: one CLIP, its
-    penultimate states and text_embeds. Either way column j < 77 is CLIP token j, so
-    extract.text_words' positions index the text columns of the joint sequence."""
+    penultimate states and text_embeds. Either way column j below CLIP's length (sd3: 77) is
+    CLIP token j, so extract.text_words' positions index the text columns of the joint
+    sequence."""
     dtype = dm["transformer"].dtype
     states, pooled = [], []
     for tokenizer, encoder in ((dm["tokenizer"], dm["text_encoder"]),

@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parent
 # toy-sd (attn2 at 32², 16², 8²): its 32x32 layers, the sharpest maps, both above 0.9 pointing
 # (test-id answers, 150 items: 0.92, entropy 5.03; all layers 0.94, 5.39). sd21, sdxl: factor 4
 # (24x24 at 768 px, 32x32 at 1024 px): teachers.py says why. toy-sdxl (attn2 at 16², 8²): its
-# 16x16 layers, DAAM's rule (all but the coarsest); pointing 0.84 there, 0.42 at 8x8, 0.82 both.
-# text_encoders (DMs): 2 for SDXL's layout (text_encoder_2/, tokenizer_2/ too); absent: 1.
+# 16x16 layers, DAAM's rule (all but the coarsest): pointing 0.84, at 8x8 0.42, both 0.82.
+# text_encoders (DMs): 2 for SDXL's layout (text_encoder_2/, tokenizer_2/ too), else 1.
 # family "mmdit" (DMs): SD3's multimodal DiT, loaded and captured by mmdit.py; absent: a UNet.
 PRESETS = {
     "llama32": dict(kind="vlm", family="mllama", hub_id="meta-llama/Llama-3.2-11B-Vision-Instruct",
@@ -364,10 +364,10 @@ def tiny_sd(seed=0):
 
 
 def save_dm(dm, folder):
-    """Write a dm dict in the diffusers component layout that load_dm reads (unet/, vae/, ...)."""
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + teachers.SECOND_ENCODER:
-        if part in dm:  # SDXL's second encoder (teachers.py)
-            dm[part].save_pretrained(Path(folder) / part)
+    """Write a dm dict's parts (each with save_pretrained) in the diffusers layout load_dm reads."""
+    for part, value in dm.items():
+        if hasattr(value, "save_pretrained"):
+            value.save_pretrained(Path(folder) / part)
 
 
 def load_dm_folder(folder, local_files_only=False, text_encoders=1):

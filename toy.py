@@ -18,7 +18,6 @@ then every step of the paper runs on it for real, through the real scripts:
     python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (1500 steps of 16, 12 min, 1 core)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
     python toy.py measure-sd          # toy-sd pointing on held-out images (colour and cell words apart)
-    python toy.py --dm toy-sdxl       # any command with another teacher (toy_teachers.py)
 """
 import argparse
 import hashlib
@@ -33,11 +32,11 @@ import numpy as np
 import torch
 
 import base_models
-import toy_teachers
 import data
 import evaluate
 import extract
 import models
+import toy_teachers
 import train
 import world
 from metrics import paired, paired_cell
@@ -174,7 +173,7 @@ def markdown_table(rows, header=("measure", "base (toy)", "AR", "Lavender", "ora
 
 
 def prepare_world(args, world_seed, world_dir, out, stage, controls=False):
-    """Draw the world of `world_seed` (cached), extract its DM maps (extract.py, the sd14 code path)
+    """Draw the world of `world_seed` (cached), extract its DM maps (extract.py, --dm's)
     for every item whose answer names an object, and write the oracle's store of the same items and,
     with `controls`, the controls' (another object's mask, another item's DM map). Returns (paths
     {split: jsonl}, {split: attention dir}, with "oracle" and CONTROL_ARMS' names)."""
@@ -184,7 +183,8 @@ def prepare_world(args, world_seed, world_dir, out, stage, controls=False):
     # extraction settings (steps, layers) and the world (seed, splits): no stale map is ever reused
     layers = models.PRESETS[args.dm]["layers"]
     settings = [args.dm, args.inversion_steps, args.denoise_steps, args.capture_steps, layers]
-    weights = b"".join(p.read_bytes() for p in sorted(Path(args.dm_path).glob("*/*.safetensors")))
+    files = sorted(p for p in Path(args.dm_path).glob("*/*") if p.is_file())  # weights and configs
+    weights = b"".join(str(p.relative_to(args.dm_path)).encode() + p.read_bytes() for p in files)
     stamp = (Path(world_dir) / "world.json").read_bytes() + str(settings).encode()
     key = hashlib.sha256(weights + stamp).hexdigest()[:10]
     attn = {split: out / "attn" / key / split for split in ("finetune", "test-id", "test-ood")}
@@ -514,10 +514,10 @@ def build_parser():
                    choices=("demo", "protocol", "build", "train-sd", "train-vlm", "measure-sd"),
                    help="demo (default): the whole method end to end; build: draw the world only; "
                         "protocol: every arm over --worlds x --seeds, paired against AR; "
-                        "train-sd / train-vlm: retrain the shipped base models; measure-sd: toy-sd pointing accuracy")
+                        "train-sd, train-vlm: retrain the base models; measure-sd: pointing")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of the base models' training")
     p.add_argument("--world", default=str(ROOT / "toy_out" / "world"), help="where the world is drawn (a cache)")
-    p.add_argument("--out", default=None, help="output folder (demo: toy_out; train-sd: toy_models/toy-sd; "
+    p.add_argument("--out", default=None, help="output (demo: toy_out; train-sd: toy_models/DM; "
                                                "train-vlm: toy_models/toy-vlm; measure-sd: toy_out/measure-sd)")
     p.add_argument("--threads", type=int, default=2,
                    help="CPU cores: the demo and the protocol run their extractions, fine-tuning runs and "
@@ -529,9 +529,9 @@ def build_parser():
     p.add_argument("--dm-path", default=None, help="its folder (default toy_models/<--dm>)")
     p.add_argument("--vlm-path", default=str(TOY_MODELS / "toy-vlm"), help="toy VLM folder (save_pretrained)")
     p.add_argument("--base-steps", type=int, default=None, help="train-sd / train-vlm: training steps (1500 / 1000)")
-    p.add_argument("--init-from", default=None, help="train-sd: continue from this toy-sd folder (its VAE stays frozen)")
+    p.add_argument("--init-from", default=None, help="train-sd (toy-sd): continue from this folder")
     p.add_argument("--sd-lr", type=float, default=1e-3, help="train-sd: peak learning rate (warm-up + cosine)")
-    p.add_argument("--save-every", type=int, default=300, help="train-sd: save a step<N>/ checkpoint every N steps")
+    p.add_argument("--save-every", type=int, default=300, help="train-sd (toy-sd): step<N>/ each N")
     # ---- extraction (extract.py) ----
     p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (extract.py)")
     p.add_argument("--denoise-steps", type=int, default=5, help="denoising steps after the inversion (extract.py)")
@@ -577,8 +577,8 @@ def main(argv=None):
         paths = world.build_world(args.world, args.seed)
         print(f"world: {', '.join(f'{k}={v}' for k, v in paths.items())}")
     elif args.command == "train-sd" and args.dm != "toy-sd":
-        out = args.out or TOY_MODELS / args.dm
-        toy_teachers.train(args.dm, out, args.world, args.seed, args.base_steps or 1500)
+        out, steps = args.out or TOY_MODELS / args.dm, args.base_steps or 1500
+        toy_teachers.train(args.dm, out, args.world, args.seed, steps, args.sd_lr, args.init_from)
     elif args.command == "train-sd":
         base_models.train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.base_steps or 1500,
                  lr=args.sd_lr, save_every=args.save_every, init_from=args.init_from)

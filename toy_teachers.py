@@ -41,7 +41,8 @@ import world
 TEXT_POSITIONS = models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"]
 TINY_SDXL = teachers.TINY_SIZES["tiny-sdxl"]
 SIZES = {
-    # tiny-sdxl's layout (teachers.py) on toy-sd's 32x32 latent, with toy-sd's text length
+    # tiny-sdxl's layout (teachers.py) on toy-sd's 32x32 latent, with toy-sd's text length and
+    # toy-sd's head widths (1, 4, 4; tiny-sdxl's 1, 2, 4)
     "toy-sdxl": {
         "text_encoder": dict(TINY_SDXL["text_encoder"], max_position_embeddings=TEXT_POSITIONS),
         "text_encoder_2": dict(TINY_SDXL["text_encoder_2"], max_position_embeddings=TEXT_POSITIONS),
@@ -63,10 +64,8 @@ SHIFT = 1.0
 
 
 def tokenizer():
-    """The toy teachers' CLIP tokenizer: toy-sd's words and letters, and "!" (SDXL's second
-    tokenizer pads with it)."""
-    alphabet = "abcdefghijklmnopqrstuvwxyz" + "".join(world.PUNCTUATION) + "!"
-    return teachers.clip_tokenizer(world.world_words(), alphabet, max_length=TEXT_POSITIONS)
+    """The toy teachers' CLIP tokenizer: toy-sd's, and "!" (SDXL's second one pads with it)."""
+    return base_models.toy_sd_tokenizer(extra="!")
 
 
 def build(name, vae, seed=0):
@@ -170,18 +169,13 @@ def fit(dm, latents, scenes, steps, batch, lr, seed):
     return log, denoise_log
 
 
-def save(dm, folder):
-    """A toy teacher in the diffusers component layout its loader reads (models.load_dm)."""
-    for part in ("unet", "transformer", "vae", "text_encoder", "tokenizer", "scheduler",
-                 *teachers.SECOND_ENCODER):
-        if part in dm:
-            dm[part].save_pretrained(Path(folder) / part)
-
-
-def train(name, out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3,
+def train(name, out_dir, world_dir, seed=0, steps=1500, lr=1e-3, init_from=None, batch=16,
           vae_path=models.ROOT / "toy_models" / "toy-sd"):
-    """Train toy-sdxl or toy-sd3 on the pretrain split's scenes with toy-sd's frozen VAE from
-    vae_path; save it under out_dir with training.json."""
+    """Train toy-sdxl or toy-sd3 from scratch on the pretrain split's scenes with toy-sd's frozen
+    VAE from vae_path; save it under out_dir with training.json (init_from: refused)."""
+    if init_from:
+        raise SystemExit(f"--init-from {init_from}: only toy-sd continues a training; {name} "
+                         f"trains from scratch")
     t0 = time.time()
     paths = world.build_world(world_dir, seed)
     by_image = {it["image"]: it for it in map(json.loads, open(paths["pretrain"]))}
@@ -193,13 +187,13 @@ def train(name, out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3,
     dm = dict(build(name, vae, seed), name=name)
     objects = [s["objects"] for s in scenes]
     log, denoise_log = fit(dm, latents, objects, steps, batch, lr, seed)
-    save(dm, out_dir)
+    models.save_dm(dm, out_dir)
     denoiser = dm.get("transformer", dm.get("unet"))
     summary = {"name": name, "seed": seed, "steps": steps, "batch": batch, "lr": lr,
                "vae_from": Path(vae_path).name, "vae_l1": round(vae_l1, 4),
                "localise": base_models.LOCALISE,
                "final_loss": round(float(np.mean(log[-100:])), 4),
-               "final_denoise": round(float(np.mean(denoise_log[-100:])), 4),
+               "final_denoise_mse": round(float(np.mean(denoise_log[-100:])), 4),
                "minutes": round((time.time() - t0) / 60, 1),
                "denoiser_params": sum(p.numel() for p in denoiser.parameters())}
     (Path(out_dir) / "training.json").write_text(json.dumps(summary, indent=2))
