@@ -86,23 +86,25 @@ def load(name, path=None, device="cpu", dtype=torch.float32):
     there are none)."""
     if name == "tiny-sd3" and path is None:
         return models.frozen(tiny_sd3(), name, device, dtype)
+    hub_id, source, local, encoders = PRESETS[name]["hub_id"], path, False, 3
     if name != "sd3":  # tiny-sd3 or toy-sd3 from a folder: one CLIP
-        return models.frozen(load_folder(path or models.preset_path(name)), name, device, dtype)
-    hub_id = PRESETS[name]["hub_id"]
-    source, local = hub.weights_source("--dm", name, hub_id, path, "transformer/config.json",
-                                       "--dm-path")
+        source, encoders = path or models.preset_path(name), 1
+    else:
+        source, local = hub.weights_source("--dm", name, hub_id, path, "transformer/config.json",
+                                           "--dm-path")
     try:
-        dm = load_folder(source, local, encoders=3)
+        dm = load_folder(source, local, encoders, dtype)
     except (OSError, ValueError) as e:
         raise hub.load_error("--dm", name, source, e, hub_id, "--dm-path") from None
     return models.frozen(dm, name, device, dtype)
 
 
-def load_folder(folder, local_files_only=False, encoders=1):
+def load_folder(folder, local_files_only=False, encoders=1, dtype=None):
     """The parts of a folder in diffusers' SD3 layout: transformer/, vae/, scheduler/, and CLIP-L
     (text_encoder/, tokenizer/); encoders 3: CLIP-G (text_encoder_2/, tokenizer_2/) and T5
     (text_encoder_3/, tokenizer_3/) too, as stabilityai's SD3 folders have them; 1: toy-sd3's
-    one CLIP (toy_teachers.save)."""
+    one CLIP (models.save_dm). T5 (4.7B parameters in SD3) is read in `dtype` directly, not
+    in float32 first (19 GB)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer
     from transformers import T5EncoderModel
@@ -116,7 +118,8 @@ def load_folder(folder, local_files_only=False, encoders=1):
         parts.update(text_encoder_2=CLIPTextModelWithProjection, tokenizer_2=CLIPTokenizer,
                      text_encoder_3=T5EncoderModel, tokenizer_3=AutoTokenizer)
     local = dict(local_files_only=local_files_only)
-    return {part: cls.from_pretrained(folder, subfolder=part, **local)
+    in_dtype = {"text_encoder_3": dict(dtype=dtype)} if dtype is not None else {}
+    return {part: cls.from_pretrained(folder, subfolder=part, **local, **in_dtype.get(part, {}))
             for part, cls in parts.items()}
 
 

@@ -206,5 +206,7 @@ def test_real_preset_loads_a_three_encoder_folder_and_writes_the_store(tmp_path)
         module.save_pretrained(folder / part)
     dm = models.load_dm("sd3", path=folder)
     assert type(dm["text_encoder_3"]).__name__ == "T5EncoderModel" and dm["res"] == 32
+    t5 = mmdit.load_folder(folder, encoders=3, dtype=torch.bfloat16)["text_encoder_3"]
+    assert t5.dtype == torch.bfloat16                                 # read so, not cast after
     items = data.read_items(write_dataset(tmp_path, n=2, with_attn=False))
     extract_and_check_store(dm, items, tmp_path / "out", **FAST)
