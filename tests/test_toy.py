@@ -496,3 +496,24 @@ def test_retraining_paths_write_loadable_models(small_world, tmp_path):
     base_models.train_vlm(tmp_path / "vlm", world, seed=3, steps=2, batch=4)
     model, processor = models.load_vlm("toy", str(tmp_path / "vlm"))
     assert json.loads((tmp_path / "vlm" / "training.json").read_text())["steps"] == 2
+
+
+def test_extraction_cache_is_keyed_on_every_file_of_the_teacher(small_world, tmp_path):
+    """prepare_world reuses maps only for the same teacher files and settings: a changed config
+    file (no weight touched) or another --dm gives another attention folder, never stale maps."""
+    import shutil
+    root, _ = small_world
+    teacher = tmp_path / "toy-sd"
+    shutil.copytree(SHIPPED_SD, teacher, ignore=shutil.ignore_patterns("step*"))
+    args = toy.build_parser().parse_args(["--threads", "1", "--quiet", "--limit", "1",
+                                          "--dm-path", str(teacher)])
+
+    def folder(out):  # {split: attention folder}; the key is the folder's parent
+        return toy.prepare_world(args, 3, root, tmp_path / out, lambda text: None)[1]
+    first = folder("a")["finetune"]
+    assert folder("b")["finetune"].parent.name == first.parent.name     # the same files: one key
+    config = teacher / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"steps_offset": 1', '"steps_offset": 0'))
+    assert folder("c")["finetune"].parent.name != first.parent.name     # a config: another key
+    args.dm, args.dm_path = "toy-sdxl", str(toy.TOY_MODELS / "toy-sdxl")
+    assert folder("d")["finetune"].parent.name != first.parent.name     # another teacher
