@@ -56,6 +56,7 @@ import evaluate
 import extract
 import models
 import nulltext
+import teachers
 import world
 from aligner import min_max
 from metrics import score_prediction
@@ -246,8 +247,7 @@ def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
     def loss_of_step(step):
         idx = torch.randint(len(latents), (batch,), generator=g)
         prompts = [sd_prompt(scenes[i], rng) for i in idx.tolist()]
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids  # (B, T)
+        ids = teachers.token_ids(tokenizer, text_encoder, prompts, "cpu")  # (B, T)
         x0 = latents[idx]  # (B, 4, 32, 32)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
@@ -331,9 +331,7 @@ def prompt_effect(dm_path="toy_models/toy-sd", world_dir="toy_out/world", n=256,
         noisy = scheduler.add_noise(latents, noise, torch.tensor([t]))
         result[t] = {}
         for name, texts in prompts.items():
-            ids = dm["tokenizer"](texts, padding="max_length", truncation=True,
-                                  max_length=dm["tokenizer"].model_max_length,
-                                  return_tensors="pt").input_ids
+            ids = teachers.token_ids(dm["tokenizer"], dm["text_encoder"], texts, "cpu")
             context = dm["text_encoder"](ids)[0]
             predicted = dm["unet"](noisy, t, encoder_hidden_states=context).sample
             result[t][name] = round(F.mse_loss(predicted, noise).item(), 5)

@@ -86,14 +86,14 @@ def load(name, path=None, device="cpu", dtype=torch.float32):
     there are none)."""
     if name == "tiny-sd3" and path is None:
         return models.frozen(tiny_sd3(), name, device, dtype)
-    hub_id, source, local, encoders = PRESETS[name]["hub_id"], path, False, 3
-    if name != "sd3":  # tiny-sd3 or toy-sd3 from a folder: one CLIP
-        source, encoders = path or models.preset_path(name), 1
-    else:
+    hub_id = PRESETS[name]["hub_id"]
+    if name == "sd3":
         source, local = hub.weights_source("--dm", name, hub_id, path, "transformer/config.json",
                                            "--dm-path")
+    else:  # tiny-sd3 or toy-sd3 from a folder: one CLIP
+        source, local = path or models.preset_path(name), False
     try:
-        dm = load_folder(source, local, encoders, dtype)
+        dm = load_folder(source, local, 3 if name == "sd3" else 1, dtype)
     except (OSError, ValueError) as e:
         raise hub.load_error("--dm", name, source, e, hub_id, "--dm-path") from None
     return models.frozen(dm, name, device, dtype)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
 import base_models
 import extract
@@ -98,10 +99,11 @@ def conditioning(dm, prompts):
     return context, {"added_cond_kwargs": added}
 
 
-def denoising_loss(dm, x0, context, extra, g):
-    """The family's denoising loss at a random noise level: DDPM epsilon MSE for the UNet; for
-    the DiT, flow matching, x_s = (1 - s) x_0 + s noise, the velocity noise - x_0 regressed, s
-    logit-normal (SD3's training default), timestep s * 1000 as its pipeline passes it."""
+def denoising_loss(dm, x0, context, extra, g, schedule=None):
+    """The family's denoising loss at a random noise level: DDPM epsilon MSE for the UNet
+    (`schedule`: the DDPMScheduler of its noise levels); for the DiT, flow matching, x_s = (1 - s)
+    x_0 + s noise, the velocity noise - x_0 regressed, s logit-normal (SD3's training default),
+    timestep s * 1000 as its pipeline passes it."""
     noise = torch.randn(x0.shape, generator=g)
     if "transformer" in dm:
         sigma = torch.sigmoid(torch.randn(len(x0), generator=g))            # (B,)
@@ -110,8 +112,6 @@ def denoising_loss(dm, x0, context, extra, g):
         v = dm["transformer"](hidden_states=noisy, timestep=sigma * 1000,
                               encoder_hidden_states=context, **extra).sample
         return F.mse_loss(v, noise - x0)
-    from diffusers import DDPMScheduler
-    schedule = DDPMScheduler.from_config(dm["scheduler"].config)
     t = torch.randint(0, schedule.config.num_train_timesteps, (len(x0),), generator=g)
     noisy = schedule.add_noise(x0, noise, t)
     predicted = dm["unet"](noisy, t, encoder_hidden_states=context, **extra).sample
@@ -149,6 +149,7 @@ def fit(dm, latents, scenes, steps, batch, lr, seed):
     masks = base_models.colour_masks(scenes)                           # (N, n_colours, 32, 32)
     tok = dm["tokenizer"]
     colour_ids = torch.tensor(tok.convert_tokens_to_ids([c + "</w>" for c in world.COLOURS]))
+    schedule = None if "transformer" in dm else DDPMScheduler.from_config(dm["scheduler"].config)
     denoise_log = []
 
     def loss_of_step(step):
@@ -158,7 +159,7 @@ def fit(dm, latents, scenes, steps, batch, lr, seed):
         context, extra = conditioning(dm, prompts)
         store = extract.new_store(store_grid(dm, latents), TEXT_POSITIONS)
         with captured(dm, store):
-            denoise = denoising_loss(dm, latents[idx], context, extra, g)
+            denoise = denoising_loss(dm, latents[idx], context, extra, g, schedule)
         denoise_log.append(denoise.item())
         maps = store["sum"] / store["count"]                           # (B, T, h, w)
         maps = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear")  # (B, T, 32, 32)
