@@ -135,14 +135,15 @@ def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0):
 
 
 def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_steps=300, save_every=300,
-             init_from=None):
+             init_from=None, localise=None):
     """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir.
 
-    Prompts in the forms extraction conditions on (sd_prompt), the denoising MSE plus LOCALISE x the
-    localisation loss (fit_unet; the module docstring says why). init_from: a toy-sd folder to
+    Prompts in the forms extraction conditions on (sd_prompt), the denoising MSE plus `localise`
+    (default LOCALISE) x the localisation loss (fit_unet; the module docstring says why). init_from: a toy-sd folder to
     continue from (its unet/, vae/, text_encoder/). Its VAE is kept frozen with its scaling factor,
     as the original schedule freezes the VAE after its own phase, so no VAE step runs; the UNet and
     text encoder get a fresh AdamW and warm-up + cosine over `steps`."""
+    localise = LOCALISE if localise is None else localise
     torch.manual_seed(seed)
     paths = world.build_world(world_dir, seed)
     scenes = list({it["image"]: it for it in map(json.loads, open(paths["pretrain"]))}.values())  # one per image
@@ -157,11 +158,11 @@ def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_step
     else:
         latents, vae_l1 = train_vae(dm["vae"], images, steps=vae_steps, seed=seed)  # (N, 4, 32, 32)
     log, denoise_log = fit_unet(dm, latents, [s["objects"] for s in scenes], steps, batch, lr, seed,
-                                save_every, out_dir)
+                                save_every, out_dir, localise)
     models.save_dm(dm, out_dir)
     summary = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "init_from": str(init_from) if init_from else None,
                "vae_steps": vae_steps, "vae_l1": round(vae_l1, 4),
-               "localise": LOCALISE, "final_loss": round(float(np.mean(log[-100:])), 4),
+               "localise": localise, "final_loss": round(float(np.mean(log[-100:])), 4),
                "final_denoise_mse": round(float(np.mean(denoise_log[-100:])), 4),
                "minutes": round((time.time() - t0) / 60, 1),
                "unet_params": sum(p.numel() for p in dm["unet"].parameters()),
@@ -226,10 +227,10 @@ def localisation_loss(maps, ids, masks, colour_ids):
     return loss.mean()
 
 
-def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
+def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir, localise=LOCALISE):
     """The UNet and the text encoder trained together (there is no pretrained CLIP here) on the
     latents and prompts about their scenes (sd_prompt): DDPM noise, epsilon prediction, MSE, plus
-    LOCALISE x the localisation loss on the colour words' cross-attention maps (why: the module
+    `localise` x the localisation loss on the colour words' cross-attention maps (why: the module
     docstring). Every `save_every` steps a step<N>/ folder is saved under out_dir. Returns the
     per-step losses, the total and the denoising MSE alone."""
     from diffusers import DDPMScheduler
@@ -261,7 +262,7 @@ def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir):
         denoise = F.mse_loss(predicted, noise)  # epsilon prediction (DDPM)
         denoise_log.append(denoise.item())
         maps = store["sum"] / store["count"]                              # (B, T, 32, 32)
-        return denoise + LOCALISE * localisation_loss(maps, ids, masks[idx], colour_ids)
+        return denoise + localise * localisation_loss(maps, ids, masks[idx], colour_ids)
 
     def save(step):
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:

@@ -204,18 +204,18 @@ def invert_and_denoise(unet, latents, context, inverse, forward, store=None, cap
 @torch.no_grad()
 def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10, capture_steps="denoise",
                  layers=None, inversion="ddim", guidance=nulltext.GUIDANCE,
-                 null_text_iters=nulltext.ITERATIONS):
+                 null_text_iters=nulltext.ITERATIONS, dit_map="joint"):
     """Mean cross-attention (B, columns, h, w) over heads, the chosen layers and steps.
 
     images (B, 3, res, res) in [-1, 1]; texts: the answers the DM is conditioned on (eq. 7: y).
     inversion "ddim": invert and denoise at guidance 1; "null-text": nulltext.py, guidance
     `guidance`, null_text_iters Adam iterations per step, on one grid (denoise_steps must equal
-    inversion_steps: inversion_settings).
+    inversion_steps: inversion_settings). dit_map: SD3's map, "joint" or "output" (mmdit.py).
     """
     if "transformer" in dm:  # SD3's joint attention and flow inversion (mmdit.py imports this)
         import mmdit
         return mmdit.dm_attention(dm, images, texts, columns, inversion_steps, denoise_steps,
-                                  capture_steps, layers)
+                                  capture_steps, layers, dit_map)
     unet, device = dm["unet"], dm["unet"].device
     images = images.to(device=device, dtype=dm["vae"].dtype)  # (SDXL's VAE: float32, teachers.py)
     # the latent mean x scaling factor (SD's encoding, without sampling: deterministic)
@@ -286,10 +286,14 @@ def inversion_settings(inversion, inversion_steps, denoise_steps=None, guidance=
     return inversion_steps, guidance, iters, meta
 
 
-def check_dm(dm, inversion, inversion_steps, denoise_steps):
-    """ValueError before any work: step counts the DM's DDIM grids refuse, or --inversion
+def check_dm(dm, inversion, inversion_steps, denoise_steps, dit_map="joint"):
+    """ValueError before any work: step counts the DM's DDIM grids refuse, --inversion
     null-text with SDXL, whose added conditioning (teachers.encode_text) nulltext.py does not
-    tune."""
+    tune, or --dit-map output with a UNet, whose cross-attention gives its text no output."""
+    if dit_map != "joint" and "transformer" not in dm:
+        raise ValueError(f"--dit-map {dit_map} with --dm {dm['name']}: a UNet's cross-attention "
+                         f"has no text outputs to compare with; --dit-map is for SD3's joint "
+                         f"attention (mmdit.py)")
     if "transformer" in dm and inversion != "ddim":  # SD3 (mmdit.py): its own Euler inversion
         raise ValueError(f"--inversion {inversion} with --dm {dm['name']}: SD3 inverts its flow "
                          f"by Euler steps (mmdit.py); use --inversion ddim")
@@ -320,7 +324,7 @@ def word_maps(attention, W, normalise=True):
 
 def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=None, capture_steps="denoise",
             layers=None, batch_size=1, rank=0, world_size=1, progress=None, inversion="ddim",
-            guidance=None, null_text_iters=None):
+            guidance=None, null_text_iters=None, dit_map="joint"):
     """Write <out_dir>/<id>.safetensors for this rank's share of items; returns a summary dict.
 
     Rank r of world_size takes items r, r + world_size, ... (no collectives: a rank's crash stops
@@ -333,6 +337,7 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=None, capture_s
     layers: None (all attn2 layers) or a set of downsampling factors of the latent grid
     (sd14 at 512 px: 1 = 64², 2 = 32², 4 = 16², 8 = 8²). capture_steps: "all", "inversion", "denoise".
     inversion ("ddim", "null-text"), guidance, null_text_iters, denoise_steps None: inversion_settings.
+    dit_map: SD3's map (mmdit.DIT_MAPS); "output" is written into the store's metadata.
     Returns dict(done, skipped, failed, seconds, rank, world_size).
     """
     t0, out_dir = time.time(), Path(out_dir)
@@ -342,7 +347,8 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=None, capture_s
     meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps, "res": dm["res"],
             "capture_steps": capture_steps, "layers": ",".join(map(str, sorted(layers))) if layers else "all"}
     meta.update(inversion_meta)  # null-text's settings; ddim adds none
-    check_dm(dm, inversion, inversion_steps, denoise_steps)  # fail now, not per batch
+    meta.update({"dit_map": dit_map} if dit_map != "joint" else {})  # absent: the joint map
+    check_dm(dm, inversion, inversion_steps, denoise_steps, dit_map)  # fail now, not per batch
     summary = {"done": 0, "skipped": 0, "failed": 0}
     run = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
 
@@ -367,9 +373,10 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=None, capture_s
                 fail(item["id"], f"corrupt image: {item['image_path']} ({type(e).__name__}: {e})")
         if batch:
             columns = context_columns([positions for _, _, positions in batch])
+            # (B, columns, h, w): the batch's maps over its text columns
             attention = dm_attention(dm, torch.stack(images), [item["answer"] for item, _, _ in batch], columns,
                                      inversion_steps, denoise_steps, capture_steps, layers,
-                                     inversion, guidance, null_text_iters)  # (B, columns, h, w)
+                                     inversion, guidance, null_text_iters, dit_map)
             for b, (item, words, positions) in enumerate(batch):
                 maps = word_maps(attention[b], word_weights(positions, columns))  # (n_words, 32, 32)
                 save_maps(maps_path(out_dir, item["id"]), maps, words, dict(meta, text=item["answer"]))
@@ -515,6 +522,9 @@ def build_parser():
                    f"scale w (> 1) the null text is tuned for (default {nulltext.GUIDANCE})")
     p.add_argument("--null-text-iters", type=int, default=None, help="null-text only: Adam "
                    f"iterations per denoising step (>= 0; default {nulltext.ITERATIONS})")
+    p.add_argument("--dit-map", default="joint", choices=("joint", "output"), help="SD3 only: "
+                   "joint (the image -> text block of its joint attention) or output (the "
+                   "attention output space's image-text similarity, ConceptAttention's; mmdit.py)")
     p.add_argument("--capture-steps", default="denoise", choices=["denoise", "inversion", "all"],
                    help="which steps' attention is averaged: denoise (§5(1): 'attention maps are collected at each "
                    "denoising step'), inversion, or all")
@@ -559,6 +569,9 @@ def main(argv=None):
                            args.null_text_iters)
     except ValueError as e:
         raise SystemExit(str(e))
+    if args.dit_map != "joint" and PRESETS[args.dm].get("family") != "mmdit":
+        raise SystemExit(f"--dit-map {args.dit_map} with --dm {args.dm}: only SD3's joint "
+                         f"attention (mmdit.py) has text outputs to compare with; leave it out")
     # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1. No process group:
     # ranks share nothing but the output folder.
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -568,7 +581,7 @@ def main(argv=None):
     s = extract(items, dm, args.out, args.inversion_steps, args.denoise_steps, args.capture_steps,
                 parse_layers(args.layers, args.dm), args.batch_size, rank, world_size,
                 progress=rank == 0 and not args.quiet, inversion=args.inversion,
-                guidance=args.guidance, null_text_iters=args.null_text_iters)
+                guidance=args.guidance, null_text_iters=args.null_text_iters, dit_map=args.dit_map)
     # one line per rank (no collectives to merge them); items of other ranks are not counted here
     print(f"extract rank {rank}/{world_size}: {s['done']} done, {s['skipped']} skipped as complete, "
           f"{s['failed']} failed (reasons in {Path(args.out) / 'failures.jsonl'}), {s['seconds']:.1f} s")

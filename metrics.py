@@ -25,6 +25,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from data import jsonl_lines
 from vqa_rules import VQA_RULES, check_rule, vqa_accuracy, vqa_normalize  # noqa: F401
 
@@ -401,6 +403,15 @@ def paired_cell(gap):
         return f"{gap['mean']:+.3f} {gap['wins']}/{gap['n']}"
     low, high = gap["ci95"]
     return f"{gap['mean']:+.3f} [{low:+.3f}, {high:+.3f}] {gap['wins']}/{gap['n']}"
+
+
+def mean_spread(values):
+    """'0.613 ± 0.021': mean ± sample std over seeds (None values dropped)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.3f} ± {spread:.3f}"
 
 
 def accuracy_summary(scores, high=1.0):

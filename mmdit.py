@@ -10,10 +10,20 @@ those joint probabilities:
 
 M is the direct analogue of SD's attn2 map (extract.CrossAttentionCapture): for each image token,
 the share of its attention that goes to each text token. Because the softmax also spans the image
-keys, a row of M sums to at most 1, not to 1. (ConceptAttention, Helbling et al. 2025, reads the
-attention OUTPUT space instead, projecting image outputs on concept outputs: a possible extension,
-not done here.) JointCapture averages M over heads and blocks into extract.new_store's running
-sum; the N image tokens form the (H/patch) x (W/patch) grid of the latent.
+keys, a row of M sums to at most 1, not to 1. JointCapture averages M over heads and blocks into
+extract.new_store's running sum; the N image tokens form the (H/patch) x (W/patch) grid of the
+latent. This is the default map (--dit-map joint).
+
+--dit-map output reads the attention's OUTPUT space instead, as ConceptAttention (Helbling et
+al. 2025) does: O = P V, the joint attention's output before its projections (heads side by
+side), split into image rows O_img (N, H d) and text rows O_txt (T, H d), and
+
+    M_out = softmax over the text columns of O_img O_txt^T          (N, T), each row sums to 1
+
+ConceptAttention adds concept tokens of its own beside the prompt's; here the concepts are the
+answer's words, which the prompt holds already, so M_out is its "output space" reading of the
+prompt's tokens. The joint map is the default because the paper's target is an attention
+map like SD's cross-attention; the output map's place on the toy DiT is measured in BENCHMARKS.md.
 
 Sampling: SD3 is a rectified flow, x_sigma = (1 - sigma) x_0 + sigma * noise, its transformer
 predicting the velocity v = noise - x_0 = dx/dsigma. The deterministic inversion is the Euler
@@ -60,6 +70,7 @@ TINY_SD3 = {
                         joint_attention_dim=32, caption_projection_dim=16,
                         pooled_projection_dim=32, pos_embed_max_size=16),
 }
+DIT_MAPS = ("joint", "output")  # --dit-map: the joint attention's image -> text block, or M_out
 SHIFT = 3.0  # SD3 medium's scheduler config: sigmas shifted towards noise
 T5_LENGTH = 256  # T5's text length in StableDiffusion3Pipeline (its max_sequence_length)
 
@@ -162,11 +173,14 @@ class JointCapture:
 
     The output is SDPA's, exactly as the default processor computes it; the probabilities of the
     image rows are computed beside it (the scores over all N + T keys, softmax in fp32), so the
-    captured map cannot change what the model does.
+    captured map cannot change what the model does. kind "output": the output-space map M_out
+    (module docstring) instead, from the same SDPA output.
     """
 
-    def __init__(self, store):
-        self.store = store
+    def __init__(self, store, kind="joint"):
+        if kind not in DIT_MAPS:
+            raise ValueError(f"--dit-map {kind!r}: give one of {', '.join(DIT_MAPS)}")
+        self.store, self.kind = store, kind
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  *args, **kwargs):
@@ -185,10 +199,14 @@ class JointCapture:
         v = torch.cat([v, heads(attn.add_v_proj(c))], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(B, -1, H * q.shape[-1]).to(q.dtype)
-        if self.store["on"]:
+        if self.store["on"] and self.kind == "joint":
             scale = 1 / math.sqrt(q.shape[-1])                          # SDPA's default scale
             scores = (q[:, :, :N].float() * scale) @ k.float().transpose(-1, -2)  # (B, H, N, N+T)
             self.accumulate(scores.softmax(dim=-1)[..., N:])            # (B, H, N, T) eq. 13
+        if self.store["on"] and self.kind == "output":
+            text = out[:, N:N + self.store["columns"]].float()          # (B, columns, H d)
+            similarity = out[:, :N].float() @ text.transpose(-1, -2)     # (B, N, columns)
+            self.accumulate(similarity.softmax(dim=-1)[:, None])         # (B, 1, N, columns)
         img, txt = out[:, :N], out[:, N:]
         if not attn.context_pre_only:
             txt = attn.to_add_out(txt)
@@ -206,10 +224,11 @@ class JointCapture:
         store["count"] += 1
 
 
-def capturing(transformer, store):
-    """extract.capturing for the joint ("attn") modules: JointCapture for the block, then the
-    original processors; SD3.5's image-only attn2 modules (dual attention) keep theirs."""
-    return extract.capturing(transformer, store, JointCapture(store), ".attn.processor")
+def capturing(transformer, store, kind="joint"):
+    """extract.capturing for the joint ("attn") modules: JointCapture (of map `kind`) for the
+    block, then the original processors; SD3.5's image-only attn2 modules (dual attention) keep
+    theirs."""
+    return extract.capturing(transformer, store, JointCapture(store, kind), ".attn.processor")
 
 
 # ---- flow inversion, then denoising (Euler both ways) ----
@@ -254,16 +273,16 @@ def encode_image(dm, images):
 
 @torch.no_grad()
 def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10,
-                 capture_steps="denoise", layers=None):
+                 capture_steps="denoise", layers=None, kind="joint"):
     """extract.dm_attention for SD3: mean image -> text joint attention (B, columns, h/p, w/p)
-    over heads, blocks and the captured steps."""
+    over heads, blocks and the captured steps (kind "output": the output-space map M_out)."""
     if layers is not None:
         raise ValueError(f"--layers {layers}: a DiT has one token grid, give --layers all")
     latents = encode_image(dm, images)
     context, pooled = encode_text(dm, texts)
     p = dm["transformer"].config.patch_size
     store = extract.new_store((latents.shape[-2] // p, latents.shape[-1] // p), columns)
-    with capturing(dm["transformer"], store):
+    with capturing(dm["transformer"], store, kind):
         invert_and_denoise(dm, latents, context, pooled, inversion_steps, denoise_steps, store,
                            capture_steps)
     return store["sum"] / store["count"]                                # (B, columns, h, w)

@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parent
 # 32², 16², 8²): its 16x16 layers (factor 4), the maps Prompt-to-Prompt aggregates (Hertz et al.
 # 2022, which eq. 13-14 cite) and the first author's MCPL code with it; DAAM also drops 8x8.
 # toy-sd (attn2 at 32², 16², 8²): its 32x32 layers, the sharpest maps, both above 0.9 pointing
-# (test-id answers, 150 items: 0.92, entropy 5.03; all layers 0.94, 5.39). sd21, sdxl: factor 4
-# (24x24 at 768 px, 32x32 at 1024 px): teachers.py says why. toy-sdxl (attn2 at 16², 8²): its
-# 16x16 layers, DAAM's rule (all but the coarsest): pointing 0.84, at 8x8 0.42, both 0.82.
+# (test-id answers, 150 items: 0.92, entropy 5.03; all layers 0.94, 5.39); toy-sd21 the same.
+# sd21, sdxl: factor 4 (24x24 at 768 px, 32x32 at 1024 px): teachers.py says why. toy-sdxl (attn2
+# at 16², 8²): its 16x16, DAAM's rule (all but the coarsest): pointing 0.84, 8x8 0.42, both 0.82.
 # text_encoders (DMs): 2 for SDXL's layout (text_encoder_2/, tokenizer_2/ too), else 1.
 # family "mmdit" (DMs): SD3's multimodal DiT, loaded and captured by mmdit.py; absent: a UNet.
 PRESETS = {
@@ -82,6 +82,8 @@ PRESETS = {
                 layers=None, family="mmdit", about="SD3 medium: joint attention, 24 blocks (mmdit.py)"),
     "tiny-sd3": dict(kind="dm", hub_id=None, path=None, layers=None, family="mmdit",
                      about="sd3's classes at a tiny size, one CLIP encoder, random weights (tests)"),
+    "toy-sd21": dict(kind="dm", hub_id=None, path="toy_models/toy-sd21", layers={1},
+                     about="SD 2.x's features (v-prediction) at toy size, trained on the world"),
     "toy-sdxl": dict(kind="dm", hub_id=None, path="toy_models/toy-sdxl", layers={2},
                      text_encoders=2, about="SDXL's layout at toy size, trained on the world"),
     "toy-sd3": dict(kind="dm", hub_id=None, path="toy_models/toy-sd3", layers=None, family="mmdit",
@@ -335,9 +337,8 @@ def scheduler_config(config, cls):
 
 def stable_diffusion(size, tokenizer=None, seed=0, device="cpu", dtype=torch.float32, parts=None):
     """dict(vae, unet, text_encoder, tokenizer, scheduler) of SD's classes at `size` (SD_SIZES),
-    random weights, deterministic by seed, on `device`; parts: which of vae, unet, text_encoder to
-    build (default all). The text encoder's vocabulary is the tokenizer's unless the size fixes
-    it."""
+    random weights, deterministic by seed, on `device`; parts: which of vae, unet, text_encoder
+    to build (default all); the text encoder's vocabulary: the tokenizer's unless size sets it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -391,8 +392,7 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
     One code path for every preset given a folder in diffusers component layout; "tiny-sd",
     "tiny-sd21" and "tiny-sdxl" without a path are built here. res = unet sample_size * the
     VAE's downsampling factor. Hub presets load from local files only when they can
-    (hub.weights_source), else fail fast.
-    """
+    (hub.weights_source), else fail fast."""
     if name not in DM_PRESETS:
         raise SystemExit(f"unknown --dm {name!r}; choose one of {DM_PRESETS} or give --dm-path")
     if PRESETS[name].get("family") == "mmdit":  # SD3's DiT (mmdit.py imports this module)

@@ -123,11 +123,17 @@ def tiny(name, tokenizer, scheduler, seed=0):
     scheduler: SD's DDIM schedule (models.sd_scheduler). tiny-sd21 pads with "!" and predicts v,
     as SD 2.1; tiny-sdxl's second tokenizer is the same BPE padding with "!", as SDXL's.
     """
-    from diffusers import DDIMScheduler
     if name == "tiny-sd21":
-        tokenizer.pad_token = "!"
-        scheduler = DDIMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
+        tokenizer, scheduler = sd2_style(tokenizer, scheduler)
     return tiny_parts(TINY_SIZES[name], tokenizer, scheduler, seed)
+
+
+def sd2_style(tokenizer, scheduler):
+    """(tokenizer, scheduler) as SD 2.x has them: the tokenizer padding with "!", not its end
+    token, and the DDIM schedule predicting v."""
+    from diffusers import DDIMScheduler
+    tokenizer.pad_token = "!"
+    return tokenizer, DDIMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
 
 
 def tiny_parts(sizes, tokenizer, scheduler, seed=0):

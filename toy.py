@@ -39,7 +39,7 @@ import models
 import toy_teachers
 import train
 import world
-from metrics import paired, paired_cell
+from metrics import mean_spread, paired, paired_cell
 from runs import file_sha256
 
 ROOT = Path(__file__).resolve().parent
@@ -77,15 +77,6 @@ def settings(script, **values):
     for name, value in values.items():
         setattr(config, name, value)
     return config
-
-
-def mean_spread(values):
-    """'0.613 ± 0.021': mean ± sample std over seeds (None values dropped)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.3f} ± {spread:.3f}"
 
 
 DEMO_MODELS = ("base", "ar", "lavender", "oracle")  # the demo's columns
@@ -182,7 +173,8 @@ def prepare_world(args, world_seed, world_dir, out, stage, controls=False):
     # extract.py resumes from complete map files, so the cache is keyed on the DM's weights, the
     # extraction settings (steps, layers) and the world (seed, splits): no stale map is ever reused
     layers = models.PRESETS[args.dm]["layers"]
-    settings = [args.dm, args.inversion_steps, args.denoise_steps, args.capture_steps, layers]
+    settings = [args.dm, args.inversion_steps, args.denoise_steps, args.capture_steps, layers,
+                args.dit_map]
     files = sorted(p for p in Path(args.dm_path).glob("*/*") if p.is_file())  # weights and configs
     weights = b"".join(str(p.relative_to(args.dm_path)).encode() + p.read_bytes() for p in files)
     stamp = (Path(world_dir) / "world.json").read_bytes() + str(settings).encode()
@@ -208,7 +200,7 @@ def extract_split(args, data_path, folder, shard=0, shards=1):
     dm = models.load_dm(args.dm, path=args.dm_path)
     return extract.extract(items, dm, folder, args.inversion_steps, args.denoise_steps,
                            args.capture_steps, models.PRESETS[args.dm]["layers"], batch_size=64,
-                           progress=not args.quiet)
+                           progress=not args.quiet, dit_map=args.dit_map)
 
 
 def finetune(args, data_path, attn, run_dir, loss, seed, overrides=None):
@@ -524,19 +516,23 @@ def build_parser():
                         "evaluations on this many processes of one thread each (1: in this process); "
                         "train-sd, train-vlm and measure-sd use this many torch threads")
     # ---- base models ----
-    p.add_argument("--dm", default="toy-sd", choices=("toy-sd", "toy-sdxl", "toy-sd3"),
-                   help="the teacher: toy-sd, or toy_teachers.py's toy-sdxl and toy-sd3")
+    p.add_argument("--dm", default="toy-sd", choices=("toy-sd", *toy_teachers.SIZES),
+                   help="the teacher: toy-sd, or toy_teachers.py's toy-sd21, toy-sdxl, toy-sd3")
     p.add_argument("--dm-path", default=None, help="its folder (default toy_models/<--dm>)")
     p.add_argument("--vlm-path", default=str(TOY_MODELS / "toy-vlm"), help="toy VLM folder (save_pretrained)")
     p.add_argument("--base-steps", type=int, default=None, help="train-sd / train-vlm: training steps (1500 / 1000)")
     p.add_argument("--init-from", default=None, help="train-sd (toy-sd): continue from this folder")
     p.add_argument("--sd-lr", type=float, default=1e-3, help="train-sd: peak learning rate (warm-up + cosine)")
     p.add_argument("--save-every", type=int, default=300, help="train-sd (toy-sd): step<N>/ each N")
+    p.add_argument("--localise", type=float, default=base_models.LOCALISE,
+                   help="train-sd: the localisation loss's weight (0: taught by denoising alone)")
     # ---- extraction (extract.py) ----
     p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (extract.py)")
     p.add_argument("--denoise-steps", type=int, default=5, help="denoising steps after the inversion (extract.py)")
     p.add_argument("--capture-steps", default="denoise", choices=("denoise", "inversion", "all"),
                    help="steps whose cross-attention is averaged (extract.py)")
+    p.add_argument("--dit-map", default="joint", choices=("joint", "output"),
+                   help="toy-sd3's map: its joint attention or the output space (extract.py)")
     # ---- fine-tuning (train.py): the same for AR and Lavender ----
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (each runs AR and Lavender)")
     p.add_argument("--worlds", type=int, nargs="+", default=[0, 1, 2], help="protocol: the world seeds")
@@ -578,17 +574,19 @@ def main(argv=None):
         print(f"world: {', '.join(f'{k}={v}' for k, v in paths.items())}")
     elif args.command == "train-sd" and args.dm != "toy-sd":
         out, steps = args.out or TOY_MODELS / args.dm, args.base_steps or 1500
-        toy_teachers.train(args.dm, out, args.world, args.seed, steps, args.sd_lr, args.init_from)
+        toy_teachers.train(args.dm, out, args.world, args.seed, steps, args.sd_lr, args.init_from,
+                           localise=args.localise)
     elif args.command == "train-sd":
         base_models.train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.base_steps or 1500,
-                 lr=args.sd_lr, save_every=args.save_every, init_from=args.init_from)
+                 lr=args.sd_lr, save_every=args.save_every, init_from=args.init_from,
+                 localise=args.localise)
     elif args.command == "train-vlm":
         base_models.train_vlm(args.out or TOY_MODELS / "toy-vlm", args.world, seed=args.seed, steps=args.base_steps or 1000)
     elif args.command == "measure-sd":
         out = args.out or ROOT / "toy_out" / "measure-sd"
         result = base_models.measure_sd(args.dm_path, args.world, out, seed=args.seed, name=args.dm,
                             inversion_steps=args.inversion_steps, denoise_steps=args.denoise_steps,
-                            capture_steps=args.capture_steps)
+                            capture_steps=args.capture_steps, dit_map=args.dit_map)
         print(f"{args.dm} pointing: {json.dumps(result)}")
     elif args.command == "protocol":
         return protocol(args)

@@ -1,8 +1,13 @@
-"""Toy counterparts of the other teachers: an SDXL-style UNet and an SD3-style multimodal DiT,
+"""Toy counterparts of the other teachers: SD 2.x- and SDXL-style UNets and an SD3-style DiT,
 trained on the miniature world by toy-sd's recipe, so that "does another teacher's architecture
 give better targets?" can be asked on a CPU (teachers.py and mmdit.py hold the real presets).
 
 Each stand-in keeps what makes its family differ from SD v1.4 and shrinks the rest:
+  - toy-sd21 (SD 2.x, teachers.py): toy-sd's UNet and attention places (32x32, 16x16) with SD 2's
+    block features (linear projections, upcast attention, head counts growing with depth at one
+    head width: 1, 2, 4 heads of 16 channels, as SD 2's 5, 10, 20 of 64), a gelu text encoder
+    (OpenCLIP's activation) whose tokenizer pads with "!", and v-prediction: the UNet regresses
+    v = alpha_t noise - sigma_t x_0, not the noise.
   - toy-sdxl (SDXL, teachers.py): two CLIP text encoders of different widths whose penultimate
     states are concatenated into the context (32 + 48 = 80 channels), "text_time" added
     conditioning (encoder 2's pooled projection and the 6 size ids), linear projections in the
@@ -41,7 +46,12 @@ import world
 
 TEXT_POSITIONS = models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"]
 TINY_SDXL = teachers.TINY_SIZES["tiny-sdxl"]
+TOY_SD = models.SD_SIZES["toy-sd"]
 SIZES = {
+    "toy-sd21": {
+        "text_encoder": dict(TOY_SD["text_encoder"], hidden_act="gelu"),
+        "unet": dict(TOY_SD["unet"], attention_head_dim=(1, 2, 4), use_linear_projection=True,
+                     upcast_attention=True)},
     # tiny-sdxl's layout (teachers.py) on toy-sd's 32x32 latent, with toy-sd's text length and
     # toy-sd's head widths (1, 4, 4; tiny-sdxl's 1, 2, 4)
     "toy-sdxl": {
@@ -65,7 +75,7 @@ SHIFT = 1.0
 
 
 def tokenizer():
-    """The toy teachers' CLIP tokenizer: toy-sd's, and "!" (SDXL's second one pads with it)."""
+    """The toy teachers' CLIP tokenizer: toy-sd's, and "!" (SD 2's pads with it)."""
     return base_models.toy_sd_tokenizer(extra="!")
 
 
@@ -74,7 +84,11 @@ def build(name, vae, seed=0):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     sizes = SIZES[name]
-    if name == "toy-sdxl":
+    if name == "toy-sd21":
+        # SD 2's tokenizer padding and v-prediction schedule (teachers.sd2_style)
+        tok, scheduler = teachers.sd2_style(tokenizer(), models.sd_scheduler())
+        dm = teachers.tiny_parts(sizes, tok, scheduler, seed)
+    elif name == "toy-sdxl":
         # SDXL's parts from these sizes: two encoders, the second padding with "!"
         dm = teachers.tiny_parts(sizes, tokenizer(), models.sd_scheduler(), seed)
     else:
@@ -100,10 +114,11 @@ def conditioning(dm, prompts):
 
 
 def denoising_loss(dm, x0, context, extra, g, schedule=None):
-    """The family's denoising loss at a random noise level: DDPM epsilon MSE for the UNet
-    (`schedule`: the DDPMScheduler of its noise levels); for the DiT, flow matching, x_s = (1 - s)
-    x_0 + s noise, the velocity noise - x_0 regressed, s logit-normal (SD3's training default),
-    timestep s * 1000 as its pipeline passes it."""
+    """The family's denoising loss at a random noise level: for the UNet, the MSE of its
+    prediction of epsilon, or of v = alpha_t noise - sigma_t x_0 where its schedule predicts v
+    (`schedule`: the DDPMScheduler of its noise levels and prediction type); for the DiT, flow
+    matching, x_s = (1 - s) x_0 + s noise, the velocity noise - x_0 regressed, s logit-normal
+    (SD3's training default), timestep s * 1000 as its pipeline passes it."""
     noise = torch.randn(x0.shape, generator=g)
     if "transformer" in dm:
         sigma = torch.sigmoid(torch.randn(len(x0), generator=g))            # (B,)
@@ -115,6 +130,8 @@ def denoising_loss(dm, x0, context, extra, g, schedule=None):
     t = torch.randint(0, schedule.config.num_train_timesteps, (len(x0),), generator=g)
     noisy = schedule.add_noise(x0, noise, t)
     predicted = dm["unet"](noisy, t, encoder_hidden_states=context, **extra).sample
+    if schedule.config.prediction_type == "v_prediction":
+        return F.mse_loss(predicted, schedule.get_velocity(x0, noise, t))
     return F.mse_loss(predicted, noise)
 
 
@@ -135,10 +152,11 @@ def store_grid(dm, latents):
     return tuple(latents.shape[-2:])
 
 
-def fit(dm, latents, scenes, steps, batch, lr, seed):
+def fit(dm, latents, scenes, steps, batch, lr, seed, localise=base_models.LOCALISE):
     """The denoiser and the text encoders trained together on prompts about the scenes
-    (base_models.sd_prompt): the denoising loss plus LOCALISE x the localisation loss on the
-    colour words' maps, each map resized to the 32x32 masks. Returns (losses, denoising losses)."""
+    (base_models.sd_prompt): the denoising loss plus `localise` x the localisation loss on the
+    colour words' maps, each map resized to the 32x32 masks (0: the denoising loss alone).
+    Returns (losses, denoising losses)."""
     encoders = [dm[p] for p in ("text_encoder", "text_encoder_2") if p in dm]
     denoiser = dm.get("transformer", dm.get("unet"))
     params = [p for m in [denoiser, *encoders] for p in m.parameters() if p.requires_grad]
@@ -164,16 +182,17 @@ def fit(dm, latents, scenes, steps, batch, lr, seed):
         maps = store["sum"] / store["count"]                           # (B, T, h, w)
         maps = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear")  # (B, T, 32, 32)
         local = base_models.localisation_loss(maps, ids, masks[idx], colour_ids)
-        return denoise + base_models.LOCALISE * local
+        return denoise + localise * local
 
     log = base_models.fit_base(params, loss_of_step, steps, lr, f"{dm['name']} denoiser")
     return log, denoise_log
 
 
 def train(name, out_dir, world_dir, seed=0, steps=1500, lr=1e-3, init_from=None, batch=16,
-          vae_path=models.ROOT / "toy_models" / "toy-sd"):
-    """Train toy-sdxl or toy-sd3 from scratch on the pretrain split's scenes with toy-sd's frozen
-    VAE from vae_path; save it under out_dir with training.json (init_from: refused)."""
+          vae_path=models.ROOT / "toy_models" / "toy-sd", localise=base_models.LOCALISE):
+    """Train a toy teacher (SIZES) from scratch on the pretrain split's scenes with toy-sd's frozen
+    VAE from vae_path; save it under out_dir with training.json (init_from: refused; localise:
+    the localisation loss's weight, 0 for a teacher taught by denoising alone)."""
     if init_from:
         raise SystemExit(f"--init-from {init_from}: only toy-sd continues a training; {name} "
                          f"trains from scratch")
@@ -187,12 +206,12 @@ def train(name, out_dir, world_dir, seed=0, steps=1500, lr=1e-3, init_from=None,
     latents = latents * vae.config.scaling_factor                       # (N, 4, 32, 32)
     dm = dict(build(name, vae, seed), name=name)
     objects = [s["objects"] for s in scenes]
-    log, denoise_log = fit(dm, latents, objects, steps, batch, lr, seed)
+    log, denoise_log = fit(dm, latents, objects, steps, batch, lr, seed, localise)
     models.save_dm(dm, out_dir)
     denoiser = dm.get("transformer", dm.get("unet"))
     summary = {"name": name, "seed": seed, "steps": steps, "batch": batch, "lr": lr,
                "vae_from": Path(vae_path).name, "vae_l1": round(vae_l1, 4),
-               "localise": base_models.LOCALISE,
+               "localise": localise,
                "final_loss": round(float(np.mean(log[-100:])), 4),
                "final_denoise_mse": round(float(np.mean(denoise_log[-100:])), 4),
                "minutes": round((time.time() - t0) / 60, 1),

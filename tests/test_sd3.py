@@ -74,6 +74,56 @@ def test_captured_probabilities_are_the_joint_softmax_by_hand(dm):
     assert torch.allclose(store["sum"], ref.transpose(1, 2).reshape(B, 77, 8, 8), atol=1e-6)
 
 
+def test_output_space_map_is_the_softmax_of_output_similarities_by_hand(dm):
+    """--dit-map output on the first block, its inputs read by a forward hook: the capture's output
+    is the module's; its map is softmax over the 77 text columns of O_img O_txt^T, O = P V the
+    joint attention's output before its projections (heads side by side), each row summing to 1."""
+    attn = dm["transformer"].transformer_blocks[0].attn
+    seen = {}
+    hook = attn.register_forward_hook(lambda m, args, kwargs, out: seen.update(
+        x=kwargs["hidden_states"], ctx=kwargs["encoder_hidden_states"], out=out), with_kwargs=True)
+    x, s, context, pooled = inputs(dm)
+    with torch.no_grad():
+        mmdit.velocity(dm, x, s, context, pooled)
+        hook.remove()
+        (B, N, _), H = seen["x"].shape, attn.heads
+        store = extract.new_store((8, 8), columns=77)
+        out = mmdit.JointCapture(store, "output")(attn, seen["x"], seen["ctx"])
+
+        def heads(t):
+            return t.view(B, -1, H, t.shape[-1] // H).transpose(1, 2)        # (B, H, L, d)
+        q, k, v = (torch.cat([heads(own(seen["x"])), heads(added(seen["ctx"]))], 2)
+                   for own, added in ((attn.to_q, attn.add_q_proj), (attn.to_k, attn.add_k_proj),
+                                      (attn.to_v, attn.add_v_proj)))
+        P = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)          # (B, H, N+T, N+T)
+        O = (P @ v).transpose(1, 2).reshape(B, N + context.shape[1], -1)        # (B, N+T, H d)
+        ref = (O[:, :N] @ O[:, N:N + 77].transpose(1, 2)).softmax(-1)           # (B, N, 77)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out, seen["out"]))
+    maps = store["sum"]                                                          # (B, 77, 8, 8)
+    assert torch.allclose(maps, ref.transpose(1, 2).reshape(B, 77, 8, 8), atol=1e-5)
+    assert torch.allclose(maps.sum(1), torch.ones(B, 8, 8), atol=1e-5)
+
+
+def test_output_space_map_is_written_into_the_store_and_refused_for_a_unet(dm, tmp_path):
+    """--dit-map output: the store says so (the joint map, the default, adds no key); a UNet
+    teacher refuses it before any work, and an unknown kind is refused by name."""
+    path = write_dataset(tmp_path, n=1, with_attn=False)
+    items = data.read_items(path)
+    extract.extract(items, dm, tmp_path / "out", dit_map="output", progress=False, **FAST)
+    extract.extract(items, dm, tmp_path / "joint", progress=False, **FAST)
+    meta = {name: data.load_maps(data.maps_path(tmp_path / name, items[0]["id"]))[2]
+            for name in ("out", "joint")}
+    assert meta["out"]["dit_map"] == "output" and "dit_map" not in meta["joint"]
+    with pytest.raises(ValueError, match="--dit-map output with --dm tiny-sd"):
+        extract.extract(items, models.load_dm("tiny-sd"), tmp_path / "unet", dit_map="output",
+                        progress=False, **FAST)
+    command = ["--dm", "tiny-sd", "--dit-map", "output", "--data", str(path), "--out", "x"]
+    with pytest.raises(SystemExit, match="only SD3's joint attention"):
+        extract.main(command)
+    with pytest.raises(ValueError, match="--dit-map 'outputs'"):
+        mmdit.JointCapture(extract.new_store((8, 8), 77), "outputs")
+
+
 def test_image_rows_over_text_columns_are_shares_of_all_keys(dm):
     """Each pixel's text share is in (0, 1): the softmax also spans the image keys. The mean map
     has the (H/patch) x (W/patch) token grid."""

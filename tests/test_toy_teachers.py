@@ -1,4 +1,4 @@
-"""Tests of toy_teachers.py: the SDXL-style and SD3-style toy teachers train on the miniature
+"""Tests of toy_teachers.py: the SD 2-, SDXL- and SD3-style toy teachers train on the miniature
 world, save in their families' layouts, load through models.load_dm and write the one store.
 
 CPU only, nothing downloaded; toy-sd's shipped VAE is read as it is.
@@ -16,7 +16,7 @@ import toy_teachers
 import world
 from conftest import extract_and_check_store
 
-NAMES = ("toy-sdxl", "toy-sd3")
+NAMES = ("toy-sd21", "toy-sdxl", "toy-sd3")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -35,7 +35,8 @@ def test_toy_teacher_trains_saves_loads_and_writes_the_store(name, small_world, 
     layers = models.PRESETS[name]["layers"]
     settings = extract_and_check_store(dm, items, tmp_path / "attn", inversion_steps=2,
                                        denoise_steps=2, layers=layers)
-    assert [meta["layers"] for meta in settings] == ["2" if layers else "all"] * 2
+    expected = ",".join(map(str, sorted(layers))) if layers else "all"
+    assert [meta["layers"] for meta in settings] == [expected] * 2
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -65,20 +66,47 @@ def test_the_localisation_loss_reaches_every_text_encoder_and_the_attention(name
         n.startswith(prefix) and key in n and g is not None and g.abs().sum() > 0
         for n, g in grads.items())
     assert reached("text_encoder.", "") and (name != "toy-sdxl" or reached("text_encoder_2.", ""))
-    keys = "attn2.to_k" if name == "toy-sdxl" else "attn.to_k"
-    assert reached("unet" if name == "toy-sdxl" else "transformer", keys)
+    denoiser = "transformer" if "transformer" in dm else "unet"
+    assert reached(denoiser, "attn.to_k" if denoiser == "transformer" else "attn2.to_k")
     # the denoiser's output layer sees no gradient: only the attention maps carry this loss
-    out = "conv_out" if name == "toy-sdxl" else "proj_out"
-    assert not reached("unet" if name == "toy-sdxl" else "transformer", out)
+    assert not reached(denoiser, "proj_out" if denoiser == "transformer" else "conv_out")
 
 
-def test_toy_sd3_has_joint_attention_and_toy_sdxl_none_at_the_outer_level():
-    """The stand-ins keep their families' attention: SD3's joint blocks over 16x16 tokens, SDXL's
-    cross-attention at the inner two levels (16x16 and 8x8 of the 32x32 latent) only."""
+def test_toy_sd21_regresses_v_and_the_others_their_own_targets():
+    """A stand-in denoiser that returns the true v = alpha_t noise - sigma_t x_0 (read back from
+    the noisy latent it is given, x_t = alpha_t x_0 + sigma_t noise) has zero loss under toy-sd21's
+    v-prediction schedule, and a loss under an epsilon schedule, where the true noise is the
+    target: the loss regresses what the schedule's prediction_type names."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+    x0 = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    schedule_v = DDPMScheduler.from_config(toy_teachers.build("toy-sd21", None)["scheduler"].config)
+    assert schedule_v.config.prediction_type == "v_prediction"
+    a_bar = schedule_v.alphas_cumprod
+
+    def true_v(noisy, t, **kwargs):
+        alpha, sigma = (a_bar[t] ** 0.5)[:, None, None, None], ((1 - a_bar[t]) ** 0.5)[:, None, None, None]
+        noise = (noisy - alpha * x0) / sigma
+        return SimpleNamespace(sample=alpha * noise - sigma * x0)
+    dm = {"unet": true_v}
+    loss = lambda schedule: toy_teachers.denoising_loss(  # noqa: E731
+        dm, x0, None, {}, torch.Generator().manual_seed(0), schedule)
+    schedule_eps = DDPMScheduler.from_config(schedule_v.config, prediction_type="epsilon")
+    assert loss(schedule_v) < 1e-8 and loss(schedule_eps) > 0.1
+
+
+def test_toy_teachers_keep_their_families_features():
+    """The stand-ins keep their families' attention: SD3's joint blocks over 16x16 tokens, SD 2's
+    linear, upcast blocks and "!"-padding gelu text encoder, SDXL's cross-attention at the inner
+    two levels (16x16 and 8x8 of the 32x32 latent) only."""
     sd3 = toy_teachers.build("toy-sd3", None)["transformer"]
     assert sd3.config.sample_size // sd3.config.patch_size == 16
     assert all(type(b.attn).__name__ == "Attention" and b.attn.added_kv_proj_dim
                for b in sd3.transformer_blocks)
+    sd21 = toy_teachers.build("toy-sd21", None)
+    assert sd21["tokenizer"].pad_token == "!" and sd21["text_encoder"].config.hidden_act == "gelu"
+    assert sd21["unet"].config.use_linear_projection and sd21["unet"].config.upcast_attention
     unet = toy_teachers.build("toy-sdxl", None)["unet"]
     attn = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
     assert not any(name.startswith(("down_blocks.0", "up_blocks.2")) for name in attn)
