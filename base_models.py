@@ -139,10 +139,11 @@ def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_step
     """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir.
 
     Prompts in the forms extraction conditions on (sd_prompt), the denoising MSE plus `localise`
-    (default LOCALISE) x the localisation loss (fit_unet; the module docstring says why). init_from: a toy-sd folder to
-    continue from (its unet/, vae/, text_encoder/). Its VAE is kept frozen with its scaling factor,
-    as the original schedule freezes the VAE after its own phase, so no VAE step runs; the UNet and
-    text encoder get a fresh AdamW and warm-up + cosine over `steps`."""
+    (default LOCALISE) x the localisation loss (fit_unet; the module docstring says why).
+    init_from: a toy-sd folder to continue from (its unet/, vae/, text_encoder/). Its VAE is kept
+    frozen with its scaling factor, as the original schedule freezes the VAE after its own phase,
+    so no VAE step runs; the UNet and text encoder get a fresh AdamW and warm-up + cosine over
+    `steps`."""
     localise = LOCALISE if localise is None else localise
     torch.manual_seed(seed)
     paths = world.build_world(world_dir, seed)

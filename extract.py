@@ -194,7 +194,7 @@ def invert_and_denoise(unet, latents, context, inverse, forward, store=None, cap
                 break  # nothing more to capture: the denoising would change no map
             store["on"] = capture_steps in ("all", phase)
         for t in scheduler.timesteps:
-            # ε, or v for sd21: the schedulers read it by their config's prediction_type
+            # ε, or v (sd21, toy-sd21): the schedulers read it by their config's prediction_type
             eps = unet(latents.to(dtype), t, encoder_hidden_states=context,
                        added_cond_kwargs=added).sample
             latents = scheduler.step(eps.float(), t, latents).prev_sample    # fp32 latent path

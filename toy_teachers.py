@@ -3,11 +3,11 @@ trained on the miniature world by toy-sd's recipe, so that "does another teacher
 give better targets?" can be asked on a CPU (teachers.py and mmdit.py hold the real presets).
 
 Each stand-in keeps what makes its family differ from SD v1.4 and shrinks the rest:
-  - toy-sd21 (SD 2.x, teachers.py): toy-sd's UNet and attention places (32x32, 16x16) with SD 2's
-    block features (linear projections, upcast attention, head counts growing with depth at one
-    head width: 1, 2, 4 heads of 16 channels, as SD 2's 5, 10, 20 of 64), a gelu text encoder
-    (OpenCLIP's activation) whose tokenizer pads with "!", and v-prediction: the UNet regresses
-    v = alpha_t noise - sigma_t x_0, not the noise.
+  - toy-sd21 (SD 2.x, teachers.py): toy-sd's UNet and attention places (32x32, 16x16, 8x8)
+    with SD 2's block features (linear projections, upcast attention, head counts growing with
+    depth at one head width: 1, 2, 4 heads of 16 channels, as SD 2's 5, 10, 20 of 64), a gelu
+    text encoder (OpenCLIP's activation) whose tokenizer pads with "!", and v-prediction: the
+    UNet regresses v = alpha_t noise - sigma_t x_0, not the noise.
   - toy-sdxl (SDXL, teachers.py): two CLIP text encoders of different widths whose penultimate
     states are concatenated into the context (32 + 48 = 80 channels), "text_time" added
     conditioning (encoder 2's pooled projection and the 6 size ids), linear projections in the
@@ -25,6 +25,7 @@ where their colour words are by the same localisation loss beside their denoisin
 (base_models.localisation_loss, weight base_models.LOCALISE, on every text-to-image attention
 layer), since no CPU can give them what their real counterparts learned from captions.
 
+    python toy.py train-sd --dm toy-sd21 --seed 0     # -> toy_models/toy-sd21
     python toy.py train-sd --dm toy-sdxl --seed 0     # -> toy_models/toy-sdxl
     python toy.py train-sd --dm toy-sd3 --seed 0      # -> toy_models/toy-sd3
     python toy.py measure-sd --dm toy-sdxl            # pointing on held-out images
@@ -75,7 +76,8 @@ SHIFT = 1.0
 
 
 def tokenizer():
-    """The toy teachers' CLIP tokenizer: toy-sd's, and "!" (SD 2's pads with it)."""
+    """The toy teachers' CLIP tokenizer: toy-sd's, and "!" (SD 2's and SDXL's second pad with
+    it)."""
     return base_models.toy_sd_tokenizer(extra="!")
 
 

@@ -81,12 +81,14 @@ def test_toy_sd21_regresses_v_and_the_others_their_own_targets():
 
     from diffusers import DDPMScheduler
     x0 = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(1))
-    schedule_v = DDPMScheduler.from_config(toy_teachers.build("toy-sd21", None)["scheduler"].config)
+    config = toy_teachers.build("toy-sd21", None)["scheduler"].config
+    schedule_v = DDPMScheduler.from_config(config)
     assert schedule_v.config.prediction_type == "v_prediction"
     a_bar = schedule_v.alphas_cumprod
 
     def true_v(noisy, t, **kwargs):
-        alpha, sigma = (a_bar[t] ** 0.5)[:, None, None, None], ((1 - a_bar[t]) ** 0.5)[:, None, None, None]
+        alpha = a_bar[t].sqrt()[:, None, None, None]                   # (B, 1, 1, 1)
+        sigma = (1 - a_bar[t]).sqrt()[:, None, None, None]
         noise = (noisy - alpha * x0) / sigma
         return SimpleNamespace(sample=alpha * noise - sigma * x0)
     dm = {"unet": true_v}
