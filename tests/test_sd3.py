@@ -47,10 +47,10 @@ def test_capture_leaves_transformer_output_unchanged(dm):
     assert store["count"] == len(tr.transformer_blocks) == 2
 
 
-def test_captured_probabilities_are_the_joint_softmax_by_hand(dm):
-    """eq. 13 on the first block, its inputs read by a forward hook in a plain run: the capture's
-    output is the module's, its map the image rows of softmax(QK^T / sqrt(d)) over all N + T keys
-    at the text columns, averaged over heads."""
+def first_block_by_hand(dm, kind):
+    """The first joint block's run by JointCapture of `kind` on the inputs a forward hook read in
+    a plain run, beside the same attention by hand. Returns (capture's output, the module's
+    output, store, P (B, H, N+T, N+T) the joint softmax, O (B, N+T, H d) = P V, N)."""
     attn = dm["transformer"].transformer_blocks[0].attn
     seen = {}
     hook = attn.register_forward_hook(lambda m, args, kwargs, out: seen.update(
@@ -61,44 +61,38 @@ def test_captured_probabilities_are_the_joint_softmax_by_hand(dm):
         hook.remove()
         (B, N, _), H = seen["x"].shape, attn.heads
         store = extract.new_store((8, 8), columns=77)
-        out = mmdit.JointCapture(store)(attn, seen["x"], seen["ctx"])
+        out = mmdit.JointCapture(store, kind)(attn, seen["x"], seen["ctx"])
 
         def heads(t):
             return t.view(B, -1, H, t.shape[-1] // H).transpose(1, 2)        # (B, H, L, d)
-        q = torch.cat([heads(attn.to_q(seen["x"])), heads(attn.add_q_proj(seen["ctx"]))], 2)
-        k = torch.cat([heads(attn.to_k(seen["x"])), heads(attn.add_k_proj(seen["ctx"]))], 2)
+        projections = ((attn.to_q, attn.add_q_proj), (attn.to_k, attn.add_k_proj),
+                       (attn.to_v, attn.add_v_proj))
+        q, k, v = (torch.cat([heads(own(seen["x"])), heads(added(seen["ctx"]))], 2)
+                   for own, added in projections)
         P = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)          # (B, H, N+T, N+T)
-        ref = P[:, :, :N, N:].mean(1)                                            # (B, N, 77)
+        O = (P @ v).transpose(1, 2).reshape(B, N + context.shape[1], -1)        # (B, N+T, H d)
     assert attn.norm_q is None  # tiny-sd3, as SD3 medium: no qk norm, so q and k are as above
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out, seen["out"]))
+    return out, seen["out"], store, P, O, N
+
+
+def test_captured_probabilities_are_the_joint_softmax_by_hand(dm):
+    """eq. 13 on the first block: the capture's output is the module's, its map the image rows
+    of softmax(QK^T / sqrt(d)) over all N + T keys at the text columns, averaged over heads."""
+    out, module_out, store, P, _, N = first_block_by_hand(dm, "joint")
+    ref = P[:, :, :N, N:].mean(1)                                                # (B, N, 77)
+    B = len(ref)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out, module_out))
     assert torch.allclose(store["sum"], ref.transpose(1, 2).reshape(B, 77, 8, 8), atol=1e-6)
 
 
 def test_output_space_map_is_the_softmax_of_output_similarities_by_hand(dm):
-    """--dit-map output on the first block, its inputs read by a forward hook: the capture's output
-    is the module's; its map is softmax over the 77 text columns of O_img O_txt^T, O = P V the
-    joint attention's output before its projections (heads side by side), each row summing to 1."""
-    attn = dm["transformer"].transformer_blocks[0].attn
-    seen = {}
-    hook = attn.register_forward_hook(lambda m, args, kwargs, out: seen.update(
-        x=kwargs["hidden_states"], ctx=kwargs["encoder_hidden_states"], out=out), with_kwargs=True)
-    x, s, context, pooled = inputs(dm)
-    with torch.no_grad():
-        mmdit.velocity(dm, x, s, context, pooled)
-        hook.remove()
-        (B, N, _), H = seen["x"].shape, attn.heads
-        store = extract.new_store((8, 8), columns=77)
-        out = mmdit.JointCapture(store, "output")(attn, seen["x"], seen["ctx"])
-
-        def heads(t):
-            return t.view(B, -1, H, t.shape[-1] // H).transpose(1, 2)        # (B, H, L, d)
-        q, k, v = (torch.cat([heads(own(seen["x"])), heads(added(seen["ctx"]))], 2)
-                   for own, added in ((attn.to_q, attn.add_q_proj), (attn.to_k, attn.add_k_proj),
-                                      (attn.to_v, attn.add_v_proj)))
-        P = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)          # (B, H, N+T, N+T)
-        O = (P @ v).transpose(1, 2).reshape(B, N + context.shape[1], -1)        # (B, N+T, H d)
-        ref = (O[:, :N] @ O[:, N:N + 77].transpose(1, 2)).softmax(-1)           # (B, N, 77)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out, seen["out"]))
+    """--dit-map output on the first block: the capture's output is the module's; its map is
+    softmax over the 77 text columns of O_img O_txt^T, O = P V the joint attention's output
+    before its projections (heads side by side), each row summing to 1."""
+    out, module_out, store, _, O, N = first_block_by_hand(dm, "output")
+    ref = (O[:, :N] @ O[:, N:N + 77].transpose(1, 2)).softmax(-1)               # (B, N, 77)
+    B = len(ref)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out, module_out))
     maps = store["sum"]                                                          # (B, 77, 8, 8)
     assert torch.allclose(maps, ref.transpose(1, 2).reshape(B, 77, 8, 8), atol=1e-5)
     assert torch.allclose(maps.sum(1), torch.ones(B, 8, 8), atol=1e-5)
