@@ -337,17 +337,15 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=None, capture_s
     layers: None (all attn2 layers) or a set of downsampling factors of the latent grid
     (sd14 at 512 px: 1 = 64², 2 = 32², 4 = 16², 8 = 8²). capture_steps: "all", "inversion", "denoise".
     inversion ("ddim", "null-text"), guidance, null_text_iters, denoise_steps None: inversion_settings.
-    dit_map: SD3's map (mmdit.DIT_MAPS); "output" is written into the store's metadata.
-    Returns dict(done, skipped, failed, seconds, rank, world_size).
-    """
+    dit_map: SD3's map (mmdit.DIT_MAPS), in the metadata unless "joint". Returns dict(done,
+    skipped, failed, seconds, rank, world_size)."""
     t0, out_dir = time.time(), Path(out_dir)
     denoise_steps, guidance, null_text_iters, inversion_meta = inversion_settings(
         inversion, inversion_steps, denoise_steps, guidance, null_text_iters)  # before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps, "res": dm["res"],
             "capture_steps": capture_steps, "layers": ",".join(map(str, sorted(layers))) if layers else "all"}
-    meta.update(inversion_meta)  # null-text's settings; ddim adds none
-    meta.update({"dit_map": dit_map} if dit_map != "joint" else {})  # absent: the joint map
+    meta.update(inversion_meta, **({"dit_map": dit_map} if dit_map != "joint" else {}))  # ddim: {}
     check_dm(dm, inversion, inversion_steps, denoise_steps, dit_map)  # fail now, not per batch
     summary = {"done": 0, "skipped": 0, "failed": 0}
     run = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
@@ -373,10 +371,9 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=None, capture_s
                 fail(item["id"], f"corrupt image: {item['image_path']} ({type(e).__name__}: {e})")
         if batch:
             columns = context_columns([positions for _, _, positions in batch])
-            # (B, columns, h, w): the batch's maps over its text columns
             attention = dm_attention(dm, torch.stack(images), [item["answer"] for item, _, _ in batch], columns,
                                      inversion_steps, denoise_steps, capture_steps, layers,
-                                     inversion, guidance, null_text_iters, dit_map)
+                                     inversion, guidance, null_text_iters, dit_map)  # (B, T, h, w)
             for b, (item, words, positions) in enumerate(batch):
                 maps = word_maps(attention[b], word_weights(positions, columns))  # (n_words, 32, 32)
                 save_maps(maps_path(out_dir, item["id"]), maps, words, dict(meta, text=item["answer"]))

@@ -18,12 +18,14 @@ latent. This is the default map (--dit-map joint).
 al. 2025) does: O = P V, the joint attention's output before its projections (heads side by
 side), split into image rows O_img (N, H d) and text rows O_txt (T, H d), and
 
-    M_out = softmax over the text columns of O_img O_txt^T          (N, T), each row sums to 1
+    M_out = softmax over the CLIP text rows of O_img O_txt^T        (N, T_clip), rows sum to 1
 
-ConceptAttention adds concept tokens of its own beside the prompt's; here the concepts are the
-answer's words, which the prompt holds already, so M_out is its "output space" reading of the
-prompt's tokens. The joint map is the default because the paper's target is an attention
-map like SD's cross-attention; the output map's place on the toy DiT is measured in BENCHMARKS.md.
+ConceptAttention adds concept tokens of its own beside the prompt's and takes the softmax over
+them alone; here the concepts are the answer's words, which the prompt holds already, and the
+softmax spans every CLIP row (start, words, end, padding: the tokenizer's fixed length), so an
+item's map does not depend on its batch; the store keeps its text columns. The joint map is the
+default because the paper's target is an attention map like SD's cross-attention; the output
+map's place on the toy DiT is measured in BENCHMARKS.md.
 
 Sampling: SD3 is a rectified flow, x_sigma = (1 - sigma) x_0 + sigma * noise, its transformer
 predicting the velocity v = noise - x_0 = dx/dsigma. The deterministic inversion is the Euler
@@ -177,10 +179,12 @@ class JointCapture:
     (module docstring) instead, from the same SDPA output.
     """
 
-    def __init__(self, store, kind="joint"):
+    def __init__(self, store, kind="joint", text_length=None):
         if kind not in DIT_MAPS:
             raise ValueError(f"--dit-map {kind!r}: give one of {', '.join(DIT_MAPS)}")
-        self.store, self.kind = store, kind
+        # the output map's softmax spans the CLIP text rows (text_length, padded: the same for
+        # every item), so an item's map does not depend on the longest text of its batch
+        self.store, self.kind, self.text_length = store, kind, text_length
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  *args, **kwargs):
@@ -204,9 +208,9 @@ class JointCapture:
             scores = (q[:, :, :N].float() * scale) @ k.float().transpose(-1, -2)  # (B, H, N, N+T)
             self.accumulate(scores.softmax(dim=-1)[..., N:])            # (B, H, N, T) eq. 13
         if self.store["on"] and self.kind == "output":
-            text = out[:, N:N + self.store["columns"]].float()          # (B, columns, H d)
-            similarity = out[:, :N].float() @ text.transpose(-1, -2)     # (B, N, columns)
-            self.accumulate(similarity.softmax(dim=-1)[:, None])         # (B, 1, N, columns)
+            text = out[:, N:N + self.text_length].float()               # (B, T_clip, H d)
+            similarity = out[:, :N].float() @ text.transpose(-1, -2)     # (B, N, T_clip)
+            self.accumulate(similarity.softmax(dim=-1)[:, None])         # (B, 1, N, T_clip)
         img, txt = out[:, :N], out[:, N:]
         if not attn.context_pre_only:
             txt = attn.to_add_out(txt)
@@ -224,11 +228,12 @@ class JointCapture:
         store["count"] += 1
 
 
-def capturing(transformer, store, kind="joint"):
-    """extract.capturing for the joint ("attn") modules: JointCapture (of map `kind`) for the
-    block, then the original processors; SD3.5's image-only attn2 modules (dual attention) keep
-    theirs."""
-    return extract.capturing(transformer, store, JointCapture(store, kind), ".attn.processor")
+def capturing(transformer, store, kind="joint", text_length=None):
+    """extract.capturing for the joint ("attn") modules: JointCapture (of map `kind`, over
+    text_length CLIP rows) for the block, then the original processors; SD3.5's image-only attn2
+    modules (dual attention) keep theirs."""
+    capture = JointCapture(store, kind, text_length)
+    return extract.capturing(transformer, store, capture, ".attn.processor")
 
 
 # ---- flow inversion, then denoising (Euler both ways) ----
@@ -282,7 +287,8 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     context, pooled = encode_text(dm, texts)
     p = dm["transformer"].config.patch_size
     store = extract.new_store((latents.shape[-2] // p, latents.shape[-1] // p), columns)
-    with capturing(dm["transformer"], store, kind):
+    clip_length = context.shape[1] - (T5_LENGTH if "text_encoder_3" in dm else 0)
+    with capturing(dm["transformer"], store, kind, clip_length):
         invert_and_denoise(dm, latents, context, pooled, inversion_steps, denoise_steps, store,
                            capture_steps)
     return store["sum"] / store["count"]                                # (B, columns, h, w)

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent
 # 32², 16², 8²): its 16x16 layers (factor 4), the maps Prompt-to-Prompt aggregates (Hertz et al.
 # 2022, which eq. 13-14 cite) and the first author's MCPL code with it; DAAM also drops 8x8.
 # toy-sd (attn2 at 32², 16², 8²): its 32x32 layers, the sharpest maps, both above 0.9 pointing
-# (test-id answers, 150 items: 0.92, entropy 5.03; all layers 0.94, 5.39); toy-sd21 the same.
+# (test-id answers, 150 items: 0.92, entropy 5.03; all layers 0.94, 5.39); toy-sd21 its 32x32 too.
 # sd21, sdxl: factor 4 (24x24 at 768 px, 32x32 at 1024 px): teachers.py says why. toy-sdxl (attn2
 # at 16², 8²): its 16x16, DAAM's rule (all but the coarsest): pointing 0.84, 8x8 0.42, both 0.82.
 # text_encoders (DMs): 2 for SDXL's layout (text_encoder_2/, tokenizer_2/ too), else 1.

@@ -173,8 +173,8 @@ def prepare_world(args, world_seed, world_dir, out, stage, controls=False):
     # extract.py resumes from complete map files, so the cache is keyed on the DM's weights, the
     # extraction settings (steps, layers) and the world (seed, splits): no stale map is ever reused
     layers = models.PRESETS[args.dm]["layers"]
-    settings = [args.dm, args.inversion_steps, args.denoise_steps, args.capture_steps, layers,
-                args.dit_map]
+    settings = [args.dm, args.inversion_steps, args.denoise_steps, args.capture_steps, layers]
+    settings += [args.dit_map] if args.dit_map != "joint" else []  # the joint map's keys as before
     files = sorted(p for p in Path(args.dm_path).glob("*/*") if p.is_file())  # weights and configs
     weights = b"".join(str(p.relative_to(args.dm_path)).encode() + p.read_bytes() for p in files)
     stamp = (Path(world_dir) / "world.json").read_bytes() + str(settings).encode()

@@ -61,7 +61,7 @@ def first_block_by_hand(dm, kind):
         hook.remove()
         (B, N, _), H = seen["x"].shape, attn.heads
         store = extract.new_store((8, 8), columns=77)
-        out = mmdit.JointCapture(store, kind)(attn, seen["x"], seen["ctx"])
+        out = mmdit.JointCapture(store, kind, text_length=77)(attn, seen["x"], seen["ctx"])
 
         def heads(t):
             return t.view(B, -1, H, t.shape[-1] // H).transpose(1, 2)        # (B, H, L, d)
@@ -96,6 +96,15 @@ def test_output_space_map_is_the_softmax_of_output_similarities_by_hand(dm):
     maps = store["sum"]                                                          # (B, 77, 8, 8)
     assert torch.allclose(maps, ref.transpose(1, 2).reshape(B, 77, 8, 8), atol=1e-5)
     assert torch.allclose(maps.sum(1), torch.ones(B, 8, 8), atol=1e-5)
+
+
+def test_output_space_map_does_not_depend_on_the_batchs_longest_text(dm):
+    """The same image and answer give the same output-space map of their first columns whether
+    the batch keeps 4 text columns or 12 (the softmax spans the fixed CLIP rows)."""
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    short, wide = (extract.dm_attention(dm, images, TEXTS[:1], columns, dit_map="output", **FAST)
+                   for columns in (4, 12))
+    assert torch.allclose(short, wide[:, :4], atol=1e-6)
 
 
 def test_output_space_map_is_written_into_the_store_and_refused_for_a_unet(dm, tmp_path):
