@@ -39,6 +39,7 @@ from data import (ID_PATTERN, is_complete, library_bars, load_image, load_maps, 
 from models import DM_PRESETS, PRESETS, load_dm, resolve_dtype, scheduler_config
 
 INVERSIONS = ("ddim", "null-text")  # --inversion: guidance 1 both ways; Mokady et al. (nulltext.py)
+DIT_MAPS = ("joint", "output")  # --dit-map (SD3, mmdit.py): joint attention, or its output space
 
 # ---- words: data.split_words (the rule of both sides) located among CLIP's tokens ----
 
@@ -286,14 +287,20 @@ def inversion_settings(inversion, inversion_steps, denoise_steps=None, guidance=
     return inversion_steps, guidance, iters, meta
 
 
+def check_dit_map(dit_map, dm_name, is_dit):
+    """ValueError unless dit_map is the joint map or the DM is a DiT: a UNet's cross-attention
+    gives its text no outputs to compare with."""
+    if dit_map != "joint" and not is_dit:
+        raise ValueError(f"--dit-map {dit_map} with --dm {dm_name}: a UNet's cross-attention has "
+                         f"no text outputs to compare with; only SD3's joint attention (mmdit.py) "
+                         f"has them")
+
+
 def check_dm(dm, inversion, inversion_steps, denoise_steps, dit_map="joint"):
     """ValueError before any work: step counts the DM's DDIM grids refuse, --inversion
     null-text with SDXL, whose added conditioning (teachers.encode_text) nulltext.py does not
-    tune, or --dit-map output with a UNet, whose cross-attention gives its text no output."""
-    if dit_map != "joint" and "transformer" not in dm:
-        raise ValueError(f"--dit-map {dit_map} with --dm {dm['name']}: a UNet's cross-attention "
-                         f"has no text outputs to compare with; --dit-map is for SD3's joint "
-                         f"attention (mmdit.py)")
+    tune, or --dit-map output with a UNet (check_dit_map)."""
+    check_dit_map(dit_map, dm["name"], "transformer" in dm)
     if "transformer" in dm and inversion != "ddim":  # SD3 (mmdit.py): its own Euler inversion
         raise ValueError(f"--inversion {inversion} with --dm {dm['name']}: SD3 inverts its flow "
                          f"by Euler steps (mmdit.py); use --inversion ddim")
@@ -337,7 +344,7 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=None, capture_s
     layers: None (all attn2 layers) or a set of downsampling factors of the latent grid
     (sd14 at 512 px: 1 = 64², 2 = 32², 4 = 16², 8 = 8²). capture_steps: "all", "inversion", "denoise".
     inversion ("ddim", "null-text"), guidance, null_text_iters, denoise_steps None: inversion_settings.
-    dit_map: SD3's map (mmdit.DIT_MAPS), in the metadata unless "joint". Returns dict(done,
+    dit_map: SD3's map (DIT_MAPS), in the metadata unless "joint". Returns dict(done,
     skipped, failed, seconds, rank, world_size)."""
     t0, out_dir = time.time(), Path(out_dir)
     denoise_steps, guidance, null_text_iters, inversion_meta = inversion_settings(
@@ -519,7 +526,7 @@ def build_parser():
                    f"scale w (> 1) the null text is tuned for (default {nulltext.GUIDANCE})")
     p.add_argument("--null-text-iters", type=int, default=None, help="null-text only: Adam "
                    f"iterations per denoising step (>= 0; default {nulltext.ITERATIONS})")
-    p.add_argument("--dit-map", default="joint", choices=("joint", "output"), help="SD3 only: "
+    p.add_argument("--dit-map", default="joint", choices=DIT_MAPS, help="SD3 only: "
                    "joint (the image -> text block of its joint attention) or output (the "
                    "attention output space's image-text similarity, ConceptAttention's; mmdit.py)")
     p.add_argument("--capture-steps", default="denoise", choices=["denoise", "inversion", "all"],
@@ -561,14 +568,12 @@ def main(argv=None):
         n_items, found, total = import_jpeg(items, args.import_jpeg, args.out)
         return print(f"imported {n_items} of {len(items)} items into {args.out}: {found} of their {total} answer "
                      f"words have a map in {args.import_jpeg}")
-    try:  # a bad inversion flag stops the run before the DM loads
+    try:  # a bad inversion or map flag stops the run before the DM loads
         inversion_settings(args.inversion, args.inversion_steps, args.denoise_steps, args.guidance,
                            args.null_text_iters)
+        check_dit_map(args.dit_map, args.dm, PRESETS[args.dm].get("family") == "mmdit")
     except ValueError as e:
         raise SystemExit(str(e))
-    if args.dit_map != "joint" and PRESETS[args.dm].get("family") != "mmdit":
-        raise SystemExit(f"--dit-map {args.dit_map} with --dm {args.dm}: only SD3's joint "
-                         f"attention (mmdit.py) has text outputs to compare with; leave it out")
     # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1. No process group:
     # ranks share nothing but the output folder.
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

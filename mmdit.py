@@ -72,7 +72,6 @@ TINY_SD3 = {
                         joint_attention_dim=32, caption_projection_dim=16,
                         pooled_projection_dim=32, pos_embed_max_size=16),
 }
-DIT_MAPS = ("joint", "output")  # --dit-map: the joint attention's image -> text block, or M_out
 SHIFT = 3.0  # SD3 medium's scheduler config: sigmas shifted towards noise
 T5_LENGTH = 256  # T5's text length in StableDiffusion3Pipeline (its max_sequence_length)
 
@@ -180,10 +179,11 @@ class JointCapture:
     """
 
     def __init__(self, store, kind="joint", text_length=None):
-        if kind not in DIT_MAPS:
-            raise ValueError(f"--dit-map {kind!r}: give one of {', '.join(DIT_MAPS)}")
-        # the output map's softmax spans the CLIP text rows (text_length, padded: the same for
-        # every item), so an item's map does not depend on the longest text of its batch
+        if kind not in extract.DIT_MAPS:
+            raise ValueError(f"--dit-map {kind!r}: give one of {', '.join(extract.DIT_MAPS)}")
+        # the output map's softmax spans the first text_length text rows (dm_attention: CLIP's,
+        # padded, the same for every item, so an item's map does not depend on its batch's
+        # longest text; None: every text row)
         self.store, self.kind, self.text_length = store, kind, text_length
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,

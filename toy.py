@@ -531,7 +531,7 @@ def build_parser():
     p.add_argument("--denoise-steps", type=int, default=5, help="denoising steps after the inversion (extract.py)")
     p.add_argument("--capture-steps", default="denoise", choices=("denoise", "inversion", "all"),
                    help="steps whose cross-attention is averaged (extract.py)")
-    p.add_argument("--dit-map", default="joint", choices=("joint", "output"),
+    p.add_argument("--dit-map", default="joint", choices=extract.DIT_MAPS,
                    help="toy-sd3's map: its joint attention or the output space (extract.py)")
     # ---- fine-tuning (train.py): the same for AR and Lavender ----
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (each runs AR and Lavender)")
@@ -567,6 +567,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.dm_path = args.dm_path or models.preset_path(args.dm)
+    extract.check_dit_map(args.dit_map, args.dm, models.PRESETS[args.dm].get("family") == "mmdit")
     data.library_bars(not args.quiet)
     torch.set_num_threads(args.threads)
     if args.command == "build":

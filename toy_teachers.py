@@ -19,11 +19,12 @@ Each stand-in keeps what makes its family differ from SD v1.4 and shrinks the re
     projection standing in for SD3's three (its penultimate states the context, its text_embeds
     the pooled vector, as mmdit.encode_text reads them); a rectified flow trained by flow
     matching, the velocity noise - x_0 at sigma drawn logit-normal as in SD3's training.
-Both share toy-sd's VAE (4 latent channels, frozen; SD3's has 16), so what differs between the
-three teachers is the denoiser and its text conditioning, not the latent space. Both are taught
+All three share toy-sd's VAE (4 latent channels, frozen; SD3's has 16), so what differs between
+the four teachers is the denoiser and its text conditioning, not the latent space. All are taught
 where their colour words are by the same localisation loss beside their denoising loss
-(base_models.localisation_loss, weight base_models.LOCALISE, on every text-to-image attention
-layer), since no CPU can give them what their real counterparts learned from captions.
+(base_models.localisation_loss, weight base_models.LOCALISE unless --localise says otherwise, on
+every text-to-image attention layer), since no CPU can give them what their real counterparts
+learned from captions.
 
     python toy.py train-sd --dm toy-sd21 --seed 0     # -> toy_models/toy-sd21
     python toy.py train-sd --dm toy-sdxl --seed 0     # -> toy_models/toy-sdxl
