@@ -66,12 +66,12 @@ from metrics import score_prediction
 # ---------------------------------------------------------------------------------------------
 
 def toy_sd_tokenizer(extra=""):
-    """toy-sd's CLIPTokenizer (models.clip_tokenizer): the world's words one token each, any other
+    """toy-sd's CLIPTokenizer (teachers.clip_tokenizer): the world's words one token each, any other
     word in letters (and the characters of `extra`); texts padded with the end token, like SD
     1.x, to its 24 positions (SD: 77)."""
     alphabet = "abcdefghijklmnopqrstuvwxyz" + "".join(world.PUNCTUATION) + extra
     positions = models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"]
-    return models.clip_tokenizer(world.world_words(), alphabet, max_length=positions)
+    return teachers.clip_tokenizer(world.world_words(), alphabet, max_length=positions)
 
 
 def fit_base(params, loss_of_step, steps, lr, desc, after_step=None):
@@ -256,7 +256,7 @@ def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir, l
         context = text_encoder(ids).last_hidden_state
         # every cross-attention layer (32x32, 16x16, the 8x8 middle block) learns to localise;
         # extraction reads the 32x32 ones (models.PRESETS)
-        store = extract.new_store(latents.shape[-2:], tokenizer.model_max_length, None)
+        store = teachers.new_store(latents.shape[-2:], tokenizer.model_max_length, None)
         with extract.capturing(unet, store):
             noisy = noise_scheduler.add_noise(x0, noise, t)
             predicted = unet(noisy, t, encoder_hidden_states=context).sample

@@ -41,6 +41,7 @@ import flamingo
 import models
 import nulltext
 import qwen
+import teachers
 import train
 
 
@@ -152,8 +153,8 @@ def arm_processors(arm, plain, grid, columns=77):
     if arm == "plain":
         return dict(plain), None
     if arm == "ours":
-        store = extract.new_store(grid, columns)
-        return extract.capture_processors(plain, store), store
+        store = teachers.new_store(grid, columns)
+        return teachers.capture_processors(plain, extract.CrossAttentionCapture(store)), store
     store = p2p_store(len(plain))
     return p2p_processors(plain, store), store
 
@@ -237,7 +238,7 @@ def bench_null_text(res=64, steps=5, iters=10, repeats=2):
     for r in data.progress_bar(range(repeats), desc=f"null-text {res} px"):
         for arm in list(seconds)[r % 2:] + list(seconds)[:r % 2]:
             inverse, forward = extract.ddim_grids(models.sd_scheduler(), steps, steps * (1 + (arm == "ddim")))
-            store, t0 = extract.new_store(x0.shape[-2:], 77), time.process_time()
+            store, t0 = teachers.new_store(x0.shape[-2:], 77), time.process_time()
             with extract.capturing(unet, store), torch.no_grad():
                 if arm == "ddim":
                     extract.invert_and_denoise(unet, x0, context, inverse, forward, store)

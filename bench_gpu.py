@@ -42,6 +42,7 @@ import extract
 import flamingo
 import models
 import qwen
+import teachers
 from bench import EXTRACT_ARMS, arm_processors, bench_model, bench_train_gpu, capture_forward, finish, measure
 
 # each part's time limit in seconds on a GPU; --smoke gives SMOKE_TIME_FACTOR times as long (bf16
@@ -59,7 +60,7 @@ def sd14_parts(device, dtype):
     """An extract.py dm dict at SD-v1.4's geometry (models.SD_SIZES["sd14"]), random weights: UNet,
     VAE, CLIP ViT-L/14 text encoder; tiny-sd's tokenizer (its ids fit CLIP's vocabulary; the tokens
     do not matter to the timing)."""
-    tokenizer = models.clip_tokenizer(models.TINY_SD_WORDS, models.TINY_SD_ALPHABET)
+    tokenizer = teachers.tiny_sd_tokenizer()
     dm = models.stable_diffusion("sd14", tokenizer, device=device, dtype=dtype)
     for part in ("vae", "unet", "text_encoder"):
         dm[part].eval().requires_grad_(False)
@@ -181,7 +182,7 @@ def random_llama32(smoke, device):
     vocabulary, of which the BPE uses the first few hundred."""
     size = models.MLLAMA_SIZES["tiny"] if smoke else models.llama32_size(1, 560)
     tokenizer = models.bpe_tokenizer()
-    ids = {**models.tokenizer_ids(tokenizer), **({} if smoke else {"vocab_size": 128256})}
+    ids = {**models.tokenizer_ids(tokenizer, **models.MLLAMA_TOKENS), **({} if smoke else {"vocab_size": 128256})}
     processor = models.mllama_processor(tokenizer, size)
     return lambda name, path=None, dtype=torch.float32: (models.mllama(size, ids, 0, device, dtype), processor)
 

@@ -8,7 +8,7 @@ Left out: lavender.safetensors. The Aligner (§4.3) and the parallel projections
 of the model depends on them. A harness that generates answers has no use for them; they stay in
 the run folder, where evaluate.py reads them for its "head" rows.
 
-    python runs.py export runs/lavender exported/
+    python export.py runs/lavender exported/
     python -c "import transformers as t; t.AutoModelForImageTextToText.from_pretrained('exported/')"
 """
 import argparse
@@ -75,17 +75,15 @@ def export_run(run_dir, out, dtype=torch.float32, overwrite=False):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="runs.py", description="Tools for train.py's run folders.")
-    sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("export", help="the run as one from_pretrained folder (LoRA merged) for "
-                                      "other harnesses")
-    e.add_argument("run", help="a finished run folder of train.py")
-    e.add_argument("out", help="the folder to write (config.json, weights, processor, template)")
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+    p = argparse.ArgumentParser(description="A train.py run as one from_pretrained folder (LoRA "
+                                            "merged) for other harnesses.")
+    p.add_argument("run", help="a finished run folder of train.py")
+    p.add_argument("out", help="the folder to write (config.json, weights, processor, template)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="the merged weights' dtype: float32 keeps the merge exact; bfloat16 halves "
                         "the files (the hub weights' own dtype: LoRA is merged into them and "
                         "rounded once)")
-    e.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="write into a folder that is not empty")
     return p
 

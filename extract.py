@@ -18,7 +18,6 @@ in the DESIGN.md format (attn/<id>.safetensors). The authors never released this
     OMP_NUM_THREADS=1 python bench.py extract                                # capture overhead, CPU
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import mmdit
 import nulltext
 import teachers
 from aligner import MAP_SIZE, min_max  # the one map size and normalisation of DM and VLM maps
@@ -39,7 +39,6 @@ from data import (ID_PATTERN, is_complete, library_bars, load_image, load_maps, 
 from models import DM_PRESETS, PRESETS, load_dm, resolve_dtype, scheduler_config
 
 INVERSIONS = ("ddim", "null-text")  # --inversion: guidance 1 both ways; Mokady et al. (nulltext.py)
-DIT_MAPS = ("joint", "output")  # --dit-map (SD3, mmdit.py): joint attention, or its output space
 
 # ---- words: data.split_words (the rule of both sides) located among CLIP's tokens ----
 
@@ -141,26 +140,10 @@ class CrossAttentionCapture:
         store["count"] += 1
 
 
-def new_store(grid, columns, factors=None):  # the accumulator the capture processors share
-    return {"on": True, "grid": tuple(grid), "columns": columns, "factors": factors, "sum": None, "count": 0}
-
-
-def capture_processors(processors, store, capture=None, suffix="attn2.processor"):
-    """processors (name -> processor) with every one whose name ends in `suffix` replaced by
-    `capture` (default: a CrossAttentionCapture on the attn2 modules)."""
-    capture = capture or CrossAttentionCapture(store)
-    return {name: capture if name.endswith(suffix) else p for name, p in processors.items()}
-
-
-@contextlib.contextmanager
-def capturing(model, store, capture=None, suffix="attn2.processor"):
-    """Install the capture processor (capture_processors) for the block, then restore."""
-    original = dict(model.attn_processors)                                  # name -> processor
-    model.set_attn_processor(capture_processors(original, store, capture, suffix))
-    try:
-        yield store
-    finally:
-        model.set_attn_processor(original)
+def capturing(unet, store):
+    """A CrossAttentionCapture into `store` on every attn2 module for the block, then the UNet's
+    own processors again (teachers.capturing)."""
+    return teachers.capturing(unet, store, CrossAttentionCapture(store))
 
 
 # ---- DDIM inversion, then denoising ----
@@ -213,8 +196,7 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     `guidance`, null_text_iters Adam iterations per step, on one grid (denoise_steps must equal
     inversion_steps: inversion_settings). dit_map: SD3's map, "joint" or "output" (mmdit.py).
     """
-    if "transformer" in dm:  # SD3's joint attention and flow inversion (mmdit.py imports this)
-        import mmdit
+    if "transformer" in dm:  # SD3's joint attention and flow inversion (mmdit.py)
         return mmdit.dm_attention(dm, images, texts, columns, inversion_steps, denoise_steps,
                                   capture_steps, layers, dit_map)
     unet, device = dm["unet"], dm["unet"].device
@@ -223,7 +205,7 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     latents = dm["vae"].encode(images).latent_dist.mean.float() * dm["vae"].config.scaling_factor  # (B, 4, h, w)
     context, added = teachers.encode_text(dm, texts)              # (B, 77, D); SDXL's extras or None
     inverse, forward = ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)
-    store = new_store(latents.shape[-2:], columns, layers)
+    store = teachers.new_store(latents.shape[-2:], columns, layers)
     with capturing(unet, store):
         if inversion == "null-text":
             null_text(dm, latents, context, inverse, forward, store, capture_steps, guidance,
@@ -344,7 +326,7 @@ def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=None, capture_s
     layers: None (all attn2 layers) or a set of downsampling factors of the latent grid
     (sd14 at 512 px: 1 = 64², 2 = 32², 4 = 16², 8 = 8²). capture_steps: "all", "inversion", "denoise".
     inversion ("ddim", "null-text"), guidance, null_text_iters, denoise_steps None: inversion_settings.
-    dit_map: SD3's map (DIT_MAPS), in the metadata unless "joint". Returns dict(done,
+    dit_map: SD3's map (mmdit.DIT_MAPS), in the metadata unless "joint". Returns dict(done,
     skipped, failed, seconds, rank, world_size)."""
     t0, out_dir = time.time(), Path(out_dir)
     denoise_steps, guidance, null_text_iters, inversion_meta = inversion_settings(
@@ -526,7 +508,7 @@ def build_parser():
                    f"scale w (> 1) the null text is tuned for (default {nulltext.GUIDANCE})")
     p.add_argument("--null-text-iters", type=int, default=None, help="null-text only: Adam "
                    f"iterations per denoising step (>= 0; default {nulltext.ITERATIONS})")
-    p.add_argument("--dit-map", default="joint", choices=DIT_MAPS, help="SD3 only: "
+    p.add_argument("--dit-map", default="joint", choices=mmdit.DIT_MAPS, help="SD3 only: "
                    "joint (the image -> text block of its joint attention) or output (the "
                    "attention output space's image-text similarity, ConceptAttention's; mmdit.py)")
     p.add_argument("--capture-steps", default="denoise", choices=["denoise", "inversion", "all"],

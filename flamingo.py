@@ -166,10 +166,9 @@ def idefics_processor(tokenizer, image_size):
     return IdeficsProcessor(images, tokenizer, image_size=image_size)
 
 
-def tiny_idefics(tokenizer, seed=0, resampler=True, qk_norms=False):
-    """(model, processor) of IDEFICS_SIZES["tiny"] with `tokenizer` (TOKEN_ROLES), random weights."""
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+def tiny_idefics(tokenizer, ids, seed=0, resampler=True, qk_norms=False):
+    """(model, processor) of IDEFICS_SIZES["tiny"] with `tokenizer` (TOKEN_ROLES) and its ids
+    (models.tokenizer_ids), random weights."""
     model = idefics(IDEFICS_SIZES["tiny"], ids, resampler, qk_norms, seed)
     processor = idefics_processor(tokenizer, IDEFICS_SIZES["tiny"][1]["image_size"])
     return stop_at_end_of_utterance(model, processor), processor

@@ -11,7 +11,7 @@ those joint probabilities:
 M is the direct analogue of SD's attn2 map (extract.CrossAttentionCapture): for each image token,
 the share of its attention that goes to each text token. Because the softmax also spans the image
 keys, a row of M sums to at most 1, not to 1. JointCapture averages M over heads and blocks into
-extract.new_store's running sum; the N image tokens form the (H/patch) x (W/patch) grid of the
+teachers.new_store's running sum; the N image tokens form the (H/patch) x (W/patch) grid of the
 latent. This is the default map (--dit-map joint).
 
 --dit-map output reads the attention's OUTPUT space instead, as ConceptAttention (Helbling et
@@ -53,11 +53,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import extract
 import hub
-import models
 import teachers
-from models import PRESETS, TINY_SD_ALPHABET, TINY_SD_WORDS
 
 # tiny-sd3: 32 px -> 16x16x16 latents (SD3's 16 channels) -> 8x8 tokens of 2x2 patches; two
 # joint blocks (the last one context_pre_only, as SD3's), 2 heads of 8 channels; a 32-d CLIP.
@@ -72,6 +69,8 @@ TINY_SD3 = {
                         joint_attention_dim=32, caption_projection_dim=16,
                         pooled_projection_dim=32, pos_embed_max_size=16),
 }
+# --dit-map: the joint attention, or its output space (ConceptAttention)
+DIT_MAPS = ("joint", "output")
 SHIFT = 3.0  # SD3 medium's scheduler config: sigmas shifted towards noise
 T5_LENGTH = 256  # T5's text length in StableDiffusion3Pipeline (its max_sequence_length)
 
@@ -80,7 +79,7 @@ def tiny_sd3(seed=0):
     """dict(transformer, vae, text_encoder, tokenizer, scheduler) of tiny-sd3, random, seeded."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    tokenizer = teachers.clip_tokenizer(TINY_SD_WORDS, TINY_SD_ALPHABET)
+    tokenizer = teachers.tiny_sd_tokenizer()
     torch.manual_seed(seed)
     ids = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1)
     return dict(
@@ -90,25 +89,25 @@ def tiny_sd3(seed=0):
         tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
 
 
-def load(name, path=None, device="cpu", dtype=torch.float32):
+def load(name, path, hub_id, default_path, device="cpu", dtype=torch.float32):
     """The dm dict of an SD3 preset, frozen, eval mode; res = sample_size * the VAE's factor.
+    hub_id, default_path: the preset's (models.PRESETS, models.preset_path).
 
     tiny-sd3 is built here; toy-sd3 reads its folder (toy_teachers.py); sd3 reads the hub's or
     --dm-path's folder in diffusers' layout with its three encoders (a clear SystemExit when
     there are none)."""
     if name == "tiny-sd3" and path is None:
-        return models.frozen(tiny_sd3(), name, device, dtype)
-    hub_id = PRESETS[name]["hub_id"]
+        return teachers.frozen(tiny_sd3(), name, device, dtype)
     if name == "sd3":
         source, local = hub.weights_source("--dm", name, hub_id, path, "transformer/config.json",
                                            "--dm-path")
     else:  # tiny-sd3 or toy-sd3 from a folder: one CLIP
-        source, local = path or models.preset_path(name), False
+        source, local = path or default_path, False
     try:
         dm = load_folder(source, local, 3 if name == "sd3" else 1, dtype)
     except (OSError, ValueError) as e:
         raise hub.load_error("--dm", name, source, e, hub_id, "--dm-path") from None
-    return models.frozen(dm, name, device, dtype)
+    return teachers.frozen(dm, name, device, dtype)
 
 
 def load_folder(folder, local_files_only=False, encoders=1, dtype=None):
@@ -179,8 +178,8 @@ class JointCapture:
     """
 
     def __init__(self, store, kind="joint", text_length=None):
-        if kind not in extract.DIT_MAPS:
-            raise ValueError(f"--dit-map {kind!r}: give one of {', '.join(extract.DIT_MAPS)}")
+        if kind not in DIT_MAPS:
+            raise ValueError(f"--dit-map {kind!r}: give one of {', '.join(DIT_MAPS)}")
         # the output map's softmax spans the first text_length text rows (dm_attention: CLIP's,
         # padded, the same for every item, so an item's map does not depend on its batch's
         # longest text; None: every text row)
@@ -229,11 +228,11 @@ class JointCapture:
 
 
 def capturing(transformer, store, kind="joint", text_length=None):
-    """extract.capturing for the joint ("attn") modules: JointCapture (of map `kind`, over
+    """teachers.capturing for the joint ("attn") modules: JointCapture (of map `kind`, over
     text_length CLIP rows) for the block, then the original processors; SD3.5's image-only attn2
     modules (dual attention) keep theirs."""
     capture = JointCapture(store, kind, text_length)
-    return extract.capturing(transformer, store, capture, ".attn.processor")
+    return teachers.capturing(transformer, store, capture, ".attn.processor")
 
 
 # ---- flow inversion, then denoising (Euler both ways) ----
@@ -286,7 +285,7 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     latents = encode_image(dm, images)
     context, pooled = encode_text(dm, texts)
     p = dm["transformer"].config.patch_size
-    store = extract.new_store((latents.shape[-2] // p, latents.shape[-1] // p), columns)
+    store = teachers.new_store((latents.shape[-2] // p, latents.shape[-1] // p), columns)
     clip_length = context.shape[1] - (T5_LENGTH if "text_encoder_3" in dm else 0)
     with capturing(dm["transformer"], store, kind, clip_length):
         invert_and_denoise(dm, latents, context, pooled, inversion_steps, denoise_steps, store,

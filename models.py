@@ -26,9 +26,9 @@ from transformers import (IdeficsProcessor, MllamaConfig, MllamaForConditionalGe
 
 import flamingo
 import hub
+import mmdit
 import qwen
 import teachers
-from teachers import clip_tokenizer  # SD's CLIP tokenizer built in memory, every DM preset's
 
 ROOT = Path(__file__).resolve().parent
 
@@ -122,11 +122,6 @@ TINY_CORPUS = [
     "the photograph shows two dogs playing on the grass", "describe the image in one sentence.",
     "a man riding a horse on a beach", "user", "assistant"]
 
-# tiny-sd's CLIP vocabulary: every character below alone and as a word end, and these words whole.
-TINY_SD_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&"
-TINY_SD_WORDS = ("a red blue green circle square triangle left right of the is two three yes no "
-                 "dog cat what colour shape how many there").split()
-
 
 LLAMA_TOKEN_ROLES = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                          pad_token="<|finetune_right_pad_id|>")
@@ -183,11 +178,18 @@ def llama32_size(width=1, tile_size=560):
                  patch_size=14, max_num_tiles=4, intermediate_layers_indices=[3, 7, 15, 23, 30]))
 
 
-def tokenizer_ids(tokenizer):
-    """The vocabulary size and special token ids an Mllama config takes, from its tokenizer."""
-    return dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
+# The image token of Mllama's config, by config field (qwen.QWEN_TOKENS: Qwen2-VL's four).
+MLLAMA_TOKENS = dict(image_token_index="<|image|>")
+
+
+def tokenizer_ids(tokenizer, **tokens):
+    """The vocabulary size and special token ids a VLM config takes, from its tokenizer: bos, eos,
+    pad, and the id of each of `tokens` (config field -> token), e.g. MLLAMA_TOKENS."""
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    for field, token in tokens.items():
+        ids[field] = tokenizer.convert_tokens_to_ids(token)
+    return ids
 
 
 def mllama(size, ids, seed=0, device="cpu", dtype=None):
@@ -216,7 +218,8 @@ def mllama_processor(tokenizer, size):
 def small_vlm(size, tokenizer, seed=0):
     """(model, processor) at MLLAMA_SIZES[size] with `tokenizer`, random weights, nothing downloaded."""
     size = MLLAMA_SIZES[size]
-    return mllama(size, tokenizer_ids(tokenizer), seed), mllama_processor(tokenizer, size)
+    ids = tokenizer_ids(tokenizer, **MLLAMA_TOKENS)
+    return mllama(size, ids, seed), mllama_processor(tokenizer, size)
 
 
 def tiny_vlm(seed=0):
@@ -229,13 +232,16 @@ def tiny_idefics(seed=0, resampler=True, qk_norms=False):
     IDEFICS' special tokens, random weights); resampler=False: CLS + patch keys; qk_norms: q/k norms."""
     tokenizer = bpe_tokenizer(TINY_CORPUS + flamingo.CORPUS, special=flamingo.SPECIAL_TOKENS,
                               roles=flamingo.TOKEN_ROLES)
-    return flamingo.tiny_idefics(tokenizer, seed, resampler, qk_norms)
+    return flamingo.tiny_idefics(tokenizer, tokenizer_ids(tokenizer), seed, resampler, qk_norms)
 
 
 def tiny_qwen2vl(seed=0, model_type="qwen2_vl"):
     """(model, processor) of tiny-qwen2vl (qwen.QWEN_TINY; model_type "qwen2_5_vl": Qwen2.5-VL's
     classes): the tiny BPE with Qwen's vision tokens, the chat template above, random weights."""
-    return qwen.tiny_qwen2vl(bpe_tokenizer(), CHAT_TEMPLATE, seed, model_type)
+    tokenizer = bpe_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(qwen.QWEN_TOKENS.values())})
+    ids = tokenizer_ids(tokenizer, **qwen.QWEN_TOKENS)
+    return qwen.tiny_qwen2vl(tokenizer, ids, CHAT_TEMPLATE, seed, model_type)
 
 
 def resolve_dtype(name, device, gpu="bfloat16"):
@@ -360,8 +366,8 @@ def stable_diffusion(size, tokenizer=None, seed=0, device="cpu", dtype=torch.flo
 
 
 def tiny_sd(seed=0):
-    """The tiny-sd preset: SD_SIZES["tiny-sd"], a CLIP vocabulary of TINY_SD_WORDS, random weights."""
-    return stable_diffusion("tiny-sd", clip_tokenizer(TINY_SD_WORDS, TINY_SD_ALPHABET), seed)
+    """The tiny-sd preset: SD_SIZES["tiny-sd"], teachers.tiny_sd_tokenizer, random weights."""
+    return stable_diffusion("tiny-sd", teachers.tiny_sd_tokenizer(), seed)
 
 
 def save_dm(dm, folder):
@@ -395,12 +401,11 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
     (hub.weights_source), else fail fast."""
     if name not in DM_PRESETS:
         raise SystemExit(f"unknown --dm {name!r}; choose one of {DM_PRESETS} or give --dm-path")
-    if PRESETS[name].get("family") == "mmdit":  # SD3's DiT (mmdit.py imports this module)
-        import mmdit
-        return mmdit.load(name, path, device, dtype)
+    if PRESETS[name].get("family") == "mmdit":  # SD3's DiT
+        return mmdit.load(name, path, PRESETS[name]["hub_id"], preset_path(name), device, dtype)
     hub_id, dm = PRESETS[name]["hub_id"], tiny_sd() if name == "tiny-sd" and path is None else None
     if name in teachers.TINY_SIZES and path is None:  # tiny-sd21, tiny-sdxl
-        dm = teachers.tiny(name, clip_tokenizer(TINY_SD_WORDS, TINY_SD_ALPHABET), sd_scheduler())
+        dm = teachers.tiny(name, teachers.tiny_sd_tokenizer(), sd_scheduler())
     if dm is None:
         path = path or preset_path(name)
         if hub_id is None and not Path(path).is_dir():
@@ -413,23 +418,7 @@ def load_dm(name, path=None, device="cpu", dtype=torch.float32):
             dm = load_dm_folder(source, local, PRESETS[name].get("text_encoders", 1))
         except (OSError, ValueError) as e:
             raise hub.load_error("--dm", name, source, e, hub_id, "--dm-path") from None
-    return frozen(dm, name, device, dtype)
-
-
-def frozen(dm, name, device="cpu", dtype=torch.float32):
-    """dm with its networks (VAE, UNet or SD3's transformer, text encoders) in `dtype` (SDXL's VAE
-    excepted: teachers.part_dtype) on `device`, frozen, in eval mode; res = the denoiser's
-    sample_size * the VAE's downsampling factor, and its preset name."""
-    parts = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-    for part in [p for p in parts if p in dm]:
-        if dm[part].dtype != teachers.part_dtype(dm, part, dtype):  # (diffusers warns on any
-            dm[part].to(dtype=teachers.part_dtype(dm, part, dtype))  # dtype .to(), even a no-op)
-        dm[part].to(device=device).eval().requires_grad_(False)
-    denoiser = dm["unet"] if "unet" in dm else dm["transformer"]
-    sample = np.atleast_1d(denoiser.config.sample_size)[0]
-    scale = 2 ** (len(dm["vae"].config.block_out_channels) - 1)  # the VAE's downsampling
-    dm.update(res=int(sample * scale), name=name)
-    return dm
+    return teachers.frozen(dm, name, device, dtype)
 
 
 # ---- per family: where the language model, its attention layers and the image geometry are ----

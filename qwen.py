@@ -105,17 +105,14 @@ def qwen2vl(size, ids, model_type="qwen2_vl", seed=0, device="cpu", dtype=None):
         return model_class._from_config(config, **({"dtype": dtype} if dtype else {}))
 
 
-def tiny_qwen2vl(tokenizer, chat_template, seed=0, model_type="qwen2_vl"):
+def tiny_qwen2vl(tokenizer, ids, chat_template, seed=0, model_type="qwen2_vl"):
     """(model, processor) of QWEN_TINY (model_type "qwen2_5_vl": Qwen2.5-VL's classes) with
-    `tokenizer` (Qwen's vision tokens added to it) and a Llama-shaped `chat_template` whose <|image|>
-    becomes IMAGE_TOKENS, random weights."""
-    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_TOKENS.values())})
+    `tokenizer` (Qwen's vision tokens among its special tokens), its `ids` (models.tokenizer_ids
+    with QWEN_TOKENS) and a Llama-shaped `chat_template` whose <|image|> becomes IMAGE_TOKENS,
+    random weights."""
     images = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=QWEN_TINY["max_pixels"])
     template = chat_template.replace("<|image|>", IMAGE_TOKENS)
     processor = QwenImageTextProcessor(images, tokenizer, chat_template=template)
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-               **{k: tokenizer.convert_tokens_to_ids(t) for k, t in QWEN_TOKENS.items()})
     return qwen2vl((QWEN_TINY["text"], QWEN_TINY[model_type]), ids, model_type, seed), processor
 
 

@@ -12,7 +12,7 @@ complete checkpoint in place (recover_checkpoint finishes a save that was killed
 calls the functions that save or load (DCP is a collective); rank 0 alone writes the other files.
 
     python -c "import runs; model, processor, lavender, config = runs.load_run('runs/tiny-lavender')"
-    python runs.py export runs/tiny-lavender exported/   # LoRA merged: one from_pretrained folder
+    python export.py runs/tiny-lavender exported/   # LoRA merged: one from_pretrained folder
 """
 import contextlib
 import hashlib
@@ -440,13 +440,3 @@ def signals_to_flag():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def main():
-    """python runs.py export RUN OUT: a run as one checkpoint other harnesses load (export.py)."""
-    import export  # (export.py reads runs with this module's functions)
-    export.main()
-
-
-if __name__ == "__main__":
-    main()

@@ -31,6 +31,7 @@ other level (64x64, 10 modules) is the one DAAM's rule (every level but the coar
     python extract.py --dm tiny-sdxl --data data.jsonl --out /tmp/attn    # random tiny SDXL (tests)
     python extract.py --dm sdxl --dm-path /models/sdxl-base --data data.jsonl --out attn/
 """
+import contextlib
 import copy
 
 import numpy as np
@@ -40,6 +41,12 @@ import torch
 SECOND_ENCODER = ("text_encoder_2", "tokenizer_2")
 
 # ---- the CLIP tokenizer of every tiny and toy DM preset, built in memory ----
+
+# tiny-sd's CLIP vocabulary: every character below alone and as a word end, and these words whole.
+TINY_SD_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&"
+TINY_SD_WORDS = ("a red blue green circle square triangle left right of the is two three yes no "
+                 "dog cat what colour shape how many there").split()
+
 
 def clip_tokenizer(words, alphabet, max_length=None):
     """A CLIPTokenizer built in memory: every character of `alphabet` alone and as a word end
@@ -74,6 +81,11 @@ def clip_tokenizer(words, alphabet, max_length=None):
     for word in words:
         assert len(tokenizer.tokenize(word)) == 1, f"{word!r} is not one CLIP token"
     return tokenizer
+
+
+def tiny_sd_tokenizer():
+    """The CLIP tokenizer of the tiny DM presets (tiny-sd, tiny-sd21, tiny-sdxl, tiny-sd3)."""
+    return clip_tokenizer(TINY_SD_WORDS, TINY_SD_ALPHABET)
 
 
 # ---- tiny counterparts: each real preset's structure at tiny-sd's size ----
@@ -176,6 +188,48 @@ def part_dtype(dm, part, dtype):
     if part == "vae" and "text_encoder_2" in dm and dtype == torch.float16:
         return torch.float32
     return dtype
+
+
+def frozen(dm, name, device="cpu", dtype=torch.float32):
+    """dm with its networks (VAE, UNet or SD3's transformer, text encoders) in `dtype` (SDXL's VAE
+    excepted: part_dtype) on `device`, frozen, in eval mode; res = the denoiser's
+    sample_size * the VAE's downsampling factor, and its preset name."""
+    parts = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+    for part in [p for p in parts if p in dm]:
+        if dm[part].dtype != part_dtype(dm, part, dtype):  # (diffusers warns on any
+            dm[part].to(dtype=part_dtype(dm, part, dtype))  # dtype .to(), even a no-op)
+        dm[part].to(device=device).eval().requires_grad_(False)
+    denoiser = dm["unet"] if "unet" in dm else dm["transformer"]
+    sample = np.atleast_1d(denoiser.config.sample_size)[0]
+    scale = 2 ** (len(dm["vae"].config.block_out_channels) - 1)  # the VAE's downsampling
+    dm.update(res=int(sample * scale), name=name)
+    return dm
+
+
+# ---- the attention store and the capture processors (extract.py's UNets, mmdit.py's DiTs) ----
+
+def new_store(grid, columns, factors=None):
+    """The running sum the capture processors share: maps of `columns` text columns on the latent
+    `grid` (h, w), from the layers of the downsampling `factors` (None: every layer)."""
+    return {"on": True, "grid": tuple(grid), "columns": columns, "factors": factors, "sum": None,
+            "count": 0}
+
+
+def capture_processors(processors, capture, suffix="attn2.processor"):
+    """processors (name -> processor) with every one whose name ends in `suffix` replaced by
+    `capture`."""
+    return {name: capture if name.endswith(suffix) else p for name, p in processors.items()}
+
+
+@contextlib.contextmanager
+def capturing(model, store, capture, suffix="attn2.processor"):
+    """Install `capture` on the modules whose processor names end in `suffix`, then restore."""
+    original = dict(model.attn_processors)                                  # name -> processor
+    model.set_attn_processor(capture_processors(original, capture, suffix))
+    try:
+        yield store
+    finally:
+        model.set_attn_processor(original)
 
 
 # ---- the UNet's text conditioning, per family ----

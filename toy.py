@@ -35,6 +35,7 @@ import base_models
 import data
 import evaluate
 import extract
+import mmdit
 import models
 import toy_teachers
 import train
@@ -531,7 +532,7 @@ def build_parser():
     p.add_argument("--denoise-steps", type=int, default=5, help="denoising steps after the inversion (extract.py)")
     p.add_argument("--capture-steps", default="denoise", choices=("denoise", "inversion", "all"),
                    help="steps whose cross-attention is averaged (extract.py)")
-    p.add_argument("--dit-map", default="joint", choices=extract.DIT_MAPS,
+    p.add_argument("--dit-map", default="joint", choices=mmdit.DIT_MAPS,
                    help="toy-sd3's map: its joint attention or the output space (extract.py)")
     # ---- fine-tuning (train.py): the same for AR and Lavender ----
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (each runs AR and Lavender)")

@@ -178,7 +178,7 @@ def fit(dm, latents, scenes, steps, batch, lr, seed, localise=base_models.LOCALI
         prompts = [base_models.sd_prompt(scenes[i], rng) for i in idx.tolist()]
         ids = teachers.token_ids(tok, encoders[0], prompts, "cpu")     # (B, T)
         context, extra = conditioning(dm, prompts)
-        store = extract.new_store(store_grid(dm, latents), TEXT_POSITIONS)
+        store = teachers.new_store(store_grid(dm, latents), TEXT_POSITIONS)
         with captured(dm, store):
             denoise = denoising_loss(dm, latents[idx], context, extra, g, schedule)
         denoise_log.append(denoise.item())

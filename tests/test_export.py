@@ -1,4 +1,4 @@
-"""runs.py export: a run as one from_pretrained folder, LoRA merged. Each test trains a 1-step run
+"""export.py: a run as one from_pretrained folder, LoRA merged. Each test trains a 1-step run
 of a tiny preset with train.py, exports it and loads the export with the family's class alone.
 Run: python -m pytest -q tests/test_export.py"""
 import json
@@ -47,7 +47,7 @@ def test_export_has_the_adapters_logits(tmp_path, tiny_dataset, preset):
     assert adapter["base_model_name_or_path"] == (str(base_dir.resolve()) if base_dir else preset)
 
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, str(ROOT / "runs.py"), "export", str(run), str(out)],
+    done = subprocess.run([sys.executable, str(ROOT / "export.py"), str(run), str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     exported = AutoModelForImageTextToText.from_pretrained(out).eval()  # transformers alone

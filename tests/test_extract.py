@@ -16,6 +16,7 @@ from PIL import Image
 import data
 import extract
 import models
+import teachers
 from conftest import write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +93,7 @@ def test_capture_leaves_unet_output_unchanged_and_maps_are_distributions(dm):
     x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
     with torch.no_grad():
         plain = unet(x, 500, encoder_hidden_states=ctx).sample
-        store = extract.new_store((16, 16), columns=77)
+        store = teachers.new_store((16, 16), columns=77)
         with extract.capturing(unet, store):
             kinds = {name: type(p).__name__ for name, p in unet.attn_processors.items()}
             captured = unet(x, 500, encoder_hidden_states=ctx).sample
@@ -110,7 +111,7 @@ def test_captured_probabilities_match_diffusers_own_attention_scores(dm):
     """eq. 13 against diffusers' reference path (Attention.get_attention_scores), one attn2 module."""
     attn = dm["unet"].down_blocks[0].attentions[0].transformer_blocks[0].attn2
     x, ctx = torch.randn(2, 64, attn.to_q.in_features), torch.randn(2, 77, 32)         # an 8x8 grid
-    store = extract.new_store((8, 8), columns=77)
+    store = teachers.new_store((8, 8), columns=77)
     with torch.no_grad():
         extract.CrossAttentionCapture(store)(attn, x, ctx)
         q, k = attn.head_to_batch_dim(attn.to_q(x)), attn.head_to_batch_dim(attn.to_k(ctx))
@@ -121,7 +122,7 @@ def test_captured_probabilities_match_diffusers_own_attention_scores(dm):
 def test_layer_filter_keeps_only_chosen_resolutions(dm):
     with torch.no_grad():
         for factors, count in (({1}, 3), ({2}, 4), ({1, 2}, 7)):
-            store = extract.new_store((16, 16), columns=5, factors=factors)
+            store = teachers.new_store((16, 16), columns=5, factors=factors)
             with extract.capturing(dm["unet"], store):
                 dm["unet"](torch.randn(1, 4, 16, 16), 10, encoder_hidden_states=torch.randn(1, 77, 32))
             assert store["count"] == count

@@ -10,6 +10,7 @@ import data
 import extract
 import models
 import nulltext
+import teachers
 from conftest import write_dataset
 
 TEXTS = ["a red circle", "blue square left of a circle"]
@@ -86,7 +87,7 @@ def test_maps_captured_while_tuning_equal_a_second_guided_pass(dm):
     """The capture rides on the optimisation's conditional UNet calls: the same maps as a separate
     guided denoising with the tuned ∅_t, and no map from the unconditional branch."""
     _, context, null, pivot, forward = setting(dm, steps=3)
-    unet, stores = dm["unet"], [extract.new_store((16, 16), 9) for _ in range(2)]
+    unet, stores = dm["unet"], [teachers.new_store((16, 16), 9) for _ in range(2)]
     with extract.capturing(unet, stores[0]):
         nulls, _ = nulltext.null_text_inversion(unet, pivot, context, null, forward, 7.5, 2,
                                                 stores[0])

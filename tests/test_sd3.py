@@ -37,7 +37,7 @@ def test_capture_leaves_transformer_output_unchanged(dm):
     x, s, context, pooled = inputs(dm)
     with torch.no_grad():
         plain = mmdit.velocity(dm, x, s, context, pooled)
-        store = extract.new_store((8, 8), columns=77)
+        store = teachers.new_store((8, 8), columns=77)
         with mmdit.capturing(tr, store):
             kinds = {type(p).__name__ for p in tr.attn_processors.values()}
             captured = mmdit.velocity(dm, x, s, context, pooled)
@@ -60,7 +60,7 @@ def first_block_by_hand(dm, kind):
         mmdit.velocity(dm, x, s, context, pooled)
         hook.remove()
         (B, N, _), H = seen["x"].shape, attn.heads
-        store = extract.new_store((8, 8), columns=77)
+        store = teachers.new_store((8, 8), columns=77)
         out = mmdit.JointCapture(store, kind, text_length=77)(attn, seen["x"], seen["ctx"])
 
         def heads(t):
@@ -124,7 +124,7 @@ def test_output_space_map_is_written_into_the_store_and_refused_for_a_unet(dm, t
     with pytest.raises(SystemExit, match="only SD3's joint attention"):
         extract.main(command)
     with pytest.raises(ValueError, match="--dit-map 'outputs'"):
-        mmdit.JointCapture(extract.new_store((8, 8), 77), "outputs")
+        mmdit.JointCapture(teachers.new_store((8, 8), 77), "outputs")
 
 
 def test_image_rows_over_text_columns_are_shares_of_all_keys(dm):
@@ -201,10 +201,10 @@ def three_encoder_sd3(seed=0):
     from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
                               T5Config, T5EncoderModel)
-    clip = teachers.clip_tokenizer(models.TINY_SD_WORDS, models.TINY_SD_ALPHABET, max_length=77)
+    clip = teachers.clip_tokenizer(teachers.TINY_SD_WORDS, teachers.TINY_SD_ALPHABET, max_length=77)
     clip_g = copy.deepcopy(clip)
     clip_g.pad_token = "!"
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *models.TINY_SD_WORDS])}
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *teachers.TINY_SD_WORDS])}
     t5_tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
     t5_tok.pre_tokenizer = pre_tokenizers.Whitespace()
     t5_tok.post_processor = processors.TemplateProcessing(single="$A </s>",

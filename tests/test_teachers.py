@@ -109,7 +109,7 @@ def test_capture_leaves_unet_output_unchanged(dm):
     x, t, context, added = unet_inputs(dm)
     with torch.no_grad():
         plain = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
-        store = extract.new_store((16, 16), columns=77)
+        store = teachers.new_store((16, 16), columns=77)
         with extract.capturing(unet, store):
             kinds = {n: type(p).__name__ for n, p in unet.attn_processors.items()}
             captured = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
@@ -135,7 +135,7 @@ def test_captured_probabilities_are_softmax_by_hand(dm):
         hook.remove()
         (B, N, _), H = seen["x"].shape, attn.heads
         side = int(N ** 0.5)
-        store = extract.new_store((side, side), columns=77)
+        store = teachers.new_store((side, side), columns=77)
         out = extract.CrossAttentionCapture(store)(attn, seen["x"], seen["ctx"])
         q = attn.to_q(seen["x"]).view(B, N, H, -1).transpose(1, 2)                # (B, H, N, d)
         k = attn.to_k(seen["ctx"]).view(B, 77, H, -1).transpose(1, 2)             # (B, H, T, d)
@@ -151,7 +151,7 @@ def test_sdxl_has_attention_at_the_inner_levels_only():
     x, t, context, added = unet_inputs(dm, batch=1)
     with torch.no_grad():
         for factors, count in (({2}, 3), ({4}, 8), ({1}, 0)):
-            store = extract.new_store((16, 16), columns=5, factors=factors)
+            store = teachers.new_store((16, 16), columns=5, factors=factors)
             with extract.capturing(dm["unet"], store):
                 dm["unet"](x, t, encoder_hidden_states=context, added_cond_kwargs=added)
             assert store["count"] == count
