@@ -1,32 +1,8 @@
-"""The miniature world's base models, pre-trained here because none can be downloaded: toy-sd
-(SD's diffusers parts at models.py's toy-sd size) and the toy VLM (the llama32 classes at the toy
-size), the stand-ins for Stable Diffusion and Llama-3.2-Vision, and the probes that measure them.
-The weights they write are the shipped toy_models/; toy.py's demo fine-tunes from them.
+"""The miniature world's base VLM, pre-trained here because none can be downloaded: the toy VLM
+(the llama32 classes at the toy size), the stand-in for Llama-3.2-Vision, and the probes that
+measure it and the toy teachers (toy_teachers.py trains toy-sd and the others). The weights
+they write are the shipped toy_models/; toy.py's demo fine-tunes from them.
 
-  - toy-sd: a VAE fitted briefly, then the UNet and a CLIP text encoder trained together on
-    prompts about the pretrain split's scenes (sd_prompt: whole captions, one object's phrase, one
-    colour, one cell), with LOCALISE x a localisation loss on the colour words' cross-attention
-    beside the denoising MSE (localisation_loss); saved in the diffusers component layout, so that
-    extract.py runs the sd14 path. Probe: pointing of its extracted maps (measure_sd).
-    Why it was flat without that loss (measured on world v5; toy_report.md): the text barely
-    entered its denoising (the MSE with a scene's own caption, another's, or none differed by at
-    most 1.3% at t = 200-950), so nothing asked its cross-attention to choose pixels: a word's
-    share of each pixel's attention was the same everywhere to about 0.01 (raw map 6.9312 nats,
-    uniform 6.9315), pointing 0.35, entropy 6.82 after min-max against the base VLM's own 5.46.
-    v-prediction, one-word prompts, masking the padding tokens and longer training moved that
-    share by a few hundredths, of either sign from run to run. SD v1.4 learned where its words
-    are from billions of captioned images, which two CPU cores cannot give a 1M-parameter UNet.
-    What it has instead: (1) the masks teach it, as FastComposer (Xiao et al. 2023) teaches a
-    diffusion model to localise its prompted subjects: the loss asks each colour word's map to be
-    high on its object and low elsewhere, lowest on the scene's other objects; (2) the UNet has SD
-    v1.4's layout, cross-attention at every level, the finest included (32x32 and 16x16 blocks,
-    the 8x8 middle block), since with 16x16 and 8x8 layers alone a third of a word's map lay in a
-    2-pixel ring around its object (the resampling of 2-pixel cells); extraction reads the 32x32
-    layers. On world 0's
-    test-id answers it points 0.92 with entropy 5.08, below the base VLM's own 5.46, and its
-    denoising MSE rises from 0.034 to 0.057: a worse image model, a far better pointer. So the
-    paper's premise that the teacher points holds here by construction; the world tests whether
-    alignment transmits it.
   - toy VLM: every weight pre-trained on the pretrain split with the next-token loss, each batch
     drawn a kind then an item: it perceives every asked attribute on one-object images (1.00 on
     test-one for both kinds) but has never had to select one object among several, the skill
@@ -34,12 +10,10 @@ The weights they write are the shipped toy_models/; toy.py's demo fine-tunes fro
     ceiling (attention_ceiling): its answers when the cross-attention of the row that predicts the
     answer is steered to the asked object, which says whether an attention target can help at all.
 
-    python toy.py train-sd --seed 0   # retrain toy_models/toy-sd (1500 steps of 16, 12 min, 1 core)
     python toy.py train-vlm --seed 0  # retrain toy_models/toy-vlm
     python toy.py measure-sd          # toy-sd pointing on held-out images (colour and cell words apart)
 """
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -47,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from tqdm import tqdm
 
 import aggregate
 import data
@@ -57,219 +29,10 @@ import extract
 import models
 import nulltext
 import teachers
+import toy_teachers
 import world
 from aligner import min_max
 from metrics import score_prediction
-
-# ---------------------------------------------------------------------------------------------
-# toy-sd: SD's diffusers parts at models.py's toy-sd size, trained on the world's captions
-# ---------------------------------------------------------------------------------------------
-
-def toy_sd_tokenizer(extra=""):
-    """toy-sd's CLIPTokenizer (teachers.clip_tokenizer): the world's words one token each, any other
-    word in letters (and the characters of `extra`); texts padded with the end token, like SD
-    1.x, to its 24 positions (SD: 77)."""
-    alphabet = "abcdefghijklmnopqrstuvwxyz" + "".join(world.PUNCTUATION) + extra
-    positions = models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"]
-    return teachers.clip_tokenizer(world.world_words(), alphabet, max_length=positions)
-
-
-def fit_base(params, loss_of_step, steps, lr, desc, after_step=None):
-    """The base models' plain loop: AdamW (weight decay 0.01), a linear warm-up over 100 steps then a
-    cosine to 0 at `steps`, gradients clipped at norm 1. loss_of_step(step) -> the step's loss;
-    after_step(step) runs after each step (checkpoints). Returns the per-step losses."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    bar = tqdm(range(steps), desc=desc)
-    log = []
-    for step in bar:
-        loss = loss_of_step(step)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        log.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(log[-50:]):.4f}")
-        if after_step:
-            after_step(step)
-    return log
-
-
-def load_images(items, root):
-    """(N, 3, 32, 32) float in [-1, 1] for the distinct images of items (order of first appearance)."""
-    paths = list(dict.fromkeys(str(Path(root) / it["image"]) for it in items))
-    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])   # (N, 32, 32, 3)
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1, paths
-
-
-@torch.no_grad()
-def vae_latents(vae, images):
-    """(latent means (N, 4, 32, 32), the L1 error of their reconstruction) of a VAE on the images."""
-    latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
-    recon = torch.cat([vae.decode(latents[i:i + 256]).sample for i in range(0, len(latents), 256)])
-    return latents, float(F.l1_loss(recon, images))
-
-
-def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0):
-    """Fit the VAE briefly: L1 reconstruction + a small KL term (as SD's VAE, without the GAN); then
-    frozen, with the scaling factor that gives unit-variance latents (as SD's 0.18215)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
-    bar = tqdm(range(steps), desc="toy-sd vae")
-    for _ in bar:
-        x = images[torch.randint(len(images), (batch,), generator=g)]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=g)).sample
-        loss = F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    vae.eval().requires_grad_(False)
-    latents, l1 = vae_latents(vae, images)
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    return latents * vae.config.scaling_factor, l1
-
-
-def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_steps=300, save_every=300,
-             init_from=None, localise=None):
-    """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir.
-
-    Prompts in the forms extraction conditions on (sd_prompt), the denoising MSE plus `localise`
-    (default LOCALISE) x the localisation loss (fit_unet; the module docstring says why).
-    init_from: a toy-sd folder to continue from (its unet/, vae/, text_encoder/). Its VAE is kept
-    frozen with its scaling factor, as the original schedule freezes the VAE after its own phase,
-    so no VAE step runs; the UNet and text encoder get a fresh AdamW and warm-up + cosine over
-    `steps`."""
-    localise = LOCALISE if localise is None else localise
-    torch.manual_seed(seed)
-    paths = world.build_world(world_dir, seed)
-    scenes = list({it["image"]: it for it in map(json.loads, open(paths["pretrain"]))}.values())  # one per image
-    images, _ = load_images(scenes, world_dir)
-    dm = models.stable_diffusion("toy-sd", toy_sd_tokenizer(), seed)
-    t0 = time.time()
-    if init_from:  # continue a shipped or earlier toy-sd
-        loaded = models.load_dm_folder(init_from)
-        dm.update(unet=loaded["unet"], text_encoder=loaded["text_encoder"], vae=loaded["vae"].eval().requires_grad_(False))
-        latents, vae_l1 = vae_latents(dm["vae"], images)
-        latents, vae_steps = latents * dm["vae"].config.scaling_factor, 0  # (N, 4, 32, 32), the saved factor
-    else:
-        latents, vae_l1 = train_vae(dm["vae"], images, steps=vae_steps, seed=seed)  # (N, 4, 32, 32)
-    log, denoise_log = fit_unet(dm, latents, [s["objects"] for s in scenes], steps, batch, lr, seed,
-                                save_every, out_dir, localise)
-    models.save_dm(dm, out_dir)
-    summary = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "init_from": str(init_from) if init_from else None,
-               "vae_steps": vae_steps, "vae_l1": round(vae_l1, 4),
-               "localise": localise, "final_loss": round(float(np.mean(log[-100:])), 4),
-               "final_denoise_mse": round(float(np.mean(denoise_log[-100:])), 4),
-               "minutes": round((time.time() - t0) / 60, 1),
-               "unet_params": sum(p.numel() for p in dm["unet"].parameters()),
-               "text_params": sum(p.numel() for p in dm["text_encoder"].parameters())}
-    (Path(out_dir) / "training.json").write_text(json.dumps(summary, indent=2))
-    print(f"toy-sd: {summary}")
-    return Path(out_dir)
-
-
-PROMPT_MIX = (0.4, 0.2, 0.2, 0.2)  # toy-sd's prompts: caption, one object's phrase, colour, cell
-
-
-def sd_prompt(objects, rng):
-    """One training prompt for a scene, drawn with PROMPT_MIX: its whole caption, one object's
-    phrase ("red at top left"), one object's colour ("red") or cell ("top left"), the answers'
-    forms. Extraction conditions toy-sd on an item's answer: a model trained on whole captions
-    alone never saw such a prompt (world v1: one-word answers pointed 0.62, the caption 0.86)."""
-    kind = rng.choice(len(PROMPT_MIX), p=PROMPT_MIX)
-    o = objects[rng.integers(len(objects))]
-    return (world.caption(objects), f"{o['colour']} at {o['cell']}", o["colour"], o["cell"])[kind]
-
-
-# weight of toy-sd's localisation loss (localisation_loss) beside the denoising MSE
-LOCALISE = 0.3
-
-
-def colour_masks(scenes):
-    """(N, n_colours, 32, 32) float: each scene's object masks by colour (world.COLOURS order; zero
-    where the scene has no object of that colour), the localisation loss's targets."""
-    masks = torch.zeros(len(scenes), len(world.COLOURS), world.SIZE, world.SIZE)
-    for i, objects in enumerate(scenes):
-        for o, m in zip(objects, world.render(objects)[1]):
-            masks[i, list(world.COLOURS).index(o["colour"])] = torch.from_numpy(m).float()
-    return masks
-
-
-def region_mean(maps, region):
-    """(K,) the mean of each map over its region (0 where the region is empty); both (K, 32, 32)."""
-    return (maps * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
-
-
-def localisation_loss(maps, ids, masks, colour_ids):
-    """FastComposer's balanced localisation loss (Xiao et al. 2023) on the colour words, with a
-    term for the distractors: for each colour token of a prompt whose object is drawn, the mean of
-    its map outside its object, plus its mean on the scene's other objects, minus its mean inside,
-    so that the named object's pixels attend to its word and no other pixel does, least of all
-    another object's. A map that is 1 on its object and 0 elsewhere gives -1.
-    maps: (B, T, 32, 32) each pixel's attention share on each text position, the mean over the
-    cross-attention layers (extract.py's capture); ids: (B, T);
-    masks: (B, n_colours, 32, 32) colour_masks; colour_ids: (n_colours,) the colour words' ids."""
-    is_colour = ids[:, :, None] == colour_ids[None, None]                 # (B, T, n_colours)
-    # one row per colour token
-    b, t, c = is_colour.nonzero(as_tuple=True)
-    mask = masks[b, c]                                                    # (K, 32, 32)
-    # the scene's other objects
-    others = (masks[b].sum(1) - mask).clamp(0, 1)
-    present = mask.flatten(1).sum(1) > 0
-    if not present.any():
-        return maps.sum() * 0
-    m, mask, others = maps[b, t][present], mask[present], others[present]
-    loss = region_mean(m, 1 - mask) + region_mean(m, others) - region_mean(m, mask)
-    return loss.mean()
-
-
-def fit_unet(dm, latents, scenes, steps, batch, lr, seed, save_every, out_dir, localise=LOCALISE):
-    """The UNet and the text encoder trained together (there is no pretrained CLIP here) on the
-    latents and prompts about their scenes (sd_prompt): DDPM noise, epsilon prediction, MSE, plus
-    `localise` x the localisation loss on the colour words' cross-attention maps (why: the module
-    docstring). Every `save_every` steps a step<N>/ folder is saved under out_dir. Returns the
-    per-step losses, the total and the denoising MSE alone."""
-    from diffusers import DDPMScheduler
-    unet, text_encoder, tokenizer = dm["unet"], dm["text_encoder"], dm["tokenizer"]
-    noise_scheduler = DDPMScheduler.from_config(dm["scheduler"].config)
-    params = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
-    g = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    masks = colour_masks(scenes)                                          # (N, n_colours, 32, 32)
-    colour_ids = torch.tensor(tokenizer.convert_tokens_to_ids([c + "</w>" for c in world.COLOURS]))
-    denoise_log = []
-    unet.train()
-    text_encoder.train()
-
-    def loss_of_step(step):
-        idx = torch.randint(len(latents), (batch,), generator=g)
-        prompts = [sd_prompt(scenes[i], rng) for i in idx.tolist()]
-        ids = teachers.token_ids(tokenizer, text_encoder, prompts, "cpu")  # (B, T)
-        x0 = latents[idx]  # (B, 4, 32, 32)
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
-        context = text_encoder(ids).last_hidden_state
-        # every cross-attention layer (32x32, 16x16, the 8x8 middle block) learns to localise;
-        # extraction reads the 32x32 ones (models.PRESETS)
-        store = teachers.new_store(latents.shape[-2:], tokenizer.model_max_length, None)
-        with extract.capturing(unet, store):
-            noisy = noise_scheduler.add_noise(x0, noise, t)
-            predicted = unet(noisy, t, encoder_hidden_states=context).sample
-        denoise = F.mse_loss(predicted, noise)  # epsilon prediction (DDPM)
-        denoise_log.append(denoise.item())
-        maps = store["sum"] / store["count"]                              # (B, T, 32, 32)
-        return denoise + localise * localisation_loss(maps, ids, masks[idx], colour_ids)
-
-    def save(step):
-        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            models.save_dm(dm, Path(out_dir) / f"step{step + 1}")
-    return fit_base(params, loss_of_step, steps, lr, "toy-sd unet", save), denoise_log
-
 
 def dm_pointing(items, attn_dir):
     """Pointing accuracy of extracted DM maps: the share of (item, word) with a mask whose map's
@@ -322,7 +85,7 @@ def prompt_effect(dm_path="toy_models/toy-sd", world_dir="toy_out/world", n=256,
     paths = world.build_world(world_dir, seed)
     scenes = list({it["image"]: it for it in data.read_items(paths["pretrain"])}.values())[:n]
     dm = models.load_dm("toy-sd", path=dm_path)
-    images, _ = load_images(scenes, world_dir)
+    images, _ = toy_teachers.load_images(scenes, world_dir)
     latents = dm["vae"].encode(images).latent_dist.mean * dm["vae"].config.scaling_factor
     scheduler = DDPMScheduler.from_config(dm["scheduler"].config)
     captions = [world.caption(s["objects"]) for s in scenes]
@@ -563,7 +326,7 @@ def train_vlm(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, init_fr
         drawn = [by_kind[kinds[k]] for k in rng.integers(len(kinds), size=batch)]
         picked = data.collate(processor, [pool[rng.integers(len(pool))] for pool in drawn])
         return model(**data.model_inputs(picked), labels=picked["labels"]).loss
-    log = fit_base(list(model.parameters()), loss_of_step, steps, lr, "toy vlm")
+    log = toy_teachers.fit_base(list(model.parameters()), loss_of_step, steps, lr, "toy vlm")
     model.eval()
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)  # saved first: the probe below is extra

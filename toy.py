@@ -525,7 +525,7 @@ def build_parser():
     p.add_argument("--init-from", default=None, help="train-sd (toy-sd): continue from this folder")
     p.add_argument("--sd-lr", type=float, default=1e-3, help="train-sd: peak learning rate (warm-up + cosine)")
     p.add_argument("--save-every", type=int, default=300, help="train-sd (toy-sd): step<N>/ each N")
-    p.add_argument("--localise", type=float, default=base_models.LOCALISE,
+    p.add_argument("--localise", type=float, default=toy_teachers.LOCALISE,
                    help="train-sd: the localisation loss's weight (0: taught by denoising alone)")
     # ---- extraction (extract.py) ----
     p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (extract.py)")
@@ -579,7 +579,7 @@ def main(argv=None):
         toy_teachers.train(args.dm, out, args.world, args.seed, steps, args.sd_lr, args.init_from,
                            localise=args.localise)
     elif args.command == "train-sd":
-        base_models.train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.base_steps or 1500,
+        toy_teachers.train_sd(args.out or TOY_MODELS / "toy-sd", args.world, seed=args.seed, steps=args.base_steps or 1500,
                  lr=args.sd_lr, save_every=args.save_every, init_from=args.init_from,
                  localise=args.localise)
     elif args.command == "train-vlm":

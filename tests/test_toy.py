@@ -15,6 +15,7 @@ from PIL import Image
 
 import aggregate
 import base_models
+import toy_teachers
 import data
 import evaluate
 import extract
@@ -264,14 +265,14 @@ def test_world_reads_through_the_project(small_world):
     batch = data.collate(processor, items[:3])
     assert batch["pixel_values"].shape == (3, 1, 1, 3, 32, 32)
     # every world word is one token of each tokenizer
-    clip = base_models.toy_sd_tokenizer()
+    clip = toy_teachers.toy_sd_tokenizer()
     for word in world.world_words():
         assert len(clip.tokenize(word)) == 1
         assert len(processor.tokenizer.tokenize(" " + word)) == 1
 
 
 def test_clip_tokenizer_worked_example():
-    tok = base_models.toy_sd_tokenizer()
+    tok = toy_teachers.toy_sd_tokenizer()
     pieces = tok.convert_ids_to_tokens(tok("red at top left, blue? redd").input_ids)
     assert pieces == ["<|startoftext|>", "red</w>", "at</w>", "top</w>", "left</w>", ",</w>", "blue</w>", "?</w>",
                       "re", "d", "d</w>", "<|endoftext|>"]
@@ -282,7 +283,7 @@ def test_clip_tokenizer_worked_example():
 # ---------------------------------------------------------------------------------------------
 
 def test_colour_masks_are_each_objects_drawing_by_colour():
-    """base_models.colour_masks: channel c of scene i is the drawn mask of scene i's object of
+    """toy_teachers.colour_masks: channel c of scene i is the drawn mask of scene i's object of
     colour c (world.render's), and zero for a colour the scene does not have."""
     red = dict(colour="red", texture="solid", shape="square", cell="top left", r=5.0)
     red.update(cx=8.0, cy=8.0)
@@ -290,7 +291,7 @@ def test_colour_masks_are_each_objects_drawing_by_colour():
     blue.update(cx=24.0, cy=24.0)
     green = dict(red, colour="green", shape="triangle", cell="top right", cx=24.0)
     scenes = [[red, blue], [green]]
-    masks = base_models.colour_masks(scenes)
+    masks = toy_teachers.colour_masks(scenes)
     colours = list(world.COLOURS)
     assert masks.shape == (2, len(colours), 32, 32)
     for i, objects in enumerate(scenes):
@@ -302,7 +303,7 @@ def test_colour_masks_are_each_objects_drawing_by_colour():
 
 
 def test_localisation_loss_worked_example():
-    """base_models.localisation_loss: mean outside plus mean on the other objects minus mean inside
+    """toy_teachers.localisation_loss: mean outside plus mean on the other objects minus mean inside
     the word's object, averaged over the colour tokens whose object is drawn. A map that is 1 on
     the object and 0 elsewhere gives -1, a uniform map 0 (no other object), the object's
     complement +1; a colour token without its object in the scene and every other token are left
@@ -318,7 +319,7 @@ def test_localisation_loss_worked_example():
     # the start token and colour 1 (its object absent) are left out, whatever their maps
     maps[0, 0] = 0.3
     maps[0, 2] = 0.5
-    loss = lambda: float(base_models.localisation_loss(maps, ids, masks, colour_ids))  # noqa: E731
+    loss = lambda: float(toy_teachers.localisation_loss(maps, ids, masks, colour_ids))  # noqa: E731
     uniform = torch.full((32, 32), 0.4)
     for word_map, expected in ((mask[0], -1.0), (uniform, 0.0), (1 - mask[0], 1.0)):
         maps[0, 1] = word_map
@@ -480,13 +481,13 @@ def test_retraining_paths_write_loadable_models(small_world, tmp_path):
     """`toy.py train-sd` and `train-vlm` (a few steps here) write folders that load through the same
     code as the shipped ones: models.load_dm("toy-sd", path) and models.load_vlm("toy", path)."""
     world, _ = small_world
-    base_models.train_sd(tmp_path / "sd", world, seed=3, steps=2, batch=4, vae_steps=2)
+    toy_teachers.train_sd(tmp_path / "sd", world, seed=3, steps=2, batch=4, vae_steps=2)
     dm = models.load_dm("toy-sd", path=tmp_path / "sd")
     positions = models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"]
     assert dm["res"] == 32 and dm["text_encoder"].config.max_position_embeddings == positions
     # --init-from (how the shipped toy-sd was continued): the VAE and its scaling factor are kept
     # frozen, the UNet moves on from the loaded weights
-    base_models.train_sd(tmp_path / "sd2", world, seed=3, steps=2, batch=4, init_from=tmp_path / "sd")
+    toy_teachers.train_sd(tmp_path / "sd2", world, seed=3, steps=2, batch=4, init_from=tmp_path / "sd")
     dm2 = models.load_dm("toy-sd", path=tmp_path / "sd2")
     assert dm2["vae"].config.scaling_factor == dm["vae"].config.scaling_factor
     for (name, a), b in zip(dm["vae"].state_dict().items(), dm2["vae"].state_dict().values()):

@@ -52,13 +52,13 @@ def test_the_localisation_loss_reaches_every_text_encoder_and_the_attention(name
     monkeypatch.setattr(toy_teachers, "denoising_loss", lambda *a: denoising(*a) * 0)
     grads = {}
 
-    def one_step(params, loss_of_step, steps, lr, desc):
+    def one_step(params, loss_of_step, steps, lr, desc, after_step=None):
         loss_of_step(0).backward()
         grads.update({n: p.grad for part in ("text_encoder", "text_encoder_2", "unet",
                                              "transformer") if part in dm
                       for n, p in dm[part].named_parameters(prefix=part)})
         return [0.0]
-    monkeypatch.setattr(toy_teachers.base_models, "fit_base", one_step)
+    monkeypatch.setattr(toy_teachers, "fit_base", one_step)
     scenes = [it["objects"] for it in data.read_items(paths["pretrain"])][:4]
     latents = torch.randn(4, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     toy_teachers.fit(dm, latents, scenes, steps=1, batch=4, lr=1e-3, seed=0)
