@@ -1,4 +1,4 @@
-"""Evaluate fine-tuned runs side by side: VQA accuracy, attention entropy, alignment, pictures
+r"""Evaluate fine-tuned runs side by side: VQA accuracy, attention entropy, alignment, pictures
 (paper §7, §8, App. B eq. 23, Fig. 7, 8, 17, 25).
 
 For every run (and/or the base model) this script
@@ -29,13 +29,18 @@ For every run (and/or the base model) this script
      entropy.png and overlays/<id>.png (figures.py), and prints a one-line summary.
 
 Usage:
-    python evaluate.py --model tiny --run-dir runs/ar --run-dir runs/lavender --data test.jsonl --attn attn/ --out eval/
-    python evaluate.py --model llama32 --model-path ~/llama32 --data test.jsonl --out eval/base   # base model only
-    torchrun --nproc_per_node 8 evaluate.py --model llama32 --run-dir runs/lavender --data test.jsonl --out eval/
-    python evaluate.py --score other_model.jsonl --data textvqa.jsonl --out eval/other   # any model's answers, no model
-A run trained under FSDP is loaded whole (runs.load_run). Under torchrun every rank loads the model on its
-own GPU and evaluates every world-th item; rank 0 gathers the per-item results and writes the same
-report as one process would.
+    python evaluate.py --model tiny --run-dir runs/ar --run-dir runs/lavender --data test.jsonl \
+        --attn attn/ --out eval/
+    # the base model only
+    python evaluate.py --model llama32 --model-path ~/llama32 --data test.jsonl --out eval/base
+    torchrun --nproc_per_node 8 evaluate.py --model llama32 --run-dir runs/lavender \
+        --data test.jsonl --out eval/
+    # any model's answers, no model
+    python evaluate.py --score other_model.jsonl --data textvqa.jsonl --out eval/other
+A run trained under FSDP is loaded whole (runs.load_run). Under torchrun every rank loads the model
+on its own GPU and evaluates every world-th item; rank 0 gathers the per-item results and writes the
+same report as one process would. The report files (report.json, report.md, the summary line) are
+eval_report.py's.
 """
 import argparse
 import gc
@@ -47,11 +52,13 @@ import numpy as np
 import torch
 
 import data
-from aggregate import AGGREGATIONS, LAYER_SUBSETS, aligned_layers, attention_capture, label_plan, vlm_word_maps
+from aggregate import (AGGREGATIONS, LAYER_SUBSETS, aligned_layers, attention_capture, label_plan,
+                       vlm_word_maps)
 from distributed import exit_if_torchrun, gather_objects, setup_distributed, teardown
+from eval_report import read_scored_items, score_files, summary_line, unique_names, write_report
 from figures import draw_entropy_histograms, draw_overlays
-from metrics import (METRICS, accuracy_summary, check_items, describe_metric, read_predictions, run_scores,
-                     score_items, write_predictions)
+from metrics import (METRICS, accuracy_summary, describe_metric, run_scores, score_items,
+                     write_predictions)
 from models import load_vlm, maps_have_positions, resolve_dtype
 from runs import load_run, run_problem
 from vqa_rules import VQA_RULES
@@ -67,8 +74,10 @@ def attention_entropy(maps, eps=1e-12):
     normalisation) carries no location: it is read as uniform. maps (..., h, w) -> (...)."""
     flat = maps.float().flatten(-2).clamp_min(0)                     # (..., h*w)
     total = flat.sum(-1, keepdim=True)                               # (..., 1)
-    p = torch.where(total > eps, flat / total.clamp_min(eps), torch.full_like(flat, 1.0 / flat.shape[-1]))
-    return -(p * torch.log(p.clamp_min(eps))).sum(-1) + 0.0          # (...), + 0.0 turns -0.0 into 0.0
+    uniform = torch.full_like(flat, 1.0 / flat.shape[-1])
+    p = torch.where(total > eps, flat / total.clamp_min(eps), uniform)
+    # + 0.0 turns -0.0 into 0.0
+    return -(p * torch.log(p.clamp_min(eps))).sum(-1) + 0.0          # (...)
 
 
 def alignment_mse(vlm_maps, dm_maps):
@@ -78,17 +87,20 @@ def alignment_mse(vlm_maps, dm_maps):
 
 
 def argmax_pixel(attn_map, height, width):
-    """The image pixel (y, x) at the centre of the map's highest cell (first one on ties): the argmax
-    is mapped back to image pixels rather than the mask resized to the map grid, so a mask is never
-    blurred and a thin object still counts."""
+    """The image pixel (y, x) at the centre of the map's highest cell (first one on ties): the
+    argmax is mapped back to image pixels rather than the mask resized to the map grid, so a mask
+    is never blurred and a thin object still counts."""
     h, w = attn_map.shape
     cell = int(torch.argmax(attn_map.reshape(-1)))
     i, j = divmod(cell, w)
-    return min(int((i + 0.5) * height / h), height - 1), min(int((j + 0.5) * width / w), width - 1)
+    y = min(int((i + 0.5) * height / h), height - 1)
+    x = min(int((j + 0.5) * width / w), width - 1)
+    return y, x
 
 
 def pointing_hit(attn_map, region):
-    """True when the argmax of a word's map falls inside its object; region (H, W) bool array in image pixels."""
+    """True when the argmax of a word's map falls inside its object; region (H, W) bool array in
+    image pixels."""
     y, x = argmax_pixel(attn_map, *region.shape)
     return bool(region[y, x])
 
@@ -98,7 +110,8 @@ def summarize(values):
     if not values:
         return {"mean": None, "std": None, "median": None, "n": 0}
     a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std()), "median": float(np.median(a)), "n": len(values)}
+    return {"mean": float(a.mean()), "std": float(a.std()), "median": float(np.median(a)),
+            "n": len(values)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,23 +119,29 @@ def summarize(values):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, device="cpu", show=True):
+def generate_answers(model, processor, items, batch_size=8, max_new_tokens=16, device="cpu",
+                     show=True):
     """Greedy answers. Prompts come from data.collate(with_answer=False): the training chat template
     (user [image, question] + the assistant header), LEFT padded so that every row's first new token
     follows its own prompt. Mllama's generate takes pixel_values, aspect_ratio_ids,
     aspect_ratio_mask and cross_attention_mask beside the text."""
     tok = processor.tokenizer
     # stop at the model's own end tokens (Llama-3.2-Instruct lists several) and at the tokenizer's
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id} - {None})
+    model_eos = getattr(model.generation_config, "eos_token_id", None)
+    if not isinstance(model_eos, list):
+        model_eos = [model_eos] if model_eos is not None else []
+    eos = sorted({*model_eos, tok.eos_token_id} - {None})
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     answers = []
-    for start in data.progress_bar(range(0, len(items), batch_size), show, desc="generate",
-                                   leave=False):
-        batch = data.model_inputs(data.collate(processor, items[start:start + batch_size], with_answer=False), device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    batches = range(0, len(items), batch_size)
+    for start in data.progress_bar(batches, show, desc="generate", leave=False):
+        prompts = data.collate(processor, items[start:start + batch_size], with_answer=False)
+        batch = data.model_inputs(prompts, device)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=pad)
         new = out[:, batch["input_ids"].shape[1]:]                       # (B, new tokens)
-        answers += [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        answers += [a.strip() for a in texts]
     return answers
 
 
@@ -131,8 +150,8 @@ def capture_settings(lavender, model, args):
     (--aggregate, --layers, --match on the pretrained attention, no Aligner); head: a Lavender run's
     map as its loss saw it (runs.load_run's lavender dict: aligner, layers, aggregation,
     aligner_mode, learned), None for the base model and runs without an Aligner or projections."""
-    own = {"aggregation": args.aggregate, "layers": aligned_layers(model, args.layers), "match": args.match,
-           "aligner": None, "aligner_mode": "auto", "learned": False}
+    own = {"aggregation": args.aggregate, "layers": aligned_layers(model, args.layers),
+           "match": args.match, "aligner": None, "aligner_mode": "auto", "learned": False}
     if lavender is None or (lavender["aligner"] is None and not lavender["learned"]):
         return own, None
     head = dict(lavender, match=args.match)
@@ -142,35 +161,42 @@ def capture_settings(lavender, model, args):
 
 def word_maps(capture, plan, batch, settings):
     """(B, W, 32, 32) maps of `settings` (capture_settings) from a filled capture."""
-    return vlm_word_maps(capture, plan, batch, aggregation=settings["aggregation"], aligner=settings["aligner"],
-                         aligner_mode=settings["aligner_mode"]).float().cpu()
+    maps = vlm_word_maps(capture, plan, batch, aggregation=settings["aggregation"],
+                         aligner=settings["aligner"], aligner_mode=settings["aligner_mode"])
+    return maps.float().cpu()
 
 
 @torch.no_grad()
-def answer_maps(model, processor, items, dm_store, own, head=None, batch_size=4, device="cpu", show=True):
+def answer_maps(model, processor, items, dm_store, own, head=None, batch_size=4, device="cpu",
+                show=True):
     """Per item dict(words, dm_index, own, head): the per-word maps on the reference answer under
     teacher forcing, for the answer's words that have a DM map (label words; plan_words). own and
-    head (W, 32, 32) as capture_settings makes them (head None without one); one forward fills both."""
+    head (W, 32, 32) as capture_settings makes them (head None without one); one forward fills
+    both."""
     out = []
     captures = [attention_capture(model, own["layers"], learned=False)]
     if head is not None:
         captures.append(attention_capture(model, head["layers"], learned=head["learned"]))
     try:
-        for start in data.progress_bar(range(0, len(items), batch_size), show, desc="attention",
-                                       leave=False):
+        batches = range(0, len(items), batch_size)
+        for start in data.progress_bar(batches, show, desc="attention", leave=False):
             chunk = items[start:start + batch_size]
             batch = data.collate(processor, chunk, with_answer=True)
             dm_words = [dm_store[it["id"]][1] if it["id"] in dm_store else None for it in chunk]
-            rows, plan = label_plan(processor.tokenizer, batch["input_ids"], batch["labels"], dm_words, own["match"])
+            # rows (B, R): every row that predicts an answer token
+            rows, plan = label_plan(processor.tokenizer, batch["input_ids"], batch["labels"],
+                                    dm_words, own["match"])
             for capture in captures:
-                capture.set_rows(rows.to(device))  # (B, R) every row that predicts an answer token
+                capture.set_rows(rows.to(device))
             model(**data.model_inputs(batch, device))
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            maps = [word_maps(c, plan, batch, s) for c, s in zip(captures, (own, head))]  # (B, W, 32, 32) each
+            # one (B, W, 32, 32) tensor per capture
+            maps = [word_maps(c, plan, batch, s) for c, s in zip(captures, (own, head))]
             for b in range(len(chunk)):
                 n = len(plan["words"][b])
+                head_maps = maps[1][b, :n] if head is not None else None
                 out.append({"words": plan["words"][b], "dm_index": plan["dm_index"][b, :n].tolist(),
-                            "own": maps[0][b, :n], "head": maps[1][b, :n] if head is not None else None})
+                            "own": maps[0][b, :n], "head": head_maps})
     finally:
         for capture in captures:
             capture.remove()
@@ -188,6 +214,31 @@ def word_measures(maps, dm_maps, m, regions):
     return measures
 
 
+def measure_items(results, maps, model, dm_store, regions, head, drawn):
+    """Adds to each of this rank's results the word_measures of its own maps, of the DM maps of
+    the same words and of a Lavender run's head maps; and, for the items in `drawn` (the
+    overlays), the maps themselves. maps: answer_maps' per-item dicts, in the results' order."""
+    # no pointing for maps without positions (IDEFICS' resampler latents)
+    placed = maps_have_positions(model)
+    # every word below has a DM map (plan_words keeps only those)
+    for result, m in zip(results, maps):
+        item_id = result["record"]["id"]
+        dm_maps = dm_store[item_id][0] if item_id in dm_store else None
+        word_regions = regions.get(item_id, {})
+        vlm_regions = word_regions if placed else {}
+        result["own"] = word_measures(m["own"], dm_maps, m, vlm_regions)
+        if m["words"]:
+            matched = torch.stack([dm_maps[j] for j in m["dm_index"]])
+        else:
+            matched = torch.zeros(0, 32, 32)
+        result["dm"] = word_measures(matched, dm_maps, m, word_regions)
+        if head is not None:
+            result["head"] = word_measures(m["head"], dm_maps, m, vlm_regions)
+        if item_id in drawn:
+            result["picture"] = {kind: {j: m[kind][w] for w, j in enumerate(m["dm_index"])}
+                                 for kind in ("own", "head") if m[kind] is not None}
+
+
 def pointing_split(eval_dir):
     """(accuracy on the items whose answer word's own map points at its object, accuracy on the
     items where it misses, their counts) from a run's predictions.jsonl: is a grounded answer a
@@ -201,197 +252,87 @@ def pointing_split(eval_dir):
 
 
 def attention_summary(results, key):
-    """dict(entropy, alignment_mse, pointing, matched_words) over every item's words (item order)."""
+    """dict(entropy, alignment_mse, pointing, matched_words) over every item's words (item
+    order)."""
     every = lambda name: [v for r in results for v in r[key][name]]  # noqa: E731
     hits = every("hits")
-    return {"entropy": summarize(every("entropies")), "alignment_mse": summarize(every("errors")),
-            "pointing": accuracy_summary(hits) if hits else None, "matched_words": len(every("errors"))}
+    errors = every("errors")
+    return {"entropy": summarize(every("entropies")), "alignment_mse": summarize(errors),
+            "pointing": accuracy_summary(hits) if hits else None, "matched_words": len(errors)}
+
+
+def shown_settings(settings):
+    """Capture settings as report.json shows them: the Aligner by its class name."""
+    aligner = settings["aligner"]
+    return dict(settings, aligner=type(aligner).__name__ if aligner is not None else None)
+
+
+def attention_report(results, own, head):
+    """A run report's attention fields: the measures of its own maps, of the DM maps on the same
+    words, and of a Lavender run's head (None without one)."""
+    mine = attention_summary(results, "own")
+    head_report = None
+    if head:
+        head_report = dict(attention_summary(results, "head"), settings=shown_settings(head))
+    return {"settings": shown_settings(own), "vlm_entropy": mine["entropy"],
+            "alignment_mse": mine["alignment_mse"], "pointing": mine["pointing"],
+            "matched_words": mine["matched_words"],
+            "dm_on_matched": attention_summary(results, "dm"), "head": head_report}
 
 
 # ---------------------------------------------------------------------------------------------
 # one model, all measures
 # ---------------------------------------------------------------------------------------------
 
-def evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir, drawn=(),
-                   rank=0, world=1, device="cpu"):
+def evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir,
+                   drawn=(), rank=0, world=1, device="cpu"):
     """Accuracy (and, with a DM store, attention measures) of one model; rank 0 writes
     <out>/<name>/predictions.jsonl. settings: capture_settings' (own, head). This rank measures
-    items rank, rank + world, ...; the per-item results are gathered (distributed.gather_objects) and put
-    back in item order, so the report does not depend on the number of ranks. Returns (run report
-    dict, {item id: {"own" / "head": {dm word index: map}}} for the items in `drawn`)."""
+    items rank, rank + world, ...; the per-item results are gathered (distributed.gather_objects)
+    and put back in item order, so the report does not depend on the number of ranks. Returns (run
+    report dict, {item id: {"own" / "head": {dm word index: map}}} for the items in `drawn`)."""
     show = not args.quiet and rank == 0
     model.to(device).eval()
     mine = list(range(rank, len(items), world))
+    my_items = [items[i] for i in mine]
     start = time.perf_counter()
-    predictions = generate_answers(model, processor, [items[i] for i in mine], args.batch_size, args.max_new_tokens,
-                                   device, show)
-    seconds = gather_objects([time.perf_counter() - start], world)  # every rank's generation time
-    results = []  # one dict per item of this rank: its prediction and, with a DM store, its per-word measures
+    predictions = generate_answers(model, processor, my_items, args.batch_size,
+                                   args.max_new_tokens, device, show)
+    # every rank's generation time
+    seconds = gather_objects([time.perf_counter() - start], world)
+    # one dict per item of this rank: its prediction and, with a DM store, its per-word measures
+    results = []
     for i, prediction in zip(mine, predictions):
         results.append({"index": i, "record": {"id": items[i]["id"], "prediction": prediction}})
     own, head = settings if dm_store else (None, None)
     if dm_store:
-        maps = answer_maps(model, processor, [items[i] for i in mine], dm_store, own, head, args.batch_size, device, show)
-        placed = maps_have_positions(model)  # else no pointing for the VLM's maps (IDEFICS' resampler latents)
-        for result, m in zip(results, maps):  # every word below has a DM map (plan_words keeps only those)
-            item_id = result["record"]["id"]
-            dm_maps = dm_store[item_id][0] if item_id in dm_store else None
-            item_regions_ = regions.get(item_id, {})
-            result["own"] = word_measures(m["own"], dm_maps, m, item_regions_ if placed else {})
-            result["dm"] = word_measures(torch.stack([dm_maps[j] for j in m["dm_index"]]) if m["words"] else
-                                         torch.zeros(0, 32, 32), dm_maps, m, item_regions_)
-            if head is not None:
-                result["head"] = word_measures(m["head"], dm_maps, m, item_regions_ if placed else {})
-            if item_id in drawn:
-                result["picture"] = {kind: {j: m[kind][w] for w, j in enumerate(m["dm_index"])}
-                                     for kind in ("own", "head") if m[kind] is not None}
-    results = sorted(gather_objects(results, world), key=lambda r: r["index"])  # every rank: all items
+        maps = answer_maps(model, processor, my_items, dm_store, own, head, args.batch_size,
+                           device, show)
+        measure_items(results, maps, model, dm_store, regions, head, drawn)
+    # every rank: all items
+    results = sorted(gather_objects(results, world), key=lambda r: r["index"])
     # scored once gathered: CIDEr-D's document frequencies are over the whole set
-    records = score_items(items, [r["record"]["prediction"] for r in results], args.metric,
-                          args.vqa_rule)
-    for record, r in zip(records, results):  # per item: did the own map of each answer word point at its object
+    predictions = [r["record"]["prediction"] for r in results]
+    records = score_items(items, predictions, args.metric, args.vqa_rule)
+    # per item: did the own map of each answer word point at its object
+    for record, r in zip(records, results):
         if "own" in r:
             record["own_pointing"] = r["own"]["hits"]
     if rank == 0:
         write_predictions(out_dir / name, records, args.vlmevalkit)
+    # items per second: all ranks together
     report = {"name": name, **run_scores(records), "generate_seconds": max(seconds),
-              "items_per_second": len(items) / max(max(seconds), 1e-9)}  # all ranks together
+              "items_per_second": len(items) / max(max(seconds), 1e-9)}
     pictures = {}
     if dm_store:
         pictures = {r["record"]["id"]: r["picture"] for r in results if "picture" in r}
-        shown = lambda s: dict(s, aligner=type(s["aligner"]).__name__ if s["aligner"] is not None else None)  # noqa: E731
-        mine_ = attention_summary(results, "own")
-        report.update(settings=shown(own), vlm_entropy=mine_["entropy"], alignment_mse=mine_["alignment_mse"],
-                      pointing=mine_["pointing"], matched_words=mine_["matched_words"],
-                      dm_on_matched=attention_summary(results, "dm"),
-                      head=dict(attention_summary(results, "head"), settings=shown(head)) if head else None)
+        report.update(attention_report(results, own, head))
         report["_entropies"] = [v for r in results for v in r["own"]["entropies"]]
     return report, pictures
 
 
 # ---------------------------------------------------------------------------------------------
-# scoring the predictions of any model (--score)
-# ---------------------------------------------------------------------------------------------
-
-def read_scored_items(args):
-    """The --data items (the first --limit), checked against the metric before any model runs."""
-    items = data.read_items_or_exit(args.data)[:args.limit or None]
-    try:
-        check_items(items, args.metric)
-    except ValueError as err:
-        raise SystemExit(f"--data {args.data}: {err}") from None
-    return items
-
-
-def score_files(args):
-    """--score: the report for prediction files made by any model, scored against --data; no model is
-    loaded and no image opened. Each file is a run, named by its folder when it is called
-    predictions.jsonl (a run folder of an earlier report), else by its file name."""
-    out_dir = Path(args.out)
-    items, known = read_scored_items(args), {it["id"] for it in data.read_items_or_exit(args.data)}
-    names = [Path(p).parent.name if Path(p).name == "predictions.jsonl" else Path(p).stem for p in args.score]
-    runs = []
-    for i, path in enumerate(args.score):
-        try:
-            predictions = read_predictions(path)
-        except (OSError, ValueError) as err:  # missing, not UTF-8, not JSON, a line without fields
-            raise SystemExit(f"--score {err}") from None
-        unknown = [k for k in predictions if k not in known]
-        missing = [it["id"] for it in items if it["id"] not in predictions]
-        if unknown or missing:
-            raise SystemExit(f"--score {path} does not match --data {args.data}: {len(missing)} item(s) without a "
-                             f"prediction {missing[:5]}, {len(unknown)} prediction(s) for unknown ids {unknown[:5]}")
-        records = score_items(items, [predictions[it["id"]] for it in items], args.metric,
-                              args.vqa_rule)
-        name = names[i] if names.count(names[i]) == 1 else f"{names[i]}-{i}"
-        write_predictions(out_dir / name, records, args.vlmevalkit)
-        runs.append({"name": name, "predictions": str(path), **run_scores(records)})
-    report = {"data": str(args.data), "items": len(items), "out": str(out_dir),
-              "metric": describe_metric(args.metric, args.vqa_rule), "runs": runs, "figures": []}
-    write_report(report, out_dir)
-    print(summary_line(report))
-    return report
-
-
-# ---------------------------------------------------------------------------------------------
-# report files
-# ---------------------------------------------------------------------------------------------
-
-def _pct(summary):
-    if not summary or summary["accuracy"] is None:
-        return "-"
-    lo, hi = summary["ci95"]
-    return f"{100 * summary['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={summary['n']})"
-
-
-def _num(summary, digits=3):
-    return "-" if not summary or summary.get("mean") is None else f"{summary['mean']:.{digits}f}"
-
-
-def attention_rows(report):
-    """The main table's rows with attention measures: each model's own maps, each Lavender run's
-    Aligner head, the DM's maps of the same words."""
-    rows = [f"| {r['name']} | own | {_pct(r['accuracy']['all'])} | {_num(r.get('vlm_entropy'))} | "
-            f"{_num(r.get('alignment_mse'), 4)} | {r.get('matched_words', '-')} | {_pct(r.get('pointing'))} |"
-            for r in report["runs"]]
-    rows += [f"| {r['name']} | head | | {_num(r['head']['entropy'])} | {_num(r['head']['alignment_mse'], 4)} | "
-             f"{r['head']['matched_words']} | {_pct(r['head']['pointing'])} |" for r in report["runs"] if r.get("head")]
-    dm = report.get("dm") or {}
-    if dm:
-        rows.append(f"| DM (the target) | | | {_num(dm.get('entropy'))} | | {dm.get('matched_words', '-')} | "
-                    f"{_pct(dm.get('pointing'))} |")
-    return rows
-
-
-def report_markdown(report):
-    """report.md: one row per model (with --attn: its own attention, and a row per Lavender run's
-    Aligner head), one column per measure; per-category accuracy below when present."""
-    runs = report["runs"]
-    lines = [f"# Evaluation on {report['data']} ({report['items']} items)", "",
-             f"Accuracy: {report.get('metric')}; in % (CIDEr-D x 100, as papers print it).", ""]
-    if any(r.get("vlm_entropy") for r in runs):
-        lines[-1:] = ["Attention columns, per answer word with a DM map: 'own' is each model's own cross-attention, "
-                      "read the same way for every model; 'head' is a Lavender run's map through its Aligner (what "
-                      "its loss compares). Entropy: App. B eq. 23, nats (uniform 32x32 = 6.931). MSE: against the "
-                      "DM map. Pointing: the map's argmax inside the named object.", "",
-                      "| model | maps | accuracy % [95% CI] | entropy | alignment MSE | matched words | "
-                      "pointing % [95% CI] |", "|---|---|---|---|---|---|---|", *attention_rows(report)]
-    else:  # no attention measured (no --attn, or --score): accuracy alone
-        lines += ["| model | accuracy % [95% CI] |", "|---|---|", *[f"| {r['name']} | {_pct(r['accuracy']['all'])} |"
-                                                              for r in runs]]
-    categories = sorted({c for r in runs for c in r["accuracy"] if c != "all"})
-    if categories:
-        lines += ["", "## Accuracy per category", "", "| run | " + " | ".join(categories) + " |",
-                  "|---|" + "---|" * len(categories)]
-        for r in runs:
-            lines.append(f"| {r['name']} | " + " | ".join(_pct(r["accuracy"].get(c)) for c in categories) + " |")
-    if report.get("figures"):
-        lines += ["", "## Figures", ""] + [f"- {f}" for f in report["figures"]]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report, out_dir):
-    """report.json (every figure) and report.md (the table) under out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(report_markdown(report))
-
-
-def summary_line(report):
-    """One line: each model's accuracy [95% CI] (and alignment MSE when measured), and where the report is."""
-    parts = []
-    for r in report["runs"]:
-        mse = r.get("alignment_mse") or {}
-        parts.append(f"{r['name']} {_pct(r['accuracy']['all']).split(' (')[0]}%"
-                     + (f" mse {mse['mean']:.4f}" if mse.get("mean") is not None else "")
-                     + (f" {r['items_per_second']:.2f} items/s" if "items_per_second" in r else ""))
-    return (f"evaluated {len(report['runs'])} model(s) on {report['items']} items: " + "; ".join(parts)
-            + f" -> {report['out']}/report.md")
-
-
-# ---------------------------------------------------------------------------------------------
-# main
+# main: the test data checked, each model loaded and evaluated, the report written
 # ---------------------------------------------------------------------------------------------
 
 def item_problems(items, attn_dir, root):
@@ -404,25 +345,33 @@ def item_problems(items, attn_dir, root):
         problems += [problem] if problem else []
         try:
             data.item_regions(item, root, data.normalize_word)
-        except Exception as err:  # noqa: BLE001 -- a missing or malformed mask or box
-            problems.append(f"item {item['id']!r} (line {item.get('line', '?')}): masks/boxes cannot be read "
-                            f"({type(err).__name__}: {err})")
+        # any exception: a missing or malformed mask or box
+        except Exception as err:  # noqa: BLE001
+            problems.append(f"item {item['id']!r} (line {item.get('line', '?')}): masks/boxes "
+                            f"cannot be read ({type(err).__name__}: {err})")
     return problems
 
 
 def read_test_data(args):
     """(items, dm_store, regions): --data and --attn read, every item checked (item_problems); a
     problem stops the evaluation with the items named, before any model is loaded."""
-    items = read_scored_items(args)  # a missing or malformed file: one line, before any model
+    # a missing or malformed file: one line, before any model
+    items = read_scored_items(args)
     root = Path(args.data).resolve().parent
     problems = item_problems(items, args.attn, root)
     if problems:
-        raise SystemExit(f"{len(problems)} problem(s) in --data {args.data} / --attn {args.attn}; fix or "
-                         f"remove these items:\n  " + "\n  ".join(problems[:20]))
-    dm_store = {it["id"]: maps for it in items if (maps := data.read_maps(args.attn, it["id"]))[0] is not None}
+        listed = "\n  ".join(problems[:20])
+        raise SystemExit(f"{len(problems)} problem(s) in --data {args.data} / --attn {args.attn}; "
+                         f"fix or remove these items:\n  " + listed)
+    # {id: (maps, words)} of the items with an attention file
+    dm_store = {}
+    for it in items:
+        stored = data.read_maps(args.attn, it["id"])
+        if stored[0] is not None:
+            dm_store[it["id"]] = stored
     if args.attn and not dm_store:
-        raise SystemExit(f"--attn {args.attn}: no attention file for any of the {len(items)} items "
-                         f"(expected <attn>/<id>.safetensors, written by extract.py)")
+        raise SystemExit(f"--attn {args.attn}: no attention file for any of the {len(items)} "
+                         f"items (expected <attn>/<id>.safetensors, written by extract.py)")
     regions = {it["id"]: data.item_regions(it, root, data.normalize_word) for it in items
                if dm_store and (it.get("masks") or it.get("boxes"))}
     return items, dm_store, regions
@@ -434,35 +383,55 @@ def open_run(run_dir, device, dtype):
     if problem is None:
         try:
             return load_run(run_dir, device=device, dtype=dtype)
-        except Exception as err:  # noqa: BLE001 -- unreadable weights, a foreign adapter, ...
+        # unreadable weights, a foreign adapter, ...
+        except Exception as err:  # noqa: BLE001
             problem = f"cannot be loaded ({type(err).__name__}: {str(err)[:300]})"
     raise SystemExit(f"--run-dir {run_dir}: {problem}")
 
 
 def models_to_evaluate(args):
-    """[(name, run dir or None for the base --model)]: the base first (with --base, or when no --run-dir is
-    given), then each run named by its folder (made unique with -<n> when two share a name)."""
+    """[(name, run dir or None for the base --model)]: the base first (with --base, or when no
+    --run-dir is given), then each run named by its folder (made unique with -<n> when two share
+    a name)."""
     models = []
     if args.base or not args.run:
         if not args.model:
-            raise SystemExit("give --model <preset> to evaluate the base model, or one or more --run-dir DIR")
+            raise SystemExit("give --model <preset> to evaluate the base model, or one or more "
+                             "--run-dir DIR")
         models.append(("base", None))
-    models += [(Path(r).resolve().name or f"run{i}", r) for i, r in enumerate(args.run)]  # a plain folder name
-    names = [n for n, _ in models]
-    return [(n if names.count(n) == 1 else f"{n}-{i}", r) for i, (n, r) in enumerate(models)]
+    # a run is named by its plain folder name
+    models += [(Path(r).resolve().name or f"run{i}", r) for i, r in enumerate(args.run)]
+    names = unique_names([n for n, _ in models])
+    return [(n, r) for n, (_, r) in zip(names, models)]
+
+
+def load_model(run_dir, args, device, dtype):
+    """(model, processor, lavender): the base --model when run_dir is None, else the run (a LoRA
+    or full run, loaded whole on this one process, also one trained under FSDP)."""
+    if run_dir is None:
+        # the weights go to this rank's device as they load
+        model, processor = load_vlm(args.model, args.model_path, dtype, device)
+        return model, processor, None
+    model, processor, lavender, config = open_run(run_dir, device, dtype)
+    if args.model and config.get("model") != args.model:
+        raise SystemExit(f"--run-dir {run_dir} was trained from --model {config.get('model')}, "
+                         f"not {args.model}")
+    return model, processor, lavender
 
 
 def evaluate(args):
     """Library entry (toy.py calls it with build_parser()'s settings): returns the report dict.
-    Under torchrun every rank runs it; rank 0 writes the files and prints the summary. With --score,
-    no model: the prediction files are scored (score_files)."""
+    Under torchrun every rank runs it; rank 0 writes the files and prints the summary. With
+    --score, no model: the prediction files are scored (score_files)."""
     if not args.data or not args.out:
-        raise SystemExit("evaluate.py needs --data (the test JSONL) and --out (the report's folder)")
+        raise SystemExit("evaluate.py needs --data (the test JSONL) and --out (the report's "
+                         "folder)")
     if args.score:
         return score_files(args)
     data.library_bars(not args.quiet)
     rank, world, device, _ = setup_distributed()
-    device = str(device) if world > 1 else args.device  # under torchrun: this rank's GPU (or the CPU)
+    # under torchrun: this rank's GPU (or the CPU)
+    device = str(device) if world > 1 else args.device
     try:
         return evaluate_ranks(args, rank, world, device)
     finally:
@@ -470,49 +439,47 @@ def evaluate(args):
 
 
 def evaluate_ranks(args, rank, world, device):
+    """evaluate on this rank: each model in turn (models_to_evaluate), then, on rank 0, the
+    figures (draw_dm_side) and the report files; returns the report dict."""
     out_dir = Path(args.out)
     items, dm_store, regions = read_test_data(args)
-    problems = [f"--run-dir {r}: {p}" for _, r in models_to_evaluate(args) if r and (p := run_problem(r))]
-    if problems:  # every broken run named now, not after the first runs were evaluated
+    run_dirs = [r for _, r in models_to_evaluate(args) if r]
+    problems = [f"--run-dir {r}: {p}" for r in run_dirs if (p := run_problem(r))]
+    # every broken run named at once, before the first runs are evaluated
+    if problems:
         raise SystemExit("\n".join(problems))
     out_dir.mkdir(parents=True, exist_ok=True)
-    drawn = [it for it in items if it["id"] in dm_store][:args.figures]  # the overlays' items: only their maps are kept
+    # the overlays' items: only their maps are kept
+    drawn = [it for it in items if it["id"] in dm_store][:args.figures]
+    drawn_ids = {it["id"] for it in drawn}
 
     # ---- each model in turn: load, generate, score, read its attention ----
     runs, pictures = [], {}
-    dtype = resolve_dtype(args.dtype, device)  # auto: bf16 on a GPU, fp32 on a CPU
+    # auto: bf16 on a GPU, fp32 on a CPU
+    dtype = resolve_dtype(args.dtype, device)
     for name, run_dir in models_to_evaluate(args):
-        if run_dir is None:  # the weights go to this rank's device as they load
-            model, processor = load_vlm(args.model, args.model_path, dtype, device)
-            lavender = None
-        else:  # a LoRA or full run, loaded whole on this one process (also one trained under FSDP)
-            model, processor, lavender, config = open_run(run_dir, device, dtype)
-            if args.model and config.get("model") != args.model:
-                raise SystemExit(f"--run-dir {run_dir} was trained from --model {config.get('model')}, not {args.model}")
+        model, processor, lavender = load_model(run_dir, args, device, dtype)
         settings = capture_settings(lavender, model, args) if dm_store else None
-        report, pictures[name] = evaluate_model(name, model, processor, settings, items, dm_store, regions, args, out_dir,
-                                                {it["id"] for it in drawn}, rank, world, device)
+        report, pictures[name] = evaluate_model(name, model, processor, settings, items, dm_store,
+                                                regions, args, out_dir, drawn_ids, rank, world,
+                                                device)
         report["run_dir"] = run_dir
         runs.append(report)
-        del model   # one model in memory at a time (gc: PEFT wrappers and hooks can hold it in reference cycles)
+        # one model in memory at a time (gc: PEFT wrappers and hooks can hold it in reference
+        # cycles)
+        del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    report = {"data": str(args.data), "items": len(items), "items_with_attention": len(dm_store), "out": str(out_dir),
-              "metric": describe_metric(args.metric, args.vqa_rule),
+    report = {"data": str(args.data), "items": len(items), "items_with_attention": len(dm_store),
+              "out": str(out_dir), "metric": describe_metric(args.metric, args.vqa_rule),
               "runs": runs, "figures": []}
-
-    if rank != 0:  # every figure is on rank 0 now; the files are its job
+    # every rank holds the gathered figures; the files are rank 0's job
+    if rank != 0:
         return report
-    # ---- the DM side (run-independent), histograms (Fig. 7/25) and overlays (Fig. 8/17) ----
-    if dm_store:  # the DM's maps of the matched words (the same words for every model: label words)
-        dm = runs[0].pop("dm_on_matched")
-        report["dm"] = {"entropy": dm["entropy"], "pointing": dm["pointing"], "matched_words": dm["matched_words"]}
-        dm_entropy = [float(h) for it in items if it["id"] in dm_store for h in
-                      attention_entropy(dm_store[it["id"]][0])]  # (every DM word, for the histogram)
-        draw_entropy_histograms(out_dir / "entropy.png", dm_entropy, {r["name"]: r["_entropies"] for r in runs})
-        report["figures"] += ["entropy.png"] + draw_overlays(out_dir, drawn, dm_store, pictures)
+    if dm_store:
+        draw_dm_side(report, items, dm_store, drawn, pictures, out_dir)
     for r in runs:
         r.pop("_entropies", None)
         r.pop("dm_on_matched", None)
@@ -521,62 +488,94 @@ def evaluate_ranks(args, rank, world, device):
     return report
 
 
+def draw_dm_side(report, items, dm_store, drawn, pictures, out_dir):
+    """The DM side of the report (run-independent), the entropy histograms (Fig. 7/25) and the
+    overlays (Fig. 8/17). The DM's maps are read on the matched words, the same words for every
+    model (label words)."""
+    runs = report["runs"]
+    dm = runs[0].pop("dm_on_matched")
+    report["dm"] = {"entropy": dm["entropy"], "pointing": dm["pointing"],
+                    "matched_words": dm["matched_words"]}
+    # every DM word, for the histogram
+    dm_entropy = [float(h) for it in items if it["id"] in dm_store
+                  for h in attention_entropy(dm_store[it["id"]][0])]
+    vlm_entropies = {r["name"]: r["_entropies"] for r in runs}
+    draw_entropy_histograms(out_dir / "entropy.png", dm_entropy, vlm_entropies)
+    overlays = draw_overlays(out_dir, drawn, dm_store, pictures)
+    report["figures"] += ["entropy.png"] + overlays
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to evaluate
-    p.add_argument("--model", default=None, help="VLM preset (models.VLM_PRESETS: llama32, idefics, qwen2vl, tiny, ...): the base model, "
-                   "evaluated when no --run-dir is given or with --base")
-    p.add_argument("--model-path", default=None, help="local copy of the --model preset (a save_pretrained folder)")
+    p.add_argument("--model", default=None,
+                   help="VLM preset (models.VLM_PRESETS: llama32, idefics, qwen2vl, tiny, ...): "
+                        "the base model, evaluated when no --run-dir is given or with --base")
+    p.add_argument("--model-path", default=None,
+                   help="local copy of the --model preset (a save_pretrained folder)")
     p.add_argument("--run-dir", "--run", dest="run", action="append", default=[],
-                   help="a run directory written by train.py; repeat to compare runs (--run is the same flag, but "
-                        "torchrun takes --run for its own --run-path: use --run-dir there)")
+                   help="a run directory written by train.py; repeat to compare runs (--run is the "
+                        "same flag, but torchrun takes --run for its own --run-path: use --run-dir "
+                        "there)")
     p.add_argument("--base", action=argparse.BooleanOptionalAction, default=False,
                    help="also evaluate the base --model beside the runs")
     # data
     p.add_argument("--data", help="test JSONL (DESIGN.md format; optional category, masks, boxes)")
-    p.add_argument("--attn", default=None, help="attention store of extract.py for the test items: enables entropy, "
-                   "alignment MSE, pointing and pictures")
+    p.add_argument("--attn", default=None,
+                   help="attention store of extract.py for the test items: enables entropy, "
+                        "alignment MSE, pointing and pictures")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N items (0: all)")
     # generation and maps
     p.add_argument("--max-new-tokens", type=int, default=16, help="greedy generation length limit")
-    p.add_argument("--batch-size", type=int, default=8, help="items per generation / teacher-forcing batch")
-    p.add_argument("--aggregate", default="mean-mean", choices=[a for a in AGGREGATIONS if a != "learn"],
-                   help="every model's own maps (the one ruler; a Lavender run's head keeps its own): "
-                        "aggregation over heads-layers (§4.2)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="items per generation / teacher-forcing batch")
+    p.add_argument("--aggregate", default="mean-mean",
+                   choices=[a for a in AGGREGATIONS if a != "learn"],
+                   help="every model's own maps (the one ruler; a Lavender run's head keeps its "
+                        "own): aggregation over heads-layers (§4.2)")
     p.add_argument("--layers", default="all", choices=LAYER_SUBSETS,
                    help="every model's own maps: the text-to-image attention layers read")
-    p.add_argument("--match", default="exact", choices=["exact", "root"], help="VLM-to-DM word matching")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--match", default="exact", choices=["exact", "root"],
+                   help="VLM-to-DM word matching")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the VLM's dtype, base model and runs; auto: bfloat16 on a GPU (half the "
                         "memory), float32 on a CPU")
     # scoring
     p.add_argument("--metric", default="auto", choices=["auto", *METRICS],
-                   help="how answers are scored: auto (each item's \"metric\" field, written by prepare.py convert; "
-                        "else choice for a question with lettered options, else exact), or one metric for every item: "
-                        "exact, vqa (VQAv2/OK-VQA/TextVQA/VizWiz), anls (DocVQA/InfoVQA), relaxed (ChartQA), choice, "
-                        "cider (CIDEr-D, captions); see metrics.py")
+                   help="how answers are scored: auto (each item's \"metric\" field, written by "
+                        "prepare.py convert; else choice for a question with lettered options, "
+                        "else exact), or one metric for every item: exact, vqa "
+                        "(VQAv2/OK-VQA/TextVQA/VizWiz), anls (DocVQA/InfoVQA), relaxed (ChartQA), "
+                        "choice, cider (CIDEr-D, captions); see metrics.py")
     p.add_argument("--vqa-rule", default="vlmevalkit", choices=list(VQA_RULES),
                    help="how vqa items' answers are processed before matching (vqa_rules.py): "
                         "vlmevalkit (the paper's harness), lmms-eval (its VQAv2), "
                         "lmms-eval-textvqa (its TextVQA/OK-VQA/VizWiz), official "
                         "(GT-Vision-Lab/VQA: processed only when the ten answers disagree)")
     p.add_argument("--score", action="append", default=[], metavar="PRED.jsonl",
-                   help="score a prediction file of any model (lines {\"id\", \"prediction\"}; VLMEvalKit's \"index\" "
-                        "is read as the id) against --data, without loading a model; repeat to compare files")
+                   help="score a prediction file of any model (lines {\"id\", \"prediction\"}; "
+                        "VLMEvalKit's \"index\" is read as the id) against --data, without "
+                        "loading a model; repeat to compare files")
     p.add_argument("--vlmevalkit", action=argparse.BooleanOptionalAction, default=False,
-                   help="write predictions.jsonl in VLMEvalKit's columns (index, question, answer, prediction, "
-                        "category) and the same rows as predictions.tsv, the file VLMEvalKit reads back")
+                   help="write predictions.jsonl in VLMEvalKit's columns (index, question, answer, "
+                        "prediction, category) and the same rows as predictions.tsv, the file "
+                        "VLMEvalKit reads back")
     # output
     p.add_argument("--out", help="output directory (report.json, report.md, PNGs, predictions)")
-    p.add_argument("--figures", type=int, default=4, help="items drawn as overlay grids (Fig. 8/17)")
-    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress bars")
+    p.add_argument("--figures", type=int, default=4,
+                   help="items drawn as overlay grids (Fig. 8/17)")
+    p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="no progress bars")
     return p
 
 
 def main():
     evaluate(build_parser().parse_args())
-    exit_if_torchrun()  # (gloo teardown, see there)
+    # (gloo teardown, see there)
+    exit_if_torchrun()
 
 
 if __name__ == "__main__":

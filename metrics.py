@@ -1,4 +1,5 @@
-"""The benchmarks' own metrics (paper §7: "All benchmarks are evaluated using their default metrics").
+"""The benchmarks' own metrics (paper §7: "All benchmarks are evaluated using their default
+metrics").
 
 Each metric turns a model's answer and the item's reference answers into a score:
   - exact:   normalised exact match against any reference (the paper's ablation metric, §8);
@@ -13,8 +14,8 @@ Each metric turns a model's answer and the item's reference answers into a score
 An item picks its metric with its own "metric" field (data.py's converters write it), else by its
 fields (choice when the question lists options, else exact); --metric overrides. A run's score is
 the mean over items, with a 95% interval: Wilson when every score is 0 or 1 (a proportion), a
-Student t interval otherwise (a mean of soft scores, and CIDEr-D). The prediction files evaluate.py writes
-(and reads back from any model with --score) are at the end.
+Student t interval otherwise (a mean of soft scores, and CIDEr-D). The prediction files evaluate.py
+writes (and reads back from any model with --score) are at the end.
 
     python -c "import metrics; print(metrics.vqa_accuracy('Two.', ['2'] * 2 + ['3'] * 8))"   # 0.6
 """
@@ -28,15 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from data import jsonl_lines
-from vqa_rules import VQA_RULES, check_rule, vqa_accuracy, vqa_normalize  # noqa: F401
+from vqa_rules import ARTICLES, VQA_RULES, check_rule, vqa_accuracy, vqa_normalize  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
 # exact match and multiple choice
 # ---------------------------------------------------------------------------------------------
 
-NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = {"a", "an", "the"}
+# number words to digits; articles ({"a", "an", "the"}) are vqa_rules' ARTICLES
+NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 
 
 def normalize_answer(text):
@@ -89,7 +90,8 @@ def extract_choice(text, choices=None):
     m = re.match(rf"^\(?({letters})\)?(?:[.):,]|$)", text)
     if m:
         return m.group(1)
-    m = re.search(rf"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*\(?({letters})\b", text)   # the letter stays upper case
+    # an "answer is (B)" / "Answer: B" phrase; the letter stays upper case
+    m = re.search(rf"(?i:answer)\s*(?:(?i:is)|:)?\s*:?\s*\(?({letters})\b", text)
     if m:
         return m.group(1)
     m = re.search(rf"\(({letters})\)", text)
@@ -97,7 +99,8 @@ def extract_choice(text, choices=None):
         return m.group(1)
     if choices:
         norm = f" {normalize_answer(text)} "
-        hits = [k for k, v in choices.items() if normalize_answer(v) and f" {normalize_answer(v)} " in norm]
+        options = {k: normalize_answer(v) for k, v in choices.items()}
+        hits = [k for k, v in options.items() if v and f" {v} " in norm]
         if len(hits) == 1:
             return hits[0]
     return None
@@ -109,14 +112,22 @@ def exact_match(prediction, answers):
     return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
 
 
+def reference_choice(question, answer):
+    """(choices, reference): the options the question lists (parse_choices) and the letter the
+    reference answer picks among them; reference None without options or when it picks none."""
+    choices = parse_choices(question)
+    reference = extract_choice(answer, choices) if choices else None
+    return choices, reference
+
+
 def score_prediction(prediction, answer, question):
     """dict(correct, kind): "choice" when the question lists options and the reference answer picks
     one of them (the predicted letter must equal it), otherwise "exact" (normalised exact match)."""
-    choices = parse_choices(question)
-    reference = extract_choice(answer, choices) if choices else None
+    choices, reference = reference_choice(question, answer)
     if reference is not None:
         picked = extract_choice(prediction, choices)
-        return {"correct": picked == reference, "kind": "choice", "letter": picked, "reference_letter": reference}
+        return {"correct": picked == reference, "kind": "choice", "letter": picked,
+                "reference_letter": reference}
     return {"correct": normalize_answer(prediction) == normalize_answer(answer), "kind": "exact"}
 
 
@@ -169,7 +180,8 @@ def relaxed_accuracy(prediction, answers, tolerance=0.05):
     A reference of 0 is compared as text, as there.
 
     Worked examples against "12.5": "13" -> |13 - 12.5| / 12.5 = 0.04 -> 1;  "13.2" -> 0.056 -> 0.
-    "45%" against "0.45" -> 0.45 vs 0.45 -> 1;  "Yes" against "yes" -> 1;  "13 cars" against "13" -> 0.
+    "45%" against "0.45" -> 0.45 vs 0.45 -> 1;  "Yes" against "yes" -> 1;
+    "13 cars" against "13" -> 0.
     """
     for reference in answers:
         p, t = _as_number(prediction), _as_number(reference)
@@ -191,12 +203,13 @@ def relaxed_accuracy(prediction, answers, tolerance=0.05):
 # punctuation below dropped. Where it differs from PTB: PTB also splits "cannot", "gonna",
 # "wanna" and keeps a final period in abbreviations ("a.m."), and it writes [ ] as -lsb- -rsb-
 # (which pycocoevalcap keeps); none of this is common in captions.
-PTB_PUNCTUATION = {"''", "'", "``", "`", '"', "(", ")", "{", "}", "-lrb-", "-rrb-", "-lcb-", "-rcb-",
-                   ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+PTB_PUNCTUATION = {"''", "'", "``", "`", '"', "(", ")", "{", "}", "-lrb-", "-rrb-", "-lcb-",
+                   "-rcb-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 
 
 def caption_tokens(text):
-    """PTB-like tokens of a caption: "A man's dog, running." -> ["a", "man", "'s", "dog", "running"]."""
+    """PTB-like tokens of a caption:
+    "A man's dog, running." -> ["a", "man", "'s", "dog", "running"]."""
     text = re.sub(r"n't\b", " n't", str(text).lower())
     text = re.sub(r"'(s|re|ve|ll|d|m)\b", r" '\1", text)
     tokens = re.findall(r"n't|'(?:s|re|ve|ll|d|m)\b|[^\W_]+(?:[-./'][^\W_]+)*|[^\w\s]", text)
@@ -206,7 +219,14 @@ def caption_tokens(text):
 def ngram_counts(tokens, n=4):
     """Counts of every 1..n-gram of a token list:
     ["a", "dog", "a"] -> {(a,): 2, (dog,): 1, (a, dog): 1, (dog, a): 1, (a, dog, a): 1}"""
-    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+    grams = (tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+    return Counter(grams)
+
+
+def clipped_dot(cand, ref):
+    """CIDEr-D's clipped dot product of one n-gram length's tf-idf vectors {n-gram: weight}:
+    the sum over the candidate's n-grams of min(w_c, w_r) * w_r."""
+    return sum(min(w, ref.get(g, 0.0)) * ref.get(g, 0.0) for g, w in cand.items())
 
 
 def cider_d(candidates, references, n=4, sigma=6.0):
@@ -229,7 +249,8 @@ def cider_d(candidates, references, n=4, sigma=6.0):
     """
     cands = [ngram_counts(caption_tokens(c), n) for c in candidates]
     refs = [[ngram_counts(caption_tokens(r), n) for r in rs] for rs in references]
-    df = Counter(g for rs in refs for g in set().union(*rs))  # images whose references hold the n-gram
+    # df: in how many images' references each n-gram occurs
+    df = Counter(g for rs in refs for g in set().union(*rs))
     log_images = math.log(len(refs)) if refs else 0.0
 
     def vectors(counts):
@@ -250,7 +271,7 @@ def cider_d(candidates, references, n=4, sigma=6.0):
             penalty = math.exp(-((length - length_r) ** 2) / (2 * sigma ** 2))
             for k in range(n):
                 if norm[k] and norm_r[k]:
-                    dot = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, w in vec[k].items())
+                    dot = clipped_dot(vec[k], vec_r[k])
                     total += dot / (norm[k] * norm_r[k]) * penalty / n
         scores.append(10.0 * total / len(rs))
     return scores
@@ -276,8 +297,8 @@ def references(item):
     if answers is None:
         return [item["answer"]]
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"item {item.get('id')!r}: field 'answers' must be a non-empty list of strings, "
-                         f"got {str(answers)[:80]}")
+        raise ValueError(f"item {item.get('id')!r}: field 'answers' must be a non-empty list of "
+                         f"strings, got {str(answers)[:80]}")
     return answers
 
 
@@ -287,20 +308,21 @@ def pick_metric(item, metric="auto"):
     reference answer picks one, else "exact"."""
     name = metric if metric != "auto" else item.get("metric")
     if name is None:
-        choices = parse_choices(item["question"])
-        return "choice" if choices and extract_choice(item["answer"], choices) else "exact"
+        _, reference = reference_choice(item["question"], item["answer"])
+        return "choice" if reference else "exact"
     if name not in METRICS:
-        raise ValueError(f"item {item.get('id')!r}: metric {name!r} is not one of {', '.join(METRICS)}")
+        raise ValueError(f"item {item.get('id')!r}: metric {name!r} is not one of "
+                         f"{', '.join(METRICS)}")
     return name
 
 
 def score_choice(prediction, item):
     """The choice metric of one item: dict(score, letter, reference_letter)."""
-    choices = parse_choices(item["question"])
-    reference = extract_choice(item["answer"], choices) if choices else None
+    choices, reference = reference_choice(item["question"], item["answer"])
     if reference is None:
-        raise ValueError(f"item {item.get('id')!r}: metric 'choice', but its question lists no lettered options "
-                         f"A, B, ... or its answer {item['answer']!r} picks none of them")
+        raise ValueError(f"item {item.get('id')!r}: metric 'choice', but its question lists no "
+                         f"lettered options A, B, ... or its answer {item['answer']!r} picks none "
+                         f"of them")
     letter = extract_choice(prediction, choices)
     return {"score": float(letter == reference), "letter": letter, "reference_letter": reference}
 
@@ -325,7 +347,8 @@ def score_items(items, predictions, metric="auto", vqa_rule="vlmevalkit"):
             record["score"] = float(METRICS[kind][0](prediction, references(item)))
         records.append(record)
     captions = [i for i, r in enumerate(records) if r["kind"] == "cider"]
-    scores = cider_d([records[i]["prediction"] for i in captions], [references(items[i]) for i in captions])
+    candidates = [records[i]["prediction"] for i in captions]
+    scores = cider_d(candidates, [references(items[i]) for i in captions])
     for i, score in zip(captions, scores):
         records[i]["score"] = score
     for r in records:
@@ -353,14 +376,15 @@ def wilson_interval(k, n, z=1.959964):
 
 
 # t quantiles for a two-sided 95% interval, df = 1..30 (scipy.stats.t.ppf(0.975, df), 4 decimals)
-T_975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
-         2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
-         2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423]
+T_975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423]
 
 
 def t_quantile_975(df):
-    """The 0.975 quantile of Student's t with df degrees of freedom: the table above up to 30, then
-    the Cornish-Fisher expansion z + (z³ + z)/4df + (5z⁵ + 16z³ + 3z)/96df² (off by < 1e-4 there)."""
+    """The 0.975 quantile of Student's t with df degrees of freedom: the table above up to 30,
+    then the Cornish-Fisher expansion z + (z³ + z)/4df + (5z⁵ + 16z³ + 3z)/96df² (off by < 1e-4
+    there)."""
     if df <= len(T_975):
         return T_975[df - 1]
     z = 1.959964
@@ -368,8 +392,9 @@ def t_quantile_975(df):
 
 
 def t_interval(scores, low=0.0, high=1.0):
-    """95% Student t interval of a mean, mean ± t(n-1) · s / √n (s: the sample standard deviation),
-    clipped to the metric's range [low, high]; fewer than 2 scores -> (low, high) (nothing known).
+    """95% Student t interval of a mean, mean ± t(n-1) · s / √n (s: the sample standard
+    deviation), clipped to the metric's range [low, high]; fewer than 2 scores -> (low, high)
+    (nothing known).
 
     [0.2, 0.4, 0.6, 0.4, 0.4]: mean 0.4, s = √(0.08 / 4) = 0.1414, t(4) = 2.7764,
     half-width 2.7764 · 0.1414 / √5 = 0.1756 -> (0.2244, 0.5756)."""
@@ -389,9 +414,10 @@ def paired(values, arm, base="ar"):
     if not diffs:
         return None
     lo, hi = t_interval(diffs, low=-math.inf, high=math.inf)
-    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731 -- one pair: no interval
-    return {"mean": sum(diffs) / len(diffs), "low": finite(lo), "high": finite(hi), "ci95": [lo, hi],
-            "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
+    # one pair: no interval
+    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731
+    return {"mean": sum(diffs) / len(diffs), "low": finite(lo), "high": finite(hi),
+            "ci95": [lo, hi], "n": len(diffs), "wins": sum(d > 0 for d in diffs)}
 
 
 def paired_cell(gap):
@@ -418,30 +444,36 @@ def accuracy_summary(scores, high=1.0):
     """dict(accuracy (the mean score), ci95 [lo, hi], interval, correct (the sum of the scores: the
     count of correct items for 0/1 scores), n) for a list of booleans or scores; accuracy None if
     empty. Wilson interval when every score is 0 or 1 (and 1 is the full mark), a t interval
-    otherwise (high: the metric's highest score; 10 for CIDEr-D, whose 0s and 1s are not a proportion)."""
+    otherwise (high: the metric's highest score; 10 for CIDEr-D, whose 0s and 1s are not a
+    proportion)."""
     scores = [float(s) for s in scores]
     n, total = len(scores), sum(scores)
     binary = high == 1.0 and all(s in (0.0, 1.0) for s in scores)
     lo, hi = wilson_interval(int(total), n) if binary else t_interval(scores, 0.0, high)
-    return {"accuracy": total / n if n else None, "ci95": [lo, hi], "interval": "wilson" if binary else "t",
-            "correct": int(total) if binary else total, "n": n}
+    return {"accuracy": total / n if n else None, "ci95": [lo, hi],
+            "interval": "wilson" if binary else "t", "correct": int(total) if binary else total,
+            "n": n}
 
 
 def accuracy_table(records):
     """Overall and per-`category` accuracy of scored records (dicts with "score" or "correct",
     optional "category" and "kind")."""
-    score = lambda r: r["score"] if r.get("score") is not None else float(r["correct"])  # noqa: E731
+    def score(r):
+        return r["score"] if r.get("score") is not None else float(r["correct"])
+
     high = max((METRICS[r["kind"]][1] for r in records if r.get("kind") in METRICS), default=1.0)
     table = {"all": accuracy_summary([score(r) for r in records], high)}
     for category in sorted({r["category"] for r in records if r.get("category") is not None}):
-        table[category] = accuracy_summary([score(r) for r in records if r.get("category") == category], high)
+        scores = [score(r) for r in records if r.get("category") == category]
+        table[category] = accuracy_summary(scores, high)
     return table
 
 
 def run_scores(records):
     """A run's score fields of report.json: accuracy (table), metrics (items per metric), and the
     multiple-choice counts (items, and predictions whose letter could not be read)."""
-    return {"accuracy": accuracy_table(records), "metrics": dict(Counter(r["kind"] for r in records)),
+    return {"accuracy": accuracy_table(records),
+            "metrics": dict(Counter(r["kind"] for r in records)),
             "multiple_choice": sum(r["kind"] == "choice" for r in records),
             "unparsed_choice": sum(r["kind"] == "choice" and r["letter"] is None for r in records)}
 
@@ -459,8 +491,11 @@ def check_items(items, metric="auto"):
 
 def describe_metric(metric, vqa_rule="vlmevalkit"):
     """report.json's one line on how the items were scored."""
-    which = ("each item's own \"metric\" field, else the letter for a multiple-choice question, else exact match"
-             if metric == "auto" else f"{metric} for every item")
+    if metric == "auto":
+        which = ("each item's own \"metric\" field, else the letter for a multiple-choice "
+                 "question, else exact match")
+    else:
+        which = f"{metric} for every item"
     return (f"--metric {metric}: {which}; vqa items under the {vqa_rule} rule (--vqa-rule); "
             "the mean score with a 95% interval (Wilson for 0/1 scores, Student t for soft "
             "scores and CIDEr-D)")
@@ -474,9 +509,9 @@ VLMEVALKIT_COLUMNS = ["index", "question", "answer", "prediction", "category"]
 
 
 def vlmevalkit_row(record):
-    """A scored record in VLMEvalKit's prediction-file columns. Several reference answers are written
-    as the Python list literal that its VQA datasets store ("['2', '2', 'two']"); an all-digit id
-    becomes an integer index, as in its TSVs."""
+    """A scored record in VLMEvalKit's prediction-file columns. Several reference answers are
+    written as the Python list literal that its VQA datasets store ("['2', '2', 'two']"); an
+    all-digit id becomes an integer index, as in its TSVs."""
     answers = record.get("answers")
     return {"index": int(record["id"]) if record["id"].isdigit() else record["id"],
             "question": record["question"],
@@ -502,12 +537,14 @@ def write_predictions(run_dir, records, vlmevalkit=False):
 
 
 def read_predictions(path):
-    """{item id: prediction} of a JSONL file with one {"id", "prediction"} object per line (VLMEvalKit's
-    "index" is read as the id), as written by any model; ValueError naming the line when malformed."""
+    """{item id: prediction} of a JSONL file with one {"id", "prediction"} object per line
+    (VLMEvalKit's "index" is read as the id), as written by any model; ValueError naming the line
+    when malformed."""
     predictions = {}
     for n, line, row in jsonl_lines(path):
         key = "id" if isinstance(row, dict) and "id" in row else "index"
-        if not isinstance(row, dict) or key not in row or not isinstance(row.get("prediction"), str):
+        if (not isinstance(row, dict) or key not in row
+                or not isinstance(row.get("prediction"), str)):
             raise ValueError(f"{path} line {n}: expected {{\"id\": ..., \"prediction\": \"...\"}} "
                              f"(or VLMEvalKit's \"index\" for the id), got {line.strip()[:100]}")
         if str(row[key]) in predictions:

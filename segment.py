@@ -61,7 +61,8 @@ def average_precision(scores, labels):
     step-wise AP of scikit-learn's average_precision_score. 0.0 without a positive (what
     np.nan_to_num makes of the undefined AP in ConceptAttention's scripts).
     scores [0.9, 0.8, 0.7, 0.6], labels [1, 0, 1, 0] -> 1/2 * 1 + 1/2 * 2/3 = 0.8333."""
-    scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel() > 0
+    scores = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(labels).ravel() > 0
     if not labels.any():
         return 0.0
     order = np.argsort(-scores, kind="stable")
@@ -131,8 +132,11 @@ def score_items(items, attn_dir, root):
             continue
         regions = data.item_regions(item, root, data.normalize_word)
         maps, words = data.read_maps(attn_dir, item["id"])            # (n_words, 32, 32)
-        void = (np.asarray(Image.open(Path(root) / item["void"]).convert("L")) > 127
-                if item.get("void") else None)
+        void = None
+        if item.get("void"):
+            # white = not scored
+            void_image = Image.open(Path(root) / item["void"]).convert("L")
+            void = np.asarray(void_image) > 127
         for word, region in regions.items():
             m = phrase_map(maps, words, word) if maps is not None else None
             if m is None:
@@ -214,8 +218,8 @@ def wordnet_lemma(wnid):
     ConceptAttention starts from; None when nltk or its WordNet data is not installed."""
     try:
         from nltk.corpus import wordnet
-        return wordnet.synset_from_pos_and_offset(wnid[0], int(wnid[1:])).lemmas()[0].name() \
-            .replace("_", " ")
+        synset = wordnet.synset_from_pos_and_offset(wnid[0], int(wnid[1:]))
+        return synset.lemmas()[0].name().replace("_", " ")
     except (ImportError, LookupError):
         return None
 
@@ -256,18 +260,23 @@ def read_imagenet_segmentation(mat_path, out, class_names=None, limit=None):
     uint8 (MATLAB's column-major (H, W, 3)), a mask a further reference to (W, H) 0/1, an id a
     char array "n02085620_1234" (synset, ImageNet image). The word is class_word's.
     """
-    h5py, names = need_h5py(), read_class_names(class_names)
+    h5py = need_h5py()
+    names = read_class_names(class_names)
     items = []
     with h5py.File(mat_path, "r") as f:
-        n = f["/value/img"].shape[0] if limit is None else min(limit, f["/value/img"].shape[0])
+        total = f["/value/img"].shape[0]
+        n = total if limit is None else min(limit, total)
         for i in data.progress_bar(range(n), desc="imagenet-seg"):
             image = np.asarray(f[f["/value/img"][i, 0]]).T                 # (H, W, 3) or (H, W)
-            gt = np.asarray(f[f[f["/value/gt"][i, 0]][0, 0]]).T > 0        # (H, W)
+            # a mask is a reference to a reference
+            gt_ref = f[f["/value/gt"][i, 0]][0, 0]
+            gt = np.asarray(f[gt_ref]).T > 0                                # (H, W)
             name = mat_string(f, f["/value/id"][i, 0])
             wnid = name.split("_")[0]
             image = np.stack([image] * 3, -1) if image.ndim == 2 else image
-            items.append(write_item(out, f"imagenet-seg-{i:04d}", np.ascontiguousarray(image),
-                                    gt, class_word(wnid, names), wnid=wnid, source=name))
+            item = write_item(out, f"imagenet-seg-{i:04d}", np.ascontiguousarray(image), gt,
+                              class_word(wnid, names), wnid=wnid, source=name)
+            items.append(item)
     return write_jsonl(items, Path(out) / "data.jsonl")
 
 
@@ -290,9 +299,10 @@ def read_voc_single_class(voc_root, out, split="val", limit=None):
         present = sorted(set(np.unique(labels).tolist()) - {0, 255})
         if len(present) != 1:
             continue
-        items.append(write_item(out, f"voc-{name}", root / "JPEGImages" / f"{name}.jpg",
-                                labels == present[0], VOC_WORDS[present[0] - 1],
-                                void=labels == 255, voc_class=present[0]))
+        image = root / "JPEGImages" / f"{name}.jpg"
+        item = write_item(out, f"voc-{name}", image, labels == present[0],
+                          VOC_WORDS[present[0] - 1], void=labels == 255, voc_class=present[0])
+        items.append(item)
         if limit is not None and len(items) >= limit:
             break
     return write_jsonl(items, Path(out) / "data.jsonl")

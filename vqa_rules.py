@@ -126,6 +126,7 @@ def vqa_normalize(answer, rule="vlmevalkit"):
 
 
 def check_rule(rule):
+    """The rule's name when VQA_RULES has it, else ValueError naming the rules there are."""
     if rule not in VQA_RULES:
         raise ValueError(f"unknown VQA rule {rule!r}; choose one of {', '.join(VQA_RULES)}")
     return rule
@@ -144,9 +145,11 @@ def vqa_accuracy(prediction, answers, rule="vlmevalkit"):
     lmms-eval: the period goes), 0 (vlmevalkit: a period after a digit stays).
     """
     process, always = VQA_RULES[check_rule(rule)]
-    predicted, given = strip(prediction), [strip(a) for a in answers]
+    predicted = strip(prediction)
+    given = [strip(a) for a in answers]
     if always or len(set(given)) > 1:
-        predicted, given = process(predicted), [process(a) for a in given]
+        predicted = process(predicted)
+        given = [process(a) for a in given]
     if len(given) == 1:  # no one to leave out (the harnesses would score 0): a match
         return float(given[0] == predicted)
     matches = sum(a == predicted for a in given)

@@ -1,4 +1,5 @@
-"""Tests of evaluate.py: scoring, attention measures, report files, and end to end on the tiny preset.
+"""Tests of evaluate.py and eval_report.py: scoring, attention measures, report files, and end to
+end on the tiny preset.
 
 Needs nothing downloaded; CPU. Run: python -m pytest -q tests/test_evaluate.py
 """
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 import data
+import eval_report
 import evaluate as E
 import figures
 import metrics as M
@@ -24,7 +26,8 @@ import runs
 def test_normalize_answer():
     assert M.normalize_answer("The answer: Two red circles.") == "answer 2 red circles"
     assert M.normalize_answer("  A   RED circle!! ") == "red circle"
-    assert M.normalize_answer("3.5 cm.") == "3.5 cm"          # decimal point kept, final period dropped
+    # decimal point kept, final period dropped
+    assert M.normalize_answer("3.5 cm.") == "3.5 cm"
     assert M.normalize_answer("Yes.") == M.normalize_answer("yes")
     assert M.normalize_answer("blue") != M.normalize_answer("red")
 
@@ -35,8 +38,8 @@ def test_parse_choices_and_extract_choice():
     assert choices == {"A": "liver", "B": "heart", "C": "lung", "D": "brain"}
     assert M.parse_choices("Which organ?\nA) liver\nB: heart") == {"A": "liver", "B": "heart"}
     assert M.parse_choices("what colour is the circle?") == {}
-    cases = {"B": "B", "(B)": "B", "B.": "B", "B) heart": "B", "The answer is C": "C", "Answer: (D)": "D",
-             "I think (A) is right": "A", "It is the heart.": "B", "lung": "C",
+    cases = {"B": "B", "(B)": "B", "B.": "B", "B) heart": "B", "The answer is C": "C",
+             "Answer: (D)": "D", "I think (A) is right": "A", "It is the heart.": "B", "lung": "C",
              "A red circle": None,            # the article, not a letter
              "the answer is a liver": "A",    # no letter: falls through to the option's text
              "heart or lung": None,           # two options named: undecided
@@ -47,29 +50,35 @@ def test_parse_choices_and_extract_choice():
 
 def test_score_prediction():
     q = "Which organ? A. liver B. heart C. lung D. brain"
-    assert M.score_prediction("B", "B", q) == {"correct": True, "kind": "choice", "letter": "B", "reference_letter": "B"}
+    assert M.score_prediction("B", "B", q) == {"correct": True, "kind": "choice", "letter": "B",
+                                                "reference_letter": "B"}
     assert M.score_prediction("The answer is (C).", "(B) heart", q)["correct"] is False
     assert M.score_prediction("heart", "B. heart", q)["correct"] is True
     # no options listed: exact match after normalisation
-    assert M.score_prediction("Two.", "2", "how many objects are there?") == {"correct": True, "kind": "exact"}
+    exact = M.score_prediction("Two.", "2", "how many objects are there?")
+    assert exact == {"correct": True, "kind": "exact"}
     assert M.score_prediction("a red circle", "red", "what colour?")["correct"] is False
 
 
 def test_wilson_interval_worked_example():
-    # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38416 = 0.71674, half 1.96 * sqrt(0.016 + 0.009604) / 1.38416 = 0.22658
+    # 8 of 10, z = 1.96: centre (0.8 + 0.19208) / 1.38416 = 0.71674,
+    # half 1.96 * sqrt(0.016 + 0.009604) / 1.38416 = 0.22658
     lo, hi = M.wilson_interval(8, 10)
     assert lo == pytest.approx(0.49016, abs=1e-4) and hi == pytest.approx(0.94332, abs=1e-4)
     assert M.wilson_interval(0, 0) == (0.0, 1.0)
     lo, hi = M.wilson_interval(10, 10)
-    assert hi == pytest.approx(1.0) and 0.6 < lo < 0.75     # never the degenerate [1, 1] of the normal interval
-    assert M.wilson_interval(50, 100)[0] == pytest.approx(1 - M.wilson_interval(50, 100)[1])   # symmetric at 1/2
+    # never the degenerate [1, 1] of the normal interval
+    assert hi == pytest.approx(1.0) and 0.6 < lo < 0.75
+    # symmetric at 1/2
+    assert M.wilson_interval(50, 100)[0] == pytest.approx(1 - M.wilson_interval(50, 100)[1])
 
 
 def test_accuracy_table_per_category():
     records = [{"correct": True, "category": "colour"}, {"correct": False, "category": "colour"},
                {"correct": True, "category": "count"}, {"correct": True}]
     table = M.accuracy_table(records)
-    assert table["all"]["accuracy"] == 0.75 and table["all"]["n"] == 4 and table["all"]["correct"] == 3
+    every = table["all"]
+    assert every["accuracy"] == 0.75 and every["n"] == 4 and every["correct"] == 3
     assert table["colour"]["accuracy"] == 0.5 and table["count"]["n"] == 1
     assert set(table) == {"all", "colour", "count"}
     assert M.accuracy_table([])["all"]["accuracy"] is None
@@ -91,13 +100,15 @@ def test_entropy_uniform_one_hot_and_two_hot():
     # scale invariant (maps are normalised to sum 1 first); an all-zero map reads as uniform
     m = torch.rand(3, 32, 32)
     assert torch.allclose(E.attention_entropy(m), E.attention_entropy(5 * m), atol=1e-5)
-    assert E.attention_entropy(torch.zeros(32, 32)).item() == pytest.approx(math.log(1024), rel=1e-5)
+    blank = E.attention_entropy(torch.zeros(32, 32)).item()
+    assert blank == pytest.approx(math.log(1024), rel=1e-5)
 
 
 def test_alignment_mse():
     a = torch.rand(4, 32, 32)
     assert torch.equal(E.alignment_mse(a, a.clone()), torch.zeros(4))
-    assert E.alignment_mse(torch.zeros(32, 32), torch.full((32, 32), 0.5)).item() == pytest.approx(0.25)
+    half = torch.full((32, 32), 0.5)
+    assert E.alignment_mse(torch.zeros(32, 32), half).item() == pytest.approx(0.25)
 
 
 def test_pointing_on_a_hand_made_mask(tmp_path):
@@ -112,23 +123,27 @@ def test_pointing_on_a_hand_made_mask(tmp_path):
     regions = data.item_regions(item, tmp_path, lambda w: w.lower())
     assert set(regions) == {"circle", "square"} and regions["circle"].shape == (h, w)
     inside = torch.zeros(32, 32)
-    inside[3, 25] = 1.0      # cell centre (3.5 * 48/32, 25.5 * 64/32) = (5.25, 51) -> pixel (5, 51): inside
+    # cell centre (3.5 * 48/32, 25.5 * 64/32) = (5.25, 51) -> pixel (5, 51): inside
+    inside[3, 25] = 1.0
     edge = torch.zeros(32, 32)
-    edge[8, 20] = 1.0        # (8.5 * 1.5, 20.5 * 2) = (12.75, 41) -> pixel (12, 41): one row below the mask
+    # (8.5 * 1.5, 20.5 * 2) = (12.75, 41) -> pixel (12, 41): one row below the mask
+    edge[8, 20] = 1.0
     assert E.argmax_pixel(inside, h, w) == (5, 51) and E.argmax_pixel(edge, h, w) == (12, 41)
     assert E.pointing_hit(inside, regions["circle"]) and not E.pointing_hit(edge, regions["circle"])
     corner = torch.zeros(32, 32)
     corner[31, 0] = 1.0      # bottom-left: inside the box, outside the mask
-    assert E.pointing_hit(corner, regions["square"]) and not E.pointing_hit(corner, regions["circle"])
+    assert E.pointing_hit(corner, regions["square"])
+    assert not E.pointing_hit(corner, regions["circle"])
 
 
 # ---- report files and pictures ----
 
 
 def fake_run(name, acc_flags, mse):
-    return {"name": name, "accuracy": M.accuracy_table([{"correct": c, "category": "k"} for c in acc_flags]),
-            "vlm_entropy": E.summarize([6.0, 6.5]), "alignment_mse": E.summarize([mse]), "matched_words": 1,
-            "pointing": M.accuracy_summary([True, False])}
+    records = [{"correct": c, "category": "k"} for c in acc_flags]
+    return {"name": name, "accuracy": M.accuracy_table(records),
+            "vlm_entropy": E.summarize([6.0, 6.5]), "alignment_mse": E.summarize([mse]),
+            "matched_words": 1, "pointing": M.accuracy_summary([True, False])}
 
 
 def test_report_files_one_row_per_run(tmp_path):
@@ -136,12 +151,14 @@ def test_report_files_one_row_per_run(tmp_path):
               "dm": {"entropy": E.summarize([3.0]), "pointing": None},
               "runs": [fake_run("ar", [True, False, False], 0.2),
                        dict(fake_run("lavender", [True, True, False], 0.1),
-                            head={"entropy": E.summarize([5.0]), "alignment_mse": E.summarize([0.05]),
+                            head={"entropy": E.summarize([5.0]),
+                                  "alignment_mse": E.summarize([0.05]),
                                   "pointing": None, "matched_words": 1})]}
-    E.write_report(report, tmp_path)
+    eval_report.write_report(report, tmp_path)
     assert json.loads((tmp_path / "report.json").read_text())["runs"][1]["name"] == "lavender"
     md = (tmp_path / "report.md").read_text()
-    table = [line.split("|") for line in md.splitlines() if line.count("|") == 8]  # the main table: 7 columns
+    # the main table: 7 columns
+    table = [line.split("|") for line in md.splitlines() if line.count("|") == 8]
     own = [cells for cells in table if cells[2].strip() == "own"]
     assert [cells[1].strip() for cells in own] == ["ar", "lavender"]
     assert "33.3 [" in own[0][3] and "66.7 [" in own[1][3] and "0.1000" in own[1][5]
@@ -151,7 +168,8 @@ def test_report_files_one_row_per_run(tmp_path):
 
 
 def test_pictures_are_written(tmp_path):
-    figures.draw_entropy_histograms(tmp_path / "h.png", [1.0, 2.0, 2.5], {"ar": [6.0, 6.5], "lavender": [3.0]})
+    vlm_entropies = {"ar": [6.0, 6.5], "lavender": [3.0]}
+    figures.draw_entropy_histograms(tmp_path / "h.png", [1.0, 2.0, 2.5], vlm_entropies)
     assert Image.open(tmp_path / "h.png").size[1] > 2 * 150
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 100, 3), dtype=np.uint8))
     figures.draw_overlay_grid(tmp_path / "o.png", image, ["red", "circle"], torch.rand(2, 32, 32),
@@ -168,14 +186,18 @@ def test_batched_greedy_generation_equals_one_by_one(tiny_dataset, preset):
     """Left padding must not change any item's greedy answer, in each family (Mllama, IDEFICS,
     Qwen2-VL: the README says batched generation works for all three)."""
     model, processor = models.load_vlm(preset)
-    items = data.read_items(tiny_dataset)[:4]     # 4 image sizes (Mllama: tile layouts 1x1, 1x2, 2x1, 2x2), prompts of different lengths
-    batched = E.generate_answers(model.eval(), processor, items, batch_size=4, max_new_tokens=5, show=False)
-    single = [E.generate_answers(model, processor, [it], batch_size=1, max_new_tokens=5, show=False)[0] for it in items]
+    # 4 image sizes (Mllama: tile layouts 1x1, 1x2, 2x1, 2x2), prompts of different lengths
+    items = data.read_items(tiny_dataset)[:4]
+    batched = E.generate_answers(model.eval(), processor, items, batch_size=4, max_new_tokens=5,
+                                 show=False)
+    single = [E.generate_answers(model, processor, [it], batch_size=1, max_new_tokens=5,
+                                 show=False)[0] for it in items]
     assert batched == single and any(batched)
 
 
 def add_fields(jsonl, boxes_for=None):
-    """Give the tiny dataset's items a category and, optionally, a box {word: [x0, y0, x1, y1]} per item id."""
+    """Give the tiny dataset's items a category and, optionally, a box {word: [x0, y0, x1, y1]}
+    per item id."""
     items = [json.loads(line) for line in open(jsonl)]
     for it in items:
         it["category"] = "colour" if "colour" in it["question"] else "other"
@@ -194,12 +216,14 @@ def two_runs(tmp_path_factory):
     from conftest import write_dataset
     root = tmp_path_factory.mktemp("eval")
     data = write_dataset(root)
-    circle = {i: {"circle": [0, 0, 20, 20]} for i in ("item000", "item001", "item004")}   # answers naming a circle
+    # the items whose answers name a circle
+    circle = {i: {"circle": [0, 0, 20, 20]} for i in ("item000", "item001", "item004")}
     add_fields(data, circle)
     runs = []
     for loss in ("ar", "lavender"):
-        args = train.build_parser().parse_args(["--model", "tiny", "--data", data, "--out", str(root / "runs" / loss),
-                                               "--loss", loss, "--max-steps", "1", "--batch-size", "3", "--no-progress"])
+        flags = ["--model", "tiny", "--data", data, "--out", str(root / "runs" / loss),
+                 "--loss", loss, "--max-steps", "1", "--batch-size", "3", "--no-progress"]
+        args = train.build_parser().parse_args(flags)
         runs.append(str(train.train(args)))
     return root, data, runs
 
@@ -207,9 +231,11 @@ def two_runs(tmp_path_factory):
 def test_end_to_end_two_runs_and_base(two_runs, capsys):
     root, data, (ar, lavender) = two_runs
     out = root / "report"
-    args = E.build_parser().parse_args(["--model", "tiny", "--base", "--run-dir", ar, "--run-dir", lavender, "--data", data,
-                                        "--attn", str(root / "attn"), "--out", str(out), "--max-new-tokens", "3",
-                                        "--batch-size", "4", "--figures", "2", "--quiet"])
+    args = E.build_parser().parse_args(["--model", "tiny", "--base", "--run-dir", ar,
+                                        "--run-dir", lavender, "--data", data,
+                                        "--attn", str(root / "attn"), "--out", str(out),
+                                        "--max-new-tokens", "3", "--batch-size", "4",
+                                        "--figures", "2", "--quiet"])
     report = E.evaluate(args)
     assert [r["name"] for r in report["runs"]] == ["base", "ar", "lavender"]
     # predictions per item, scored as score_prediction scores them
@@ -217,27 +243,33 @@ def test_end_to_end_two_runs_and_base(two_runs, capsys):
     for r in report["runs"]:
         preds = [json.loads(line) for line in open(out / r["name"] / "predictions.jsonl")]
         assert [p["id"] for p in preds] == [it["id"] for it in items]
-        assert all(p["correct"] == M.score_prediction(p["prediction"], p["answer"], p["question"])["correct"] for p in preds)
+        rescored = [M.score_prediction(p["prediction"], p["answer"], p["question"]) for p in preds]
+        assert all(p["correct"] == s["correct"] for p, s in zip(preds, rescored))
         assert r["accuracy"]["all"]["correct"] == sum(p["correct"] for p in preds)
         assert r["accuracy"]["colour"]["n"] + r["accuracy"]["other"]["n"] == 6
         # every matched word has an entropy and an MSE; the 3 boxed "circle"s are pointed at
         assert r["matched_words"] == r["vlm_entropy"]["n"] == r["alignment_mse"]["n"] > 0
         assert 0 < r["vlm_entropy"]["mean"] <= math.log(1024) + 1e-4
         assert r["pointing"]["n"] == 3
-    # one ruler: every model's own maps are read the same way; a Lavender run's head as it was trained
+    # one ruler: every model's own maps are read the same way; a Lavender run's head as it was
+    # trained
     settings = {r["name"]: r["settings"] for r in report["runs"]}
     assert settings["base"] == settings["ar"] == settings["lavender"]
-    assert settings["lavender"]["aggregation"] == "mean-mean" and settings["lavender"]["aligner"] is None
+    lavender_own = settings["lavender"]
+    assert lavender_own["aggregation"] == "mean-mean" and lavender_own["aligner"] is None
     head = report["runs"][2]["head"]
     assert head["settings"]["aggregation"] == "learn" and head["settings"]["aligner"] == "Aligner"
-    assert head["matched_words"] == report["runs"][2]["matched_words"] and head["pointing"]["n"] == 3
+    assert head["matched_words"] == report["runs"][2]["matched_words"]
+    assert head["pointing"]["n"] == 3
     assert report["runs"][0]["head"] is None and report["runs"][1]["head"] is None
     assert report["items_with_attention"] == 6
     # the DM's maps of the same matched words
-    assert report["dm"]["entropy"]["n"] == report["runs"][0]["matched_words"] and report["dm"]["pointing"]["n"] == 3
+    dm = report["dm"]
+    assert dm["entropy"]["n"] == report["runs"][0]["matched_words"] and dm["pointing"]["n"] == 3
     # files: the table has one row per model's own maps and one for the Lavender run's head
     md = (out / "report.md").read_text()
-    table = [line.split("|") for line in md.splitlines() if line.count("|") == 8 and not line.startswith("|---")]
+    table = [line.split("|") for line in md.splitlines()
+             if line.count("|") == 8 and not line.startswith("|---")]
     assert [c[1].strip() for c in table if c[2].strip() == "own"] == ["base", "ar", "lavender"]
     assert [c[1].strip() for c in table if c[2].strip() == "head"] == ["lavender"]
     assert json.loads((out / "report.json").read_text())["runs"][2]["name"] == "lavender"
@@ -256,14 +288,16 @@ def test_two_ranks_write_the_one_process_report(two_runs, tmp_path):
     import subprocess
     import sys
     root, data, (ar, lavender) = two_runs
-    flags = ["--model", "tiny", "--base", "--run-dir", ar, "--run-dir", lavender, "--data", data, "--attn", str(root / "attn"),
-             "--max-new-tokens", "3", "--batch-size", "4", "--figures", "2", "--quiet"]
+    flags = ["--model", "tiny", "--base", "--run-dir", ar, "--run-dir", lavender, "--data", data,
+             "--attn", str(root / "attn"), "--max-new-tokens", "3", "--batch-size", "4",
+             "--figures", "2", "--quiet"]
     one = E.evaluate(E.build_parser().parse_args([*flags, "--out", str(tmp_path / "one")]))
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     root_dir = Path(E.__file__).resolve().parent
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(root_dir / "evaluate.py"), *flags, "--out", str(tmp_path / "two")],
-                          cwd=root_dir, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", str(root_dir / "evaluate.py"), *flags, "--out", str(tmp_path / "two")]
+    done = subprocess.run(command, cwd=root_dir, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("evaluated 3 model(s) on 6 items") == 1  # rank 0 alone prints
     two = json.loads((tmp_path / "two" / "report.json").read_text())
@@ -276,19 +310,23 @@ def test_two_ranks_write_the_one_process_report(two_runs, tmp_path):
             assert b[key]["mean"] == pytest.approx(a[key]["mean"], abs=1e-5)
         if a["head"]:
             assert b["head"]["pointing"] == a["head"]["pointing"]
-            assert b["head"]["entropy"]["mean"] == pytest.approx(a["head"]["entropy"]["mean"], abs=1e-5)
-    assert sorted(p.name for p in (tmp_path / "two" / "overlays").iterdir()) == ["item000.png", "item001.png"]
-    assert E.build_parser().parse_args(["--data", "d", "--out", "o", "--run", "x"]).run == ["x"]  # the short alias
+            head_entropy = a["head"]["entropy"]["mean"]
+            assert b["head"]["entropy"]["mean"] == pytest.approx(head_entropy, abs=1e-5)
+    overlays = sorted(p.name for p in (tmp_path / "two" / "overlays").iterdir())
+    assert overlays == ["item000.png", "item001.png"]
+    # the short alias
+    assert E.build_parser().parse_args(["--data", "d", "--out", "o", "--run", "x"]).run == ["x"]
 
 
 def test_runs_evaluate_in_bfloat16(two_runs, tmp_path):
     """--dtype bfloat16 loads the runs' VLMs in bf16 too (LoRA adapter, parallel projections; the
     Aligner stays fp32): the same words are matched and the maps stay close to fp32's."""
     root, data, (ar, lavender) = two_runs
-    flags = ["--model", "tiny", "--run-dir", ar, "--run-dir", lavender, "--data", data, "--attn", str(root / "attn"),
-             "--max-new-tokens", "2", "--figures", "0", "--quiet"]
+    flags = ["--model", "tiny", "--run-dir", ar, "--run-dir", lavender, "--data", data,
+             "--attn", str(root / "attn"), "--max-new-tokens", "2", "--figures", "0", "--quiet"]
     fp32 = E.evaluate(E.build_parser().parse_args([*flags, "--out", str(tmp_path / "fp32")]))
-    bf16 = E.evaluate(E.build_parser().parse_args([*flags, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]))
+    bf16_flags = [*flags, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]
+    bf16 = E.evaluate(E.build_parser().parse_args(bf16_flags))
     for a, b in zip(fp32["runs"], bf16["runs"]):
         assert a["matched_words"] == b["matched_words"] > 0
         assert b["alignment_mse"]["mean"] == pytest.approx(a["alignment_mse"]["mean"], abs=0.01)
@@ -299,28 +337,33 @@ def test_runs_evaluate_in_bfloat16(two_runs, tmp_path):
 
 
 def test_own_maps_as_targets_give_zero_mse_and_full_pointing(tmp_path, tiny_dataset):
-    """Write the base model's own answer maps as the 'DM' store and a 1-pixel box at each map's argmax:
-    the alignment MSE must be ~0 (float16 storage) and pointing 100%, which checks that words, maps,
-    boxes and the argmax-to-pixel mapping are paired correctly end to end."""
+    """Write the base model's own answer maps as the 'DM' store and a 1-pixel box at each map's
+    argmax: the alignment MSE must be ~0 (float16 storage) and pointing 100%, which checks that
+    words, maps, boxes and the argmax-to-pixel mapping are paired correctly end to end."""
     model, processor = models.tiny_vlm()
     items = data.read_items(tiny_dataset)
-    args = E.build_parser().parse_args(["--model", "tiny", "--data", tiny_dataset, "--out", str(tmp_path), "--quiet"])
+    args = E.build_parser().parse_args(["--model", "tiny", "--data", tiny_dataset,
+                                        "--out", str(tmp_path), "--quiet"])
     own, head = E.capture_settings(None, model, args)
     assert head is None
-    dm_store = {it["id"]: data.load_maps(data.maps_path(Path(tiny_dataset).parent / "attn", it["id"]))[:2] for it in items}
+    attn = Path(tiny_dataset).parent / "attn"
+    dm_store = {it["id"]: data.load_maps(data.maps_path(attn, it["id"]))[:2] for it in items}
     maps = E.answer_maps(model.eval(), processor, items, dm_store, own, batch_size=3, show=False)
     boxes = {}
     for it, m in zip(items, maps):
+        # the store's text is the item's answer (DESIGN.md)
         data.save_maps(tmp_path / "own" / f"{it['id']}.safetensors", m["own"], m["words"],
-                  {"dm": "own", "text": it["answer"]})  # the store's text is the item's answer (DESIGN.md)
+                       {"dm": "own", "text": it["answer"]})
         w, h = Image.open(it["image_path"]).size
         boxes[it["id"]] = {}
         for word, vlm_map in zip(m["words"], m["own"]):
             y, x = E.argmax_pixel(vlm_map, h, w)
             boxes[it["id"]][word] = [x, y, x + 1, y + 1]
     add_fields(tiny_dataset, boxes)
-    args = E.build_parser().parse_args(["--model", "tiny", "--data", tiny_dataset, "--attn", str(tmp_path / "own"),
-                                        "--out", str(tmp_path / "report"), "--max-new-tokens", "2", "--quiet"])
+    args = E.build_parser().parse_args(["--model", "tiny", "--data", tiny_dataset,
+                                        "--attn", str(tmp_path / "own"),
+                                        "--out", str(tmp_path / "report"),
+                                        "--max-new-tokens", "2", "--quiet"])
     run = E.evaluate(args)["runs"][0]
     assert run["matched_words"] == sum(len(m["words"]) for m in maps) > 0
     assert run["alignment_mse"]["mean"] < 1e-6
@@ -330,7 +373,8 @@ def test_own_maps_as_targets_give_zero_mse_and_full_pointing(tmp_path, tiny_data
 def test_clear_errors(tmp_path, tiny_dataset):
     parse = E.build_parser().parse_args
     with pytest.raises(SystemExit, match="no attention file"):
-        E.evaluate(parse(["--model", "tiny", "--data", tiny_dataset, "--attn", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]))
+        E.evaluate(parse(["--model", "tiny", "--data", tiny_dataset,
+                          "--attn", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]))
     with pytest.raises(SystemExit, match="give --model"):
         E.evaluate(parse(["--data", tiny_dataset, "--out", str(tmp_path / "o")]))
     (tmp_path / "images" / "item002.png").write_bytes(b"not a png")
@@ -339,18 +383,19 @@ def test_clear_errors(tmp_path, tiny_dataset):
 
 
 def test_broken_run_folders_and_items_are_named(tmp_path, tiny_dataset):
-    """A run folder without config.json, with a config.json that is not JSON, or without its adapter,
-    and an item with a truncated attention file or a missing mask: each is named in one message, before
-    any model is loaded or any file written."""
+    """A run folder without config.json, with a config.json that is not JSON, or without its
+    adapter, and an item with a truncated attention file or a missing mask: each is named in one
+    message, before any model is loaded or any file written."""
     parse = E.build_parser().parse_args
     runs = {name: tmp_path / name for name in ("empty", "bad-json", "no-adapter")}
     for folder in runs.values():
         folder.mkdir()
     (runs["bad-json"] / "config.json").write_text('{"model": "tiny", ')
-    config = {"model": "tiny", "model_path": None, "peft": "lora", "loss": "ar", "aggregate": "learn",
-              "aligner": "sim", "aligner_mode": "per-layer", "match": "exact"}
+    config = {"model": "tiny", "model_path": None, "peft": "lora", "loss": "ar",
+              "aggregate": "learn", "aligner": "sim", "aligner_mode": "per-layer", "match": "exact"}
     (runs["no-adapter"] / "config.json").write_text(json.dumps(config))
-    flags = ["--data", tiny_dataset, "--out", str(tmp_path / "o")] + [x for r in runs.values() for x in ("--run-dir", str(r))]
+    run_flags = [x for r in runs.values() for x in ("--run-dir", str(r))]
+    flags = ["--data", tiny_dataset, "--out", str(tmp_path / "o")] + run_flags
     with pytest.raises(SystemExit) as caught:
         E.evaluate(parse(flags))
     said = str(caught.value)
@@ -365,7 +410,8 @@ def test_broken_run_folders_and_items_are_named(tmp_path, tiny_dataset):
     items[3]["masks"] = {"yes": "masks/none.png"}
     Path(tiny_dataset).write_text("".join(json.dumps(it) + "\n" for it in items))
     with pytest.raises(SystemExit) as caught:
-        E.evaluate(parse(["--model", "tiny", "--data", tiny_dataset, "--attn", str(attn), "--out", str(tmp_path / "o")]))
+        E.evaluate(parse(["--model", "tiny", "--data", tiny_dataset, "--attn", str(attn),
+                          "--out", str(tmp_path / "o")]))
     said = str(caught.value)
     assert "item 'item001' (line 2): attention file" in said and "cannot be read" in said
     assert "item 'item003' (line 4): masks/boxes cannot be read (FileNotFoundError" in said
@@ -380,25 +426,28 @@ def test_an_id_cannot_write_outside_the_output_folder(tmp_path, tiny_dataset):
     Path(tiny_dataset).write_text("".join(json.dumps(it) + "\n" for it in items))
     attn = Path(tiny_dataset).parent / "attn"
     out = tmp_path / "deep" / "er" / "out"
-    with pytest.raises(SystemExit, match=r"item '\.\./\.\./escaped' \(line 1\): id cannot be a file name"):
-        E.evaluate(E.build_parser().parse_args(["--model", "tiny", "--data", tiny_dataset, "--attn", str(attn),
-                                                "--out", str(out), "--quiet"]))
+    refused = r"item '\.\./\.\./escaped' \(line 1\): id cannot be a file name"
+    with pytest.raises(SystemExit, match=refused):
+        E.evaluate(E.build_parser().parse_args(["--model", "tiny", "--data", tiny_dataset,
+                                                "--attn", str(attn), "--out", str(out), "--quiet"]))
     assert not list(tmp_path.rglob("escaped*"))
     with pytest.raises(ValueError, match="would leave"):
         figures.overlay_path(out, "../../escaped")
 
 
 def test_own_maps_are_the_pretrained_attention_whatever_the_head(two_runs):
-    """The one ruler: a Lavender run's own maps come from its pretrained attention A (the same layers
-    and aggregation as any model's), untouched by its parallel projections and Aligner; its head
-    maps come from them. Changing the projections changes the head and leaves the own maps."""
+    """The one ruler: a Lavender run's own maps come from its pretrained attention A (the same
+    layers and aggregation as any model's), untouched by its parallel projections and Aligner; its
+    head maps come from them. Changing the projections changes the head and leaves the own maps."""
     root, data_path, (_, lavender_dir) = two_runs
     model, processor, lavender, _ = runs.load_run(lavender_dir)
-    args = E.build_parser().parse_args(["--model", "tiny", "--data", data_path, "--out", str(root / "x")])
+    flags = ["--model", "tiny", "--data", data_path, "--out", str(root / "x")]
+    args = E.build_parser().parse_args(flags)
     own, head = E.capture_settings(lavender, model, args)
     assert head["learned"] and own["aggregation"] == "mean-mean" and own["aligner"] is None
     items = data.read_items(data_path)
-    store = {it["id"]: m for it in items if (m := data.read_maps(root / "attn", it["id"]))[0] is not None}
+    stored = {it["id"]: data.read_maps(root / "attn", it["id"]) for it in items}
+    store = {i: m for i, m in stored.items() if m[0] is not None}
     alone = E.answer_maps(model, processor, items, store, own, None, show=False)
     both = E.answer_maps(model, processor, items, store, own, head, show=False)
     with torch.no_grad():

@@ -1,5 +1,6 @@
-"""Tests of metrics.py: each metric against the worked examples of its docstring (checkable by hand),
-the intervals, the per-item choice of metric, prediction files, and evaluate.py --score end to end.
+"""Tests of metrics.py: each metric against the worked examples of its docstring (checkable by
+hand), the intervals, the per-item choice of metric, prediction files, and evaluate.py --score
+(eval_report.score_files) end to end.
 
 Pure functions and tiny files in tmp_path; no model, nothing downloaded. Run:
 python -m pytest -q tests/test_metrics.py
@@ -42,7 +43,8 @@ def test_vqa_accuracy_worked_example():
     assert M.vqa_accuracy("2", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
     assert M.vqa_accuracy("yes", ["yes"] * 10) == 1.0
     assert M.vqa_accuracy("no", ["yes"] * 10) == 0.0
-    assert M.vqa_accuracy("don't know", ["dont know"] * 4 + ["no"] * 6) == 1.0   # both sides normalised
+    # both sides normalised
+    assert M.vqa_accuracy("don't know", ["dont know"] * 4 + ["no"] * 6) == 1.0
     # one reference: no one to leave out, so an exact match after normalisation
     assert M.vqa_accuracy("The dog.", ["dog"]) == 1.0 and M.vqa_accuracy("cat", ["dog"]) == 0.0
 
@@ -121,7 +123,8 @@ def test_relaxed_accuracy_worked_examples():
     assert M.relaxed_accuracy("45%", ["0.45"]) == 1.0     # a percentage is read as a fraction
     assert M.relaxed_accuracy("Yes", ["yes"]) == 1.0      # text: equal when lower-cased
     assert M.relaxed_accuracy("13 cars", ["13"]) == 0.0   # not a number, not the same text
-    assert M.relaxed_accuracy("0.01", ["0"]) == 0.0 and M.relaxed_accuracy("0", ["0"]) == 1.0  # 0 compared as text
+    # 0 compared as text
+    assert M.relaxed_accuracy("0.01", ["0"]) == 0.0 and M.relaxed_accuracy("0", ["0"]) == 1.0
     assert M.relaxed_accuracy("7", ["3", "7.2"]) == 1.0   # any reference
 
 
@@ -132,9 +135,11 @@ def test_choices_run_to_the_last_option_listed():
     q = "Which one? A. red B. green C. blue D. black E. white F. grey"
     choices = M.parse_choices(q)
     assert list(choices) == ["A", "B", "C", "D", "E", "F"] and choices["F"] == "grey"
-    assert M.extract_choice("(E)", choices) == "E" and M.extract_choice("The answer is F", choices) == "F"
+    assert M.extract_choice("(E)", choices) == "E"
+    assert M.extract_choice("The answer is F", choices) == "F"
     assert M.extract_choice("white", choices) == "E"
-    assert M.parse_choices("Who wrote it? A. J. Smith B. K. Lee") == {"A": "J. Smith", "B": "K. Lee"}
+    initials = M.parse_choices("Who wrote it? A. J. Smith B. K. Lee")
+    assert initials == {"A": "J. Smith", "B": "K. Lee"}
     three = M.parse_choices("Pick: A) x B) y C) z")
     assert M.extract_choice("D", three) is None          # only the letters listed count
     assert M.score_prediction("E", "E. white", q)["correct"] is True
@@ -145,10 +150,10 @@ def test_choices_run_to_the_last_option_listed():
 
 def test_caption_tokens():
     assert M.caption_tokens("A man's dog, running.") == ["a", "man", "'s", "dog", "running"]
-    assert M.caption_tokens('I don\'t see a t-shirt... (3.5 m) "ok"') == ["i", "do", "n't", "see", "a", "t-shirt",
-                                                                         "3.5", "m", "ok"]
-    assert M.ngram_counts(["a", "dog", "a"]) == {("a",): 2, ("dog",): 1, ("a", "dog"): 1, ("dog", "a"): 1,
-                                                 ("a", "dog", "a"): 1}
+    tokens = M.caption_tokens('I don\'t see a t-shirt... (3.5 m) "ok"')
+    assert tokens == ["i", "do", "n't", "see", "a", "t-shirt", "3.5", "m", "ok"]
+    assert M.ngram_counts(["a", "dog", "a"]) == {("a",): 2, ("dog",): 1, ("a", "dog"): 1,
+                                                 ("dog", "a"): 1, ("a", "dog", "a"): 1}
 
 
 def test_cider_d_worked_example():
@@ -163,8 +168,10 @@ def test_cider_d_clipping_and_length_penalty():
     refs = [["a dog runs"], ["a cat sits"]]
     # clipping: "dog dog dog" (tf-idf 3L) against "dog" (L) counts min(3L, L) * L, not 3L * L:
     # k = 1 cosine L² / (3L · √2 L) = 1 / (3√2); no shared 2-gram; 10 * that / 4
-    assert M.cider_d(["dog dog dog", "a cat sits"], refs)[0] == pytest.approx(10 / 4 / (3 * math.sqrt(2)))
-    # length: 5 bigrams against 2, penalty exp(-3² / (2 · 6²)); cosines 2/√10 (k = 1, 2), 1/2 (k = 3)
+    clipped = M.cider_d(["dog dog dog", "a cat sits"], refs)[0]
+    assert clipped == pytest.approx(10 / 4 / (3 * math.sqrt(2)))
+    # length: 5 bigrams against 2, penalty exp(-3² / (2 · 6²)); cosines 2/√10 (k = 1, 2),
+    # 1/2 (k = 3)
     expected = 10 / 4 * math.exp(-9 / 72) * (2 / math.sqrt(10) * 2 + 0.5)
     assert M.cider_d(["a dog runs on the grass", "a cat sits"], refs)[0] == pytest.approx(expected)
     # several references: the mean over them
@@ -195,9 +202,12 @@ def test_accuracy_summary_wilson_for_0_1_t_for_soft_scores():
     assert binary["ci95"] == pytest.approx(list(M.wilson_interval(8, 10)))
     soft = M.accuracy_summary([0.2, 0.4, 0.6, 0.4, 0.4])
     assert soft["interval"] == "t" and soft["accuracy"] == pytest.approx(0.4)
-    assert soft["ci95"] == pytest.approx([0.2244, 0.5756], abs=1e-4) and soft["correct"] == pytest.approx(2.0)
-    assert M.accuracy_summary([2.0, 6.0, 4.0], high=10.0)["ci95"][1] > 1.0   # CIDEr-D is not capped at 1
-    assert M.accuracy_summary([0.0, 1.0, 1.0], high=10.0)["interval"] == "t"  # CIDEr-D's 0 and 1: not a proportion
+    assert soft["ci95"] == pytest.approx([0.2244, 0.5756], abs=1e-4)
+    assert soft["correct"] == pytest.approx(2.0)
+    # CIDEr-D is not capped at 1
+    assert M.accuracy_summary([2.0, 6.0, 4.0], high=10.0)["ci95"][1] > 1.0
+    # CIDEr-D's 0 and 1: not a proportion
+    assert M.accuracy_summary([0.0, 1.0, 1.0], high=10.0)["interval"] == "t"
     assert M.accuracy_summary([])["accuracy"] is None
 
 
@@ -228,13 +238,15 @@ def test_score_items_each_metric():
              item(6, question="describe the image.", metric="cider", answers=["a cat sits"])]
     predictions = ["Two.", "(B)", "Puppy", "Smiht", "13", "a dog runs", "a dog sits"]
     records = M.score_items(items, predictions)
-    assert [r["kind"] for r in records] == ["vqa", "choice", "exact", "anls", "relaxed", "cider", "cider"]
+    kinds = [r["kind"] for r in records]
+    assert kinds == ["vqa", "choice", "exact", "anls", "relaxed", "cider", "cider"]
     assert [r["score"] for r in records] == pytest.approx([0.6, 1.0, 1.0, 0.6, 1.0, 7.5, 1.25])
     assert [r["correct"] for r in records] == [False, True, True, False, True, None, None]
     assert records[1]["letter"] == "B" and records[2]["answers"] == ["dog", "puppy"]
     table = M.accuracy_table(records)
     assert table["all"]["accuracy"] == pytest.approx((0.6 + 1 + 1 + 0.6 + 1 + 7.5 + 1.25) / 7)
-    assert M.run_scores(records)["metrics"] == {"vqa": 1, "choice": 1, "exact": 1, "anls": 1, "relaxed": 1, "cider": 2}
+    assert M.run_scores(records)["metrics"] == {"vqa": 1, "choice": 1, "exact": 1, "anls": 1,
+                                                "relaxed": 1, "cider": 2}
 
 
 def test_check_items_names_the_item_and_field():
@@ -257,7 +269,8 @@ def test_vlmevalkit_layout_round_trip(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
     assert rows[0] == {"index": "q0", "question": "what is it?", "answer": "['2', '2', 'two']",
                        "prediction": "2", "category": "count"}
-    assert rows[1]["index"] == 17                       # an all-digit id is an integer index, as in VLMEvalKit
+    # an all-digit id is an integer index, as in VLMEvalKit
+    assert rows[1]["index"] == 17
     with open(tmp_path / "predictions.tsv", newline="") as f:
         tsv = list(csv.DictReader(f, delimiter="\t"))
     assert list(tsv[0]) == M.VLMEVALKIT_COLUMNS and tsv[0]["answer"] == "['2', '2', 'two']"
@@ -266,9 +279,10 @@ def test_vlmevalkit_layout_round_trip(tmp_path):
 
 def test_read_predictions_errors(tmp_path):
     path = tmp_path / "p.jsonl"
+    twice = '{"id": "a", "prediction": "x"}\n{"id": "a", "prediction": "y"}\n'
     for text, message in [('{"id": "a", "prediction": "x"}\nnot json\n', "line 2: not valid JSON"),
                           ('{"id": "a", "answer": "x"}\n', "line 1: expected"),
-                          ('{"id": "a", "prediction": "x"}\n{"id": "a", "prediction": "y"}\n', "'a' is predicted twice")]:
+                          (twice, "'a' is predicted twice")]:
         path.write_text(text)
         with pytest.raises(ValueError, match=message):
             M.read_predictions(path)
@@ -281,13 +295,15 @@ def write_items(path, items):
 
 def test_score_files_end_to_end(tmp_path, capsys):
     import evaluate as E
-    data = write_items(tmp_path / "data.jsonl", [item(0, metric="vqa", answers=["2"] * 2 + ["3"] * 8, category="a"),
-                                                  item(1, metric="vqa", answers=["yes"] * 10, category="b"),
-                                                  item(2, metric="anls", answers=["Smith"], category="b")])
+    items = [item(0, metric="vqa", answers=["2"] * 2 + ["3"] * 8, category="a"),
+             item(1, metric="vqa", answers=["yes"] * 10, category="b"),
+             item(2, metric="anls", answers=["Smith"], category="b")]
+    data = write_items(tmp_path / "data.jsonl", items)
     preds = tmp_path / "model_x.jsonl"
     preds.write_text('{"id": "q2", "prediction": "Smiht"}\n{"id": "q0", "prediction": "two"}\n'
                      '{"id": "q1", "prediction": "yes"}\n')   # any order
-    args = E.build_parser().parse_args(["--score", str(preds), "--data", data, "--out", str(tmp_path / "out")])
+    flags = ["--score", str(preds), "--data", data, "--out", str(tmp_path / "out")]
+    args = E.build_parser().parse_args(flags)
     report = E.evaluate(args)
     run = json.loads((tmp_path / "out" / "report.json").read_text())["runs"][0]
     assert run["name"] == "model_x" and run["metrics"] == {"vqa": 2, "anls": 1}
@@ -295,14 +311,16 @@ def test_score_files_end_to_end(tmp_path, capsys):
     assert run["accuracy"]["all"]["interval"] == "t" and run["accuracy"]["b"]["n"] == 2
     assert report["runs"][0]["accuracy"] == run["accuracy"]
     scored = [json.loads(line) for line in open(tmp_path / "out" / "model_x" / "predictions.jsonl")]
-    assert [r["id"] for r in scored] == ["q0", "q1", "q2"] and scored[0]["score"] == pytest.approx(0.6)
+    assert [r["id"] for r in scored] == ["q0", "q1", "q2"]
+    assert scored[0]["score"] == pytest.approx(0.6)
     assert "evaluated 1 model(s) on 3 items" in capsys.readouterr().out
     assert "| model_x | 73.3 [" in (tmp_path / "out" / "report.md").read_text()
     # --vlmevalkit output reads back to the same scores
-    E.evaluate(E.build_parser().parse_args(["--score", str(preds), "--data", data, "--out", str(tmp_path / "vk"),
-                                            "--vlmevalkit"]))
-    again = E.evaluate(E.build_parser().parse_args(["--score", str(tmp_path / "vk" / "model_x" / "predictions.jsonl"),
-                                                    "--data", data, "--out", str(tmp_path / "again")]))
+    E.evaluate(E.build_parser().parse_args(["--score", str(preds), "--data", data,
+                                            "--out", str(tmp_path / "vk"), "--vlmevalkit"]))
+    written = tmp_path / "vk" / "model_x" / "predictions.jsonl"
+    again = E.evaluate(E.build_parser().parse_args(["--score", str(written), "--data", data,
+                                                    "--out", str(tmp_path / "again")]))
     assert again["runs"][0]["name"] == "model_x" and again["runs"][0]["accuracy"] == run["accuracy"]
 
 
@@ -311,14 +329,20 @@ def test_score_files_clear_errors(tmp_path):
     data = write_items(tmp_path / "data.jsonl", [item(0), item(1)])
     preds = tmp_path / "p.jsonl"
     preds.write_text('{"id": "q0", "prediction": "dog"}\n{"id": "zz", "prediction": "dog"}\n')
-    parse = lambda *flags: E.build_parser().parse_args(["--data", data, "--out", str(tmp_path / "o"), *flags])  # noqa: E731
-    with pytest.raises(SystemExit, match=r"1 item\(s\) without a prediction \['q1'\].*unknown ids \['zz'\]"):
+
+    def parse(*flags):
+        return E.build_parser().parse_args(["--data", data, "--out", str(tmp_path / "o"), *flags])
+
+    mismatch = r"1 item\(s\) without a prediction \['q1'\].*unknown ids \['zz'\]"
+    with pytest.raises(SystemExit, match=mismatch):
         E.evaluate(parse("--score", str(preds)))
     preds.write_text('{"id": "q0", "prediction": "dog"}\n')
-    assert E.evaluate(parse("--score", str(preds), "--limit", "1"))["items"] == 1   # --limit: the first items only
+    # --limit: the first items only
+    assert E.evaluate(parse("--score", str(preds), "--limit", "1"))["items"] == 1
     with pytest.raises(SystemExit, match="--score .*line 1: expected"):
         preds.write_text('{"id": "q0"}\n')
         E.evaluate(parse("--score", str(preds)))
     bad = write_items(tmp_path / "bad.jsonl", [item(0, metric="bleu")])
     with pytest.raises(SystemExit, match="bad.jsonl: item 'q0'"):
-        E.evaluate(E.build_parser().parse_args(["--score", str(preds), "--data", bad, "--out", str(tmp_path / "o")]))
+        E.evaluate(E.build_parser().parse_args(["--score", str(preds), "--data", bad,
+                                                "--out", str(tmp_path / "o")]))
