@@ -65,32 +65,39 @@ SPLITS = {
     "finetune": (100, (3, 3), KINDS, 1),
     "test-id": (300, (3, 3), KINDS, 2),
     "test-ood": (300, (4, 4), KINDS, 3),
-    "test-one": (200, (1, 1), PERCEPTION_KINDS, 4),                 # perception alone: one object, held out
+    # perception alone: one object, held out
+    "test-one": (200, (1, 1), PERCEPTION_KINDS, 4),
 }
 CAPTION_PROMPT = "describe the image."
 
 
 def shape_mask(shape, cx, cy, r, size=SIZE):
     """Boolean (size, size) mask of one shape centred at pixel (cx, cy) with half-extent r."""
-    y, x = np.mgrid[0:size, 0:size] + 0.5                         # pixel centres
+    y, x = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
     if shape == "circle":
         return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
     if shape == "square":
-        s = 0.85 * r                                                # same area as the circle, roughly
+        # about the circle's area
+        s = 0.85 * r
         return (np.abs(x - cx) <= s) & (np.abs(y - cy) <= s)
-    if shape == "triangle":                                         # apex up, base at cy + r
-        t = (y - (cy - r)) / (2 * r)                                # 0 at the apex, 1 at the base
+    if shape == "triangle":
+        # apex up, base at cy + r; t is 0 at the apex, 1 at the base
+        t = (y - (cy - r)) / (2 * r)
         return (t >= 0) & (t <= 1) & (np.abs(x - cx) <= t * r * 1.1)
-    if shape == "cross":                                            # a plus sign, arms r/3 thick
+    if shape == "cross":
+        # a plus sign, arms r/3 thick
         inside = (np.abs(x - cx) <= r) & (np.abs(y - cy) <= r)
-        return inside & ((np.abs(x - cx) <= r / 3 + 0.5) | (np.abs(y - cy) <= r / 3 + 0.5))
+        arms = (np.abs(x - cx) <= r / 3 + 0.5) | (np.abs(y - cy) <= r / 3 + 0.5)
+        return inside & arms
     raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
 def texture_lit(texture, size=SIZE):
     """Boolean (size, size): the pixels a texture lights (the rest of the object is dim)."""
     y, x = np.mgrid[0:size, 0:size]
-    lit = {"solid": np.ones((size, size), bool), "striped": y % 2 == 0, "checked": (x + y) % 2 == 0,
+    lit = {"solid": np.ones((size, size), bool),
+           "striped": y % 2 == 0,
+           "checked": (x + y) % 2 == 0,
            "dotted": (x % 2 == 0) & (y % 2 == 0)}
     if texture not in lit:
         raise ValueError(f"unknown texture {texture!r}; choose one of {TEXTURES}")
@@ -104,7 +111,8 @@ def draw_scene(rng, n_objects, allowed=None):
 
     allowed: optional set of (colour, cell) pairs to draw from (fine-tuning excludes HELD_OUT).
     """
-    for _ in range(1000):                                           # rejection sampling
+    # rejection sampling
+    for _ in range(1000):
         colours = rng.choice(list(COLOURS), size=n_objects, replace=False)
         cells = rng.choice(list(CELLS), size=n_objects, replace=False)
         pairs = list(zip(colours.tolist(), cells.tolist()))
@@ -114,7 +122,9 @@ def draw_scene(rng, n_objects, allowed=None):
         raise RuntimeError(f"no {n_objects} colour-cell pairs among {sorted(allowed)}")
     objects = []
     for colour, cell in pairs:
-        shape, texture, r = str(rng.choice(SHAPES)), str(rng.choice(TEXTURES)), float(rng.uniform(*RADII))
+        shape = str(rng.choice(SHAPES))
+        texture = str(rng.choice(TEXTURES))
+        r = float(rng.uniform(*RADII))
         x0, y0 = CELLS[cell]
         cx, cy = rng.uniform(r + 0.5, CELL - r - 0.5, size=2) + (x0, y0)
         objects.append({"colour": colour, "texture": texture, "shape": shape, "cell": cell,
@@ -162,7 +172,8 @@ def questions(rng, objects, kind, o_index=None):
         o_index = int(rng.integers(len(objects)))
     if kind in PERCEPTION_KINDS:
         q, a = question(objects[o_index], kind)
-        return q, a, o_index                                    # the answer's words name the object: mask
+        # the answer's words name the object: it has a mask
+        return q, a, o_index
     if kind == "count":
         return "how many objects are there?", COUNT_WORDS[len(objects)], None
     if kind == "caption":
@@ -179,16 +190,34 @@ def pretrain_kinds(n_objects):
     return ("count", "caption")
 
 
+def pair_of(o):
+    """An object's (colour, cell) pair, as HELD_OUT lists them."""
+    return (o["colour"], o["cell"])
+
+
 def save_mask(mask, path):
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)
 
 
+def answer_masks(image_id, objects, kind, answer, o_index):
+    """{word: mask file}: the object each answer word names (every word of a question's answer:
+    "red", or "top" and "left"; the colour words of a caption); words naming no object get none."""
+    masks_of = {}
+    if o_index is not None:
+        masks_of = {word: f"masks/{image_id}-{o_index}.png" for word in answer.split()}
+    if kind == "caption":
+        for k, o in enumerate(objects):
+            masks_of[o["colour"]] = f"masks/{image_id}-{k}.png"
+    return masks_of
+
+
 def build_split(out_dir, split, seed, spec=None):
-    """Draw one split (spec: its SPLITS entry); write images/, masks/ and <split>.jsonl under out_dir.
-    Returns the items. A split's draws are one random stream, so a larger split begins with the
-    items of a smaller one."""
+    """Draw one split (spec: its SPLITS entry); write images/, masks/ and <split>.jsonl under
+    out_dir. Returns the items. A split's draws are one random stream, so a larger split begins
+    with the items of a smaller one."""
     n_images, (lo, hi), kinds, offset = spec or SPLITS[split]
-    rng = np.random.default_rng([seed, offset])                    # one stream per split: splits independent
+    # one stream per split: the splits are independent
+    rng = np.random.default_rng([seed, offset])
     allowed = None
     every_pair = {(c, cell) for c in COLOURS for cell in CELLS}
     if split == "finetune":
@@ -197,29 +226,27 @@ def build_split(out_dir, split, seed, spec=None):
     for i in range(n_images):
         n_objects = int(rng.integers(lo, hi + 1))
         objects = draw_scene(rng, n_objects, allowed)
-        while split == "test-ood" and not any((o["colour"], o["cell"]) in HELD_OUT for o in objects):
-            objects = draw_scene(rng, n_objects, allowed)           # test-ood: every scene has a held-out pair
+        # test-ood: every scene has a held-out pair
+        while split == "test-ood" and not any(pair_of(o) in HELD_OUT for o in objects):
+            objects = draw_scene(rng, n_objects, allowed)
         image, masks = render(objects)
         image_id = f"{split}-{i:05d}"
         Image.fromarray(image).save(out_dir / "images" / f"{image_id}.png")
         for k, m in enumerate(masks):
             save_mask(m, out_dir / "masks" / f"{image_id}-{k}.png")
         # pre-training: every kind its scene allows; the small splits: one question per image
-        picked = pretrain_kinds(n_objects) if kinds is None else [kinds[int(rng.integers(len(kinds)))]]
+        if kinds is None:
+            picked = pretrain_kinds(n_objects)
+        else:
+            picked = [kinds[int(rng.integers(len(kinds)))]]
         for kind in picked:
             # test-ood asks about a held-out object: that is what the split tests
-            held = [k for k, o in enumerate(objects) if (o["colour"], o["cell"]) in HELD_OUT]
-            q, a, o_index = questions(rng, objects, kind, held[0] if split == "test-ood" else None)
-            item = {"id": f"{image_id}-{kind}", "image": f"images/{image_id}.png", "question": q, "answer": a,
-                    "category": kind, "caption": caption(objects), "objects": objects}
-            # masks: the object each answer word names (every word of a question's answer: "red",
-            # or "top" and "left"; the colour words of a caption); words naming no object get none
-            masks_of = {}
-            if o_index is not None:
-                masks_of = {word: f"masks/{image_id}-{o_index}.png" for word in a.split()}
-            if kind == "caption":
-                for k, o in enumerate(objects):
-                    masks_of[o["colour"]] = f"masks/{image_id}-{k}.png"
+            held = [k for k, o in enumerate(objects) if pair_of(o) in HELD_OUT]
+            asked = held[0] if split == "test-ood" else None
+            q, a, o_index = questions(rng, objects, kind, asked)
+            item = {"id": f"{image_id}-{kind}", "image": f"images/{image_id}.png", "question": q,
+                    "answer": a, "category": kind, "caption": caption(objects), "objects": objects}
+            masks_of = answer_masks(image_id, objects, kind, a, o_index)
             if masks_of:
                 item["masks"] = masks_of
             items.append(item)
@@ -244,12 +271,12 @@ def oracle_store(items, root, out_dir, dm_name="oracle-masks"):
     from data import MAP_SIZE, item_regions, maps_path, save_maps, split_words
     written = 0
     for it in items:
-        regions = item_regions(it, root, lambda w: w.lower())          # {word: (H, W) bool}
+        regions = item_regions(it, root, lambda w: w.lower())  # {word: (H, W) bool}
         words = list(dict.fromkeys(w for w, _, _ in split_words(it["answer"])))
         stray = sorted(set(regions) - set(words))
         if stray:
-            raise ValueError(f"item {it['id']!r}: masks for {stray}, which are not words of its answer "
-                             f"{it['answer']!r}")
+            raise ValueError(f"item {it['id']!r}: masks for {stray}, which are not words of its "
+                             f"answer {it['answer']!r}")
         maps, kept = [], []
         for word in words:
             if word not in regions:
@@ -257,7 +284,8 @@ def oracle_store(items, root, out_dir, dm_name="oracle-masks"):
             if not regions[word].any():
                 raise ValueError(f"item {it['id']!r}: the mask of {word!r} is empty")
             mask = Image.fromarray(regions[word].astype(np.float32))
-            m = np.asarray(mask.resize((MAP_SIZE, MAP_SIZE), Image.BOX), np.float32)   # (32, 32) coverage
+            # each cell's coverage by the mask
+            m = np.asarray(mask.resize((MAP_SIZE, MAP_SIZE), Image.BOX), np.float32)  # (32, 32)
             maps.append((m - m.min()) / max(m.max() - m.min(), 1e-8))
             kept.append(word)
         if kept:
@@ -279,7 +307,8 @@ def other_object_items(items):
         if len(it.get("objects") or []) < 2 or not rels:
             continue
         if len(rels) != 1:
-            raise ValueError(f"item {it['id']!r}: its answer words name more than one object: {it['masks']}")
+            raise ValueError(f"item {it['id']!r}: its answer words name more than one object: "
+                             f"{it['masks']}")
         stem, k = rels.pop().removesuffix(".png").rsplit("-", 1)
         other = f"{stem}-{(int(k) + 1) % len(it['objects'])}.png"
         controls.append({**it, "masks": {word: other for word in it["masks"]}})
@@ -310,16 +339,17 @@ def other_item_store(items, attn_dir, out_dir, seed=0):
 
 
 def write_captions(out_dir, items):
-    """test-captions.jsonl: one captioning item per test-id image (never seen by toy-sd in training),
-    masks for every colour word: the toy-sd pointing check runs on these."""
+    """test-captions.jsonl: one captioning item per test-id image (never seen by toy-sd in
+    training), masks for every colour word: the toy-sd pointing check runs on these."""
     lines = {}
     for it in items:
         image_id = Path(it["image"]).stem
         masks = {}
         for k, o in enumerate(it["objects"]):
             masks[o["colour"]] = f"masks/{image_id}-{k}.png"
-        lines[image_id] = {"id": f"{image_id}-caption", "image": it["image"], "question": CAPTION_PROMPT,
-                           "answer": it["caption"], "category": "caption", "caption": it["caption"],
+        lines[image_id] = {"id": f"{image_id}-caption", "image": it["image"],
+                           "question": CAPTION_PROMPT, "answer": it["caption"],
+                           "category": "caption", "caption": it["caption"],
                            "objects": it["objects"], "masks": masks}
     with open(Path(out_dir) / "test-captions.jsonl", "w") as f:
         for line in lines.values():
@@ -327,7 +357,8 @@ def write_captions(out_dir, items):
 
 
 def build_world(out_dir, seed=0, finetune_items=None):
-    """Draw every split of the world into out_dir (deterministic by seed); returns {split: jsonl path}.
+    """Draw every split of the world into out_dir (deterministic by seed); returns {split: jsonl
+    path}.
 
     finetune_items: the finetune split's size (default SPLITS', 100). A cached world (world.json
     with the same seed and splits) is reused as it is.
@@ -336,11 +367,13 @@ def build_world(out_dir, seed=0, finetune_items=None):
     splits = dict(SPLITS)
     if finetune_items is not None:
         splits["finetune"] = (finetune_items, *SPLITS["finetune"][1:])
-    stamp = {"seed": seed, "splits": {k: list(map(str, v)) for k, v in splits.items()}, "held_out": HELD_OUT,
-             "version": 5}
+    stamp = {"seed": seed, "splits": {k: list(map(str, v)) for k, v in splits.items()},
+             "held_out": HELD_OUT, "version": 5}
     paths = {split: out_dir / f"{split}.jsonl" for split in (*SPLITS, "test-captions")}
     info = out_dir / "world.json"
-    if info.exists() and json.loads(info.read_text()) == json.loads(json.dumps(stamp)) and all(p.exists() for p in paths.values()):
+    # a cached world: the same stamp (compared as JSON reads it) and every split's file
+    cached = info.exists() and json.loads(info.read_text()) == json.loads(json.dumps(stamp))
+    if cached and all(p.exists() for p in paths.values()):
         return paths
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
@@ -369,7 +402,8 @@ def world_words():
 
 def world_corpus():
     """Texts the toy VLM's tokenizer is trained on: every world word alone and after a space, so
-    each is one byte-level BPE token in both forms ("red" after the header's newlines, " red" inside)."""
+    each is one byte-level BPE token in both forms ("red" after the header's newlines, " red"
+    inside)."""
     words = world_words()
     return words + [" ".join(words)] * 4 + [f"x {w} x" for w in words] * 4 + list(PUNCTUATION)
 

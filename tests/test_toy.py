@@ -15,12 +15,13 @@ from PIL import Image
 
 import aggregate
 import base_models
-import toy_teachers
 import data
 import evaluate
 import extract
 import models
 import toy
+import toy_protocol
+import toy_teachers
 import world
 
 SHIPPED_SD = toy.TOY_MODELS / "toy-sd"
@@ -63,15 +64,17 @@ def test_world_is_deterministic_by_seed(small_world, tmp_path):
 
 
 def test_a_larger_finetune_split_extends_the_smaller_one(small_world, tmp_path):
-    """--finetune-items draws more fine-tuning images from the same stream: the smaller split's items
-    come first, unchanged; the other splits and their files are untouched; the stamp tells them apart."""
+    """--finetune-items draws more fine-tuning images from the same stream: the smaller split's
+    items come first, unchanged; the other splits and their files are untouched; the stamp tells
+    them apart."""
     out, paths = small_world
     bigger = world.build_world(tmp_path / "big", seed=3, finetune_items=12)
     small, big = read(paths["finetune"]), read(bigger["finetune"])
     assert len(small) == 8 and len(big) == 12 and big[:8] == small
     for split in ("pretrain", "test-id", "test-ood", "test-captions"):
         assert read(bigger[split]) == read(paths[split])
-    assert json.loads((tmp_path / "big" / "world.json").read_text())["splits"]["finetune"][0] == "12"
+    stamp = json.loads((tmp_path / "big" / "world.json").read_text())
+    assert stamp["splits"]["finetune"][0] == "12"
     assert (tmp_path / "big" / "world.json").read_text() != (out / "world.json").read_text()
 
 
@@ -88,21 +91,24 @@ def test_masks_match_drawings(small_world):
     checked = 0
     for split in ("finetune", "test-id", "test-ood", "test-one", "test-captions"):
         for item in read(paths[split]):
-            pixels = np.asarray(Image.open(out / item["image"]).convert("RGB"))    # (32, 32, 3)
+            pixels = np.asarray(Image.open(out / item["image"]).convert("RGB"))  # (32, 32, 3)
             for word, rel in item.get("masks", {}).items():
-                mask = np.asarray(Image.open(out / rel)) > 127                     # (32, 32)
+                mask = np.asarray(Image.open(out / rel)) > 127  # (32, 32)
                 obj = object_of(item, rel)
                 assert word in (obj["colour"], *obj["cell"].split()), (item["id"], word, obj)
                 lit = np.array(world.COLOURS[obj["colour"]])
                 dim = np.round(lit * world.DIM)
-                drawn = (pixels == lit).all(-1) | (pixels == dim).all(-1)           # (32, 32)
+                drawn = (pixels == lit).all(-1) | (pixels == dim).all(-1)  # (32, 32)
                 assert mask.sum() >= 20 and np.array_equal(mask, drawn), (item["id"], word)
-                assert np.array_equal(mask, world.shape_mask(obj["shape"], obj["cx"], obj["cy"], obj["r"]))
+                shape = world.shape_mask(obj["shape"], obj["cx"], obj["cy"], obj["r"])
+                assert np.array_equal(mask, shape)
                 x0, y0 = world.CELLS[obj["cell"]]
                 ys, xs = mask.nonzero()
-                assert xs.min() >= x0 and xs.max() < x0 + 16 and ys.min() >= y0 and ys.max() < y0 + 16
+                assert xs.min() >= x0 and xs.max() < x0 + 16
+                assert ys.min() >= y0 and ys.max() < y0 + 16
                 # the texture: lit pixels exactly where the texture lights them
-                assert np.array_equal((pixels == lit).all(-1) & mask, world.texture_lit(obj["texture"]) & mask)
+                texture = world.texture_lit(obj["texture"])
+                assert np.array_equal((pixels == lit).all(-1) & mask, texture & mask)
                 checked += 1
     assert checked > 30
 
@@ -129,9 +135,11 @@ def test_answers_are_true_of_the_scene(small_world):
             named = {"colour-at": [o for o in objs if q.endswith(f"at the {o['cell']}?")],
                      "position": [o for o in objs if q == f"where is the {o['colour']} object?"]}
             if kind in named:
-                assert len(named[kind]) == 1, (item["id"], q)               # one object fits the question
+                # one object fits the question
+                assert len(named[kind]) == 1, (item["id"], q)
                 o = named[kind][0]
-                assert a == {"colour-at": o["colour"], "position": o["cell"]}[kind], (item["id"], q, a)
+                expected = {"colour-at": o["colour"], "position": o["cell"]}[kind]
+                assert a == expected, (item["id"], q, a)
                 # every answer word has the mask of that object ("top left": "top" and "left")
                 assert list(item["masks"]) == a.split()
                 assert all(object_of(item, rel) == o for rel in item["masks"].values())
@@ -188,17 +196,22 @@ def test_raw_entropies_before_and_after_min_max(small_world, tmp_path):
     items = [it for it in data.read_items(paths["test-id"]) if it.get("masks")][:4]
     dm = models.load_dm("toy-sd", path=SHIPPED_SD)
     model, processor = models.load_vlm("toy", str(SHIPPED_VLM))
-    result = base_models.raw_entropies(model.eval(), processor, dm, items, inversion_steps=2, denoise_steps=1)
+    result = base_models.raw_entropies(model.eval(), processor, dm, items, inversion_steps=2,
+                                       denoise_steps=1)
     extract.extract(items, dm, tmp_path / "attn", inversion_steps=2, denoise_steps=1, batch_size=16,
                     layers=models.PRESETS["toy-sd"]["layers"], progress=False)
-    stored = torch.cat([data.read_maps(tmp_path / "attn", it["id"])[0] for it in items])  # (4, 32, 32)
-    assert result["dm"]["min-max"] == pytest.approx(float(evaluate.attention_entropy(stored).mean()), abs=1e-2)
-    own = {"aggregation": "mean-mean", "layers": aggregate.aligned_layers(model), "match": "exact", "aligner": None,
-           "aligner_mode": "auto", "learned": False}
+    stored = [data.read_maps(tmp_path / "attn", it["id"])[0] for it in items]
+    stored = torch.cat(stored)  # (4, 32, 32)
+    dm_entropy = float(evaluate.attention_entropy(stored).mean())
+    assert result["dm"]["min-max"] == pytest.approx(dm_entropy, abs=1e-2)
+    own = {"aggregation": "mean-mean", "layers": aggregate.aligned_layers(model), "match": "exact",
+           "aligner": None, "aligner_mode": "auto", "learned": False}
     store = {it["id"]: data.read_maps(tmp_path / "attn", it["id"]) for it in items}
-    maps = torch.cat([m["own"] for m in evaluate.answer_maps(model, processor, items, store, own, show=False)])
+    answers = evaluate.answer_maps(model, processor, items, store, own, show=False)
+    maps = torch.cat([m["own"] for m in answers])
     assert maps.shape == (4, 32, 32)
-    assert result["vlm"]["min-max"] == pytest.approx(float(evaluate.attention_entropy(maps).mean()), abs=1e-3)
+    vlm_entropy = float(evaluate.attention_entropy(maps).mean())
+    assert result["vlm"]["min-max"] == pytest.approx(vlm_entropy, abs=1e-3)
     for side in ("dm", "vlm"):
         assert 0.0 < result[side]["min-max"] <= result[side]["raw"] <= math.log(32 * 32) + 1e-4
 
@@ -212,16 +225,23 @@ def test_control_stores_are_wrong_targets_in_the_right_format(small_world, tmp_p
     controls = world.other_object_items(items)
     assert len(controls) == sum(len(it["objects"]) > 1 for it in items) > 0
     by_id = {it["id"]: it for it in items}
+    # masks/<image id>-<k>.png -> <image id>
+    image_of = lambda rel: Path(rel).stem.rsplit("-", 1)[0]  # noqa: E731
     for c in controls:
         (word, rel), = c["masks"].items()
         (right,) = by_id[c["id"]]["masks"].values()
-        assert word == c["answer"] and rel != right and Path(rel).stem.rsplit("-", 1)[0] == Path(right).stem.rsplit("-", 1)[0]
-        assert not ((np.asarray(Image.open(out / rel)) > 127) & (np.asarray(Image.open(out / right)) > 127)).any()
+        # another object of the same image
+        assert word == c["answer"] and rel != right and image_of(rel) == image_of(right)
+        wrong = np.asarray(Image.open(out / rel)) > 127
+        asked = np.asarray(Image.open(out / right)) > 127
+        assert not (wrong & asked).any()
     assert world.oracle_store(controls, out, tmp_path / "object") == len(controls)
-    # another item's map: a store with one distinct map per item, then swapped between same-answer items
+    # another item's map: a store with one distinct map per item, then swapped between items of
+    # the same answer
     store = tmp_path / "dm"
     for n, it in enumerate(items):
-        data.save_maps(data.maps_path(store, it["id"]), torch.full((1, 32, 32), n / len(items)), [it["answer"]],
+        distinct = torch.full((1, 32, 32), n / len(items))
+        data.save_maps(data.maps_path(store, it["id"]), distinct, [it["answer"]],
                        {"text": it["answer"]})
     written = world.other_item_store(items, store, tmp_path / "other", seed=0)
     shared = [it for it in items if sum(o["answer"] == it["answer"] for o in items) > 1]
@@ -232,7 +252,8 @@ def test_control_stores_are_wrong_targets_in_the_right_format(small_world, tmp_p
         if it in shared:
             maps, words, meta = data.load_maps(path)
             donor = items[round(float(maps[0, 0, 0]) * len(items))]
-            assert donor["id"] != it["id"] and donor["answer"] == it["answer"] == words[0] == meta["text"]
+            assert donor["id"] != it["id"]
+            assert donor["answer"] == it["answer"] == words[0] == meta["text"]
             assert data.check_maps(path, it["answer"]) == ([it["answer"]], None)
 
 
@@ -240,10 +261,12 @@ def test_oracle_store_resizes_and_refuses_stray_masks(tmp_path):
     """A 64x64 mask becomes its 32x32 coverage (min-max: a half-covered cell is 0.5); a mask filed
     under a word that is not in the answer, or an empty one, is refused, naming the item."""
     mask = np.zeros((64, 64), np.uint8)
-    mask[0:4, 0:3] = 255                                        # cells (0, 0) and (1, 0) full, (0, 1) and (1, 1) half
+    # cells (0, 0) and (1, 0) full, (0, 1) and (1, 1) half
+    mask[0:4, 0:3] = 255
     Image.fromarray(mask).save(tmp_path / "m.png")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "im.png")
-    item = {"id": "x", "image_path": str(tmp_path / "im.png"), "answer": "Red.", "masks": {"red": "m.png"}}
+    item = {"id": "x", "image_path": str(tmp_path / "im.png"), "answer": "Red.",
+            "masks": {"red": "m.png"}}
     world.oracle_store([item], tmp_path, tmp_path / "store")
     maps, words, _ = data.load_maps(data.maps_path(tmp_path / "store", "x"))
     assert words == ["red"] and maps.shape == (1, 32, 32)
@@ -274,8 +297,8 @@ def test_world_reads_through_the_project(small_world):
 def test_clip_tokenizer_worked_example():
     tok = toy_teachers.toy_sd_tokenizer()
     pieces = tok.convert_ids_to_tokens(tok("red at top left, blue? redd").input_ids)
-    assert pieces == ["<|startoftext|>", "red</w>", "at</w>", "top</w>", "left</w>", ",</w>", "blue</w>", "?</w>",
-                      "re", "d", "d</w>", "<|endoftext|>"]
+    assert pieces == ["<|startoftext|>", "red</w>", "at</w>", "top</w>", "left</w>", ",</w>",
+                      "blue</w>", "?</w>", "re", "d", "d</w>", "<|endoftext|>"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,9 +331,9 @@ def test_localisation_loss_worked_example():
     the object and 0 elsewhere gives -1, a uniform map 0 (no other object), the object's
     complement +1; a colour token without its object in the scene and every other token are left
     out; with a second object, a map lit on it too pays for it twice."""
-    colour_ids = torch.tensor([7, 8])                                     # two colour words
+    colour_ids = torch.tensor([7, 8])  # two colour words
     mask = torch.zeros(2, 32, 32)
-    mask[0, :8, :8] = 1                                                   # colour 0's object
+    mask[0, :8, :8] = 1  # colour 0's object
     # (1, 2, 32, 32): colour 1's object is absent
     masks = mask[None]
     # start, colour 0, colour 1, end
@@ -355,23 +378,55 @@ def test_shipped_toy_sd_points_at_objects(small_world, tmp_path):
     dm = models.load_dm("toy-sd", path=SHIPPED_SD)
     assert dm["res"] == 32 and dm["vae"] is not None
     items = data.read_items(paths["test-captions"])[:12]
-    summary = extract.extract(items, dm, tmp_path / "attn", inversion_steps=5, denoise_steps=5, batch_size=12,
-                              layers=models.PRESETS["toy-sd"]["layers"], progress=False)
+    summary = extract.extract(items, dm, tmp_path / "attn", inversion_steps=5, denoise_steps=5,
+                              batch_size=12, layers=models.PRESETS["toy-sd"]["layers"],
+                              progress=False)
     assert summary["done"] == len(items)
     result = base_models.dm_pointing(items, tmp_path / "attn")
     assert result["n"] >= 20
     assert result["accuracy"] >= POINTING_THRESHOLD, result
     assert result["entropy"] < ENTROPY_BOUND, result
-    assert result["colour"] == result["accuracy"], result                 # caption masks: colour words
+    # caption masks: colour words alone
+    assert result["colour"] == result["accuracy"], result
 
 
 def test_shipped_toy_vlm_loads_through_train_and_answers(small_world):
     _, paths = small_world
     model, processor = models.load_vlm("toy", str(SHIPPED_VLM))
     assert processor.tokenizer.convert_tokens_to_ids("<|image|>") == model.config.image_token_index
-    items = data.read_items(paths["test-one"])[:20]                   # held-out one-object scenes
+    items = data.read_items(paths["test-one"])[:20]  # held-out one-object scenes
     accuracy = base_models.kind_accuracy(model, processor, items)
     assert all(accuracy[k] >= VQA_THRESHOLD for k in world.PERCEPTION_KINDS), accuracy
+
+
+def steered_forward(model, inputs, rows, targets):
+    """The toy VLM's logits under SteeredAttention: at alpha 0, at alpha 1 on layer 0 alone (which
+    has no cross-attention) and at alpha 1 on every layer; with the last cross-attention layer's
+    values and its output projection's input at the last forward ({"v", "o"}). The model is left
+    as it was (attention implementation, STEERED's settings, no hooks)."""
+    layer = models.attention_module(model, 3)  # the last cross-attention layer
+    seen = {}
+    hooks = [layer.v_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o)),
+             layer.o_proj.register_forward_pre_hook(lambda m, i: seen.__setitem__("o", i[0]))]
+    base_models.register_steered()
+    config = model.config.get_text_config()
+    own_implementation = config._attn_implementation
+    steer = base_models.STEERED
+    logits = []
+    try:
+        config._attn_implementation = base_models.SteeredAttention.NAME
+        steer.rows, steer.targets, steer.alpha = rows, targets, 0.0
+        logits.append(model(**inputs).logits)
+        steer.alpha, steer.layers = 1.0, [0]  # layer 0 has no cross-attention
+        logits.append(model(**inputs).logits)
+        steer.layers = None
+        logits.append(model(**inputs).logits)
+    finally:
+        steer.rows, steer.alpha, steer.layers = None, 0.0, None
+        config._attn_implementation = own_implementation
+        for h in hooks:
+            h.remove()
+    return logits, seen
 
 
 def test_steered_attention_changes_only_where_the_row_looks(small_world):
@@ -382,52 +437,45 @@ def test_steered_attention_changes_only_where_the_row_looks(small_world):
     object's patches, in its cell; attention_ceiling at alpha 0 is the plain teacher-forced accuracy
     and leaves the model's attention as it was."""
     _, paths = small_world
-    model, processor = models.load_vlm("toy", str(SHIPPED_VLM))  # trained: a new model's gates are 0
+    # trained: a new model's gates are 0
+    model, processor = models.load_vlm("toy", str(SHIPPED_VLM))
     model.eval()
     items = [it for it in data.read_items(paths["test-id"]) if it.get("masks")][:3]
     batch = data.collate(processor, items)
     inputs = data.model_inputs(batch)
     plain = model(**inputs).logits
-    rows = aggregate.answer_rows(batch["labels"])[:, 0] - torch.arange(3)  # (3,) a different row each
-    layer = models.attention_module(model, 3)  # the last cross-attention layer
-    seen = {}
-    hooks = [layer.v_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o)),
-             layer.o_proj.register_forward_pre_hook(lambda m, i: seen.__setitem__("o", i[0]))]
-    base_models.register_steered()
+    # a different row each
+    rows = aggregate.answer_rows(batch["labels"])[:, 0] - torch.arange(3)  # (3,)
     config = model.config.get_text_config()
     own_implementation = config._attn_implementation
     one = torch.zeros(len(items), 65)
     one[:, 10] = 1.0
-    steer = base_models.STEERED
-    try:
-        config._attn_implementation = base_models.SteeredAttention.NAME
-        steer.rows, steer.targets, steer.alpha = rows, one, 0.0
-        assert torch.allclose(model(**inputs).logits, plain, atol=1e-5)
-        steer.alpha, steer.layers = 1.0, [0]  # layer 0 has no cross-attention
-        assert torch.allclose(model(**inputs).logits, plain, atol=1e-5)
-        steer.layers = None
-        steered = model(**inputs).logits
-    finally:
-        steer.rows, steer.alpha, steer.layers = None, 0.0, None
-        config._attn_implementation = own_implementation
-        for h in hooks:
-            h.remove()
+    (alpha_0, layer_0, steered), seen = steered_forward(model, inputs, rows, one)
+    assert torch.allclose(alpha_0, plain, atol=1e-5)
+    assert torch.allclose(layer_0, plain, atol=1e-5)
     values = seen["v"].view(3, 65, config.num_key_value_heads, -1)  # (B, N, KV heads, d)
     groups = config.num_attention_heads // config.num_key_value_heads
     for b, r in enumerate(rows.tolist()):
-        assert torch.allclose(seen["o"][b, r], values[b, 10].repeat_interleave(groups, 0).flatten(), atol=1e-5)
+        token_10 = values[b, 10].repeat_interleave(groups, 0).flatten()
+        assert torch.allclose(seen["o"][b, r], token_10, atol=1e-5)
         assert torch.allclose(steered[b, :r], plain[b, :r], atol=1e-5)
         assert not torch.allclose(steered[b, r], plain[b, r], atol=1e-4)
     targets = base_models.mask_targets(items)
-    assert targets.shape == (3, 65) and torch.allclose(targets.sum(1), torch.ones(3)) and (targets[:, 0] == 0).all()
-    for it, t in zip(items, targets):  # the asked object's patches, inside its cell's 4x4 patches
-        x0, y0 = world.CELLS[next(o["cell"] for o in it["objects"] if o["colour"] == it["answer"])]
+    assert targets.shape == (3, 65) and torch.allclose(targets.sum(1), torch.ones(3))
+    assert (targets[:, 0] == 0).all()
+    # the asked object's patches, inside its cell's 4x4 patches
+    for it, t in zip(items, targets):
+        cell = next(o["cell"] for o in it["objects"] if o["colour"] == it["answer"])
+        x0, y0 = world.CELLS[cell]
         grid = t[1:].reshape(8, 8)
-        assert grid[y0 // 4:(y0 + world.CELL) // 4, x0 // 4:(x0 + world.CELL) // 4].sum() == pytest.approx(1.0)
+        in_cell = grid[y0 // 4:(y0 + world.CELL) // 4, x0 // 4:(x0 + world.CELL) // 4]
+        assert in_cell.sum() == pytest.approx(1.0)
     ceiling = base_models.attention_ceiling(model, processor, items, alphas=(0.0,))
-    assert config._attn_implementation == own_implementation and steer.rows is None
+    assert config._attn_implementation == own_implementation
+    assert base_models.STEERED.rows is None
     rows = aggregate.answer_rows(batch["labels"])[:, 0]
-    own = (plain[torch.arange(3), rows].argmax(-1) == batch["input_ids"][torch.arange(3), rows + 1]).float().mean()
+    predicted = plain[torch.arange(3), rows].argmax(-1)
+    own = (predicted == batch["input_ids"][torch.arange(3), rows + 1]).float().mean()
     assert ceiling[0.0] == pytest.approx(float(own), abs=1e-4)
 
 
@@ -439,16 +487,19 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
     """The demo with its default report, <out>/toy_report.md: the shipped one stays untouched."""
     world, _ = small_world
     shipped = (toy.ROOT / "toy_report.md").read_bytes()
-    rows = toy.main(["--world", str(world), "--out", str(tmp_path / "demo"), "--seeds", "0", "--steps", "2",
-                     "--batch-size", "4", "--limit", "8", "--inversion-steps", "2", "--denoise-steps", "1",
-                     "--quiet"])
+    rows = toy.main(["--world", str(world), "--out", str(tmp_path / "demo"), "--seeds", "0",
+                     "--steps", "2", "--batch-size", "4", "--limit", "8", "--inversion-steps", "2",
+                     "--denoise-steps", "1", "--quiet"])
     table = dict((r[0], r[1:]) for r in rows)
     for split in ("test-id", "test-ood"):
-        for value in table[f"accuracy {split}"]:                     # base, AR, Lavender: all measured
+        # base, AR, Lavender: all measured
+        for value in table[f"accuracy {split}"]:
             assert 0.0 <= float(value.split(" ± ")[0]) <= 1.0
-    entropy, pointing = table["DM maps of the same words: entropy, pointing (test-id)"][0].split(", ")
+    dm_cell = table["DM maps of the same words: entropy, pointing (test-id)"][0]
+    entropy, pointing = dm_cell.split(", ")
     assert 0.0 < float(entropy) <= 6.932 and 0.0 <= float(pointing) <= 1.0
-    for value in table["VLM's own attention: pointing (test-id)"]:  # one ruler: base, AR and Lavender
+    # one ruler: base, AR and Lavender
+    for value in table["VLM's own attention: pointing (test-id)"]:
         assert 0.0 <= float(value.split(" ± ")[0]) <= 1.0
     assert table["Aligner head: pointing (test-id)"][:2] == ("", "")  # a head is Lavender's alone
     assert 0.0 <= float(table["Aligner head: pointing (test-id)"][2].split(" ± ")[0]) <= 1.0
@@ -456,24 +507,29 @@ def test_quick_demo_end_to_end(small_world, tmp_path):
         config = json.loads((tmp_path / "demo" / "runs" / f"{arm}-s0" / "config.json").read_text())
         assert config["loss"] == loss and config["max_steps"] == 2 and config["model"] == "toy"
     oracle = json.loads((tmp_path / "demo" / "runs" / "oracle-s0" / "config.json").read_text())
-    assert "oracle-" in oracle["attn"] and all(oracle[k] == v for k, v in toy.READ_PATH.items())
+    read_path = toy_protocol.READ_PATH
+    assert "oracle-" in oracle["attn"] and all(oracle[k] == v for k, v in read_path.items())
     figures = json.loads((tmp_path / "demo" / "toy_report.json").read_text())
     for arm in ("ar", "lavender", "oracle"):
-        assert set(figures[arm]["accuracy"]) == {"test-id", "test-ood"} and "own_pointing" in figures[arm]
-    for arm in ("lavender", "oracle"):                                 # minus AR of the same seed
+        assert set(figures[arm]["accuracy"]) == {"test-id", "test-ood"}
+        assert "own_pointing" in figures[arm]
+    # minus AR of the same seed; one seed: no interval
+    for arm in ("lavender", "oracle"):
         gap = figures[arm]["minus_ar"]["test-id"]
-        assert gap["n"] == 1 and gap["low"] is None and gap["high"] is None   # one seed: no interval
+        assert gap["n"] == 1 and gap["low"] is None and gap["high"] is None
         expected = figures[arm]["accuracy"]["test-id"] - figures["ar"]["accuracy"]["test-id"]
         assert gap["mean"] == pytest.approx(expected, abs=1e-6)
     assert {"dm_pointing", "dm_entropy", "base_own_entropy", "base_accuracy"} <= set(figures)
     assert set(figures["attention_ceiling"]) == {"test-id", "test-ood"}
     assert all(set(c) == {"as_is", "steered"} and 0.0 <= min(c.values()) <= max(c.values()) <= 1.0
                for c in figures["attention_ceiling"].values())
-    lavender_log = [json.loads(l) for l in open(tmp_path / "demo" / "runs" / "lavender-s0" / "log.jsonl")]
-    assert any(entry["aligned_words"] > 0 for entry in lavender_log)   # the DM maps reached the loss
+    log_path = tmp_path / "demo" / "runs" / "lavender-s0" / "log.jsonl"
+    lavender_log = [json.loads(l) for l in open(log_path)]
+    # the DM maps reached the loss
+    assert any(entry["aligned_words"] > 0 for entry in lavender_log)
     report = (tmp_path / "demo" / "toy_report.md").read_text()
     assert "| accuracy test-id |" in report and "toy_report/" in report
-    assert any((tmp_path / "demo" / "toy_report").glob("test-id-*.png"))  # its pictures beside it
+    assert any((tmp_path / "demo" / "toy_report").glob("test-id-*.png"))  # pictures beside it
     assert (toy.ROOT / "toy_report.md").read_bytes() == shipped
 
 
@@ -487,12 +543,14 @@ def test_retraining_paths_write_loadable_models(small_world, tmp_path):
     assert dm["res"] == 32 and dm["text_encoder"].config.max_position_embeddings == positions
     # --init-from (how the shipped toy-sd was continued): the VAE and its scaling factor are kept
     # frozen, the UNet moves on from the loaded weights
-    toy_teachers.train_sd(tmp_path / "sd2", world, seed=3, steps=2, batch=4, init_from=tmp_path / "sd")
+    toy_teachers.train_sd(tmp_path / "sd2", world, seed=3, steps=2, batch=4,
+                          init_from=tmp_path / "sd")
     dm2 = models.load_dm("toy-sd", path=tmp_path / "sd2")
     assert dm2["vae"].config.scaling_factor == dm["vae"].config.scaling_factor
     for (name, a), b in zip(dm["vae"].state_dict().items(), dm2["vae"].state_dict().values()):
         assert torch.equal(a, b), name
-    moved = [not torch.equal(a, b) for a, b in zip(dm["unet"].state_dict().values(), dm2["unet"].state_dict().values())]
+    unets = zip(dm["unet"].state_dict().values(), dm2["unet"].state_dict().values())
+    moved = [not torch.equal(a, b) for a, b in unets]
     assert any(moved)
     base_models.train_vlm(tmp_path / "vlm", world, seed=3, steps=2, batch=4)
     model, processor = models.load_vlm("toy", str(tmp_path / "vlm"))
@@ -510,7 +568,7 @@ def test_extraction_cache_is_keyed_on_every_file_of_the_teacher(small_world, tmp
                                           "--dm-path", str(teacher)])
 
     def folder(out):  # {split: attention folder}; the key is the folder's parent
-        return toy.prepare_world(args, 3, root, tmp_path / out, lambda text: None)[1]
+        return toy_protocol.prepare_world(args, 3, root, tmp_path / out, lambda text: None)[1]
     first = folder("a")["finetune"]
     assert folder("b")["finetune"].parent.name == first.parent.name     # the same files: one key
     config = teacher / "scheduler" / "scheduler_config.json"

@@ -147,9 +147,9 @@ RUNS = {  # script -> (how it starts, its flags besides --data)
 @pytest.mark.parametrize("problem", ["missing", "not json", "no answer"])
 def test_scripts_name_a_bad_data_file_in_one_line(tmp_path, monkeypatch, name, problem):
     monkeypatch.chdir(tmp_path)
+    no_answer = '{"id": "a", "image": "a.png", "question": "q"}\n'
     if problem != "missing":
-        Path("data.jsonl").write_text("{oops\n" if problem == "not json" else
-                                      '{"id": "a", "image": "a.png", "question": "q"}\n')
+        Path("data.jsonl").write_text("{oops\n" if problem == "not json" else no_answer)
     Path("p.jsonl").write_text('{"id": "a", "prediction": "x"}\n')
     run, flags = RUNS[name]
     line = stops(run, [*flags, "--data", "data.jsonl"])
