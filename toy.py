@@ -3,8 +3,8 @@
 miniature world: the world, the base models, the demo and the protocol (toy_protocol.py).
 
 No weights can be downloaded here, so the project draws its own world (world.py) and trains its
-own "pretrained" models on it (base_models.py: toy-sd and the toy VLM, shipped in toy_models/);
-then every step of the paper runs on it for real, through the real scripts:
+own "pretrained" models on it (toy_teachers.py: toy-sd; base_models.py: the toy VLM; shipped
+in toy_models/); then every step of the paper runs on it for real, through the real scripts:
 
   1. `python toy.py`: extract DM maps (extract.py), fine-tune AR, Lavender and the oracle (the
      world's object masks as targets, world.oracle_store) with the same budget and seeds
