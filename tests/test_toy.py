@@ -15,6 +15,7 @@ from PIL import Image
 
 import aggregate
 import base_models
+import capture
 import data
 import evaluate
 import extract
@@ -387,7 +388,7 @@ def test_steered_attention_changes_only_where_the_row_looks(small_world):
     batch = data.collate(processor, items)
     inputs = data.model_inputs(batch)
     plain = model(**inputs).logits
-    rows = aggregate.answer_rows(batch["labels"])[:, 0] - torch.arange(3)  # (3,) a different row each
+    rows = capture.answer_rows(batch["labels"])[:, 0] - torch.arange(3)  # (3,) a different row each
     layer = models.attention_module(model, 3)  # the last cross-attention layer
     seen = {}
     hooks = [layer.v_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o)),
@@ -425,7 +426,7 @@ def test_steered_attention_changes_only_where_the_row_looks(small_world):
         assert grid[y0 // 4:(y0 + world.CELL) // 4, x0 // 4:(x0 + world.CELL) // 4].sum() == pytest.approx(1.0)
     ceiling = base_models.attention_ceiling(model, processor, items, alphas=(0.0,))
     assert config._attn_implementation == own_implementation and steer.rows is None
-    rows = aggregate.answer_rows(batch["labels"])[:, 0]
+    rows = capture.answer_rows(batch["labels"])[:, 0]
     own = (plain[torch.arange(3), rows].argmax(-1) == batch["input_ids"][torch.arange(3), rows + 1]).float().mean()
     assert ceiling[0.0] == pytest.approx(float(own), abs=1e-4)
 
