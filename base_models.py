@@ -32,6 +32,7 @@ import teachers
 import toy_teachers
 import world
 from aligner import min_max
+from capture import answer_rows
 from metrics import score_prediction
 
 def dm_pointing(items, attn_dir):
@@ -223,7 +224,7 @@ def attention_ceiling(model, processor, items, alphas=(0.0, 1.0), layers=None, b
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             batch = data.collate(processor, chunk)
-            rows = aggregate.answer_rows(batch["labels"])[:, 0]  # (B,) predicts the answer's first token
+            rows = answer_rows(batch["labels"])[:, 0]  # (B,) predicts the answer's first token
             gold = batch["input_ids"][torch.arange(len(chunk)), rows + 1]
             STEERED.rows, STEERED.targets = rows, mask_targets(chunk)
             for a in alphas:
@@ -259,7 +260,7 @@ def raw_entropies(model, processor, dm, items, batch_size=16, inversion_steps=5,
                 raw = extract.word_maps(attention[b], extract.word_weights(p, columns), normalise=False)[0]
                 entropies["dm"].append((raw, min_max(raw)))
             batch = data.collate(processor, chunk)
-            capture.set_rows(aggregate.answer_rows(batch["labels"])[:, :1])  # (B, 1)
+            capture.set_rows(answer_rows(batch["labels"])[:, :1])  # (B, 1)
             model(**data.model_inputs(batch))
             maps = aggregate.token_maps(capture.probs, batch, aggregate.vision_geometry(model), "mean-mean")
             entropies["vlm"] += [(m, min_max(m)) for m in maps[:, 0]]  # (32, 32) each

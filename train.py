@@ -44,6 +44,7 @@ import data
 import loader
 import models
 import runs
+from capture import answer_rows
 from runs import Stopped, signals_to_flag  # pre-emption: a checkpoint at the next step
 from distributed import all_reduce_sum, any_rank, exit_if_torchrun, gather_objects, setup_distributed, teardown
 
@@ -206,7 +207,7 @@ def micro_batch_losses(args, model, aligner, capture, batch, dm, device, tokeniz
     labels = batch["labels"].to(device)
     if capture is None:  # --loss ar: no hooks, no maps
         return vlm_loss_sum(model(**inputs).logits, labels), None, 0
-    rows = aggregate.answer_rows(batch["labels"])  # (B, R): every row that predicts an answer token
+    rows = answer_rows(batch["labels"])  # (B, R): every row that predicts an answer token
     capture.set_rows(rows.to(device))
     logits = model(**inputs).logits  # (B, T, V); the hooks filled capture.probs
     tokens = aggregate.row_tokens(rows, batch["input_ids"], logits, args.align_words)  # §6 (5)

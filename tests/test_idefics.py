@@ -17,6 +17,7 @@ import flamingo
 import models
 import runs
 import train
+from capture import answer_rows
 
 
 QA = [("what colour is the circle?", "red circle"), ("how many?", "two")]
@@ -44,7 +45,8 @@ def eager_rows(model, inputs, layers, rows):
         hook.remove()
     model.set_attn_implementation("sdpa")
     ref = torch.stack([got[layer] for layer in layers], dim=1)  # (B, L, H, T, N)
-    idx = rows.clamp(min=0)[:, None, None, :, None].expand(*ref.shape[:3], rows.shape[1], ref.shape[-1])
+    at = rows.clamp(min=0)[:, None, None, :, None]  # (B, 1, 1, R, 1)
+    idx = at.expand(*ref.shape[:3], rows.shape[1], ref.shape[-1])
     return ref.gather(3, idx) * (rows >= 0)[:, None, None, :, None]
 
 
@@ -57,7 +59,9 @@ def test_capture_equals_the_modules_eager_weights(tmp_path, resampler, qk_norms)
     model, processor = models.tiny_idefics(resampler=resampler, qk_norms=qk_norms)
     model.eval()
     items, batch = batch_of(processor, tmp_path)
-    rows, layers, inputs = ag.answer_rows(batch["labels"]), ag.aligned_layers(model), data.model_inputs(batch)
+    rows = answer_rows(batch["labels"])
+    layers = ag.aligned_layers(model)
+    inputs = data.model_inputs(batch)
     assert layers == [0, 1] and rows.shape[1] > 0
     with torch.no_grad():
         plain = model(**inputs).logits
@@ -92,17 +96,20 @@ def test_a_known_patch_lands_on_its_cell_and_latents_fill_a_square():
     latents = flamingo.vision_geometry(models.tiny_idefics(resampler=True)[0])
     assert (latents["tokens"], latents["patches"]) == (16, None)
     maps = ag.image_maps(torch.eye(16).view(1, 1, 1, 16, 16), {}, latents)[0, 0, 0]  # (16, 32, 32)
-    assert [divmod(int(m.argmax()), 32) for m in maps][5] == (8, 8) and maps[5, 8:16, 8:16].min() == 1
-    # the docstring's worked examples: a square count is only reshaped, another is interpolated first
+    peaks = [divmod(int(m.argmax()), 32) for m in maps]
+    assert peaks[5] == (8, 8) and maps[5, 8:16, 8:16].min() == 1
+    # the docstring's worked examples: a square count is only reshaped, another interpolated first
     assert flamingo.latents_to_square(torch.tensor([1., 2, 3, 4])).tolist() == [[1, 2], [3, 4]]
     assert flamingo.latents_to_square(torch.tensor([0., 3])).tolist() == [[0, 1], [2, 3]]
-    assert flamingo.latents_to_square(torch.rand(2, 64)).shape == (2, 8, 8)  # IDEFICS-9B, OpenFlamingo
+    # IDEFICS-9B, OpenFlamingo
+    assert flamingo.latents_to_square(torch.rand(2, 64)).shape == (2, 8, 8)
 
 
 def test_prompts_labels_and_the_image_mask(tmp_path):
-    """The instruct dialogue: labels are the answer and its <end_of_utterance>; every answer row sees
-    the image; encode() (tokens counted before step 1) gives the batch's tokens; an item holding the
-    end-of-sequence token, after which IDEFICS' tokens no longer see the image, is refused by name."""
+    """The instruct dialogue: labels are the answer and its <end_of_utterance>; every answer row
+    sees the image; encode() (tokens counted before step 1) gives the batch's tokens; an item
+    holding the end-of-sequence token, after which IDEFICS' tokens no longer see the image, is
+    refused by name."""
     _, processor = models.tiny_idefics()
     items, batch = batch_of(processor, tmp_path)
     tok = processor.tokenizer
@@ -118,7 +125,8 @@ def test_prompts_labels_and_the_image_mask(tmp_path):
     bad = dict(items[1], answer="two</s>", line=2)
     with pytest.raises(ValueError, match="item 'i1': its answer 'two</s>' holds '</s>'"):
         data.collate(processor, [items[0], bad])
-    assert data.check_item(bad, processor)[0].startswith("item 'i1' (line 2): its answer 'two</s>' holds '</s>'")
+    problem = data.check_item(bad, processor)[0]
+    assert problem.startswith("item 'i1' (line 2): its answer 'two</s>' holds '</s>'")
 
 
 def test_lora_targets_the_language_model_and_idefics_needs_its_weights(monkeypatch):
@@ -126,9 +134,10 @@ def test_lora_targets_the_language_model_and_idefics_needs_its_weights(monkeypat
     model = train.apply_peft(models.tiny_idefics()[0], args)
     wrapped = {n.split(".lora_A")[0].removeprefix("base_model.model.model.")
                for n, _ in model.named_parameters() if "lora_A" in n}
+    # no vision tower, no perceiver
     assert wrapped == {f"{part}.{i}.{attn}.{proj}" for part, attn, n in
                        (("layers", "self_attn", 4), ("gated_cross_attn_layers", "cross_attn", 2))
-                       for i in range(n) for proj in ("q_proj", "v_proj")}  # no vision tower, no perceiver
+                       for i in range(n) for proj in ("q_proj", "v_proj")}
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="HuggingFaceM4/idefics-9b-instruct.*--model-path"):
         models.load_vlm("idefics")
@@ -141,10 +150,12 @@ def test_a_save_pretrained_folder_loads_with_its_processor(tmp_path):
     model.save_pretrained(tmp_path / "m")
     processor.save_pretrained(tmp_path / "m")
     loaded, loaded_processor = models.load_vlm("tiny-idefics", str(tmp_path / "m"))
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    pairs = zip(model.state_dict().values(), loaded.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
     items, batch = batch_of(processor, tmp_path)
     again = data.collate(loaded_processor, items)
-    assert all(torch.equal(batch[k], again[k]) for k in ("input_ids", "pixel_values", "image_attention_mask", "labels"))
+    keys = ("input_ids", "pixel_values", "image_attention_mask", "labels")
+    assert all(torch.equal(batch[k], again[k]) for k in keys)
     stop = processor.tokenizer.convert_tokens_to_ids(flamingo.END_OF_UTTERANCE)
     assert stop in loaded.generation_config.eos_token_id
 
@@ -161,7 +172,8 @@ def test_two_ranks_match_one_rank_and_the_adapter_reloads(tmp_path):
     same_steps(one, two)
     model, processor, lavender, config = runs.load_run(tmp_path / "two")
     reference, _, _, _ = runs.load_run(one_dir)
-    assert models.family(model) == "idefics" and lavender["aligner"] is not None and config["world"] == 2
+    assert (models.family(model) == "idefics" and lavender["aligner"] is not None
+            and config["world"] == 2)
     adapter = json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())
     assert adapter["target_modules"] == flamingo.LORA_TARGETS
     inputs = data.model_inputs(data.collate(processor, data.read_items(dataset)[:2]))
@@ -181,18 +193,21 @@ def test_evaluation_with_its_own_maps_as_targets(tmp_path):
     model, processor = models.load_vlm("tiny-idefics")
     items = data.read_items(dataset)
     flags = ["--model", "tiny-idefics", "--data", dataset, "--quiet"]
-    own, _ = E.capture_settings(None, model, E.build_parser().parse_args([*flags, "--out", str(tmp_path)]))
+    own_args = E.build_parser().parse_args([*flags, "--out", str(tmp_path)])
+    own, _ = E.capture_settings(None, model, own_args)
     attn = tmp_path / "data" / "attn"
     dm_store = {it["id"]: data.load_maps(data.maps_path(attn, it["id"]))[:2] for it in items}
     lines = []
-    for it, m in zip(items, E.answer_maps(model.eval(), processor, items, dm_store, own, show=False)):
+    answer_maps = E.answer_maps(model.eval(), processor, items, dm_store, own, show=False)
+    for it, m in zip(items, answer_maps):
         data.save_maps(tmp_path / "own" / f"{it['id']}.safetensors", m["own"], m["words"],
                        {"dm": "own", "text": it["answer"]})
         lines.append(json.dumps({k: it[k] for k in ("id", "image", "question", "answer")} |
                                 {"boxes": {w: [0, 0, 4, 4] for w in m["words"]}}))
     (tmp_path / "data" / "data.jsonl").write_text("\n".join(lines) + "\n")
-    report = E.evaluate(E.build_parser().parse_args([*flags, "--attn", str(tmp_path / "own"), "--out",
-                                                     str(tmp_path / "report"), "--max-new-tokens", "2"]))
+    args = E.build_parser().parse_args([*flags, "--attn", str(tmp_path / "own"), "--out",
+                                        str(tmp_path / "report"), "--max-new-tokens", "2"])
+    report = E.evaluate(args)
     run = report["runs"][0]
     assert run["matched_words"] > 0 and run["alignment_mse"]["mean"] < 1e-6
     assert run["pointing"] is None and report["dm"]["pointing"]["n"] == run["matched_words"]

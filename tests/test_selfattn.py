@@ -22,6 +22,7 @@ import runs
 import selfattn
 import train
 from aligner import Aligner, aligner_channels, attention_loss
+from capture import answer_rows
 
 QWEN = ["--model", "tiny-qwen2vl"]
 
@@ -44,10 +45,12 @@ def tiny(request, tmp_path_factory):
     model, processor = models.tiny_qwen2vl(model_type=request.param)
     model.requires_grad_(False)  # each test asks for the gradients it checks
     rng = np.random.default_rng(0)
-    items = [(Image.fromarray(rng.integers(0, 255, (60, 130, 3), np.uint8)), "what colour is the circle?",
-              "a red circle left of a blue square"),
-             (Image.fromarray(rng.integers(0, 255, (200, 90, 3), np.uint8)), "two", "yes")]
-    return model.eval(), processor, qwen_batch(processor, items, tmp_path_factory.mktemp(request.param))
+    wide = Image.fromarray(rng.integers(0, 255, (60, 130, 3), np.uint8))
+    tall = Image.fromarray(rng.integers(0, 255, (200, 90, 3), np.uint8))
+    items = [(wide, "what colour is the circle?", "a red circle left of a blue square"),
+             (tall, "two", "yes")]
+    batch = qwen_batch(processor, items, tmp_path_factory.mktemp(request.param))
+    return model.eval(), processor, batch
 
 
 def inputs(batch):
@@ -70,7 +73,7 @@ def test_capture_equals_eager_attention_with_padding_and_two_image_sizes(tiny):
     model, processor, batch = tiny
     grid = batch["image_grid_thw"]
     assert grid[0].prod() != grid[1].prod() and (batch["attention_mask"] == 0).any()
-    rows = ag.answer_rows(batch["labels"])  # (B, R): -1 pads the shorter answer
+    rows = answer_rows(batch["labels"])  # (B, R): -1 pads the shorter answer
     layers = models.attention_layers(model)
     probs = {}
     with torch.no_grad():
@@ -83,7 +86,8 @@ def test_capture_equals_eager_attention_with_padding_and_two_image_sizes(tiny):
         ref = eager(model, batch).attentions
     keys, valid = selfattn.image_positions(batch["input_ids"], model.config.image_token_id)
     n = valid.sum(dim=1)
-    assert n.tolist() == [int(t * h * w) // 4 for t, h, w in grid.tolist()]  # (h/2)(w/2) tokens each
+    # (h/2)(w/2) tokens each
+    assert n.tolist() == [int(t * h * w) // 4 for t, h, w in grid.tolist()]
     for i, layer in enumerate(layers):
         for b in range(2):
             for r, t in enumerate(rows[b].tolist()):
@@ -93,14 +97,16 @@ def test_capture_equals_eager_attention_with_padding_and_two_image_sizes(tiny):
                     continue
                 expect = ref[layer][b, :, t, keys[b, :n[b]]]  # (H, n image tokens)
                 assert torch.allclose(got_raw[:, :n[b]], expect, atol=1e-5)
-                assert torch.allclose(got[:, :n[b]], expect / expect.sum(-1, keepdim=True), atol=1e-5)
-                assert got[:, n[b]:].abs().sum() == got_raw[:, n[b]:].abs().sum() == 0  # (the other's longer image)
+                renormalised = expect / expect.sum(-1, keepdim=True)
+                assert torch.allclose(got[:, :n[b]], renormalised, atol=1e-5)
+                # (the other's longer image)
+                assert got[:, n[b]:].abs().sum() == got_raw[:, n[b]:].abs().sum() == 0
 
 
 def test_capture_gradients_equal_eager_gradients(tiny):
     """d(Σ w · probs)/dW_Q through the hooks == through eager attention's own probabilities."""
     model, processor, batch = tiny
-    rows = ag.answer_rows(batch["labels"])[:, :3]
+    rows = answer_rows(batch["labels"])[:, :3]
     layer = models.attention_layers(model)[1]
     w_q = models.attention_module(model, layer).q_proj.weight
     keys, valid = selfattn.image_positions(batch["input_ids"], model.config.image_token_id)
@@ -113,7 +119,8 @@ def test_capture_gradients_equal_eager_gradients(tiny):
         ours = torch.autograd.grad((capture.probs[:, 0] * weights).sum(), w_q)[0]
     attn = eager(model, batch).attentions[layer]  # (B, H, T, T)
     theirs = attn.gather(2, rows[:, None, :, None].expand(-1, attn.shape[1], -1, attn.shape[-1]))
-    theirs = theirs.gather(3, keys[:, None, None, :].expand(-1, attn.shape[1], 3, -1))  # (B, H, R, N)
+    columns = keys[:, None, None, :].expand(-1, attn.shape[1], 3, -1)
+    theirs = theirs.gather(3, columns)  # (B, H, R, N)
     theirs = torch.autograd.grad((theirs * weights).sum(), w_q)[0]
     w_q.requires_grad_(False)
     assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-7)
@@ -123,16 +130,18 @@ def test_learned_copy_equals_pretrained_and_hooks_see_lora(tiny):
     """Parallel projections copied from W_Q, W_K (biases shared) give A_d == the pretrained A, with
     the hooks registered after PEFT wrapped q_proj: a LoRA update of q_proj moves A, not A_d."""
     model, processor, batch = tiny
-    copy, _ = models.tiny_qwen2vl(model_type=model.config.model_type)  # the same seed: the same weights
+    # the same seed: the same weights
+    copy, _ = models.tiny_qwen2vl(model_type=model.config.model_type)
     args = train.build_parser().parse_args(["--lora-dropout", "0"])
     copy = train.apply_peft(copy, args).eval()
     layers = ag.aligned_layers(copy)
     ag.add_parallel_projections(copy, layers, init="copy")
-    rows = ag.answer_rows(batch["labels"])
+    rows = answer_rows(batch["labels"])
     with torch.no_grad():
         for name, p in copy.named_parameters():
             if "lora_B" in name:
-                p.fill_(0.01)  # LoRA moves q_proj / v_proj away from the copy
+                # LoRA moves q_proj / v_proj away from the copy
+                p.fill_(0.01)
         a, a_d = [], []
         for learned, out in ((False, a), (True, a_d)):
             with ag.attention_capture(copy, layers, learned=learned) as capture:
@@ -163,15 +172,19 @@ def test_every_aggregation_and_the_aligner_train_on_top(tiny):
         ag.add_parallel_projections(model, layers)
     w_q = models.attention_module(model, layers[-1]).q_proj.weight
     for aggregation in ag.AGGREGATIONS:
-        aligner = Aligner("light", aligner_channels(aggregation, heads)) if aggregation != "mean-max" else None
+        aligner = None
+        if aggregation != "mean-max":
+            aligner = Aligner("light", aligner_channels(aggregation, heads))
         learned = aggregation == "learn"
-        param = models.attention_module(model, layers[-1]).lavender_q_proj.weight if learned else w_q
+        last = models.attention_module(model, layers[-1])
+        param = last.lavender_q_proj.weight if learned else w_q
         w_q.requires_grad_(not learned)
         with ag.attention_capture(model, layers, learned=learned) as capture:
             capture.set_rows(rows)
             model(**inputs(batch))
             maps = ag.vlm_word_maps(capture, plan, batch, aggregation, aligner)  # (B, W, 32, 32)
-        assert maps.shape == dm.shape and torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+        assert (maps.shape == dm.shape and torch.isfinite(maps).all() and maps.min() >= 0
+                and maps.max() <= 1)
         loss = attention_loss(maps, dm, plan["dm_index"] >= 0)
         assert torch.autograd.grad(loss, param)[0].abs().sum() > 0, aggregation
     w_q.requires_grad_(False)
@@ -209,7 +222,8 @@ def test_known_patch_lands_on_known_cell(model_type):
         for pixels in (base, drawn):
             out = processor.image_processor(images=[Image.fromarray(pixels)], return_tensors="pt")
             with torch.no_grad():
-                tokens.append(model.model.visual(out["pixel_values"], grid_thw=out["image_grid_thw"]).pooler_output)
+                visual = model.model.visual(out["pixel_values"], grid_thw=out["image_grid_thw"])
+                tokens.append(visual.pooler_output)
         changed = (tokens[1] - tokens[0]).abs().sum(dim=-1)  # (n tokens,)
         one_hot = (changed == changed.max()).float()[None]  # (1, N)
         cell = qwen.grid_maps(one_hot, out["image_grid_thw"], 2)[0]  # (32, 32)
@@ -230,7 +244,8 @@ def test_grid_maps_worked_example_and_default_layers():
 
 def test_a_saved_folder_loads_and_missing_weights_say_where(tmp_path, monkeypatch):
     """A save_pretrained folder loads as the preset (--model-path) with the same logits and images
-    bounded by QWEN_MAX_PIXELS; without weights the error names the preset, the hub id and the fix."""
+    bounded by QWEN_MAX_PIXELS; without weights the error names the preset, the hub id and the
+    fix."""
     model, processor = models.tiny_qwen2vl()
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
@@ -238,12 +253,13 @@ def test_a_saved_folder_loads_and_missing_weights_say_where(tmp_path, monkeypatc
     assert type(again) is qwen.QwenImageTextProcessor
     assert again.image_processor.size["longest_edge"] <= qwen.QWEN_MAX_PIXELS
     (tmp_path / "images").mkdir()
-    batch = qwen_batch(processor, [(Image.new("RGB", (80, 60), (200, 10, 10)), "what colour?", "red")],
-                       tmp_path / "images")
+    item = (Image.new("RGB", (80, 60), (200, 10, 10)), "what colour?", "red")
+    batch = qwen_batch(processor, [item], tmp_path / "images")
     with torch.no_grad():
         assert torch.equal(model(**inputs(batch)).logits, loaded(**inputs(batch)).logits)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SystemExit, match=r"(?s)--model qwen25vl .*Qwen/Qwen2.5-VL-7B-Instruct.*--model-path DIR"):
+    names = r"(?s)--model qwen25vl .*Qwen/Qwen2.5-VL-7B-Instruct.*--model-path DIR"
+    with pytest.raises(SystemExit, match=names):
         models.load_vlm("qwen25vl", str(tmp_path / "nowhere"))
 
 
@@ -260,12 +276,14 @@ def test_two_ranks_match_one_rank_and_the_adapter_reloads(tmp_path, tiny_dataset
     two = torchrun(tiny_dataset, tmp_path / "two", "--activation-checkpointing", *flags)
     same_steps(one, two)
     from peft import PeftModel
-    model = PeftModel.from_pretrained(models.tiny_qwen2vl()[0], str(tmp_path / "two" / "adapter")).eval()
+    base = models.tiny_qwen2vl()[0]
+    model = PeftModel.from_pretrained(base, str(tmp_path / "two" / "adapter")).eval()
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
     loaded, processor, lavender, config = runs.load_run(tmp_path / "two")
     batch = data.collate(processor, data.read_items(tiny_dataset)[:2])
     with torch.no_grad():
-        assert torch.equal(model(**data.model_inputs(batch)).logits, loaded(**data.model_inputs(batch)).logits)
+        batch_inputs = data.model_inputs(batch)
+        assert torch.equal(model(**batch_inputs).logits, loaded(**batch_inputs).logits)
     assert config["aligned_layers"] == [0, 1, 2, 3] and lavender["aligner"] is not None
     item = data.read_items(tiny_dataset)[0]
     image = data.open_image(item["image_path"])

@@ -15,6 +15,7 @@ from PIL import Image
 
 import aggregate
 import base_models
+import capture
 import data
 import evaluate
 import extract
@@ -445,7 +446,7 @@ def test_steered_attention_changes_only_where_the_row_looks(small_world):
     inputs = data.model_inputs(batch)
     plain = model(**inputs).logits
     # a different row each
-    rows = aggregate.answer_rows(batch["labels"])[:, 0] - torch.arange(3)  # (3,)
+    rows = capture.answer_rows(batch["labels"])[:, 0] - torch.arange(3)  # (3,)
     config = model.config.get_text_config()
     own_implementation = config._attn_implementation
     one = torch.zeros(len(items), 65)
@@ -473,7 +474,7 @@ def test_steered_attention_changes_only_where_the_row_looks(small_world):
     ceiling = base_models.attention_ceiling(model, processor, items, alphas=(0.0,))
     assert config._attn_implementation == own_implementation
     assert base_models.STEERED.rows is None
-    rows = aggregate.answer_rows(batch["labels"])[:, 0]
+    rows = capture.answer_rows(batch["labels"])[:, 0]
     predicted = plain[torch.arange(3), rows].argmax(-1)
     own = (predicted == batch["input_ids"][torch.arange(3), rows + 1]).float().mean()
     assert ceiling[0.0] == pytest.approx(float(own), abs=1e-4)
