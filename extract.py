@@ -10,6 +10,8 @@ words; resize each word's map to 32x32, min-max normalise, and save one safetens
 in the DESIGN.md format (attn/<id>.safetensors). The authors never released this part.
 `--inversion null-text` replaces the guidance-1 denoising by Mokady et al.'s null-text inversion
 (nulltext.py): guided denoising (w = 7.5) with the null embedding tuned at each step.
+`--export-jpeg` and `--import-jpeg` convert the store to and from the authors' JPEG layout
+(jpeg_maps.py).
 
     python extract.py --dm sd14 --data data.jsonl --out attn/              # one process
     torchrun --nproc_per_node 8 extract.py --dm sd14 --data data.jsonl --out attn/
@@ -25,22 +27,188 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+import jpeg_maps
 import mmdit
 import nulltext
 import teachers
-from aligner import MAP_SIZE, min_max  # the one map size and normalisation of DM and VLM maps
-from data import (ID_PATTERN, is_complete, library_bars, load_image, load_maps, maps_path,
-                  progress_bar, read_items_or_exit, save_maps, split_words)
+# the one map size and normalisation of DM and VLM maps
+from aligner import MAP_SIZE, min_max
+from data import (ID_PATTERN, is_complete, library_bars, load_image, maps_path, progress_bar,
+                  read_items_or_exit, save_maps, split_words)
 from models import DM_PRESETS, PRESETS, load_dm, resolve_dtype, scheduler_config
 
-INVERSIONS = ("ddim", "null-text")  # --inversion: guidance 1 both ways; Mokady et al. (nulltext.py)
+# --inversion: guidance 1 both ways; Mokady et al. (nulltext.py)
+INVERSIONS = ("ddim", "null-text")
 
-# ---- words: data.split_words (the rule of both sides) located among CLIP's tokens ----
+
+# ---- 1. DDIM inversion, then denoising (§5(1): 5 + 10 steps) ----
+
+def ddim_grids(scheduler, inversion_steps, denoise_steps):
+    """(inverse, forward) DDIM schedulers whose grids meet: inversion ends where denoising starts.
+
+    Both use "trailing" timestep spacing (Lin et al. 2024, Table 2), whose grids end at t = T-1 =
+    999 whatever the step count: inversion in 5 steps visits 199, 399, ..., 999 and leaves the
+    latent at noise level 999; denoising in 10 steps starts from it at 999, 899, ..., 99 and ends
+    at level 0. (SD's own "leading" spacing would give inversion 1, 201, ..., 801 and denoising
+    901, ..., 1: grids that do not meet.) clip_sample=False: inversion must not clamp the predicted
+    clean latent. Guidance 1 (the answer only, no unconditional branch) keeps DDIM inversion
+    near-exact.
+    """
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+    config = dict(scheduler.config, clip_sample=False, timestep_spacing="trailing")
+    inverse = DDIMInverseScheduler.from_config(scheduler_config(config, DDIMInverseScheduler))
+    forward = DDIMScheduler.from_config(scheduler_config(config, DDIMScheduler))
+    inverse.set_timesteps(inversion_steps)
+    forward.set_timesteps(denoise_steps)
+    return inverse, forward
+
+
+def invert_and_denoise(unet, latents, context, inverse, forward, store=None,
+                       capture_steps="denoise", added=None):
+    """Run the inversion then the denoising; with a store, capture attention at the chosen steps.
+    added: SDXL's added conditioning (teachers.encode_text), None for SD 1.x and 2.x."""
+    dtype = unet.dtype
+    for phase, scheduler in (("inversion", inverse), ("denoise", forward)):
+        if store is not None:
+            if capture_steps == "inversion" and phase == "denoise":
+                # nothing more to capture: the denoising would change no map
+                break
+            store["on"] = capture_steps in ("all", phase)
+        for t in scheduler.timesteps:
+            # ε, or v (sd21, toy-sd21): the schedulers read it by their config's prediction_type
+            eps = unet(latents.to(dtype), t, encoder_hidden_states=context,
+                       added_cond_kwargs=added).sample
+            latents = scheduler.step(eps.float(), t, latents).prev_sample    # fp32 latent path
+    return latents
+
+
+def null_text(dm, latents, context, inverse, forward, store, capture_steps, guidance, iters):
+    """--inversion null-text (nulltext.py): the pivot by DDIM inversion at guidance 1, then
+    Algorithm 1 from its end, capturing at capture_steps (the conditional branch only)."""
+    if list(forward.timesteps) != list(inverse.timesteps)[::-1]:
+        raise ValueError(f"null-text inversion denoises on the inversion's own grid: got "
+                         f"{len(inverse.timesteps)} inversion and {len(forward.timesteps)} "
+                         f"denoising steps; give equal counts")
+    pivot = nulltext.ddim_pivot(dm["unet"], latents, context, inverse, store, capture_steps)
+    # else the denoising would change no map
+    if capture_steps != "inversion":
+        null = nulltext.empty_prompt(dm, len(latents))                      # (B, 77, D)
+        nulltext.null_text_inversion(dm["unet"], pivot, context, null, forward, guidance, iters,
+                                     store, capture_steps)
+
+
+# ---- 2. cross-attention capture: a diffusers attention processor on attn2 (eq. 13-14) ----
+
+class CrossAttentionCapture:
+    """Attention processor for attn2 modules: SDPA's output, plus M = softmax(QK^T/sqrt(d)).
+
+    SDPA returns no weights, so this computes the probabilities itself (eq. 13-14), averages them
+    over heads, brings the layer's grid to the latent grid (bilinear) and adds them into the shared
+    running fp32 sum store["sum"] (B, T, h, w): no per-step or per-layer map is ever kept.
+    Self-attention (attn1) keeps diffusers' SDPA processor: its maps are large and not needed.
+    """
+
+    def __init__(self, store):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs):
+        residual = hidden_states
+        B, N, _ = hidden_states.shape                          # N = layer grid h_l * w_l
+        cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if cross else hidden_states
+        if cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        H, d = attn.heads, k.shape[-1] // attn.heads
+        q = q.view(B, N, H, d).transpose(1, 2)                 # (B, H, N, d)
+        k = k.view(B, -1, H, d).transpose(1, 2)                # (B, H, T, d)
+        v = v.view(B, -1, H, d).transpose(1, 2)                # (B, H, T, d)
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        # SD 2.x: its float16 scores overflow, diffusers' upcast them
+        if attn.upcast_attention:
+            q, k = q.float(), k.float()
+        scores = (q * attn.scale) @ k.transpose(-1, -2)        # (B, H, N, T)  QK^T/sqrt(d)
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], B)
+            scores = scores + mask.view(B, H, -1, k.shape[2])
+        probs = scores.float().softmax(dim=-1)                 # (B, H, N, T)  eq. 13, fp32
+        out = probs.to(v.dtype) @ v                            # (B, H, N, d)
+        if self.store["on"]:
+            self.accumulate(probs, N)
+        out = out.transpose(1, 2).reshape(B, N, H * d)         # (B, N, H d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def accumulate(self, probs, N):
+        store = self.store
+        h, w = store["grid"]                                   # latent grid
+        factor = round(math.sqrt(h * w / N))                   # the layer's downsampling
+        if store["factors"] is not None and factor not in store["factors"]:
+            return
+        B, T = probs.shape[0], store["columns"]
+        m = probs[..., :T].mean(dim=1)                         # (B, N, T) heads averaged
+        m = m.transpose(1, 2).reshape(B, T, h // factor, w // factor)    # (B, T, h_l, w_l)
+        if factor != 1:
+            m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)  # (B, T, h, w)
+        if store["sum"] is None:
+            store["sum"] = torch.zeros(B, T, h, w, device=m.device)     # fp32 accumulator
+        store["sum"] += m
+        store["count"] += 1
+
+
+def capturing(unet, store):
+    """A CrossAttentionCapture into `store` on every attn2 module for the block, then the UNet's
+    own processors again (teachers.capturing)."""
+    return teachers.capturing(unet, store, CrossAttentionCapture(store))
+
+
+@torch.no_grad()
+def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10,
+                 capture_steps="denoise", layers=None, inversion="ddim",
+                 guidance=nulltext.GUIDANCE, null_text_iters=nulltext.ITERATIONS,
+                 dit_map="joint"):
+    """Mean cross-attention (B, columns, h, w) over heads, the chosen layers and steps.
+
+    images (B, 3, res, res) in [-1, 1]; texts: the answers the DM is conditioned on (eq. 7: y).
+    inversion "ddim": invert and denoise at guidance 1; "null-text": nulltext.py, guidance
+    `guidance`, null_text_iters Adam iterations per step, on one grid (denoise_steps must equal
+    inversion_steps: inversion_settings). dit_map: SD3's map, "joint" or "output" (mmdit.py).
+    """
+    # SD3's joint attention and flow inversion (mmdit.py)
+    if "transformer" in dm:
+        return mmdit.dm_attention(dm, images, texts, columns, inversion_steps, denoise_steps,
+                                  capture_steps, layers, dit_map)
+    unet, device = dm["unet"], dm["unet"].device
+    # in the VAE's dtype (SDXL's VAE: float32, teachers.py)
+    images = images.to(device=device, dtype=dm["vae"].dtype)
+    # the latent mean x scaling factor (SD's encoding, without sampling: deterministic)
+    mean = dm["vae"].encode(images).latent_dist.mean.float()
+    latents = mean * dm["vae"].config.scaling_factor                   # (B, 4, h, w)
+    # (B, 77, D); SDXL's extras or None
+    context, added = teachers.encode_text(dm, texts)
+    inverse, forward = ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)
+    store = teachers.new_store(latents.shape[-2:], columns, layers)
+    with capturing(unet, store):
+        if inversion == "null-text":
+            null_text(dm, latents, context, inverse, forward, store, capture_steps, guidance,
+                      null_text_iters)
+        else:
+            invert_and_denoise(unet, latents, context, inverse, forward, store, capture_steps,
+                               added)
+    if store["count"] == 0:
+        raise ValueError(f"no cross-attention was captured: --layers {layers} matches no attn2 "
+                         f"layer of this UNet")
+    return store["sum"] / store["count"]                               # (B, columns, h, w)
+
+
+# ---- 3. words: data.split_words (the rule of both sides) located among CLIP's tokens ----
 
 def text_words(tokenizer, text, max_tokens=75, item_id=None):
     """(words, positions): the distinct words of text (split_words) and, per word, the CLIP token
@@ -52,20 +220,24 @@ def text_words(tokenizer, text, max_tokens=75, item_id=None):
     the text is truncated with a warning naming the item, and a word cut in two by the limit is
     dropped.
 
-        "A red circle?"          -> ["a", "red", "circle"],  [[[1]], [[2]], [[3]]]   ("?" at 4 dropped)
+        "A red circle?"          -> ["a", "red", "circle"],  [[[1]], [[2]], [[3]]]
+                                    ("?" at 4 dropped)
         "an elephant" (tiny-sd)  -> ["an", "elephant"],      [[[1, 2]], [[3, 4, 5, 6, 7, 8, 9]]]
         "red dog, red"           -> ["red", "dog"],          [[[1], [4]], [[2]]]
         "25 dogs"                -> ["25", "dogs"],          [[[1, 2]], [[3, ...]]]
     """
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoded["offset_mapping"]
     if len(offsets) > max_tokens:
-        warnings.warn(f"item {item_id!r}: answer has {len(offsets)} CLIP tokens; keeping the first {max_tokens} "
-                      f"(CLIP's limit), words after that get no map")
+        warnings.warn(f"item {item_id!r}: answer has {len(offsets)} CLIP tokens; keeping the "
+                      f"first {max_tokens} (CLIP's limit), words after that get no map")
     words, positions = [], []
     for word, start, end in split_words(text):
-        tokens = [1 + j for j, (a, b) in enumerate(offsets) if a < end and b > start]  # +1: the start token
+        # +1: the start token
+        tokens = [1 + j for j, (a, b) in enumerate(offsets) if a < end and b > start]
         if not tokens or tokens[-1] > max_tokens:
-            continue  # beyond the limit, or cut in two by it
+            # beyond the limit, or cut in two by it
+            continue
         if word not in words:
             words.append(word)
             positions.append([])
@@ -74,174 +246,178 @@ def text_words(tokenizer, text, max_tokens=75, item_id=None):
 
 
 def word_weights(positions, n_columns):
-    """(n_words, n_columns) W, word_map = W @ token_maps: mean over occurrences of the mean over pieces."""
+    """(n_words, n_columns) W, word_map = W @ token_maps: mean over occurrences of the mean over
+    pieces."""
     W = torch.zeros(len(positions), n_columns)
-    for w, occ in ((w, occ) for w, occurrences in enumerate(positions) for occ in occurrences):
-        W[w, occ] += 1.0 / (len(occ) * len(positions[w]))
+    for w, occurrences in enumerate(positions):
+        for occ in occurrences:
+            W[w, occ] += 1.0 / (len(occ) * len(occurrences))
     return W
 
 
-# ---- cross-attention capture: a diffusers attention processor on attn2 only (eq. 13-14) ----
-
-class CrossAttentionCapture:
-    """Attention processor for attn2 modules: the same output as SDPA, plus M = softmax(QK^T/sqrt(d)).
-
-    SDPA returns no weights, so this computes the probabilities itself (eq. 13-14), averages them
-    over heads, brings the layer's grid to the latent grid (bilinear) and adds them into the shared
-    running fp32 sum store["sum"] (B, T, h, w): no per-step or per-layer map is ever kept.
-    Self-attention (attn1) keeps diffusers' SDPA processor: its maps are large and not needed.
-    """
-
-    def __init__(self, store):
-        self.store = store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        residual = hidden_states
-        B, N, _ = hidden_states.shape                                       # N = layer grid h_l * w_l
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        H, d = attn.heads, k.shape[-1] // attn.heads
-        q = q.view(B, N, H, d).transpose(1, 2)                               # (B, H, N, d)
-        k = k.view(B, -1, H, d).transpose(1, 2)                              # (B, H, T, d)
-        v = v.view(B, -1, H, d).transpose(1, 2)                              # (B, H, T, d)
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        if attn.upcast_attention:  # SD 2.x: its float16 scores overflow, diffusers' upcast them
-            q, k = q.float(), k.float()
-        scores = (q * attn.scale) @ k.transpose(-1, -2)                      # (B, H, N, T)  QK^T/sqrt(d)
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], B)
-            scores = scores + mask.view(B, H, -1, k.shape[2])
-        probs = scores.float().softmax(dim=-1)                               # (B, H, N, T)  eq. 13, fp32
-        out = probs.to(v.dtype) @ v                                          # (B, H, N, d)
-        if self.store["on"]:
-            self.accumulate(probs, N)
-        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(B, N, H * d)))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-    def accumulate(self, probs, N):
-        store = self.store
-        h, w = store["grid"]                                                 # latent grid
-        factor = round(math.sqrt(h * w / N))                                 # 1, 2, 4, 8: the layer's downsampling
-        if store["factors"] is not None and factor not in store["factors"]:
-            return
-        B, T = probs.shape[0], store["columns"]
-        m = probs[..., :T].mean(dim=1)                                       # (B, N, T) heads averaged
-        m = m.transpose(1, 2).reshape(B, T, h // factor, w // factor)        # (B, T, h_l, w_l)
-        if factor != 1:
-            m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)  # (B, T, h, w)
-        if store["sum"] is None:
-            store["sum"] = torch.zeros(B, T, h, w, device=m.device)            # fp32 accumulator
-        store["sum"] += m
-        store["count"] += 1
+def context_columns(positions):
+    """How many context columns a batch needs: up to its last word piece (text_words' positions of
+    each item), not CLIP's end and padding tokens."""
+    return 1 + max(occ[-1] for item in positions for word in item for occ in word)
 
 
-def capturing(unet, store):
-    """A CrossAttentionCapture into `store` on every attn2 module for the block, then the UNet's
-    own processors again (teachers.capturing)."""
-    return teachers.capturing(unet, store, CrossAttentionCapture(store))
+# ---- 4. maps: a word's attention, resized to 32x32 and min-max normalised ----
+
+def word_maps(attention, W, normalise=True):
+    """(n_words, 32, 32) maps in [0, 1] from one item's attention (T, h, w) and weights W
+    (n_words, T); normalise=False: the mean attention probabilities themselves, before min-max."""
+    maps = torch.einsum("nt,thw->nhw", W.to(attention), attention)          # (n_words, h, w)
+    maps = F.interpolate(maps[None], size=(MAP_SIZE, MAP_SIZE), mode="bilinear", antialias=True,
+                         align_corners=False)[0]                              # (n_words, 32, 32)
+    return min_max(maps) if normalise else maps
 
 
-# ---- DDIM inversion, then denoising ----
+# ---- 5. the store: items -> attn/<id>.safetensors, sharded by rank, resumable ----
 
-def ddim_grids(scheduler, inversion_steps, denoise_steps):
-    """(inverse, forward) DDIM schedulers whose grids meet: inversion ends where denoising starts.
+def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=None, capture_steps="denoise",
+            layers=None, batch_size=1, rank=0, world_size=1, progress=None, inversion="ddim",
+            guidance=None, null_text_iters=None, dit_map="joint"):
+    """Write <out_dir>/<id>.safetensors for this rank's share of items; returns a summary dict.
 
-    Both use "trailing" timestep spacing (Lin et al. 2024, Table 2), whose grids end at t = T-1 =
-    999 whatever the step count: inversion in 5 steps visits 199, 399, ..., 999 and leaves the
-    latent at noise level 999; denoising in 10 steps starts from it at 999, 899, ..., 99 and ends
-    at level 0. (SD's own "leading" spacing would give inversion 1, 201, ..., 801 and denoising
-    901, ..., 1: grids that do not meet.) clip_sample=False: inversion must not clamp the predicted
-    clean latent. Guidance 1 (the answer only, no unconditional branch) keeps DDIM inversion near-exact.
-    """
-    from diffusers import DDIMInverseScheduler, DDIMScheduler
-    config = dict(scheduler.config, clip_sample=False, timestep_spacing="trailing")
-    inverse = DDIMInverseScheduler.from_config(scheduler_config(config, DDIMInverseScheduler))
-    forward = DDIMScheduler.from_config(scheduler_config(config, DDIMScheduler))
-    inverse.set_timesteps(inversion_steps)
-    forward.set_timesteps(denoise_steps)
-    return inverse, forward
+    Rank r of world_size takes items r, r + world_size, ... (no collectives: a rank's crash stops
+    only that rank). A complete file is skipped (resume). An item that cannot be done (bad id,
+    empty answer, no mappable word, missing or corrupt image) goes to <out_dir>/failures.jsonl
+    with the reason, and the run goes on (failure_log). A repeated id is a failure for every
+    occurrence but the first in `items`, whichever rank each occurrence falls to.
+    layers: None, the default here, averages EVERY attn2 layer; the command line's default
+    (--layers preset) is the --dm preset's layers instead (models.PRESETS[name]["layers"], e.g.
+    sd14's 16x16 ones), so pass those to get its maps. Else a set of downsampling factors of the
+    latent grid (sd14 at 512 px: 1 = 64², 2 = 32², 4 = 16², 8 = 8²).
+    capture_steps: "all", "inversion", "denoise". inversion ("ddim", "null-text"), guidance,
+    null_text_iters, denoise_steps None: inversion_settings. dit_map: SD3's map
+    (mmdit.DIT_MAPS), in the metadata unless "joint". Returns dict(done, skipped, failed,
+    seconds, rank, world_size)."""
+    t0, out_dir = time.time(), Path(out_dir)
+    # the flags resolved and checked before any work
+    settings = inversion_settings(inversion, inversion_steps, denoise_steps, guidance,
+                                  null_text_iters)
+    denoise_steps, guidance, null_text_iters, inversion_meta = settings
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = store_meta(dm, inversion_steps, denoise_steps, capture_steps, layers, inversion_meta,
+                      dit_map)
+    # fail now, not per batch
+    check_dm(dm, inversion, inversion_steps, denoise_steps, dit_map)
+    summary = {"done": 0, "skipped": 0, "failed": 0}
+    fail = failure_log(out_dir, rank, t0, summary)
+    # cheap checks: no UNet yet
+    todo = items_to_do(items, dm, out_dir, rank, world_size, fail, summary)
+    # ---- the UNet work, batch_size items per call; a bar on rank 0 only ----
+    show = progress if progress is not None else rank == 0
+    bar = progress_bar(show=show, total=len(todo), desc=f"extract {dm['name']}", unit="item")
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        batch, images = load_batch(chunk, dm["res"], fail)
+        if batch:
+            columns = context_columns([positions for _, _, positions in batch])
+            answers = [item["answer"] for item, _, _ in batch]
+            attention = dm_attention(dm, torch.stack(images), answers, columns,
+                                     inversion_steps, denoise_steps, capture_steps, layers,
+                                     inversion, guidance, null_text_iters, dit_map)  # (B, T, h, w)
+            for b, (item, words, positions) in enumerate(batch):
+                weights = word_weights(positions, columns)
+                maps = word_maps(attention[b], weights)                 # (n_words, 32, 32)
+                path = maps_path(out_dir, item["id"])
+                save_maps(path, maps, words, dict(meta, text=item["answer"]))
+                summary["done"] += 1
+        bar.update(len(chunk))
+    bar.close()
+    summary.update(seconds=round(time.time() - t0, 2), rank=rank, world_size=world_size)
+    return summary
 
 
-def invert_and_denoise(unet, latents, context, inverse, forward, store=None, capture_steps="denoise",
-                       added=None):
-    """Run the inversion then the denoising; with a store, capture attention at the chosen steps.
-    added: SDXL's added conditioning (teachers.encode_text), None for SD 1.x and 2.x."""
-    dtype = unet.dtype
-    for phase, scheduler in (("inversion", inverse), ("denoise", forward)):
-        if store is not None:
-            if capture_steps == "inversion" and phase == "denoise":
-                break  # nothing more to capture: the denoising would change no map
-            store["on"] = capture_steps in ("all", phase)
-        for t in scheduler.timesteps:
-            # ε, or v (sd21, toy-sd21): the schedulers read it by their config's prediction_type
-            eps = unet(latents.to(dtype), t, encoder_hidden_states=context,
-                       added_cond_kwargs=added).sample
-            latents = scheduler.step(eps.float(), t, latents).prev_sample    # fp32 latent path
-    return latents
+def store_meta(dm, inversion_steps, denoise_steps, capture_steps, layers, inversion_meta,
+               dit_map):
+    """The settings each map file of a run records (DESIGN.md): the DM, steps and layers, then the
+    inversion's keys (inversion_settings: none for ddim) and dit_map unless "joint"."""
+    layer_names = ",".join(map(str, sorted(layers))) if layers else "all"
+    meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps,
+            "res": dm["res"], "capture_steps": capture_steps, "layers": layer_names}
+    dit = {"dit_map": dit_map} if dit_map != "joint" else {}
+    meta.update(inversion_meta, **dit)
+    return meta
 
 
-@torch.no_grad()
-def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10, capture_steps="denoise",
-                 layers=None, inversion="ddim", guidance=nulltext.GUIDANCE,
-                 null_text_iters=nulltext.ITERATIONS, dit_map="joint"):
-    """Mean cross-attention (B, columns, h, w) over heads, the chosen layers and steps.
+def failure_log(out_dir, rank, t0, summary):
+    """fail(item_id, reason): counts the failure in summary["failed"] and appends a line to
+    <out_dir>/failures.jsonl. The file is appended to, run after run; each line names its rank
+    and run (torchrun's run id, shared by the ranks, or the start time t0), so the latest run's
+    failures can be told from older ones."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
+    run = os.environ.get("TORCHELASTIC_RUN_ID") or started
 
-    images (B, 3, res, res) in [-1, 1]; texts: the answers the DM is conditioned on (eq. 7: y).
-    inversion "ddim": invert and denoise at guidance 1; "null-text": nulltext.py, guidance
-    `guidance`, null_text_iters Adam iterations per step, on one grid (denoise_steps must equal
-    inversion_steps: inversion_settings). dit_map: SD3's map, "joint" or "output" (mmdit.py).
-    """
-    if "transformer" in dm:  # SD3's joint attention and flow inversion (mmdit.py)
-        return mmdit.dm_attention(dm, images, texts, columns, inversion_steps, denoise_steps,
-                                  capture_steps, layers, dit_map)
-    unet, device = dm["unet"], dm["unet"].device
-    images = images.to(device=device, dtype=dm["vae"].dtype)  # (SDXL's VAE: float32, teachers.py)
-    # the latent mean x scaling factor (SD's encoding, without sampling: deterministic)
-    latents = dm["vae"].encode(images).latent_dist.mean.float() * dm["vae"].config.scaling_factor  # (B, 4, h, w)
-    context, added = teachers.encode_text(dm, texts)              # (B, 77, D); SDXL's extras or None
-    inverse, forward = ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)
-    store = teachers.new_store(latents.shape[-2:], columns, layers)
-    with capturing(unet, store):
-        if inversion == "null-text":
-            null_text(dm, latents, context, inverse, forward, store, capture_steps, guidance,
-                      null_text_iters)
+    def fail(item_id, reason):
+        # one short append per line: safe with several ranks writing
+        summary["failed"] += 1
+        line = json.dumps({"id": item_id, "reason": reason, "rank": rank, "run": run})
+        with open(out_dir / "failures.jsonl", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    return fail
+
+
+def items_to_do(items, dm, out_dir, rank, world_size, fail, summary):
+    """[(item, words, positions)] of this rank's items that need the UNet; the others are skipped
+    as complete (counted in summary["skipped"]) or failed with their reason (fail)."""
+    max_tokens = dm["text_encoder"].config.max_position_embeddings - 2      # 75 for CLIP
+    # every rank sees all items, so a repeated id is caught even when its twin went to another
+    # rank (two ranks writing <id>.safetensors for two different items would leave one silently
+    # wrong map)
+    first, todo = {}, []
+    for i, item in enumerate(items):
+        first.setdefault(item["id"], i)
+    for i in range(rank, len(items), world_size):
+        item_id, answer = items[i]["id"], items[i]["answer"]
+        if not ID_PATTERN.match(item_id):
+            fail(item_id, f"bad id {item_id!r}: ids become file names, use only A-Z a-z 0-9 . _ -")
+        elif first[item_id] != i:
+            fail(item_id, f"duplicate id {item_id!r}: item {i} repeats the id of item "
+                          f"{first[item_id]} (0-based, in file order), whose maps are kept; each "
+                          f"item needs its own id")
+        elif is_complete(maps_path(out_dir, item_id)):
+            summary["skipped"] += 1
+        elif not answer.strip():
+            fail(item_id, "empty answer: the DM is conditioned on the answer, nothing to map")
         else:
-            invert_and_denoise(unet, latents, context, inverse, forward, store, capture_steps,
-                               added)
-    if store["count"] == 0:
-        raise ValueError(f"no cross-attention was captured: --layers {layers} matches no attn2 layer of this UNet")
-    return store["sum"] / store["count"]                                       # (B, columns, h, w)
+            words, positions = text_words(dm["tokenizer"], answer, max_tokens, item_id)
+            if words:
+                todo.append((items[i], words, positions))
+            else:
+                fail(item_id, f"no mappable word in answer {answer!r} (only punctuation or "
+                              f"symbols)")
+    return todo
 
 
-def null_text(dm, latents, context, inverse, forward, store, capture_steps, guidance, iters):
-    """--inversion null-text (nulltext.py): the pivot by DDIM inversion at guidance 1, then
-    Algorithm 1 from its end, capturing at capture_steps (the conditional branch only)."""
-    if list(forward.timesteps) != list(inverse.timesteps)[::-1]:
-        raise ValueError(f"null-text inversion denoises on the inversion's own grid: got "
-                         f"{len(inverse.timesteps)} inversion and {len(forward.timesteps)} "
-                         f"denoising steps; give equal counts")
-    pivot = nulltext.ddim_pivot(dm["unet"], latents, context, inverse, store, capture_steps)
-    if capture_steps != "inversion":  # else the denoising would change no map
-        null = nulltext.empty_prompt(dm, len(latents))                          # (B, 77, D)
-        nulltext.null_text_inversion(dm["unet"], pivot, context, null, forward, guidance, iters,
-                                     store, capture_steps)
+def load_batch(todo, res, fail):
+    """(batch, images): the (item, words, positions) of `todo` whose image loads, and their images
+    (3, res, res); a missing or unreadable image is a failure (fail), and the others go on."""
+    batch, images = [], []
+    for item, words, positions in todo:
+        try:
+            images.append(load_image(item["image_path"], res))
+            batch.append((item, words, positions))
+        except FileNotFoundError:
+            fail(item["id"], f"missing image: {item['image_path']}")
+        except Exception as e:  # PIL raises several types
+            fail(item["id"], f"corrupt image: {item['image_path']} ({type(e).__name__}: {e})")
+    return batch, images
 
+
+# ---- the settings, checked before any work ----
 
 def inversion_settings(inversion, inversion_steps, denoise_steps=None, guidance=None, iters=None):
     """(denoise_steps, guidance, iters, meta): the inversion flags resolved and checked (ValueError
     naming the flag and value), and the store metadata they add.
 
     ddim: denoise_steps 10 by default; guidance and iters do not apply (guidance 1) and no key is
-    added, so its stores are those of every extraction before the option ("inversion" absent
-    means ddim). null-text: one trailing grid of inversion_steps both ways. Each guided step must
-    land on a point of the pivot, which exists only at the inversion's timesteps; the inversion's
-    count because the paper's shortened inversion is 5 steps and each denoising step costs N + 2
-    UNet calls and N backwards. denoise_steps defaults to it and must equal it if given.
+    added: a store without "inversion" is a ddim store. null-text: one trailing grid of
+    inversion_steps both ways. Each guided step must land on a point of the pivot, which exists
+    only at the inversion's timesteps; the inversion's count because the paper's shortened
+    inversion is 5 steps and each denoising step costs N + 2 UNet calls and N backwards.
+    denoise_steps defaults to it and must equal it if given.
     """
     if inversion not in INVERSIONS:
         raise ValueError(f"--inversion {inversion!r}: give one of {', '.join(INVERSIONS)}")
@@ -283,7 +459,8 @@ def check_dm(dm, inversion, inversion_steps, denoise_steps, dit_map="joint"):
     null-text with SDXL, whose added conditioning (teachers.encode_text) nulltext.py does not
     tune, or --dit-map output with a UNet (check_dit_map)."""
     check_dit_map(dit_map, dm["name"], "transformer" in dm)
-    if "transformer" in dm and inversion != "ddim":  # SD3 (mmdit.py): its own Euler inversion
+    # SD3 (mmdit.py): its own Euler inversion
+    if "transformer" in dm and inversion != "ddim":
         raise ValueError(f"--inversion {inversion} with --dm {dm['name']}: SD3 inverts its flow "
                          f"by Euler steps (mmdit.py); use --inversion ddim")
     if "transformer" not in dm:
@@ -292,183 +469,6 @@ def check_dm(dm, inversion, inversion_steps, denoise_steps, dit_map="joint"):
         raise ValueError(f"--inversion null-text with --dm {dm['name']}: nulltext.py tunes the "
                          f"null context only, not SDXL's pooled text embedding; use --inversion "
                          f"ddim")
-
-
-def context_columns(positions):
-    """How many context columns a batch needs: up to its last word piece (text_words' positions of
-    each item), not CLIP's end and padding tokens."""
-    return 1 + max(occ[-1] for item in positions for word in item for occ in word)
-
-
-def word_maps(attention, W, normalise=True):
-    """(n_words, 32, 32) maps in [0, 1] from one item's attention (T, h, w) and weights W (n_words, T);
-    normalise=False: the mean attention probabilities themselves, before min-max."""
-    maps = torch.einsum("nt,thw->nhw", W.to(attention), attention)            # (n_words, h, w)
-    maps = F.interpolate(maps[None], size=(MAP_SIZE, MAP_SIZE), mode="bilinear", antialias=True,
-                         align_corners=False)[0]                                # (n_words, 32, 32)
-    return min_max(maps) if normalise else maps
-
-
-# ---- extraction: items -> attn/<id>.safetensors, sharded by rank, resumable ----
-
-def extract(items, dm, out_dir, inversion_steps=5, denoise_steps=None, capture_steps="denoise",
-            layers=None, batch_size=1, rank=0, world_size=1, progress=None, inversion="ddim",
-            guidance=None, null_text_iters=None, dit_map="joint"):
-    """Write <out_dir>/<id>.safetensors for this rank's share of items; returns a summary dict.
-
-    Rank r of world_size takes items r, r + world_size, ... (no collectives: a rank's crash stops
-    only that rank). A complete file is skipped (resume). An item that cannot be done (bad id,
-    empty answer, no mappable word, missing or corrupt image) goes to <out_dir>/failures.jsonl
-    with the reason, and the run goes on. The file is appended to, run after run; each line names
-    its run (torchrun's run id, shared by the ranks, or this call's start time), so the latest run's
-    failures can be told from older ones. A repeated id is a failure for every occurrence but the
-    first in `items`, whichever rank each occurrence falls to.
-    layers: None (all attn2 layers) or a set of downsampling factors of the latent grid
-    (sd14 at 512 px: 1 = 64², 2 = 32², 4 = 16², 8 = 8²). capture_steps: "all", "inversion", "denoise".
-    inversion ("ddim", "null-text"), guidance, null_text_iters, denoise_steps None: inversion_settings.
-    dit_map: SD3's map (mmdit.DIT_MAPS), in the metadata unless "joint". Returns dict(done,
-    skipped, failed, seconds, rank, world_size)."""
-    t0, out_dir = time.time(), Path(out_dir)
-    denoise_steps, guidance, null_text_iters, inversion_meta = inversion_settings(
-        inversion, inversion_steps, denoise_steps, guidance, null_text_iters)  # before any work
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"dm": dm["name"], "inversion_steps": inversion_steps, "denoise_steps": denoise_steps, "res": dm["res"],
-            "capture_steps": capture_steps, "layers": ",".join(map(str, sorted(layers))) if layers else "all"}
-    meta.update(inversion_meta, **({"dit_map": dit_map} if dit_map != "joint" else {}))  # ddim: {}
-    check_dm(dm, inversion, inversion_steps, denoise_steps, dit_map)  # fail now, not per batch
-    summary = {"done": 0, "skipped": 0, "failed": 0}
-    run = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))
-
-    def fail(item_id, reason):  # one short append per line: safe with several ranks writing
-        summary["failed"] += 1
-        with open(out_dir / "failures.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"id": item_id, "reason": reason, "rank": rank, "run": run}) + "\n")
-
-    todo = items_to_do(items, dm, out_dir, rank, world_size, fail, summary)  # cheap checks: no UNet yet
-    # ---- the UNet work, batch_size items per call ----
-    show = progress if progress is not None else rank == 0  # a bar on rank 0 only
-    bar = progress_bar(show=show, total=len(todo), desc=f"extract {dm['name']}", unit="item")
-    for start in range(0, len(todo), batch_size):
-        batch, images = [], []
-        for item, words, positions in todo[start:start + batch_size]:
-            try:
-                images.append(load_image(item["image_path"], dm["res"]))
-                batch.append((item, words, positions))
-            except FileNotFoundError:
-                fail(item["id"], f"missing image: {item['image_path']}")
-            except Exception as e:  # PIL raises several types for unreadable files
-                fail(item["id"], f"corrupt image: {item['image_path']} ({type(e).__name__}: {e})")
-        if batch:
-            columns = context_columns([positions for _, _, positions in batch])
-            attention = dm_attention(dm, torch.stack(images), [item["answer"] for item, _, _ in batch], columns,
-                                     inversion_steps, denoise_steps, capture_steps, layers,
-                                     inversion, guidance, null_text_iters, dit_map)  # (B, T, h, w)
-            for b, (item, words, positions) in enumerate(batch):
-                maps = word_maps(attention[b], word_weights(positions, columns))  # (n_words, 32, 32)
-                save_maps(maps_path(out_dir, item["id"]), maps, words, dict(meta, text=item["answer"]))
-                summary["done"] += 1
-        bar.update(len(todo[start:start + batch_size]))
-    bar.close()
-    summary.update(seconds=round(time.time() - t0, 2), rank=rank, world_size=world_size)
-    return summary
-
-
-def items_to_do(items, dm, out_dir, rank, world_size, fail, summary):
-    """[(item, words, positions)] of this rank's items that need the UNet; the others are skipped
-    as complete (counted in summary["skipped"]) or failed with their reason (fail)."""
-    max_tokens = dm["text_encoder"].config.max_position_embeddings - 2  # 75 for CLIP
-    # every rank sees all items, so a repeated id is caught even when its twin went to another rank
-    # (two ranks writing <id>.safetensors for two different items would leave one silently wrong map)
-    first, todo = {}, []
-    for i, item in enumerate(items):
-        first.setdefault(item["id"], i)
-    for i in range(rank, len(items), world_size):
-        item_id, answer = items[i]["id"], items[i]["answer"]
-        if not ID_PATTERN.match(item_id):
-            fail(item_id, f"bad id {item_id!r}: ids become file names, use only A-Z a-z 0-9 . _ -")
-        elif first[item_id] != i:
-            fail(item_id, f"duplicate id {item_id!r}: item {i} repeats the id of item {first[item_id]} "
-                          f"(0-based, in file order), whose maps are kept; each item needs its own id")
-        elif is_complete(maps_path(out_dir, item_id)):
-            summary["skipped"] += 1
-        elif not answer.strip():
-            fail(item_id, "empty answer: the DM is conditioned on the answer, nothing to map")
-        else:
-            words, positions = text_words(dm["tokenizer"], answer, max_tokens, item_id)
-            if words:
-                todo.append((items[i], words, positions))
-            else:
-                fail(item_id, f"no mappable word in answer {answer!r} (only punctuation or symbols)")
-    return todo
-
-
-# ---- the authors' JPEG layout: <root>/<image file name>/lpm_attention/<image stem>/attention_<word>.jpg ----
-# The layout their training code reads (load_sd_attn in the release's diffag_utils.py): one folder
-# per image FILE NAME, maps of 32x32 8-bit grey JPEGs named by word, in any subfolder of
-# lpm_attention/ (the image stem here). Maps are per image: items that share an image share a folder.
-
-def jpeg_folder(jpeg_dir, item):
-    """<jpeg_dir>/<image file name>/lpm_attention: the folder of an item's image."""
-    return Path(jpeg_dir) / Path(item["image"]).name / "lpm_attention"
-
-
-def export_jpeg(items, attn_dir, jpeg_dir):
-    """Write our maps in the authors' layout; returns (items exported, maps written).
-
-    An image's folder collects the words of every item on that image; a word already written for
-    the image by an earlier item keeps that item's map (with a warning naming both items).
-    """
-    owner, items_done, maps_done = {}, 0, 0  # (image file name, word) -> item id
-    for item in items:
-        path = maps_path(attn_dir, item["id"])
-        if not is_complete(path):
-            continue
-        maps, words, _ = load_maps(path)
-        folder = jpeg_folder(jpeg_dir, item) / Path(item["image"]).stem
-        folder.mkdir(parents=True, exist_ok=True)
-        for word, m in zip(words, maps):
-            key = (Path(item["image"]).name, word)
-            if key in owner:
-                warnings.warn(f"item {item['id']!r}: image {key[0]!r} already has a map of {word!r} from item "
-                              f"{owner[key]!r}; the layout holds one map per image and word, kept that one")
-                continue
-            owner[key] = item["id"]
-            grey = (m.clamp(0, 1) * 255).round().to(torch.uint8).numpy()          # (32, 32) 8-bit
-            Image.fromarray(grey, "L").save(folder / f"attention_{word}.jpg", quality=95)
-            maps_done += 1
-        items_done += 1
-    return items_done, maps_done
-
-
-def read_jpeg_maps(folder, words=None):
-    """(maps float32 (n, 32, 32) in [0, 1], words) from the attention_<word>.jpg files anywhere
-    under folder (the release reads every subfolder of lpm_attention/).
-
-    words: the order to return (missing files are left out); default: every file, sorted by word.
-    JPEG ringing moves the extremes a little, so each map is min-max normalised again.
-    """
-    files = {p.name[len("attention_"):-len(".jpg")]: p for p in sorted(Path(folder).glob("**/attention_*.jpg"))}
-    words = sorted(files) if words is None else [w for w in words if w in files]
-    maps = torch.zeros(len(words), MAP_SIZE, MAP_SIZE)                          # (n, 32, 32)
-    for i, word in enumerate(words):
-        with Image.open(files[word]) as img:  # 8-bit grey, 32x32 (resized if not)
-            maps[i] = torch.from_numpy(np.asarray(img.convert("L").resize((MAP_SIZE, MAP_SIZE)), dtype=np.float32))
-    return min_max(maps), words
-
-
-def import_jpeg(items, jpeg_dir, attn_dir, dm_name="authors-jpeg"):
-    """Convert the authors' JPEG maps into our store: for each item, the maps of its answer's
-    words (split_words, in order) found in its image's folder. Returns (items written, words
-    found, answer words in all); an item none of whose words has a map is not written."""
-    written, found, total = 0, 0, 0
-    for item in items:
-        words = list(dict.fromkeys(w for w, _, _ in split_words(item["answer"])))
-        maps, words_found = read_jpeg_maps(jpeg_folder(jpeg_dir, item), words)
-        total, found = total + len(words), found + len(words_found)
-        if words_found:
-            save_maps(maps_path(attn_dir, item["id"]), maps, words_found, {"text": item["answer"], "dm": dm_name})
-            written += 1
-    return written, found, total
 
 
 # ---- command line ----
@@ -481,23 +481,31 @@ def parse_layers(text, preset=None):
     if text == "all":
         return None
     factors = {int(f) for f in text.split(",") if f.strip().isdigit()}
-    if len(factors) != len(text.split(",")) or any(f < 1 or f & (f - 1) for f in factors):
-        raise SystemExit(f"--layers {text!r}: give 'all' or comma-separated powers of two such as '2,4' (1, 2, 4, 8)")
+    powers_of_two = not any(f < 1 or f & (f - 1) for f in factors)
+    if len(factors) != len(text.split(",")) or not powers_of_two:
+        raise SystemExit(f"--layers {text!r}: give 'all' or comma-separated powers of two such "
+                         f"as '2,4' (1, 2, 4, 8)")
     return factors
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Per-word Stable Diffusion cross-attention maps (Lavender §4.1).")
+    p = argparse.ArgumentParser(
+        description="Per-word Stable Diffusion cross-attention maps (Lavender §4.1).")
     # ---- data and model ----
-    p.add_argument("--dm", default="sd14", choices=DM_PRESETS, help="diffusion model preset (models.py)")
+    p.add_argument("--dm", default="sd14", choices=DM_PRESETS,
+                   help="diffusion model preset (models.py)")
     p.add_argument("--dm-path", default=None, help="local folder in diffusers layout (unet/, "
                    "vae/, text_encoder/, tokenizer/, scheduler/; sdxl: text_encoder_2/ and "
                    "tokenizer_2/ too)")
-    p.add_argument("--data", help="dataset JSONL (id, image, question, answer); the DM is conditioned on the answer")
-    p.add_argument("--out", default="attn", help="attention store folder: <out>/<id>.safetensors, <out>/failures.jsonl")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items (a quick look)")
+    p.add_argument("--data", help="dataset JSONL (id, image, question, answer); the DM is "
+                   "conditioned on the answer")
+    p.add_argument("--out", default="attn", help="attention store folder: "
+                   "<out>/<id>.safetensors, <out>/failures.jsonl")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N items (a quick look)")
     # ---- method (paper §5(1): 5 inversion + 10 denoising steps) ----
-    p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (>= 1), guidance 1, conditioned on the answer")
+    p.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps (>= 1), "
+                   "guidance 1, conditioned on the answer")
     p.add_argument("--denoise-steps", type=int, default=None, help="DDIM denoising steps (>= 1) "
                    "from the inverted latent; default 10 (ddim) or --inversion-steps (null-text, "
                    "which denoises on the inversion's grid)")
@@ -512,24 +520,29 @@ def build_parser():
                    "joint (the image -> text block of its joint attention) or output (the "
                    "attention output space's image-text similarity, ConceptAttention's; mmdit.py)")
     p.add_argument("--capture-steps", default="denoise", choices=["denoise", "inversion", "all"],
-                   help="which steps' attention is averaged: denoise (§5(1): 'attention maps are collected at each "
-                   "denoising step'), inversion, or all")
-    p.add_argument("--layers", default="preset", help="attn2 layers averaged: 'preset' (sd14: 16x16, as "
-                   "Prompt-to-Prompt; sd21, sdxl: factor 4, teachers.py; toy-sd: 32x32), 'all', "
-                   "or downsampling factors of the latent grid, e.g. '2,4' "
+                   help="which steps' attention is averaged: denoise (§5(1): 'attention maps are "
+                   "collected at each denoising step'), inversion, or all")
+    p.add_argument("--layers", default="preset", help="attn2 layers averaged: 'preset' (sd14: "
+                   "16x16, as Prompt-to-Prompt; sd21, sdxl: factor 4, teachers.py; toy-sd: "
+                   "32x32), 'all', or downsampling factors of the latent grid, e.g. '2,4' "
                    "(sd14 at 512 px: 1 = 64x64, 2 = 32x32, 4 = 16x16, 8 = 8x8)")
     # ---- performance ----
-    p.add_argument("--batch-size", type=int, default=1, help="images per UNet call (raise it on a GPU)")
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda:0, ...")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per UNet call (raise it on a GPU)")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else "
+                   "cpu), cpu, cuda:0, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="DM weights; auto: float16 on GPU, float32 on CPU (attention is accumulated in float32 either way)")
+                   help="DM weights; auto: float16 on GPU, float32 on CPU (attention is "
+                   "accumulated in float32 either way)")
     p.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
                    help="no progress bar (none either when stderr is not a terminal)")
-    # ---- the authors' layout ----
-    p.add_argument("--export-jpeg", default=None, metavar="DIR", help="write --out's maps in the authors' layout, "
-                   "<DIR>/<image file name>/lpm_attention/<image stem>/attention_<word>.jpg, then stop")
-    p.add_argument("--import-jpeg", default=None, metavar="DIR", help="read maps in the authors' layout "
-                   "(<DIR>/<image file name>/lpm_attention/*/attention_<word>.jpg) into --out, then stop")
+    # ---- the authors' layout (jpeg_maps.py) ----
+    p.add_argument("--export-jpeg", default=None, metavar="DIR", help="write --out's maps in the "
+                   "authors' layout, <DIR>/<image file name>/lpm_attention/<image "
+                   "stem>/attention_<word>.jpg, then stop")
+    p.add_argument("--import-jpeg", default=None, metavar="DIR", help="read maps in the authors' "
+                   "layout (<DIR>/<image file name>/lpm_attention/*/attention_<word>.jpg) into "
+                   "--out, then stop")
     return p
 
 
@@ -539,21 +552,14 @@ def main(argv=None):
     if not args.data:
         raise SystemExit("--data is required: a JSONL of {id, image, question, answer} lines")
     items = read_items_or_exit(args.data)[:args.limit]
-    folder = ("--out", args.out) if args.export_jpeg else ("--import-jpeg", args.import_jpeg)
-    if (args.export_jpeg or args.import_jpeg) and not Path(folder[1]).is_dir():
-        raise SystemExit(f"{folder[0]} {folder[1]}: no such folder (looked for "
-                         f"{Path(folder[1]).resolve()}); it holds the maps to convert")
-    if args.export_jpeg:
-        n_items, n_maps = export_jpeg(items, args.out, args.export_jpeg)
-        return print(f"exported {n_maps} maps of {n_items} items to {args.export_jpeg}")
-    if args.import_jpeg:
-        n_items, found, total = import_jpeg(items, args.import_jpeg, args.out)
-        return print(f"imported {n_items} of {len(items)} items into {args.out}: {found} of their {total} answer "
-                     f"words have a map in {args.import_jpeg}")
-    try:  # a bad inversion or map flag stops the run before the DM loads
+    if args.export_jpeg or args.import_jpeg:
+        return jpeg_maps.convert(items, args.out, args.export_jpeg, args.import_jpeg)
+    # a bad inversion or map flag stops the run before the DM loads
+    try:
         inversion_settings(args.inversion, args.inversion_steps, args.denoise_steps, args.guidance,
                            args.null_text_iters)
-        check_dit_map(args.dit_map, args.dm, PRESETS[args.dm].get("family") == "mmdit")
+        is_dit = PRESETS[args.dm].get("family") == "mmdit"
+        check_dit_map(args.dit_map, args.dm, is_dit)
     except ValueError as e:
         raise SystemExit(str(e))
     # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1. No process group:
@@ -561,14 +567,16 @@ def main(argv=None):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     device = cuda if args.device == "auto" else args.device
-    dm = load_dm(args.dm, args.dm_path, device, resolve_dtype(args.dtype, device, "float16"))
+    dtype = resolve_dtype(args.dtype, device, "float16")
+    dm = load_dm(args.dm, args.dm_path, device, dtype)
     s = extract(items, dm, args.out, args.inversion_steps, args.denoise_steps, args.capture_steps,
                 parse_layers(args.layers, args.dm), args.batch_size, rank, world_size,
                 progress=rank == 0 and not args.quiet, inversion=args.inversion,
                 guidance=args.guidance, null_text_iters=args.null_text_iters, dit_map=args.dit_map)
     # one line per rank (no collectives to merge them); items of other ranks are not counted here
-    print(f"extract rank {rank}/{world_size}: {s['done']} done, {s['skipped']} skipped as complete, "
-          f"{s['failed']} failed (reasons in {Path(args.out) / 'failures.jsonl'}), {s['seconds']:.1f} s")
+    failures = Path(args.out) / "failures.jsonl"
+    print(f"extract rank {rank}/{world_size}: {s['done']} done, {s['skipped']} skipped as "
+          f"complete, {s['failed']} failed (reasons in {failures}), {s['seconds']:.1f} s")
 
 
 if __name__ == "__main__":

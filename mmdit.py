@@ -71,8 +71,10 @@ TINY_SD3 = {
 }
 # --dit-map: the joint attention, or its output space (ConceptAttention)
 DIT_MAPS = ("joint", "output")
-SHIFT = 3.0  # SD3 medium's scheduler config: sigmas shifted towards noise
-T5_LENGTH = 256  # T5's text length in StableDiffusion3Pipeline (its max_sequence_length)
+# SD3 medium's scheduler config: sigmas shifted towards noise
+SHIFT = 3.0
+# T5's text length in StableDiffusion3Pipeline (its max_sequence_length)
+T5_LENGTH = 256
 
 
 def tiny_sd3(seed=0):
@@ -81,9 +83,10 @@ def tiny_sd3(seed=0):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     tokenizer = teachers.tiny_sd_tokenizer()
     torch.manual_seed(seed)
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    ids = teachers.clip_ids(tokenizer)
+    config = CLIPTextConfig(**ids, **TINY_SD3["text_encoder"])
     return dict(
-        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**ids, **TINY_SD3["text_encoder"])),
+        text_encoder=CLIPTextModelWithProjection(config),
         vae=AutoencoderKL(**TINY_SD3["vae"]),
         transformer=SD3Transformer2DModel(**TINY_SD3["transformer"]),
         tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
@@ -101,7 +104,8 @@ def load(name, path, hub_id, default_path, device="cpu", dtype=torch.float32):
     if name == "sd3":
         source, local = hub.weights_source("--dm", name, hub_id, path, "transformer/config.json",
                                            "--dm-path")
-    else:  # tiny-sd3 or toy-sd3 from a folder: one CLIP
+    else:
+        # tiny-sd3 or toy-sd3 from a folder: one CLIP
         source, local = path or default_path, False
     try:
         dm = load_folder(source, local, 3 if name == "sd3" else 1, dtype)
@@ -130,8 +134,11 @@ def load_folder(folder, local_files_only=False, encoders=1, dtype=None):
                      text_encoder_3=T5EncoderModel, tokenizer_3=AutoTokenizer)
     local = dict(local_files_only=local_files_only)
     in_dtype = {"text_encoder_3": dict(dtype=dtype)} if dtype is not None else {}
-    return {part: cls.from_pretrained(folder, subfolder=part, **local, **in_dtype.get(part, {}))
-            for part, cls in parts.items()}
+    loaded = {}
+    for part, cls in parts.items():
+        loaded[part] = cls.from_pretrained(folder, subfolder=part, **local,
+                                           **in_dtype.get(part, {}))
+    return loaded
 
 
 def encode_text(dm, texts):
@@ -157,10 +164,13 @@ def encode_text(dm, texts):
     context, pooled = torch.cat(states, dim=-1), torch.cat(pooled, dim=-1)
     if "text_encoder_3" in dm:
         t5 = dm["text_encoder_3"]
-        ids = dm["tokenizer_3"](texts, padding="max_length", max_length=T5_LENGTH, truncation=True,
-                                add_special_tokens=True, return_tensors="pt").input_ids
+        ids = dm["tokenizer_3"](texts, padding="max_length", max_length=T5_LENGTH,
+                                truncation=True, add_special_tokens=True,
+                                return_tensors="pt").input_ids
         t5_states = t5(ids.to(t5.device))[0]                           # (B, 256, 4096)
-        context = F.pad(context, (0, t5_states.shape[-1] - context.shape[-1]))
+        # zero channels up to T5's width
+        width = t5_states.shape[-1] - context.shape[-1]
+        context = F.pad(context, (0, width))
         context = torch.cat([context, t5_states.to(context.dtype)], dim=-2)
     return context.to(dtype), pooled.to(dtype)
 
@@ -204,7 +214,8 @@ class JointCapture:
         out = out.transpose(1, 2).reshape(B, -1, H * q.shape[-1]).to(q.dtype)
         if self.store["on"] and self.kind == "joint":
             scale = 1 / math.sqrt(q.shape[-1])                          # SDPA's default scale
-            scores = (q[:, :, :N].float() * scale) @ k.float().transpose(-1, -2)  # (B, H, N, N+T)
+            q_image = q[:, :, :N].float()                               # (B, H, N, d)
+            scores = (q_image * scale) @ k.float().transpose(-1, -2)    # (B, H, N, N+T)
             self.accumulate(scores.softmax(dim=-1)[..., N:])            # (B, H, N, T) eq. 13
         if self.store["on"] and self.kind == "output":
             text = out[:, N:N + self.text_length].float()               # (B, T_clip, H d)
@@ -246,9 +257,11 @@ def flow_sigmas(scheduler, steps):
 def velocity(dm, x, sigma, context, pooled):
     """v(x, sigma) of the transformer; its timestep is sigma * 1000, as the pipeline passes it."""
     t = torch.full((len(x),), float(sigma) * 1000, device=x.device)
-    tr = dm["transformer"]
-    return tr(hidden_states=x.to(tr.dtype), timestep=t.to(tr.dtype), encoder_hidden_states=context,
-              pooled_projections=pooled).sample.float()
+    transformer = dm["transformer"]
+    dtype = transformer.dtype
+    out = transformer(hidden_states=x.to(dtype), timestep=t.to(dtype),
+                      encoder_hidden_states=context, pooled_projections=pooled)
+    return out.sample.float()
 
 
 def invert_and_denoise(dm, latents, context, pooled, inversion_steps, denoise_steps, store=None,
@@ -263,14 +276,16 @@ def invert_and_denoise(dm, latents, context, pooled, inversion_steps, denoise_st
                 break  # nothing more to capture
             store["on"] = capture_steps in ("all", phase)
         for s, s_next in zip(grid[:-1], grid[1:]):
-            latents = latents + (s_next - s) * velocity(dm, latents, s, context, pooled)
+            v = velocity(dm, latents, s, context, pooled)
+            latents = latents + (s_next - s) * v
     return latents
 
 
 def encode_image(dm, images):
     """SD3's latent: (VAE mean - shift_factor) * scaling_factor, without sampling."""
     vae = dm["vae"]
-    mean = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean.float()
+    images = images.to(device=vae.device, dtype=vae.dtype)
+    mean = vae.encode(images).latent_dist.mean.float()
     shift = vae.config.shift_factor or 0.0                              # toy-sd3's VAE has none
     return (mean - shift) * vae.config.scaling_factor                   # (B, 16, h, w)
 

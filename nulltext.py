@@ -25,16 +25,22 @@ loss is below 1e-5 + 2e-5 i, w = 7.5.
 """
 import torch
 
+import teachers
+
 # ---- Prompt-to-Prompt's settings (null_text_w_ptp.ipynb) ----
-GUIDANCE = 7.5      # w, the guidance scale of the denoising the null text is tuned for
-ITERATIONS = 10     # N, Adam iterations per denoising step
+# w, the guidance scale of the denoising the null text is tuned for
+GUIDANCE = 7.5
+# N, Adam iterations per denoising step
+ITERATIONS = 10
 
 
-def learning_rate(i):  # Adam's rate at denoising step i (0 at z_T)
+def learning_rate(i):
+    """Adam's rate at denoising step i (0 at z_T)."""
     return 1e-2 * (1.0 - i / 100.0)
 
 
-def stop_loss(i):  # an item stops its iterations once its MSE falls below this at step i
+def stop_loss(i):
+    """An item stops its iterations once its MSE falls below this at step i."""
     return 1e-5 + 2e-5 * i
 
 
@@ -43,8 +49,9 @@ def stop_loss(i):  # an item stops its iterations once its MSE falls below this 
 def noise(unet, latents, t, context, encoder_attention_mask=None):
     """ε_θ(z_t, t, context) (B, 4, h, w) in fp32; encoder_attention_mask: models.context_mask's
     (None for SD, whose UNet attends to all 77 positions)."""
-    return unet(latents.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype),
-                encoder_attention_mask=encoder_attention_mask).sample.float()
+    out = unet(latents.to(unet.dtype), t, encoder_hidden_states=context.to(unet.dtype),
+               encoder_attention_mask=encoder_attention_mask)
+    return out.sample.float()
 
 
 def guided(eps_null, eps_text, w):
@@ -52,7 +59,8 @@ def guided(eps_null, eps_text, w):
     return eps_null + w * (eps_text - eps_null)
 
 
-def capture(store, on):  # the capture processors add only while store["on"]
+def capture(store, on):
+    """Turn the capture on or off: the capture processors add only while store["on"]."""
     if store is not None:
         store["on"] = on
 
@@ -90,9 +98,12 @@ def optimise_null(unet, z, t, eps_text, target, null, forward, w, iters, i, mask
             break
         rows = torch.tensor(active, device=z.device)
         with torch.enable_grad():
-            eps_null = noise(unet, z[rows], t, torch.stack([params[b] for b in active]),
-                             None if mask is None else mask[rows])
-            rec = forward.step(guided(eps_null, eps_text[rows], w), t, z[rows]).prev_sample
+            z_rows = z[rows]                                                   # (A, 4, h, w)
+            nulls = torch.stack([params[b] for b in active])                   # (A, 77, D)
+            mask_rows = None if mask is None else mask[rows]
+            eps_null = noise(unet, z_rows, t, nulls, mask_rows)
+            eps = guided(eps_null, eps_text[rows], w)
+            rec = forward.step(eps, t, z_rows).prev_sample
             err = (rec - target[rows]).pow(2).flatten(1)                       # (A, 4 * h * w)
             # Adam's steps do not depend on the loss's scale (up to its eps): the sum rather than
             # P2P's mean makes the gradient 4hw times larger (16384 at sd14), away from fp16's
@@ -100,10 +111,12 @@ def optimise_null(unet, z, t, eps_text, target, null, forward, w, iters, i, mask
             grads = torch.autograd.grad(err.sum(), [params[b] for b in active])
         for b, g in zip(active, grads):
             params[b].grad = g
-        adam.step()                                    # items without a .grad this round stay put
+        # items without a .grad this round stay put
+        adam.step()
         for b in active:
             params[b].grad = None
-        losses = err.detach().mean(1).tolist()         # the MSE before this update, as P2P tests it
+        # the MSE before this update, as P2P tests it
+        losses = err.detach().mean(1).tolist()
         active = [b for b, loss in zip(active, losses) if loss >= stop_loss(i)]
     return torch.stack([p.detach() for p in params])                            # (B, 77, D)
 
@@ -124,11 +137,13 @@ def null_text_inversion(unet, pivot, context, null, forward, w=GUIDANCE, iters=I
         with torch.no_grad():
             eps_text = noise(unet, z, t, context, masks[0])                    # (B, 4, h, w)
         capture(store, False)
-        null = optimise_null(unet, z, t, eps_text, pivot[-2 - i], null, forward, w, iters, i,
-                             masks[1])                                         # target z*_{t-1}
+        target = pivot[-2 - i]                                                 # z*_{t-1}
+        null = optimise_null(unet, z, t, eps_text, target, null, forward, w, iters, i, masks[1])
         nulls.append(null)
-        with torch.no_grad():                          # z_{t-1}: the guided step with the tuned ∅_t
-            eps = guided(noise(unet, z, t, null, masks[1]), eps_text, w)
+        # z_{t-1}: the guided step with the tuned ∅_t
+        with torch.no_grad():
+            eps_null = noise(unet, z, t, null, masks[1])
+            eps = guided(eps_null, eps_text, w)
             z = forward.step(eps, t, z).prev_sample
     return nulls, z
 
@@ -141,13 +156,15 @@ def guided_denoise(unet, z, context, nulls, forward, w=GUIDANCE, store=None, mas
         capture(store, True)
         eps_text = noise(unet, z, t, context, masks[0])
         capture(store, False)
-        z = forward.step(guided(noise(unet, z, t, null, masks[1]), eps_text, w), t, z).prev_sample
+        eps_null = noise(unet, z, t, null, masks[1])
+        eps = guided(eps_null, eps_text, w)
+        z = forward.step(eps, t, z).prev_sample
     return z
 
 
 def empty_prompt(dm, n):
     """The empty prompt's text embedding (n, 77, D): ∅ before tuning (SD's unconditional input)."""
-    ids = dm["tokenizer"]([""] * n, padding="max_length", truncation=True, return_tensors="pt",
-                          max_length=dm["text_encoder"].config.max_position_embeddings).input_ids
+    ids = teachers.token_ids(dm["tokenizer"], dm["text_encoder"], [""] * n, dm["unet"].device)
     with torch.no_grad():
-        return dm["text_encoder"](ids.to(dm["unet"].device))[0].float()       # (n, 77, D)
+        states = dm["text_encoder"](ids)[0]                                   # (n, 77, D)
+        return states.float()

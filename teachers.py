@@ -83,6 +83,14 @@ def clip_tokenizer(words, alphabet, max_length=None):
     return tokenizer
 
 
+def clip_ids(tokenizer, pad_token_id=1):
+    """The vocabulary size and special token ids a CLIPTextConfig takes for a clip_tokenizer: its
+    start and end tokens are ids 0 and 1, and it pads with the end token (1) unless told
+    otherwise (SD 2's "!")."""
+    return dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1,
+                pad_token_id=pad_token_id)
+
+
 def tiny_sd_tokenizer():
     """The CLIP tokenizer of the tiny DM presets (tiny-sd, tiny-sd21, tiny-sdxl, tiny-sd3)."""
     return clip_tokenizer(TINY_SD_WORDS, TINY_SD_ALPHABET)
@@ -160,13 +168,14 @@ def tiny_parts(sizes, tokenizer, scheduler, seed=0):
         dm["tokenizer_2"].pad_token = "!"
     encoders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     torch.manual_seed(seed)
+    networks = {"vae": AutoencoderKL, "unet": UNet2DConditionModel}
     for part, config in sizes.items():
         if part in encoders:
-            pad = dm["tokenizer_2" if part.endswith("_2") else "tokenizer"].pad_token_id
-            ids = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=pad)
+            own_tokenizer = dm["tokenizer_2" if part.endswith("_2") else "tokenizer"]
+            ids = clip_ids(tokenizer, own_tokenizer.pad_token_id)
             dm[part] = encoders[part](CLIPTextConfig(**ids, **config))
         else:
-            dm[part] = {"vae": AutoencoderKL, "unet": UNet2DConditionModel}[part](**config)
+            dm[part] = networks[part](**config)
     return dm
 
 
@@ -176,9 +185,10 @@ def load_second_encoder(folder, local_files_only=False):
     """{text_encoder_2, tokenizer_2} of an SDXL folder (or hub id) in diffusers component layout."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
     local = dict(local_files_only=local_files_only)
-    return dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                    folder, subfolder="text_encoder_2", **local),
-                tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **local))
+    encoder = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2",
+                                                          **local)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", **local)
+    return dict(text_encoder_2=encoder, tokenizer_2=tokenizer)
 
 
 def part_dtype(dm, part, dtype):
@@ -196,8 +206,10 @@ def frozen(dm, name, device="cpu", dtype=torch.float32):
     sample_size * the VAE's downsampling factor, and its preset name."""
     parts = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
     for part in [p for p in parts if p in dm]:
-        if dm[part].dtype != part_dtype(dm, part, dtype):  # (diffusers warns on any
-            dm[part].to(dtype=part_dtype(dm, part, dtype))  # dtype .to(), even a no-op)
+        own_dtype = part_dtype(dm, part, dtype)
+        # only when it changes: diffusers warns on any dtype .to(), even a no-op
+        if dm[part].dtype != own_dtype:
+            dm[part].to(dtype=own_dtype)
         dm[part].to(device=device).eval().requires_grad_(False)
     denoiser = dm["unet"] if "unet" in dm else dm["transformer"]
     sample = np.atleast_1d(denoiser.config.sample_size)[0]
@@ -211,8 +223,8 @@ def frozen(dm, name, device="cpu", dtype=torch.float32):
 def new_store(grid, columns, factors=None):
     """The running sum the capture processors share: maps of `columns` text columns on the latent
     `grid` (h, w), from the layers of the downsampling `factors` (None: every layer)."""
-    return {"on": True, "grid": tuple(grid), "columns": columns, "factors": factors, "sum": None,
-            "count": 0}
+    return {"on": True, "grid": tuple(grid), "columns": columns, "factors": factors,
+            "sum": None, "count": 0}
 
 
 def capture_processors(processors, capture, suffix="attn2.processor"):
@@ -236,8 +248,10 @@ def capturing(model, store, capture, suffix="attn2.processor"):
 
 def token_ids(tokenizer, text_encoder, texts, device):
     """(B, 77) ids, padded to the encoder's positions: start, the text's pieces, end, padding."""
-    return tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt",
-                     max_length=text_encoder.config.max_position_embeddings).input_ids.to(device)
+    length = text_encoder.config.max_position_embeddings
+    ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt",
+                    max_length=length).input_ids
+    return ids.to(device)
 
 
 def encode_text(dm, texts):
@@ -253,15 +267,18 @@ def encode_text(dm, texts):
     device, dtype = dm["unet"].device, dm["unet"].dtype
     if "text_encoder_2" not in dm:
         ids = token_ids(dm["tokenizer"], dm["text_encoder"], texts, device)
-        return dm["text_encoder"](ids)[0].to(dtype), None                     # (B, 77, D)
+        context = dm["text_encoder"](ids)[0]                         # (B, 77, D)
+        return context.to(dtype), None
     states = []
-    for tokenizer, encoder in ((dm["tokenizer"], dm["text_encoder"]),
-                               (dm["tokenizer_2"], dm["text_encoder_2"])):
-        out = encoder(token_ids(tokenizer, encoder, texts, device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])                                  # (B, 77, D_i)
-    context = torch.cat(states, dim=-1).to(dtype)                             # (B, 77, D_1 + D_2)
-    added = {"text_embeds": out.text_embeds.to(dtype),                        # (B, D_2) encoder 2's
-             "time_ids": time_ids(dm["res"], len(texts), device, dtype)}      # (B, 6)
+    pairs = ((dm["tokenizer"], dm["text_encoder"]), (dm["tokenizer_2"], dm["text_encoder_2"]))
+    for tokenizer, encoder in pairs:
+        ids = token_ids(tokenizer, encoder, texts, device)
+        out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])                         # (B, 77, D_i)
+    context = torch.cat(states, dim=-1).to(dtype)                    # (B, 77, D_1 + D_2)
+    # encoder 2's pooled projection (B, D_2) and the size ids (B, 6)
+    added = {"text_embeds": out.text_embeds.to(dtype),
+             "time_ids": time_ids(dm["res"], len(texts), device, dtype)}
     return context, added
 
 

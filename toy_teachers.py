@@ -24,11 +24,10 @@ are the shipped toy_models/.
     v1.4's layout, cross-attention at every level, the finest included (32x32 and 16x16 blocks,
     the 8x8 middle block), since with 16x16 and 8x8 layers alone a third of a word's map lay in a
     2-pixel ring around its object (the resampling of 2-pixel cells); extraction reads the 32x32
-    layers. On world 0's
-    test-id answers it points 0.92 with entropy 5.08, below the base VLM's own 5.46, and its
-    denoising MSE rises from 0.034 to 0.057: a worse image model, a far better pointer. So the
-    paper's premise that the teacher points holds here by construction; the world tests whether
-    alignment transmits it.
+    layers. On world 0's test-id answers it points 0.92 with entropy 5.08, below the base VLM's
+    own 5.46, and its denoising MSE rises from 0.034 to 0.057: a worse image model, a far better
+    pointer. So the paper's premise that the teacher points holds here by construction; the
+    world tests whether alignment transmits it.
 
 
 Each stand-in keeps what makes its family differ from SD v1.4 and shrinks the rest:
@@ -93,23 +92,29 @@ def toy_sd_tokenizer(extra=""):
 
 
 def load_images(items, root):
-    """(N, 3, 32, 32) float in [-1, 1] for the distinct images of items (order of first appearance)."""
+    """((N, 3, 32, 32) float in [-1, 1], their paths) for the distinct images of items (order of
+    first appearance)."""
     paths = list(dict.fromkeys(str(Path(root) / it["image"]) for it in items))
-    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])   # (N, 32, 32, 3)
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1, paths
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # (N, 32, 32, 3)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1   # (N, 3, 32, 32)
+    return images, paths
 
 
 @torch.no_grad()
 def vae_latents(vae, images):
-    """(latent means (N, 4, 32, 32), the L1 error of their reconstruction) of a VAE on the images."""
-    latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
-    recon = torch.cat([vae.decode(latents[i:i + 256]).sample for i in range(0, len(latents), 256)])
+    """(latent means (N, 4, 32, 32), the L1 error of their reconstruction) of a VAE on the
+    images."""
+    # in chunks of 256 images
+    means = [vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)]
+    latents = torch.cat(means)
+    decoded = [vae.decode(latents[i:i + 256]).sample for i in range(0, len(latents), 256)]
+    recon = torch.cat(decoded)
     return latents, float(F.l1_loss(recon, images))
 
 
 def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0):
-    """Fit the VAE briefly: L1 reconstruction + a small KL term (as SD's VAE, without the GAN); then
-    frozen, with the scaling factor that gives unit-variance latents (as SD's 0.18215)."""
+    """Fit the VAE briefly: L1 reconstruction + a small KL term (as SD's VAE, without the GAN);
+    then frozen, with the scaling factor that gives unit-variance latents (as SD's 0.18215)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     bar = tqdm(range(steps), desc="toy-sd vae")
@@ -132,7 +137,8 @@ def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0):
 # the prompts and the localisation loss every toy teacher learns from
 # ---------------------------------------------------------------------------------------------
 
-PROMPT_MIX = (0.4, 0.2, 0.2, 0.2)  # toy-sd's prompts: caption, one object's phrase, colour, cell
+# toy-sd's prompts: caption, one object's phrase, colour, cell
+PROMPT_MIX = (0.4, 0.2, 0.2, 0.2)
 
 
 def sd_prompt(objects, rng):
@@ -142,7 +148,8 @@ def sd_prompt(objects, rng):
     alone never saw such a prompt (world v1: one-word answers pointed 0.62, the caption 0.86)."""
     kind = rng.choice(len(PROMPT_MIX), p=PROMPT_MIX)
     o = objects[rng.integers(len(objects))]
-    return (world.caption(objects), f"{o['colour']} at {o['cell']}", o["colour"], o["cell"])[kind]
+    forms = (world.caption(objects), f"{o['colour']} at {o['cell']}", o["colour"], o["cell"])
+    return forms[kind]
 
 
 # weight of toy-sd's localisation loss (localisation_loss) beside the denoising MSE
@@ -150,18 +157,22 @@ LOCALISE = 0.3
 
 
 def colour_masks(scenes):
-    """(N, n_colours, 32, 32) float: each scene's object masks by colour (world.COLOURS order; zero
-    where the scene has no object of that colour), the localisation loss's targets."""
+    """(N, n_colours, 32, 32) float: each scene's object masks by colour (world.COLOURS order;
+    zero where the scene has no object of that colour), the localisation loss's targets."""
     masks = torch.zeros(len(scenes), len(world.COLOURS), world.SIZE, world.SIZE)
     for i, objects in enumerate(scenes):
         for o, m in zip(objects, world.render(objects)[1]):
-            masks[i, list(world.COLOURS).index(o["colour"])] = torch.from_numpy(m).float()
+            c = list(world.COLOURS).index(o["colour"])
+            masks[i, c] = torch.from_numpy(m).float()
     return masks
 
 
 def region_mean(maps, region):
-    """(K,) the mean of each map over its region (0 where the region is empty); both (K, 32, 32)."""
-    return (maps * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
+    """(K,) the mean of each map over its region (0 where the region is empty); both
+    (K, 32, 32)."""
+    total = (maps * region).flatten(1).sum(1)                             # (K,)
+    area = region.flatten(1).sum(1).clamp_min(1)                          # (K,)
+    return total / area
 
 
 def localisation_loss(maps, ids, masks, colour_ids):
@@ -183,7 +194,10 @@ def localisation_loss(maps, ids, masks, colour_ids):
     if not present.any():
         return maps.sum() * 0
     m, mask, others = maps[b, t][present], mask[present], others[present]
-    loss = region_mean(m, 1 - mask) + region_mean(m, others) - region_mean(m, mask)
+    outside = region_mean(m, 1 - mask)
+    on_others = region_mean(m, others)
+    inside = region_mean(m, mask)
+    loss = outside + on_others - inside
     return loss.mean()
 
 
@@ -196,12 +210,15 @@ TEXT_POSITIONS = models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddi
 
 
 def fit_base(params, loss_of_step, steps, lr, desc, after_step=None):
-    """The base models' plain loop: AdamW (weight decay 0.01), a linear warm-up over 100 steps then a
-    cosine to 0 at `steps`, gradients clipped at norm 1. loss_of_step(step) -> the step's loss;
-    after_step(step) runs after each step (checkpoints). Returns the per-step losses."""
+    """The base models' plain loop: AdamW (weight decay 0.01), a linear warm-up over 100 steps
+    then a cosine to 0 at `steps`, gradients clipped at norm 1. loss_of_step(step) -> the step's
+    loss; after_step(step) runs after each step (checkpoints). Returns the per-step losses."""
+
+    def warmup_cosine(s):
+        warmup = min(1.0, (s + 1) / 100)
+        return warmup * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
     bar = tqdm(range(steps), desc=desc)
     log = []
     for step in bar:
@@ -283,8 +300,13 @@ def fit(dm, latents, scenes, steps, batch, lr, seed, localise=LOCALISE, desc=Non
     rng = np.random.default_rng(seed)
     masks = colour_masks(scenes)                           # (N, n_colours, 32, 32)
     tok = dm["tokenizer"]
-    colour_ids = torch.tensor(tok.convert_tokens_to_ids([c + "</w>" for c in world.COLOURS]))
-    schedule = None if "transformer" in dm else DDPMScheduler.from_config(dm["scheduler"].config)
+    # each colour is one word-end token
+    colour_tokens = [c + "</w>" for c in world.COLOURS]
+    colour_ids = torch.tensor(tok.convert_tokens_to_ids(colour_tokens))
+    # the UNet's noise levels and prediction type (the DiT's flow needs none)
+    schedule = None
+    if "transformer" not in dm:
+        schedule = DDPMScheduler.from_config(dm["scheduler"].config)
     denoise_log = []
 
     def loss_of_step(step):
@@ -297,7 +319,7 @@ def fit(dm, latents, scenes, steps, batch, lr, seed, localise=LOCALISE, desc=Non
             denoise = denoising_loss(dm, latents[idx], context, extra, g, schedule)
         denoise_log.append(denoise.item())
         maps = store["sum"] / store["count"]                           # (B, T, h, w)
-        maps = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear")  # (B, T, 32, 32)
+        maps = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear")   # (B, T, 32, 32)
         local = localisation_loss(maps, ids, masks[idx], colour_ids)
         return denoise + localise * local
 
@@ -310,8 +332,8 @@ def fit(dm, latents, scenes, steps, batch, lr, seed, localise=LOCALISE, desc=Non
 # toy-sd
 # ---------------------------------------------------------------------------------------------
 
-def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_steps=300, save_every=300,
-             init_from=None, localise=None):
+def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_steps=300,
+             save_every=300, init_from=None, localise=None):
     """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir.
 
     Prompts in the forms extraction conditions on (sd_prompt), the denoising MSE plus `localise`
@@ -322,35 +344,60 @@ def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_step
     `steps`."""
     localise = LOCALISE if localise is None else localise
     torch.manual_seed(seed)
-    paths = world.build_world(world_dir, seed)
-    scenes = list({it["image"]: it for it in map(json.loads, open(paths["pretrain"]))}.values())  # one per image
-    images, _ = load_images(scenes, world_dir)
+    scenes, images = pretrain_scenes(world_dir, seed)
     dm = models.stable_diffusion("toy-sd", toy_sd_tokenizer(), seed)
     t0 = time.time()
-    if init_from:  # continue a shipped or earlier toy-sd
+    # continue a shipped or earlier toy-sd
+    if init_from:
         loaded = models.load_dm_folder(init_from)
-        dm.update(unet=loaded["unet"], text_encoder=loaded["text_encoder"], vae=loaded["vae"].eval().requires_grad_(False))
+        vae = loaded["vae"].eval().requires_grad_(False)
+        dm.update(unet=loaded["unet"], text_encoder=loaded["text_encoder"], vae=vae)
         latents, vae_l1 = vae_latents(dm["vae"], images)
-        latents, vae_steps = latents * dm["vae"].config.scaling_factor, 0  # (N, 4, 32, 32), the saved factor
+        # the saved factor; no VAE step runs
+        latents = latents * dm["vae"].config.scaling_factor            # (N, 4, 32, 32)
+        vae_steps = 0
     else:
         latents, vae_l1 = train_vae(dm["vae"], images, steps=vae_steps, seed=seed)  # (N, 4, 32, 32)
 
-    def save(step):  # a step<N>/ folder every save_every steps
+    def save(step):
+        """A step<N>/ folder every save_every steps."""
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             models.save_dm(dm, Path(out_dir) / f"step{step + 1}")
     objects = [s["objects"] for s in scenes]
     log, denoise_log = fit(dm, latents, objects, steps, batch, lr, seed, localise, "toy-sd unet",
                            save)
     models.save_dm(dm, out_dir)
-    summary = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "init_from": str(init_from) if init_from else None,
-               "vae_steps": vae_steps, "vae_l1": round(vae_l1, 4),
-               "localise": localise, "final_loss": round(float(np.mean(log[-100:])), 4),
-               "final_denoise_mse": round(float(np.mean(denoise_log[-100:])), 4),
-               "minutes": round((time.time() - t0) / 60, 1),
+    summary = {"seed": seed, "steps": steps, "batch": batch, "lr": lr,
+               "init_from": str(init_from) if init_from else None,
+               "vae_steps": vae_steps, "vae_l1": round(vae_l1, 4), "localise": localise,
+               **training_end(log, denoise_log, t0),
                "unet_params": sum(p.numel() for p in dm["unet"].parameters()),
                "text_params": sum(p.numel() for p in dm["text_encoder"].parameters())}
+    return write_summary(out_dir, "toy-sd", summary)
+
+
+def pretrain_scenes(world_dir, seed):
+    """(scenes, images): one pretrain item per image of world `seed` (its objects are the scene)
+    and the images (N, 3, 32, 32) in [-1, 1]."""
+    paths = world.build_world(world_dir, seed)
+    by_image = {it["image"]: it for it in map(json.loads, open(paths["pretrain"]))}
+    scenes = list(by_image.values())
+    images, _ = load_images(scenes, world_dir)
+    return scenes, images
+
+
+def training_end(log, denoise_log, t0):
+    """training.json's closing numbers: the mean losses of the last 100 steps, and the minutes
+    since t0."""
+    return {"final_loss": round(float(np.mean(log[-100:])), 4),
+            "final_denoise_mse": round(float(np.mean(denoise_log[-100:])), 4),
+            "minutes": round((time.time() - t0) / 60, 1)}
+
+
+def write_summary(out_dir, label, summary):
+    """Write summary to <out_dir>/training.json, print it after `label`; returns out_dir."""
     (Path(out_dir) / "training.json").write_text(json.dumps(summary, indent=2))
-    print(f"toy-sd: {summary}")
+    print(f"{label}: {summary}")
     return Path(out_dir)
 
 
@@ -407,7 +454,7 @@ def build(name, vae, seed=0):
         dm = teachers.tiny_parts(sizes, tokenizer(), models.sd_scheduler(), seed)
     else:
         tok = tokenizer()
-        ids = dict(vocab_size=len(tok), bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        ids = teachers.clip_ids(tok)
         torch.manual_seed(seed)
         config = CLIPTextConfig(**ids, **sizes["text_encoder"])
         dm = dict(text_encoder=CLIPTextModelWithProjection(config), tokenizer=tok,
@@ -418,17 +465,14 @@ def build(name, vae, seed=0):
 
 def train(name, out_dir, world_dir, seed=0, steps=1500, lr=1e-3, init_from=None, batch=16,
           vae_path=models.ROOT / "toy_models" / "toy-sd", localise=LOCALISE):
-    """Train a toy teacher (SIZES) from scratch on the pretrain split's scenes with toy-sd's frozen
-    VAE from vae_path; save it under out_dir with training.json (init_from: refused; localise:
-    the localisation loss's weight, 0 for a teacher taught by denoising alone)."""
+    """Train a toy teacher (SIZES) from scratch on the pretrain split's scenes with toy-sd's
+    frozen VAE from vae_path; save it under out_dir with training.json (init_from: refused;
+    localise: the localisation loss's weight, 0 for a teacher taught by denoising alone)."""
     if init_from:
         raise SystemExit(f"--init-from {init_from}: only toy-sd continues a training; {name} "
                          f"trains from scratch")
     t0 = time.time()
-    paths = world.build_world(world_dir, seed)
-    by_image = {it["image"]: it for it in map(json.loads, open(paths["pretrain"]))}
-    scenes = list(by_image.values())                                    # one per image
-    images, _ = load_images(scenes, world_dir)
+    scenes, images = pretrain_scenes(world_dir, seed)
     vae = models.load_dm_folder(vae_path)["vae"].eval().requires_grad_(False)
     latents, vae_l1 = vae_latents(vae, images)
     latents = latents * vae.config.scaling_factor                       # (N, 4, 32, 32)
@@ -438,12 +482,7 @@ def train(name, out_dir, world_dir, seed=0, steps=1500, lr=1e-3, init_from=None,
     models.save_dm(dm, out_dir)
     denoiser = dm.get("transformer", dm.get("unet"))
     summary = {"name": name, "seed": seed, "steps": steps, "batch": batch, "lr": lr,
-               "vae_from": Path(vae_path).name, "vae_l1": round(vae_l1, 4),
-               "localise": localise,
-               "final_loss": round(float(np.mean(log[-100:])), 4),
-               "final_denoise_mse": round(float(np.mean(denoise_log[-100:])), 4),
-               "minutes": round((time.time() - t0) / 60, 1),
+               "vae_from": Path(vae_path).name, "vae_l1": round(vae_l1, 4), "localise": localise,
+               **training_end(log, denoise_log, t0),
                "denoiser_params": sum(p.numel() for p in denoiser.parameters())}
-    (Path(out_dir) / "training.json").write_text(json.dumps(summary, indent=2))
-    print(f"{name}: {summary}")
-    return Path(out_dir)
+    return write_summary(out_dir, name, summary)

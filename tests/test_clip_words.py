@@ -133,4 +133,5 @@ def test_every_vlm_word_maps_to_its_own_dm_word(sd_clip, text, match):
     rows = torch.arange(ids.shape[1])[None]  # every token a captured row  # (1, T)
     plan = aggregate.plan_words(vlm, rows, ids, [dm_words], match)
     aligned = [dm_words[j] for j in plan["dm_index"][0].tolist()]
-    assert plan["words"][0] == aligned == dm_words  # each word once, in order, with its own map
+    # each word once, in order, with its own map
+    assert plan["words"][0] == aligned == dm_words

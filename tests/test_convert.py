@@ -1,6 +1,7 @@
-"""Tests of prepare.py convert: small files in each dataset's official layout (written here from the
-formats' documentation, never downloaded), converted to the JSONL of DESIGN.md, malformed ones
-included. Pure Python and tiny files in tmp_path. Run: python -m pytest -q tests/test_convert.py
+"""Tests of prepare.py convert: small files in each dataset's official layout (written here from
+the formats' documentation, never downloaded), converted to the JSONL of DESIGN.md, malformed
+ones included. Pure Python and tiny files in tmp_path. Run: python -m pytest -q
+tests/test_convert.py
 """
 import base64
 import csv
@@ -33,7 +34,8 @@ def dump(path, obj):
 
 
 def convert(*flags):
-    """Run `prepare.py convert FLAGS`; returns the written items read back as evaluate.py reads them."""
+    """Run `prepare.py convert FLAGS`; returns the written items read back as evaluate.py reads
+    them."""
     args = prepare.build_parser().parse_args(["convert", *map(str, flags)])
     prepare.convert(args)
     return read_items(args.out)
@@ -44,7 +46,8 @@ def convert(*flags):
 
 def test_safe_id_and_most_common():
     assert prepare.safe_id("COCO 2014/391895") == "COCO_2014_391895"
-    assert prepare.safe_id("../x") == "___x" and prepare.safe_id(123) == "123" and prepare.safe_id("") == "_"
+    assert prepare.safe_id("../x") == "___x" and prepare.safe_id(123) == "123"
+    assert prepare.safe_id("") == "_"
     assert len(prepare.safe_id("x" * 300)) == 100
     assert prepare.most_common(["b", "a", "a", "b", "c"]) == "b"     # ties: the first given
 
@@ -53,37 +56,48 @@ def test_safe_id_and_most_common():
 
 
 LLAVA = [{"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
-          "conversations": [{"from": "human", "value": "<image>\nWhat are the colors of the bus?"},
-                            {"from": "gpt", "value": "White and red."},
-                            {"from": "human", "value": "What feature can be seen on the back of the bus?"},
-                            {"from": "gpt", "value": "An advertisement."}]},
-         {"id": "text-only-1", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+          "conversations": [
+              {"from": "human", "value": "<image>\nWhat are the colors of the bus?"},
+              {"from": "gpt", "value": "White and red."},
+              {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+              {"from": "gpt", "value": "An advertisement."}]},
+         {"id": "text-only-1", "conversations": [{"from": "human", "value": "Hi"},
+                                                 {"from": "gpt", "value": "Hello"}]},
          {"id": "a/b c", "image": "coco/train2017/000000033471.jpg",
-          "conversations": [{"from": "human", "value": "Describe it.\n<image>"}, {"from": "gpt", "value": "A bus."},
+          "conversations": [{"from": "human", "value": "Describe it.\n<image>"},
+                            {"from": "gpt", "value": "A bus."},
                             {"from": "human", "value": "And?"}]}]
 
 
 def test_llava_one_item_per_turn(tmp_path, capsys):
     src = dump(tmp_path / "llava" / "llava_v1_5_mix665k.json", LLAVA)
     images(tmp_path / "img", "coco/train2017/000000033471.jpg")
-    items = convert("llava", src, "--images", tmp_path / "img", "--out", tmp_path / "out" / "data.jsonl")
-    assert [it["id"] for it in items] == ["000000033471_0", "000000033471_1", "a_b_c_0"]   # a safe file name
-    assert items[0]["question"] == "What are the colors of the bus?" and items[0]["answer"] == "White and red."
+    items = convert("llava", src, "--images", tmp_path / "img",
+                    "--out", tmp_path / "out" / "data.jsonl")
+    # a safe file name
+    assert [it["id"] for it in items] == ["000000033471_0", "000000033471_1", "a_b_c_0"]
+    assert items[0]["question"] == "What are the colors of the bus?"
+    assert items[0]["answer"] == "White and red."
     assert items[2]["question"] == "Describe it."                      # the <image> marker removed
-    assert items[0]["image"] == "../img/coco/train2017/000000033471.jpg"   # relative to the output JSONL
+    # relative to the output JSONL
+    assert items[0]["image"] == "../img/coco/train2017/000000033471.jpg"
     assert Path(items[0]["image_path"]).is_file() and "answers" not in items[0]
     out = capsys.readouterr().out
-    assert "wrote 3 items" in out and "skipped 2" in out and "no image (a text-only conversation): 1" in out
+    assert "wrote 3 items" in out and "skipped 2" in out
+    assert "no image (a text-only conversation): 1" in out
     assert "a last question without an answer: 1" in out
 
 
 def test_llava_malformed_entries_name_file_entry_and_field(tmp_path):
     images(tmp_path, "x.jpg")
-    bad = [{"id": "1", "image": "x.jpg", "conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]}]
-    with pytest.raises(SystemExit, match=r"bad.json, entry 0, conversations\[0:2\]: field 'from' must be 'human' then"):
+    bad = [{"id": "1", "image": "x.jpg", "conversations": [{"from": "gpt", "value": "a"},
+                                                            {"from": "human", "value": "b"}]}]
+    with pytest.raises(SystemExit, match=r"bad.json, entry 0, conversations\[0:2\]: field 'from' "
+                                         r"must be 'human' then"):
         convert("llava", dump(tmp_path / "bad.json", bad), "--out", tmp_path / "o.jsonl")
     bad = [LLAVA[0], {"id": "2", "image": "x.jpg"}]
-    with pytest.raises(SystemExit, match="bad.json, entry 1: field 'conversations' must be a list, got nothing"):
+    with pytest.raises(SystemExit, match="bad.json, entry 1: field 'conversations' must be a list, "
+                                         "got nothing"):
         convert("llava", dump(tmp_path / "bad.json", bad), "--out", tmp_path / "o.jsonl")
     with pytest.raises(SystemExit, match="bad.json: expected a list at the top level, got dict"):
         convert("llava", dump(tmp_path / "bad.json", {"data": []}), "--out", tmp_path / "o.jsonl")
@@ -97,16 +111,19 @@ VQA_ANSWERS = ["2"] * 6 + ["two"] * 2 + ["3"] * 2
 
 
 def vqa_files(root, answers=VQA_ANSWERS):
-    questions = {"data_subtype": "val2014", "task_type": "Open-Ended",
-                 "questions": [{"image_id": 262148, "question": "How many dogs?", "question_id": 262148000},
-                               {"image_id": 262148, "question": "What colour?", "question_id": 262148001},
-                               {"image_id": 999, "question": "Where?", "question_id": 999000}]}
+    questions = {"data_subtype": "val2014", "task_type": "Open-Ended", "questions": [
+        {"image_id": 262148, "question": "How many dogs?", "question_id": 262148000},
+        {"image_id": 262148, "question": "What colour?", "question_id": 262148001},
+        {"image_id": 999, "question": "Where?", "question_id": 999000}]}
     annotations = {"annotations": [
-        {"question_id": 262148000, "image_id": 262148, "question_type": "how many", "answer_type": "number",
-         "multiple_choice_answer": "2",
-         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)]},
-        {"question_id": 999000, "image_id": 999, "answer_type": "other", "multiple_choice_answer": "park",
-         "answers": [{"answer": "park", "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)]}]}
+        {"question_id": 262148000, "image_id": 262148, "question_type": "how many",
+         "answer_type": "number", "multiple_choice_answer": "2",
+         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
+                     for k, a in enumerate(answers)]},
+        {"question_id": 999000, "image_id": 999, "answer_type": "other",
+         "multiple_choice_answer": "park",
+         "answers": [{"answer": "park", "answer_confidence": "yes", "answer_id": k + 1}
+                     for k in range(10)]}]}
     return (dump(root / "v2_OpenEnded_mscoco_val2014_questions.json", questions),
             dump(root / "v2_mscoco_val2014_annotations.json", annotations))
 
@@ -114,23 +131,28 @@ def vqa_files(root, answers=VQA_ANSWERS):
 def test_vqav2_keeps_all_ten_answers(tmp_path, capsys):
     q, a = vqa_files(tmp_path)
     images(tmp_path / "val2014", "COCO_val2014_000000262148.jpg")   # image 999 is missing
-    items = convert("vqav2", a, q, "--images", tmp_path / "val2014", "--out", tmp_path / "vqa.jsonl")  # either order
+    # the two files in either order
+    items = convert("vqav2", a, q, "--images", tmp_path / "val2014",
+                    "--out", tmp_path / "vqa.jsonl")
     assert len(items) == 1
     it = items[0]
     assert it["id"] == "262148000" and it["answer"] == "2" and it["answers"] == VQA_ANSWERS
-    assert it["metric"] == "vqa" and it["category"] == "number" and it["image"] == "val2014/COCO_val2014_000000262148.jpg"
+    assert it["metric"] == "vqa" and it["category"] == "number"
+    assert it["image"] == "val2014/COCO_val2014_000000262148.jpg"
     out = capsys.readouterr().out
     assert "no annotated answers (a test split?): 1" in out
     assert "image file missing: 1, e.g." in out and "COCO_val2014_000000000999.jpg" in out
     # COCO 2017 file names work too (okvqa reads the same layout)
     images(tmp_path / "val2017", "000000262148.jpg")
-    items = convert("okvqa", q, a, "--images", tmp_path / "val2017", "--out", tmp_path / "okvqa.jsonl")
+    items = convert("okvqa", q, a, "--images", tmp_path / "val2017",
+                    "--out", tmp_path / "okvqa.jsonl")
     assert items[0]["image"] == "val2017/000000262148.jpg"
 
 
 def test_vqav2_malformed(tmp_path):
     q, a = vqa_files(tmp_path, answers=["2"] * 9 + [2])
-    with pytest.raises(SystemExit, match=r"annotations.json, entry 0, answers\[9\]: field 'answer' must be a string, got 2"):
+    with pytest.raises(SystemExit, match=r"annotations.json, entry 0, answers\[9\]: field 'answer' "
+                                         r"must be a string, got 2"):
         convert("vqav2", q, a, "--out", tmp_path / "o.jsonl")
     with pytest.raises(SystemExit, match="needs a questions file and an annotations file"):
         convert("vqav2", q, "--out", tmp_path / "o.jsonl")
@@ -138,96 +160,131 @@ def test_vqav2_malformed(tmp_path):
 
 def test_textvqa(tmp_path):
     answers = ["nokia"] * 7 + ["toshiba"] * 3
-    src = dump(tmp_path / "TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "dataset_version": "0.5.1", "data": [
-        {"question": "what is the brand of phone?", "image_id": "0054c91397f2fe05", "question_id": 34602,
-         "answers": answers, "set_name": "val", "image_classes": ["Mobile phone"]},
-        {"question": "what?", "image_id": "0054c91397f2fe05", "question_id": 34603, "answers": ["a"] * 9 + [None]}]})
+    release = {"dataset_name": "textvqa", "dataset_version": "0.5.1", "data": [
+        {"question": "what is the brand of phone?", "image_id": "0054c91397f2fe05",
+         "question_id": 34602, "answers": answers, "set_name": "val",
+         "image_classes": ["Mobile phone"]},
+        {"question": "what?", "image_id": "0054c91397f2fe05", "question_id": 34603,
+         "answers": ["a"] * 9 + [None]}]}
+    src = dump(tmp_path / "TextVQA_0.5.1_val.json", release)
     images(tmp_path / "train_images", "0054c91397f2fe05.jpg")
-    with pytest.raises(SystemExit, match=r"entry 1: field 'answers' must be a list of strings, but answers\[9\] is None"):
-        convert("textvqa", src, "--images", tmp_path / "train_images", "--out", tmp_path / "t.jsonl")
-    items = convert("textvqa", src, "--images", tmp_path / "train_images", "--out", tmp_path / "t.jsonl", "--limit", 1,
+    with pytest.raises(SystemExit, match=r"entry 1: field 'answers' must be a list of strings, but "
+                                         r"answers\[9\] is None"):
+        convert("textvqa", src, "--images", tmp_path / "train_images",
+                "--out", tmp_path / "t.jsonl")
+    items = convert("textvqa", src, "--images", tmp_path / "train_images",
+                    "--out", tmp_path / "t.jsonl", "--limit", 1,
                     "--suffix", "Answer the question using a single word or phrase.")
-    assert items[0]["answer"] == "nokia" and items[0]["answers"] == answers and items[0]["metric"] == "vqa"
-    assert items[0]["question"] == "what is the brand of phone?\nAnswer the question using a single word or phrase."
+    assert items[0]["answer"] == "nokia" and items[0]["answers"] == answers
+    assert items[0]["metric"] == "vqa"
+    assert items[0]["question"] == ("what is the brand of phone?\nAnswer the question using a "
+                                    "single word or phrase.")
 
 
 def test_vizwiz(tmp_path):
     answers = ["unanswerable"] * 4 + ["coffee"] * 4 + ["tea"] * 2
     src = dump(tmp_path / "val.json", [
-        {"image": "VizWiz_val_00000000.jpg", "question": "What is this?", "answerable": 1, "answer_type": "other",
+        {"image": "VizWiz_val_00000000.jpg", "question": "What is this?", "answerable": 1,
+         "answer_type": "other",
          "answers": [{"answer": x, "answer_confidence": "yes"} for x in answers]},
-        {"image": "VizWiz_val_00000001.jpg", "question": "Which one?"}])   # no answers: the test split's layout
+        # no answers: the test split's layout
+        {"image": "VizWiz_val_00000001.jpg", "question": "Which one?"}])
     images(tmp_path / "val", "VizWiz_val_00000000.jpg", "VizWiz_val_00000001.jpg")
     items = convert("vizwiz", src, "--images", tmp_path / "val", "--out", tmp_path / "v.jsonl")
     assert [it["id"] for it in items] == ["VizWiz_val_00000000"]
-    assert items[0]["answer"] == "unanswerable" and len(items[0]["answers"]) == 10   # a tie: the first given
+    # a tie: the first given
+    assert items[0]["answer"] == "unanswerable" and len(items[0]["answers"]) == 10
     assert items[0]["category"] == "other" and items[0]["metric"] == "vqa"
 
 
 def test_docvqa_and_infovqa(tmp_path):
-    src = dump(tmp_path / "val" / "val_v1.0.json", {"dataset_name": "docvqa", "dataset_split": "val", "data": [
-        {"questionId": 49153, "question": "What is the ‘actual’ value per 1000, during the year 1975?",
-         "image": "documents/pybv0228_81.png", "docId": 14465, "answers": ["0.28"], "data_split": "val"}]})
+    release = {"dataset_name": "docvqa", "dataset_split": "val", "data": [
+        {"questionId": 49153,
+         "question": "What is the ‘actual’ value per 1000, during the year 1975?",
+         "image": "documents/pybv0228_81.png", "docId": 14465, "answers": ["0.28"],
+         "data_split": "val"}]}
+    src = dump(tmp_path / "val" / "val_v1.0.json", release)
     images(tmp_path / "val", "documents/pybv0228_81.png")
-    items = convert("docvqa", src, "--out", tmp_path / "d.jsonl")        # images beside the JSON, as released
-    assert items[0]["id"] == "49153" and items[0]["answers"] == ["0.28"] and items[0]["metric"] == "anls"
+    # images beside the JSON, as released
+    items = convert("docvqa", src, "--out", tmp_path / "d.jsonl")
+    assert items[0]["id"] == "49153" and items[0]["answers"] == ["0.28"]
+    assert items[0]["metric"] == "anls"
     assert items[0]["image"] == "val/documents/pybv0228_81.png"
-    src = dump(tmp_path / "infographicsVQA_val_v1.0_withQT.json", {"dataset_name": "infographicsVQA", "data": [
+    release = {"dataset_name": "infographicsVQA", "data": [
         {"questionId": 65718, "question": "Which country?", "image_local_name": "37313.jpeg",
-         "answers": ["Canada", "canada"], "answer_type": ["single span"]}]})
+         "answers": ["Canada", "canada"], "answer_type": ["single span"]}]}
+    src = dump(tmp_path / "infographicsVQA_val_v1.0_withQT.json", release)
     images(tmp_path / "infographicsvqa_images", "37313.jpeg")
-    items = convert("infovqa", src, "--images", tmp_path / "infographicsvqa_images", "--out", tmp_path / "i.jsonl")
+    items = convert("infovqa", src, "--images", tmp_path / "infographicsvqa_images",
+                    "--out", tmp_path / "i.jsonl")
     assert items[0]["answers"] == ["Canada", "canada"] and items[0]["answer"] == "Canada"
 
 
 def test_chartqa_two_halves(tmp_path):
     human = dump(tmp_path / "test" / "test_human.json",
-                 [{"imgname": "41699051005347.png", "query": "How many food item is shown in the bar graph?", "label": "14"}])
+                 [{"imgname": "41699051005347.png",
+                   "query": "How many food item is shown in the bar graph?", "label": "14"}])
     augmented = dump(tmp_path / "test" / "test_augmented.json",
-                     [{"imgname": "two_col_100.png", "query": "What is the value in 2019?", "label": 12.5}])
+                     [{"imgname": "two_col_100.png", "query": "What is the value in 2019?",
+                       "label": 12.5}])
     images(tmp_path / "test" / "png", "41699051005347.png", "two_col_100.png")
-    items = convert("chartqa", human, augmented, "--out", tmp_path / "c.jsonl")   # images in png/, as released
-    assert [(it["id"], it["category"], it["answer"]) for it in items] == [("test_human_0", "human", "14"),
-                                                                           ("test_augmented_0", "augmented", "12.5")]
+    # images in png/, as released
+    items = convert("chartqa", human, augmented, "--out", tmp_path / "c.jsonl")
+    halves = [(it["id"], it["category"], it["answer"]) for it in items]
+    assert halves == [("test_human_0", "human", "14"), ("test_augmented_0", "augmented", "12.5")]
     assert items[0]["metric"] == "relaxed" and items[1]["answers"] == ["12.5"]
 
 
 KARPATHY = {"dataset": "coco", "images": [
-    {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 0, "split": "test",
+    {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 0,
+     "split": "test",
      "cocoid": 391895, "sentids": [0, 1],
-     "sentences": [{"tokens": ["a", "man"], "raw": "A man with a red helmet on a small moped on a dirt road. ",
+     "sentences": [{"tokens": ["a", "man"],
+                    "raw": "A man with a red helmet on a small moped on a dirt road. ",
                     "imgid": 0, "sentid": 0},
-                   {"tokens": ["man"], "raw": "Man riding a motor bike on a dirt road on the countryside.",
+                   {"tokens": ["man"],
+                    "raw": "Man riding a motor bike on a dirt road on the countryside.",
                     "imgid": 0, "sentid": 1}]},
-    {"filepath": "train2014", "filename": "COCO_train2014_000000057870.jpg", "imgid": 1, "split": "train",
-     "cocoid": 57870, "sentences": [{"raw": "A restaurant has modern wooden tables.", "tokens": []}]}]}
+    {"filepath": "train2014", "filename": "COCO_train2014_000000057870.jpg", "imgid": 1,
+     "split": "train", "cocoid": 57870,
+     "sentences": [{"raw": "A restaurant has modern wooden tables.", "tokens": []}]}]}
 
 
 def test_coco_captions_karpathy_split(tmp_path, capsys):
     src = dump(tmp_path / "dataset_coco.json", KARPATHY)
-    images(tmp_path / "coco", "val2014/COCO_val2014_000000391895.jpg", "train2014/COCO_train2014_000000057870.jpg")
-    items = convert("coco-captions", src, "--images", tmp_path / "coco", "--out", tmp_path / "c.jsonl")
+    images(tmp_path / "coco", "val2014/COCO_val2014_000000391895.jpg",
+           "train2014/COCO_train2014_000000057870.jpg")
+    items = convert("coco-captions", src, "--images", tmp_path / "coco",
+                    "--out", tmp_path / "c.jsonl")
     assert len(items) == 1 and items[0]["id"] == "391895" and items[0]["metric"] == "cider"
     assert items[0]["question"] == prepare.CAPTION_PROMPT
     assert items[0]["answer"] == "A man with a red helmet on a small moped on a dirt road."
     assert len(items[0]["answers"]) == 2 and "not in split test: 1" in capsys.readouterr().out
     # training data: one item per caption, every split
-    items = convert("coco-captions", src, "--images", tmp_path / "coco", "--out", tmp_path / "t.jsonl",
+    items = convert("coco-captions", src, "--images", tmp_path / "coco",
+                    "--out", tmp_path / "t.jsonl",
                     "--split", "all", "--per-caption", "--prompt", "Caption this image.")
-    assert [it["id"] for it in items] == ["391895_0", "391895_1", "57870_0"] and "answers" not in items[0]
+    assert [it["id"] for it in items] == ["391895_0", "391895_1", "57870_0"]
+    assert "answers" not in items[0]
     assert items[2]["question"] == "Caption this image."
 
 
 def test_flickr30k_karpathy_split(tmp_path):
     src = dump(tmp_path / "dataset_flickr30k.json", {"dataset": "flickr30k", "images": [
         {"filename": "1000092795.jpg", "imgid": 0, "split": "test",
-         "sentences": [{"raw": "Two young guys with shaggy hair look at their hands.", "tokens": []}]}]})
+         "sentences": [{"raw": "Two young guys with shaggy hair look at their hands.",
+                        "tokens": []}]}]})
     images(tmp_path / "flickr30k-images", "1000092795.jpg")
-    items = convert("flickr30k", src, "--images", tmp_path / "flickr30k-images", "--out", tmp_path / "f.jsonl")
-    assert items[0]["id"] == "1000092795" and items[0]["image"] == "flickr30k-images/1000092795.jpg"
-    with pytest.raises(SystemExit, match=r"entry 0, sentences\[0\]: field 'raw' must be a string, got nothing"):
-        KARPATHY_BAD = {"images": [{"filename": "x.jpg", "split": "test", "sentences": [{"tokens": []}]}]}
-        convert("flickr30k", dump(tmp_path / "bad.json", KARPATHY_BAD), "--out", tmp_path / "b.jsonl")
+    items = convert("flickr30k", src, "--images", tmp_path / "flickr30k-images",
+                    "--out", tmp_path / "f.jsonl")
+    assert items[0]["id"] == "1000092795"
+    assert items[0]["image"] == "flickr30k-images/1000092795.jpg"
+    with pytest.raises(SystemExit, match=r"entry 0, sentences\[0\]: field 'raw' must be a string, "
+                                         r"got nothing"):
+        KARPATHY_BAD = {"images": [{"filename": "x.jpg", "split": "test",
+                                    "sentences": [{"tokens": []}]}]}
+        convert("flickr30k", dump(tmp_path / "bad.json", KARPATHY_BAD),
+                "--out", tmp_path / "b.jsonl")
 
 
 def test_nothing_written_is_an_error(tmp_path):
@@ -252,12 +309,16 @@ def test_converted_textvqa_is_scored_with_vqa_accuracy(tmp_path):
     answers = ["2"] * 2 + ["3"] * 8
     src = dump(tmp_path / "TextVQA_0.5.1_val.json", {"data": [
         {"question": "how many?", "image_id": "img1", "question_id": 1, "answers": answers},
-        {"question": "which brand?", "image_id": "img1", "question_id": 2, "answers": ["nokia"] * 10}]})
+        {"question": "which brand?", "image_id": "img1", "question_id": 2,
+         "answers": ["nokia"] * 10}]})
     images(tmp_path / "train_images", "img1.jpg")
-    convert("textvqa", src, "--images", tmp_path / "train_images", "--out", tmp_path / "textvqa.jsonl")
-    (tmp_path / "pred.jsonl").write_text('{"id": "1", "prediction": "Two."}\n{"id": "2", "prediction": "Nokia"}\n')
-    report = E.evaluate(E.build_parser().parse_args(["--score", str(tmp_path / "pred.jsonl"), "--data",
-                                                     str(tmp_path / "textvqa.jsonl"), "--out", str(tmp_path / "eval")]))
+    convert("textvqa", src, "--images", tmp_path / "train_images",
+            "--out", tmp_path / "textvqa.jsonl")
+    (tmp_path / "pred.jsonl").write_text('{"id": "1", "prediction": "Two."}\n'
+                                         '{"id": "2", "prediction": "Nokia"}\n')
+    flags = ["--score", str(tmp_path / "pred.jsonl"), "--data", str(tmp_path / "textvqa.jsonl"),
+             "--out", str(tmp_path / "eval")]
+    report = E.evaluate(E.build_parser().parse_args(flags))
     assert report["runs"][0]["accuracy"]["all"]["accuracy"] == pytest.approx((0.6 + 1.0) / 2)
     assert report["runs"][0]["metrics"] == {"vqa": 2}
 
@@ -285,7 +346,9 @@ def test_vlmevalkit_tsv_options_references_and_skips(tmp_path, capsys):
     """Rows 10 and 13 hold images (PNG, JPEG), 11 refers back to 10, 12 forward to 13; 14's image
     is no image, 15 refers to no row, 16 holds several: 4 items, 3 skipped."""
     png, jpeg = image_bytes("PNG", "red"), image_bytes("JPEG", "blue")
-    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+
+    def b64(data):
+        return base64.b64encode(data).decode()
     header = ["index", "image", "question", "hint", "A", "B", "C", "D", "answer", "category"]
     rows = [[10, b64(png), "Which colour?", "Look closely", "red", "blue", "", "", "A", "colour"],
             [11, "10", "Which shape?", "", "circle", "square", "triangle", "", "C", "shape"],
@@ -304,7 +367,8 @@ def test_vlmevalkit_tsv_options_references_and_skips(tmp_path, capsys):
                                  "B. blue")
     assert first["answer"] == "A" and first["metric"] == "choice" and first["category"] == "colour"
     assert M.parse_choices(first["question"]) == {"A": "red", "B": "blue"}
-    out = tmp_path / "out"  # image paths are relative to the JSONL's folder
+    # image paths are relative to the JSONL's folder
+    out = tmp_path / "out"
     assert Path(first["image"]).parent == Path("mmbench_images")
     assert (out / first["image"]).read_bytes() == png
     assert items[1]["image"] == first["image"]  # a reference shares its row's file

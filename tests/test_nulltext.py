@@ -60,7 +60,8 @@ def test_null_text_reconstructs_better_than_the_empty_prompt_at_guidance_7_5(dm)
     again = nulltext.guided_denoise(unet, pivot[-1], context, nulls, forward, w)
     untuned, z0 = nulltext.null_text_inversion(unet, pivot, context, null, forward, w, iters=0)
     assert torch.equal(z0, plain) and all(torch.equal(n, null) for n in untuned)
-    assert torch.equal(again, z)  # the tuned embeddings replayed give the optimisation's latent
+    # the tuned embeddings replayed give the optimisation's latent
+    assert torch.equal(again, z)
     # measured: 8.75 vs 14.06 and 17.57 vs 36.95 (a random UNet's inversion is far from exact)
     assert (mse(z, x0) < 0.75 * mse(plain, x0)).all(), (mse(z, x0), mse(plain, x0))
 
@@ -93,7 +94,8 @@ def test_maps_captured_while_tuning_equal_a_second_guided_pass(dm):
                                                 stores[0])
     with extract.capturing(unet, stores[1]):
         nulltext.guided_denoise(unet, pivot[-1], context, nulls, forward, 7.5, stores[1])
-    assert stores[0]["count"] == stores[1]["count"] == 3 * 7  # 3 steps x 7 attn2 layers, cond only
+    # 3 steps x 7 attn2 layers, cond only
+    assert stores[0]["count"] == stores[1]["count"] == 3 * 7
     torch.testing.assert_close(stores[0]["sum"], stores[1]["sum"], atol=1e-5, rtol=1e-5)
 
 
@@ -112,10 +114,12 @@ def test_null_text_store_has_the_same_format_and_records_its_settings(dm, tmp_pa
         assert maps.shape == (len(words), 32, 32) and torch.isfinite(maps).all()
         assert maps.amin(dim=(1, 2)).eq(0).all() and maps.amax(dim=(1, 2)).eq(1).all()
         keys = ("inversion", "guidance", "null_text_iters", "inversion_steps", "denoise_steps")
-        assert [meta[k] for k in keys] == ["null-text", "7.5", 3, 2, 2] and meta["text"] == item["answer"]
+        assert [meta[k] for k in keys] == ["null-text", "7.5", 3, 2, 2]
+        assert meta["text"] == item["answer"]
         plain, _, plain_meta = data.load_maps(data.maps_path(tmp_path / "ddim", item["id"]))
         assert "inversion" not in plain_meta and set(plain_meta) < set(meta)  # keys added only
-        assert not torch.equal(maps, plain)  # w = 7.5 and the tuned null change the maps
+        # w = 7.5 and the tuned null change the maps
+        assert not torch.equal(maps, plain)
 
 
 def stored(path):
@@ -126,9 +130,9 @@ def stored(path):
 
 def test_ddim_store_is_bit_for_bit_what_its_functions_write(dm, tmp_path):
     """--inversion ddim (the default): the stored float16 maps are bit for bit those of
-    dm_attention -> word_maps -> save_maps, with the metadata every store had before null-text
-    (no "inversion" key). (The files' bytes are not compared: safetensors writes the metadata in
-    hash order, which differs from one write of the same store to the next.)"""
+    dm_attention -> word_maps -> save_maps, with a ddim store's metadata (no "inversion" key).
+    (The files' bytes are not compared: safetensors writes the metadata in hash order, which
+    differs from one write of the same store to the next.)"""
     items = data.read_items(write_dataset(tmp_path, n=2, with_attn=False))
     extract.extract(items, dm, tmp_path / "out", inversion_steps=2, denoise_steps=3, progress=False)
     for item in items:

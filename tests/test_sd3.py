@@ -71,7 +71,8 @@ def first_block_by_hand(dm, kind):
                    for own, added in projections)
         P = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)          # (B, H, N+T, N+T)
         O = (P @ v).transpose(1, 2).reshape(B, N + context.shape[1], -1)        # (B, N+T, H d)
-    assert attn.norm_q is None  # tiny-sd3, as SD3 medium: no qk norm, so q and k are as above
+    # tiny-sd3, as SD3 medium: no qk norm, so q and k are as above
+    assert attn.norm_q is None
     return out, seen["out"], store, P, O, N
 
 
@@ -214,8 +215,7 @@ def three_encoder_sd3(seed=0):
     torch.manual_seed(seed)
 
     def clip_encoder(tokenizer, width):
-        ids = dict(vocab_size=len(clip), bos_token_id=0, eos_token_id=1,
-                   pad_token_id=tokenizer.pad_token_id)
+        ids = teachers.clip_ids(clip, tokenizer.pad_token_id)
         return CLIPTextModelWithProjection(CLIPTextConfig(
             **ids, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=77, projection_dim=width))
@@ -229,7 +229,8 @@ def three_encoder_sd3(seed=0):
         transformer=SD3Transformer2DModel(**dict(mmdit.TINY_SD3["transformer"],
                                                  joint_attention_dim=48, pooled_projection_dim=40)),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=mmdit.SHIFT))
-    for module in parts.values():  # T5 has dropout: compare the models as they infer
+    # T5 has dropout: compare the models as they infer
+    for module in parts.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
     return parts

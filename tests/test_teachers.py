@@ -114,8 +114,8 @@ def test_capture_leaves_unet_output_unchanged(dm):
             kinds = {n: type(p).__name__ for n, p in unet.attn_processors.items()}
             captured = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
     assert torch.allclose(plain, captured, atol=1e-5), (plain - captured).abs().max()
-    assert all(k == ("CrossAttentionCapture" if n.endswith("attn2.processor") else "AttnProcessor2_0")
-               for n, k in kinds.items())
+    assert all(k == ("CrossAttentionCapture" if n.endswith("attn2.processor")
+                     else "AttnProcessor2_0") for n, k in kinds.items())
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in unet.attn_processors.values())
     assert store["count"] == len(attn2_modules(unet))  # tiny-sd21: 7, tiny-sdxl: 11
     assert torch.allclose((store["sum"] / store["count"]).sum(1), torch.ones(2, 16, 16), atol=1e-5)
@@ -164,8 +164,8 @@ def test_sdxl_has_attention_at_the_inner_levels_only():
 
 def test_sd21_grids_predict_v_and_the_steps_read_it_so():
     """tiny-sd21's DDIM grids keep prediction_type v_prediction; from the true
-    v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans & Ho 2022) the denoising step recovers x_0, and the inversion step lands on the
-    noisier level's √ᾱ' x_0 + √(1-ᾱ') ε."""
+    v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans & Ho 2022) the denoising step recovers x_0, and the
+    inversion step lands on the noisier level's √ᾱ' x_0 + √(1-ᾱ') ε."""
     inverse, forward = extract.ddim_grids(models.load_dm("tiny-sd21")["scheduler"], 5, 5)
     assert inverse.config.prediction_type == forward.config.prediction_type == "v_prediction"
     torch.manual_seed(0)
@@ -177,7 +177,8 @@ def test_sd21_grids_predict_v_and_the_steps_read_it_so():
         return a * x0 + s * eps, a * eps - s * x0
     x_t, v = noised(599)
     assert torch.allclose(forward.step(v, 599, x_t).pred_original_sample, x0, atol=1e-4)
-    x_low, v_low = noised(399)  # the inversion step 399 -> 599 reads the UNet at its target, 599
+    # the inversion step 399 -> 599 reads the UNet at its target, 599
+    x_low, v_low = noised(399)
     assert torch.allclose(inverse.step(v_low, 599, x_low).prev_sample, x_t, atol=1e-4)
 
 
@@ -222,10 +223,12 @@ def test_sdxl_folder_loads_through_the_same_path(tmp_path):
 
 
 def test_sdxl_vae_stays_float32_under_float16():
-    """SDXL's VAE overflows float16 (diffusers' force_upcast): it stays float32, the rest is cast."""
+    """SDXL's VAE overflows float16 (diffusers' force_upcast): it stays float32, the rest is
+    cast."""
     dm = models.load_dm("tiny-sdxl", dtype=torch.float16)
     assert dm["vae"].dtype == torch.float32
-    assert dm["unet"].dtype == dm["text_encoder"].dtype == dm["text_encoder_2"].dtype == torch.float16
+    assert (dm["unet"].dtype == dm["text_encoder"].dtype == dm["text_encoder_2"].dtype
+            == torch.float16)
     assert models.load_dm("tiny-sd21", dtype=torch.float16)["vae"].dtype == torch.float16
 
 
