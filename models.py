@@ -348,9 +348,8 @@ def stable_diffusion(size, tokenizer=None, seed=0, device="cpu", dtype=torch.flo
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    def text_encoder(**config):  # clip_tokenizer's start and end tokens are ids 0 and 1
-        ids = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1) \
-            if tokenizer else {}
+    def text_encoder(**config):
+        ids = teachers.clip_ids(tokenizer) if tokenizer else {}
         return CLIPTextModel(CLIPTextConfig(**{**ids, **config}))
     build = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": text_encoder}
     dm = dict(tokenizer=tokenizer, scheduler=sd_scheduler())
