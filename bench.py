@@ -253,7 +253,6 @@ def bench_null_text(res=64, steps=5, iters=10, repeats=2):
 
 
 # ---- the VLM: llama32's proportions, scaled down ----
-
 def bench_model(tile_size=112, width=16, tiles=4, device="cpu", dtype=torch.float32, batch_size=1):
     """llama32's proportions at 1/`width` width (models.llama32_size; default 1/16), random weights:
     the model and inputs of the aggregate and train benchmarks. width=1, tile_size=560, tiles=1,
