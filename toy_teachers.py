@@ -78,6 +78,9 @@ import models
 import teachers
 import world
 
+# toy-sd's text length (SD: 77), the columns of every toy teacher's maps
+TEXT_POSITIONS = models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"]
+
 # ---------------------------------------------------------------------------------------------
 # toy-sd's tokenizer, the world's images and their latents (the VAE)
 # ---------------------------------------------------------------------------------------------
@@ -87,8 +90,7 @@ def toy_sd_tokenizer(extra=""):
     word in letters (and the characters of `extra`); texts padded with the end token, like SD
     1.x, to its 24 positions (SD: 77)."""
     alphabet = "abcdefghijklmnopqrstuvwxyz" + "".join(world.PUNCTUATION) + extra
-    positions = models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"]
-    return teachers.clip_tokenizer(world.world_words(), alphabet, max_length=positions)
+    return teachers.clip_tokenizer(world.world_words(), alphabet, max_length=TEXT_POSITIONS)
 
 
 def load_images(items, root):
@@ -204,10 +206,6 @@ def localisation_loss(maps, ids, masks, colour_ids):
 # ---------------------------------------------------------------------------------------------
 # one training loop for every toy teacher (toy-sd and the three stand-ins)
 # ---------------------------------------------------------------------------------------------
-
-# toy-sd's text length, the columns of every toy teacher's maps
-TEXT_POSITIONS = models.SD_SIZES["toy-sd"]["text_encoder"]["max_position_embeddings"]
-
 
 def fit_base(params, loss_of_step, steps, lr, desc, after_step=None):
     """The base models' plain loop: AdamW (weight decay 0.01), a linear warm-up over 100 steps
