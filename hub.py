@@ -1,4 +1,5 @@
-"""Where a preset's weights are read from, without waiting on a network that is not there.
+"""Where a preset's weights are read from, without waiting on a network that is not there (not
+in the paper).
 
 models.load_vlm and models.load_dm (and so extract.py, train.py, evaluate.py, runs.py) ask
 weights_source first. With a local folder (--model-path, --dm-path), with HF_HUB_OFFLINE=1, or
@@ -7,7 +8,8 @@ request with a short timeout (PROBE_SECONDS, no retries) asks the hub for the pr
 file; when it fails, one error says what to do (the preset, the hub id, the local-folder flag,
 the `hf download` command) instead of the hub client's retries (32 s to more than 150 s).
 
-    python -c "import hub; print(hub.offline(), hub.cached('Qwen/Qwen2-VL-7B-Instruct', 'config.json'))"
+    python -c "import hub; print(hub.offline())"   # True under HF_HUB_OFFLINE=1
+    python -c "import hub; print(hub.cached('Qwen/Qwen2-VL-7B-Instruct', 'config.json'))"
 """
 import os
 from pathlib import Path
@@ -55,8 +57,8 @@ def weights_source(flag, name, hub_id, path, marker="config.json", folder_flag="
         return hub_id, True
     advice = how_to_get(flag, name, hub_id, folder_flag)
     try:
-        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(hub_id, marker),
-                                             timeout=PROBE_SECONDS)
+        url = huggingface_hub.hf_hub_url(hub_id, marker)
+        huggingface_hub.get_hf_file_metadata(url, timeout=PROBE_SECONDS)
     except GatedRepoError:
         raise SystemExit(f"{flag} {name}: {hub_id} is gated: accept its licence on the hub page, "
                          f"log in (`hf auth login`) and retry. {advice}") from None
@@ -75,9 +77,14 @@ def weights_source(flag, name, hub_id, path, marker="config.json", folder_flag="
 def load_error(flag, name, source, err, hub_id, folder_flag="--model-path"):
     """The SystemExit of a loader that failed on `source` (a folder, or a hub id read through the
     cache): what it read, the loader's error, what to do."""
-    where = (f"folder {source!r}" if Path(str(source)).is_dir() else
-             f"{source} (hub cache {huggingface_hub.constants.HF_HUB_CACHE})")
-    advice = how_to_get(flag, name, hub_id, folder_flag) if hub_id else \
-        f"pass {folder_flag} DIR (a save_pretrained folder)"
+    if Path(str(source)).is_dir():
+        where = f"folder {source!r}"
+    else:
+        where = f"{source} (hub cache {huggingface_hub.constants.HF_HUB_CACHE})"
+    if hub_id:
+        advice = how_to_get(flag, name, hub_id, folder_flag)
+    else:
+        advice = f"pass {folder_flag} DIR (a save_pretrained folder)"
+    first_line = str(err).splitlines()[0][:200]
     return SystemExit(f"could not load {flag} {name} from {where} ({type(err).__name__}: "
-                      f"{str(err).splitlines()[0][:200]}). {advice}")
+                      f"{first_line}). {advice}")

@@ -1,4 +1,4 @@
-"""Mixed precision under FSDP2's bf16 parameter policy (train.shard, as on a GPU), on the CPU.
+"""Mixed precision under FSDP2's bf16 parameter policy (distributed.shard, as on a GPU), on the CPU.
 
 One process in a gloo group of one rank, so that fully_shard, its bf16 all-gathers and DTensor
 gradients run here as on a node; the tiny preset, nothing downloaded. About 15 s.
@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 import aggregate
 import aligner as aligner_lib
 import data
+import distributed
 import train
 
 CPU = torch.device("cpu")
@@ -37,7 +38,7 @@ def sharded_step(param_dtype, mesh, dataset, seen):
     flags = ["--model", "tiny", "--lora-dropout", "0", "--align-words", "label"]
     args = train.build_parser().parse_args(flags)
     model, processor, aligner, capture, _ = train.build(args, CPU, None)  # the same weights
-    model, aligner = train.shard(model, aligner, mesh, param_dtype)
+    model, aligner = distributed.shard(model, aligner, mesh, param_dtype)
     attn = Path(dataset).parent / "attn"
     items = data.read_items(dataset)[:3]
     batch, dm = data.collate(processor, items), [data.read_maps(attn, it["id"]) for it in items]

@@ -46,7 +46,8 @@ def same_steps(reference, *others):
 
 def run(data, out, *flags):
     """Train in this process (one rank, no process group); returns (run dir, log rows)."""
-    args = train.build_parser().parse_args(["--model", "tiny", "--data", str(data), "--out", str(out), *FAST, *flags])
+    argv = ["--model", "tiny", "--data", str(data), "--out", str(out), *FAST, *flags]
+    args = train.build_parser().parse_args(argv)
     run_dir = Path(train.train(args))
     return run_dir, [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
@@ -54,7 +55,8 @@ def run(data, out, *flags):
 def torchrun(data, out, *flags, script=ROOT / "train.py", env=(), fails=False):
     """The same through `torchrun --nproc_per_node 2` (gloo, FSDP2); returns the log rows (or, with
     fails=True, checks that it failed and returns its output)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **dict(env)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", **dict(env)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), "--model", "tiny", "--data", str(data), "--out", str(out), *FAST, *flags]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -71,12 +73,15 @@ def test_collate_labels_only_the_answer_and_its_end(tiny_dataset):
     tok = processor.tokenizer
     for b, item in enumerate(items):
         answer = batch["labels"][b][batch["labels"][b] != -100]
-        assert tok.decode(answer) == item["answer"] + "<|eot_id|>"  # answer + end of turn, nothing else
+        # answer + end of turn, nothing else
+        assert tok.decode(answer) == item["answer"] + "<|eot_id|>"
         ids = batch["input_ids"][b][batch["attention_mask"][b] == 1]
-        assert tok.decode(ids).startswith("<|begin_of_text|><|start_header_id|>user")  # one BOS, chat template
+        # one BOS, chat template
+        assert tok.decode(ids).startswith("<|begin_of_text|><|start_header_id|>user")
     assert batch["image_sizes"].tolist() == [image_size(it) for it in items]  # (height, width)
     prompts = data.collate(processor, items, with_answer=False)
-    assert "labels" not in prompts and (prompts["attention_mask"][:, -1] == 1).all()  # left padded for generate()
+    # left padded for generate()
+    assert "labels" not in prompts and (prompts["attention_mask"][:, -1] == 1).all()
 
 
 def image_size(item):
@@ -85,35 +90,38 @@ def image_size(item):
 
 
 def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
-    """torchrun 2 ranks x batch 1 (FSDP2, activation checkpointing, a loader worker each) == 1 rank x 2 accumulated
-    micro-batches of 1 (same global batch, no dropout) at steps 1-3, where the 2-rank run is
-    pre-empted during step 2 by a SIGTERM that reaches rank 1 alone (both ranks stop after step 2
-    and save) and resumes from its sharded checkpoint for step 3; the adapter loads with
-    PeftModel.from_pretrained, and load_run gives the same logits as the checkpoint. The first item
-    has no attention file, so at step 1 rank 0 aligns no word while rank 1 does (a hang if the
-    ranks' backward graphs differed)."""
+    """torchrun 2 ranks x batch 1 (FSDP2, activation checkpointing, a loader worker each) == 1
+    rank x 2 accumulated micro-batches of 1 (same global batch, no dropout) at steps 1-3, where
+    the 2-rank run is pre-empted during step 2 by a SIGTERM that reaches rank 1 alone (both ranks
+    stop after step 2 and save) and resumes from its sharded checkpoint for step 3; the adapter
+    loads with PeftModel.from_pretrained, and load_run gives the same logits as the checkpoint.
+    The first item has no attention file, so at step 1 rank 0 aligns no word while rank 1 does (a
+    hang if the ranks' backward graphs differed)."""
     items = data.read_items(tiny_dataset)
     first = items[data.epoch_order(len(items), 42, 0)[0]]["id"]  # --seed 42: the default
     os.remove(data.maps_path(Path(tiny_dataset).parent / "attn", first))
     flags = ["--lora-dropout", "0", "--lr", "1e-3", "--batch-size", "1"]
     _, one = run(tiny_dataset, tmp_path / "one", "--grad-accum", "2", "--max-steps", "3", *flags)
     two = tmp_path / "two"
-    said = torchrun(tiny_dataset, two, "--max-steps", "3", "--activation-checkpointing", "--num-workers", "1", *flags,
-                    fails=True,
-                    script=ROOT / "tests" / "preempted_train.py", env={"PREEMPT_RANK": "1", "PREEMPT_STEP": "2"})
+    sharded = ("--max-steps", "3", "--activation-checkpointing", "--num-workers", "1", *flags)
+    preempt = {"PREEMPT_RANK": "1", "PREEMPT_STEP": "2"}
+    said = torchrun(tiny_dataset, two, *sharded, fails=True,
+                    script=ROOT / "tests" / "preempted_train.py", env=preempt)
     assert "stopped by SIGTERM after step 2" in said and "exitcode  : 143" in said
     assert json.loads((two / "checkpoint" / "train_state.json").read_text())["step"] == 2
     assert [p.name for p in two.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint"]
     shutil.copytree(two, tmp_path / "two-then-one")
-    resumed = torchrun(tiny_dataset, two, "--max-steps", "3", "--resume", "--activation-checkpointing", "--num-workers", "1",
-                       *flags)
+    resumed = torchrun(tiny_dataset, two, "--max-steps", "3", "--resume",
+                       "--activation-checkpointing", "--num-workers", "1", *flags)
     assert [r["step"] for r in resumed] == [1, 2, 3]  # the log continues where it stopped
     # the same checkpoint resumed on ONE rank with the same global batch (1 x 2 micro-batches of 1):
     # DCP reshards the FSDP2 checkpoint onto plain tensors and step 3 sees the same items
-    _, moved = run(tiny_dataset, tmp_path / "two-then-one", "--grad-accum", "2", "--max-steps", "3", "--resume", *flags)
+    _, moved = run(tiny_dataset, tmp_path / "two-then-one", "--grad-accum", "2", "--max-steps", "3",
+                   "--resume", *flags)
     assert [r["step"] for r in moved] == [1, 2, 3]
     same_steps(one, resumed, moved)
-    with pytest.raises(SystemExit, match="global batch of 2.*global batch of 1"):  # another global batch: refused
+    # another global batch: refused
+    with pytest.raises(SystemExit, match="global batch of 2.*global batch of 1"):
         run(tiny_dataset, tmp_path / "two-then-one", "--max-steps", "4", "--resume", *flags)
     # the authors' README way of loading a LoRA adapter
     from peft import PeftModel
@@ -123,22 +131,26 @@ def test_two_ranks_match_one_rank_resume_and_reload(tmp_path, tiny_dataset):
     model, processor, lavender, config = runs.load_run(two)
     args = train.build_parser().parse_args(["--data", str(tiny_dataset), *flags])
     ref = train.apply_peft(models.tiny_vlm()[0], args)
-    trained = {f"vlm.{k}": v for k, v in ref.state_dict().items() if "lora_" in k}  # frozen weights: not saved
+    # frozen weights: not saved
+    trained = {f"vlm.{k}": v for k, v in ref.state_dict().items() if "lora_" in k}
     sd = {"model": trained}
     dcp.load(sd, checkpoint_id=str(two / "checkpoint"))
-    assert ref.load_state_dict({k[len("vlm."):]: v for k, v in sd["model"].items()}, strict=False).unexpected_keys == []
+    loaded = {k[len("vlm."):]: v for k, v in sd["model"].items()}
+    assert ref.load_state_dict(loaded, strict=False).unexpected_keys == []
     batch = data.collate(processor, data.read_items(tiny_dataset)[:2])
     with torch.no_grad():
-        assert torch.equal(model(**data.model_inputs(batch)).logits, ref.eval()(**data.model_inputs(batch)).logits)
-    assert lavender["aligner"] is not None and config["world"] == 2 and config["items_without_attention"] == 1
+        logits = model(**data.model_inputs(batch)).logits
+        assert torch.equal(logits, ref.eval()(**data.model_inputs(batch)).logits)
+    assert (lavender["aligner"] is not None and config["world"] == 2
+            and config["items_without_attention"] == 1)
 
 
 def test_bf16_frozen_weights_on_one_process(tmp_path, tiny_dataset):
-    """The one-GPU path without torchrun (frozen weights bf16, LoRA, parallel projections and Aligner
-    fp32, no FSDP to cast them), on the CPU: Lavender trains with finite losses that fall on a fixed
-    batch, and the run reloads with its adapter and projections."""
-    _, log = run(tiny_dataset, tmp_path / "bf16", "--frozen-dtype", "bfloat16", "--batch-size", "6", "--max-steps", "4",
-                 "--lr", "3e-3", "--lora-dropout", "0")
+    """The one-GPU path without torchrun (frozen weights bf16, LoRA, parallel projections and
+    Aligner fp32, no FSDP to cast them), on the CPU: Lavender trains with finite losses that fall
+    on a fixed batch, and the run reloads with its adapter and projections."""
+    _, log = run(tiny_dataset, tmp_path / "bf16", "--frozen-dtype", "bfloat16", "--batch-size", "6",
+                 "--max-steps", "4", "--lr", "3e-3", "--lora-dropout", "0")
     assert all(math.isfinite(r["loss"]) for r in log) and log[-1]["loss_att"] < log[0]["loss_att"]
     model, _, lavender, config = runs.load_run(tmp_path / "bf16")
     assert config["frozen_dtype"] == "bfloat16" and lavender["aligner"] is not None
@@ -153,30 +165,36 @@ def test_resume_reaches_the_uninterrupted_loss(tmp_path, tiny_dataset):
     run(tiny_dataset, tmp_path / "b", "--max-steps", "2", *flags)
     _, resumed = run(tiny_dataset, tmp_path / "b", "--max-steps", "3", "--resume", *flags)
     assert resumed[2]["loss"] == full[2]["loss"]
-    assert [r["lr"] for r in full] == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3])  # step s: lr · (s + 1) / 4
+    # step s: lr · (s + 1) / 4
+    assert [r["lr"] for r in full] == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3])
     assert resumed[2]["lr"] == full[2]["lr"]
 
 
 def test_lavender_loss_falls_on_a_fixed_batch(tmp_path):
     data = write_dataset(tmp_path / "d", n=2)
-    _, log = run(data, tmp_path / "r", "--batch-size", "2", "--max-steps", "8", "--lr", "3e-3", "--lora-dropout", "0")
+    _, log = run(data, tmp_path / "r", "--batch-size", "2", "--max-steps", "8", "--lr", "3e-3",
+                 "--lora-dropout", "0")
     assert log[-1]["loss_att"] < log[0]["loss_att"] and log[-1]["loss"] < log[0]["loss"]
-    assert all(r["aligned_words"] == log[0]["aligned_words"] > 0 for r in log)  # same batch every step
+    # same batch every step
+    assert all(r["aligned_words"] == log[0]["aligned_words"] > 0 for r in log)
 
 
-def test_ar_never_calls_capture_hooks_and_full_finetuning_saves_model(tmp_path, tiny_dataset, monkeypatch):
+def test_ar_never_calls_capture_hooks_and_full_finetuning_saves_model(tmp_path, tiny_dataset,
+                                                                      monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("--loss ar built an AttentionCapture")
     monkeypatch.setattr(aggregate, "AttentionCapture", forbidden)
-    run_dir, log = run(tiny_dataset, tmp_path / "ar", "--loss", "ar", "--peft", "full", "--batch-size", "2",
-                       "--max-steps", "2", "--lr", "1e-3")
+    run_dir, log = run(tiny_dataset, tmp_path / "ar", "--loss", "ar", "--peft", "full",
+                       "--batch-size", "2", "--max-steps", "2", "--lr", "1e-3")
     assert all(r["loss_att"] == 0 and r["aligned_words"] == 0 for r in log)
     assert (run_dir / "model").is_dir() and not (run_dir / "lavender.safetensors").exists()
-    model, processor, lavender, _ = runs.load_run(run_dir)  # full weights: model/ is a save_pretrained folder
+    # full weights: model/ is a save_pretrained folder
+    model, processor, lavender, _ = runs.load_run(run_dir)
     base = models.tiny_vlm()[0].eval()
     batch = data.model_inputs(data.collate(processor, data.read_items(tiny_dataset)[:1]))
     with torch.no_grad():
-        assert not torch.allclose(model(**batch).logits, base(**batch).logits)  # trained weights were saved
+        # trained weights were saved
+        assert not torch.allclose(model(**batch).logits, base(**batch).logits)
     assert lavender["aligner"] is None
 
 
@@ -185,16 +203,18 @@ def test_aligner_pretraining_leaves_the_vlm_unchanged(tmp_path, tiny_dataset):
                        "--pretrain-aligner-steps", "2", "--lr", "1e-2")
     assert [r["phase"] for r in log] == ["aligner", "aligner"]
     args = train.build_parser().parse_args(["--data", str(tiny_dataset)])
-    fresh = {k: v for k, v in train.apply_peft(models.tiny_vlm()[0], args).state_dict().items() if "lora_" in k}
+    peft_model = train.apply_peft(models.tiny_vlm()[0], args)
+    fresh = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert len(adapter) == len(fresh) > 0
     for k, v in fresh.items():  # PEFT drops the adapter name ("default") when saving
         assert torch.equal(adapter[k.replace(".default", "")], v), k
     lavender = load_file(run_dir / "lavender.safetensors")
     torch.manual_seed(args.seed + 2)  # as train.build() seeds the Aligner
-    fresh_aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", 4))  # tiny: 4 heads
-    changed = [not torch.equal(lavender[f"aligner.{k}"], v) for k, v in fresh_aligner.state_dict().items()
-               if v.dtype.is_floating_point]
+    channels = aligner_lib.aligner_channels("learn", 4)  # tiny: 4 heads
+    fresh_aligner = aligner_lib.Aligner("sim", channels)
+    changed = [not torch.equal(lavender[f"aligner.{k}"], v)
+               for k, v in fresh_aligner.state_dict().items() if v.dtype.is_floating_point]
     assert any(changed)  # ... while the Aligner did learn
 
 
@@ -212,7 +232,8 @@ def test_bad_input_stops_early_and_saves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(aligner_lib, "attention_loss", nan_loss)
     with pytest.raises(FloatingPointError, match=r"step 1 .*item00"):
         run(data, tmp_path / "nan", "--batch-size", "2", "--max-steps", "1")
-    assert not (tmp_path / "nan" / "adapter").exists() and not (tmp_path / "nan" / "checkpoint").exists()
+    nan_run = tmp_path / "nan"
+    assert not (nan_run / "adapter").exists() and not (nan_run / "checkpoint").exists()
     monkeypatch.undo()
     run_dir, _ = run(data, tmp_path / "ok", "--batch-size", "2", "--max-steps", "1")
     assert json.loads((run_dir / "config.json").read_text())["items_without_attention"] == 1
@@ -245,37 +266,45 @@ def test_only_non_reentrant_checkpointing_lets_the_attention_loss_reach_the_vlm(
 
 
 def test_micro_batches_split_one_global_batch():
-    """Step 1 of an epoch with 2 ranks x 2 micro-batches x batch 2 takes items 8..15 of the order."""
+    """Step 1 of an epoch with 2 ranks x 2 micro-batches x batch 2 takes items 8..15 of the
+    order."""
     order = list(range(100, 116))
     assert data.micro_batches(order, 1, 2, 2, 0, 2) == [[108, 109], [112, 113]]
     assert data.micro_batches(order, 1, 2, 2, 1, 2) == [[110, 111], [114, 115]]
     assert data.micro_batches(order, 0, 4, 1, 0, 1) == [[100, 101, 102, 103]]
     assert data.epoch_order(16, 42, 0) == data.epoch_order(16, 42, 0) != data.epoch_order(16, 42, 1)
     # the loader's sampler from step 3 of 4-step epochs: epoch 0's last pair, then epoch 1's first
-    schedule = dict(seed=42, steps_per_epoch=4, first_step=3, total_steps=5, batch_size=2, grad_accum=1)
-    assert list(loader.step_batches(8, rank=0, world=1, **schedule)) == \
-        [data.epoch_order(8, 42, 0)[6:8], data.epoch_order(8, 42, 1)[0:2]]
+    schedule = dict(seed=42, steps_per_epoch=4, first_step=3, total_steps=5, batch_size=2,
+                    grad_accum=1)
+    expected = [data.epoch_order(8, 42, 0)[6:8], data.epoch_order(8, 42, 1)[0:2]]
+    assert list(loader.step_batches(8, rank=0, world=1, **schedule)) == expected
     # 2 ranks x 2 micro-batches of 1: rank r's micro-batch m is micro_batches' at every step
     schedule.update(first_step=0, total_steps=4, batch_size=1, grad_accum=2)
     for r in (0, 1):
-        assert list(loader.step_batches(16, rank=r, world=2, **schedule)) == [
-            mb for s in range(4) for mb in data.micro_batches(data.epoch_order(16, 42, s // 4), s % 4, 1, 2, r, 2)]
+        expected = []
+        for s in range(4):
+            order = data.epoch_order(16, 42, s // 4)
+            expected += data.micro_batches(order, s % 4, 1, 2, r, 2)
+        assert list(loader.step_batches(16, rank=r, world=2, **schedule)) == expected
 
 
 def test_workers_give_the_same_losses_bit_for_bit_and_resume(tmp_path, tiny_dataset):
     """--num-workers 2 (batches built in two processes) == --num-workers 0, exactly, over an epoch
     boundary with 2 accumulated micro-batches and LoRA dropout on (so a draw from the global RNG
     would show); a run stopped after step 2 and resumed with workers reaches the same steps 3-4."""
-    flags = ("--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3", "--max-steps", "4")  # 3 steps an epoch
+    # 3 steps an epoch
+    flags = ("--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3", "--max-steps", "4")
     _, plain = run(tiny_dataset, tmp_path / "w0", "--num-workers", "0", *flags)
     _, workers = run(tiny_dataset, tmp_path / "w2", "--num-workers", "2", *flags)
     run(tiny_dataset, tmp_path / "cut", "--num-workers", "2", *flags[:-1], "2")
     _, resumed = run(tiny_dataset, tmp_path / "cut", "--num-workers", "2", "--resume", *flags)
     keys = ("loss_vlm", "loss_att", "aligned_words", "grad_norm", "epoch")
-    assert [r["epoch"] for r in plain] == [0, 0, 0, 1] and all(r["aligned_words"] > 0 for r in plain)
+    epochs = [r["epoch"] for r in plain]
+    assert epochs == [0, 0, 0, 1] and all(r["aligned_words"] > 0 for r in plain)
     for rows in (workers, resumed):
         assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in plain]
-    assert all(r["data_seconds"] >= 0 and r["data_seconds"] <= r["seconds"] for r in workers + plain)
+    rows = workers + plain
+    assert all(r["data_seconds"] >= 0 and r["data_seconds"] <= r["seconds"] for r in rows)
 
 
 def test_a_sigterm_ends_the_workers_quietly(tiny_dataset):
@@ -285,8 +314,10 @@ def test_a_sigterm_ends_the_workers_quietly(tiny_dataset):
     import multiprocessing
     import signal
     items, (_, processor) = data.read_items(tiny_dataset), models.tiny_vlm()
-    schedule = dict(seed=42, steps_per_epoch=3, first_step=0, total_steps=3, batch_size=2, grad_accum=1)
-    batches = loader.micro_batch_loader(items, processor, Path(tiny_dataset).parent / "attn", schedule, 0, 1, 2)
+    schedule = dict(seed=42, steps_per_epoch=3, first_step=0, total_steps=3, batch_size=2,
+                    grad_accum=1)
+    attn = Path(tiny_dataset).parent / "attn"
+    batches = loader.micro_batch_loader(items, processor, attn, schedule, 0, 1, 2)
     held = next(batches)  # this step's micro-batch
     workers = multiprocessing.active_children()
     assert len(workers) == 2
@@ -299,8 +330,8 @@ def test_a_sigterm_ends_the_workers_quietly(tiny_dataset):
     del batches  # and ends the loader without an error
 
 
-def test_a_stop_signal_that_ends_a_worker_mid_step_still_trains_and_saves_that_step(tmp_path, tiny_dataset,
-                                                                                    monkeypatch):
+def test_a_stop_signal_that_ends_a_worker_mid_step_still_trains_and_saves_that_step(
+        tmp_path, tiny_dataset, monkeypatch):
     """Slurm's SIGTERM reaches every process: here worker 1 signals the main process and ends
     before it delivers step 1's second micro-batch. The main process builds that step itself,
     trains it as the uninterrupted run does, saves after it and stops."""
@@ -321,7 +352,8 @@ def test_a_stop_signal_that_ends_a_worker_mid_step_still_trains_and_saves_that_s
     log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     keys = ("loss_vlm", "loss_att", "aligned_words", "grad_norm")
     assert [[r[k] for k in keys] for r in log] == [[r[k] for k in keys] for r in full[:1]]
-    assert json.loads((tmp_path / "cut" / "checkpoint" / "train_state.json").read_text())["step"] == 1
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "train_state.json").read_text())
+    assert state["step"] == 1
 
 
 def test_att_pooling_per_micro_batch(tmp_path, tiny_dataset):
@@ -340,24 +372,33 @@ def test_att_pooling_per_micro_batch(tmp_path, tiny_dataset):
     assert words[0]["loss_att"] != pytest.approx(samples[0]["loss_att"], rel=1e-4)
 
 
-@pytest.mark.parametrize("flags", [["--aggregate", "mean-mean", "--aligner", "none"],
-                                   ["--aggregate", "flow-sum", "--aligner-mode", "after", "--layers", "last"],
-                                   ["--aggregate", "max-max", "--aligner-act", "leakyrelu"],
-                                   ["--match", "root", "--aligner", "light", "--projection-init", "random"]])
+METHOD_FLAGS = [["--aggregate", "mean-mean", "--aligner", "none"],
+                ["--aggregate", "flow-sum", "--aligner-mode", "after", "--layers", "last"],
+                ["--aggregate", "max-max", "--aligner-act", "leakyrelu"],
+                ["--match", "root", "--aligner", "light", "--projection-init", "random"]]
+
+
+@pytest.mark.parametrize("flags", METHOD_FLAGS)
 def test_method_flags_train_and_reload(tmp_path, tiny_dataset, flags):
-    run_dir, log = run(tiny_dataset, tmp_path / "r", "--batch-size", "3", "--max-steps", "1", *flags)
+    run_dir, log = run(tiny_dataset, tmp_path / "r", "--batch-size", "3", "--max-steps", "1",
+                       *flags)
     assert log[0]["aligned_words"] > 0 and log[0]["loss_att"] > 0
     _, _, lavender, config = runs.load_run(run_dir)
     expected = flags[1] if flags[0] == "--aggregate" else "learn"
     assert lavender["aggregation"] == config["aggregate"] == expected
     assert (lavender["aligner"] is None) == ("none" in flags)
-    assert lavender["layers"] == ([3] if "last" in flags else [1, 3])  # tiny: cross-attention at 1 and 3
+    # tiny: cross-attention at 1 and 3
+    assert lavender["layers"] == ([3] if "last" in flags else [1, 3])
 
 
-def test_placements_the_release_does_not_have_are_refused_before_loading(tmp_path, tiny_dataset, monkeypatch):
+def test_placements_the_release_does_not_have_are_refused_before_loading(tmp_path, tiny_dataset,
+                                                                         monkeypatch):
     """A per-layer Aligner cannot honour max-* (one channel) or flow-* (a flow of probabilities):
     refused with the working alternatives named, before the model is loaded."""
-    monkeypatch.setattr(models, "load_vlm", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    def refuse(*a, **k):
+        pytest.fail("loaded the model before refusing")
+    monkeypatch.setattr(models, "load_vlm", refuse)
     for aggregation in ("max-max", "max-mean", "flow-multi"):
         with pytest.raises(SystemExit, match="--aligner-mode after.*mean-mean, mean-max or learn"):
-            run(tiny_dataset, tmp_path / aggregation, "--aggregate", aggregation, "--aligner-mode", "per-layer")
+            run(tiny_dataset, tmp_path / aggregation, "--aggregate", aggregation, "--aligner-mode",
+                "per-layer")
