@@ -43,16 +43,20 @@ import functools
 import torch
 import torch.nn as nn
 
-MAP_SIZE = 32  # the side of every attention map compared by the loss (DM and VLM)
+# the side of every attention map compared by the loss (DM and VLM)
+MAP_SIZE = 32
 VARIANTS = {"light": 1, "sim": 2, "deep": 4, "mlp": 2}  # name -> number of expand blocks
-NORMED_EXPANDS = 2  # deep: the release normalises only its first two expand blocks
+# deep: the release normalises only its first two expand blocks
+NORMED_EXPANDS = 2
 # InstanceNorm2d without affine parameters (the release's default) is GroupNorm with one channel
 # per group and no affine: the same function, but GroupNorm's CPU kernel runs forward + backward
 # ~3x faster than InstanceNorm2d's (which goes through batch_norm on an (1, N*C, h, w) view).
 # "group" and "batch" are the release's other options, with their affine parameters.
-NORMS = {"instance": lambda c: nn.GroupNorm(c, c, affine=False), "group": lambda c: nn.GroupNorm(c, c),
+NORMS = {"instance": lambda c: nn.GroupNorm(c, c, affine=False),
+         "group": lambda c: nn.GroupNorm(c, c),
          "batch": nn.BatchNorm2d}
-ACTIVATIONS = {"relu6": lambda: nn.ReLU6(inplace=True), "leakyrelu": lambda: nn.LeakyReLU(0.1, inplace=True)}
+ACTIVATIONS = {"relu6": lambda: nn.ReLU6(inplace=True),
+               "leakyrelu": lambda: nn.LeakyReLU(0.1, inplace=True)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -67,7 +71,8 @@ def area_matrix(n_out, extent, n_patches, patch, device="cpu", dtype=torch.float
     edge = torch.arange(n_patches + 1, dtype=torch.float64) * patch  # patch edges
     lo = torch.maximum(cell[:-1, None], edge[None, :-1])
     hi = torch.minimum(cell[1:, None], edge[None, 1:])
-    return ((hi - lo).clamp(min=0) / (extent / n_out)).to(device, dtype)  # (n_out, n_patches)
+    overlap = (hi - lo).clamp(min=0)  # (n_out, n_patches) px
+    return (overlap / (extent / n_out)).to(device, dtype)  # (n_out, n_patches)
 
 
 def min_max(x, eps=1e-8):
@@ -87,27 +92,36 @@ class Aligner(nn.Module):
 
     def __init__(self, variant="sim", in_channels=1, hidden=32, norm="instance", act="relu6"):
         super().__init__()
-        for name, value, allowed in (("variant", variant, VARIANTS), ("norm", norm, NORMS), ("act", act, ACTIVATIONS)):
+        options = (("variant", variant, VARIANTS), ("norm", norm, NORMS),
+                   ("act", act, ACTIVATIONS))
+        for name, value, allowed in options:
             if value not in allowed:
-                raise ValueError(f"unknown Aligner {name} {value!r}; choose one of {sorted(allowed)}")
+                raise ValueError(f"unknown Aligner {name} {value!r}; "
+                                 f"choose one of {sorted(allowed)}")
         self.variant, self.in_channels = variant, in_channels
-        k = 1 if variant == "mlp" else 3  # mlp: 1x1 convs = a per-pixel MLP over channels
+        # mlp: 1x1 convs = a per-pixel MLP over channels
+        k = 1 if variant == "mlp" else 3
         layers, c = [], in_channels
-        for i in range(VARIANTS[variant]):  # expand: conv (no bias) -> norm -> activation
+        # expand: conv (no bias) -> norm -> activation
+        for i in range(VARIANTS[variant]):
+            norms = [NORMS[norm](hidden)] if i < NORMED_EXPANDS else []
             layers += [nn.Conv2d(c, hidden, k, padding=k // 2, bias=False),
-                       *([NORMS[norm](hidden)] if i < NORMED_EXPANDS else []), ACTIVATIONS[act]()]
+                       *norms, ACTIVATIONS[act]()]
             c = hidden
         # squeeze back to the input width, then one output channel (the only bias)
-        layers += [nn.Conv2d(c, in_channels, k, padding=k // 2, bias=False), NORMS[norm](in_channels),
-                   ACTIVATIONS[act](), nn.Conv2d(in_channels, 1, 1)]
+        layers += [nn.Conv2d(c, in_channels, k, padding=k // 2, bias=False),
+                   NORMS[norm](in_channels), ACTIVATIONS[act](), nn.Conv2d(in_channels, 1, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"Aligner expects (N, {self.in_channels}, h, w) maps, got shape {tuple(x.shape)}; "
-                             f"in_channels comes from aligner_channels(aggregation, num_heads)")
+            raise ValueError(f"Aligner expects (N, {self.in_channels}, h, w) maps, got shape "
+                             f"{tuple(x.shape)}; in_channels comes from "
+                             f"aligner_channels(aggregation, num_heads)")
         w = self.net[0].weight
-        return self.net(x.to(w.dtype)).squeeze(1).float()  # (N, 32, 32), raw: normalised by the caller
+        y = self.net(x.to(w.dtype))  # (N, 1, 32, 32)
+        # raw: the caller normalises it
+        return y.squeeze(1).float()  # (N, 32, 32)
 
 
 def aligner_channels(aggregation, num_heads):
@@ -122,7 +136,8 @@ def aligner_channels(aggregation, num_heads):
     return 1 if aggregation.startswith("max") else num_heads
 
 
-POOLINGS = ("words", "samples")  # --att-pooling: how attention_loss weights the aligned words
+# --att-pooling: how attention_loss weights the aligned words
+POOLINGS = ("words", "samples")
 
 
 def attention_loss(pred, target, mask, pooling="words"):
@@ -143,39 +158,46 @@ def attention_loss(pred, target, mask, pooling="words"):
     words: (1 + 4 + 4) / 3 = 3; samples: ((1 + 4) / 2 + 4) / 2 = 3.25. At batch 1 the two agree.
     """
     if pred.shape != target.shape or pred.shape[:2] != mask.shape:
-        raise ValueError(f"attention_loss: pred {tuple(pred.shape)}, target {tuple(target.shape)} and "
-                         f"mask {tuple(mask.shape)} must be (B, W, h, w), (B, W, h, w) and (B, W)")
+        raise ValueError(f"attention_loss: pred {tuple(pred.shape)}, target "
+                         f"{tuple(target.shape)} and mask {tuple(mask.shape)} must be "
+                         f"(B, W, h, w), (B, W, h, w) and (B, W)")
     if pooling not in POOLINGS:
         raise ValueError(f"attention_loss: unknown pooling {pooling!r}; choose one of {POOLINGS}")
     per_word = (pred.float() - target.float()).pow(2).mean(dim=(-2, -1))  # (B, W)
-    per_word = per_word * mask  # zero where not aligned (and no NaN: masked, not indexed)
+    # zero where not aligned (and no NaN: masked, not indexed)
+    per_word = per_word * mask
     if pooling == "words":  # one mean over the micro-batch's aligned words
         return per_word.sum() / mask.sum().clamp(min=1)
-    return (per_word.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()  # per sample, then over samples
+    # per sample, then over samples
+    per_sample = per_word.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B,)
+    return per_sample.mean()
 
 
 def pooling_difference(batch=4, max_words=6, trials=1000, lam=10.0, seed=0):
-    """How far the two poolings lie apart on random maps: `trials` micro-batches of `batch` samples,
-    each aligning 1..max_words words (uniform), pred and target min-max normalised uniform noise.
-    L_VLM is the same under both, so L_VLM + λ·L_att differs by λ·|ΔL_att|. Returns the mean and
-    largest |Δ(L_VLM + λ·L_att)|, the largest |Δ| of the gradient with respect to the VLM maps and
-    the mean relative gradient difference ‖g_words − g_samples‖ / ‖g_samples‖."""
+    """How far the two poolings lie apart on random maps: `trials` micro-batches of `batch`
+    samples, each aligning 1..max_words words (uniform), pred and target min-max normalised
+    uniform noise. L_VLM is the same under both, so L_VLM + λ·L_att differs by λ·|ΔL_att|.
+    Returns the mean and largest |Δ(L_VLM + λ·L_att)|, the largest |Δ| of the gradient with
+    respect to the VLM maps and the mean relative gradient difference
+    ‖g_words − g_samples‖ / ‖g_samples‖ (eq. 9/17's two poolings)."""
     g = torch.Generator().manual_seed(seed)
     dloss, dgrad, rel = [], [], []
     for _ in range(trials):
         n = torch.randint(1, max_words + 1, (batch,), generator=g)  # aligned words per sample
         mask = torch.arange(max_words)[None, :] < n[:, None]  # (B, W)
-        target = min_max(torch.rand(batch, max_words, MAP_SIZE, MAP_SIZE, generator=g))
-        pred = min_max(torch.rand(batch, max_words, MAP_SIZE, MAP_SIZE, generator=g))
+        shape = (batch, max_words, MAP_SIZE, MAP_SIZE)
+        target = min_max(torch.rand(shape, generator=g))
+        pred = min_max(torch.rand(shape, generator=g))
         pred.requires_grad_()
         losses, grads = [], []
         for pooling in POOLINGS:
             loss = lam * attention_loss(pred, target, mask, pooling)
             losses.append(loss.item())
             grads.append(torch.autograd.grad(loss, pred)[0])
+        diff = grads[0] - grads[1]
         dloss.append(abs(losses[0] - losses[1]))
-        dgrad.append((grads[0] - grads[1]).abs().max().item())
-        rel.append(((grads[0] - grads[1]).norm() / grads[1].norm()).item())
+        dgrad.append(diff.abs().max().item())
+        rel.append((diff.norm() / grads[1].norm()).item())
     return dict(mean_dloss=sum(dloss) / trials, max_dloss=max(dloss), max_dgrad=max(dgrad),
                 mean_rel_dgrad=sum(rel) / trials)
 
@@ -186,9 +208,12 @@ def total_loss(loss_vlm, loss_att, lam=10.0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Print the Aligner variants and check them on random maps.")
-    parser.add_argument("--channels", type=int, default=32, help="input channels (attention heads)")
-    parser.add_argument("--norm", default="instance", choices=sorted(NORMS), help="normalisation layer")
+    parser = argparse.ArgumentParser(
+        description="Print the Aligner variants and check them on random maps.")
+    parser.add_argument("--channels", type=int, default=32,
+                        help="input channels (attention heads)")
+    parser.add_argument("--norm", default="instance", choices=sorted(NORMS),
+                        help="normalisation layer")
     args = parser.parse_args()
     x = torch.rand(4, args.channels, MAP_SIZE, MAP_SIZE)  # (N, C, 32, 32)
     for variant in VARIANTS:
@@ -196,7 +221,8 @@ def main():
         y = min_max(aligner(x))  # (N, 32, 32)
         n = sum(p.numel() for p in aligner.parameters())
         layers = " -> ".join(type(m).__name__ for m in aligner.net)
-        print(f"{variant:6s} {n:7d} parameters, output {tuple(y.shape)} in [{y.min():.2f}, {y.max():.2f}]: {layers}")
+        print(f"{variant:6s} {n:7d} parameters, output {tuple(y.shape)} "
+              f"in [{y.min():.2f}, {y.max():.2f}]: {layers}")
     d = pooling_difference()
     print(f"pooling words vs samples (batch 4, 1-6 words, 1000 random micro-batches, λ = 10): "
           f"|Δ(L_VLM + λ·L_att)| mean {d['mean_dloss']:.2e}, max {d['max_dloss']:.2e}; "

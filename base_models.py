@@ -309,7 +309,7 @@ def raw_entropies(model, processor, dm, items, batch_size=16, inversion_steps=5,
 
 
 # ---------------------------------------------------------------------------------------------
-# toy: the llama32 classes at models.py's toy size, pre-trained on the world
+# toy: the llama32 classes at mllama.py's toy size, pre-trained on the world
 # ---------------------------------------------------------------------------------------------
 
 def toy_vlm_tokenizer():
@@ -323,7 +323,7 @@ def toy_vlm_tokenizer():
 
 
 def toy_vlm(seed=0):
-    """(model, processor) at models.MLLAMA_SIZES["toy"] with the world's tokenizer, random
+    """(model, processor) at mllama.MLLAMA_SIZES["toy"] with the world's tokenizer, random
     weights."""
     return models.small_vlm("toy", toy_vlm_tokenizer(), seed)
 

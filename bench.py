@@ -38,6 +38,7 @@ import aligner as aligner_lib
 import data
 import extract
 import flamingo
+import mllama
 import models
 import nulltext
 import qwen
@@ -254,7 +255,7 @@ def bench_null_text(res=64, steps=5, iters=10, repeats=2):
 
 # ---- the VLM: llama32's proportions, scaled down ----
 def bench_model(tile_size=112, width=16, tiles=4, device="cpu", dtype=torch.float32, batch_size=1):
-    """llama32's proportions at 1/`width` width (models.llama32_size; default 1/16), random weights:
+    """llama32's proportions at 1/`width` width (mllama.llama32_size; default 1/16), random weights:
     the model and inputs of the aggregate and train benchmarks. width=1, tile_size=560, tiles=1,
     dtype=bfloat16 on a GPU is Llama-3.2-11B-Vision's own geometry with one 560 px tile (the model
     is built on `device`).
@@ -270,7 +271,7 @@ def bench_model(tile_size=112, width=16, tiles=4, device="cpu", dtype=torch.floa
         raise ValueError(f"bench_model tiles {tiles}: choose 1 (the 1x1 layout) or 4 (2x2)")
     vocab = 128256 // width
     ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, image_token_index=vocab - 16)
-    model = models.mllama(models.llama32_size(width, tile_size), ids, seed=0, device=device, dtype=dtype).eval()
+    model = mllama.mllama(mllama.llama32_size(width, tile_size), ids, seed=0, device=device, dtype=dtype).eval()
     T, R, B = 256, 32, batch_size
     input_ids = torch.randint(3, vocab - 17, (1, T)).repeat(B, 1)  # (B, T): the same sample B times
     input_ids[:, 1] = vocab - 16  # the image token

@@ -40,6 +40,7 @@ import torch
 import data
 import extract
 import flamingo
+import mllama
 import models
 import qwen
 import teachers
@@ -176,15 +177,15 @@ LOOP_ARMS = (("ar", False, None), ("lavender", False, None), ("ar", True, None),
 
 
 def random_llama32(smoke, device):
-    """A stand-in for models.load_vlm: Llama-3.2-11B-Vision's geometry (models.llama32_size; smoke:
+    """A stand-in for models.load_vlm: Llama-3.2-11B-Vision's geometry (mllama.llama32_size; smoke:
     the tiny preset's), random weights built on `device` in the dtype train.build asks for, and a
     processor of its tiles (560 px, up to 4) with the tiny BPE; the 11B model keeps its 128,256-row
     vocabulary, of which the BPE uses the first few hundred."""
-    size = models.MLLAMA_SIZES["tiny"] if smoke else models.llama32_size(1, 560)
+    size = mllama.MLLAMA_SIZES["tiny"] if smoke else mllama.llama32_size(1, 560)
     tokenizer = models.bpe_tokenizer()
-    ids = {**models.tokenizer_ids(tokenizer, **models.MLLAMA_TOKENS), **({} if smoke else {"vocab_size": 128256})}
-    processor = models.mllama_processor(tokenizer, size)
-    return lambda name, path=None, dtype=torch.float32: (models.mllama(size, ids, 0, device, dtype), processor)
+    ids = {**models.tokenizer_ids(tokenizer, **mllama.MLLAMA_TOKENS), **({} if smoke else {"vocab_size": 128256})}
+    processor = mllama.mllama_processor(tokenizer, size, models.CHAT_TEMPLATE)
+    return lambda name, path=None, dtype=torch.float32: (mllama.mllama(size, ids, 0, device, dtype), processor)
 
 
 def loop_arm(tmp, items, loss, checkpointing, workers, steps, batch):

@@ -12,7 +12,8 @@ image sizes that aggregate.py needs to crop the tiles' padding, and the item ids
 is a pure function of (seed, epoch), so every rank, and a resumed run, agree on it.
 Dataset converters (VQAv2, TextVQA, ... -> this JSONL) are in prepare.py.
 
-    python -c "import data, models; print(data.collate(models.tiny_vlm()[1], data.read_items('d.jsonl')))"
+    python -c "import data; print(data.split_words('naïve café, 25 mp3s'))"
+    python -c "import data; print(data.read_items('d.jsonl')[0])"   # d.jsonl: a dataset
 """
 import json
 import math
@@ -30,7 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import models  # FAMILIES: a family's own prompts (IDEFICS: no chat template) and image tokens
+# FAMILIES: a family's own prompts (IDEFICS: no chat template) and image tokens
+import models
 from aligner import MAP_SIZE  # the one map size of DM and VLM maps
 
 # ---- items: the dataset JSONL ----
@@ -47,13 +49,15 @@ def read_items(jsonl_path):
     evaluate.py refuse them: check_item), which check them with ID_PATTERN.
     """
     if not Path(jsonl_path).is_file():
-        raise FileNotFoundError(f"{jsonl_path}: no such data file (resolved: {Path(jsonl_path).resolve()})")
+        raise FileNotFoundError(f"{jsonl_path}: no such data file "
+                                f"(resolved: {Path(jsonl_path).resolve()})")
     root = Path(jsonl_path).resolve().parent
     items = []
     for n, line, item in jsonl_lines(jsonl_path):
         for key in ("id", "image", "question", "answer"):
             if not isinstance(item, dict) or not isinstance(item.get(key), str):
-                raise ValueError(f"{jsonl_path} line {n}: field {key!r} must be a string in a JSON object: {line.strip()[:100]}")
+                raise ValueError(f"{jsonl_path} line {n}: field {key!r} must be a string in a "
+                                 f"JSON object: {line.strip()[:100]}")
         item["image_path"] = str(root / item["image"])
         item["line"] = n  # for messages about the item
         items.append(item)
@@ -70,7 +74,8 @@ def read_items_or_exit(path, flag="--data", then=""):
                          f"the dataset there as a JSONL of {fields} lines (README, 'Data'){then}")
     try:
         return read_items(path)
-    except (OSError, ValueError) as err:  # not UTF-8, not JSON, a missing field: with its line
+    except (OSError, ValueError) as err:
+        # not UTF-8, not JSON, a missing field: with its line
         raise SystemExit(f"{flag}: {err}") from None
 
 
@@ -83,9 +88,11 @@ def jsonl_lines(path):
                 line = raw.decode("utf-8")
                 row = json.loads(line) if line.strip() else None
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path} line {n}: not UTF-8 ({e}); save the file as UTF-8") from None
+                raise ValueError(f"{path} line {n}: not UTF-8 ({e}); "
+                                 f"save the file as UTF-8") from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e}); each line must be one JSON object") from None
+                raise ValueError(f"{path} line {n}: not valid JSON ({e}); "
+                                 f"each line must be one JSON object") from None
             if line.strip():
                 yield n, line, row
 
@@ -120,14 +127,18 @@ def save_maps(path, maps, words, meta):
     either no file or a complete one (resume trusts any <id>.safetensors it can read).
     """
     path = Path(path)
-    if maps.dim() != 3 or maps.shape[0] != len(words) or tuple(maps.shape[1:]) != (MAP_SIZE, MAP_SIZE):
-        raise ValueError(f"save_maps({path}): maps {tuple(maps.shape)} must be ({len(words)}, 32, 32), one per word of {words}")
-    metadata = dict({k: "" for k in ("text", "dm", "inversion_steps", "denoise_steps", "res")},
-                    **{k: str(v) for k, v in meta.items()}, words=json.dumps(list(words)))
+    shape = tuple(maps.shape)
+    if shape != (len(words), MAP_SIZE, MAP_SIZE):
+        raise ValueError(f"save_maps({path}): maps {shape} must be "
+                         f"({len(words)}, 32, 32), one per word of {words}")
+    empty = {k: "" for k in ("text", "dm", "inversion_steps", "denoise_steps", "res")}
+    given = {k: str(v) for k, v in meta.items()}
+    metadata = dict(empty, **given, words=json.dumps(list(words)))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
-        save_file({"maps": maps.detach().to("cpu", torch.float16).contiguous()}, str(tmp), metadata=metadata)
+        halves = maps.detach().to("cpu", torch.float16).contiguous()
+        save_file({"maps": halves}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -156,16 +167,18 @@ def is_complete(path):
             words = json.loads((f.metadata() or {})["words"])
             shape = f.get_slice("maps").get_shape()
         return list(shape) == [len(words), MAP_SIZE, MAP_SIZE]
-    except Exception:  # a missing, truncated or foreign file is simply not complete
+    except Exception:
+        # a missing, truncated or foreign file is simply not complete
         return False
-
 
 
 def read_maps(attn_dir, item_id):
     """(maps (n_words, 32, 32), words) of an item from the attention store: what train.py and
     evaluate.py read; (None, None) when the item has no file (or there is no store)."""
     path = maps_path(attn_dir, item_id) if attn_dir is not None else None
-    return load_maps(path)[:2] if path is not None and path.exists() else (None, None)
+    if path is None or not path.exists():
+        return None, None
+    return load_maps(path)[:2]
 
 
 def check_maps(path, answer):
@@ -182,22 +195,25 @@ def check_maps(path, answer):
             meta = f.metadata() or {}
             maps = f.get_tensor("maps")
         words = json.loads(meta.get("words", "null"))
-    except Exception as err:  # noqa: BLE001 -- truncated, foreign or corrupt: the item's problem
+    # truncated, foreign or corrupt: the item's problem
+    except Exception as err:  # noqa: BLE001
         return None, f"attention file {path} cannot be read ({type(err).__name__}: {err})"
-    if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
-        return None, f"attention file {path}: metadata 'words' {meta.get('words')!r} is not a list of words"
+    file = f"attention file {path}"
+    words_ok = isinstance(words, list) and words
+    if not words_ok or not all(isinstance(w, str) and w.strip() for w in words):
+        return None, f"{file}: metadata 'words' {meta.get('words')!r} is not a list of words"
     if tuple(maps.shape) != (len(words), MAP_SIZE, MAP_SIZE):
-        return None, f"attention file {path}: maps {tuple(maps.shape)}, expected ({len(words)}, 32, 32)"
+        return None, f"{file}: maps {tuple(maps.shape)}, expected ({len(words)}, 32, 32)"
     if not maps.dtype.is_floating_point:
-        return None, f"attention file {path}: maps are {maps.dtype}, expected float16 values in [0, 1]"
+        return None, f"{file}: maps are {maps.dtype}, expected float16 values in [0, 1]"
     maps = maps.float()
     if not torch.isfinite(maps).all():
-        return None, f"attention file {path}: maps hold NaN or infinite values"
+        return None, f"{file}: maps hold NaN or infinite values"
     if maps.min() < 0 or maps.max() > 1:
-        return None, (f"attention file {path}: maps range over [{maps.min():.4g}, {maps.max():.4g}], expected "
+        return None, (f"{file}: maps range over [{maps.min():.4g}, {maps.max():.4g}], expected "
                       f"[0, 1] (min-max normalised: 0-255 or scaled maps must be divided back)")
     if meta.get("text") != answer:
-        return None, (f"attention file {path} was made for the text {meta.get('text')!r}, not this item's "
+        return None, (f"{file} was made for the text {meta.get('text')!r}, not this item's "
                       f"answer {answer!r}: rerun extract.py for this item")
     return words, None
 
@@ -217,10 +233,14 @@ def open_image(path):
     """
     with Image.open(path) as img:
         img.load()
-        img = ImageOps.exif_transpose(img)  # orientation tags 2-8: the pixels turned upright
+        # orientation tags 2-8: the pixels turned upright
+        img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float grey
             arr = np.asarray(img, dtype=np.float32)
-            arr = arr / 257.0 if arr.max() > 255 else arr * 255.0 if img.mode == "F" and arr.max() <= 1 else arr
+            if arr.max() > 255:  # 16-bit
+                arr = arr / 257.0
+            elif img.mode == "F" and arr.max() <= 1:  # float in [0, 1]
+                arr = arr * 255.0
             img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
         if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
             rgba = img.convert("RGBA")
@@ -233,33 +253,35 @@ def load_image(path, res):
     """(3, res, res) float tensor in [-1, 1] from an image file of any mode (open_image), squashed
     to a square. The square resize matches the VLM side, whose maps also cover the whole image."""
     img = open_image(path).resize((res, res), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, res, res) 0..255
+    pixels = np.asarray(img, dtype=np.float32).copy()  # (res, res, 3) 0..255
+    x = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, res, res)
     return x / 127.5 - 1.0
 
 
 def item_regions(item, root, normalize):
-    """{normalised word: (H, W) bool array} from an item's "masks" (binary PNG, same size as the image)
-    and "boxes" ([x0, y0, x1, y1] in pixels, x1/y1 exclusive) entries, where the words of its answer
-    are in the image (evaluate.py's pointing), on the upright image (open_image: its EXIF
-    orientation applied); {} when it has neither."""
+    """{normalised word: (H, W) bool array} from an item's "masks" (binary PNG, same size as the
+    image) and "boxes" ([x0, y0, x1, y1] in pixels, x1/y1 exclusive) entries, where the words of
+    its answer are in the image (evaluate.py's pointing), on the upright image (open_image: its
+    EXIF orientation applied); {} when it has neither."""
     regions = {}
     width, height = open_image(item["image_path"]).size  # upright, as the models see it
     for word, rel in (item.get("masks") or {}).items():
         mask = Image.open(Path(root) / rel).convert("L")
         if mask.size != (width, height):
-            raise ValueError(f"item {item['id']!r}: mask for {word!r} is {mask.size}, image is {(width, height)}; "
-                             "masks must have the image's size")
+            raise ValueError(f"item {item['id']!r}: mask for {word!r} is {mask.size}, image is "
+                             f"{(width, height)}; masks must have the image's size")
         regions[normalize(word)] = np.asarray(mask) > 127
     for word, (x0, y0, x1, y1) in (item.get("boxes") or {}).items():
         box = np.zeros((height, width), dtype=bool)
-        box[max(0, int(y0)):max(0, math.ceil(y1)), max(0, int(x0)):max(0, math.ceil(x1))] = True
+        rows = slice(max(0, int(y0)), max(0, math.ceil(y1)))
+        cols = slice(max(0, int(x0)), max(0, math.ceil(x1)))
+        box[rows, cols] = True
         regions[normalize(word)] = box
     return regions
 
 
-
-# ---- words: the one rule of both sides (the DM's: extract.text_words; the VLM's: answer_words), and
-# when two words are the same (§6 (5): exact or root) ----
+# ---- words: the one rule of both sides (the DM's: extract.text_words; the VLM's: answer_words),
+# and when two words are the same (§6 (5): exact or root) ----
 
 # CLIP's pre-tokenizer pattern (case-insensitive): English clitics, runs of letters, single
 # digits, other symbols (one at a time here, so that a combining mark, which neither pattern
@@ -285,7 +307,8 @@ def split_words(text):
 
         "A dog's toy, don't!" -> [("a", 0, 1), ("dog", 2, 5), ("'s", 5, 7), ("toy", 8, 11),
                                    ("don", 13, 16), ("'t", 16, 18)]
-        "naïve café, 25 mp3s" -> [("naïve", 0, 5), ("café", 6, 10), ("25", 12, 14), ("mp3s", 15, 19)]
+        "naïve café, 25 mp3s" -> [("naïve", 0, 5), ("café", 6, 10), ("25", 12, 14),
+                                   ("mp3s", 15, 19)]
         "a t-shirt, 3.5 kg"   -> [("a", 0, 1), ("t", 2, 3), ("shirt", 4, 9), ("3", 11, 12),
                                    ("5", 13, 14), ("kg", 15, 17)]
     """
@@ -355,7 +378,8 @@ def token_spans(tokenizer, ids):
         spans.append(None)
         full = tokenizer.decode(kept, clean_up_tokenization_spaces=False)
         if full.endswith("\ufffd"):
-            continue  # inside a character: the span is set by the token that completes it
+            # inside a character: the span is set by the token that completes it
+            continue
         for m in pending:
             spans[m] = (len(text), len(full))
         text, pending = full, []
@@ -381,7 +405,8 @@ def answer_words(tokenizer, ids):
     return words
 
 
-# ---- checks: every item before step 1, so that a bad file among 130k is named, not met at step 8 ----
+# ---- checks: every item before step 1, so that a bad file among 130k is named, not met at
+# step 8 ----
 
 def duplicate_ids(items):
     """{index: problem} for every repeat of an id after its first item (as extract.py keeps the
@@ -390,8 +415,9 @@ def duplicate_ids(items):
     for i, item in enumerate(items):
         j = first.setdefault(item["id"], i)
         if j != i:
-            problems[i] = (f"item {item['id']!r} (line {item.get('line', '?')}): duplicate id, already "
-                           f"used by line {items[j].get('line', '?')}; each item needs its own id")
+            problems[i] = (f"item {item['id']!r} (line {item.get('line', '?')}): duplicate id, "
+                           f"already used by line {items[j].get('line', '?')}; each item needs "
+                           f"its own id")
     return problems
 
 
@@ -410,16 +436,22 @@ def check_item(item, processor=None, attn_dir=None, max_length=None):
         return f"{name}: id cannot be a file name (use only A-Z a-z 0-9 . _ -)", None
     try:
         image = open_image(item["image_path"])
-    except Exception as err:  # noqa: BLE001 -- missing, truncated or not an image
-        return f"{name}: image {item['image_path']} cannot be read ({type(err).__name__}: {err})", None
+    # missing, truncated or not an image
+    except Exception as err:  # noqa: BLE001
+        why = f"{type(err).__name__}: {err}"
+        return f"{name}: image {item['image_path']} cannot be read ({why})", None
     check = family_part(processor, "prompt_problem") if processor is not None else None
     problem = check(processor, item) if check else None
-    if problem:  # a text the family's prompt cannot hold (IDEFICS: flamingo.prompt_problem)
+    # a text the family's prompt cannot hold (IDEFICS: flamingo.prompt_problem)
+    if problem:
         return f"{name}: {problem}", None
-    n_tokens = encode(processor, item)[0].shape[1] + image_tokens(processor, image) if processor else 0
+    n_tokens = 0
+    if processor:
+        text_tokens = encode(processor, item)[0].shape[1]
+        n_tokens = text_tokens + image_tokens(processor, image)
     if max_length is not None and n_tokens > max_length:
-        return (f"{name}: {n_tokens} tokens (prompt + answer) exceed --max-length {max_length}; shorten the "
-                f"answer or raise --max-length"), None
+        return (f"{name}: {n_tokens} tokens (prompt + answer) exceed --max-length {max_length}; "
+                f"shorten the answer or raise --max-length"), None
     path = maps_path(attn_dir, item["id"]) if attn_dir is not None else None
     if path is None or not path.exists():
         return None, None
@@ -437,7 +469,8 @@ def chat_texts(processor, item, with_answer=True):
     own = family_part(processor, "prompt_texts")
     if own:
         return own(processor, item, with_answer)
-    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["question"]}]}
+    question = [{"type": "image"}, {"type": "text", "text": item["question"]}]
+    user = {"role": "user", "content": question}
     prompt = processor.apply_chat_template([user], add_generation_prompt=True)
     if not with_answer:
         return prompt, prompt
@@ -464,22 +497,25 @@ def encode(processor, item):
     Used to count tokens up front."""
     text, prompt = chat_texts(processor, item)
     tokenizer = processor.tokenizer
-    input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])  # (1, T)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([ids])  # (1, T)
     labels = input_ids.clone()
-    labels[:, :len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] = -100
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    labels[:, :n_prompt] = -100
     return input_ids, labels
 
 
 def collate(processor, items, with_answer=True):
     """A batch for the VLM: the processor's output + "labels" + "image_sizes" + "ids".
 
-    Prompts use the family's dialogue (the processor's chat template; IDEFICS' own): user [image,
-    question], assistant [answer]. Labels (eq. 6) are the answer's tokens and the closing end-of-turn
-    token (<|eot_id|>, IDEFICS' <end_of_utterance>; so the model learns to stop), -100 on the prompt
-    (with the image tokens the processor expands it into) and on padding. Training pads on the right; with_answer=False builds generation
-    prompts (no labels), padded on the left so that batched generate() continues every row.
-    Images go through open_image, the loader that made the DM maps (16-bit, transparency).
-    image_sizes: (B, 2) original (height, width), which aggregate.py needs to crop the tiles' padding.
+    Prompts use the family's dialogue (the processor's chat template; IDEFICS' own): user
+    [image, question], assistant [answer]. Labels (eq. 6) are the answer's tokens and the closing
+    end-of-turn token (<|eot_id|>, IDEFICS' <end_of_utterance>; so the model learns to stop),
+    -100 on the prompt (with the image tokens the processor expands it into) and on padding.
+    Training pads on the right; with_answer=False builds generation prompts (no labels), padded
+    on the left so that batched generate() continues every row. Images go through open_image,
+    the loader that made the DM maps (16-bit, transparency). image_sizes: (B, 2) original
+    (height, width), which aggregate.py needs to crop the tiles' padding.
     """
     texts, prompt_lens, images = [], [], []
     tokenizer = processor.tokenizer
@@ -488,46 +524,55 @@ def collate(processor, items, with_answer=True):
         texts.append(text)
         image = open_image(item["image_path"])
         images.append([image])
-        if with_answer:  # the prompt's tokens once the processor has expanded its image placeholder
-            prompt_lens.append(len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-                               + image_tokens(processor, image))
+        if with_answer:
+            # the prompt's tokens once the processor has expanded its image placeholder
+            n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            prompt_lens.append(n_prompt + image_tokens(processor, image))
     side = "right" if with_answer else "left"
     own = family_part(processor, "processor_batch")
-    if own:  # the family's own (IDEFICS: [text, image, text] lists, flamingo.processor_batch)
+    if own:
+        # the family's own (IDEFICS: [text, image, text] lists, flamingo.processor_batch)
         batch = own(processor, texts, images, side)
-    else:  # the chat template already starts with <|begin_of_text|>: add no second one
+    else:
+        # the chat template already starts with <|begin_of_text|>: add no second one
         batch = processor(images=images, text=texts, padding=True, add_special_tokens=False,
                           return_tensors="pt", padding_side=side)
     batch = dict(batch)
-    batch["image_sizes"] = torch.tensor([[im[0].height, im[0].width] for im in images])  # (B, 2)
+    sizes = [[im[0].height, im[0].width] for im in images]
+    batch["image_sizes"] = torch.tensor(sizes)  # (B, 2)
     batch["ids"] = [item["id"] for item in items]
     if with_answer:
         labels = batch["input_ids"].clone()  # (B, T)
         labels[batch["attention_mask"] == 0] = -100
         for b, n in enumerate(prompt_lens):
-            labels[b, :n] = -100  # right padding: the prompt is the first n tokens of every row
+            # right padding: the prompt is the first n tokens of every row
+            labels[b, :n] = -100
         batch["labels"] = labels
     return batch
 
 
 def model_inputs(batch, device=None):
-    """The keys the VLM's forward and generate take (drops labels, ids, image_sizes), moved to `device`
-    if given: Mllama's (aspect ratios, cross_attention_mask), IDEFICS' (image_attention_mask), Qwen2-VL's
-    (image_grid_thw, mm_token_type_ids)."""
+    """The keys the VLM's forward and generate take (drops labels, ids, image_sizes), moved to
+    `device` if given: Mllama's (aspect ratios, cross_attention_mask), IDEFICS'
+    (image_attention_mask), Qwen2-VL's (image_grid_thw, mm_token_type_ids)."""
     keys = ("input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
             "cross_attention_mask", "image_attention_mask", "image_grid_thw", "mm_token_type_ids")
     return {k: batch[k] if device is None else batch[k].to(device) for k in keys if k in batch}
 
 
 def epoch_order(n_items, seed, epoch):
-    """The data order of an epoch: a permutation depending only on (seed, epoch), the same on every rank."""
-    return torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    """The data order of an epoch: a permutation depending only on (seed, epoch), the same on
+    every rank."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_items, generator=generator).tolist()
 
 
 def micro_batches(order, step, batch_size, grad_accum, rank, world):
     """Item indices of each micro-batch of this rank at `step` of the epoch. A step consumes
     world * grad_accum * batch_size items, micro-batch m of rank r the slice starting at
-    (m * world + r) * batch_size: 1 rank x batch 2 and 2 ranks x batch 1 see the same global batch."""
+    (m * world + r) * batch_size: 1 rank x batch 2 and 2 ranks x batch 1 see the same global
+    batch."""
     start = step * world * grad_accum * batch_size
-    return [order[start + (m * world + rank) * batch_size:][:batch_size] for m in range(grad_accum)]
+    starts = [start + (m * world + rank) * batch_size for m in range(grad_accum)]
+    return [order[s:][:batch_size] for s in starts]
 

@@ -13,8 +13,9 @@ targets and the image geometry (grid_maps). The capture that reads these layers 
     python -c "import models; m, p = models.tiny_qwen2vl(); print(models.attention_layers(m))"
 """
 import torch
-from transformers import (AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
+from transformers import (AutoModelForImageTextToText, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
                           Qwen2VLProcessor)
 from transformers.processing_utils import ProcessorMixin
 
@@ -25,7 +26,8 @@ from aligner import MAP_SIZE, area_matrix
 QWEN_MAX_PIXELS = 1280 * 28 * 28
 QWEN_TOKENS = dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
                    vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
-IMAGE_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"  # what stands for <|image|> in the template
+# what stands for <|image|> in the chat template
+IMAGE_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 # tiny-qwen2vl: text hidden 64, 4 layers, 4 heads (2 KV heads) of dim 16 (M-RoPE sections 2+3+3 =
@@ -35,10 +37,11 @@ IMAGE_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"  # what stands for 
 QWEN_TINY = dict(
     text=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=128, max_position_embeddings=1024,
-              rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
+              rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                   mrope_section=[2, 3, 3])),
     qwen2_vl=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64),
-    qwen2_5_vl=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
-                    window_size=56, fullatt_block_indexes=[1]),
+    qwen2_5_vl=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                    out_hidden_size=64, window_size=56, fullatt_block_indexes=[1]),
     max_pixels=64 * 28 * 28)
 
 
@@ -48,32 +51,43 @@ def qwen2vl_size(width=16):
     """(text, vision) fields of Qwen2-VL-7B at 1/`width` width, all depths kept: 28 layers, 28 heads
     / 4 KV heads of dim 128 / width, MLP 18944 / width; vision 32 blocks 1280 / width wide. Width
     16 (the benchmarks'): hidden 224 = 3584 / 16, head dim 8, vision 80 wide in 4 heads."""
-    half = 64 // width  # M-RoPE's (temporal, height, width) sections split half the head dim 2:3:3
+    # M-RoPE's (temporal, height, width) sections split half the head dim 2:3:3
+    half = 64 // width
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # width 1: [16, 24, 24]
-    return (dict(hidden_size=3584 // width, num_hidden_layers=28, num_attention_heads=28,
-                 num_key_value_heads=4, intermediate_size=18944 // width, max_position_embeddings=4096,
-                 rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section)),
-            dict(depth=32, embed_dim=1280 // width, num_heads=16 // max(1, width // 4), mlp_ratio=4,
-                 hidden_size=3584 // width))  # vision heads of dim 80 (1/16: 20): its 2-D RoPE needs 4 | dim
+    rope = dict(rope_type="default", rope_theta=1e6, mrope_section=section)
+    text = dict(hidden_size=3584 // width, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, intermediate_size=18944 // width,
+                max_position_embeddings=4096, rope_parameters=rope)
+    # vision heads of dim 80 (1/16: 20): its 2-D RoPE needs 4 | dim
+    heads = 16 // max(1, width // 4)
+    vision = dict(depth=32, embed_dim=1280 // width, num_heads=heads, mlp_ratio=4,
+                  hidden_size=3584 // width)
+    return text, vision
 
 
 def bench_model(width=16, side=448, device="cpu", dtype=torch.float32, batch_size=1):
-    """Qwen2-VL-7B's proportions at 1/`width` width (qwen2vl_size; default 1/16; bench.py aggregate --model qwen2vl), random
-    weights: 28 layers of hidden 224, 28 heads / 4 KV heads of dim 8, vocab 9504 = 152064 / 16;
-    vision 32 blocks 80 wide. One `side` px image (448: 32 x 32 patches -> 16 x 16 = 256 image
-    tokens, as bench.bench_model's 260) inside 256 text tokens, 32 captured rows in the 7 aligned layers
-    (3, 7, ..., 27). The same inputs as bench.bench_model, so the families' figures compare."""
+    """Qwen2-VL-7B's proportions at 1/`width` width (qwen2vl_size; default 1/16; bench.py
+    aggregate --model qwen2vl), random weights: 28 layers of hidden 224, 28 heads / 4 KV heads of
+    dim 8, vocab 9504 = 152064 / 16; vision 32 blocks 80 wide. One `side` px image (448: 32 x 32
+    patches -> 16 x 16 = 256 image tokens, as bench.bench_model's 260) inside 256 text tokens, 32
+    captured rows in the 7 aligned layers (3, 7, ..., 27). The same inputs as bench.bench_model,
+    so the families' figures compare."""
     vocab, tokens = 152064 // width, (side // 28) ** 2
-    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-               **{k: vocab - 1 - i for i, k in enumerate(QWEN_TOKENS)})  # image, video, start, end
+    # the last ids of the vocabulary: image, video, start, end
+    vision_ids = {k: vocab - 1 - i for i, k in enumerate(QWEN_TOKENS)}
+    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, **vision_ids)
     model = qwen2vl(qwen2vl_size(width), ids, device=device, dtype=dtype).eval()
     T, R, B = 256 + tokens, 32, batch_size
     input_ids = torch.randint(3, vocab - 8, (1, T)).repeat(B, 1)  # (B, T): the same sample B times
-    input_ids[:, 1], input_ids[:, 2:2 + tokens], input_ids[:, 2 + tokens] = vocab - 3, vocab - 1, vocab - 4
+    input_ids[:, 1] = vocab - 3  # <|vision_start|>
+    input_ids[:, 2:2 + tokens] = vocab - 1  # <|image_pad|>
+    input_ids[:, 2 + tokens] = vocab - 4  # <|vision_end|>
     types_ = (input_ids == vocab - 1).int()  # mm_token_type_ids: 1 at image tokens
-    batch = dict(input_ids=input_ids, attention_mask=torch.ones(B, T, dtype=torch.long), mm_token_type_ids=types_,
-                 pixel_values=torch.randn(B * tokens * 4, 3 * 2 * 14 * 14, dtype=dtype, device=device),
-                 image_grid_thw=torch.tensor([[1, side // 14, side // 14]] * B))
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    patches = torch.randn(B * tokens * 4, 3 * 2 * 14 * 14, dtype=dtype, device=device)
+    grid = torch.tensor([[1, side // 14, side // 14]] * B)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=types_,
+                 pixel_values=patches, image_grid_thw=grid)
     rows = torch.arange(T - R - 1, T - 1)[None].repeat(B, 1)  # (B, R): the last R positions
     return model, batch, rows
 
@@ -95,14 +109,16 @@ def qwen2vl(size, ids, model_type="qwen2_vl", seed=0, device="cpu", dtype=None):
     """Qwen2VLForConditionalGeneration (model_type "qwen2_vl") or Qwen2_5_VL... ("qwen2_5_vl") at
     `size` ((text, vision) fields), random weights, deterministic by seed, on `device`. ids:
     vocab_size, bos/eos/pad_token_id and the ids of QWEN_TOKENS."""
-    config_class, model_class = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-                                 "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}[model_type]
+    classes = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+               "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}
+    config_class, model_class = classes[model_type]
     text = {k: ids[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
-    config = config_class(text_config={**size[0], **text}, vision_config=size[1],
-                          **{k: ids[k] for k in QWEN_TOKENS})
+    vision_ids = {k: ids[k] for k in QWEN_TOKENS}
+    config = config_class(text_config={**size[0], **text}, vision_config=size[1], **vision_ids)
     torch.manual_seed(seed)
     with torch.device(device):
-        return model_class._from_config(config, **({"dtype": dtype} if dtype else {}))
+        dtypes = {"dtype": dtype} if dtype else {}
+        return model_class._from_config(config, **dtypes)
 
 
 def tiny_qwen2vl(tokenizer, ids, chat_template, seed=0, model_type="qwen2_vl"):
@@ -113,7 +129,8 @@ def tiny_qwen2vl(tokenizer, ids, chat_template, seed=0, model_type="qwen2_vl"):
     images = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=QWEN_TINY["max_pixels"])
     template = chat_template.replace("<|image|>", IMAGE_TOKENS)
     processor = QwenImageTextProcessor(images, tokenizer, chat_template=template)
-    return qwen2vl((QWEN_TINY["text"], QWEN_TINY[model_type]), ids, model_type, seed), processor
+    size = (QWEN_TINY["text"], QWEN_TINY[model_type])
+    return qwen2vl(size, ids, model_type, seed), processor
 
 
 def load(source, dtype, device=None, local_files_only=False):
@@ -123,8 +140,8 @@ def load(source, dtype, device=None, local_files_only=False):
     local = dict(local_files_only=local_files_only)
     processor = QwenImageTextProcessor.from_pretrained(source, **local)
     bound = min(processor.image_processor.size["longest_edge"], QWEN_MAX_PIXELS)
-    processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, max_pixels=bound,
-                                                                          **local)
+    images = Qwen2VLImageProcessorPil.from_pretrained(source, max_pixels=bound, **local)
+    processor.image_processor = images
     # adapter_kwargs: the Auto class looks for an adapter_config.json without local_files_only
     # (transformers 5.25), which would reach for the network from a complete cache
     model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=device,
@@ -136,7 +153,8 @@ def image_tokens(processor, image):
     """Tokens the processor adds for `image` beyond its one <|image_pad|> in the chat template:
     (h/2)·(w/2) - 1, one <|image_pad|> per merged token."""
     images = processor.image_processor
-    return images.get_number_of_image_patches(image.height, image.width) // images.merge_size ** 2 - 1
+    patches = images.get_number_of_image_patches(image.height, image.width)
+    return patches // images.merge_size ** 2 - 1
 
 
 # ---- where the attention layers are, and the image geometry ----
@@ -173,17 +191,18 @@ def vision_geometry(model):
 
 
 def grid_maps(probs, image_grid_thw, merge):
-    """Image-token attention -> 32x32 maps over each sample's image.
+    """Image-token attention -> 32x32 maps over each sample's image (§4.4).
 
-    probs (B, ..., N): sample b's first (h/merge)·(w/merge) columns are its image tokens, row-major,
-    where image_grid_thw[b] = (1, h, w) in patches; the tokens cover the whole (resized) image,
-    so each output cell is the area-weighted mean of the tokens it overlaps. -> (B, ..., 32, 32).
+    probs (B, ..., N): sample b's first (h/merge)·(w/merge) columns are its image tokens,
+    row-major, where image_grid_thw[b] = (1, h, w) in patches; the tokens cover the whole
+    (resized) image, so each output cell is the area-weighted mean of the tokens it overlaps.
+    -> (B, ..., 32, 32).
     Worked example: a 2x4 token grid of one token at row 0, column 3 -> mass in the top-right
     16x8 cells.
     """
     if image_grid_thw.shape[0] != probs.shape[0]:
-        raise ValueError(f"image_grid_thw has {image_grid_thw.shape[0]} images for {probs.shape[0]} "
-                         f"samples: Lavender maps exactly one image per sample")
+        raise ValueError(f"image_grid_thw has {image_grid_thw.shape[0]} images for "
+                         f"{probs.shape[0]} samples: Lavender maps exactly one image per sample")
     out = []
     for b, (t, h, w) in enumerate(image_grid_thw.tolist()):
         gh, gw = h // merge, w // merge

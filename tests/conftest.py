@@ -39,7 +39,8 @@ def small_world(tmp_path_factory, monkeypatch_module):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Every test starts on one thread and leaves the count as it found it (toy.py sets --threads)."""
+    """Every test starts on one thread and leaves the count as it found it (toy.py sets
+    --threads)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -80,7 +81,8 @@ def write_dataset(root, n=6, seed=0, with_attn=True):
             maps = (maps - lo) / (hi - lo)
             meta = {"words": json.dumps(words), "text": a, "dm": "test", "inversion_steps": "5",
                     "denoise_steps": "10", "res": "512"}
-            save_file({"maps": maps.half()}, os.path.join(root, "attn", f"{item_id}.safetensors"), metadata=meta)
+            attn_path = os.path.join(root, "attn", f"{item_id}.safetensors")
+            save_file({"maps": maps.half()}, attn_path, metadata=meta)
     path = os.path.join(root, "data.jsonl")
     with open(path, "w") as f:
         for line in lines:

@@ -11,6 +11,7 @@ from PIL import Image
 
 import aggregate as ag
 import data
+import mllama
 import models
 import train
 from aligner import Aligner, aligner_channels, attention_loss
@@ -378,7 +379,7 @@ def test_gradients_reach_aligner_lora_and_parallel_projections():
         assert maps.shape == (2, 3, 32, 32) and maps.min() >= 0 and maps.max() <= 1
         loss_att.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aligner.parameters())
-    attn = models.cross_attention(model, layers[0])
+    attn = mllama.cross_attention(model, layers[0])
     assert attn.q_proj.lora_A["default"].weight.grad.abs().sum() > 0
     assert attn.q_proj.lora_B["default"].weight.grad.abs().sum() > 0
     assert attn.lavender_q_proj.weight.grad is None  # not used by the pretrained path
@@ -388,7 +389,7 @@ def test_gradients_reach_aligner_lora_and_parallel_projections():
         _, loss_att, _ = _att_loss(model, processor, batch, capture, "learn", None, "per-layer")
         loss_att.backward()
     for layer in layers:
-        attn = models.cross_attention(model, layer)
+        attn = mllama.cross_attention(model, layer)
         assert attn.lavender_q_proj.weight.grad.abs().sum() > 0
         assert attn.lavender_k_proj.weight.grad.abs().sum() > 0
 
@@ -403,7 +404,7 @@ def test_learned_capture_with_bf16_frozen_weights_and_fp32_projections():
     layers = ag.aligned_layers(model)
     ag.add_parallel_projections(model, layers, init="copy")
     train.trainable_in_float32(model)
-    attn = models.cross_attention(model, layers[0])
+    attn = mllama.cross_attention(model, layers[0])
     assert (attn.lavender_q_proj.weight.dtype == torch.float32
             and attn.q_proj.base_layer.weight.dtype == torch.bfloat16)
     red = (Image.new("RGB", (56, 56), (200, 10, 10)), "what colour is the circle?", "a red circle")
@@ -432,7 +433,7 @@ def test_gradient_checkpointing_gives_the_same_maps_and_gradients(learned):
         model.train()
         # cross-attention forwards: twice per layer when checkpointing recomputes in backward
         calls = []
-        first = models.cross_attention(model, layers[0])
+        first = mllama.cross_attention(model, layers[0])
         counter = first.register_forward_hook(lambda *a: calls.append(1))
         aggregation = "learn" if learned else "max-mean"
         with ag.AttentionCapture(model, layers, learned=learned) as capture:
@@ -442,7 +443,7 @@ def test_gradient_checkpointing_gives_the_same_maps_and_gradients(learned):
             maps.append(m.detach())
         counter.remove()
         assert len(calls) == (2 if checkpointing else 1)
-        attn = models.cross_attention(model, layers[0])
+        attn = mllama.cross_attention(model, layers[0])
         grads.append((attn.lavender_q_proj if learned else attn.q_proj).weight.grad.clone())
     assert torch.allclose(maps[0], maps[1], atol=1e-6)
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
@@ -471,7 +472,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from peft import LoraConfig, get_peft_model
 from PIL import Image
-import aggregate as ag, models
+import aggregate as ag, mllama, models
 from test_aggregate import label_plan, make_batch, model_inputs
 dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1)
 mesh = init_device_mesh("cpu", (1,))
@@ -482,7 +483,7 @@ for shard in (False, True):
     batch = make_batch(processor, [red])
     config = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)")
     model = get_peft_model(model, config)
-    assert hasattr(models.cross_attention(model, 1).q_proj, "lora_A"), "LoRA did not wrap q_proj"
+    assert hasattr(mllama.cross_attention(model, 1).q_proj, "lora_A"), "LoRA did not wrap q_proj"
     layers = ag.aligned_layers(model)
     ag.add_parallel_projections(model, layers)  # after PEFT, before fully_shard
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -499,7 +500,7 @@ for shard in (False, True):
         out = model(**model_inputs(batch), labels=batch["labels"])
         maps = ag.vlm_word_maps(capture, plan, batch, "learn")
         (out.loss + 10 * ((maps - 0.5) ** 2).mean()).backward()
-    grad = models.cross_attention(model, layers[0]).lavender_q_proj.weight.grad
+    grad = mllama.cross_attention(model, layers[0]).lavender_q_proj.weight.grad
     results.append((maps.detach(), grad.full_tensor() if hasattr(grad, "full_tensor") else grad))
 assert torch.allclose(results[0][0], results[1][0], atol=1e-6), "maps differ under FSDP2"
 same_grads = torch.allclose(results[0][1], results[1][1], atol=1e-6)

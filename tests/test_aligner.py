@@ -43,14 +43,20 @@ def test_layer_order_and_parameter_counts_are_the_releases(variant):
     kinds = ["O" if i == convs[-1] else "S" if i == convs[-2] else "E" if i in convs
              else "N" if isinstance(m, nn.GroupNorm) else "A" for i, m in enumerate(ours.net)]
     assert "".join(kinds) == RELEASE[variant]
-    widths = [(ours.net[i].in_channels, ours.net[i].out_channels) for i in convs]  # 3 channels in, hidden 32
+    # 3 channels in, hidden 32
+    widths = [(ours.net[i].in_channels, ours.net[i].out_channels) for i in convs]
     assert widths == [(3, 32)] + [(32, 32)] * (VARIANTS[variant] - 1) + [(32, 3), (3, 1)]
     ours = Aligner(variant, in_channels=32)
-    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == RELEASE_PARAMETERS[variant]
-    assert sum(p.numel() for p in release_aligner(variant, 32).parameters()) == RELEASE_PARAMETERS[variant]
+    trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    assert trainable == RELEASE_PARAMETERS[variant]
+    release = sum(p.numel() for p in release_aligner(variant, 32).parameters())
+    assert release == RELEASE_PARAMETERS[variant]
     convs = [m for m in ours.modules() if isinstance(m, nn.Conv2d)]
-    assert all(c.bias is None for c in convs[:-1]) and convs[-1].bias is not None and convs[-1].kernel_size == (1, 1)
-    assert all(not m.affine for m in ours.modules() if isinstance(m, nn.GroupNorm))  # InstanceNorm: no affine
+    out = convs[-1]
+    assert (all(c.bias is None for c in convs[:-1]) and out.bias is not None
+            and out.kernel_size == (1, 1))
+    norms = [m for m in ours.modules() if isinstance(m, nn.GroupNorm)]
+    assert all(not m.affine for m in norms)  # InstanceNorm: no affine
 
 
 @pytest.mark.parametrize("variant", sorted(RELEASE))
@@ -64,11 +70,13 @@ def test_same_weights_give_the_releases_map_and_gradients(variant):
     our_convs = [m for m in ours.net if isinstance(m, nn.Conv2d)]
     for a, b in zip(our_convs, ref_convs, strict=True):
         b.load_state_dict(a.state_dict())
-    x = (3 * torch.randn(5, channels, 32, 32)).requires_grad_(True)  # large enough to hit both ReLU6 bounds
+    # large enough to hit both ReLU6 bounds
+    x = (3 * torch.randn(5, channels, 32, 32)).requires_grad_(True)
     w = torch.rand(5, 32, 32)
     mine, theirs = min_max(ours(x)), min_max(ref(x).squeeze(1))
     assert (mine - theirs).abs().max() < 1e-4
-    # the same parameter order; the output bias cancels in min-max normalisation (gradient ~0 in both)
+    # the same parameter order; the output bias cancels in min-max normalisation (gradient ~0 in
+    # both)
     g_ours = torch.autograd.grad((mine * w).sum(), [x, *ours.parameters()])[:-1]
     g_ref = torch.autograd.grad((theirs * w).sum(), [x, *ref.parameters()])[:-1]
     for a, b in zip(g_ours, g_ref, strict=True):
@@ -80,10 +88,12 @@ def test_same_weights_give_the_releases_map_and_gradients(variant):
 def test_every_variant_and_norm_gives_one_raw_map(variant, norm):
     torch.manual_seed(0)
     aligner = Aligner(variant, in_channels=4, norm=norm)
-    y = aligner(torch.rand(3, 4, 32, 32))  # raw: the caller normalises after combining layers and words
+    # raw: the caller normalises after combining layers and words
+    y = aligner(torch.rand(3, 4, 32, 32))
     assert y.shape == (3, 32, 32) and y.dtype == torch.float32
     y = min_max(y)
-    assert torch.allclose(y.amin(dim=(1, 2)), torch.zeros(3)) and torch.allclose(y.amax(dim=(1, 2)), torch.ones(3), atol=1e-6)
+    lo, hi = y.amin(dim=(1, 2)), y.amax(dim=(1, 2))
+    assert torch.allclose(lo, torch.zeros(3)) and torch.allclose(hi, torch.ones(3), atol=1e-6)
     kernel = (1, 1) if variant == "mlp" else (3, 3)
     assert all(m.kernel_size == kernel for m in aligner.net[:-1] if isinstance(m, nn.Conv2d))
 
@@ -95,20 +105,25 @@ def test_errors_and_channels():
         Aligner("huge")
     with pytest.raises(ValueError, match="act"):
         Aligner("sim", act="gelu")
-    # a max over heads leaves one channel (max-max, max-mean); every other aggregation gives the heads
+    # a max over heads leaves one channel (max-max, max-mean); every other aggregation gives the
+    # heads
     assert aligner_channels("max-max", 32) == aligner_channels("max-mean", 32) == 1
-    assert {aligner_channels(a, 32) for a in ("mean-mean", "mean-max", "flow-sum", "flow-multi", "learn")} == {32}
+    others = ("mean-mean", "mean-max", "flow-sum", "flow-multi", "learn")
+    assert {aligner_channels(a, 32) for a in others} == {32}
 
 
 def test_min_max_worked_example():
-    assert torch.equal(min_max(torch.tensor([[1.0, 3.0], [2.0, 5.0]])), torch.tensor([[0.0, 0.5], [0.25, 1.0]]))
-    assert torch.equal(min_max(torch.full((2, 2), 7.0)), torch.zeros(2, 2))  # constant map: zeros, not NaN
+    x = torch.tensor([[1.0, 3.0], [2.0, 5.0]])
+    assert torch.equal(min_max(x), torch.tensor([[0.0, 0.5], [0.25, 1.0]]))
+    # constant map: zeros, not NaN
+    assert torch.equal(min_max(torch.full((2, 2), 7.0)), torch.zeros(2, 2))
 
 
 def test_attention_loss_worked_examples():
     pred = torch.rand(2, 3, 32, 32, requires_grad=True)
     mask = torch.tensor([[True, True, False], [True, False, False]])
-    assert float(attention_loss(pred, pred.detach().clone(), mask).detach()) == 0.0  # identical maps
+    same = pred.detach().clone()
+    assert float(attention_loss(pred, same, mask).detach()) == 0.0  # identical maps
     # per-word MSE; sample 0 aligns words with MSE 1 and 4 (and not the 9), sample 1 one word with
     # MSE 4: per-sample means 2.5 and 4, their mean over the 2 samples 3.25; over the 3 words 9 / 3
     target = pred.detach().clone()
@@ -123,7 +138,8 @@ def test_attention_loss_worked_examples():
     one_sample = torch.tensor([[True, True, False], [False] * 3])
     assert torch.allclose(attention_loss(pred, target, one_sample, "samples"), torch.tensor(1.25))
     assert torch.allclose(attention_loss(pred, target, one_sample, "words"), torch.tensor(2.5))
-    for pooling in POOLINGS:  # no aligned word at all: exactly 0, not NaN, and backward still runs
+    # no aligned word at all: exactly 0, not NaN, and backward still runs
+    for pooling in POOLINGS:
         pred.grad = None
         loss = attention_loss(pred, target, torch.zeros(2, 3, dtype=torch.bool), pooling)
         assert float(loss.detach()) == 0.0 and not torch.isnan(loss)
@@ -188,4 +204,5 @@ def test_total_loss_and_gradient_to_aligner():
     loss.backward()
     # the output conv's bias cancels in min-max normalisation: every other parameter gets a gradient
     bias = aligner.net[-1].bias
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aligner.parameters() if p is not bias)
+    others = [p for p in aligner.parameters() if p is not bias]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in others)

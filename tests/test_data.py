@@ -16,7 +16,8 @@ import data
 
 def test_store_round_trip_and_reads_the_documented_format(tiny_dataset, tmp_path):
     maps = torch.rand(3, 32, 32)
-    data.save_maps(tmp_path / "x.safetensors", maps, ["a", "b", "c"], {"text": "a b c", "dm": "t", "res": 512})
+    meta = {"text": "a b c", "dm": "t", "res": 512}
+    data.save_maps(tmp_path / "x.safetensors", maps, ["a", "b", "c"], meta)
     back, words, meta = data.load_maps(tmp_path / "x.safetensors")
     assert words == ["a", "b", "c"] and meta["res"] == 512 and torch.allclose(back, maps, atol=1e-3)
     with pytest.raises(ValueError, match="one per word"):
@@ -29,7 +30,8 @@ def test_store_round_trip_and_reads_the_documented_format(tiny_dataset, tmp_path
 
 def test_read_items_names_the_bad_line(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"id": "a", "image": "a.png", "question": "q", "answer": "x"}\n{"id": "b", "image": "b.png"}\n')
+    path.write_text('{"id": "a", "image": "a.png", "question": "q", "answer": "x"}\n'
+                    '{"id": "b", "image": "b.png"}\n')
     with pytest.raises(ValueError, match="line 2.*'question'"):
         data.read_items(path)
 
@@ -47,20 +49,22 @@ def test_images_of_any_mode_become_rgb(tmp_path, mode):
 def test_sixteen_bit_white_and_transparent_pixels_become_white(tmp_path):
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "w16.png")
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
-    Image.new("P", (8, 8), 0).save(tmp_path / "clear-palette.png", transparency=0)  # palette colour 0 (black) transparent
+    # palette colour 0 (black) transparent
+    Image.new("P", (8, 8), 0).save(tmp_path / "clear-palette.png", transparency=0)
     for name in ("w16.png", "clear.png", "clear-palette.png"):
         assert torch.allclose(data.load_image(tmp_path / name, 8), torch.ones(3, 8, 8))
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-idefics", "tiny-qwen2vl"])
 def test_labels_are_the_answer_and_its_end_token_in_every_family(preset, tmp_path):
-    """collate's labels (eq. 6) hold exactly the answer's tokens and the end-of-turn token, for every
-    family, with images whose processors expand into different numbers of tokens; encode() (the
-    up-front count) labels the same tokens."""
+    """collate's labels (eq. 6) hold exactly the answer's tokens and the end-of-turn token, for
+    every family, with images whose processors expand into different numbers of tokens; encode()
+    (the up-front count) labels the same tokens."""
     import models
     _, processor = models.load_vlm(preset)
     items = []
-    for i, (size, answer) in enumerate([((80, 60), "red"), ((40, 120), "a red circle")]):
+    images = [((80, 60), "red"), ((40, 120), "a red circle")]
+    for i, (size, answer) in enumerate(images):
         Image.new("RGB", size, (200, 10, 10)).save(tmp_path / f"{i}.png")
         items.append({"id": str(i), "image_path": str(tmp_path / f"{i}.png"),
                       "question": "what colour is the circle?", "answer": answer})
@@ -72,6 +76,7 @@ def test_labels_are_the_answer_and_its_end_token_in_every_family(preset, tmp_pat
         spellings = [tokenizer(text, add_special_tokens=False)["input_ids"]
                      for text in (item["answer"], " " + item["answer"])]
         assert labelled[:-1] in spellings
-        assert labelled[-1] in tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<end_of_utterance>", "<|im_end|>"])
+        end_tokens = ["<|eot_id|>", "<end_of_utterance>", "<|im_end|>"]
+        assert labelled[-1] in tokenizer.convert_tokens_to_ids(end_tokens)
         input_ids, labels = data.encode(processor, item)
         assert input_ids[0][labels[0] != -100].tolist() == labelled  # the same tokens, text only

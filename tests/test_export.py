@@ -23,9 +23,9 @@ ROOT = Path(models.__file__).resolve().parent
 
 def one_step_run(preset, dataset, out, *flags):
     """A 1-step LoRA run (a large --lr: the adapter moves the logits); returns its folder."""
-    args = train.build_parser().parse_args(["--model", preset, "--data", dataset, "--out", str(out),
-                                            "--max-steps", "1", "--batch-size", "3", "--lr", "0.01",
-                                            "--no-progress", *flags])
+    argv = ["--model", preset, "--data", dataset, "--out", str(out), "--max-steps", "1",
+            "--batch-size", "3", "--lr", "0.01", "--no-progress", *flags]
+    args = train.build_parser().parse_args(argv)
     return Path(train.train(args))
 
 
@@ -47,13 +47,14 @@ def test_export_has_the_adapters_logits(tmp_path, tiny_dataset, preset):
     assert adapter["base_model_name_or_path"] == (str(base_dir.resolve()) if base_dir else preset)
 
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, str(ROOT / "export.py"), str(run), str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(ROOT / "export.py"), str(run), str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     exported = AutoModelForImageTextToText.from_pretrained(out).eval()  # transformers alone
     base, processor = models.load_vlm(preset, None if base_dir is None else str(base_dir))
     reference = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
-    batch = data.model_inputs(data.collate(processor, data.read_items(tiny_dataset)[:4]))
+    items = data.read_items(tiny_dataset)[:4]
+    batch = data.model_inputs(data.collate(processor, items))
     with torch.no_grad():
         want, got = reference(**batch).logits, exported(**batch).logits    # (B, T, vocab)
         with reference.disable_adapter():
@@ -63,17 +64,19 @@ def test_export_has_the_adapters_logits(tmp_path, tiny_dataset, preset):
 
     weights = load_file(out / "model.safetensors")
     assert not any("lora_" in k or "lavender_" in k for k in weights)
-    assert json.loads((out / "export.json").read_text())["left_out"] == \
-        (["lavender.safetensors"] if preset == "tiny" else [])
+    left_out = json.loads((out / "export.json").read_text())["left_out"]
+    assert left_out == (["lavender.safetensors"] if preset == "tiny" else [])
     chat_template = processor.chat_template
     if preset == "tiny":
         from transformers import MllamaProcessor
         assert MllamaProcessor.from_pretrained(out).chat_template == chat_template
-    elif preset == "tiny-idefics":  # its prompts are its own (flamingo.prompt_texts), no template
+    elif preset == "tiny-idefics":
+        # its prompts are its own (flamingo.prompt_texts), no template
         from transformers import IdeficsProcessor
         vocab = IdeficsProcessor.from_pretrained(out).tokenizer.get_vocab()
         assert vocab == processor.tokenizer.get_vocab()
-    else:  # the files name the stock processor (AutoProcessor builds it; it needs torchvision)
+    else:
+        # the files name the stock processor (AutoProcessor builds it; it needs torchvision)
         saved = json.loads((out / "processor_config.json").read_text())
         assert saved["processor_class"] == "Qwen2VLProcessor"
         assert qwen.QwenImageTextProcessor.from_pretrained(out).chat_template == chat_template

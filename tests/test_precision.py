@@ -41,15 +41,16 @@ def sharded_step(param_dtype, mesh, dataset, seen):
     model, aligner = distributed.shard(model, aligner, mesh, param_dtype)
     attn = Path(dataset).parent / "attn"
     items = data.read_items(dataset)[:3]
-    batch, dm = data.collate(processor, items), [data.read_maps(attn, it["id"]) for it in items]
+    batch = data.collate(processor, items)
+    dm = [data.read_maps(attn, it["id"]) for it in items]
     q_proj = train.models.language_model(model).layers[0].self_attn.q_proj.base_layer
     # (a pre-hook that returns None leaves the inputs as they are)
     q_proj.register_forward_pre_hook(
         lambda m, x: seen.setdefault("decoder weights", m.weight.dtype) and None)
     aligner.net[0].register_forward_pre_hook(
         lambda m, x: seen.setdefault("aligner", (x[0].dtype, m.weight.dtype)) and None)
-    ce_sum, att, n_aligned = train.micro_batch_losses(args, model, aligner, capture, batch, dm, CPU,
-                                                      processor.tokenizer)
+    ce_sum, att, n_aligned = train.micro_batch_losses(args, model, aligner, capture, batch, dm,
+                                                      CPU, processor.tokenizer)
     seen["captured attention"] = capture.probs.dtype
     assert n_aligned > 0
     (ce_sum + args.lam * att).backward()
@@ -67,10 +68,17 @@ def test_bf16_policy_keeps_the_maps_and_losses_in_float32(mesh, tiny_dataset, mo
     answer's cross-entropy."""
     seen = {}
     min_max, attention_loss = aggregate.min_max, aligner_lib.attention_loss
-    monkeypatch.setattr(aggregate, "min_max",
-                        lambda x: seen.setdefault("min_max", []).append(x.dtype) or min_max(x))
-    monkeypatch.setattr(aligner_lib, "attention_loss", lambda p, t, m, *rest: seen.update(
-        mse=(p.dtype, t.dtype)) or attention_loss(p, t, m, *rest))
+
+    def recorded_min_max(x):
+        seen.setdefault("min_max", []).append(x.dtype)
+        return min_max(x)
+
+    def recorded_loss(p, t, m, *rest):
+        seen.update(mse=(p.dtype, t.dtype))
+        return attention_loss(p, t, m, *rest)
+
+    monkeypatch.setattr(aggregate, "min_max", recorded_min_max)
+    monkeypatch.setattr(aligner_lib, "attention_loss", recorded_loss)
     ce32, att32, _ = sharded_step(torch.float32, mesh, tiny_dataset, {})
     seen.clear()  # what the bf16 step computes in
     ce16, att16, modules = sharded_step(torch.bfloat16, mesh, tiny_dataset, seen)

@@ -23,6 +23,7 @@ import aggregate
 import aligner as aligner_lib
 import data
 import loader
+import mllama
 import models
 import runs
 import train
@@ -260,7 +261,7 @@ def test_only_non_reentrant_checkpointing_lets_the_attention_loss_reach_the_vlm(
             _, loss_att, maps = _att_loss(model, processor, batch, capture, "learn", None, "auto")
             if maps.requires_grad:
                 loss_att.backward()
-        grads[reentrant] = models.cross_attention(model, layers[0]).lavender_q_proj.weight.grad
+        grads[reentrant] = mllama.cross_attention(model, layers[0]).lavender_q_proj.weight.grad
     assert grads[None].abs().sum() > 0 and torch.allclose(grads[False], grads[None], atol=1e-6)
     assert grads[True] is None  # the maps were captured without a graph
 
