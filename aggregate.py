@@ -296,7 +296,7 @@ def aligner_placement(aggregation, mode="auto"):
 
 
 def reduce(x, rule, dim):
-    """A mean or max over one dimension (the head or layer rule)."""
+    """A mean or max over one dimension (the head or layer rule, §4.2.1)."""
     return x.amax(dim=dim) if rule == "max" else x.mean(dim=dim)
 
 
@@ -475,7 +475,8 @@ def vlm_word_maps(capture, plan, batch, aggregation="mean-mean", aligner=None, a
     """
     learned = aggregation == "learn"
     if learned != capture.learned:
-        raise ValueError(f"aggregation {aggregation!r} needs AttentionCapture(learned={learned})")
+        kind = type(capture).__name__
+        raise ValueError(f"aggregation {aggregation!r} needs {kind}(learned={learned})")
     row_word, n_words = plan["row_word"], plan["dm_index"].shape[1]
     if n_words == 0:
         # nothing aligned: an empty result still tied to the graph (same backward on every rank)

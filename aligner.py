@@ -61,12 +61,13 @@ ACTIVATIONS = {"relu6": lambda: nn.ReLU6(inplace=True),
 
 @functools.lru_cache(maxsize=64)
 def area_matrix(n_out, extent, n_patches, patch, device="cpu", dtype=torch.float32):
-    """(n_out, n_patches) weights: output cell i covers [i, i+1)·extent/n_out px of the canvas,
-    patch p covers [p, p+1)·patch px; weight = overlap / cell length (rows sum to 1). Cropping the
-    padding and resizing happen in this one linear map (area resampling). Cached: a training run
-    meets a handful of image geometries, and a step would otherwise rebuild the same matrices for
-    every layer and every recompute (~600 small ops a step at the benchmark's geometry, and on a
-    GPU as many host-to-device copies), so it is kept per device and dtype."""
+    """(§4.4 (1), (3)) (n_out, n_patches) weights: output cell i covers [i, i+1)·extent/n_out px
+    of the canvas, patch p covers [p, p+1)·patch px; weight = overlap / cell length (rows sum
+    to 1). Cropping the padding and resizing happen in this one linear map (area resampling).
+    Cached: a training run meets a handful of image geometries, and a step would otherwise
+    rebuild the same matrices for every layer and every recompute (~600 small ops a step at the
+    benchmark's geometry, and on a GPU as many host-to-device copies), so it is kept per device
+    and dtype."""
     cell = torch.arange(n_out + 1, dtype=torch.float64) * (extent / n_out)  # cell edges
     edge = torch.arange(n_patches + 1, dtype=torch.float64) * patch  # patch edges
     lo = torch.maximum(cell[:-1, None], edge[None, :-1])

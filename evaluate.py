@@ -204,7 +204,8 @@ def answer_maps(model, processor, items, dm_store, own, head=None, batch_size=4,
 
 
 def word_measures(maps, dm_maps, m, regions):
-    """Per-word entropy, MSE against the DM map, pointing hits of (W, 32, 32) maps (one item)."""
+    """Per-word entropy (App. B.3, eq. 23), MSE against the DM map, pointing hits of (W, 32, 32)
+    maps (one item)."""
     measures = {"entropies": attention_entropy(maps).tolist(), "errors": [], "hits": []}
     for w, (word, j) in enumerate(zip(m["words"], m["dm_index"])):
         measures["errors"].append(float(alignment_mse(maps[w], dm_maps[j])))

@@ -68,7 +68,8 @@ def ddim_grids(scheduler, inversion_steps, denoise_steps):
 
 def invert_and_denoise(unet, latents, context, inverse, forward, store=None,
                        capture_steps="denoise", added=None):
-    """Run the inversion then the denoising; with a store, capture attention at the chosen steps.
+    """Run the inversion then the denoising (§5 (1)); with a store, capture attention at the
+    chosen steps.
     added: SDXL's added conditioning (teachers.encode_text), None for SD 1.x and 2.x."""
     dtype = unet.dtype
     for phase, scheduler in (("inversion", inverse), ("denoise", forward)):
@@ -264,7 +265,7 @@ def context_columns(positions):
 # ---- 4. maps: a word's attention, resized to 32x32 and min-max normalised ----
 
 def word_maps(attention, W, normalise=True):
-    """(n_words, 32, 32) maps in [0, 1] from one item's attention (T, h, w) and weights W
+    """(n_words, 32, 32) maps in [0, 1] from one item's attention (T, h, w) and weights W (§4.1)
     (n_words, T); normalise=False: the mean attention probabilities themselves, before min-max."""
     maps = torch.einsum("nt,thw->nhw", W.to(attention), attention)          # (n_words, h, w)
     maps = F.interpolate(maps[None], size=(MAP_SIZE, MAP_SIZE), mode="bilinear", antialias=True,

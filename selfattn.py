@@ -130,8 +130,8 @@ def parallel_query_key(attn, hidden, rows, keys):
 
 
 def image_columns(probs, image, image_valid):
-    """A softmax over every key (B, H, R, T) -> its image columns (B, H, R, N), 0 at padding
-    columns; image, image_valid (B, N) from read_positions."""
+    """(§4.4 "Self-Attention Only" (1), (2)) A softmax over every key (B, H, R, T) -> its image
+    columns (B, H, R, N), 0 at padding columns; image, image_valid (B, N) from read_positions."""
     image = image.to(probs.device)[:, None, None, :]  # (B, 1, 1, N)
     probs = probs.gather(-1, image.expand(*probs.shape[:3], -1))  # (B, H, R, N)
     return probs * image_valid.to(probs.device)[:, None, None, :]  # no padding column

@@ -111,6 +111,17 @@ def test_every_two_aggregations_differ_or_one_is_refused(mode, monkeypatch):
                 assert (maps[a] - maps[b]).abs().max() > 1e-3, (mode, a, b)
 
 
+def test_a_capture_of_the_wrong_kind_is_refused_by_its_own_name():
+    """"learn" maps come only from a capture with the parallel projections, and the reverse; the
+    error names the capture class the caller holds (cross- or self-attention)."""
+    probs = torch.rand(2, 3, 4, 7, 4 * 17)
+    for kind, learned, aggregation in [("AttentionCapture", False, "learn"),
+                                       ("SelfAttentionCapture", True, "mean-mean")]:
+        capture = type(kind, (), dict(probs=probs, learned=learned, model=None))()
+        with pytest.raises(ValueError, match=rf"needs {kind}\(learned={not learned}\)"):
+            ag.vlm_word_maps(capture, PLAN, BATCH, aggregation)
+
+
 def test_per_token_normalisation_comes_before_the_word_mean(monkeypatch):
     """§4.2 and the release: each token's map is normalised, then a word's token maps are averaged.
     A two-token word whose tokens attend with very different mass: the word's map is the mean of
