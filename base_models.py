@@ -341,7 +341,8 @@ def kind_accuracy(model, processor, items, batch_size=64):
     return {k: round(float(np.mean(v)), 4) for k, v in correct.items()}
 
 
-def train_vlm(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, init_from=None):
+def train_vlm(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, init_from=None,
+              show=True):
     """Pre-train the toy Mllama on the pretrain split: every weight, next-token loss on the
     answers (eq. 6), batches from data.collate (the fine-tuning data path), a plain loop
     (world-building).
@@ -371,7 +372,8 @@ def train_vlm(out_dir, world_dir, seed=0, steps=1000, batch=32, lr=1e-3, init_fr
         collated = data.collate(processor, picked)
         inputs = data.model_inputs(collated)
         return model(**inputs, labels=collated["labels"]).loss
-    log = toy_teachers.fit_base(list(model.parameters()), loss_of_step, steps, lr, "toy vlm")
+    log = toy_teachers.fit_base(list(model.parameters()), loss_of_step, steps, lr, "toy vlm",
+                                show=show)
     model.eval()
     out_dir = Path(out_dir)
     # saved first: the probe below is extra

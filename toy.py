@@ -387,15 +387,16 @@ def main(argv=None):
         out = args.out or TOY_MODELS / args.dm
         steps = args.base_steps or 1500
         toy_teachers.train(args.dm, out, args.world, args.seed, steps, args.sd_lr, args.init_from,
-                           localise=args.localise)
+                           localise=args.localise, show=not args.quiet)
     elif args.command == "train-sd":
         out = args.out or TOY_MODELS / "toy-sd"
         toy_teachers.train_sd(out, args.world, seed=args.seed, steps=args.base_steps or 1500,
                               lr=args.sd_lr, save_every=args.save_every, init_from=args.init_from,
-                              localise=args.localise)
+                              localise=args.localise, show=not args.quiet)
     elif args.command == "train-vlm":
         out = args.out or TOY_MODELS / "toy-vlm"
-        base_models.train_vlm(out, args.world, seed=args.seed, steps=args.base_steps or 1000)
+        base_models.train_vlm(out, args.world, seed=args.seed, steps=args.base_steps or 1000,
+                              show=not args.quiet)
     elif args.command == "measure-sd":
         out = args.out or ROOT / "toy_out" / "measure-sd"
         result = base_models.measure_sd(args.dm_path, args.world, out, seed=args.seed,

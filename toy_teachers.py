@@ -70,8 +70,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from PIL import Image
-from tqdm import tqdm
 
+import data
 import extract
 import mmdit
 import models
@@ -114,12 +114,12 @@ def vae_latents(vae, images):
     return latents, float(F.l1_loss(recon, images))
 
 
-def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0):
+def train_vae(vae, images, steps=300, batch=32, lr=2e-3, seed=0, show=True):
     """Fit the VAE briefly: L1 reconstruction + a small KL term (as SD's VAE, without the GAN);
     then frozen, with the scaling factor that gives unit-variance latents (as SD's 0.18215)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
-    bar = tqdm(range(steps), desc="toy-sd vae")
+    bar = data.progress_bar(range(steps), show=show, desc="toy-sd vae")
     for _ in bar:
         x = images[torch.randint(len(images), (batch,), generator=g)]
         posterior = vae.encode(x).latent_dist
@@ -207,17 +207,18 @@ def localisation_loss(maps, ids, masks, colour_ids):
 # one training loop for every toy teacher (toy-sd and the three stand-ins)
 # ---------------------------------------------------------------------------------------------
 
-def fit_base(params, loss_of_step, steps, lr, desc, after_step=None):
+def fit_base(params, loss_of_step, steps, lr, desc, after_step=None, show=True):
     """The base models' plain loop: AdamW (weight decay 0.01), a linear warm-up over 100 steps
     then a cosine to 0 at `steps`, gradients clipped at norm 1. loss_of_step(step) -> the step's
-    loss; after_step(step) runs after each step (checkpoints). Returns the per-step losses."""
+    loss; after_step(step) runs after each step (checkpoints); show: the progress bar (no --quiet).
+    Returns the per-step losses."""
 
     def warmup_cosine(s):
         warmup = min(1.0, (s + 1) / 100)
         return warmup * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
-    bar = tqdm(range(steps), desc=desc)
+    bar = data.progress_bar(range(steps), show=show, desc=desc)
     log = []
     for step in bar:
         loss = loss_of_step(step)
@@ -283,12 +284,13 @@ def store_grid(dm, latents):
 
 
 def fit(dm, latents, scenes, steps, batch, lr, seed, localise=LOCALISE, desc=None,
-        after_step=None):
+        after_step=None, show=True):
     """The denoiser and the text encoders trained together on prompts about the scenes
     (sd_prompt): the denoising loss plus `localise` x the localisation loss on the
     colour words' maps, each map resized to the 32x32 masks (0: the denoising loss alone).
     desc: the progress bar's (default: the teacher's name); after_step(step): runs after each
-    step (toy-sd's checkpoints). Returns (losses, denoising losses)."""
+    step (toy-sd's checkpoints); show: the progress bar (no --quiet). Returns (losses, denoising
+    losses)."""
     encoders = [dm[p] for p in ("text_encoder", "text_encoder_2") if p in dm]
     denoiser = dm.get("transformer", dm.get("unet"))
     params = [p for m in [denoiser, *encoders] for p in m.parameters() if p.requires_grad]
@@ -322,7 +324,7 @@ def fit(dm, latents, scenes, steps, batch, lr, seed, localise=LOCALISE, desc=Non
         return denoise + localise * local
 
     desc = desc or f"{dm['name']} denoiser"
-    log = fit_base(params, loss_of_step, steps, lr, desc, after_step)
+    log = fit_base(params, loss_of_step, steps, lr, desc, after_step, show)
     return log, denoise_log
 
 
@@ -331,7 +333,7 @@ def fit(dm, latents, scenes, steps, batch, lr, seed, localise=LOCALISE, desc=Non
 # ---------------------------------------------------------------------------------------------
 
 def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_steps=300,
-             save_every=300, init_from=None, localise=None):
+             save_every=300, init_from=None, localise=None, show=True):
     """Train toy-sd on the pretrain split's captions; save it in diffusers layout under out_dir.
 
     Prompts in the forms extraction conditions on (sd_prompt), the denoising MSE plus `localise`
@@ -355,7 +357,8 @@ def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_step
         latents = latents * dm["vae"].config.scaling_factor            # (N, 4, 32, 32)
         vae_steps = 0
     else:
-        latents, vae_l1 = train_vae(dm["vae"], images, steps=vae_steps, seed=seed)  # (N, 4, 32, 32)
+        # (N, 4, 32, 32)
+        latents, vae_l1 = train_vae(dm["vae"], images, steps=vae_steps, seed=seed, show=show)
 
     def save(step):
         """A step<N>/ folder every save_every steps."""
@@ -363,7 +366,7 @@ def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_step
             models.save_dm(dm, Path(out_dir) / f"step{step + 1}")
     objects = [s["objects"] for s in scenes]
     log, denoise_log = fit(dm, latents, objects, steps, batch, lr, seed, localise, "toy-sd unet",
-                           save)
+                           save, show)
     models.save_dm(dm, out_dir)
     summary = {"seed": seed, "steps": steps, "batch": batch, "lr": lr,
                "init_from": str(init_from) if init_from else None,
@@ -462,7 +465,7 @@ def build(name, vae, seed=0):
 
 
 def train(name, out_dir, world_dir, seed=0, steps=1500, lr=1e-3, init_from=None, batch=16,
-          vae_path=models.ROOT / "toy_models" / "toy-sd", localise=LOCALISE):
+          vae_path=models.ROOT / "toy_models" / "toy-sd", localise=LOCALISE, show=True):
     """Train a toy teacher (SIZES) from scratch on the pretrain split's scenes with toy-sd's
     frozen VAE from vae_path; save it under out_dir with training.json (init_from: refused;
     localise: the localisation loss's weight, 0 for a teacher taught by denoising alone)."""
@@ -476,7 +479,7 @@ def train(name, out_dir, world_dir, seed=0, steps=1500, lr=1e-3, init_from=None,
     latents = latents * vae.config.scaling_factor                       # (N, 4, 32, 32)
     dm = dict(build(name, vae, seed), name=name)
     objects = [s["objects"] for s in scenes]
-    log, denoise_log = fit(dm, latents, objects, steps, batch, lr, seed, localise)
+    log, denoise_log = fit(dm, latents, objects, steps, batch, lr, seed, localise, show=show)
     models.save_dm(dm, out_dir)
     denoiser = dm.get("transformer", dm.get("unet"))
     summary = {"name": name, "seed": seed, "steps": steps, "batch": batch, "lr": lr,

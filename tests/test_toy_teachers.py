@@ -120,3 +120,14 @@ def test_missing_toy_teacher_weights_fail_with_the_command_that_makes_them(tmp_p
         models.load_dm("toy-sd3", path=str(tmp_path / "absent"))
     with pytest.raises(SystemExit, match="--dm toy-sdxl: no diffusion model weights"):
         models.load_dm("toy-sdxl", path=str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("show", [True, False])
+def test_the_base_loop_draws_no_bar_when_quiet_or_logged(show, capsys):
+    """fit_base's bar follows data.progress_bar: drawn only on a terminal and without --quiet, so a
+    logged or --quiet run's stderr holds no redraws; the loop itself runs every step either way."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    losses = toy_teachers.fit_base([weight], lambda step: (weight ** 2).sum(), 3, 1e-2, "toy",
+                                   show=show)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert capsys.readouterr().err == ""
