@@ -6,27 +6,25 @@ work its way) in one process on the same inputs, arms interleaved, and prints th
 target's last. Time is the process's CPU time (time.process_time) with one thread: on a machine
 shared with other jobs the wall clock swings by 2x between identical steps, one thread's CPU time
 much less. Peak memory is the peak resident set (VmHWM) of a fresh child process per arm. The
-peers: Prompt-to-Prompt's attention store for extract.py, the authors' release (eager attention,
-output_attentions) for aggregate.py. Results, with the machine they came from: BENCHMARKS.md.
+peers: Prompt-to-Prompt's attention store for extract.py (bench_extract.py, with the memory
+helpers), the authors' release (eager attention, output_attentions) for aggregate.py. Results,
+with the machine they came from: BENCHMARKS.md.
 
-    OMP_NUM_THREADS=1 python bench.py extract   # extract.py vs plain SDPA vs Prompt-to-Prompt, SD-v1.4 geometry, 256 px
+    OMP_NUM_THREADS=1 python bench.py extract   # extract.py vs SDPA vs Prompt-to-Prompt, 256 px
     OMP_NUM_THREADS=1 python bench.py extract --res 512 --repeats 1   # SD-v1.4's own 512 px
     OMP_NUM_THREADS=1 python bench.py null-text # extract.py --inversion null-text over ddim, 64 px
-    python bench.py aggregate                   # aggregate.py vs plain vs the release's eager attention
-    python bench.py aggregate --model idefics   #   the same at IDEFICS-9B's proportions (no eager arm)
-    python bench.py aggregate --model qwen2vl   #   at Qwen2-VL-7B's proportions (selfattn.py), + all 28 layers
-    python bench.py train                       # train.py: Lavender step vs autoregressive step (<= 1.15, <= 1.10)
+    python bench.py aggregate                   # aggregate.py vs plain vs the release's eager way
+    python bench.py aggregate --model idefics   #   the same at IDEFICS-9B's proportions, no eager
+    python bench.py aggregate --model qwen2vl   #   at Qwen2-VL-7B's (selfattn.py), + all 28 layers
+    python bench.py train                       # train.py: Lavender vs AR step (<= 1.15, <= 1.10)
     python bench.py train --words 4 --width 8   #   fewer aligned words; a model twice as wide
-    python bench.py train --tokens-per-word 2   #   two-token words: each token's map goes through the Aligner
-    python bench.py train-gpu --batch-size 2    # one GPU: Llama-3.2-11B geometry (random bf16 weights, one 560 px tile)
-    python bench_gpu.py                         # one GPU, at most 11 minutes: every GPU figure, one table (bench_gpu.md)
+    python bench.py train --tokens-per-word 2   #   two-token words: one Aligner map per token
+    python bench.py train-gpu --batch-size 2    # one GPU: Llama-3.2-11B geometry, one 560 px tile
+    python bench_gpu.py                         # one GPU, <= 11 minutes: one table (bench_gpu.md)
 """
 import argparse
 import gc
 import json
-import os
-import subprocess
-import sys
 import time
 
 import torch
@@ -36,221 +34,13 @@ import torch.utils.checkpoint
 import aggregate
 import aligner as aligner_lib
 import data
-import extract
 import flamingo
 import mllama
 import models
-import nulltext
 import qwen
-import teachers
 import train
-
-
-def peak_rss(step, warm_up=True):
-    """Run step() twice in this process (once if warm_up=False: a caller that has warmed it up);
-    return the peak resident memory of the last run (kB), the resident memory before it and before
-    the first. The first run is a warm-up (allocator, lazy inits, AdamW state, a store's first maps)."""
-    status = lambda key: next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
-    loaded = status("VmRSS:")
-    if warm_up:
-        step()
-    open("/proc/self/clear_refs", "w").write("5")  # Linux: reset the peak RSS to the current RSS
-    base = status("VmRSS:")
-    step()
-    return {"loaded_kb": loaded, "base_kb": base, "peak_kb": status("VmHWM:")}
-
-
-def child_peak_rss(args):
-    """peak_rss of one arm in a fresh process: `python bench.py <args>` prints it as its last line.
-
-    glibc keeps freed heap memory in the RSS, and how much depends on its history (the train arms'
-    peaks moved by up to 4% between identical runs); a fixed 64 KiB mmap threshold hands every
-    tensor's memory back on free, so the peak RSS tracks the live tensors (as a GPU's
-    max_memory_allocated does) and repeats to within 0.5%."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], check=True, capture_output=True,
-                         text=True, env=env).stdout
-    return json.loads(out.splitlines()[-1])
-
-
-# ---- the peer: Prompt-to-Prompt's attention store (DAAM is close to ours) ----
-# Prompt-to-Prompt (Hertz et al. 2022; https://github.com/google/prompt-to-prompt, ptp_utils.py
-# register_attention_control and AttentionStore in prompt-to-prompt_stable.ipynb) replaces the forward
-# of EVERY attention module of the UNet, self-attention (attn1) and cross-attention (attn2), with
-# explicit attention: Q, K, V split into heads, softmax(QK^T * scale) materialised (diffusers'
-# get_attention_scores), handed to a controller, then multiplied by V. Its AttentionStore keeps a map
-# only if it has at most 32x32 queries ("avoid memory overhead"), all heads and both kinds, in a
-# per-step list; when the last layer of a step has run, the step's maps are added into running sums
-# (the first step's tensors become the sums), and the average is the sums over the step count. So
-# every attention layer pays for an explicit softmax, and the maps are kept per head, per layer.
-# DAAM (https://github.com/castorini/daam, trace.py) hooks attn2 only, as extract.py does, but keeps
-# per-head running sums of every cross-attention map. This is our own code written after that
-# description; with guidance 1 (no unconditional half) both arms run the same UNet calls.
-
-class StoreAttention:
-    """A diffusers attention processor for every attention module: the same output as SDPA,
-    computed with an explicit softmax whose probabilities (B * heads, queries, keys) go to the store."""
-
-    def __init__(self, store, name):
-        self.store, self.name = store, name
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        residual = hidden_states
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))                  # (B * H, N, d)
-        k, v = attn.head_to_batch_dim(attn.to_k(context)), attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(q, k, attention_mask)               # (B * H, N, T), explicit
-        p2p_keep(self.store, self.name, probs)
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))                     # (B, N, H * d)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-
-def p2p_store(n_layers):
-    """The attention store: this step's kept maps, the sums over finished steps, the step count."""
-    return {"layers": n_layers, "calls": 0, "steps": 0, "step": {}, "sum": {}}
-
-
-def p2p_keep(store, name, probs):
-    """AttentionStore.forward and between_steps: keep maps of at most 32x32 queries; fold the step's
-    maps into the sums after the step's last attention layer."""
-    if probs.shape[1] <= 32 ** 2:
-        store["step"][name] = probs                                           # (B * H, N, T) all heads
-    store["calls"] += 1
-    if store["calls"] % store["layers"] == 0:                                 # one UNet call done
-        for key, m in store["step"].items():
-            store["sum"][key] = store["sum"][key].add_(m) if key in store["sum"] else m
-        store["step"], store["steps"] = {}, store["steps"] + 1
-
-
-def p2p_processors(processors, store):
-    """processors (name -> processor) with EVERY attention module replaced by a StoreAttention."""
-    return {name: StoreAttention(store, name) for name in processors}
-
-
-def p2p_average(store):
-    """AttentionStore.get_average_attention: each kept map's sum over the step count."""
-    return {key: m / store["steps"] for key, m in store["sum"].items()}
-
-
-# ---- extract.py: SD cross-attention capture at SD-v1.4 geometry, three arms ----
-
-EXTRACT_ARMS = ("plain", "ours", "p2p")  # SDPA, no capture; extract.py's capture; Prompt-to-Prompt's
-
-
-def sd14_unet(device="cpu", dtype=torch.float32):
-    """SD-v1.4's UNet geometry (models.SD_SIZES["sd14"]: 320/640/1280/1280, 768-d context, 8 heads,
-    860M parameters), random weights, built on `device`."""
-    unet = models.stable_diffusion("sd14", device=device, dtype=dtype, parts=("unet",))["unet"]
-    return unet.eval().requires_grad_(False)
-
-
-def arm_processors(arm, plain, grid, columns=77):
-    """(processors, store) of an extract arm; plain: the UNet's own (SDPA) processors."""
-    if arm == "plain":
-        return dict(plain), None
-    if arm == "ours":
-        store = teachers.new_store(grid, columns)
-        return teachers.capture_processors(plain, extract.CrossAttentionCapture(store)), store
-    store = p2p_store(len(plain))
-    return p2p_processors(plain, store), store
-
-
-def finish(arm, store):
-    """What each arm hands on after its last step: its mean map(s) (part of its cost)."""
-    if arm == "ours":
-        return store["sum"] / store["count"]
-    return p2p_average(store) if arm == "p2p" else None
-
-
-def bench_extract(res=256, inversion_steps=5, denoise_steps=10, repeats=3, columns=77):
-    """Time inversion + denoising in three arms on the same UNet and inputs; returns the ratios.
-
-    Only UNet calls are timed (VAE and text encoder would only dilute the ratios). SD-v1.4's UNet
-    geometry, random weights; columns=77 captures every context position (the worst case). Each step
-    runs the UNet three times on the same input, once per arm (plain, ours, p2p), in an order that
-    rotates from step to step; each arm keeps its own store over the steps of a pass.
-    """
-    unet = sd14_unet()
-    inverse, forward = extract.ddim_grids(models.sd_scheduler(), inversion_steps, denoise_steps)
-    context = torch.randn(1, 77, 768)                                          # a CLIP text embedding's shape
-    plain, n = dict(unet.attn_processors), inversion_steps + denoise_steps
-    seconds = {arm: [] for arm in EXTRACT_ARMS}                                # per UNet call
-    with torch.no_grad():
-        unet(torch.randn(1, 4, res // 8, res // 8), 1, encoder_hidden_states=context)  # warm-up
-        for r in data.progress_bar(range(repeats), desc=f"extract {res} px"):
-            seed = torch.Generator().manual_seed(0)
-            latents = torch.randn(1, 4, res // 8, res // 8, generator=seed)  # (1, 4, 32, 32) at 256 px
-            arms = {arm: arm_processors(arm, plain, latents.shape[-2:], columns) for arm in EXTRACT_ARMS}
-            for i, t in enumerate(torch.cat([inverse.timesteps, forward.timesteps])):
-                k = (r + i) % len(EXTRACT_ARMS)
-                for arm in EXTRACT_ARMS[k:] + EXTRACT_ARMS[:k]:
-                    processors, store = arms[arm]
-                    unet.set_attn_processor(dict(processors))  # (pops its argument)
-                    t0 = time.process_time()
-                    eps = unet(latents, t, encoder_hidden_states=context).sample
-                    if i == n - 1:
-                        finish(arm, store)
-                    seconds[arm].append(time.process_time() - t0)
-                latents = (inverse if i < inversion_steps else forward).step(eps, t, latents).prev_sample
-            del arms
-    mem = {arm: child_peak_rss(["extract", "--memory-arm", arm, "--res", str(res)])
-           for arm in data.progress_bar(EXTRACT_ARMS, desc="peak memory")}
-    # two time estimates: total, and per call the best of the repeats (what a call costs when no other
-    # process interferes: timeit's rule); the ratios printed last use the second
-    total = {arm: sum(s) for arm, s in seconds.items()}
-    best = {arm: sum(min(s[i::n]) for i in range(n)) for arm, s in seconds.items()}
-    print(f"bench: SD-v1.4 geometry UNet (random), {res} px ({res // 8}x{res // 8} latents), {inversion_steps} inversion "
-          f"+ {denoise_steps} denoise steps, x{repeats}, {torch.get_num_threads()} threads")
-    for arm in EXTRACT_ARMS:
-        m = mem[arm]
-        print(f"{arm:5s}: {total[arm]:.2f} CPU s in all, best of {repeats} per call {best[arm]:.2f} CPU s "
-              f"({best[arm] / n:.3f} per UNet call); peak RSS {m['peak_kb'] / 2 ** 20:.2f} GiB, "
-              f"{(m['peak_kb'] - m['loaded_kb']) / 1024:.0f} MiB over the loaded UNet")
-    print(f"ratios, total time: ours/plain {total['ours'] / total['plain']:.3f}, "
-          f"p2p/ours {total['p2p'] / total['ours']:.3f}")
-    ratio = {key: (best[a] / best[b], mem[a]["peak_kb"] / mem[b]["peak_kb"])
-             for key, a, b in (("ours/plain", "ours", "plain"), ("p2p/ours", "p2p", "ours"))}
-    print("ratios (time best-of, peak memory): " + "; ".join(f"{k} {t:.3f}, {m:.3f}" for k, (t, m) in ratio.items()))
-    return ratio
-
-
-def extract_memory(arm, res, columns=77):
-    """peak_rss of one UNet call of an arm whose store has already seen one call (the steady state:
-    the store's sums and the call's own maps both alive)."""
-    torch.set_num_threads(1)
-    unet = sd14_unet()
-    latents, context = torch.randn(1, 4, res // 8, res // 8), torch.randn(1, 77, 768)
-    processors, store = arm_processors(arm, dict(unet.attn_processors), latents.shape[-2:], columns)
-    unet.set_attn_processor(processors)
-    with torch.no_grad():
-        return peak_rss(lambda: unet(latents, 501, encoder_hidden_states=context))
-
-
-def bench_null_text(res=64, steps=5, iters=10, repeats=2):
-    """CPU s per image of extract.py --inversion null-text (steps + steps, iters Adam steps each, w 7.5)
-    over ddim (steps + 2 steps), capture on, SD-v1.4's UNet geometry (random), arms alternating."""
-    unet, seconds = sd14_unet(), {"ddim": [], "null-text": []}
-    x0, (context, null) = torch.randn(1, 4, res // 8, res // 8), torch.randn(2, 1, 77, 768)  # seeded by the build
-    for r in data.progress_bar(range(repeats), desc=f"null-text {res} px"):
-        for arm in list(seconds)[r % 2:] + list(seconds)[:r % 2]:
-            inverse, forward = extract.ddim_grids(models.sd_scheduler(), steps, steps * (1 + (arm == "ddim")))
-            store, t0 = teachers.new_store(x0.shape[-2:], 77), time.process_time()
-            with extract.capturing(unet, store), torch.no_grad():
-                if arm == "ddim":
-                    extract.invert_and_denoise(unet, x0, context, inverse, forward, store)
-                else:
-                    pivot = nulltext.ddim_pivot(unet, x0, context, inverse, store)
-                    nulltext.null_text_inversion(unet, pivot, context, null, forward, iters=iters, store=store)
-            seconds[arm].append(time.process_time() - t0)
-    best = {arm: min(s) for arm, s in seconds.items()}                     # per image, best of repeats
-    print(f"bench: SD-v1.4 geometry UNet (random), {res} px, best of {repeats}: ddim {best['ddim']:.1f}, "
-          f"null-text {best['null-text']:.1f} CPU s per image; null-text / ddim {best['null-text'] / best['ddim']:.2f}")
-    return best["null-text"] / best["ddim"]
+from bench_extract import (EXTRACT_ARMS, bench_extract, bench_null_text, child_peak_rss,
+                           extract_memory, peak_rss)
 
 
 # ---- the VLM: llama32's proportions, scaled down ----
@@ -270,20 +60,26 @@ def bench_model(tile_size=112, width=16, tiles=4, device="cpu", dtype=torch.floa
     if tiles not in (1, 4):
         raise ValueError(f"bench_model tiles {tiles}: choose 1 (the 1x1 layout) or 4 (2x2)")
     vocab = 128256 // width
-    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, image_token_index=vocab - 16)
-    model = mllama.mllama(mllama.llama32_size(width, tile_size), ids, seed=0, device=device, dtype=dtype).eval()
+    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+               image_token_index=vocab - 16)
+    size = mllama.llama32_size(width, tile_size)
+    model = mllama.mllama(size, ids, seed=0, device=device, dtype=dtype).eval()
     T, R, B = 256, 32, batch_size
-    input_ids = torch.randint(3, vocab - 17, (1, T)).repeat(B, 1)  # (B, T): the same sample B times
+    # the same sample B times
+    input_ids = torch.randint(3, vocab - 17, (1, T)).repeat(B, 1)  # (B, T)
     input_ids[:, 1] = vocab - 16  # the image token
     cross_mask = torch.zeros(B, T, 1, 4, dtype=torch.long)
     cross_mask[:, 1:, :, :tiles] = 1  # text after the image attends to its tiles
     tile_mask = torch.zeros(B, 1, 4, dtype=torch.long)
     tile_mask[..., :tiles] = 1
+    pixels = torch.randn(1, 1, 4, 3, tile_size, tile_size).repeat(B, 1, 1, 1, 1, 1)
+    # Mllama's aspect ratio ids: 6 = 2x2, 1 = 1x1
+    layout = torch.full((B, 1), 6 if tiles == 4 else 1)
     batch = dict(input_ids=input_ids, attention_mask=torch.ones(B, T, dtype=torch.long),
-                 pixel_values=torch.randn(1, 1, 4, 3, tile_size, tile_size).repeat(B, 1, 1, 1, 1, 1),
-                 aspect_ratio_ids=torch.full((B, 1), 6 if tiles == 4 else 1),  # Mllama's ids: 6 = 2x2, 1 = 1x1
-                 aspect_ratio_mask=tile_mask, cross_attention_mask=cross_mask)
-    rows = torch.arange(T - R - 1, T - 1)[None].repeat(B, 1)  # (B, R): the last R positions, as an answer's would be
+                 pixel_values=pixels, aspect_ratio_ids=layout, aspect_ratio_mask=tile_mask,
+                 cross_attention_mask=cross_mask)
+    # the last R positions, as an answer's would be
+    rows = torch.arange(T - R - 1, T - 1)[None].repeat(B, 1)  # (B, R)
     return model, batch, rows
 
 
@@ -294,31 +90,38 @@ CAPTURE_ARMS = ("plain", "capture", "learn", "eager")
 
 def release_attention(model, batch, rows):
     """The authors' release's way (AstraZeneca/vlm): the model in eager attention, as
-    from_pretrained(..., attn_implementation="eager") gives it (every attention, the vision encoder's
-    too), and output_attentions=True, so every layer's full (heads, T, keys) softmax is materialised
-    and returned; the aligned rows are then read from the cross-attention layers' maps.
-    Returns (logits, probs (B, L, H, R, N)): the same probabilities AttentionCapture makes."""
+    from_pretrained(..., attn_implementation="eager") gives it (every attention, the vision
+    encoder's too), and output_attentions=True, so every layer's full (heads, T, keys) softmax is
+    materialised and returned; the aligned rows are then read from the cross-attention layers'
+    maps. Returns (logits, probs (B, L, H, R, N)): the same probabilities AttentionCapture makes."""
     model.set_attn_implementation("eager")
     try:
         out = model(**batch, output_attentions=True)
     finally:
-        model.set_attn_implementation("sdpa")                                 # bench_model's own
-    attentions = [out.attentions[layer] for layer in aggregate.aligned_layers(model)]  # (B, H, T, N) each
-    probs = torch.stack(attentions, dim=1)                                    # (B, L, H, T, N)
+        model.set_attn_implementation("sdpa")  # bench_model's own
+    layers = aggregate.aligned_layers(model)
+    attentions = [out.attentions[layer] for layer in layers]  # (B, H, T, N) each
+    probs = torch.stack(attentions, dim=1)                     # (B, L, H, T, N)
     B, L, H, _, N = probs.shape
-    rows = rows.to(probs.device)[:, None, None, :, None].expand(B, L, H, rows.shape[1], N)
-    return out.logits, probs.gather(3, rows)                                  # (B, L, H, R, N)
+    R = rows.shape[1]
+    index = rows.to(probs.device)[:, None, None, :, None].expand(B, L, H, R, N)
+    return out.logits, probs.gather(3, index)                  # (B, L, H, R, N)
 
 
 def capture_forward(model, batch, rows, arm):
-    """One forward with autograd on (as in training), returning a scalar built from what the arm made."""
+    """One forward with autograd on (as in training), returning a scalar built from what the arm
+    made."""
     if arm == "plain":
         return model(**batch).logits.float().mean()
     if arm == "eager":
         logits, probs = release_attention(model, batch, rows)
         return logits.float().mean() + probs.float().mean()
-    layers = list(range(len(models.language_model(model).layers))) if arm == "every-layer" else \
-        aggregate.aligned_layers(model)  # every-layer (qwen2vl): all 28 self-attention layers, not 7
+    if arm == "every-layer":
+        # qwen2vl: all 28 self-attention layers, not 7
+        n_layers = len(models.language_model(model).layers)
+        layers = list(range(n_layers))
+    else:
+        layers = aggregate.aligned_layers(model)
     with aggregate.attention_capture(model, layers, learned=arm == "learn") as capture:
         capture.set_rows(rows)
         logits = model(**batch).logits
@@ -328,21 +131,24 @@ def capture_forward(model, batch, rows, arm):
 def capture_setup(projections=True, model="llama32", **geometry):
     """The benchmark's model (llama32's, IDEFICS-9B's or qwen2vl's proportions), with parallel
     projections (unused by the other arms) when asked."""
-    build = {"llama32": bench_model, "idefics": flamingo.bench_model, "qwen2vl": qwen.bench_model}[model]
-    model, batch, rows = build(**geometry)
+    builders = {"llama32": bench_model, "idefics": flamingo.bench_model,
+                "qwen2vl": qwen.bench_model}
+    model, batch, rows = builders[model](**geometry)
     if projections:
         aggregate.add_parallel_projections(model, aggregate.aligned_layers(model))
     return model, batch, rows
 
 
 def bench_aggregate(reps=7, name="llama32"):
-    """Forward time (one thread, arms interleaved, median of reps) and peak memory (a fresh process per
-    arm) of plain, capture (ours), learn (ours, eq. 15-16) and eager (the release's way; not for
-    idefics: IDEFICS' output_attentions omits its cross-attention, and the release has no IDEFICS
-    code); for qwen2vl also every-layer, the capture of all 28 layers instead of the default 7."""
+    """Forward time (one thread, arms interleaved, median of reps) and peak memory (a fresh process
+    per arm) of plain, capture (ours), learn (ours, eq. 15-16) and eager (the release's way; not
+    for idefics: IDEFICS' output_attentions omits its cross-attention, and the release has no
+    IDEFICS code); for qwen2vl also every-layer, the capture of all 28 layers instead of the
+    default 7."""
     torch.set_num_threads(1)
     model, batch, rows = capture_setup(model=name)
-    arms = {"idefics": CAPTURE_ARMS[:3], "qwen2vl": (*CAPTURE_ARMS, "every-layer")}.get(name, CAPTURE_ARMS)
+    arms_of = {"idefics": CAPTURE_ARMS[:3], "qwen2vl": (*CAPTURE_ARMS, "every-layer")}
+    arms = arms_of.get(name, CAPTURE_ARMS)
     times = {arm: [] for arm in arms}
     for _ in data.progress_bar(range(reps + 1), desc="forward time"):
         for arm in arms:
@@ -350,19 +156,28 @@ def bench_aggregate(reps=7, name="llama32"):
             capture_forward(model, batch, rows, arm)
             times[arm].append(time.process_time() - t0)
         # the forward after eager's runs ~0.1 s slower (its freed memory is faulted in again): an
-        # untimed one takes that, so the next plain is not charged for it (nor is eager: conservative)
+        # untimed one takes that, so the next plain is not charged for it (nor is eager:
+        # conservative)
         capture_forward(model, batch, rows, "plain")
-    med = {arm: sorted(v[1:])[len(v[1:]) // 2] for arm, v in times.items()}  # first rep is warm-up
-    best = {arm: min(v[1:]) for arm, v in times.items()}  # minima: robust to other jobs' load
+    # the first rep is a warm-up; minima: robust to other jobs' load
+    med = {arm: sorted(v[1:])[len(v[1:]) // 2] for arm, v in times.items()}
+    best = {arm: min(v[1:]) for arm, v in times.items()}
+    memory_arms = data.progress_bar(arms, desc="peak memory")
     mem = {arm: child_peak_rss(["aggregate", "--memory-arm", arm, "--model", name])
-           for arm in data.progress_bar(arms, desc="peak memory")}
+           for arm in memory_arms}
     for arm in arms:
         m = mem[arm]
-        print(f"{arm:8s} forward {med[arm]:.3f} s CPU (median of {reps}, min {best[arm]:.3f}); peak RSS {m['peak_kb'] / 1024:.0f} MiB, "
-              f"forward's increment over the loaded model {(m['peak_kb'] - m['base_kb']) / 1024:.0f} MiB")
+        peak_mib = m["peak_kb"] / 1024
+        inc_mib = (m["peak_kb"] - m["base_kb"]) / 1024
+        print(f"{arm:8s} forward {med[arm]:.3f} s CPU (median of {reps}, min {best[arm]:.3f}); "
+              f"peak RSS {peak_mib:.0f} MiB, "
+              f"forward's increment over the loaded model {inc_mib:.0f} MiB")
     inc = {arm: mem[arm]["peak_kb"] - mem[arm]["base_kb"] for arm in arms}
-    ratio = lambda a, b: (f"{a}/{b}: time median {med[a] / med[b]:.3f}, min {best[a] / best[b]:.3f}; peak memory "  # noqa: E731
-                          f"{mem[a]['peak_kb'] / mem[b]['peak_kb']:.3f}; forward's increment {inc[a] / inc[b]:.3f}")
+
+    def ratio(a, b):
+        peak = mem[a]["peak_kb"] / mem[b]["peak_kb"]
+        return (f"{a}/{b}: time median {med[a] / med[b]:.3f}, min {best[a] / best[b]:.3f}; "
+                f"peak memory {peak:.3f}; forward's increment {inc[a] / inc[b]:.3f}")
     print("\n".join(ratio(arm, "plain") for arm in arms if arm not in ("plain", "capture")))
     if "eager" in arms:
         print(f"the release's way against ours, {ratio('eager', 'capture')}")
@@ -374,8 +189,8 @@ def bench_aggregate(reps=7, name="llama32"):
 STEP_ARMS = ("ar", "lavender", "lavender-no-recompute", "lavender-after")
 
 
-def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=torch.float32, batch_size=1,
-               tokens=1):
+def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=torch.float32,
+               batch_size=1, tokens=1):
     """One optimizer step at bench_model()'s geometry (llama32's 40 text layers, cross-attention at
     3, 8, ..., 38, 32/8 heads, at 1/`width` width; one image of `tiles` tiles;
     256 text tokens, the last 33 the answer; `batch_size` samples) with LoRA; "lavender" adds
@@ -385,58 +200,76 @@ def step_setup(arm, words=16, width=16, tiles=4, tile=112, device="cpu", dtype=t
     goes through the Aligner, §4.2's order). Frozen weights in `dtype`, trained ones in float32, as
     train.build sets them up. Returns a step function."""
     if not 1 <= words * tokens <= 32:
-        raise ValueError(f"--words {words} x --tokens-per-word {tokens}: at most 32 rows (the answer has 33 tokens)")
+        raise ValueError(f"--words {words} x --tokens-per-word {tokens}: at most 32 rows "
+                         f"(the answer has 33 tokens)")
     model, batch, rows = bench_model(tile, width, tiles, device, dtype, batch_size)
-    rows = rows[:, rows.shape[1] - tokens * words:]  # (B, tokens * words): the answer's last positions
+    # the answer's last positions
+    rows = rows[:, rows.shape[1] - tokens * words:]  # (B, tokens * words)
     mode = "after" if arm == "lavender-after" else "per-layer"
-    args = train.build_parser().parse_args(["--loss", "ar" if arm == "ar" else "lavender", "--aligner-mode", mode])
+    loss = "ar" if arm == "ar" else "lavender"
+    args = train.build_parser().parse_args(["--loss", loss, "--aligner-mode", mode])
     model = train.apply_peft(model, args).train()
     labels = batch["input_ids"].clone()
     labels[:, :-33] = -100  # (B, 256)
-    side = tile if tiles == 1 else tile * 200 // 112  # the original image: 200 px on the 2x2 canvas of 112 px tiles
-    batch = {**batch, "labels": labels, "image_sizes": torch.tensor([[side, side]] * batch_size)}
-    capture, aligner, layers = None, None, aggregate.aligned_layers(model)
+    # the original image: 200 px on the 2x2 canvas of 112 px tiles
+    side = tile if tiles == 1 else tile * 200 // 112
+    sizes = torch.tensor([[side, side]] * batch_size)
+    batch = {**batch, "labels": labels, "image_sizes": sizes}
+    capture = None
+    aligner = None
+    layers = aggregate.aligned_layers(model)
     if arm != "ar":
         aggregate.add_parallel_projections(model, layers)
-        aligner = aligner_lib.Aligner("sim", aligner_lib.aligner_channels("learn", 32)).to(device)
+        channels = aligner_lib.aligner_channels("learn", 32)
+        aligner = aligner_lib.Aligner("sim", channels).to(device)
         capture = aggregate.attention_capture(model, layers, learned=True)
     train.trainable_in_float32(model)
     row_word = (torch.arange(rows.shape[1]) // tokens).repeat(batch_size, 1)
     plan = dict(rows=rows, row_word=row_word, dm_index=torch.arange(words).repeat(batch_size, 1))
     modules = train.trainable_modules(model, aligner)
-    optimizer = torch.optim.AdamW([p for p in modules.parameters() if p.requires_grad], lr=1e-5)
+    trained = [p for p in modules.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-5)
     dm_maps = [torch.rand(words, 32, 32) for _ in range(batch_size)]
 
     def step():
         inputs = data.model_inputs(batch, device)
         if capture is not None:
             capture.set_rows(rows.to(device))
-        ce = train.vlm_loss_sum(model(**inputs).logits, batch["labels"].to(device))
-        att = None if capture is None else train.alignment_loss(
-            args, capture, aligner, plan, dm_maps, {**batch, **inputs}, device, recompute=arm == "lavender")[0]
-        (ce / (33 * batch_size) + (args.lam * att if att is not None else 0)).backward()
+        logits = model(**inputs).logits
+        ce = train.vlm_loss_sum(logits, batch["labels"].to(device))
+        att = None
+        if capture is not None:
+            step_batch = {**batch, **inputs}
+            att = train.alignment_loss(args, capture, aligner, plan, dm_maps, step_batch, device,
+                                       recompute=arm == "lavender")[0]
+        loss = ce / (33 * batch_size) + (args.lam * att if att is not None else 0)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
 def aligner_alone_setup(words=16, layers=8, heads=32, device="cpu"):
-    """The default arm's Aligner work alone, on random maps of its shapes: `layers` calls on (words,
-    heads, 32, 32), each under checkpoint (forward, recompute, backward; input gradients on, as the
-    parallel projections need them). Returns (step function, GFLOP of its convolutions per step)."""
+    """The default arm's Aligner work alone, on random maps of its shapes: `layers` calls on
+    (words, heads, 32, 32), each under checkpoint (forward, recompute, backward; input gradients
+    on, as the parallel projections need them). Returns (step function, GFLOP of its convolutions
+    per step)."""
     aligner = aligner_lib.Aligner("sim", heads).to(device)
-    maps = torch.rand(layers, words, heads, aligner_lib.MAP_SIZE, aligner_lib.MAP_SIZE, device=device, requires_grad=True)
+    side = aligner_lib.MAP_SIZE
+    maps = torch.rand(layers, words, heads, side, side, device=device, requires_grad=True)
+    checkpoint = torch.utils.checkpoint.checkpoint
 
     def step():
-        out = [torch.utils.checkpoint.checkpoint(aligner, x, use_reentrant=False) for x in maps.unbind(0)]
+        out = [checkpoint(aligner, x, use_reentrant=False) for x in maps.unbind(0)]
         torch.stack(out).mean().backward()
         maps.grad = None
         aligner.zero_grad(set_to_none=True)
-    # per convolution: 2·N·h·w·C_out·C_in·k² FLOP forward; run twice (forward, recompute) + twice in
-    # backward (gradients of input and weight)
+    # per convolution: 2·N·h·w·C_out·C_in·k² FLOP forward; run twice (forward, recompute) + twice
+    # in backward (gradients of input and weight)
     convs = [m for m in aligner.modules() if isinstance(m, nn.Conv2d)]
-    flop = sum(2 * words * aligner_lib.MAP_SIZE ** 2 * m.out_channels * m.in_channels * m.weight[0, 0].numel()
-               for m in convs) * layers * 4
+    per_pass = sum(2 * words * side ** 2 * m.out_channels * m.in_channels * m.weight[0, 0].numel()
+                   for m in convs)
+    flop = per_pass * layers * 4
     return step, flop / 1e9
 
 
@@ -445,35 +278,42 @@ def bench_train(reps=7, words=16, width=16, tokens=1):
     peak memory (a fresh process per arm, freed memory handed back: child_peak_rss)."""
     torch.set_num_threads(1)  # a second thread on a loaded 2-core machine mostly waits
     steps = {arm: step_setup(arm, words, width, tokens=tokens) for arm in STEP_ARMS}
-    steps["aligner-alone"], aligner_gflop = aligner_alone_setup(words * tokens)  # one Aligner map per token
-    cpu, wall = {arm: [] for arm in steps}, {arm: [] for arm in steps}
+    # one Aligner map per token
+    steps["aligner-alone"], aligner_gflop = aligner_alone_setup(words * tokens)
+    cpu = {arm: [] for arm in steps}
+    wall = {arm: [] for arm in steps}
     for _ in data.progress_bar(range(reps + 1), desc="step time"):
         for arm, step in steps.items():
             c0, t0 = time.process_time(), time.perf_counter()
             step()
             cpu[arm].append(time.process_time() - c0)
             wall[arm].append(time.perf_counter() - t0)
-    med = {arm: sorted(t[1:])[reps // 2] for arm, t in cpu.items()}  # the first rep is a warm-up
+    # the first rep is a warm-up
+    med = {arm: sorted(t[1:])[reps // 2] for arm, t in cpu.items()}
     med_wall = {arm: sorted(t[1:])[reps // 2] for arm, t in wall.items()}
-    mem = {arm: child_peak_rss(["train", "--memory-arm", arm, "--words", str(words), "--width", str(width),
-                                "--tokens-per-word", str(tokens)]) for arm in STEP_ARMS}
+    geometry = ["--words", str(words), "--width", str(width), "--tokens-per-word", str(tokens)]
+    mem = {arm: child_peak_rss(["train", "--memory-arm", arm, *geometry]) for arm in STEP_ARMS}
     for arm, m in mem.items():
-        print(f"{arm:21s} step {med[arm]:.3f} s CPU, {med_wall[arm]:.3f} s wall (medians of {reps}); peak RSS "
-              f"{m['peak_kb'] / 1024:.0f} MiB, {(m['peak_kb'] - m['base_kb']) / 1024:.0f} MiB over the loaded model")
-    print_step_ratios(med, {arm: m["peak_kb"] for arm, m in mem.items()}, aligner_gflop,
-                      f"{words} words of {tokens} token(s), 1/{width} width", med_wall)
+        peak_mib = m["peak_kb"] / 1024
+        over_mib = (m["peak_kb"] - m["base_kb"]) / 1024
+        print(f"{arm:21s} step {med[arm]:.3f} s CPU, {med_wall[arm]:.3f} s wall "
+              f"(medians of {reps}); peak RSS {peak_mib:.0f} MiB, "
+              f"{over_mib:.0f} MiB over the loaded model")
+    peak = {arm: m["peak_kb"] for arm, m in mem.items()}
+    label = f"{words} words of {tokens} token(s), 1/{width} width"
+    print_step_ratios(med, peak, aligner_gflop, label, med_wall)
 
 
-def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, device="cuda", dtype="bfloat16",
-                    arms=(*STEP_ARMS, "aligner-alone")):
+def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, device="cuda",
+                    dtype="bfloat16", arms=(*STEP_ARMS, "aligner-alone")):
     """The same arms one at a time on a GPU (a full-size model per arm fills it; a GPU of its own
     needs no interleaving), each timed and measured by `measure`. With width=1, tile=560, tiles=1,
     bf16: Llama-3.2-11B-Vision's geometry, random weights. On a CPU device (a check of this code
     path only) the memory is the process's peak RSS. Returns (median seconds, peak GiB, the
     Aligner's GFLOP a step), each arm's by name."""
     cuda = torch.device(device).type == "cuda"
-    geometry = dict(words=words, width=width, tiles=tiles, tile=tile, device=device, dtype=getattr(torch, dtype),
-                    batch_size=batch_size)
+    geometry = dict(words=words, width=width, tiles=tiles, tile=tile, device=device,
+                    dtype=getattr(torch, dtype), batch_size=batch_size)
     med, peak, aligner_gflop = {}, {}, None
     for arm in data.progress_bar(arms, desc="arms"):
         if arm == "aligner-alone":
@@ -482,7 +322,8 @@ def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, 
             step = step_setup(arm, **geometry)
         med[arm], peak[arm], _ = measure(step, "cuda" if cuda else "cpu", reps)
         del step
-        gc.collect()  # the capture's hooks and the model reference each other: free the arm's model now
+        # the capture's hooks and the model reference each other: free the arm's model now
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
         print(f"{arm:21s} step {med[arm]:.4f} s (median of {reps}); peak {peak[arm]:.2f} GiB")
@@ -491,7 +332,8 @@ def bench_train_gpu(reps=7, words=16, width=1, tiles=1, tile=560, batch_size=1, 
 
 def measure(fn, device, reps):
     """(median seconds of `reps` calls after a warm-up, peak GiB of one more call, GiB before it).
-    cuda: synchronised wall clock, torch.cuda.max_memory_allocated; cpu (smoke): wall clock, peak RSS."""
+    cuda: synchronised wall clock, torch.cuda.max_memory_allocated; cpu (smoke): wall clock, peak
+    RSS."""
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     fn()
@@ -510,74 +352,96 @@ def measure(fn, device, reps):
     torch.cuda.reset_peak_memory_stats()
     fn()
     sync()
-    return sorted(times)[reps // 2], torch.cuda.max_memory_allocated() / 2 ** 30, base / 2 ** 30
-
+    peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
+    return sorted(times)[reps // 2], peak_gib, base / 2 ** 30
 
 
 def print_step_ratios(med, peak, aligner_gflop, label, med_wall=None):
-    """The train benchmark's summary (peak: each arm's peak memory, any unit); the last line carries
-    the two ratios and their targets."""
-    print(f"aligner-alone         step {med['aligner-alone']:.3f} s = {med['aligner-alone'] / med['ar']:.3f} of the "
-          f"ar step ({aligner_gflop:.1f} GFLOP of convolutions, {aligner_gflop / med['aligner-alone']:.0f} GFLOP/s): "
+    """The train benchmark's summary (peak: each arm's peak memory, any unit); the last line
+    carries the two ratios and their targets."""
+    alone = med["aligner-alone"]
+    print(f"aligner-alone         step {alone:.3f} s = {alone / med['ar']:.3f} of the ar step "
+          f"({aligner_gflop:.1f} GFLOP of convolutions, {aligner_gflop / alone:.0f} GFLOP/s): "
           f"the default arm's Aligner work, a floor under its time ratio of 1 + that")
-    wall = lambda arm: f" (wall {med_wall[arm] / med_wall['ar']:.3f})" if med_wall else ""  # noqa: E731
-    ratio = lambda arm: (f"step time {med[arm] / med['ar']:.3f}{wall(arm)}, "  # noqa: E731
-                         f"peak memory {peak[arm] / peak['ar']:.3f}")
+
+    def wall(arm):
+        return f" (wall {med_wall[arm] / med_wall['ar']:.3f})" if med_wall else ""
+
+    def ratio(arm):
+        return (f"step time {med[arm] / med['ar']:.3f}{wall(arm)}, "
+                f"peak memory {peak[arm] / peak['ar']:.3f}")
     print(f"lavender-after/ar: {ratio('lavender-after')}")
     print(f"lavender-no-recompute/ar: {ratio('lavender-no-recompute')}")
-    print(f"ratios lavender/ar (default: per-layer Aligner, recomputed; {label}): {ratio('lavender')}; "
-          f"targets <= 1.15, <= 1.10")
+    print(f"ratios lavender/ar (default: per-layer Aligner, recomputed; {label}): "
+          f"{ratio('lavender')}; targets <= 1.15, <= 1.10")
 
 
 # ---- command line ----
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Lavender's benchmarks (see the module docstring; results in BENCHMARKS.md).")
+    p = argparse.ArgumentParser(description="Lavender's benchmarks (see the module docstring; "
+                                            "results in BENCHMARKS.md).")
     sub = p.add_subparsers(dest="which", required=True)
-    e = sub.add_parser("extract", help="extract.py: SD capture overhead at SD-v1.4 geometry (a few minutes)")
+    e = sub.add_parser("extract",
+                       help="extract.py: SD capture overhead at SD-v1.4 geometry (a few minutes)")
     e.add_argument("--res", type=int, default=256, help="image size in pixels (latents are 1/8)")
-    e.add_argument("--repeats", type=int, default=3, help="passes over the steps; a call's time is its best pass")
+    e.add_argument("--repeats", type=int, default=3,
+                   help="passes over the steps; a call's time is its best pass")
     e.add_argument("--inversion-steps", type=int, default=5, help="DDIM inversion steps")
     e.add_argument("--denoise-steps", type=int, default=10, help="DDIM denoising steps")
-    e.add_argument("--memory-arm", choices=EXTRACT_ARMS, help="internal: one arm's peak memory in this process")
-    n = sub.add_parser("null-text", help="extract.py --inversion null-text: CPU s per image over ddim")
+    e.add_argument("--memory-arm", choices=EXTRACT_ARMS,
+                   help="internal: one arm's peak memory in this process")
+    n = sub.add_parser("null-text",
+                       help="extract.py --inversion null-text: CPU s per image over ddim")
     n.add_argument("--res", type=int, default=64, help="image size in pixels (latents are 1/8)")
-    n.add_argument("--repeats", type=int, default=2, help="passes per arm; an arm's time is its best")
+    n.add_argument("--repeats", type=int, default=2,
+                   help="passes per arm; an arm's time is its best")
     a = sub.add_parser("aggregate", help="aggregate.py: VLM capture, forward time and peak memory")
     a.add_argument("--reps", type=int, default=7, help="timed forwards per arm (median reported)")
-    a.add_argument("--memory-arm", choices=(*CAPTURE_ARMS, "every-layer"), help="internal: one arm's peak memory")
+    a.add_argument("--memory-arm", choices=(*CAPTURE_ARMS, "every-layer"),
+                   help="internal: one arm's peak memory")
     a.add_argument("--model", default="llama32", choices=("llama32", "idefics", "qwen2vl"),
-                   help="the geometry at 1/16 width: Llama-3.2-11B-Vision (cross-attention), IDEFICS-9B "
-                        "(gated cross-attention) or Qwen2-VL-7B (self-attention)")
-    t = sub.add_parser("train", help="train.py: Lavender step vs autoregressive step, time and peak memory")
+                   help="the geometry at 1/16 width: Llama-3.2-11B-Vision (cross-attention), "
+                        "IDEFICS-9B (gated cross-attention) or Qwen2-VL-7B (self-attention)")
+    t = sub.add_parser("train", help="train.py: Lavender step vs autoregressive step, "
+                                     "time and peak memory")
     t.add_argument("--reps", type=int, default=7, help="timed steps per arm (median reported)")
     t.add_argument("--words", type=int, default=16, help="aligned words per item")
     t.add_argument("--tokens-per-word", type=int, default=1, choices=(1, 2),
-                   help="tokens of each aligned word (Llama 3's 128k vocabulary keeps most words whole)")
+                   help="tokens of each aligned word "
+                        "(Llama 3's 128k vocabulary keeps most words whole)")
     t.add_argument("--width", type=int, default=16, choices=(16, 8, 4),
-                   help="the model is llama32 at 1/N width (16: the benchmarks' geometry; 8, 4: wider, slower)")
-    t.add_argument("--memory-arm", choices=STEP_ARMS, help="internal: one arm's peak memory in this process")
-    g = sub.add_parser("train-gpu", help="the train benchmark one arm at a time on a GPU, default Llama-3.2-11B's geometry")
+                   help="the model is llama32 at 1/N width "
+                        "(16: the benchmarks' geometry; 8, 4: wider, slower)")
+    t.add_argument("--memory-arm", choices=STEP_ARMS,
+                   help="internal: one arm's peak memory in this process")
+    g = sub.add_parser("train-gpu", help="the train benchmark one arm at a time on a GPU, "
+                                         "default Llama-3.2-11B's geometry")
     g.add_argument("--reps", type=int, default=7, help="timed steps per arm (median reported)")
     g.add_argument("--words", type=int, default=16, help="aligned one-token words per item")
-    g.add_argument("--width", type=int, default=1, choices=(1, 2, 4, 8, 16), help="llama32 at 1/N width (1: full size)")
-    g.add_argument("--tiles", type=int, default=1, choices=(1, 4), help="image tiles: 1 (1x1) or 4 (2x2)")
+    g.add_argument("--width", type=int, default=1, choices=(1, 2, 4, 8, 16),
+                   help="llama32 at 1/N width (1: full size)")
+    g.add_argument("--tiles", type=int, default=1, choices=(1, 4),
+                   help="image tiles: 1 (1x1) or 4 (2x2)")
     g.add_argument("--tile", type=int, default=560, help="tile size in pixels (llama32: 560)")
     g.add_argument("--batch-size", type=int, default=1, help="samples per step")
-    g.add_argument("--device", default="cuda", help="cuda (or cpu, to check this code path on a small --width)")
-    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="frozen weights' dtype")
+    g.add_argument("--device", default="cuda",
+                   help="cuda (or cpu, to check this code path on a small --width)")
+    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="frozen weights' dtype")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.which == "train-gpu":
-        med, peak, gflop = bench_train_gpu(args.reps, args.words, args.width, args.tiles, args.tile, args.batch_size,
-                                           args.device, args.dtype)
+        med, peak, gflop = bench_train_gpu(args.reps, args.words, args.width, args.tiles,
+                                           args.tile, args.batch_size, args.device, args.dtype)
         cuda = torch.device(args.device).type == "cuda"
-        return print_step_ratios(med, peak, gflop, f"{args.words} words, batch {args.batch_size}, 1/{args.width} width, "
-                                 f"{args.tiles} tile(s) of {args.tile} px, {args.dtype}, "
-                                 f"{torch.cuda.get_device_name() if cuda else args.device}")
+        device = torch.cuda.get_device_name() if cuda else args.device
+        label = (f"{args.words} words, batch {args.batch_size}, 1/{args.width} width, "
+                 f"{args.tiles} tile(s) of {args.tile} px, {args.dtype}, {device}")
+        return print_step_ratios(med, peak, gflop, label)
     if args.which == "extract" and args.memory_arm:
         return print(json.dumps(extract_memory(args.memory_arm, args.res)))
     if args.which == "extract":
@@ -586,14 +450,16 @@ def main(argv=None):
         return bench_null_text(args.res, repeats=args.repeats)
     if args.which == "aggregate" and args.memory_arm:
         torch.set_num_threads(2)
-        model, batch, rows = capture_setup(projections=args.memory_arm == "learn", model=args.model)
-        return print(json.dumps(peak_rss(lambda: capture_forward(model, batch, rows, args.memory_arm))))
+        projections = args.memory_arm == "learn"
+        model, batch, rows = capture_setup(projections=projections, model=args.model)
+        m = peak_rss(lambda: capture_forward(model, batch, rows, args.memory_arm))
+        return print(json.dumps(m))
     if args.which == "aggregate":
         return bench_aggregate(args.reps, args.model)
     if args.memory_arm:
         torch.set_num_threads(1)
-        return print(json.dumps(peak_rss(step_setup(args.memory_arm, args.words, args.width,
-                                                    tokens=args.tokens_per_word))))
+        step = step_setup(args.memory_arm, args.words, args.width, tokens=args.tokens_per_word)
+        return print(json.dumps(peak_rss(step)))
     return bench_train(args.reps, args.words, args.width, args.tokens_per_word)
 
 

@@ -49,8 +49,8 @@ import mllama
 import models
 import qwen
 import teachers
-from bench import (EXTRACT_ARMS, arm_processors, bench_model, bench_train_gpu, capture_forward,
-                   finish, measure)
+from bench import bench_model, bench_train_gpu, capture_forward, measure
+from bench_extract import EXTRACT_ARMS, arm_processors, finish
 
 # each part's time limit in seconds on a GPU; --smoke gives SMOKE_TIME_FACTOR times as long (bf16
 # on a CPU is slow, and CI's cores may be shared)
