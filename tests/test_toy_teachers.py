@@ -52,7 +52,7 @@ def test_the_localisation_loss_reaches_every_text_encoder_and_the_attention(name
     monkeypatch.setattr(toy_teachers, "denoising_loss", lambda *a: denoising(*a) * 0)
     grads = {}
 
-    def one_step(params, loss_of_step, steps, lr, desc, after_step=None):
+    def one_step(params, loss_of_step, steps, lr, desc, after_step=None, show=True):
         loss_of_step(0).backward()
         grads.update({n: p.grad for part in ("text_encoder", "text_encoder_2", "unet",
                                              "transformer") if part in dm
