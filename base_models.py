@@ -98,8 +98,7 @@ def prompt_effect(dm_path="toy_models/toy-sd", world_dir="toy_out/world", n=256,
     scenes = list(by_image.values())[:n]
     dm = models.load_dm("toy-sd", path=dm_path)
     images, _ = toy_teachers.load_images(scenes, world_dir)
-    mean = dm["vae"].encode(images).latent_dist.mean
-    latents = mean * dm["vae"].config.scaling_factor
+    latents = teachers.encode_image(dm, images)
     scheduler = DDPMScheduler.from_config(dm["scheduler"].config)
     captions = [world.caption(s["objects"]) for s in scenes]
     prompts = {"caption": captions, "another": captions[1:] + captions[:1], "empty": [""] * n}
@@ -151,8 +150,7 @@ def reconstruction_errors(dm, items, steps=5, w=nulltext.GUIDANCE):
     reaches (one grid of `steps` both ways): at guidance 1 (--inversion ddim's own step), at w
     with the empty prompt, at w with null-text's tuned embeddings."""
     images = torch.stack([data.load_image(it["image_path"], dm["res"]) for it in items])
-    mean = dm["vae"].encode(images).latent_dist.mean
-    x0 = mean * dm["vae"].config.scaling_factor                              # z*_0
+    x0 = teachers.encode_image(dm, images)                                   # z*_0
     answers = [it["answer"] for it in items]
     ids = teachers.token_ids(dm["tokenizer"], dm["text_encoder"], answers, "cpu")
     unet, context = dm["unet"], dm["text_encoder"](ids)[0]                   # (B, T, D)

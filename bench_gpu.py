@@ -89,14 +89,9 @@ def extraction(dm, images, texts, arm, steps):
     if arm == "ours":
         return extract.dm_attention(dm, images, texts, 77, *steps,
                                     capture_steps="all", layers=None)
-    unet, vae = dm["unet"], dm["vae"]
-    pixels = images.to(unet.device, unet.dtype)
-    posterior = vae.encode(pixels).latent_dist
-    latents = posterior.mean.float() * vae.config.scaling_factor
-    tokens = dm["tokenizer"](texts, padding="max_length", max_length=77, truncation=True,
-                             return_tensors="pt")
-    ids = tokens.input_ids
-    context = dm["text_encoder"](ids.to(unet.device))[0].to(unet.dtype)      # (B, 77, 768)
+    unet = dm["unet"]
+    latents = teachers.encode_image(dm, images.to(unet.device, unet.dtype))
+    context, _ = teachers.encode_text(dm, texts)                             # (B, 77, 768)
     plain = dict(unet.attn_processors)
     processors, store = arm_processors(arm, plain, latents.shape[-2:])
     unet.set_attn_processor(processors)

@@ -186,12 +186,8 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     if "transformer" in dm:
         return mmdit.dm_attention(dm, images, texts, columns, inversion_steps, denoise_steps,
                                   capture_steps, layers, dit_map)
-    unet, device = dm["unet"], dm["unet"].device
-    # in the VAE's dtype (SDXL's VAE: float32, teachers.py)
-    images = images.to(device=device, dtype=dm["vae"].dtype)
-    # the latent mean x scaling factor (SD's encoding, without sampling: deterministic)
-    mean = dm["vae"].encode(images).latent_dist.mean.float()
-    latents = mean * dm["vae"].config.scaling_factor                   # (B, 4, h, w)
+    unet = dm["unet"]
+    latents = teachers.encode_image(dm, images)                        # (B, 4, h, w)
     # (B, 77, D); SDXL's extras or None
     context, added = teachers.encode_text(dm, texts)
     inverse, forward = ddim_grids(dm["scheduler"], inversion_steps, denoise_steps)

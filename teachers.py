@@ -254,6 +254,16 @@ def token_ids(tokenizer, text_encoder, texts, device):
     return ids.to(device)
 
 
+def encode_image(dm, images):
+    """SD's latent of images (B, 3, H, W) in [-1, 1]: the VAE's mean x scaling_factor, without
+    sampling (deterministic), in float32; in the VAE's dtype and device (SDXL's VAE: float32).
+    SD3's latent also shifts: mmdit.encode_image."""
+    vae = dm["vae"]
+    images = images.to(device=vae.device, dtype=vae.dtype)
+    mean = vae.encode(images).latent_dist.mean.float()
+    return mean * vae.config.scaling_factor                             # (B, 4, h, w)
+
+
 def encode_text(dm, texts):
     """(context (B, 77, D), added): the UNet's conditioning on texts, as diffusers' pipelines build
     it; unet(z, t, encoder_hidden_states=context, added_cond_kwargs=added).
