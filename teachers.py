@@ -255,9 +255,10 @@ def token_ids(tokenizer, text_encoder, texts, device):
 
 
 def encode_image(dm, images):
-    """SD's latent of images (B, 3, H, W) in [-1, 1]: the VAE's mean x scaling_factor, without
-    sampling (deterministic), in float32; in the VAE's dtype and device (SDXL's VAE: float32).
-    SD3's latent also shifts: mmdit.encode_image."""
+    """SD's latent (B, 4, h, w) of images (B, 3, H, W) in [-1, 1]: the VAE's mean x
+    scaling_factor, without sampling (deterministic). The VAE runs in its own dtype and device
+    (SDXL's VAE: float32); the latent comes back in float32. SD3 also shifts it:
+    mmdit.encode_image."""
     vae = dm["vae"]
     images = images.to(device=vae.device, dtype=vae.dtype)
     mean = vae.encode(images).latent_dist.mean.float()
