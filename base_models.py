@@ -93,11 +93,8 @@ def prompt_effect(dm_path="toy_models/toy-sd", world_dir="toy_out/world", n=256,
         python -c "import base_models; print(base_models.prompt_effect())"   # ~1 CPU min
     """
     from diffusers import DDPMScheduler
-    paths = world.build_world(world_dir, seed)
-    by_image = {it["image"]: it for it in data.read_items(paths["pretrain"])}
-    scenes = list(by_image.values())[:n]
+    scenes, images = toy_teachers.pretrain_scenes(world_dir, seed, n)
     dm = models.load_dm("toy-sd", path=dm_path)
-    images, _ = toy_teachers.load_images(scenes, world_dir)
     latents = teachers.encode_image(dm, images)
     scheduler = DDPMScheduler.from_config(dm["scheduler"].config)
     captions = [world.caption(s["objects"]) for s in scenes]

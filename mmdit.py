@@ -281,15 +281,6 @@ def invert_and_denoise(dm, latents, context, pooled, inversion_steps, denoise_st
     return latents
 
 
-def encode_image(dm, images):
-    """SD3's latent: (VAE mean - shift_factor) * scaling_factor, without sampling."""
-    vae = dm["vae"]
-    images = images.to(device=vae.device, dtype=vae.dtype)
-    mean = vae.encode(images).latent_dist.mean.float()
-    shift = vae.config.shift_factor or 0.0                              # toy-sd3's VAE has none
-    return (mean - shift) * vae.config.scaling_factor                   # (B, 16, h, w)
-
-
 @torch.no_grad()
 def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10,
                  capture_steps="denoise", layers=None, kind="joint"):
@@ -297,7 +288,7 @@ def dm_attention(dm, images, texts, columns, inversion_steps=5, denoise_steps=10
     over heads, blocks and the captured steps (kind "output": the output-space map M_out)."""
     if layers is not None:
         raise ValueError(f"--layers {layers}: a DiT has one token grid, give --layers all")
-    latents = encode_image(dm, images)
+    latents = teachers.encode_image(dm, images)                      # (B, 16, h, w)
     context, pooled = encode_text(dm, texts)
     p = dm["transformer"].config.patch_size
     store = teachers.new_store((latents.shape[-2] // p, latents.shape[-1] // p), columns)

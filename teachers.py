@@ -255,14 +255,16 @@ def token_ids(tokenizer, text_encoder, texts, device):
 
 
 def encode_image(dm, images):
-    """SD's latent (B, 4, h, w) of images (B, 3, H, W) in [-1, 1]: the VAE's mean x
-    scaling_factor, without sampling (deterministic). The VAE runs in its own dtype and device
-    (SDXL's VAE: float32); the latent comes back in float32. SD3 also shifts it:
-    mmdit.encode_image."""
+    """The DM's latent (B, C, h, w) of images (B, 3, H, W) in [-1, 1]: (the VAE's mean -
+    shift_factor) x scaling_factor, without sampling (deterministic). SD 1.x, 2.x and SDXL have
+    no shift (C = 4); SD3's VAE has one (C = 16; toy-sd3's has none). The VAE runs in its own
+    dtype and device (SDXL's VAE: float32); the latent comes back in float32."""
     vae = dm["vae"]
     images = images.to(device=vae.device, dtype=vae.dtype)
     mean = vae.encode(images).latent_dist.mean.float()
-    return mean * vae.config.scaling_factor                             # (B, 4, h, w)
+    # mean - 0.0 is mean exactly: the unshifted VAEs' latents are mean x scaling_factor
+    shift = vae.config.get("shift_factor") or 0.0
+    return (mean - shift) * vae.config.scaling_factor                   # (B, C, h, w)
 
 
 def encode_text(dm, texts):

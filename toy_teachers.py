@@ -377,12 +377,12 @@ def train_sd(out_dir, world_dir, seed=0, steps=1500, batch=16, lr=1e-3, vae_step
     return write_summary(out_dir, "toy-sd", summary)
 
 
-def pretrain_scenes(world_dir, seed):
-    """(scenes, images): one pretrain item per image of world `seed` (its objects are the scene)
-    and the images (N, 3, 32, 32) in [-1, 1]."""
+def pretrain_scenes(world_dir, seed, n=None):
+    """(scenes, images): one pretrain item per image of world `seed` (its objects are the scene),
+    the first n (None: all), and their images (N, 3, 32, 32) in [-1, 1]."""
     paths = world.build_world(world_dir, seed)
     by_image = {it["image"]: it for it in map(json.loads, open(paths["pretrain"]))}
-    scenes = list(by_image.values())
+    scenes = list(by_image.values())[:n]
     images, _ = load_images(scenes, world_dir)
     return scenes, images
 

@@ -162,7 +162,7 @@ def test_flow_inversion_then_denoising_reconstructs_the_latent(dm):
     torch.manual_seed(0)
     images = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        x0 = mmdit.encode_image(dm, images)
+        x0 = teachers.encode_image(dm, images)
         context, pooled = mmdit.encode_text(dm, TEXTS[:1])
         error = {n: (mmdit.invert_and_denoise(dm, x0, context, pooled, n, n) - x0).pow(2).mean()
                  for n in (5, 10)}
